@@ -1,0 +1,5 @@
+import sys
+
+from kolors_job.cli import main
+
+sys.exit(main())

@@ -1,0 +1,143 @@
+"""``kolors-job``: validate / run / schema / demo (+ render / submit from :mod:`kolors_job.launch`).
+
+Every expected failure prints one line (``error: …`` or ``field.path: …``), never a traceback,
+and exits with the code of :class:`kolors_job.errors.ExitCode`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+
+from kolors_job import __version__
+from kolors_job.errors import ExitCode, JobError, ManifestError
+from kolors_job.redact import scrub
+
+
+def _print_error(err: JobError) -> None:
+    problems = err.problems if isinstance(err, ManifestError) else [str(err)]
+    for line in problems:
+        print(scrub(line), file=sys.stderr)
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from kolors_job.manifest import load_manifest
+
+    manifest = load_manifest(args.manifest)
+    print(manifest.to_yaml(), end="")
+    print(f"# job id: {args.job_id or manifest.job_id}  digest: {manifest.digest()[:16]}", file=sys.stderr)
+    return ExitCode.OK
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    from kolors_job.manifest import json_schema
+
+    print(json.dumps(json_schema(), indent=2, ensure_ascii=False))
+    return ExitCode.OK
+
+
+def _settings_and_logging(args: argparse.Namespace):
+    from kolors_job.log import setup_logging
+    from kolors_job.settings import Settings
+
+    settings = Settings()
+    setup_logging(args.log_format or settings.log_format, settings.log_level)
+    return settings
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from kolors_job.manifest import load_manifest
+    from kolors_job.runner import Job, run_job
+
+    settings = _settings_and_logging(args)
+    manifest = load_manifest(args.manifest)
+    job = Job(
+        manifest,
+        settings=settings,
+        job_id=args.job_id or os.environ.get("KOLORS_JOB_ID") or None,
+        output_uri=args.output,
+        force=args.force,
+    )
+    outcome = run_job(job)
+    if outcome.exit_code != ExitCode.OK and outcome.message:
+        print(f"error: {outcome.message}", file=sys.stderr)
+    else:
+        print(f"{outcome.state}: {outcome.output_uri}", file=sys.stderr)
+    return outcome.exit_code
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from kolors_job.demo import demo_manifest
+    from kolors_job.runner import Job, run_job
+
+    settings = _settings_and_logging(args)
+    manifest = demo_manifest(settings, output=args.output)
+    outcome = run_job(Job(manifest, settings=settings, force=True))
+    if outcome.exit_code == ExitCode.OK:
+        print(f"demo finished: open {outcome.output_uri}report.html", file=sys.stderr)
+    else:
+        print(f"error: {outcome.message}", file=sys.stderr)
+    return outcome.exit_code
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="kolors-job", description=__doc__.splitlines()[0])
+    p.add_argument("--version", action="version", version=f"kolors-job {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    v = sub.add_parser("validate", help="check a manifest and print it fully resolved")
+    v.add_argument("manifest", nargs="?", help="path, file://, s3:// or oss:// (default: $KOLORS_JOB_MANIFEST[_URI])")
+    v.add_argument("--job-id")
+    v.set_defaults(func=cmd_validate)
+
+    s = sub.add_parser("schema", help="print the manifest's JSON Schema")
+    s.set_defaults(func=cmd_schema)
+
+    r = sub.add_parser("run", help="run the job: train, draw the story, score, report")
+    r.add_argument("--manifest", help="path, file://, s3:// or oss:// (default: $KOLORS_JOB_MANIFEST[_URI])")
+    r.add_argument("--job-id", help="output goes to <output.uri>/<job id>/ (default: metadata.name)")
+    r.add_argument("--output", help="override spec.output.uri")
+    r.add_argument("--force", action="store_true", help="recompute even if the output has _SUCCESS")
+    r.add_argument("--log-format", choices=["auto", "json", "text"])
+    r.set_defaults(func=cmd_run)
+
+    d = sub.add_parser("demo", help="the whole job on CPU with a tiny random Kolors (seconds)")
+    d.add_argument("--output", default="demo-output", help="output dir or URI (default: ./demo-output)")
+    d.add_argument("--log-format", choices=["auto", "json", "text"])
+    d.set_defaults(func=cmd_demo)
+
+    try:
+        from kolors_job.launch import register_cli
+    except ImportError:  # launch extras not present
+        pass
+    else:
+        register_cli(sub)
+    return p
+
+
+def _map_exit(code: int) -> int:
+    """Kubeflow's ``restartPolicy: ExitCode`` retries only 128–255: let the spec remap our 75."""
+    remap = os.environ.get("KOLORS_JOB_RETRYABLE_EXIT_CODE")
+    if code == ExitCode.TEMPORARY and remap and remap.isdigit():
+        return int(remap)
+    return int(code)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        code = args.func(args)
+    except JobError as e:
+        _print_error(e)
+        code = e.exit_code
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        code = ExitCode.TEMPORARY
+    return _map_exit(int(code))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,71 @@
+"""Structured logging: JSON lines for machines (not a TTY), readable lines for people (a TTY).
+
+Every record passes through :func:`kolors_job.redact.scrub`, so a credential that reaches a log
+call — ours or an SDK's — is masked before it is written anywhere.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from typing import Any, TextIO
+
+from kolors_job.redact import scrub
+
+_STD_ATTRS = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime"}
+
+
+def _extras(record: logging.LogRecord) -> dict[str, Any]:
+    return {k: v for k, v in record.__dict__.items() if k not in _STD_ATTRS and not k.startswith("_")}
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        entry.update(_extras(record))
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        return scrub(json.dumps(entry, ensure_ascii=False, default=str))
+
+
+class TextFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        ts = time.strftime("%H:%M:%S", time.localtime(record.created))
+        extras = " ".join(f"{k}={v}" for k, v in _extras(record).items())
+        line = f"{ts} {record.levelname[0]} {record.name.removeprefix('kolors_job.')}: {record.getMessage()}"
+        if extras:
+            line += f"  [{extras}]"
+        if record.exc_info:
+            line += "\n" + self.formatException(record.exc_info)
+        return scrub(line)
+
+
+def setup_logging(fmt: str = "auto", level: str = "INFO", stream: TextIO | None = None) -> None:
+    """Configure the root logger once; ``fmt`` is ``auto`` (JSON unless on a TTY), ``json`` or ``text``."""
+    stream = stream or sys.stderr
+    if fmt == "auto":
+        fmt = "text" if stream.isatty() else "json"
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        if getattr(h, "_kolors_job", False):
+            root.removeHandler(h)
+    handler._kolors_job = True  # type: ignore[attr-defined]
+    root.addHandler(handler)
+    root.setLevel(logging.WARNING)
+    logging.getLogger("kolors_job").setLevel(level.upper())
+    for noisy in ("botocore", "boto3", "s3transfer", "urllib3", "oss2", "modelscope", "httpx"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def progress_enabled(stream: TextIO | None = None) -> bool:
+    """Progress bars only on a TTY: in a pod's log they are noise; per-step log lines carry the numbers."""
+    return (stream or sys.stderr).isatty()

@@ -1,0 +1,408 @@
+"""The job manifest: a typed, validated description of one LoRA-story job.
+
+Defaults reproduce the reference "Kolors-LoRA style story" workflow exactly (design.md §7), so a
+manifest with only ``spec.output.uri`` is a complete job. Unknown fields are errors: a typo such as
+``rnak: 4`` must fail loudly, not silently train with rank 16.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from kolors_job.errors import ManifestError
+from kolors_job.redact import redact_uri
+
+API_VERSION = "kolors-job/v1"
+KIND = "LoraStoryJob"
+MAX_MANIFEST_BYTES = 1 << 20  # 1 MiB: a manifest is a page of YAML, not a data file
+MAX_PROMPT_CHARS = 2000
+
+MODEL_SCHEMES = ("modelscope", "oss", "s3", "file", "tiny")
+OUTPUT_SCHEMES = ("oss", "s3", "file")
+_URI_RE = re.compile(r"^(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*)://(?P<rest>.*)$")
+
+REFERENCE_NEGATIVE = "丑陋、变形、嘈杂、模糊、低对比度"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", str_max_length=100_000, validate_default=True)
+
+
+def _check_uri(value: str, schemes: tuple[str, ...], *, allow_path: bool = True) -> str:
+    if "\x00" in value:
+        raise ValueError("must not contain NUL bytes")
+    if not value.strip():
+        raise ValueError("must not be empty")
+    m = _URI_RE.match(value)
+    if m is None:
+        if not allow_path:
+            raise ValueError(f"must be a URI with one of the schemes {', '.join(s + '://' for s in schemes)}")
+        return value
+    scheme = m.group("scheme").lower()
+    if scheme not in schemes:
+        raise ValueError(
+            f"unsupported scheme {scheme!r}; use one of {', '.join(s + '://' for s in schemes)}"
+            + (" or a local path" if allow_path else "")
+        )
+    if scheme in ("oss", "s3") and not m.group("rest").split("/", 1)[0]:
+        raise ValueError(f"{scheme}:// URI needs a bucket name")
+    if scheme == "modelscope" and not re.fullmatch(r"[\w.-]+/[\w.-]+(@[\w.-]+)?", m.group("rest")):
+        raise ValueError("modelscope:// URI must be modelscope://OWNER/NAME[@REVISION]")
+    return value
+
+
+ModelUri = Annotated[str, Field(max_length=2048)]
+
+
+class ModelSpec(_Strict):
+    base: ModelUri = "modelscope://Kwai-Kolors/Kolors-diffusers"
+    """Kolors in diffusers layout: ``modelscope://``, a bucket prefix, a local/mounted dir, or ``tiny://kolors``."""
+    vae: ModelUri | None = None
+    """Optional VAE override, e.g. ``modelscope://AI-ModelScope/sdxl-vae-fp16-fix`` for fp16 decode."""
+
+    @field_validator("base", "vae")
+    @classmethod
+    def _uri(cls, v: str | None) -> str | None:
+        return None if v is None else _check_uri(v, MODEL_SCHEMES)
+
+
+class CaptionSpec(_Strict):
+    fixed: str | None = Field("二次元", max_length=MAX_PROMPT_CHARS)
+    """Caption for every image (the reference uses "二次元"). ``null`` reads captions from
+    ``metadata.csv`` / ``metadata.jsonl`` (``file_name,text``) or per-image ``.txt`` sidecars."""
+    prefix: str = Field("", max_length=200)
+    """Prepended to every caption (a trigger word)."""
+    max_chars: int = Field(512, ge=1, le=MAX_PROMPT_CHARS)
+    """Longer captions are cut (and counted in the report); ChatGLM sees at most 256 tokens anyway."""
+    dropout: float = Field(0.0, ge=0.0, le=1.0)
+    """Probability of training on the empty caption (encoded, not zeroed), for CFG robustness."""
+
+
+class FilterSpec(_Strict):
+    min_width: int = Field(1024, ge=1, le=65536)
+    min_height: int = Field(1024, ge=1, le=65536)
+    aspect_ratio: tuple[float, float] = (0.5, 2.0)
+    """Keep images whose width/height lies in [low, high] (data-juicer's image_aspect_ratio_filter)."""
+    max_pixels: int = Field(64_000_000, ge=1)
+    """Decompression-bomb cap: larger images are skipped, never decoded."""
+    max_images: int | None = Field(None, ge=1)
+
+    @field_validator("aspect_ratio")
+    @classmethod
+    def _ratio(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not (0 < v[0] <= v[1]):
+            raise ValueError("must be [low, high] with 0 < low <= high")
+        return v
+
+
+class DatasetSpec(_Strict):
+    source: ModelUri = "modelscope://AI-ModelScope/lowres_anime"
+    """``modelscope://`` dataset id, a bucket prefix, or a local directory of images."""
+    subset: str = "default"
+    split: str = "train"
+    caption: CaptionSpec = CaptionSpec()
+    filters: FilterSpec = FilterSpec()
+
+    @field_validator("source")
+    @classmethod
+    def _uri(cls, v: str) -> str:
+        return _check_uri(v, MODEL_SCHEMES)
+
+
+Precision = Literal["auto", "bf16", "fp16", "fp32"]
+
+
+class TrainSpec(_Strict):
+    rank: int = Field(16, ge=1, le=1024)
+    alpha: float = Field(4.0, gt=0)
+    learning_rate: float = Field(1e-4, gt=0, le=1.0)
+    steps: int | None = Field(500, ge=1, le=10_000_000)
+    """Optimizer steps. ``null`` trains ``epochs`` passes over the data instead."""
+    epochs: int = Field(1, ge=1, le=100_000)
+    batch_size: int = Field(1, ge=1, le=1024)
+    gradient_accumulation: int = Field(1, ge=1, le=1024)
+    resolution: int = Field(1024, ge=64, le=4096, multiple_of=8)
+    center_crop: bool = True
+    random_flip: bool = False
+    precision: Precision = "auto"
+    """``auto``: bf16 on GPUs that support it, else fp16 (with a GradScaler); fp32 on CPU."""
+    gradient_checkpointing: Literal["auto", "on", "off"] = "auto"
+    """``auto`` turns it on only when free GPU memory is short."""
+    target_modules: list[str] = Field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"], min_length=1)
+    init_lora_weights: Literal["default", "gaussian"] = "default"
+    optimizer: Literal["adamw", "adamw8bit"] = "adamw"
+    weight_decay: float = Field(1e-2, ge=0)
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    lr_scheduler: Literal["constant", "constant_with_warmup", "cosine", "linear"] = "constant"
+    warmup_steps: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0, le=2**32 - 1)
+    checkpoint_every: int = Field(100, ge=1)
+
+    @model_validator(mode="after")
+    def _warmup(self) -> TrainSpec:
+        if self.steps is not None and self.warmup_steps > self.steps:
+            raise ValueError("warmup_steps must not exceed steps")
+        return self
+    compile: bool = False
+    """``torch.compile`` the UNet's repeated blocks (default mode); the compile cache lives on the cache volume."""
+
+
+class Frame(_Strict):
+    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
+    seed: int = Field(0, ge=0, le=2**32 - 1)
+    negative_prompt: str | None = Field(None, max_length=MAX_PROMPT_CHARS)
+    """Replaces the story's negative prompt for this frame."""
+    negative_prompt_extra: str | None = Field(None, max_length=MAX_PROMPT_CHARS)
+    """Appended to the story's negative prompt with "，" (the reference does this on frame 3)."""
+
+
+def _reference_frames() -> list[Frame]:
+    hands = "扭曲的手指，多余的手指"
+    rows = [
+        ("二次元，一个紫色短发小女孩，在家中沙发上坐着，双手托着腮，很无聊，全身，粉色连衣裙", 0, None),
+        (
+            "二次元，日系动漫，演唱会的观众席，人山人海，一个紫色短发小女孩穿着粉色吊带漏肩连衣裙，"
+            "在演唱会的观众席，舞台上衣着华丽的歌星们在唱歌",
+            1,
+            None,
+        ),
+        ("二次元，一个紫色短发小女孩穿着粉色吊带漏肩连衣裙，对着流星许愿，闭着眼睛，十指交叉，侧面", 2, hands),
+        ("二次元，一个紫色中等长度头发小女孩穿着粉色吊带漏肩连衣裙，在练习室练习唱歌", 5, None),
+        ("二次元，一个紫色长发小女孩穿着粉色吊带漏肩连衣裙，在练习室练习唱歌，手持话筒", 0, None),
+        ("二次元，一个紫色长发大女孩穿着粉色吊带漏肩连衣裙，开心的走在路上", 1, None),
+        ("二次元，紫色长发少女，穿着黑色连衣裙，试衣间，心情忐忑", 7, None),
+        ("二次元，紫色长发少女，穿着黑色礼服，连衣裙，在台上唱歌", 0, None),
+    ]
+    return [Frame(prompt=p, seed=s, negative_prompt_extra=x) for p, s, x in rows]
+
+
+Scheduler = Literal["euler", "euler_a", "dpmpp_2m", "ddim", "unipc"]
+
+
+class StorySpec(_Strict):
+    negative_prompt: str = Field(REFERENCE_NEGATIVE, max_length=MAX_PROMPT_CHARS)
+    cfg_scale: float = Field(4.0, ge=0.0, le=50.0)
+    steps: int = Field(50, ge=1, le=1000)
+    width: int = Field(1024, ge=64, le=4096, multiple_of=8)
+    height: int = Field(1024, ge=64, le=4096, multiple_of=8)
+    scheduler: Scheduler = "euler"
+    lora_scale: float = Field(0.5, ge=0.0, le=4.0)
+    """0.5 reproduces the reference, which trains with α 4 but loads with α 2 (halving the LoRA)."""
+    frames: list[Frame] = Field(default_factory=_reference_frames, min_length=8, max_length=64)
+    """The story: at least 8 frames (the challenge asks for 8), each a prompt + seed."""
+    best_of: int = Field(1, ge=1, le=16)
+    """Candidates per frame; the highest aesthetic score is kept, the rest go to images/candidates/."""
+    batch_size: int = Field(8, ge=1, le=64)
+    """Frames per pipeline call; each frame keeps its own seeded generator, so batching never changes pixels."""
+    compile: bool = False
+
+    def negative_for(self, frame: Frame) -> str:
+        base = frame.negative_prompt if frame.negative_prompt is not None else self.negative_prompt
+        return f"{base}，{frame.negative_prompt_extra}" if frame.negative_prompt_extra else base
+
+
+class ScoreSpec(_Strict):
+    aesthetic_model: ModelUri = "modelscope://AI-ModelScope/aesthetics-predictor-v2-sac-logos-ava1-l14-linearMSE"
+    threshold: float = Field(6.0, ge=0.0, le=10.0)
+    """The challenge rejects a story whose mean aesthetic score is below this."""
+    gate: bool = True
+    """Fail the job (exit 3, no ``_SUCCESS``... but every file kept) when the mean is under the threshold."""
+
+    @field_validator("aesthetic_model")
+    @classmethod
+    def _uri(cls, v: str) -> str:
+        return _check_uri(v, MODEL_SCHEMES)
+
+
+LoraFormat = Literal["diffusers", "kohya", "diffsynth"]
+
+
+class OutputSpec(_Strict):
+    uri: str = Field(max_length=2048)
+    """Where ``<job id>/`` goes: ``oss://bucket/prefix/``, ``s3://bucket/prefix/``, ``file://`` or a path."""
+    job_id: str | None = Field(None, pattern=r"^[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?$")
+    """Defaults to ``metadata.name``; the CLI's ``--job-id`` overrides both."""
+    lora_formats: list[LoraFormat] = Field(default_factory=lambda: ["diffusers", "kohya", "diffsynth"], min_length=1)
+    keep_checkpoints: int = Field(2, ge=1, le=1000)
+    modelscope_repo: str | None = Field(None, pattern=r"^[\w.-]+/[\w.-]+$")
+    """Push the LoRA to this ModelScope model repo when the quality gate passes (token from the env)."""
+
+    @field_validator("uri")
+    @classmethod
+    def _uri(cls, v: str) -> str:
+        return _check_uri(v, OUTPUT_SCHEMES)
+
+
+class Spec(_Strict):
+    model: ModelSpec = ModelSpec()
+    dataset: DatasetSpec = DatasetSpec()
+    train: TrainSpec = TrainSpec()
+    story: StorySpec = StorySpec()
+    score: ScoreSpec = ScoreSpec()
+    output: OutputSpec
+
+
+class Metadata(_Strict):
+    name: str = Field("kolors-lora-story", pattern=r"^[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?$")
+    """Lower-case DNS-label-like name; the default job id, so reruns find their own output."""
+    labels: dict[str, Annotated[str, Field(max_length=256)]] = Field(default_factory=dict, max_length=64)
+
+
+class Manifest(_Strict):
+    apiVersion: Literal["kolors-job/v1"] = API_VERSION  # noqa: N815 - Kubernetes-style field names
+    kind: Literal["LoraStoryJob"] = KIND
+    metadata: Metadata = Metadata()
+    spec: Spec
+
+    @property
+    def job_id(self) -> str:
+        return self.spec.output.job_id or self.metadata.name
+
+    def resolved(self) -> dict[str, Any]:
+        """The manifest as run: defaults filled, credentials in URIs redacted."""
+        data = self.model_dump(mode="json")
+        return _redact_tree(data)
+
+    def digest(self) -> str:
+        """Identity of the job's *work* (not its output location): same digest ⇒ same results."""
+        data = self.model_dump(mode="json")
+        data["spec"]["output"].pop("uri", None)
+        data["spec"]["output"].pop("job_id", None)
+        data.pop("metadata", None)
+        blob = json.dumps(data, sort_keys=True, ensure_ascii=False).encode()
+        return hashlib.sha256(blob).hexdigest()
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.resolved(), allow_unicode=True, sort_keys=False)
+
+
+def _redact_tree(node: Any) -> Any:
+    if isinstance(node, dict):
+        return {k: _redact_tree(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_redact_tree(v) for v in node]
+    if isinstance(node, str) and "://" in node:
+        return redact_uri(node)
+    return node
+
+
+# --------------------------------------------------------------------------------------------- loading
+
+
+class _NoAliasLoader(yaml.SafeLoader):
+    """Safe YAML without anchors/aliases: an alias bomb expands exponentially during validation."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:  # type: ignore[override]
+        if self.check_event(yaml.AliasEvent):
+            mark = self.peek_event().start_mark
+            raise ManifestError(f"manifest: line {mark.line + 1}: YAML aliases (*name) are not allowed")
+        return super().compose_node(parent, index)
+
+
+def _loc(loc: tuple[Any, ...]) -> str:
+    parts: list[str] = []
+    for p in loc:
+        if isinstance(p, int):
+            parts.append(f"[{p}]")
+        else:
+            parts.append(("." if parts else "") + str(p))
+    return "".join(parts) or "manifest"
+
+
+def format_validation_error(err: ValidationError) -> list[str]:
+    lines = []
+    for e in err.errors(include_url=False):
+        loc = tuple(x for x in e["loc"] if not (isinstance(x, str) and x.startswith("function-")))
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown field (check the spelling; see `kolors-job schema`)"
+        elif e["type"] == "missing":
+            msg = "required field is missing"
+        msg = msg.removeprefix("Value error, ")
+        lines.append(f"{_loc(loc)}: {msg}")
+    return lines
+
+
+def parse_manifest(raw: bytes | str, *, source: str = "manifest") -> Manifest:
+    """Parse YAML/JSON text into a validated Manifest, raising ManifestError with one line per problem."""
+    if isinstance(raw, str):
+        raw = raw.encode("utf-8", "surrogatepass")
+    if len(raw) > MAX_MANIFEST_BYTES:
+        raise ManifestError(f"{source}: {len(raw)} bytes is larger than the {MAX_MANIFEST_BYTES}-byte limit")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ManifestError(f"{source}: not valid UTF-8 (byte {e.start})") from None
+    if not text.strip():
+        raise ManifestError(f"{source}: empty manifest; at least spec.output.uri is required")
+    try:
+        data = yaml.load(text, Loader=_NoAliasLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        raise ManifestError(f"{source}: invalid YAML: {where}{e.problem}") from None
+    except yaml.YAMLError as e:
+        raise ManifestError(f"{source}: invalid YAML: {str(e).splitlines()[0]}") from None
+    except RecursionError:
+        raise ManifestError(f"{source}: invalid YAML: nested too deeply") from None
+    if data is None:
+        raise ManifestError(f"{source}: empty manifest; at least spec.output.uri is required")
+    if not isinstance(data, dict):
+        raise ManifestError(f"{source}: must be a mapping with apiVersion/kind/metadata/spec")
+    try:
+        return Manifest.model_validate(data)
+    except ValidationError as e:
+        raise ManifestError(format_validation_error(e)) from None
+    except RecursionError:
+        raise ManifestError(f"{source}: nested too deeply") from None
+
+
+def read_manifest_source(uri: str) -> tuple[bytes, str]:
+    """Read manifest bytes from a path, ``file://``, ``s3://`` or ``oss://`` URI."""
+    m = _URI_RE.match(uri)
+    if m is None or m.group("scheme").lower() == "file":
+        path = Path(uri[len("file://") :] if m else uri)
+        try:
+            size = path.stat().st_size
+        except OSError as e:
+            raise ManifestError(f"{uri}: cannot read manifest: {e.strerror}") from None
+        if size > MAX_MANIFEST_BYTES:
+            raise ManifestError(f"{uri}: {size} bytes is larger than the {MAX_MANIFEST_BYTES}-byte limit")
+        return path.read_bytes(), str(path)
+    from kolors_job.storage import open_store, split_uri
+
+    scheme, bucket, key = split_uri(uri)
+    if scheme not in ("s3", "oss") or not key or key.endswith("/"):
+        raise ManifestError(f"{redact_uri(uri)}: manifest URI must be a path, file://, s3:// or oss:// object")
+    parent, _, name = key.rpartition("/")
+    store = open_store(f"{scheme}://{bucket}/{parent}")
+    return store.read_bytes(name), redact_uri(uri)
+
+
+def load_manifest(path_or_uri: str | None = None, *, environ: dict[str, str] | None = None) -> Manifest:
+    """Load from ``--manifest``, else ``KOLORS_JOB_MANIFEST`` (inline), else ``KOLORS_JOB_MANIFEST_URI``."""
+    env = os.environ if environ is None else environ
+    if path_or_uri:
+        raw, source = read_manifest_source(path_or_uri)
+    elif env.get("KOLORS_JOB_MANIFEST"):
+        raw, source = env["KOLORS_JOB_MANIFEST"].encode("utf-8", "surrogateescape"), "KOLORS_JOB_MANIFEST"
+    elif env.get("KOLORS_JOB_MANIFEST_URI"):
+        raw, source = read_manifest_source(env["KOLORS_JOB_MANIFEST_URI"])
+    else:
+        raise ManifestError("no manifest: pass --manifest, or set KOLORS_JOB_MANIFEST or KOLORS_JOB_MANIFEST_URI")
+    return parse_manifest(raw, source=source)
+
+
+def json_schema() -> dict[str, Any]:
+    schema = Manifest.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "kolors-job manifest (kolors-job/v1 LoraStoryJob)"
+    return schema

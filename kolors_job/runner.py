@@ -1,0 +1,503 @@
+"""The job runner: the one place that knows the order of the stages.
+
+Read it top to bottom like a recipe: prepare the output → resolve models → dataset → train →
+story → score → report → ``_SUCCESS``. Each stage is a typed function in its own module; this file
+only wires them, records ``status.json``, uploads what each stage produced, and makes a rerun of the
+same job resume instead of starting over (finished stages are found in the output store).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kolors_job.errors import ExitCode, JobError, JobInterruptedError, OutputConflictError
+from kolors_job.manifest import Manifest
+from kolors_job.redact import redact_uri, scrub
+from kolors_job.settings import Settings
+from kolors_job.status import StatusWriter
+from kolors_job.storage import Store, open_store
+
+log = logging.getLogger("kolors_job.runner")
+
+STATE = "_state"  # per-stage results that let a rerun skip finished work
+
+
+@dataclass
+class JobOutcome:
+    job_id: str
+    output_uri: str
+    exit_code: ExitCode
+    state: str
+    message: str = ""
+    report: dict[str, Any] | None = None
+
+
+@dataclass
+class StopFlag:
+    """Set by SIGTERM/SIGINT; long stages poll it and stop at a step boundary after checkpointing."""
+
+    event: threading.Event = field(default_factory=threading.Event)
+    signal_name: str | None = None
+
+    def __call__(self) -> bool:
+        return self.event.is_set()
+
+
+@contextmanager
+def _stop_on_signals(flag: StopFlag) -> Iterator[None]:
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, _frame: Any) -> None:
+        flag.signal_name = signal.Signals(signum).name
+        log.warning("received %s: finishing the current step, checkpointing, then exiting 75", flag.signal_name)
+        flag.event.set()
+
+    old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def _is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+class Job:
+    """One run of one manifest: holds the context every stage needs."""
+
+    def __init__(
+        self,
+        manifest: Manifest,
+        *,
+        settings: Settings,
+        job_id: str | None = None,
+        output_uri: str | None = None,
+        force: bool = False,
+        stop: StopFlag | None = None,
+    ) -> None:
+        if output_uri:
+            manifest = manifest.model_copy(
+                update={"spec": manifest.spec.model_copy(update={"output": manifest.spec.output.model_copy(
+                    update={"uri": output_uri})})}
+            )
+        self.manifest = manifest
+        self.settings = settings
+        self.job_id = job_id or manifest.job_id
+        self.force = force
+        self.stop = stop or StopFlag()
+        self.digest = manifest.digest()
+        self.main = _is_main_process()
+        self.store: Store = open_store(manifest.spec.output.uri, settings).child(self.job_id)
+        self.work = settings.resolved_work_dir / self.job_id
+        self.status = StatusWriter(self.store if self.main else None, self.job_id, self.digest)
+        self.timings: dict[str, float] = {}
+        self.device = _device()
+
+    # ------------------------------------------------------------------ helpers
+
+    @property
+    def output_uri(self) -> str:
+        return redact_uri(self.store.uri)
+
+    def put_json(self, key: str, data: Any) -> None:
+        if self.main:
+            self.store.write_bytes(key, json.dumps(data, ensure_ascii=False, indent=2, default=str).encode())
+
+    def get_json(self, key: str) -> Any | None:
+        return json.loads(self.store.read_bytes(key)) if self.store.exists(key) else None
+
+    def upload(self, key: str, path: Path) -> None:
+        if self.main:
+            self.store.upload_file(key, path)
+
+    def upload_dir(self, path: Path, prefix: str) -> None:
+        if self.main:
+            self.store.upload_dir(path, prefix)
+
+    def check_stop(self) -> None:
+        if self.stop():
+            raise JobInterruptedError(f"interrupted by {self.stop.signal_name or 'a stop request'}; rerun to resume")
+
+    @contextmanager
+    def stage(self, name: str, total: int | None = None) -> Iterator[None]:
+        self.check_stop()
+        log.info("stage %s: started", name, extra={"stage": name})
+        self.status.stage_started(name, total)
+        t0 = time.perf_counter()
+        yield
+        seconds = time.perf_counter() - t0
+        self.timings[name] = round(seconds, 3)
+        self.status.stage_finished(name, seconds)
+        log.info("stage %s: done in %.1fs", name, seconds, extra={"stage": name, "seconds": round(seconds, 3)})
+
+
+# ---------------------------------------------------------------------------------------------- stages
+
+
+def prepare_output(job: Job) -> bool:
+    """Refuse another manifest's prefix; return True when this exact job already finished."""
+    existing = job.store.read_bytes("manifest.resolved.yaml") if job.store.exists("manifest.resolved.yaml") else None
+    if existing is not None:
+        import yaml
+
+        try:
+            previous = Manifest.model_validate(yaml.safe_load(existing)).digest()
+        except Exception:  # a foreign or hand-edited file: treat as a conflict
+            previous = None
+        if previous != job.digest and not job.force:
+            raise OutputConflictError(
+                f"{job.output_uri}: holds a run of a different manifest; use a new job id "
+                "(--job-id or metadata.name) or --force to replace it"
+            )
+    if job.store.exists("_SUCCESS") and not job.force:
+        return True
+    if job.force and job.main:
+        for key in job.store.list():
+            job.store.delete(key)
+    if job.main:
+        job.store.write_bytes("manifest.resolved.yaml", job.manifest.to_yaml().encode())
+    job.status._write()
+    return False
+
+
+@dataclass
+class ResolvedModels:
+    base: Path
+    vae: Path | None
+    aesthetic: Path
+    random_weights: bool
+
+
+def resolve_models(job: Job) -> ResolvedModels:
+    from kolors_job.models import resolve_model
+
+    spec = job.manifest.spec
+    base = resolve_model(spec.model.base, kind="pipeline", settings=job.settings)
+    vae = resolve_model(spec.model.vae, kind="vae", settings=job.settings) if spec.model.vae else None
+    aesthetic = resolve_model(spec.score.aesthetic_model, kind="aesthetic", settings=job.settings)
+    random_weights = any(u.startswith("tiny://") for u in (spec.model.base, spec.score.aesthetic_model))
+    return ResolvedModels(base, vae, aesthetic, random_weights)
+
+
+def run_dataset(job: Job) -> Any:
+    from kolors_job.dataset import fetch_dataset, scan_dataset
+
+    root = fetch_dataset(job.manifest.spec.dataset, job.settings)
+    return scan_dataset(root, job.manifest.spec.dataset)
+
+
+def _newest_complete_checkpoint(job: Job) -> str | None:
+    """Checkpoints are ``checkpoints/step-N/``; only those whose ``COMPLETE`` marker exists count."""
+    steps = []
+    for key in job.store.list("checkpoints/"):
+        parts = key.split("/")
+        if len(parts) == 3 and parts[2] == "COMPLETE" and parts[1].startswith("step-"):
+            steps.append(int(parts[1].removeprefix("step-")))
+    return f"checkpoints/step-{max(steps)}" if steps else None
+
+
+def run_train(job: Job, models: ResolvedModels, items: list[Any]) -> dict[str, Any]:
+    """Train (or resume, or skip when ``lora/`` is already complete) and return the train summary."""
+    from kolors_job.train import train_lora
+
+    lora_local = job.work / "lora"
+    done = job.get_json(f"{STATE}/train.json")
+    if done is not None:
+        log.info("train: already complete in the output; reusing lora/")
+        job.store.child("lora").download_dir("", lora_local)
+        return done
+
+    resume_from = None
+    newest = _newest_complete_checkpoint(job)
+    if newest:
+        resume_from = job.work / newest
+        shutil.rmtree(resume_from, ignore_errors=True)
+        job.store.download_dir(newest + "/", resume_from)
+        log.info("train: resuming from %s", newest)
+
+    keep = job.manifest.spec.output.keep_checkpoints
+
+    def on_checkpoint(path: Path, step: int) -> None:
+        if not job.main:
+            return
+        job.upload_dir(path, f"checkpoints/step-{step}/")
+        job.status.progress(step)
+        # prune older complete checkpoints beyond keep (the newest ones are the resume sources)
+        complete = sorted(
+            {int(k.split("/")[1].removeprefix("step-")) for k in job.store.list("checkpoints/")
+             if k.endswith("/COMPLETE")}
+        )
+        for old in complete[:-keep]:
+            for key in job.store.list(f"checkpoints/step-{old}/"):
+                job.store.delete(key)
+
+    result = train_lora(
+        models.base,
+        items,
+        job.manifest.spec.train,
+        work_dir=job.work / "train",
+        vae_dir=models.vae,
+        device=job.device,
+        resume_from=resume_from,
+        on_checkpoint=on_checkpoint,
+        should_stop=job.stop,
+        progress=job.settings.log_format == "text",
+    )
+    if result.interrupted:
+        raise JobInterruptedError(f"interrupted at step {result.steps}; checkpoint saved; rerun to resume")
+    shutil.rmtree(lora_local, ignore_errors=True)
+    shutil.copytree(result.lora_dir, lora_local)
+    summary = {
+        "steps": result.steps,
+        "losses": result.losses,
+        "seconds": result.seconds,
+        "peak_memory_bytes": result.peak_memory_bytes,
+        "precision": result.precision,
+        "gradient_checkpointing": result.gradient_checkpointing,
+        "samples_seen": getattr(result, "samples_seen", None),
+    }
+    job.upload_dir(lora_local, "lora/")
+    job.put_json(f"{STATE}/train.json", summary)
+    return summary
+
+
+def run_story(job: Job, models: ResolvedModels, scorer: Any) -> list[dict[str, Any]]:
+    """Generate the frames not yet in the output; upload each as soon as it exists."""
+    from kolors_job.generate import generate_story
+
+    spec = job.manifest.spec.story
+    images_local = job.work / "images"
+    images_local.mkdir(parents=True, exist_ok=True)
+    done: set[int] = set()
+    for i in range(1, len(spec.frames) + 1):
+        if job.store.exists(f"images/{i:02d}.png"):
+            job.store.download_file(f"images/{i:02d}.png", images_local / f"{i:02d}.png")
+            done.add(i)
+    if done:
+        log.info("story: %d frame(s) already in the output, not regenerated", len(done))
+
+    def on_frame(frame: Any) -> None:
+        for _seed, path, _score in frame.candidates:
+            job.upload(f"images/candidates/{path.name}", path)
+        job.upload(f"images/{frame.path.name}", frame.path)
+        job.status.progress(frame.index, len(spec.frames))
+        job.check_stop()
+
+    generate_story(
+        models.base,
+        spec,
+        out_dir=job.work,
+        lora_dir=job.work / "lora",
+        vae_dir=models.vae,
+        device=job.device,
+        skip=done,
+        on_frame=on_frame,
+        scorer=scorer if spec.best_of > 1 else None,
+        progress=job.settings.log_format == "text",
+    )
+    prompts = {
+        "negative_prompt": spec.negative_prompt,
+        "sampler": {
+            "scheduler": spec.scheduler,
+            "cfg_scale": spec.cfg_scale,
+            "steps": spec.steps,
+            "width": spec.width,
+            "height": spec.height,
+            "lora_scale": spec.lora_scale,
+            "best_of": spec.best_of,
+        },
+        "frames": [
+            {
+                "index": i,
+                "image": f"images/{i:02d}.png",
+                "prompt": f.prompt,
+                "negative_prompt": spec.negative_for(f),
+                "seed": f.seed,
+            }
+            for i, f in enumerate(spec.frames, start=1)
+        ],
+    }
+    (job.work / "prompts.json").write_text(json.dumps(prompts, ensure_ascii=False, indent=2))
+    job.upload("prompts.json", job.work / "prompts.json")
+    return prompts["frames"]
+
+
+def run_score(job: Job, scorer: Any, frames: list[dict[str, Any]]) -> Any:
+    from PIL import Image
+
+    from kolors_job.score import score_story
+
+    images = [Image.open(job.work / f["image"]).convert("RGB") for f in frames]
+    return score_story(images, job.manifest.spec.score, scorer)
+
+
+def run_report(job: Job, models: ResolvedModels, dataset: Any, train: dict[str, Any],
+               frames: list[dict[str, Any]], scores: Any) -> dict[str, Any]:
+    from PIL import Image
+
+    from kolors_job.export import LoraInfo, export_all, write_model_card
+    from kolors_job.report import device_info, package_versions, tile_story, write_report
+    from kolors_job.submission import build_submission
+
+    spec = job.manifest.spec
+    images = [Image.open(job.work / f["image"]).convert("RGB") for f in frames]
+    story_path = job.work / "story.jpg"
+    tile_story(images).save(story_path, quality=92)
+
+    for f, s in zip(frames, scores.per_image, strict=True):
+        f["score"] = s
+    dataset_summary = dataset.summary() if hasattr(dataset, "summary") else dict(dataset)
+    score_dict = {
+        "per_image": scores.per_image,
+        "mean": scores.mean,
+        "threshold": scores.threshold,
+        "passed": scores.passed,
+        "consistency": scores.consistency,
+    }
+    info = LoraInfo(
+        rank=spec.train.rank,
+        alpha=spec.train.alpha,
+        target_modules=list(spec.train.target_modules),
+        base_model=spec.model.base,
+        trigger=spec.dataset.caption.fixed or spec.dataset.caption.prefix or "",
+    )
+    exported = export_all(job.work / "lora", info, job.work / "lora", list(spec.output.lora_formats))
+    write_model_card(job.work / "lora", info, score_dict, dataset_summary)
+    job.upload_dir(job.work / "lora", "lora/")
+
+    report: dict[str, Any] = {
+        "job_id": job.job_id,
+        "manifest_digest": job.digest,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "output": job.output_uri,
+        "model": {"base": redact_uri(spec.model.base), "vae": spec.model.vae and redact_uri(spec.model.vae),
+                  "random_weights": models.random_weights},
+        "dataset": dataset_summary,
+        "train": train,
+        "story": {"frames": frames, "settings": spec.story.model_dump(mode="json", exclude={"frames"})},
+        "score": score_dict,
+        "lora_files": {k: str(Path(v).relative_to(job.work)) for k, v in exported.items()},
+        "timings": dict(job.timings),
+        "device": device_info(),
+        "versions": package_versions(),
+        "manifest": job.manifest.resolved(),
+    }
+    write_report(job.work, report)
+    for name in ("story.jpg", "report.json", "report.html"):
+        job.upload(name, job.work / name)
+
+    lora_file = job.work / "lora" / "pytorch_lora_weights.safetensors"
+    sub = build_submission(
+        job.work,
+        lora_file=lora_file,
+        model_card=job.work / "lora" / "README.md",
+        images=[job.work / f["image"] for f in frames],
+        prompts=frames,
+        story_jpg=story_path,
+        score=score_dict,
+    )
+    job.upload_dir(sub, "submission/")
+    return report
+
+
+# ---------------------------------------------------------------------------------------------- recipe
+
+
+def run_job(job: Job) -> JobOutcome:
+    """The whole recipe. Exceptions become a failed/interrupted ``status.json`` and an exit code."""
+    with _stop_on_signals(job.stop):
+        try:
+            return _run(job)
+        except JobError as e:
+            state = "interrupted" if e.exit_code == ExitCode.TEMPORARY else "failed"
+            message = scrub(str(e))
+            log.error("%s", message, extra={"exit_code": int(e.exit_code)})
+            _safe_finish(job, state, e.exit_code, message)
+            return JobOutcome(job.job_id, job.output_uri, e.exit_code, state, message)
+        except Exception as e:  # a bug: keep the traceback in the log, one line in status.json
+            message = scrub(f"{type(e).__name__}: {e}")
+            log.exception("internal error: %s", message)
+            _safe_finish(job, "failed", ExitCode.INTERNAL, message)
+            return JobOutcome(job.job_id, job.output_uri, ExitCode.INTERNAL, "failed", message)
+
+
+def _safe_finish(job: Job, state: str, code: ExitCode, message: str) -> None:
+    try:
+        job.status.finish(state, int(code), message)
+    except Exception as e:  # storage may be the thing that failed
+        log.warning("could not write status.json: %s", scrub(str(e)))
+
+
+def _run(job: Job) -> JobOutcome:
+    log.info("job %s → %s", job.job_id, job.output_uri, extra={"manifest_digest": job.digest})
+    with job.stage("prepare"):
+        if prepare_output(job):
+            msg = f"{job.output_uri}: already complete (_SUCCESS exists); use --force to recompute"
+            log.info(msg)
+            return JobOutcome(job.job_id, job.output_uri, ExitCode.OK, "skipped", msg)
+        job.work.mkdir(parents=True, exist_ok=True)
+
+    with job.stage("models"):
+        models = resolve_models(job)
+
+    with job.stage("dataset"):
+        dataset = run_dataset(job)
+        job.put_json(f"{STATE}/dataset.json", dataset.summary())
+
+    with job.stage("train", total=job.manifest.spec.train.steps):
+        train = run_train(job, models, dataset.items)
+
+    if not job.main:  # DDP workers are done once the LoRA is trained; rank 0 draws and reports
+        return JobOutcome(job.job_id, job.output_uri, ExitCode.OK, "succeeded", "worker finished training")
+
+    from kolors_job.score import AestheticScorer
+
+    scorer = AestheticScorer.load(models.aesthetic, device=job.device)
+    with job.stage("story", total=len(job.manifest.spec.story.frames)):
+        frames = run_story(job, models, scorer)
+
+    with job.stage("score"):
+        scores = run_score(job, scorer, frames)
+
+    with job.stage("report"):
+        report = run_report(job, models, dataset, train, frames, scores)
+
+    gate = job.manifest.spec.score
+    if gate.gate and not scores.passed:
+        raise_gate = (
+            f"quality gate: mean aesthetic score {scores.mean:.3f} is below the threshold {gate.threshold}"
+        )
+        log.error(raise_gate)
+        job.status.finish("failed", int(ExitCode.QUALITY_GATE), raise_gate)
+        return JobOutcome(job.job_id, job.output_uri, ExitCode.QUALITY_GATE, "failed", raise_gate, report)
+
+    job.status.finish("succeeded", int(ExitCode.OK))
+    job.store.write_bytes("_SUCCESS", b"")
+    log.info("job %s succeeded: mean aesthetic %.3f (threshold %s)", job.job_id, scores.mean, gate.threshold)
+    return JobOutcome(job.job_id, job.output_uri, ExitCode.OK, "succeeded", "", report)
+
+
+def make_job(manifest: Manifest, settings: Settings, **kwargs: Any) -> Job:
+    return Job(manifest, settings=settings, **kwargs)
+

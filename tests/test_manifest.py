@@ -1,0 +1,222 @@
+"""Manifest: reference defaults, one clear line per problem, hostile inputs never crash the validator."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from kolors_job.errors import ExitCode, ManifestError
+from kolors_job.manifest import MAX_MANIFEST_BYTES, Manifest, json_schema, load_manifest, parse_manifest
+
+MINIMAL = "spec:\n  output:\n    uri: /tmp/kolors-out\n"
+
+
+def problems(text: str | bytes) -> list[str]:
+    with pytest.raises(ManifestError) as e:
+        parse_manifest(text)
+    assert e.value.exit_code == ExitCode.INVALID_MANIFEST
+    return e.value.problems
+
+
+def test_minimal_manifest_reproduces_the_reference_workflow() -> None:
+    m = parse_manifest(MINIMAL)
+    s = m.spec
+    assert s.model.base == "modelscope://Kwai-Kolors/Kolors-diffusers"
+    assert s.dataset.source == "modelscope://AI-ModelScope/lowres_anime"
+    assert s.dataset.caption.fixed == "二次元"
+    assert (s.dataset.filters.min_width, s.dataset.filters.min_height) == (1024, 1024)
+    assert s.dataset.filters.aspect_ratio == (0.5, 2.0)
+    t = s.train
+    assert (t.rank, t.alpha, t.learning_rate, t.steps, t.resolution, t.batch_size) == (16, 4.0, 1e-4, 500, 1024, 1)
+    assert t.target_modules == ["to_q", "to_k", "to_v", "to_out.0"]
+    assert (s.story.cfg_scale, s.story.steps, s.story.width, s.story.height) == (4.0, 50, 1024, 1024)
+    assert [f.seed for f in s.story.frames] == [0, 1, 2, 5, 0, 1, 7, 0]
+    assert s.story.frames[0].prompt.startswith("二次元，一个紫色短发小女孩")
+    negs = [s.story.negative_for(f) for f in s.story.frames]
+    assert negs[0] == "丑陋、变形、嘈杂、模糊、低对比度"
+    assert negs[2] == "丑陋、变形、嘈杂、模糊、低对比度，扭曲的手指，多余的手指"
+    assert s.score.threshold == 6.0
+    assert s.score.aesthetic_model.endswith("aesthetics-predictor-v2-sac-logos-ava1-l14-linearMSE")
+    assert m.job_id == "kolors-lora-story"
+
+
+def test_json_input_and_round_trip() -> None:
+    m = parse_manifest(json.dumps({"spec": {"output": {"uri": "s3://bkt/p/"}}}))
+    again = parse_manifest(m.to_yaml())
+    assert again == m
+    assert again.digest() == m.digest()
+
+
+def test_digest_ignores_output_location_but_not_work() -> None:
+    a = parse_manifest(MINIMAL)
+    b = parse_manifest("spec: {output: {uri: s3://other/x}}")
+    c = parse_manifest("spec: {output: {uri: /tmp/x}, train: {rank: 4}}")
+    assert a.digest() == b.digest() != c.digest()
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("spec: {output: {uri: /o}, train: {rank: -1}}", "spec.train.rank: Input should be greater than or equal to 1"),
+        ("spec: {output: {uri: /o}, train: {rank: abc}}", "spec.train.rank: Input should be a valid integer"),
+        ("spec: {output: {uri: /o}, train: {rnak: 4}}", "spec.train.rnak: unknown field"),
+        ("spec: {output: {uri: /o}, bogus: 1}", "spec.bogus: unknown field"),
+        ("spec: {output: {uri: /o}, story: {frames: [{prompt: a}]}}", "spec.story.frames: List should have at least 8"),
+        ("spec: {output: {uri: ftp://h/x}}", "spec.output.uri: unsupported scheme 'ftp'"),
+        ("spec: {output: {uri: modelscope://a/b}}", "spec.output.uri: unsupported scheme 'modelscope'"),
+        ("spec: {output: {uri: s3://}}", "spec.output.uri: s3:// URI needs a bucket name"),
+        ("spec: {output: {uri: /o}, model: {base: 'modelscope://no-slash'}}", "spec.model.base: modelscope:// URI"),
+        ("spec: {}", "spec.output: required field is missing"),
+        ("kind: Other\nspec: {output: {uri: /o}}", "kind: Input should be 'LoraStoryJob'"),
+        ("spec: {output: {uri: /o}, train: {resolution: 1001}}", "spec.train.resolution: Input should be a multiple of 8"),
+        ("spec: {output: {uri: /o}, dataset: {filters: {aspect_ratio: [2, 1]}}}", "spec.dataset.filters.aspect_ratio"),
+        ("spec: {output: {uri: /o}, score: {threshold: 11}}", "spec.score.threshold: Input should be less than"),
+        ("metadata: {name: 'Bad Name!'}\nspec: {output: {uri: /o}}", "metadata.name: String should match pattern"),
+        ("spec: {output: {uri: /o}, train: {warmup_steps: 9, steps: 3}}", "spec.train: warmup_steps must not exceed steps"),
+        ("spec: {output: {uri: /o}, story: {frames: [{prompt: ''}, {}, {}, {}, {}, {}, {}, {}]}}",
+         "spec.story.frames[0].prompt: String should have at least 1 character"),
+    ],
+)
+def test_each_problem_is_one_line_naming_the_field(text: str, expected: str) -> None:
+    lines = problems(text)
+    assert any(line.startswith(expected) for line in lines), lines
+    assert all("\n" not in line and "Traceback" not in line for line in lines)
+
+
+def test_several_problems_give_several_lines() -> None:
+    lines = problems("spec: {output: {uri: ftp://x}, train: {rank: -1, rnak: 2}}")
+    assert len(lines) == 3
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        (b"", "empty manifest"),
+        (b"   \n# only a comment\n", "empty manifest"),
+        (b"spec: [unclosed", "invalid YAML: line 1"),
+        (b"spec:\n\toutput: x", "invalid YAML"),
+        (b"\xff\xfe\x00bad", "not valid UTF-8"),
+        (b"- a\n- b\n", "must be a mapping"),
+        (b"just a string", "must be a mapping"),
+        (b"a: &x [1]\nb: *x\n", "YAML aliases (*name) are not allowed"),
+        (b"spec: !!python/object/apply:os.system ['echo pwned']", "invalid YAML"),
+        (b"[" * 5000, "invalid YAML"),
+    ],
+)
+def test_malformed_documents(raw: bytes, expected: str) -> None:
+    lines = problems(raw)
+    assert any(expected in line for line in lines), lines
+
+
+def test_alias_bomb_is_refused_fast() -> None:
+    bomb = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"{chr(98 + i)}: &{chr(98 + i)} [*{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}]\n"
+        for i in range(9)
+    )
+    assert any("aliases" in p for p in problems(bomb))
+
+
+def test_oversized_manifest(tmp_path: Path) -> None:
+    big = tmp_path / "big.yaml"
+    with big.open("wb") as f:
+        f.write(b"spec: {output: {uri: /o}}\n# ")
+        f.truncate(50 * 1024 * 1024)
+    with pytest.raises(ManifestError, match=f"larger than the {MAX_MANIFEST_BYTES}-byte limit"):
+        load_manifest(str(big))
+
+
+def test_huge_string_field_is_refused() -> None:
+    lines = problems("spec: {output: {uri: /o}, story: {negative_prompt: '" + "x" * 3000 + "'}}")
+    assert lines[0].startswith("spec.story.negative_prompt: String should have at most 2000")
+
+
+def test_sources_env_inline_then_uri_then_flag(tmp_path: Path) -> None:
+    f = tmp_path / "m.yaml"
+    f.write_text("metadata: {name: from-file}\nspec: {output: {uri: /o}}")
+    inline = "metadata: {name: from-env}\nspec: {output: {uri: /o}}"
+    assert load_manifest(environ={"KOLORS_JOB_MANIFEST": inline}).metadata.name == "from-env"
+    assert load_manifest(environ={"KOLORS_JOB_MANIFEST_URI": f"file://{f}"}).metadata.name == "from-file"
+    assert load_manifest(str(f), environ={"KOLORS_JOB_MANIFEST": inline}).metadata.name == "from-file"
+    with pytest.raises(ManifestError, match="no manifest"):
+        load_manifest(environ={})
+    with pytest.raises(ManifestError, match="cannot read manifest"):
+        load_manifest(str(tmp_path / "missing.yaml"))
+
+
+def test_credentials_in_uris_are_redacted_in_the_resolved_manifest() -> None:
+    m = parse_manifest("spec: {output: {uri: 's3://AKIDSECRET:SUPERSECRETKEY@bucket/p?X-Amz-Signature=abcdef'}}")
+    text = m.to_yaml()
+    assert "SUPERSECRETKEY" not in text and "AKIDSECRET" not in text and "abcdef" not in text
+    assert "s3://***@bucket/p" in text
+
+
+def test_json_schema_is_valid_and_rejects_unknown_fields() -> None:
+    import jsonschema
+
+    schema = json_schema()
+    jsonschema.Draft202012Validator.check_schema(schema)
+    validator = jsonschema.Draft202012Validator(schema)
+    assert not list(validator.iter_errors(yaml.safe_load(MINIMAL)))
+    assert list(validator.iter_errors({"spec": {"output": {"uri": "/o"}, "oops": 1}}))
+
+
+# A property-based test: no input makes the validator raise anything but ManifestError.
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | st.text(max_size=30),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=12), children, max_size=4),
+    max_leaves=25,
+)
+field_names = st.sampled_from(
+    ["model", "dataset", "train", "story", "score", "output", "rank", "frames", "uri", "steps", "x"]
+)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.dictionaries(
+        st.sampled_from(["apiVersion", "kind", "metadata", "spec", "junk"]),
+        st.dictionaries(field_names, json_values, max_size=5) | json_values,
+        max_size=5,
+    )
+)
+def test_random_manifests_never_crash(data: dict) -> None:
+    try:
+        m = parse_manifest(json.dumps(data))
+    except ManifestError as e:
+        assert e.problems and all(isinstance(p, str) and p for p in e.problems)
+    else:
+        assert isinstance(m, Manifest)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=300))
+def test_random_bytes_never_crash(raw: bytes) -> None:
+    try:
+        parse_manifest(raw)
+    except ManifestError:
+        pass
+
+
+def test_cli_validate_exit_codes(tmp_path: Path) -> None:
+    good = tmp_path / "good.yaml"
+    good.write_text(MINIMAL)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("spec: {output: {uri: ftp://x}, train: {rank: -3}}")
+    ok = subprocess.run([sys.executable, "-m", "kolors_job", "validate", str(good)], capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    assert yaml.safe_load(ok.stdout)["spec"]["train"]["rank"] == 16
+    err = subprocess.run([sys.executable, "-m", "kolors_job", "validate", str(bad)], capture_output=True, text=True)
+    assert err.returncode == 2
+    assert err.stderr.splitlines() == [
+        "spec.train.rank: Input should be greater than or equal to 1",
+        "spec.output.uri: unsupported scheme 'ftp'; use one of oss://, s3://, file:// or a local path",
+    ]
+    schema = subprocess.run([sys.executable, "-m", "kolors_job", "schema"], capture_output=True, text=True)
+    assert schema.returncode == 0 and "LoraStoryJob" in schema.stdout
