@@ -4,9 +4,12 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+IMAGE ?= kolors-job:dev
+CACHE ?= $(HOME)/.cache/kolors-job
+OUT ?= $(CURDIR)/runs
 PYTEST_ARGS ?=
 
-.PHONY: help install demo test test-slow lint run bench-cpu lock schema clean
+.PHONY: help install demo test test-slow lint run image k8s-examples bench-cpu lock schema clean
 
 help:
 	@echo "make demo      the whole job on CPU with a tiny random Kolors (seconds)"
@@ -34,11 +37,33 @@ test-slow: $(STAMP)
 	$(PY) -m pytest -m "slow" -p no:cacheprovider --timeout=1800 $(PYTEST_ARGS)
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check kolors_job tests bench entrypoint.py
-	$(VENV)/bin/ruff format --check kolors_job tests bench entrypoint.py || true
+	$(VENV)/bin/ruff check kolors_job tests bench scripts entrypoint.py
+	$(VENV)/bin/hadolint Dockerfile
 
 schema: $(STAMP)
 	@$(VENV)/bin/kolors-job schema
+
+image:
+	@command -v docker >/dev/null || { echo "error: docker is not installed (https://docs.docker.com/engine/install/)"; exit 2; }
+	@docker info >/dev/null 2>&1 || { echo "error: no Docker engine is running (start dockerd, or use k8s/ or pai/)"; exit 2; }
+	docker build -t $(IMAGE) .
+
+# make run MANIFEST=job.yaml (outputs in ./runs) | make run MANIFEST_URI=s3://b/m.yaml [OUTPUT=s3://...]
+run: image
+	@test -n "$(MANIFEST)$(MANIFEST_URI)" || { echo "usage: make run MANIFEST=path | MANIFEST_URI=uri [OUTPUT=uri]"; exit 2; }
+	@docker info --format '{{json .Runtimes}}' | grep -q nvidia || { echo "error: the NVIDIA container runtime is missing (install nvidia-container-toolkit)"; exit 2; }
+	mkdir -p $(CACHE) $(OUT)
+	docker run --rm --gpus all --shm-size 16g --user $$(id -u):$$(id -g) -e HOME=/tmp \
+	  -v $(CACHE):/cache -v $(OUT):/runs \
+	  $(if $(MANIFEST),-v $(abspath $(MANIFEST)):/job/manifest.yaml:ro -e KOLORS_JOB_MANIFEST_URI=/job/manifest.yaml,-e KOLORS_JOB_MANIFEST_URI=$(MANIFEST_URI)) \
+	  -e AWS_ACCESS_KEY_ID -e AWS_SECRET_ACCESS_KEY -e AWS_SESSION_TOKEN -e AWS_REGION \
+	  -e OSS_ACCESS_KEY_ID -e OSS_ACCESS_KEY_SECRET -e OSS_SESSION_TOKEN \
+	  -e ALIBABA_CLOUD_ACCESS_KEY_ID -e ALIBABA_CLOUD_ACCESS_KEY_SECRET -e ALIBABA_CLOUD_SECURITY_TOKEN \
+	  -e KOLORS_JOB_S3_ENDPOINT_URL -e KOLORS_JOB_OSS_ENDPOINT \
+	  $(IMAGE) run $(if $(OUTPUT),--output $(OUTPUT),$(if $(MANIFEST),--output /runs))
+
+k8s-examples: $(STAMP)
+	$(VENV)/bin/kolors-job render k8s --write-examples k8s/
 
 bench-cpu: $(STAMP)
 	$(PY) -m bench.cpu

@@ -380,7 +380,8 @@ def read_manifest_source(uri: str) -> tuple[bytes, str]:
     from kolors_job.storage import open_store, split_uri
 
     scheme, bucket, key = split_uri(uri)
-    if scheme not in ("s3", "oss") or not key or key.endswith("/"):
+    key = key.rstrip("/")  # split_uri reads the path as a prefix and adds a slash
+    if scheme not in ("s3", "oss") or not key or uri.endswith("/"):
         raise ManifestError(f"{redact_uri(uri)}: manifest URI must be a path, file://, s3:// or oss:// object")
     parent, _, name = key.rpartition("/")
     store = open_store(f"{scheme}://{bucket}/{parent}")

@@ -26,3 +26,9 @@ def job_env(shared_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setenv("KOLORS_JOB_WORK_DIR", str(tmp_path / "work"))
     monkeypatch.setenv("KOLORS_JOB_LOG_FORMAT", "json")
     return tmp_path
+
+# Storage test servers (moto S3, OSS proxy, radosgw): tests/storage_servers/fixtures.py
+try:
+    from tests.storage_servers.fixtures import *  # noqa: F403
+except ModuleNotFoundError:  # tests/ is not a package and the repo root is not on sys.path
+    from storage_servers.fixtures import *  # noqa: F403

@@ -1,0 +1,846 @@
+"""Training data: fetch a dataset to a local directory, scan it safely, load images for SDXL-style training.
+
+Three stages, each small enough to test on its own:
+
+* ``fetch_dataset`` turns ``spec.source`` into a local directory (ModelScope export, bucket
+  download into the cache, or a path used in place). Downloads land in a staging directory that
+  is renamed into place after its completion marker is written, so a crashed or concurrent job
+  never sees half a dataset and a second job reuses the first one's copy.
+* ``scan_dataset`` decides which files are training images. It must never crash on a file and
+  never decode a decompression bomb: sizes come from the header, the pixel cap is enforced before
+  decoding, and each kept image is fully decoded once so a truncated file is rejected here rather
+  than in step 312 of training. Every rejected file is counted with a reason for the report.
+* ``load_image`` produces the tensor and the SDXL ``add_time_ids`` from the *actual* resize/crop,
+  exactly as diffusers' ``train_text_to_image_lora_sdxl.py`` does.
+
+The filters mirror data-juicer's ``image_shape_filter`` / ``image_aspect_ratio_filter`` used by the
+reference workflow (design.md §7), applied to the EXIF-oriented size (what a viewer shows).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import hashlib
+import io
+import json
+import os
+import posixpath
+import random
+import re
+import shutil
+import stat
+import time
+import uuid
+import warnings
+from collections import Counter
+from collections.abc import Iterable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from PIL import Image, ImageFile, UnidentifiedImageError
+
+from kolors_job.errors import InputError, JobError, StorageTemporaryError
+from kolors_job.manifest import CaptionSpec, DatasetSpec, FilterSpec
+from kolors_job.redact import redact_uri, scrub
+from kolors_job.settings import Settings
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = [
+    "COMPLETE_MARKER",
+    "IMAGE_EXTENSIONS",
+    "DatasetReport",
+    "DatasetScan",
+    "ImageItem",
+    "SkipReason",
+    "TimeIds",
+    "export_rows",
+    "fetch_dataset",
+    "load_image",
+    "scan_dataset",
+]
+
+COMPLETE_MARKER = ".kolors_job_complete"
+"""Written last inside a fetched dataset; its presence means every other file is complete."""
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
+"""Files with these extensions are training candidates (PIL sniffs the real format from the bytes)."""
+
+COMPANION_EXTENSIONS = frozenset(
+    {".txt", ".csv", ".jsonl", ".json", ".md", ".yaml", ".yml", ".parquet", ".arrow", ".lock"}
+)
+"""Caption sidecars, metadata and dataset cards: expected beside images, so never counted as skips."""
+
+PIL_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
+"""Decoders PIL may use (JPEG covers camera MPO files). Everything else is "not_image": PIL's EPS
+plugin runs Ghostscript and its long tail of rare formats is attack surface no photo dataset needs."""
+
+METADATA_NAMES = ("metadata.csv", "metadata.jsonl")
+MAX_METADATA_BYTES = 256 << 20
+MAX_SIDECAR_BYTES = 1 << 20
+MAX_EXAMPLES = 20
+_PARTIAL = ".partial-"
+_STALE_PARTIAL_SECONDS = 24 * 3600
+
+
+class SkipReason:
+    """Why a file was not used. Plain strings so they serialise into report.json unchanged."""
+
+    ZERO_BYTE = "zero_byte"
+    NOT_IMAGE = "not_image"  # an image extension whose bytes PIL cannot identify, or an unknown file type
+    WRONG_EXTENSION = "wrong_extension"  # a real image hiding behind a non-image extension (e.g. ``.dat``)
+    CORRUPT = "corrupt"  # truncated or undecodable pixel data
+    UNSUPPORTED_MODE = "unsupported_mode"  # decodes, but has no sane 8-bit RGB conversion
+    TOO_SMALL = "too_small"
+    BAD_ASPECT = "bad_aspect"
+    TOO_MANY_PIXELS = "too_many_pixels"  # decompression-bomb cap, rejected from the header
+    SYMLINK_OUTSIDE_ROOT = "symlink_outside_root"
+    UNREADABLE = "unreadable"  # permission denied, dangling link, FIFO/device, I/O error
+    NO_CAPTION = "no_caption"
+    CAPTION_NOT_UTF8 = "caption_not_utf8"
+
+
+# --------------------------------------------------------------------------------------------- types
+
+
+@dataclass(frozen=True)
+class ImageItem:
+    """One kept training image. ``width``/``height`` are the EXIF-oriented size (as displayed)."""
+
+    path: Path
+    caption: str
+    width: int
+    height: int
+
+
+@dataclass(frozen=True)
+class TimeIds:
+    """SDXL ``add_time_ids``: original size (h, w), crop top-left (top, left), target size (h, w)."""
+
+    original_height: int
+    original_width: int
+    crop_top: int
+    crop_left: int
+    target_height: int
+    target_width: int
+
+    def as_tuple(self) -> tuple[int, int, int, int, int, int]:
+        return (
+            self.original_height,
+            self.original_width,
+            self.crop_top,
+            self.crop_left,
+            self.target_height,
+            self.target_width,
+        )
+
+
+@dataclass
+class DatasetReport:
+    """The dataset section of report.json: what was kept, what was skipped and why (with examples)."""
+
+    source: str
+    kept: int
+    examined: int
+    not_examined: int
+    skipped: dict[str, int]
+    skipped_examples: dict[str, list[str]]
+    captions_truncated: int
+    notes: dict[str, int]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class DatasetScan:
+    """Result of ``scan_dataset``.
+
+    ``skipped`` maps a ``SkipReason`` to the relative names of the files rejected for it (sorted).
+    ``examined`` counts candidate files looked at; ``not_examined`` those left unread once
+    ``max_images`` was reached. ``notes`` counts non-fatal oddities (bad metadata rows...).
+    """
+
+    root: Path
+    items: list[ImageItem]
+    skipped: dict[str, list[str]] = field(default_factory=dict)
+    examined: int = 0
+    not_examined: int = 0
+    captions_truncated: int = 0
+    notes: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def kept(self) -> int:
+        return len(self.items)
+
+    @property
+    def skipped_counts(self) -> dict[str, int]:
+        return {reason: len(names) for reason, names in sorted(self.skipped.items())}
+
+    def report(self, source: str | None = None) -> DatasetReport:
+        return DatasetReport(
+            source=redact_uri(source) if source else str(self.root),
+            kept=self.kept,
+            examined=self.examined,
+            not_examined=self.not_examined,
+            skipped=self.skipped_counts,
+            skipped_examples={r: names[:MAX_EXAMPLES] for r, names in sorted(self.skipped.items())},
+            captions_truncated=self.captions_truncated,
+            notes=dict(sorted(self.notes.items())),
+        )
+
+
+# --------------------------------------------------------------------------------------------- fetch
+
+_SCHEME_RE = re.compile(r"^(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*)://(?P<rest>.*)$")
+
+
+def fetch_dataset(spec: DatasetSpec, settings: Settings) -> Path:
+    """Resolve ``spec.source`` to a local directory of images (+ captions) and return it.
+
+    ``modelscope://Owner/Name[@rev]`` is loaded with ``MsDataset.load`` and exported (images as
+    their original bytes, text column into ``metadata.jsonl``); ``oss://``/``s3://``/``file://``
+    prefixes are downloaded with the storage layer. Both land in
+    ``settings.cache_dir/datasets/<hash>/`` and are reused by later jobs; a plain path is used in
+    place (a mounted NAS/bucket needs no copy).
+    """
+    m = _SCHEME_RE.match(spec.source)
+    if m is None:
+        path = Path(spec.source).expanduser()
+        if not path.is_dir():
+            raise InputError(f"dataset source {spec.source!r} is not a directory")
+        return path
+    scheme = m.group("scheme").lower()
+    if scheme == "modelscope":
+        return _fetch_modelscope(spec, settings, m.group("rest"))
+    if scheme in ("oss", "s3", "file"):
+        return _fetch_store(spec.source, settings)
+    raise InputError(f"dataset source {redact_uri(spec.source)!r}: {scheme}:// is not a dataset source")
+
+
+def _cache_key(*parts: str) -> str:
+    return hashlib.sha256("\x00".join(parts).encode("utf-8", "surrogatepass")).hexdigest()[:24]
+
+
+def _remove_stale_partials(parent: Path, key: str) -> None:
+    """Drop staging dirs a crashed job left behind (old enough that no live job can own them)."""
+    if not parent.is_dir():
+        return
+    now = time.time()
+    for p in parent.glob(f"{key}{_PARTIAL}*"):
+        with contextlib.suppress(OSError):
+            if now - p.stat().st_mtime > _STALE_PARTIAL_SECONDS:
+                shutil.rmtree(p, ignore_errors=True)
+
+
+def _cached(final: Path, fill: Any) -> Path:
+    """Return ``final`` if complete, else build it via ``fill(staging_dir)`` and rename it into place.
+
+    The marker is written last inside the staging dir and the rename is atomic, so ``final``
+    either does not exist or is complete — concurrent jobs race harmlessly (the loser discards).
+    """
+    if (final / COMPLETE_MARKER).is_file():
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_partials(final.parent, final.name)
+    staging = final.parent / f"{final.name}{_PARTIAL}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    staging.mkdir()
+    try:
+        fill(staging)
+        (staging / COMPLETE_MARKER).write_text(time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()) + "\n")
+        if final.exists() and not (final / COMPLETE_MARKER).is_file():
+            shutil.rmtree(final, ignore_errors=True)  # an incomplete leftover from an older layout
+        try:
+            os.rename(staging, final)
+        except OSError:
+            if not (final / COMPLETE_MARKER).is_file():
+                raise
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    return final
+
+
+def _fetch_store(source: str, settings: Settings) -> Path:
+    from kolors_job.storage import open_store
+
+    try:
+        store = open_store(source, settings)
+        keys = store.list("")
+    except JobError:
+        raise
+    except ValueError as e:
+        raise InputError(f"dataset source {redact_uri(source)!r}: {scrub(str(e))}") from None
+    keys = [k for k in keys if not any(part.startswith(".") for part in k.split("/"))]
+    if not keys:
+        raise InputError(f"dataset source {redact_uri(source)!r}: no files under this prefix")
+    # The key list is part of the identity, so adding/removing files fetches a fresh copy
+    # (changing a file's bytes under the same key does not: version your dataset prefixes).
+    key = _cache_key("store", redact_uri(source), *keys)
+    final = Path(settings.cache_dir) / "datasets" / key
+
+    def fill(staging: Path) -> None:
+        store.download_dir("", staging)
+
+    return _cached(final, fill)
+
+
+_TEXT_COLUMNS = ("text", "caption", "prompt", "description")
+
+
+def _column_base(name: str) -> str:
+    """ModelScope columns carry a type suffix (``image:FILE``); compare on the base name."""
+    return name.split(":", 1)[0].strip().lower()
+
+
+def _image_payload(value: Any) -> tuple[bytes | None, Image.Image | None, str]:
+    """(original bytes, or a PIL image to re-encode, suggested extension) for one cell, else Nones."""
+    if isinstance(value, Image.Image):
+        filename = getattr(value, "filename", "") or ""
+        if filename and os.path.isfile(filename):
+            return Path(filename).read_bytes(), None, Path(filename).suffix.lower()
+        return None, value, ".png"
+    if isinstance(value, (str, os.PathLike)):
+        p = Path(value)
+        if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file():
+            return p.read_bytes(), None, p.suffix.lower()
+        return None, None, ""
+    if isinstance(value, Mapping) and isinstance(value.get("bytes"), (bytes, bytearray)):
+        suffix = Path(str(value.get("path") or "")).suffix.lower()
+        return bytes(value["bytes"]), None, suffix if suffix in IMAGE_EXTENSIONS else ""
+    if isinstance(value, Mapping) and isinstance(value.get("path"), str):
+        return _image_payload(value["path"])
+    return None, None, ""
+
+
+def _sniff_extension(data: bytes) -> str:
+    try:
+        with Image.open(io.BytesIO(data), formats=_formats()) as img:
+            fmt = (img.format or "").lower()
+    except Exception:
+        return ".bin"
+    return {"jpeg": ".jpg", "tiff": ".tif"}.get(fmt, f".{fmt}" if fmt else ".bin")
+
+
+def export_rows(rows: Iterable[Mapping[str, Any]], out: Path) -> int:
+    """Write each row's image (original bytes when available) and text into ``out`` + ``metadata.jsonl``.
+
+    Public so the export is tested with real row shapes (PIL images as ``MsDataset`` yields them
+    for ``image:FILE`` columns, file paths, HF ``{"bytes", "path"}`` dicts) without a hub. Returns
+    the number of images written. Rows without an image are ignored; bad cells are left for
+    ``scan_dataset`` to judge (it never trusts exported files either).
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    written = 0
+    with open(out / "metadata.jsonl", "w", encoding="utf-8") as meta:
+        for index, row in enumerate(rows):
+            data: bytes | None = None
+            pil: Image.Image | None = None
+            ext = ""
+            text: str | None = None
+            for col, value in row.items():
+                base = _column_base(str(col))
+                if text is None and base in _TEXT_COLUMNS and isinstance(value, str):
+                    text = value
+                elif data is None and pil is None:
+                    data, pil, ext = _image_payload(value)
+            if data is None and pil is None:
+                continue
+            name = f"{index:07d}"
+            if data is not None:
+                name += ext or _sniff_extension(data)
+                (out / name).write_bytes(data)
+            else:
+                assert pil is not None
+                name += ".png"
+                pil.save(out / name, format="PNG")
+            written += 1
+            if text is not None:
+                meta.write(json.dumps({"file_name": name, "text": text}, ensure_ascii=False) + "\n")
+    return written
+
+
+def _fetch_modelscope(spec: DatasetSpec, settings: Settings, rest: str) -> Path:
+    name, _, revision = rest.partition("@")
+    key = _cache_key("modelscope", name, revision, spec.subset, spec.split)
+    final = Path(settings.cache_dir) / "datasets" / key
+    if (final / COMPLETE_MARKER).is_file():
+        return final
+    where = f"dataset modelscope://{rest}"
+
+    def fill(staging: Path) -> None:
+        try:
+            from modelscope.msdatasets import MsDataset
+
+            kwargs: dict[str, Any] = {
+                "subset_name": spec.subset,
+                "split": spec.split,
+                "cache_dir": str(Path(settings.cache_dir) / "modelscope" / "datasets"),
+            }
+            if revision:
+                kwargs["version"] = revision
+            ds = MsDataset.load(name, **kwargs)
+            count = export_rows(ds, staging)
+        except JobError:
+            raise
+        except (ConnectionError, TimeoutError) as e:
+            raise StorageTemporaryError(f"{where}: ModelScope is unreachable: {_one_line(e)}") from None
+        except Exception as e:
+            raise InputError(
+                f"{where}: cannot load from ModelScope: {type(e).__name__}: {_one_line(e)}"
+            ) from None
+        if count == 0:
+            raise InputError(f"{where}: split {spec.split!r} of subset {spec.subset!r} has no image column")
+
+    return _cached(final, fill)
+
+
+def _one_line(err: BaseException, limit: int = 300) -> str:
+    text = " ".join(str(err).split()) or type(err).__name__
+    text = scrub(text)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+# --------------------------------------------------------------------------------------------- scan
+
+
+_BAD_UTF8 = object()
+"""Caption placeholder: a metadata row / sidecar for this image exists but is not UTF-8."""
+
+_ORIENTATION_TAG = 0x0112
+_TRANSPOSE_FOR_ORIENTATION = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+"""The table ``ImageOps.exif_transpose`` uses; kept here so scan and load agree even on odd EXIF."""
+
+
+@contextlib.contextmanager
+def _pil_guard(max_pixels: int) -> Iterator[None]:
+    """Make PIL refuse oversized headers at ``open`` and refuse truncated data at ``load``.
+
+    ``MAX_IMAGE_PIXELS`` is process-global: PIL raises ``DecompressionBombError`` at open for more
+    than twice the cap and warns above it (we turn that warning into an error). Our own explicit
+    ``w*h > max_pixels`` check after ``open`` is the real gate; this catches formats/paths that
+    decode before we look. ``LOAD_TRUNCATED_IMAGES`` is forced False in case a library set it.
+    """
+    old_pixels, old_truncated = Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES
+    Image.MAX_IMAGE_PIXELS = max_pixels
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            yield
+    finally:
+        Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES = old_pixels, old_truncated
+
+
+def _formats() -> list[str]:
+    """``PIL_FORMATS`` this Pillow build can open (``Image.open`` raises KeyError on unknown ones)."""
+    Image.init()
+    return [f for f in PIL_FORMATS if f in Image.OPEN]
+
+
+def _orientation(img: Image.Image) -> int:
+    try:
+        value = img.getexif().get(_ORIENTATION_TAG, 1)
+        return int(value) if int(value) in _TRANSPOSE_FOR_ORIENTATION else 1
+    except Exception:  # malformed EXIF: show the image as stored, like most viewers do
+        return 1
+
+
+def _oriented_size(img: Image.Image, orientation: int) -> tuple[int, int]:
+    w, h = img.size
+    return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
+
+
+def _is_inside(root_real: str, path: str) -> bool:
+    real = os.path.realpath(path)
+    return real == root_real or real.startswith(root_real.rstrip(os.sep) + os.sep)
+
+
+def _has_surrogates(text: str) -> bool:
+    return any("\udc80" <= ch <= "\udcff" for ch in text)
+
+
+def _decode_lenient(data: bytes) -> str:
+    """UTF-8 with undecodable bytes kept as surrogates, so one bad row does not lose the file."""
+    return data.removeprefix(b"\xef\xbb\xbf").decode("utf-8", "surrogateescape")
+
+
+@dataclass
+class _Metadata:
+    captions: dict[str, Any] = field(default_factory=dict)  # rel path -> str | _BAD_UTF8
+    notes: Counter[str] = field(default_factory=Counter)
+
+    def add(self, base_rel: str, file_name: Any, text: Any) -> None:
+        if not isinstance(file_name, str) or not file_name or _has_surrogates(file_name):
+            self.notes["metadata_rows_invalid"] += 1
+            return
+        if not isinstance(text, str):
+            self.notes["metadata_rows_invalid"] += 1
+            return
+        rel = posixpath.normpath(posixpath.join(base_rel, file_name.replace("\\", "/")))
+        if rel.startswith("../") or rel == ".." or posixpath.isabs(rel):
+            self.notes["metadata_rows_invalid"] += 1
+            return
+        self.captions[rel] = _BAD_UTF8 if _has_surrogates(text) else text
+
+    def read_csv(self, base_rel: str, data: bytes) -> None:
+        try:
+            reader = csv.DictReader(io.StringIO(_decode_lenient(data), newline=""))
+            if not reader.fieldnames or "file_name" not in reader.fieldnames:
+                self.notes["metadata_files_invalid"] += 1
+                return
+            for row in reader:
+                self.add(base_rel, row.get("file_name"), row.get("text"))
+        except (csv.Error, ValueError):
+            self.notes["metadata_files_invalid"] += 1
+
+    def read_jsonl(self, base_rel: str, data: bytes) -> None:
+        for line in data.split(b"\n"):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(_decode_lenient(line))
+            except (ValueError, RecursionError):
+                self.notes["metadata_rows_invalid"] += 1
+                continue
+            if not isinstance(row, dict):
+                self.notes["metadata_rows_invalid"] += 1
+                continue
+            self.add(base_rel, row.get("file_name"), row.get("text"))
+
+
+def _read_metadata(root: Path, root_real: str, files: list[str]) -> _Metadata:
+    meta = _Metadata()
+    for rel in files:
+        base_rel, name = posixpath.split(rel)
+        path = root / rel
+        if not _is_inside(root_real, str(path)):
+            meta.notes["metadata_outside_root"] += 1
+            continue
+        try:
+            st = os.stat(path)
+            if not stat.S_ISREG(st.st_mode):
+                raise OSError("not a regular file")
+            if st.st_size > MAX_METADATA_BYTES:
+                meta.notes["metadata_files_too_large"] += 1
+                continue
+            data = path.read_bytes()
+        except OSError:
+            meta.notes["metadata_files_unreadable"] += 1
+            continue
+        if name == "metadata.csv":
+            meta.read_csv(base_rel or ".", data)
+        else:
+            meta.read_jsonl(base_rel or ".", data)
+    return meta
+
+
+def _walk(root: Path, root_real: str) -> tuple[list[str], list[str], list[str]]:
+    """(candidate files, metadata files, directory symlinks leaving the root), as sorted posix paths.
+
+    Hidden files/dirs are ignored. Directory symlinks are never descended (loops, escapes); one
+    pointing outside the root is reported, one pointing inside is already covered by its target.
+    """
+    files: list[str] = []
+    metadata: list[str] = []
+    outside_dirs: list[str] = []
+
+    def onerror(_err: OSError) -> None:
+        return None
+
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False, onerror=onerror):
+        rel_dir = Path(dirpath).relative_to(root).as_posix()
+        prefix = "" if rel_dir == "." else rel_dir + "/"
+        keep = []
+        for d in dirnames:
+            if d.startswith("."):
+                continue
+            full = os.path.join(dirpath, d)
+            if os.path.islink(full):
+                if not _is_inside(root_real, full):
+                    outside_dirs.append(prefix + d)
+                continue
+            keep.append(d)
+        dirnames[:] = sorted(keep)
+        for name in filenames:
+            if name.startswith("."):
+                continue
+            if name in METADATA_NAMES:
+                metadata.append(prefix + name)
+            files.append(prefix + name)
+    return sorted(files), sorted(metadata), sorted(outside_dirs)
+
+
+@dataclass
+class _Verdict:
+    rel: str
+    item: ImageItem | None = None
+    reason: str | None = None
+    truncated: bool = False
+    ignored: bool = False
+
+
+def _finish_caption(text: str, spec: CaptionSpec) -> tuple[str, bool]:
+    caption = spec.prefix + text
+    if len(caption) > spec.max_chars:
+        return caption[: spec.max_chars], True
+    return caption, False
+
+
+def _caption_for(root: Path, root_real: str, rel: str, spec: CaptionSpec, meta: _Metadata) -> Any:
+    """The raw caption text, ``_BAD_UTF8``, or None. Metadata wins over a ``.txt`` sidecar."""
+    if spec.fixed is not None:
+        return spec.fixed
+    if rel in meta.captions:
+        return meta.captions[rel]
+    sidecar = root / (posixpath.splitext(rel)[0] + ".txt")
+    try:
+        if not sidecar.is_file() or not _is_inside(root_real, str(sidecar)):
+            return None
+        with open(sidecar, "rb") as f:
+            data = f.read(MAX_SIDECAR_BYTES)
+    except OSError:
+        return None
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        return _BAD_UTF8
+
+
+def _inspect(root: Path, root_real: str, rel: str, dspec: DatasetSpec, meta: _Metadata) -> _Verdict:
+    """Judge one file; returns a verdict and never raises for anything a file can contain."""
+    path = root / rel
+    ext = posixpath.splitext(rel)[1].lower()
+    if ext in COMPANION_EXTENSIONS:
+        return _Verdict(rel, ignored=True)
+    if os.path.islink(path) and not _is_inside(root_real, str(path)):
+        return _Verdict(rel, reason=SkipReason.SYMLINK_OUTSIDE_ROOT)
+    try:
+        st = os.stat(path)
+        if not stat.S_ISREG(st.st_mode):
+            return _Verdict(rel, reason=SkipReason.UNREADABLE)  # FIFO/socket/device: opening may block
+        if st.st_size == 0:
+            return _Verdict(rel, reason=SkipReason.ZERO_BYTE)
+        fh = open(path, "rb")  # noqa: SIM115 - closed in the finally below
+    except OSError:
+        return _Verdict(rel, reason=SkipReason.UNREADABLE)  # dangling link, permission, vanished file
+    try:
+        return _inspect_open(fh, path, rel, ext, dspec, root, root_real, meta)
+    except UnidentifiedImageError:
+        return _Verdict(rel, reason=SkipReason.NOT_IMAGE)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning, MemoryError):
+        return _Verdict(rel, reason=SkipReason.TOO_MANY_PIXELS)
+    except Exception:  # OSError "truncated", SyntaxError, struct.error, ValueError, EOFError, ...
+        return _Verdict(rel, reason=SkipReason.CORRUPT)
+    finally:
+        fh.close()
+
+
+def _inspect_open(
+    fh: Any, path: Path, rel: str, ext: str, dspec: DatasetSpec, root: Path, root_real: str, meta: _Metadata
+) -> _Verdict:
+    f = dspec.filters
+    with Image.open(fh, formats=_formats()) as img:
+        if ext not in IMAGE_EXTENSIONS:
+            return _Verdict(rel, reason=SkipReason.WRONG_EXTENSION)
+        w, h = img.size
+        if w * h > f.max_pixels:
+            return _Verdict(rel, reason=SkipReason.TOO_MANY_PIXELS)
+        # PNG keeps EXIF wherever the writer put it; PIL decodes the whole image to find an eXIf
+        # chunk after the pixel data. Do not decode just to filter: reject early only when both
+        # orientations fail, and check again with the real orientation after the decode below.
+        late_exif = img.format == "PNG" and "exif" not in img.info
+        if late_exif:
+            if _filter_reason(w, h, f) and _filter_reason(h, w, f):
+                return _Verdict(rel, reason=_filter_reason(w, h, f))
+        else:
+            w, h = _oriented_size(img, _orientation(img))
+            if reason := _filter_reason(w, h, f):
+                return _Verdict(rel, reason=reason)
+        raw = _caption_for(root, root_real, rel, dspec.caption, meta)
+        if raw is _BAD_UTF8:
+            return _Verdict(rel, reason=SkipReason.CAPTION_NOT_UTF8)
+        if raw is None or (dspec.caption.fixed is None and not str(raw).strip()):
+            return _Verdict(rel, reason=SkipReason.NO_CAPTION)
+        img.load()  # the one full decode: truncated/corrupt data fails here, not mid-training
+        if late_exif:
+            w, h = _oriented_size(img, _orientation(img))
+            if reason := _filter_reason(w, h, f):
+                return _Verdict(rel, reason=reason)
+        try:
+            _to_rgb8(img)
+        except (ValueError, OSError, TypeError):
+            return _Verdict(rel, reason=SkipReason.UNSUPPORTED_MODE)
+    text = str(raw).strip() if dspec.caption.fixed is None else str(raw)
+    caption, truncated = _finish_caption(text, dspec.caption)
+    return _Verdict(rel, item=ImageItem(path=path, caption=caption, width=w, height=h), truncated=truncated)
+
+
+def _filter_reason(w: int, h: int, f: FilterSpec) -> str | None:
+    """The reference's data-juicer ops in their order: shape first, then aspect ratio."""
+    if not _passes_shape(w, h, f):
+        return SkipReason.TOO_SMALL
+    if not _passes_aspect(w, h, f):
+        return SkipReason.BAD_ASPECT
+    return None
+
+
+def _passes_shape(w: int, h: int, f: FilterSpec) -> bool:
+    """data-juicer image_shape_filter: keep if width >= min_width and height >= min_height."""
+    return w >= f.min_width and h >= f.min_height
+
+
+def _passes_aspect(w: int, h: int, f: FilterSpec) -> bool:
+    """data-juicer image_aspect_ratio_filter: keep if min_ratio <= w/h <= max_ratio."""
+    low, high = f.aspect_ratio
+    return h > 0 and low <= w / h <= high
+
+
+def scan_dataset(root: Path, spec: DatasetSpec, *, workers: int | None = None) -> DatasetScan:
+    """Decide which files under ``root`` are training images, counting every rejection by reason.
+
+    Deterministic: candidates are visited in sorted relative-path order and ``max_images`` keeps
+    the first N that pass. Headers are read with a thread pool (PIL releases the GIL while
+    decoding); the process-global PIL limits are set for the duration of the scan.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise InputError(f"dataset directory {root} does not exist")
+    root_real = os.path.realpath(root)
+    files, metadata_files, outside_dirs = _walk(root, root_real)
+    meta = _read_metadata(root, root_real, metadata_files) if spec.caption.fixed is None else _Metadata()
+    scan = DatasetScan(root=root, items=[])
+    skipped: dict[str, list[str]] = {}
+    for rel in outside_dirs:
+        skipped.setdefault(SkipReason.SYMLINK_OUTSIDE_ROOT, []).append(rel)
+    cap = spec.filters.max_images
+    workers = workers or min(8, os.cpu_count() or 1)
+    chunk = max(1, workers * 4)
+    with _pil_guard(spec.filters.max_pixels), ThreadPoolExecutor(max_workers=workers) as pool:
+        position = 0
+        while position < len(files) and (cap is None or scan.kept < cap):
+            batch = files[position : position + chunk]
+            position += len(batch)
+            for v in pool.map(lambda rel: _inspect(root, root_real, rel, spec, meta), batch):
+                if v.ignored:
+                    continue
+                if cap is not None and scan.kept >= cap:
+                    scan.not_examined += 1
+                    continue
+                scan.examined += 1
+                if v.item is not None:
+                    scan.items.append(v.item)
+                    scan.captions_truncated += int(v.truncated)
+                elif v.reason is not None:
+                    skipped.setdefault(v.reason, []).append(v.rel)
+        rest = files[position:]
+        scan.not_examined += sum(
+            1 for r in rest if posixpath.splitext(r)[1].lower() not in COMPANION_EXTENSIONS
+        )
+    scan.skipped = {reason: sorted(names) for reason, names in sorted(skipped.items())}
+    scan.notes = dict(meta.notes)
+    return scan
+
+
+# --------------------------------------------------------------------------------------------- load
+
+
+def _to_rgb8(img: Image.Image) -> Image.Image:
+    """8-bit RGB with the right tones for every PIL mode a dataset throws at us.
+
+    ``Image.convert("RGB")`` clips 16-bit greys to white, so I;16/I values are scaled by 1/257;
+    alpha is composited on white (transparent pixels' RGB is often garbage); P/LA/CMYK/YCbCr go
+    through PIL's own conversions.
+    """
+    import numpy as np
+
+    mode = img.mode
+    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        arr = np.asarray(img).astype(np.float64)
+        arr = np.clip(np.rint(arr / 257.0), 0, 255).astype(np.uint8)  # 65535 -> 255, 32768 -> 128
+        return Image.fromarray(arr, mode="L").convert("RGB")
+    if mode == "F":
+        arr = np.nan_to_num(np.asarray(img).astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+        scale = 255.0 if arr.size and float(arr.max()) <= 1.0 else 1.0
+        arr = np.clip(np.rint(arr * scale), 0, 255).astype(np.uint8)
+        return Image.fromarray(arr, mode="L").convert("RGB")
+    has_alpha = mode in ("RGBA", "LA", "La", "RGBa", "PA") or "transparency" in img.info
+    if has_alpha:
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        background.alpha_composite(rgba)
+        return background.convert("RGB")
+    if mode == "RGB":
+        return img
+    return img.convert("RGB")
+
+
+def _randint(rng: random.Random | torch.Generator | None, high: int) -> int:
+    """Uniform integer in [0, high], from whichever RNG the caller uses for reproducibility."""
+    if high <= 0:
+        return 0
+    if rng is None:
+        return random.randint(0, high)
+    if isinstance(rng, random.Random):
+        return rng.randint(0, high)
+    import torch
+
+    return int(torch.randint(0, high + 1, (1,), generator=rng).item())
+
+
+def load_image(
+    item: ImageItem,
+    resolution: int,
+    center_crop: bool,
+    flip: bool,
+    rng: random.Random | torch.Generator | None = None,
+) -> tuple[torch.Tensor, tuple[int, int, int, int, int, int]]:
+    """Load one training sample: CHW float32 in [-1, 1] and SDXL ``add_time_ids``.
+
+    Follows diffusers' ``train_text_to_image_lora_sdxl.py``: original size = the (EXIF-oriented)
+    size before resizing; shortest side resized to ``resolution``; optional flip; centre crop
+    (``round((H - res) / 2)``) or a random crop drawn from ``rng``; time ids =
+    ``(orig_h, orig_w, crop_top, crop_left, res, res)``.
+    """
+    import numpy as np
+    import torch
+
+    # PIL's global bomb limit is left alone (threads may share it) unless the scan allowed more.
+    limit = Image.MAX_IMAGE_PIXELS
+    guard = _pil_guard(item.width * item.height) if limit and item.width * item.height > limit else None
+    with guard or contextlib.nullcontext(), Image.open(item.path, formats=_formats()) as src:
+        src.load()
+        orientation = _orientation(src)
+        img = src.transpose(_TRANSPOSE_FOR_ORIENTATION[orientation]) if orientation != 1 else src.copy()
+    img = _to_rgb8(img)
+    orig_w, orig_h = img.size
+    scale = resolution / min(orig_w, orig_h)
+    new_w = max(resolution, round(orig_w * scale))
+    new_h = max(resolution, round(orig_h * scale))
+    if (new_w, new_h) != (orig_w, orig_h):
+        img = img.resize((new_w, new_h), Image.Resampling.LANCZOS)
+    if flip:
+        img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    if center_crop:
+        top = max(0, round((new_h - resolution) / 2.0))
+        left = max(0, round((new_w - resolution) / 2.0))
+    else:
+        top = _randint(rng, new_h - resolution)
+        left = _randint(rng, new_w - resolution)
+    img = img.crop((left, top, left + resolution, top + resolution))
+    arr = np.asarray(img, dtype=np.uint8).copy()
+    tensor = torch.from_numpy(arr).permute(2, 0, 1).to(torch.float32).div_(127.5).sub_(1.0)
+    time_ids = TimeIds(orig_h, orig_w, top, left, resolution, resolution)
+    return tensor.contiguous(), time_ids.as_tuple()

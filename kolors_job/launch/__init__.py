@@ -1,0 +1,101 @@
+"""Launch side: render Kubernetes objects / PAI-DLC requests and submit jobs from CI.
+
+``register_cli`` adds ``render`` and ``submit`` to the main ``kolors-job`` parser; every subcommand
+sets ``func`` (``args.func(args) -> int`` is the exit code). Cloud SDKs are imported lazily, so
+``kolors-job run`` inside the container never pays for them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from kolors_job.errors import ExitCode
+
+
+def _cmd_render_k8s(args: argparse.Namespace) -> int:
+    from kolors_job.launch import k8s, submit
+
+    if args.write_examples:
+        parser = _standalone_render_k8s_parser()
+
+        def from_argv(argv: list[str]) -> k8s.RenderOptions:
+            ns = parser.parse_args(argv)
+            return submit.options_from_namespace(ns, job_id=ns.job_id, manifest_uri=ns.manifest_uri)
+
+        for path in k8s.write_examples(Path(args.write_examples), from_argv):
+            print(path)
+        return int(ExitCode.OK)
+    missing = [flag for flag, v in (("--manifest-uri", args.manifest_uri), ("--image", args.image)) if not v]
+    if missing:
+        print(f"kolors-job render k8s: {' and '.join(missing)} required", file=sys.stderr)
+        return int(ExitCode.INVALID_MANIFEST)
+    job_id = args.job_id or submit.fresh_job_id("kolors")
+    if not submit.JOB_ID_RE.match(job_id):
+        print(f"kolors-job render k8s: invalid --job-id {job_id!r}", file=sys.stderr)
+        return int(ExitCode.INVALID_MANIFEST)
+    try:
+        docs = k8s.render(submit.options_from_namespace(args, job_id=job_id, manifest_uri=args.manifest_uri))
+    except ValueError as e:
+        print(f"kolors-job render k8s: {e}", file=sys.stderr)
+        return int(ExitCode.INVALID_MANIFEST)
+    sys.stdout.write(k8s.to_yaml(docs))
+    return int(ExitCode.OK)
+
+
+def _cmd_render_dlc(args: argparse.Namespace) -> int:
+    from kolors_job.launch import dlc, submit
+
+    job_id = args.job_id or submit.fresh_job_id("kolors")
+    try:
+        request = dlc.build_request(
+            dlc.load_spec(args.spec),
+            manifest_uri=args.manifest_uri,
+            job_id=job_id,
+            output=args.output,
+            image=args.image,
+            nproc_per_node=args.nproc_per_node,
+            overrides=args.set,
+        )
+    except (dlc.DlcSpecError, OSError) as e:
+        print(f"kolors-job render dlc: {e}", file=sys.stderr)
+        return int(ExitCode.INVALID_MANIFEST)
+    print(json.dumps(dlc.prune(request.to_map()), indent=2, ensure_ascii=False))
+    return int(ExitCode.OK)
+
+
+def _add_render_k8s(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:  # type: ignore[type-arg]
+    from kolors_job.launch import submit
+
+    p = sub.add_parser("k8s", help="print the Job / PyTorchJob (+ ServiceAccount, PVC) for one run as YAML")
+    p.add_argument("--manifest-uri", help="where the container reads the manifest (KOLORS_JOB_MANIFEST_URI)")
+    p.add_argument("--job-id", help="default: a fresh kolors-<time>-<random>")
+    p.add_argument("--output", help="overrides the manifest's spec.output.uri")
+    p.add_argument("--write-examples", metavar="DIR", help="regenerate the example files (k8s/) and exit")
+    submit.add_k8s_arguments(p, require_image=False)
+    p.set_defaults(func=_cmd_render_k8s)
+    return p
+
+
+def _standalone_render_k8s_parser() -> argparse.ArgumentParser:
+    root = argparse.ArgumentParser(prog="kolors-job render")
+    return _add_render_k8s(root.add_subparsers())
+
+
+def register_cli(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """Add ``render {k8s,dlc}`` and ``submit {k8s,dlc,local}`` to the ``kolors-job`` parser."""
+    from kolors_job.launch import submit
+
+    render = subparsers.add_parser("render", help="print what a launch would submit, without submitting it")
+    rsub = render.add_subparsers(dest="render_target", metavar="{k8s,dlc}", required=True)
+    _add_render_k8s(rsub)
+    d = rsub.add_parser("dlc", help="print the PAI-DLC CreateJob request for one run as JSON")
+    d.add_argument("--manifest-uri", required=True)
+    d.add_argument("--job-id")
+    d.add_argument("--output")
+    d.add_argument("--image")
+    submit.add_dlc_arguments(d)
+    d.set_defaults(func=_cmd_render_dlc)
+    submit.add_submit_parser(subparsers)

@@ -1,0 +1,209 @@
+"""PAI-DLC: turn ``pai/job.yaml`` into a ``CreateJobRequest``, create the job, poll it.
+
+The spec file is written in the API's own field names (``DisplayName``, ``JobSpecs``…), so it is
+exactly what ``CreateJobRequest.from_map`` reads. The SDK silently drops fields it does not know; we
+refuse a spec that does not survive ``from_map``/``to_map`` unchanged, so a typo cannot quietly turn
+into a job without, say, its cache mount or its running-time limit.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+import shlex
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import yaml
+
+from kolors_job.launch.k8s import RETRYABLE_EXIT_CODE
+
+TERMINAL_STATES = ("Succeeded", "Failed", "Stopped")
+_PLACEHOLDER = re.compile(r"<[A-Z][A-Z0-9_]*>")
+_DISPLAY_NAME_OK = re.compile(r"[^A-Za-z0-9_.-]+")
+ENTRYPOINT = "/app/entrypoint.py"
+
+
+class DlcSpecError(ValueError):
+    """The spec or the request built from it cannot be sent as it is."""
+
+
+def load_spec(path: str | Path) -> dict[str, Any]:
+    data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    if not isinstance(data, dict):
+        raise DlcSpecError(f"{path}: a DLC job spec must be a mapping of CreateJob fields")
+    return data
+
+
+def prune(node: Any) -> Any:
+    """Drop empty lists/dicts and None: the SDK's ``to_map`` always emits some (``DataSources: []``)."""
+    if isinstance(node, dict):
+        out = {k: prune(v) for k, v in node.items()}
+        return {k: v for k, v in out.items() if v not in (None, [], {})}
+    if isinstance(node, list):
+        return [prune(v) for v in node]
+    return node
+
+
+def _diff(want: Any, got: Any, path: str = "") -> list[str]:
+    if isinstance(want, dict) and isinstance(got, dict):
+        problems = []
+        for k, v in want.items():
+            p = f"{path}.{k}" if path else str(k)
+            if k not in got:
+                problems.append(f"{p}: unknown to the SDK's CreateJobRequest (dropped)")
+            else:
+                problems += _diff(v, got[k], p)
+        return problems
+    if isinstance(want, list) and isinstance(got, list) and len(want) == len(got):
+        return [p for i, (a, b) in enumerate(zip(want, got, strict=True)) for p in _diff(a, b, f"{path}[{i}]")]
+    return [] if want == got else [f"{path}: {want!r} became {got!r}"]
+
+
+def to_request(spec: dict[str, Any]) -> Any:
+    """``CreateJobRequest.from_map`` that fails instead of dropping what the SDK does not know."""
+    from alibabacloud_pai_dlc20201203.models import CreateJobRequest
+
+    request = CreateJobRequest().from_map(copy.deepcopy(spec))
+    problems = _diff(prune(spec), prune(request.to_map()))
+    if problems:
+        raise DlcSpecError("DLC spec does not map onto CreateJobRequest: " + "; ".join(problems))
+    return request
+
+
+def set_path(data: dict[str, Any], dotted: str, raw: str) -> None:
+    """``--set JobSpecs.0.PodCount=2``: integers index lists, missing mappings are created.
+
+    The value is YAML (``2``, ``true``), except where the field already holds a string: a numeric
+    ``WorkspaceId`` must stay ``"12345"``, not become an int the API rejects.
+    """
+    keys = dotted.split(".")
+    node: Any = data
+    for key in keys[:-1]:
+        node = node[int(key)] if isinstance(node, list) else node.setdefault(key, {})
+    last: Any = int(keys[-1]) if isinstance(node, list) else keys[-1]
+    current = node[last] if isinstance(node, list) else node.get(last)
+    node[last] = raw if isinstance(current, str) else (yaml.safe_load(raw) if raw else "")
+
+
+def user_command(*, job_id: str, output: str | None, nproc_per_node: int, pod_count: int) -> str:
+    """The command each DLC node runs (DLC ignores the image ENTRYPOINT and sets MASTER_ADDR/RANK/WORLD_SIZE)."""
+    run = ["run", "--job-id", job_id] + (["--output", output] if output else [])
+    if nproc_per_node <= 1 and pod_count <= 1:
+        return shlex.join(["python", ENTRYPOINT, *run])
+    launcher = "python -m kolors_job.launch.torchrun"
+    if pod_count <= 1:
+        return f"{launcher} --standalone --nproc-per-node={nproc_per_node} {shlex.join([ENTRYPOINT, *run])}"
+    # DLC's PyTorchJob sets WORLD_SIZE (nodes) and RANK (node rank) per pod.
+    return (
+        f"{launcher} --nnodes=$WORLD_SIZE --node-rank=$RANK --master-addr=$MASTER_ADDR "
+        f"--master-port=$MASTER_PORT --nproc-per-node={nproc_per_node} {shlex.join([ENTRYPOINT, *run])}"
+    )
+
+
+def build_request(
+    spec: dict[str, Any],
+    *,
+    manifest_uri: str,
+    job_id: str,
+    output: str | None = None,
+    image: str | None = None,
+    nproc_per_node: int = 1,
+    overrides: list[str] | None = None,
+) -> Any:
+    """The CreateJobRequest ``submit dlc`` sends: spec + this run's manifest, job id, image, command."""
+    data = copy.deepcopy(spec)
+    for item in overrides or []:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise DlcSpecError(f"--set {item!r}: expected PATH=VALUE, e.g. WorkspaceId=12345")
+        try:
+            set_path(data, key, raw)
+        except (KeyError, IndexError, ValueError, TypeError) as e:
+            raise DlcSpecError(f"--set {item!r}: no such place in the spec ({e})") from None
+    specs = data.get("JobSpecs") or []
+    if not specs:
+        raise DlcSpecError("spec: JobSpecs is required (one Worker spec with Image and PodCount)")
+    if image:
+        for js in specs:
+            js["Image"] = image
+    name = data.get("DisplayName") or "kolors-job"
+    data["DisplayName"] = _DISPLAY_NAME_OK.sub("-", f"{name}-{job_id}")[:256]
+    envs = dict(data.get("Envs") or {})
+    envs["KOLORS_JOB_MANIFEST_URI"] = manifest_uri
+    if any(js.get("RestartPolicy") == "ExitCode" for js in specs):
+        envs["KOLORS_JOB_RETRYABLE_EXIT_CODE"] = str(RETRYABLE_EXIT_CODE)
+    data["Envs"] = envs
+    pods = sum(int(js.get("PodCount") or 1) for js in specs)
+    data["UserCommand"] = user_command(job_id=job_id, output=output, nproc_per_node=nproc_per_node, pod_count=pods)
+    leftovers = sorted({m for m in _PLACEHOLDER.findall(yaml.safe_dump(data, allow_unicode=True))})
+    if leftovers:
+        raise DlcSpecError(
+            "spec still has placeholders "
+            + ", ".join(leftovers)
+            + ": fill them in pai/job.yaml or pass --set PATH=VALUE"
+        )
+    return to_request(data)
+
+
+def make_client(*, region: str | None, endpoint: str | None = None) -> Any:
+    """SDK client with the default credential chain (env AK, RRSA/OIDC, ECS RAM role, credentials file).
+
+    ``endpoint`` may carry a scheme (``http://127.0.0.1:8080`` for a local test server).
+    """
+    from alibabacloud_credentials.client import Client as CredentialClient
+    from alibabacloud_pai_dlc20201203.client import Client
+    from alibabacloud_tea_openapi.models import Config
+
+    if not region and not endpoint:
+        raise DlcSpecError("DLC needs --region (or ALIBABA_CLOUD_REGION_ID) or --endpoint")
+    protocol = "https"
+    host = endpoint or f"pai-dlc.{region}.aliyuncs.com"
+    if "://" in host:
+        parts = urlsplit(host)
+        protocol, host = parts.scheme, parts.netloc
+    config = Config(credential=CredentialClient(), region_id=region, endpoint=host, protocol=protocol)
+    return Client(config)
+
+
+def create_job(client: Any, request: Any) -> str:
+    resp = client.create_job(request)
+    job_id = getattr(resp.body, "job_id", None)
+    if not job_id:
+        raise RuntimeError(f"CreateJob returned no JobId (request id {getattr(resp.body, 'request_id', '?')})")
+    return str(job_id)
+
+
+def job_state(client: Any, dlc_job_id: str) -> tuple[str, str]:
+    """``(status, reason)`` of a DLC job."""
+    from alibabacloud_pai_dlc20201203.models import GetJobRequest
+
+    body = client.get_job(dlc_job_id, GetJobRequest()).body
+    reason = " ".join(x for x in (getattr(body, "reason_code", None), getattr(body, "reason_message", None)) if x)
+    return str(body.status), reason
+
+
+def wait_job(
+    client: Any,
+    dlc_job_id: str,
+    *,
+    timeout: float,
+    poll: float = 15.0,
+    on_change: Callable[[str, str], None] | None = None,
+) -> str | None:
+    """Poll until Succeeded/Failed/Stopped; ``None`` on timeout."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while True:
+        status, reason = job_state(client, dlc_job_id)
+        if status != last and on_change:
+            on_change(status, reason)
+        last = status
+        if status in TERMINAL_STATES:
+            return status
+        if time.monotonic() >= deadline:
+            return None
+        time.sleep(min(poll, max(0.0, deadline - time.monotonic())))

@@ -1,0 +1,288 @@
+"""Where model weights come from, and loading Kolors once into reusable components.
+
+``resolve_model`` turns a manifest URI into a local directory that has been checked to look like
+the requested kind of model, so a wrong path fails in the first second with one clear line
+instead of deep inside ``from_pretrained`` after the dataset was downloaded:
+
+- ``modelscope://Owner/Name[@revision]``: ModelScope's own client and cache (``<cache>/modelscope``);
+- ``oss://``, ``s3://``, ``file://``: copied once into ``<cache>/models/<sha256(uri)[:16]>/`` through
+  the storage layer; the copy is published atomically with a marker, so later jobs reuse it and a
+  torn copy is redone;
+- a plain path (a mounted NAS/OSS dir, a local checkout): used in place, nothing is copied;
+- ``tiny://kolors``, ``tiny://aesthetic``: tiny random models built into the cache (tests, demo).
+
+``load_kolors_components`` loads each part once; ``make_pipeline`` assembles a ``KolorsPipeline``
+from them without reloading, so training and sampling share the same weights in memory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from kolors_job.errors import ExitCode, InputError, JobError, StorageDeniedError
+from kolors_job.settings import Settings
+
+if TYPE_CHECKING:
+    import torch
+    from diffusers import AutoencoderKL, DDPMScheduler, KolorsPipeline, UNet2DConditionModel
+    from diffusers.pipelines.kolors.text_encoder import ChatGLMModel
+    from diffusers.pipelines.kolors.tokenizer import ChatGLMTokenizer
+    from diffusers.schedulers.scheduling_utils import SchedulerMixin
+
+__all__ = [
+    "REQUIRED_FILES",
+    "SCHEDULERS",
+    "KolorsComponents",
+    "ModelKind",
+    "load_kolors_components",
+    "make_pipeline",
+    "resolve_model",
+]
+
+log = logging.getLogger(__name__)
+
+ModelKind = Literal["pipeline", "vae", "aesthetic"]
+
+REQUIRED_FILES: dict[str, tuple[str, ...]] = {
+    "pipeline": ("model_index.json", "unet/", "vae/", "text_encoder/", "tokenizer/", "scheduler/"),
+    "vae": ("config.json",),
+    "aesthetic": ("config.json", "preprocessor_config.json"),
+}
+"""What a resolved directory must hold per kind (a trailing '/' means a directory)."""
+
+SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
+    "dpmpp_2m": ("DPMSolverMultistepScheduler", {}),
+    "dpmpp_2m_karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
+    "ddim": ("DDIMScheduler", {}),
+    "unipc": ("UniPCMultistepScheduler", {}),
+}
+"""Sampler names accepted by ``make_pipeline`` -> (diffusers class, config overrides). Each is built
+``from_config`` of the model's own scheduler config, so Kolors' 1100-step, beta_end 0.014 schedule
+is kept whatever the sampler."""
+
+_TINY = ("kolors", "aesthetic")
+_MODELSCOPE_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
+_SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://")
+
+
+# --------------------------------------------------------------------------------------------
+# resolution
+# --------------------------------------------------------------------------------------------
+
+
+def resolve_model(uri: str, *, kind: ModelKind, settings: Settings) -> Path:
+    """A local directory holding the model ``uri`` names, checked to be a ``kind`` model.
+
+    Raises ``InputError`` (one line, naming the uri) for bad URIs and missing files, and a
+    ``JobError`` with exit code TEMPORARY when the hub or bucket is unreachable (a retry can help).
+    """
+    if kind not in REQUIRED_FILES:
+        raise ValueError(f"unknown model kind {kind!r}")
+    uri = uri.strip()
+    if not uri:
+        raise InputError(f"empty {kind} model uri")
+    m = _SCHEME.match(uri)
+    scheme = m.group(1).lower() if m else ""
+    if scheme == "tiny":
+        path = _resolve_tiny(uri, settings)
+    elif scheme == "modelscope":
+        path = _resolve_modelscope(uri, settings)
+    elif scheme in ("oss", "s3", "file"):
+        path = _resolve_bucket(uri, settings)
+    elif scheme:
+        raise InputError(
+            f"{kind} model {uri!r}: unsupported scheme {scheme}:// (use modelscope://, oss://, "
+            "s3://, file://, tiny:// or a local path)"
+        )
+    else:
+        path = Path(uri).expanduser().absolute()
+        if not path.is_dir():
+            raise InputError(f"{kind} model {uri!r}: no such directory")
+    return _validate(path, uri, kind)
+
+
+def _validate(path: Path, uri: str, kind: ModelKind) -> Path:
+    # A standalone VAE may be given as a whole pipeline: use its vae/ subfolder.
+    if kind == "vae" and not (path / "config.json").is_file() and (path / "vae" / "config.json").is_file():
+        path = path / "vae"
+    for rel in REQUIRED_FILES[kind]:
+        target = path / rel.rstrip("/")
+        ok = target.is_dir() if rel.endswith("/") else target.is_file()
+        if not ok:
+            raise InputError(f"{kind} model {uri!r} has no {rel} (looked in {path})")
+    return path
+
+
+def _resolve_tiny(uri: str, settings: Settings) -> Path:
+    from kolors_job.tiny import TINY_BUILDER_VERSION, build_tiny_aesthetic_predictor, build_tiny_kolors
+
+    name = uri.split("://", 1)[1].strip("/")
+    if name not in _TINY:
+        raise InputError(f"unknown tiny model {uri!r}: use tiny://kolors or tiny://aesthetic")
+    build = build_tiny_kolors if name == "kolors" else build_tiny_aesthetic_predictor
+    return build(settings.cache_dir / "tiny" / f"{name}-v{TINY_BUILDER_VERSION}-seed0", seed=0)
+
+
+def _parse_modelscope(uri: str) -> tuple[str, str | None]:
+    """``modelscope://Owner/Name[@revision]`` -> ``(model_id, revision)``."""
+    rest = uri.split("://", 1)[1].strip("/")
+    model_id, _, revision = rest.partition("@")
+    if not _MODELSCOPE_ID.match(model_id) or (revision == "" and "@" in rest):
+        raise InputError(f"bad ModelScope uri {uri!r}: expected modelscope://Owner/Name[@revision]")
+    return model_id, revision or None
+
+
+def _resolve_modelscope(uri: str, settings: Settings) -> Path:
+    model_id, revision = _parse_modelscope(uri)
+    from modelscope import snapshot_download
+
+    try:
+        local = snapshot_download(model_id, revision=revision, cache_dir=settings.cache_dir / "modelscope")
+    except Exception as exc:  # the hub client raises many types; classify by what a retry can fix
+        raise _hub_error(uri, exc) from exc
+    return Path(local)
+
+
+def _hub_error(uri: str, exc: BaseException) -> JobError:
+    """Map a ModelScope client failure onto our exit codes, as one line naming the uri."""
+    detail = _one_line(exc)
+    name = type(exc).__name__
+    if getattr(exc, "retryable", False) or isinstance(exc, ConnectionError | TimeoutError):
+        return JobError(f"ModelScope unreachable for {uri!r}: {detail}", exit_code=ExitCode.TEMPORARY)
+    if "Permission" in name or "Authentication" in name:
+        return StorageDeniedError(f"ModelScope denied {uri!r}: {detail}")
+    if "NotExist" in name or "NotFound" in name or "InvalidParameter" in name:
+        return InputError(f"ModelScope has no model {uri!r}: {detail}")
+    return JobError(f"ModelScope download of {uri!r} failed ({name}): {detail}")  # unknown: no retry
+
+
+def _resolve_bucket(uri: str, settings: Settings) -> Path:
+    """Copy a bucket/``file://`` prefix into the cache once; concurrent jobs share one copy."""
+    from kolors_job.storage import open_store, redact
+    from kolors_job.tiny import atomic_dir
+
+    uri = uri.rstrip("/")  # "s3://b/m/" and "s3://b/m" are the same model: one cache entry
+    key = hashlib.sha256(uri.encode()).hexdigest()[:16]
+    target = settings.cache_dir / "models" / key
+    try:
+        store = open_store(uri, settings)
+    except ValueError as exc:
+        raise InputError(f"bad model uri {redact(uri)!r}: {_one_line(exc)}") from None
+
+    def download(tmp: Path) -> None:
+        files = store.download_dir("", tmp)
+        if not files:
+            raise InputError(f"model {redact(uri)!r}: no files under that prefix")
+        log.info("downloaded %d files of %s into %s", len(files), redact(uri), target)
+
+    return atomic_dir(target, {"uri": redact(uri)}, download, replace_stale=True)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return (text[:300] + "...") if len(text) > 300 else text or type(exc).__name__
+
+
+# --------------------------------------------------------------------------------------------
+# loading
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class KolorsComponents:
+    """Kolors loaded once: training uses the parts, sampling wraps them with ``make_pipeline``."""
+
+    unet: UNet2DConditionModel
+    vae: AutoencoderKL
+    text_encoder: ChatGLMModel
+    tokenizer: ChatGLMTokenizer
+    noise_scheduler: DDPMScheduler
+    """For training (add_noise, targets): DDPM from the model's own config, so 1100 steps."""
+    pipeline_scheduler: SchedulerMixin
+    """The sampler the model ships (Kolors: Euler); ``make_pipeline`` may swap it."""
+    force_zeros_for_empty_prompt: bool = False
+    """From ``model_index.json`` (Kolors: false): how an empty negative prompt is embedded."""
+
+
+def load_kolors_components(
+    path: Path,
+    *,
+    vae_path: Path | None = None,
+    dtype: torch.dtype,
+    device: torch.device | str,
+) -> KolorsComponents:
+    """Load every Kolors part from a resolved ``pipeline`` dir (``vae_path``: a replacement VAE)."""
+    import diffusers
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from diffusers.pipelines.kolors.text_encoder import ChatGLMModel
+    from diffusers.pipelines.kolors.tokenizer import ChatGLMTokenizer
+
+    path = Path(path)
+
+    def load(what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except (OSError, ValueError, KeyError) as exc:  # missing/corrupt files, wrong config
+            raise InputError(f"cannot load the {what} from {args[0]}: {_one_line(exc)}") from exc
+
+    unet = load("UNet", UNet2DConditionModel.from_pretrained, path, subfolder="unet", torch_dtype=dtype)
+    vae_dir = Path(vae_path) if vae_path is not None else path / "vae"
+    vae = load("VAE", AutoencoderKL.from_pretrained, vae_dir, torch_dtype=dtype)
+    text_encoder = load("text encoder", ChatGLMModel.from_pretrained, path / "text_encoder", dtype=dtype)
+    tokenizer = load("tokenizer", ChatGLMTokenizer.from_pretrained, path / "tokenizer")
+    sched_config = load("scheduler config", DDPMScheduler.load_config, path, subfolder="scheduler")
+    noise_scheduler = DDPMScheduler.from_config(sched_config)
+    sched_cls = getattr(diffusers, str(sched_config.get("_class_name")), None)
+    if sched_cls is None:
+        raise InputError(f"scheduler in {path} is {sched_config.get('_class_name')!r}: not a diffusers class")
+    index = (
+        json.loads((path / "model_index.json").read_text()) if (path / "model_index.json").is_file() else {}
+    )
+
+    unet.to(device)
+    vae.to(device)
+    text_encoder.to(device)  # one ChatGLM buffer is created on the CPU whatever the context
+    return KolorsComponents(
+        unet=unet,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        noise_scheduler=noise_scheduler,
+        pipeline_scheduler=sched_cls.from_config(sched_config),
+        force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", False)),
+    )
+
+
+def make_pipeline(components: KolorsComponents, scheduler_name: str | None = None) -> KolorsPipeline:
+    """A ``KolorsPipeline`` over the already-loaded modules, with a fresh scheduler.
+
+    ``scheduler_name`` is one of ``SCHEDULERS`` (None: the model's own). Schedulers are stateful, so
+    each pipeline gets its own instance even when the modules are shared.
+    """
+    import diffusers
+    from diffusers import KolorsPipeline
+
+    base = components.pipeline_scheduler
+    if scheduler_name is None:
+        scheduler = type(base).from_config(base.config)
+    else:
+        if scheduler_name not in SCHEDULERS:
+            raise InputError(f"unknown scheduler {scheduler_name!r}: use one of {', '.join(SCHEDULERS)}")
+        cls_name, overrides = SCHEDULERS[scheduler_name]
+        scheduler = getattr(diffusers, cls_name).from_config(base.config, **overrides)
+    return KolorsPipeline(
+        vae=components.vae,
+        text_encoder=components.text_encoder,
+        tokenizer=components.tokenizer,
+        unet=components.unet,
+        scheduler=scheduler,
+        force_zeros_for_empty_prompt=components.force_zeros_for_empty_prompt,
+    )

@@ -1,0 +1,184 @@
+"""The storage interface every backend implements, plus the helpers they share.
+
+Keys are '/'-separated and relative to the store root. Backends implement the object primitives;
+text helpers, directory transfers and key safety live here once, so every backend behaves the same.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import tempfile
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from kolors_job.errors import ExitCode, StorageError
+
+TMP_MARKER = ".kolors-tmp-"
+"""Temp files written next to their destination carry this, so listings can skip half-written files."""
+
+_USERINFO = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s]+@")
+
+
+def redact(text: str) -> str:
+    """Hide ``user:password@`` in any URL inside ``text`` (endpoints may embed keys)."""
+    return _USERINFO.sub(r"\g<scheme>***@", text)
+
+
+def join_key(*parts: str) -> str:
+    """Join key parts with single '/' separators (no leading or trailing '/')."""
+    return "/".join(p.strip("/") for p in parts if p and p.strip("/"))
+
+
+def check_key(key: str) -> str:
+    """Refuse keys that are empty or could be read as a different path; returns the key."""
+    if not key or key.endswith("/"):
+        raise StorageError(f"invalid storage key {key!r}: empty or ends with '/'")
+    unsafe_relative_path(key)
+    return key
+
+
+def unsafe_relative_path(rel: str) -> None:
+    """Raise StorageError unless ``rel`` is a plain relative path that stays inside its directory.
+
+    Remote keys are attacker-controllable strings: ``../x``, ``/etc/x``, ``a\\..\\x`` (Windows
+    separators), NUL bytes or a drive letter would let a download write outside its target.
+    """
+    parts = rel.split("/")
+    bad = (
+        not rel
+        or "\x00" in rel
+        or "\\" in rel
+        or rel.startswith("/")
+        or re.match(r"^[a-zA-Z]:", rel) is not None
+        or any(p in ("", ".", "..") for p in parts)
+    )
+    if bad:
+        # exit 4 (invalid input): a hostile listing or a bad job id, not a bug of ours
+        raise StorageError(
+            f"refusing unsafe storage key {rel!r}: it would escape the target directory",
+            exit_code=ExitCode.INVALID_INPUT,
+        )
+
+
+def child_prefix(*parts: str) -> str:
+    """``join_key(*parts)``, refused unless it is a plain relative path (``""`` for no parts).
+
+    A job id like ``../other`` or ``.`` must not turn ``<output>/<job id>/`` into a sibling or
+    the output root itself (where ``--force`` would delete every other job's files).
+    """
+    sub = join_key(*parts)
+    if sub:
+        unsafe_relative_path(sub)
+    return sub
+
+
+def quiet_sdk_loggers(*names: str) -> None:
+    """Raise SDK loggers to WARNING: at DEBUG they print signed headers and security tokens,
+    and oss2 logs full error details (AccessKeyId, StringToSign) at INFO."""
+    for name in names:
+        logger = logging.getLogger(name)
+        if logger.level < logging.WARNING:
+            logger.setLevel(logging.WARNING)
+
+
+@contextmanager
+def atomic_target(path: Path) -> Iterator[Path]:
+    """Yield a temp path beside ``path``; on success rename it into place, on failure remove it.
+
+    Readers never see a partial file, and a crash leaves at most a ``.kolors-tmp-*`` file.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name[:60]}{TMP_MARKER}", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class Store(ABC):
+    """A directory-like view of a local dir or a bucket prefix."""
+
+    uri: str
+    page_size: int = 1000
+    """Objects per listing request (tests lower it to exercise paging)."""
+
+    def __repr__(self) -> str:  # only the uri: never endpoints with userinfo or credentials
+        return f"{type(self).__name__}({self.uri!r})"
+
+    @abstractmethod
+    def child(self, *parts: str) -> Store:
+        """A store rooted at a sub-prefix, sharing this store's client/connection pool."""
+
+    @abstractmethod
+    def read_bytes(self, key: str) -> bytes: ...
+
+    @abstractmethod
+    def write_bytes(self, key: str, data: bytes, *, if_absent: bool = False) -> bool:
+        """Write an object; with ``if_absent`` only create it, returning False if it already existed."""
+
+    @abstractmethod
+    def upload_file(self, key: str, path: Path) -> None: ...
+
+    @abstractmethod
+    def download_file(self, key: str, path: Path) -> None: ...
+
+    @abstractmethod
+    def exists(self, key: str) -> bool: ...
+
+    @abstractmethod
+    def list(self, prefix: str = "") -> list[str]:
+        """All keys starting with ``prefix`` (recursive), relative to the store root, sorted."""
+
+    @abstractmethod
+    def delete(self, key: str) -> None:
+        """Delete an object; a missing one is not an error."""
+
+    def local_path(self) -> Path | None:
+        return None
+
+    def read_text(self, key: str) -> str:
+        return self.read_bytes(key).decode("utf-8")
+
+    def write_text(self, key: str, text: str, *, if_absent: bool = False) -> bool:
+        return self.write_bytes(key, text.encode("utf-8"), if_absent=if_absent)
+
+    def upload_dir(self, local_dir: Path, prefix: str = "") -> list[str]:
+        """Upload every file under ``local_dir`` to ``prefix``; returns the keys written, sorted."""
+        local_dir = Path(local_dir)
+        if not local_dir.is_dir():
+            raise StorageError(f"upload_dir: {local_dir} is not a directory")
+        keys = []
+        for path in sorted(p for p in local_dir.rglob("*") if p.is_file()):
+            key = join_key(prefix, path.relative_to(local_dir).as_posix())
+            self.upload_file(key, path)
+            keys.append(key)
+        return keys
+
+    def download_dir(self, prefix: str, local_dir: Path) -> list[Path]:
+        """Download every object under the directory ``prefix`` into ``local_dir``.
+
+        All keys are checked before anything is written, so a hostile listing writes nothing.
+        """
+        local_dir = Path(local_dir)
+        dir_prefix = prefix if not prefix or prefix.endswith("/") else prefix + "/"
+        pairs = []
+        for key in self.list(dir_prefix):
+            rel = key[len(dir_prefix) :]
+            if rel == "" or (rel.endswith("/") and not rel.startswith("/")):
+                # a "folder" marker (consoles create ``a/b/`` objects): nothing to write, but its
+                # path must be as safe as any file's
+                if rel:
+                    unsafe_relative_path(rel.rstrip("/"))
+                continue
+            unsafe_relative_path(rel)
+            pairs.append((key, local_dir.joinpath(*rel.split("/"))))
+        for key, path in pairs:
+            self.download_file(key, path)
+        return [path for _, path in pairs]

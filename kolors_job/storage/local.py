@@ -1,0 +1,104 @@
+"""``file://`` and plain-path stores: a directory, with atomic writes so readers never see partial files."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from kolors_job.errors import StorageError, StorageNotFoundError
+
+from .base import TMP_MARKER, Store, atomic_target, check_key, child_prefix
+
+
+class LocalStore(Store):
+    def __init__(self, root: Path | str) -> None:
+        self.root = Path(root).expanduser().absolute()
+        self.uri = self.root.as_uri().rstrip("/") + "/"
+
+    def _path(self, key: str) -> Path:
+        return self.root.joinpath(*check_key(key).split("/"))
+
+    def child(self, *parts: str) -> LocalStore:
+        sub = child_prefix(*parts)
+        return LocalStore(self.root.joinpath(*sub.split("/")) if sub else self.root)
+
+    def local_path(self) -> Path:
+        return self.root
+
+    def read_bytes(self, key: str) -> bytes:
+        try:
+            return self._path(key).read_bytes()
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+            raise StorageNotFoundError(f"not found: {self.uri}{key}") from None
+
+    def write_bytes(self, key: str, data: bytes, *, if_absent: bool = False) -> bool:
+        path = self._path(key)
+        if not if_absent:
+            with atomic_target(path) as tmp:
+                tmp.write_bytes(data)
+            return True
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name[:60]}{TMP_MARKER}", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            # link() fails if the name exists: an atomic create of a *complete* file, where
+            # O_EXCL alone would briefly expose a half-written one. O_EXCL is the fallback for
+            # filesystems without hard links (some FUSE mounts).
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                return False
+            except OSError:
+                try:
+                    with open(path, "xb") as f:
+                        f.write(data)
+                except FileExistsError:
+                    return False
+            return True
+        finally:
+            os.unlink(tmp)
+
+    def upload_file(self, key: str, path: Path) -> None:
+        with atomic_target(self._path(key)) as tmp:
+            shutil.copyfile(path, tmp)
+
+    def download_file(self, key: str, path: Path) -> None:
+        src = self._path(key)
+        if not src.is_file():
+            raise StorageNotFoundError(f"not found: {self.uri}{key}")
+        with atomic_target(Path(path)) as tmp:
+            shutil.copyfile(src, tmp)
+
+    def exists(self, key: str) -> bool:
+        return self._path(key).is_file()
+
+    def list(self, prefix: str = "") -> list[str]:
+        # Walk only the deepest directory the prefix names, then filter by plain string prefix
+        # (same semantics as an object-store prefix: "a/b" matches "a/b.txt" and "a/b/c").
+        dirs = prefix.split("/")[:-1]
+        if prefix.startswith("/") or any(d in ("..", ".") for d in dirs):
+            raise StorageError(f"refusing to list {prefix!r}: it would leave {self.uri}")
+        base = self.root.joinpath(*dirs)
+        if not base.is_dir():
+            return []
+        keys = []
+        for dirpath, _dirs, files in os.walk(base):
+            rel_dir = Path(dirpath).relative_to(self.root).as_posix()
+            for name in files:
+                if TMP_MARKER in name:
+                    continue
+                key = name if rel_dir == "." else f"{rel_dir}/{name}"
+                if key.startswith(prefix):
+                    keys.append(key)
+        return sorted(keys)
+
+    def delete(self, key: str) -> None:
+        try:
+            self._path(key).unlink()
+        except FileNotFoundError:
+            pass
+        except IsADirectoryError:
+            raise StorageError(f"cannot delete {self.uri}{key}: it is a directory") from None

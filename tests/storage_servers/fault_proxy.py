@@ -1,0 +1,382 @@
+"""A fault-injecting HTTP proxy on 127.0.0.1, for putting in front of moto (S3) or the OSS proxy.
+
+Every request is forwarded to the upstream server unless a scheduled fault matches it first:
+
+- ``reset``: close the connection with a TCP RST before answering (no response at all);
+- ``drop``: close the connection cleanly (FIN) without answering;
+- ``reset_mid_body``: send the status line, headers and half of the body, then RST;
+- ``truncate``: send the headers (Content-Length = the full size) and half of the body, then close;
+- ``status``: answer ``status`` with an S3- or OSS-style XML error body (``code``: ``SlowDown``,
+  ``ServiceUnavailable``, ``InternalError``, ``AccessDenied`` …) instead of forwarding;
+- ``delay``: wait ``seconds``, then forward normally.
+
+Faults are scheduled as rules (:meth:`FaultProxy.add`): which requests they match (method, a
+regex on the path+query, and/or a predicate), when (``skip`` the first N matches, then hit
+``every`` k-th one, at most ``times`` times — ``None`` means forever). Rules are tried in order;
+the first one that fires wins. Every injected fault is counted (``injected``, ``by_kind``) and
+logged in ``events``; every request seen is in ``requests``. Module-wide totals live in
+:data:`LEDGER`, which the test session prints at its end.
+
+Bounded by design: one upstream connection per request (60 s timeout), request bodies read by
+Content-Length or chunked framing only, the server bound to loopback only.
+"""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import re
+import socket
+import struct
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import urlsplit
+from xml.sax.saxutils import escape
+
+KINDS = ("reset", "drop", "reset_mid_body", "truncate", "status", "delay")
+HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "proxy-connection", "te", "trailer", "upgrade"}
+MAX_BODY = 256 * 1024 * 1024  # refuse absurd requests rather than buffering them
+
+
+@dataclass
+class Ledger:
+    """Session-wide fault accounting, filled by proxies (injected) and by tests (survived, lost)."""
+
+    injected: int = 0
+    survived: int = 0
+    bytes_checked: int = 0
+    bytes_lost: int = 0
+    by_kind: Counter = field(default_factory=Counter)
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def record_injection(self, kind: str) -> None:
+        with self.lock:
+            self.injected += 1
+            self.by_kind[kind] += 1
+
+    def record_survived(self, n: int) -> None:
+        with self.lock:
+            self.survived += n
+
+    def record_bytes(self, expected: bytes, actual: bytes | None) -> None:
+        """Count bytes that did not come back identical (missing, extra or different)."""
+        with self.lock:
+            self.bytes_checked += len(expected)
+            if actual is None:
+                self.bytes_lost += len(expected)
+            elif actual != expected:
+                n = min(len(expected), len(actual))
+                diff = sum(1 for a, b in zip(expected[:n], actual[:n], strict=True) if a != b)
+                self.bytes_lost += diff + abs(len(expected) - len(actual))
+
+    def summary(self) -> str:
+        kinds = ", ".join(f"{k} {v}" for k, v in sorted(self.by_kind.items()))
+        return (
+            f"faults: {self.injected} injected, {self.survived} survived, {self.bytes_lost} bytes lost"
+            f" ({self.bytes_checked} bytes checked; {kinds or 'none'})"
+        )
+
+
+LEDGER = Ledger()
+
+
+@dataclass
+class Fault:
+    kind: str
+    status: int = 503
+    code: str = "SlowDown"
+    message: str = "Please reduce your request rate."
+    seconds: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"unknown fault kind {self.kind!r}; one of {KINDS}")
+
+
+@dataclass
+class Rule:
+    """When a fault fires. A request matches if ``method``, ``path`` (regex on path?query) and
+    ``when(method, target)`` all agree; of the matching requests the first ``skip`` pass, then every
+    ``every``-th one gets the fault, at most ``times`` times in all (``None``: no limit) and at most
+    ``per_request`` times per distinct request (method, target, Range) — so with
+    ``per_request=n`` a client that retries more than ``n`` times always gets through. ``faults``
+    are used in rotation."""
+
+    faults: list[Fault]
+    method: str | None = None
+    path: re.Pattern | None = None
+    when: Callable[[str, str], bool] | None = None
+    skip: int = 0
+    every: int = 1
+    times: int | None = 1
+    per_request: int | None = None
+    seen: int = 0
+    fired: int = 0
+    fired_for: Counter = field(default_factory=Counter)
+
+    def matches(self, method: str, target: str) -> bool:
+        if self.method and method != self.method:
+            return False
+        if self.path and not self.path.search(target):
+            return False
+        return not (self.when and not self.when(method, target))
+
+    def take(self, identity: tuple) -> Fault | None:
+        """Called for a matching request (under the proxy lock): the fault to inject now, if any."""
+        self.seen += 1
+        if self.times is not None and self.fired >= self.times:
+            return None
+        if self.per_request is not None and self.fired_for[identity] >= self.per_request:
+            return None
+        n = self.seen - self.skip
+        if n <= 0 or (n - 1) % self.every:
+            return None
+        fault = self.faults[self.fired % len(self.faults)]
+        self.fired += 1
+        self.fired_for[identity] += 1
+        return fault
+
+
+class FaultProxy:
+    """``FaultProxy(upstream, flavour="s3"|"oss").start()``; ``endpoint`` is its http://127.0.0.1:port."""
+
+    def __init__(self, upstream: str, flavour: str = "s3", ledger: Ledger | None = None) -> None:
+        if flavour not in ("s3", "oss"):
+            raise ValueError(flavour)
+        self.upstream = urlsplit(upstream)
+        if self.upstream.hostname not in ("127.0.0.1", "localhost", "::1"):
+            raise ValueError("the fault proxy only forwards to loopback servers")
+        self.flavour = flavour
+        self.ledger = LEDGER if ledger is None else ledger
+        self.rules: list[Rule] = []
+        self.requests: list[tuple[str, str]] = []
+        self.events: list[tuple[str, str, str]] = []  # (fault kind, method, target)
+        self.responses: list[tuple[str, str, int]] = []  # (method, target, upstream status) forwarded
+        self.by_kind: Counter = Counter()
+        self.lock = threading.Lock()
+        proxy = self
+
+        class Handler(_Handler):
+            owner = proxy
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True, name="fault-proxy")
+
+    # -- lifecycle --------------------------------------------------------------------------------
+    def start(self) -> FaultProxy:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    def __enter__(self) -> FaultProxy:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- schedule ---------------------------------------------------------------------------------
+    def add(
+        self,
+        fault: Fault | str | list[Fault],
+        *,
+        method: str | None = None,
+        path: str | None = None,
+        when: Callable[[str, str], bool] | None = None,
+        skip: int = 0,
+        every: int = 1,
+        times: int | None = 1,
+        per_request: int | None = None,
+        **fault_args,
+    ) -> Rule:
+        """Schedule a fault (or a rotation of faults); see :class:`Rule` for when it fires."""
+        if isinstance(fault, str):
+            fault = Fault(fault, **fault_args)
+        faults = list(fault) if isinstance(fault, list) else [fault]
+        rule = Rule(faults, method, re.compile(path) if path else None, when, skip, max(1, every), times, per_request)
+        with self.lock:
+            self.rules.append(rule)
+        return rule
+
+    def fail_all(self, fault: Fault | str = "status", **kwargs) -> Rule:
+        """From now on every request fails (an outage)."""
+        return self.add(fault, times=None, **kwargs)
+
+    def clear(self) -> None:
+        with self.lock:
+            self.rules.clear()
+
+    @property
+    def injected(self) -> int:
+        return sum(self.by_kind.values())
+
+    def pick(self, method: str, target: str, range_header: str | None = None) -> Fault | None:
+        with self.lock:
+            self.requests.append((method, target))
+            for rule in self.rules:
+                if rule.matches(method, target) and (fault := rule.take((method, target, range_header))):
+                    self.by_kind[fault.kind] += 1
+                    self.events.append((fault.kind, method, target))
+                    self.ledger.record_injection(fault.kind)
+                    return fault
+        return None
+
+    # -- upstream ---------------------------------------------------------------------------------
+    def forward(self, method: str, target: str, headers: list[tuple[str, str]], body: bytes):
+        conn = http.client.HTTPConnection(self.upstream.hostname, self.upstream.port, timeout=60)
+        try:
+            conn.putrequest(method, target, skip_host=True, skip_accept_encoding=True)
+            for k, v in headers:
+                conn.putheader(k, v)
+            if body or method in ("PUT", "POST"):
+                conn.putheader("Content-Length", str(len(body)))
+            conn.endheaders(body)
+            resp = conn.getresponse()
+            data = resp.read()
+            return resp.status, resp.reason, resp.getheaders(), data
+        finally:
+            conn.close()
+
+
+def error_body(flavour: str, code: str, message: str, request_id: str) -> bytes:
+    host = "<HostId>127.0.0.1</HostId>"
+    return (
+        f'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>{escape(code)}</Code>'
+        f"<Message>{escape(message)}</Message><RequestId>{request_id}</RequestId>{host}"
+        + ("<EC>0000-00000000</EC>" if flavour == "oss" else "")
+        + "</Error>"
+    ).encode()
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    owner: FaultProxy
+
+    def log_message(self, format: str, *args) -> None:  # quiet
+        pass
+
+    def do_GET(self) -> None:
+        self.handle_any()
+
+    def do_PUT(self) -> None:
+        self.handle_any()
+
+    def do_POST(self) -> None:
+        self.handle_any()
+
+    def do_DELETE(self) -> None:
+        self.handle_any()
+
+    def do_HEAD(self) -> None:
+        self.handle_any()
+
+    def read_body(self) -> bytes:
+        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+            out = bytearray()
+            while size := int(self.rfile.readline().split(b";")[0].strip() or b"0", 16):
+                if len(out) + size > MAX_BODY:
+                    raise ValueError("request body too large")
+                out += self.rfile.read(size)
+                self.rfile.readline()
+            while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                pass
+            return bytes(out)
+        length = int(self.headers.get("Content-Length") or 0)
+        if length > MAX_BODY:
+            raise ValueError("request body too large")
+        return self.rfile.read(length)
+
+    def _rst(self) -> None:
+        """Abort the TCP connection: SO_LINGER(on, 0) makes close() send a RST."""
+        self.close_connection = True
+        try:
+            self.wfile.flush()
+        except OSError:
+            pass
+        self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.connection.close()
+
+    def _fin(self) -> None:
+        self.close_connection = True
+        try:
+            self.wfile.flush()
+            self.connection.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def handle_any(self) -> None:
+        owner = self.owner
+        body = self.read_body()
+        fault = owner.pick(self.command, self.path, self.headers.get("Range"))
+        kind = fault.kind if fault else None
+        if kind == "reset":
+            return self._rst()
+        if kind == "drop":
+            return self._fin()
+        if kind == "status":
+            return self._error(fault)
+        if kind == "delay":
+            time.sleep(fault.seconds)
+
+        headers = [
+            (k, v)
+            for k, v in self.headers.items()
+            if k.lower() not in HOP_BY_HOP and k.lower() not in ("content-length", "host")
+        ]
+        headers.append(("Host", owner.upstream.netloc))
+        try:
+            status, reason, up_headers, data = owner.forward(self.command, self.path, headers, body)
+        except OSError:
+            return self._fin()  # upstream gone: look like a dead server, not a proxy bug
+        with owner.lock:
+            owner.responses.append((self.command, self.path, status))
+
+        self.send_response(status, reason)
+        length = None
+        for k, v in up_headers:
+            lk = k.lower()
+            if lk in HOP_BY_HOP or lk in ("date", "server"):
+                continue
+            if lk == "content-length":
+                length = v
+                continue
+            self.send_header(k, v)
+        if self.command == "HEAD":
+            self.send_header("Content-Length", length or "0")
+            self.end_headers()
+            if kind in ("truncate", "reset_mid_body"):  # no body to cut: cut the connection instead
+                return self._rst() if kind == "reset_mid_body" else self._fin()
+            return
+        # a cut response always promises more than it sends (an empty body promises one byte)
+        cut = kind in ("truncate", "reset_mid_body")
+        self.send_header("Content-Length", str(len(data) if data or not cut else 1))
+        self.end_headers()
+        if cut:
+            self.wfile.write(data[: len(data) // 2])
+            return self._rst() if kind == "reset_mid_body" else self._fin()
+        self.wfile.write(data)
+
+    def _error(self, fault: Fault) -> None:
+        rid = uuid.uuid4().hex.upper()[:24]
+        body = error_body(self.owner.flavour, fault.code, fault.message, rid)
+        self.send_response(fault.status)
+        self.send_header("Content-Type", "application/xml")
+        self.send_header("x-oss-request-id" if self.owner.flavour == "oss" else "x-amz-request-id", rid)
+        if self.command == "HEAD":
+            if self.owner.flavour == "oss":  # OSS puts HEAD errors in a header; oss2 reads it
+                self.send_header("x-oss-err", base64.b64encode(body).decode())
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)

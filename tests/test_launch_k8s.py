@@ -1,0 +1,273 @@
+"""Kubernetes objects: valid against real API schemas, faithful to the exit-code contract, examples current.
+
+Core kinds validate with kubernetes-validate's offline schemas (strict: unknown fields fail). It ships no
+schema for PyTorchJob, so that one goes through the Kubeflow training SDK's own models (a lossless
+round-trip means every field is one the operator knows) and its pod templates through the core schema.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from kolors_job.errors import ExitCode
+from kolors_job.launch import k8s, register_cli, submit
+from kolors_job.launch.torchrun import exit_code_of, retryable_code
+
+ROOT = Path(__file__).resolve().parents[1]
+K8S_VERSIONS = ("1.31.0", kubernetes_validate.utils.latest_version())
+DNS1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="kolors-job")
+    register_cli(p.add_subparsers(dest="command", required=True))
+    return p
+
+
+def run_cli(argv: list[str]) -> int:
+    ns = parser().parse_args(argv)
+    return ns.func(ns)
+
+
+def opts(**kw: object) -> k8s.RenderOptions:
+    base: dict[str, object] = {
+        "job_id": "t-1",
+        "image": "registry.example/kolors-job:1",
+        "manifest_uri": "s3://b/m.yaml",
+    }
+    base.update(kw)
+    return k8s.RenderOptions(**base)  # type: ignore[arg-type]
+
+
+VARIANTS = {
+    "1gpu": opts(),
+    "4gpu-secret-emptydir": opts(gpus=4, secret="creds", cache_pvc=None, node_selector={"gpu": "a100"}),
+    "irsa-pvc-queue": opts(
+        irsa_role_arn="arn:aws:iam::1:role/r", create_cache_pvc="100Gi", queue="gpu", output="s3://o/"
+    ),
+    "2x8-pytorchjob": opts(nodes=2, gpus=8, rrsa_role_name="kolors", create_cache_pvc="1Ti", storage_class="nas"),
+    "3x1-pytorchjob": opts(nodes=3, namespace="ml", priority_class="high", image_pull_secret="regcred"),
+    "1x2-forced-pytorchjob": opts(kind="pytorchjob", gpus=2),
+}
+
+
+def pod_templates(doc: dict) -> list[dict]:
+    if doc["kind"] == "Job":
+        return [doc["spec"]["template"]]
+    if doc["kind"] == "PyTorchJob":
+        return [r["template"] for r in doc["spec"]["pytorchReplicaSpecs"].values()]
+    return []
+
+
+def validate_core(doc: dict, version: str) -> None:
+    kubernetes_validate.validate(doc, version, strict=True)
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+def test_rendered_objects_validate_against_kubernetes_schemas(name: str, version: str) -> None:
+    for doc in k8s.render(VARIANTS[name]):
+        if doc["kind"] == "PyTorchJob":
+            for i, tpl in enumerate(pod_templates(doc)):
+                wrapper = {
+                    "apiVersion": "v1",
+                    "kind": "PodTemplate",
+                    "metadata": {"name": f"t{i}"},
+                    "template": tpl,
+                }
+                validate_core(wrapper, version)
+        else:
+            validate_core(doc, version)
+
+
+def test_schema_validation_is_not_vacuous() -> None:
+    job = k8s.render_job(opts())
+    job["spec"]["template"]["spec"]["containers"][0]["gpuz"] = 1
+    with pytest.raises(kubernetes_validate.ValidationError):
+        validate_core(job, K8S_VERSIONS[-1])
+
+
+@pytest.mark.parametrize("name", [n for n in sorted(VARIANTS) if "pytorchjob" in n])
+def test_pytorchjob_round_trips_through_the_kubeflow_sdk(name: str) -> None:
+    from kubeflow.training import ApiClient
+    from kubeflow.training.constants import constants
+
+    doc = k8s.workload(k8s.render(VARIANTS[name]))
+
+    class Response:
+        data = json.dumps(doc)
+
+    client = ApiClient()
+    model = client.deserialize(Response(), constants.PYTORCHJOB_MODEL)
+    assert type(model).__name__ == "KubeflowOrgV1PyTorchJob"
+    assert client.sanitize_for_serialization(model) == doc
+    for replica in model.spec.pytorch_replica_specs.values():
+        assert replica.template.spec.containers[0].name == constants.PYTORCHJOB_CONTAINER
+
+
+def test_job_encodes_the_exit_code_contract() -> None:
+    job = k8s.render_job(opts())
+    spec = job["spec"]
+    pod = spec["template"]["spec"]
+    assert pod["restartPolicy"] == "Never" and spec["podReplacementPolicy"] == "Failed"
+    rules = spec["podFailurePolicy"]["rules"]
+    assert rules[0] == {
+        "action": "Ignore",
+        "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}],
+    }
+    by_action = {r["action"]: r for r in rules[1:]}
+    assert by_action["FailJob"]["onExitCodes"]["values"] == [2, 3, 4, 5, 6]
+    assert by_action["Count"]["onExitCodes"]["values"] == [int(ExitCode.TEMPORARY)]
+    assert {r["onExitCodes"]["containerName"] for r in rules[1:]} == {pod["containers"][0]["name"]}
+    for key in ("backoffLimit", "activeDeadlineSeconds", "ttlSecondsAfterFinished"):
+        assert isinstance(spec[key], int) and spec[key] > 0
+    assert pod["terminationGracePeriodSeconds"] >= 120
+
+
+def test_pod_has_gpus_shm_cache_and_runs_non_root() -> None:
+    for doc in (k8s.render_job(opts(gpus=2)), k8s.render_pytorchjob(opts(nodes=2, gpus=2))):
+        for tpl in pod_templates(doc):
+            pod = tpl["spec"]
+            c = pod["containers"][0]
+            assert c["resources"]["limits"]["nvidia.com/gpu"] == "2"
+            volumes = {v["name"]: v for v in pod["volumes"]}
+            mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+            assert volumes[mounts["/dev/shm"]]["emptyDir"]["medium"] == "Memory"
+            assert volumes[mounts["/cache"]]["persistentVolumeClaim"]["claimName"] == "kolors-job-cache"
+            assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] != 0
+            assert c["securityContext"]["allowPrivilegeEscalation"] is False
+            assert pod["automountServiceAccountToken"] is False
+            env = {e["name"]: e["value"] for e in c["env"]}
+            assert env["KOLORS_JOB_MANIFEST_URI"] == "s3://b/m.yaml"
+            assert "nodeSelector" in pod and pod["tolerations"]
+            assert c["args"][-3:] == ["run", "--job-id", "t-1"]
+
+
+def test_multi_gpu_runs_the_exit_code_preserving_launcher() -> None:
+    one = k8s.render_job(opts())["spec"]["template"]["spec"]["containers"][0]
+    assert "command" not in one and one["args"] == ["run", "--job-id", "t-1"]  # the image ENTRYPOINT
+    four = k8s.render_job(opts(gpus=4))["spec"]["template"]["spec"]["containers"][0]
+    assert four["command"][:5] == ["tini", "--", "python", "-m", "kolors_job.launch.torchrun"]
+    assert "--standalone" in four["command"] and "--nproc-per-node=4" in four["command"]
+
+
+def test_pytorchjob_shape_and_retryable_exit_code() -> None:
+    doc = k8s.render_pytorchjob(opts(nodes=3, gpus=8))
+    spec = doc["spec"]
+    assert doc["apiVersion"] == "kubeflow.org/v1" and spec["nprocPerNode"] == "8"
+    assert spec["pytorchReplicaSpecs"]["Master"]["replicas"] == 1
+    assert spec["pytorchReplicaSpecs"]["Worker"]["replicas"] == 2
+    rp = spec["runPolicy"]
+    assert rp["cleanPodPolicy"] in ("Running", "All", "None") and rp["backoffLimit"] >= 1
+    assert rp["activeDeadlineSeconds"] > 0 and rp["ttlSecondsAfterFinished"] > 0
+    for replica in spec["pytorchReplicaSpecs"].values():
+        assert replica["restartPolicy"] == "ExitCode"
+        c = replica["template"]["spec"]["containers"][0]
+        assert c["name"] == "pytorch"
+        env = {e["name"]: e["value"] for e in c["env"]}
+        code = int(env["KOLORS_JOB_RETRYABLE_EXIT_CODE"])
+        assert 128 <= code <= 255, "ExitCode policy retries only 128-255"
+        assert code not in (137, 143), "must not look like SIGKILL/SIGTERM"
+        assert retryable_code(env) == code
+        assert c["command"][-1] == "kolors_job.launch.torchrun" and "--standalone" not in c["command"]
+
+
+def test_names_are_dns_labels_even_for_long_ids() -> None:
+    long_id = "a" * 40 + ".b_c-" + "d" * 18
+    name = k8s.k8s_name(long_id)
+    assert DNS1035.match(name) and len(name) <= 48
+    assert k8s.k8s_name(long_id) != k8s.k8s_name(long_id[:-1] + "e")
+    doc = k8s.render_pytorchjob(opts(job_id=long_id, nodes=2))
+    labels = doc["metadata"]["labels"]
+    assert all(len(v) <= 63 for v in labels.values())
+
+
+def test_render_refuses_impossible_shapes() -> None:
+    with pytest.raises(ValueError):
+        k8s.render(opts(kind="job", nodes=2))
+    with pytest.raises(ValueError):
+        k8s.render(opts(gpus=0))
+
+
+def test_committed_examples_are_current(tmp_path: Path) -> None:
+    """k8s/*.yaml are generated; this fails when the renderer changed and they were not regenerated."""
+    assert run_cli(["render", "k8s", "--write-examples", str(tmp_path)]) == 0
+    for fname in k8s.EXAMPLES:
+        fresh = (tmp_path / fname).read_text(encoding="utf-8")
+        committed = (ROOT / "k8s" / fname).read_text(encoding="utf-8")
+        assert committed == fresh, f"k8s/{fname} is stale: run `kolors-job render k8s --write-examples k8s/`"
+        for doc in yaml.safe_load_all(committed):
+            if doc["kind"] != "PyTorchJob":
+                validate_core(doc, K8S_VERSIONS[-1])
+
+
+def test_render_cli(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["render", "k8s", "--manifest-uri", "oss://b/m.yaml", "--image", "img:1", "--job-id", "cli-1"]
+    assert run_cli([*argv, "--gpus", "2", "--toleration", "dedicated=gpu:NoSchedule", "--env", "A=b"]) == 0
+    docs = list(yaml.safe_load_all(capsys.readouterr().out))
+    job = k8s.workload(docs)
+    pod = job["spec"]["template"]["spec"]
+    assert pod["tolerations"] == [{"key": "dedicated", "operator": "Equal", "value": "gpu", "effect": "NoSchedule"}]
+    assert {"name": "A", "value": "b"} in pod["containers"][0]["env"]
+    assert run_cli([*argv, "--nodes", "2"]) == 0
+    assert k8s.workload(list(yaml.safe_load_all(capsys.readouterr().out)))["kind"] == "PyTorchJob"
+    assert run_cli([*argv, "--nodes", "2", "--kind", "job"]) == int(ExitCode.INVALID_MANIFEST)
+    assert run_cli(["render", "k8s", "--image", "img:1"]) == int(ExitCode.INVALID_MANIFEST)
+    assert run_cli([*argv[:-2], "--job-id", "Bad Id"]) == int(ExitCode.INVALID_MANIFEST)
+    assert submit.JOB_ID_RE.match(submit.fresh_job_id("Purple Hair Girl!"))
+
+
+# ------------------------------------------------------------------------------------ torchrun wrapper
+
+
+class _F:
+    def __init__(self, exitcode: int, timestamp: int) -> None:
+        self.exitcode, self.timestamp = exitcode, timestamp
+
+
+def test_exit_code_of_prefers_the_first_real_failure() -> None:
+    assert exit_code_of({0: _F(-15, 2), 1: _F(4, 3)}) == 4  # rank 0 was killed after rank 1 failed
+    assert exit_code_of({0: _F(203, 1), 1: _F(2, 5)}) == 203
+    assert exit_code_of({0: _F(-9, 1)}) == 137
+    assert retryable_code({}) == 75 and retryable_code({"KOLORS_JOB_RETRYABLE_EXIT_CODE": "x"}) == 75
+
+
+def test_torchrun_wrapper_keeps_the_failing_ranks_exit_code(tmp_path: Path) -> None:
+    """Real torchrun, 2 CPU processes: rank 1 exits 4 (invalid input), the launcher must exit 4, not 1."""
+    script = tmp_path / "worker.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            import os, sys, time
+            if os.environ["RANK"] == "1":
+                sys.exit(int(os.environ["CODE"]))
+            time.sleep(30)
+            """
+        )
+    )
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "kolors_job.launch.torchrun",
+            "--standalone",
+            "--nproc-per-node=2",
+            str(script),
+        ],
+        env={**os.environ, "CODE": "4", "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert r.returncode == 4, r.stderr[-2000:]

@@ -1,0 +1,472 @@
+"""``kolors-job submit``, the CI trigger, against a real S3 server (moto on 127.0.0.1).
+
+The test plays the job: it writes what a finished (or failing, or stuck) run leaves under
+``<output>/<job id>/`` — status.json, report.json, _SUCCESS — and checks that submit uploads the
+manifest, reads those outputs back over S3 and exits with the right code for CI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shlex
+import sys
+import textwrap
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any, ClassVar
+
+import pytest
+import yaml
+
+from kolors_job.errors import ExitCode
+from kolors_job.launch import register_cli, submit
+from kolors_job.storage import open_store
+
+SCORES = [6.41, 6.12, 5.98, 6.33, 6.05, 6.27, 6.5, 6.2]
+MEAN = sum(SCORES) / len(SCORES)
+
+
+def report(passed: bool, threshold: float = 6.0) -> dict[str, Any]:
+    per_image = [{"file": f"images/{i:02d}.png", "score": s} for i, s in enumerate(SCORES, 1)]
+    mean = sum(SCORES) / len(SCORES)
+    return {"score": {"per_image": per_image, "mean": mean, "threshold": threshold, "passed": passed}}
+
+
+def run_cli(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="kolors-job")
+    register_cli(p.add_subparsers(dest="command", required=True))
+    ns = p.parse_args(argv)
+    return ns.func(ns)
+
+
+@pytest.fixture
+def bucket(s3_backend: Any, s3_bucket_uri: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A fresh bucket; KOLORS_JOB_S3_* point the storage layer (and child processes) at the server."""
+    monkeypatch.setenv("KOLORS_JOB_S3_ENDPOINT_URL", s3_backend.endpoint_url)
+    monkeypatch.setenv("KOLORS_JOB_S3_REGION", s3_backend.region)
+    monkeypatch.setenv("KOLORS_JOB_S3_ADDRESSING_STYLE", "path")
+    monkeypatch.setenv("KOLORS_JOB_STORAGE_MAX_ATTEMPTS", "2")
+    monkeypatch.delenv("GITHUB_STEP_SUMMARY", raising=False)
+    return s3_bucket_uri.rstrip("/")
+
+
+@pytest.fixture
+def manifest(tmp_path: Path, bucket: str) -> Path:
+    path = tmp_path / "job.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "kolors-job/v1",
+                "kind": "LoraStoryJob",
+                "metadata": {"name": "ci-story"},
+                "spec": {"output": {"uri": f"{bucket}/out/"}},
+            }
+        ),
+        encoding="utf-8",
+    )
+    return path
+
+
+def plant(
+    root: str,
+    *,
+    status: dict[str, Any] | None = None,
+    rep: dict[str, Any] | None = None,
+    success: bool = False,
+) -> None:
+    """Write a run's outputs the way the job does: report, status, then _SUCCESS last."""
+    store = open_store(root)
+    if rep is not None:
+        store.write_bytes("report.json", json.dumps(rep).encode())
+    if status is not None:
+        store.write_bytes("status.json", json.dumps(status).encode())
+    if success:
+        store.write_bytes("_SUCCESS", b"")
+
+
+def submit_args(manifest: Path, bucket: str, job_id: str, *extra: str, target: str = "k8s") -> list[str]:
+    return [
+        "submit",
+        target,
+        "--manifest",
+        str(manifest),
+        "--bucket",
+        f"{bucket}/jobs",
+        "--job-id",
+        job_id,
+        "--poll",
+        "0.05",
+        "--timeout",
+        "20",
+        *extra,
+    ]
+
+
+def test_success_uploads_the_manifest_and_reports_scores(
+    manifest: Path,
+    bucket: str,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    summary = tmp_path / "summary.md"
+    monkeypatch.setenv("GITHUB_STEP_SUMMARY", str(summary))
+    plant(
+        f"{bucket}/out/ok-1",
+        status={"state": "succeeded", "stage": "report", "exit_code": 0},
+        rep=report(True),
+        success=True,
+    )
+    assert run_cli(submit_args(manifest, bucket, "ok-1", "--no-start")) == 0
+    out = capsys.readouterr().out
+    assert open_store(f"{bucket}/jobs/ok-1").read_bytes("manifest.yaml") == manifest.read_bytes()
+    for i, s in enumerate(SCORES, 1):
+        assert f"images/{i:02d}.png  {s:.3f}" in out
+    assert f"mean {MEAN:.3f} vs threshold 6.000: PASSED" in out
+    assert "result: succeeded (exit 0)" in out
+    md = summary.read_text(encoding="utf-8")
+    assert "| images/01.png | 6.410 |" in md and "PASSED" in md
+
+
+def test_job_failure_returns_the_jobs_exit_code(
+    manifest: Path, bucket: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    plant(
+        f"{bucket}/out/bad-1",
+        status={
+            "state": "failed",
+            "stage": "dataset",
+            "exit_code": 4,
+            "error": {"type": "InputError", "message": "no images left after filters"},
+        },
+    )
+    assert run_cli(submit_args(manifest, bucket, "bad-1", "--no-start")) == int(ExitCode.INVALID_INPUT)
+    out = capsys.readouterr().out
+    assert "job failed (exit 4): InputError: no images left after filters" in out
+    assert "no report.json" in out
+
+
+def test_failure_without_an_exit_code_is_1(manifest: Path, bucket: str) -> None:
+    plant(f"{bucket}/out/bad-2", status={"state": "failed", "error": "boom"})
+    assert run_cli(submit_args(manifest, bucket, "bad-2", "--no-start")) == 1
+
+
+def test_quality_gate_failure_exits_3_with_the_scores(
+    manifest: Path, bucket: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    plant(
+        f"{bucket}/out/gate-1",
+        status={"state": "failed", "stage": "score", "exit_code": 3},
+        rep=report(False, 6.5),
+    )
+    assert run_cli(submit_args(manifest, bucket, "gate-1", "--no-start")) == int(ExitCode.QUALITY_GATE)
+    out = capsys.readouterr().out
+    assert f"mean {MEAN:.3f} vs threshold 6.500: FAILED" in out and "images/08.png  6.200" in out
+    # A job run with the gate off still succeeds, but CI is told the story would be rejected.
+    plant(f"{bucket}/out/gate-2", status={"state": "succeeded"}, rep=report(False, 6.5), success=True)
+    assert run_cli(submit_args(manifest, bucket, "gate-2", "--no-start")) == int(ExitCode.QUALITY_GATE)
+
+
+def test_timeout_exits_75(manifest: Path, bucket: str, capsys: pytest.CaptureFixture[str]) -> None:
+    plant(f"{bucket}/out/slow-1", status={"state": "running", "stage": "train", "step": 40, "total": 500})
+    t0 = time.monotonic()
+    rc = run_cli([*submit_args(manifest, bucket, "slow-1", "--no-start"), "--timeout", "0.5"])
+    assert rc == int(ExitCode.TEMPORARY) and time.monotonic() - t0 < 10
+    out = capsys.readouterr().out
+    assert "state running, stage train, step 40/500" in out and "timed out" in out
+
+
+def test_waits_for_outputs_that_arrive_later(manifest: Path, bucket: str, capsys: pytest.CaptureFixture[str]) -> None:
+    root = f"{bucket}/out/later-1"
+
+    def job() -> None:
+        time.sleep(0.3)
+        plant(root, status={"state": "running", "stage": "story"})
+        time.sleep(0.3)
+        plant(root, status={"state": "succeeded", "stage": "report"}, rep=report(True), success=True)
+
+    t = threading.Thread(target=job)
+    t.start()
+    try:
+        assert run_cli(submit_args(manifest, bucket, "later-1", "--no-start")) == 0
+    finally:
+        t.join()
+    out = capsys.readouterr().out
+    assert out.index("state running, stage story") < out.index("result: succeeded")
+
+
+def finish_when_started(monkeypatch: pytest.MonkeyPatch, starter: str, root: str) -> None:
+    """Play the job: once submit has started it, its outputs appear."""
+    original = getattr(submit, starter)
+
+    def start(*args: Any) -> Any:
+        result = original(*args)
+        plant(root, status={"state": "succeeded"}, rep=report(True), success=True)
+        return result
+
+    monkeypatch.setattr(submit, starter, start)
+
+
+def test_k8s_without_kubectl_prints_the_yaml_and_waits(
+    manifest: Path, bucket: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    finish_when_started(monkeypatch, "_start_k8s", f"{bucket}/out/k-1")
+    argv = submit_args(manifest, bucket, "k-1", "--kubectl", "", "--image", "reg/kj:1", "--gpus", "2")
+    assert run_cli(argv) == 0
+    out = capsys.readouterr().out
+    docs = list(yaml.safe_load_all(out[out.index("apiVersion: batch/v1") : out.index("kubectl (disabled)")]))
+    env = {e["name"]: e["value"] for e in docs[0]["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["KOLORS_JOB_MANIFEST_URI"] == f"{bucket}/jobs/k-1/manifest.yaml"
+    assert run_cli(submit_args(manifest, bucket, "k-2", "--kubectl", "")) == int(ExitCode.INVALID_MANIFEST)
+
+
+def test_fresh_job_id_and_manifest_checks(
+    manifest: Path, bucket: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = [
+        "submit",
+        "k8s",
+        "--manifest",
+        str(manifest),
+        "--bucket",
+        f"{bucket}/jobs",
+        "--no-start",
+        "--no-wait",
+    ]
+    assert run_cli(argv) == 0
+    job_id = capsys.readouterr().out.split("job id", 1)[1].split()[0]
+    assert job_id.startswith("ci-story-") and submit.JOB_ID_RE.match(job_id)
+    assert open_store(f"{bucket}/jobs/{job_id}").exists("manifest.yaml")
+    # Same id, same manifest: fine (a rerun resumes). Same id, another manifest: refused.
+    assert run_cli([*argv, "--job-id", job_id]) == 0
+    other = tmp_path / "other.yaml"
+    other.write_text(manifest.read_text().replace("ci-story", "other-story"), encoding="utf-8")
+    argv_other = [*argv, "--job-id", job_id]
+    argv_other[argv_other.index(str(manifest))] = str(other)
+    assert run_cli(argv_other) == int(ExitCode.OUTPUT_CONFLICT)
+    # An invalid manifest is refused before anything is uploaded.
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("spec:\n  output:\n    uri: s3://x/\n  train: {rnak: 4}\n", encoding="utf-8")
+    argv_broken = [*argv, "--job-id", "broken-1"]
+    argv_broken[argv_broken.index(str(manifest))] = str(broken)
+    assert run_cli(argv_broken) == int(ExitCode.INVALID_MANIFEST)
+    assert "spec.train.rnak" in capsys.readouterr().err
+    assert not open_store(f"{bucket}/jobs/broken-1").exists("manifest.yaml")
+    assert run_cli(["submit", "local", "--manifest", str(manifest)]) == int(ExitCode.INVALID_MANIFEST)  # no bucket
+
+
+# ------------------------------------------------------------------------------------ local target
+
+FAKE_JOB = textwrap.dedent(
+    """
+    import json, sys, time
+    from kolors_job.storage import open_store
+    manifest_uri, job_id, root, mode = sys.argv[1:5]
+    assert open_store(manifest_uri.rsplit("/", 1)[0]).exists("manifest.yaml")
+    store = open_store(f"{root}/{job_id}")
+    store.write_bytes("status.json", json.dumps({"state": "running", "stage": "train"}).encode())
+    time.sleep(0.3)
+    if mode == "crash":
+        sys.exit(75)
+    if mode == "retry":  # attempt 1 fails retryably, the scheduler's attempt 2 succeeds
+        store.write_bytes("status.json", json.dumps({"state": "failed", "exit_code": 75}).encode())
+        time.sleep(0.5)
+    report = json.loads(sys.argv[5])
+    store.write_bytes("report.json", json.dumps(report).encode())
+    store.write_bytes("status.json", json.dumps({"state": "succeeded", "stage": "report", "exit_code": 0}).encode())
+    store.write_bytes("_SUCCESS", b"")
+    """
+)
+
+
+def _fake_local(monkeypatch: pytest.MonkeyPatch, root: str, mode: str) -> None:
+    def command(manifest_uri: str, job_id: str, output: str | None) -> list[str]:
+        return [sys.executable, "-c", FAKE_JOB, manifest_uri, job_id, root, mode, json.dumps(report(True))]
+
+    monkeypatch.setattr(submit, "local_command", command)
+
+
+def test_local_target_runs_the_job_and_ignores_a_previous_attempts_status(
+    manifest: Path, bucket: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # An earlier attempt of this job id failed; the new run must not be judged by that.
+    plant(f"{bucket}/out/loc-1", status={"state": "failed", "exit_code": 75})
+    _fake_local(monkeypatch, f"{bucket}/out", "ok")
+    assert run_cli(submit_args(manifest, bucket, "loc-1", target="local")) == 0
+    out = capsys.readouterr().out
+    assert "started: local process" in out and "result: succeeded (exit 0)" in out
+
+
+def test_local_target_that_dies_without_a_final_status(
+    manifest: Path, bucket: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _fake_local(monkeypatch, f"{bucket}/out", "crash")
+    assert run_cli(submit_args(manifest, bucket, "loc-2", target="local")) == int(ExitCode.TEMPORARY)
+    assert "ended without a final status.json" in capsys.readouterr().out
+
+
+def test_a_retryable_failure_is_not_final_while_the_scheduler_runs(
+    manifest: Path, bucket: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _fake_local(monkeypatch, f"{bucket}/out", "retry")
+    assert run_cli(submit_args(manifest, bucket, "loc-3", target="local")) == 0
+    out = capsys.readouterr().out
+    assert "state failed" in out and "result: succeeded (exit 0)" in out
+
+
+def test_local_command_runs_kolors_job_run() -> None:
+    cmd = submit.local_command("s3://b/j/manifest.yaml", "j", "s3://o/")
+    assert cmd[1:] == [
+        "-m",
+        "kolors_job",
+        "run",
+        "--manifest",
+        "s3://b/j/manifest.yaml",
+        "--job-id",
+        "j",
+        "--output",
+        "s3://o/",
+    ]
+
+
+# ------------------------------------------------------------------------------------ dlc target
+
+
+class _FakeDlc(BaseHTTPRequestHandler):
+    created: ClassVar[list[dict[str, Any]]] = []
+    statuses: ClassVar[list[str]] = []
+    fail: ClassVar[tuple[int, str] | None] = None
+
+    def _reply(self, obj: dict[str, Any]) -> None:
+        body = json.dumps(obj).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_POST(self) -> None:
+        type(self).created.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+        if type(self).fail:
+            status, code = type(self).fail
+            body = json.dumps({"Code": code, "Message": "kolors-test-secret is not allowed", "RequestId": "r"})
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body.encode())
+            return
+        self._reply({"JobId": "dlcjob1", "RequestId": "r"})
+
+    def do_GET(self) -> None:
+        st = type(self).statuses
+        self._reply({"JobId": "dlcjob1", "Status": st.pop(0) if len(st) > 1 else st[0], "RequestId": "r"})
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def dlc_endpoint(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    monkeypatch.setenv("ALIBABA_CLOUD_ACCESS_KEY_ID", "kolors-test-ak")
+    monkeypatch.setenv("ALIBABA_CLOUD_ACCESS_KEY_SECRET", "kolors-test-secret")
+    _FakeDlc.created, _FakeDlc.statuses, _FakeDlc.fail = [], ["Running"], None
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _FakeDlc)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+DLC_SETS = [
+    "--set",
+    "WorkspaceId=42",
+    "--set",
+    "DataSources.0.Uri=oss://c.oss-cn-hangzhou-internal.aliyuncs.com/x/",
+    "--set",
+    "CredentialConfig.CredentialConfigItems.0.Roles.0.RoleArn=acs:ram::1:role/k",
+]
+
+
+def test_dlc_target_creates_the_job_and_reports(
+    manifest: Path,
+    bucket: str,
+    dlc_endpoint: str,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    finish_when_started(monkeypatch, "_start_dlc", f"{bucket}/out/dlc-1")
+    argv = submit_args(
+        manifest, bucket, "dlc-1", "--endpoint", dlc_endpoint, "--image", "reg/kj:1", *DLC_SETS, target="dlc"
+    )
+    assert run_cli(argv) == 0
+    (body,) = _FakeDlc.created
+    assert body["Envs"]["KOLORS_JOB_MANIFEST_URI"] == f"{bucket}/jobs/dlc-1/manifest.yaml"
+    assert body["UserCommand"] == "python /app/entrypoint.py run --job-id dlc-1" and body["WorkspaceId"] == "42"
+    assert "started: PAI-DLC job dlcjob1" in capsys.readouterr().out
+
+
+def test_dlc_job_that_fails_before_writing_outputs(
+    manifest: Path, bucket: str, dlc_endpoint: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _FakeDlc.statuses = ["Queuing", "Failed"]
+    argv = submit_args(
+        manifest, bucket, "dlc-2", "--endpoint", dlc_endpoint, "--image", "reg/kj:1", *DLC_SETS, target="dlc"
+    )
+    assert run_cli(argv) == 1
+    assert "ended without a final status.json/_SUCCESS (DLC Failed)" in capsys.readouterr().out
+    # A spec with placeholders left is refused before anything is created.
+    _FakeDlc.created.clear()
+    argv = submit_args(manifest, bucket, "dlc-3", "--endpoint", dlc_endpoint, "--image", "reg/kj:1", target="dlc")
+    assert run_cli(argv) == int(ExitCode.INVALID_MANIFEST) and not _FakeDlc.created
+
+
+# ------------------------------------------------------------------------------------ CI example
+
+
+def test_example_workflow_pins_actions_uses_oidc_and_valid_submit_flags() -> None:
+    path = Path(__file__).resolve().parents[1] / "examples" / "ci" / "github-actions.yml"
+    wf = yaml.safe_load(path.read_text(encoding="utf-8"))
+    p = argparse.ArgumentParser(prog="kolors-job")
+    register_cli(p.add_subparsers(dest="command", required=True))
+    submits = 0
+    for name, job in wf["jobs"].items():
+        for step in job["steps"]:
+            if "uses" in step:
+                action, _, ref = step["uses"].partition("@")
+                assert re.fullmatch(r"v\d+\.\d+\.\d+|[0-9a-f]{40}", ref), f"{name}: pin {action} exactly, not @{ref}"
+            run = step.get("run", "")
+            if run.startswith("kolors-job submit"):
+                submits += 1
+                assert job["permissions"]["id-token"] == "write", f"{name}: OIDC needs id-token: write"
+                argv = shlex.split(re.sub(r"\$\{\{[^}]*\}\}|\$[A-Z_]+", "X", run))[1:]
+                ns = p.parse_args(argv)  # every flag the example uses exists
+                assert ns.target in ("dlc", "k8s") and ns.job_id == "X" and ns.timeout > 3600
+    assert submits == 2
+
+
+@pytest.mark.parametrize(
+    ("status", "code", "expected"),
+    [(403, "Forbidden.RAM", 5), (503, "ServiceUnavailable", 75), (400, "InvalidParameter.EcsSpec", 1)],
+)
+def test_dlc_create_failures_map_to_contract_exit_codes(
+    manifest: Path,
+    bucket: str,
+    dlc_endpoint: str,
+    capsys: pytest.CaptureFixture[str],
+    status: int,
+    code: str,
+    expected: int,
+) -> None:
+    _FakeDlc.fail = (status, code)
+    argv = submit_args(
+        manifest, bucket, f"dlc-f{status}", "--endpoint", dlc_endpoint, "--image", "reg/kj:1", *DLC_SETS, target="dlc"
+    )
+    assert run_cli(argv) == expected
+    err = capsys.readouterr().err
+    assert f"PAI-DLC CreateJob failed: {code}" in err and "kolors-test-secret" not in err
