@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kolors_job.errors import ExitCode, JobError, JobInterruptedError, OutputConflictError
+from kolors_job.errors import ExitCode, InputError, JobError, JobInterruptedError, OutputConflictError
+from kolors_job.log import progress_enabled
 from kolors_job.manifest import Manifest
 from kolors_job.redact import redact_uri, scrub
 from kolors_job.settings import Settings
@@ -113,6 +114,7 @@ class Job:
         self.status = StatusWriter(self.store if self.main else None, self.job_id, self.digest)
         self.timings: dict[str, float] = {}
         self.device = _device()
+        self.progress = settings.log_format == "text" or (settings.log_format == "auto" and progress_enabled())
 
     # ------------------------------------------------------------------ helpers
 
@@ -200,11 +202,22 @@ def resolve_models(job: Job) -> ResolvedModels:
     return ResolvedModels(base, vae, aesthetic, random_weights)
 
 
-def run_dataset(job: Job) -> Any:
+def run_dataset(job: Job) -> tuple[Any, dict[str, Any]]:
+    """Fetch + scan; no surviving image is an input error (exit 4), not a crash in training."""
     from kolors_job.dataset import fetch_dataset, scan_dataset
 
-    root = fetch_dataset(job.manifest.spec.dataset, job.settings)
-    return scan_dataset(root, job.manifest.spec.dataset)
+    spec = job.manifest.spec.dataset
+    root = fetch_dataset(spec, job.settings)
+    scan = scan_dataset(root, spec)
+    summary = scan.report(spec.source).to_dict()
+    log.info("dataset: %d kept, skipped %s", scan.kept, summary["skipped"] or "none", extra={"kept": scan.kept})
+    if not scan.items:
+        raise InputError(
+            f"dataset {redact_uri(spec.source)}: no image survived the filters "
+            f"(skipped: {summary['skipped'] or 'none'}; min {spec.filters.min_width}x{spec.filters.min_height}, "
+            f"aspect {spec.filters.aspect_ratio[0]}-{spec.filters.aspect_ratio[1]})"
+        )
+    return scan, summary
 
 
 def _newest_complete_checkpoint(job: Job) -> str | None:
@@ -262,7 +275,8 @@ def run_train(job: Job, models: ResolvedModels, items: list[Any]) -> dict[str, A
         resume_from=resume_from,
         on_checkpoint=on_checkpoint,
         should_stop=job.stop,
-        progress=job.settings.log_format == "text",
+        progress=job.progress,
+        caption_dropout=job.manifest.spec.dataset.caption.dropout,
     )
     if result.interrupted:
         raise JobInterruptedError(f"interrupted at step {result.steps}; checkpoint saved; rerun to resume")
@@ -275,7 +289,8 @@ def run_train(job: Job, models: ResolvedModels, items: list[Any]) -> dict[str, A
         "peak_memory_bytes": result.peak_memory_bytes,
         "precision": result.precision,
         "gradient_checkpointing": result.gradient_checkpointing,
-        "samples_seen": getattr(result, "samples_seen", None),
+        "samples_seen": result.samples_seen,
+        "lora_sha256": result.lora_sha256,
     }
     job.upload_dir(lora_local, "lora/")
     job.put_json(f"{STATE}/train.json", summary)
@@ -314,7 +329,7 @@ def run_story(job: Job, models: ResolvedModels, scorer: Any) -> list[dict[str, A
         skip=done,
         on_frame=on_frame,
         scorer=scorer if spec.best_of > 1 else None,
-        progress=job.settings.log_format == "text",
+        progress=job.progress,
     )
     prompts = {
         "negative_prompt": spec.negative_prompt,
@@ -352,38 +367,69 @@ def run_score(job: Job, scorer: Any, frames: list[dict[str, Any]]) -> Any:
     return score_story(images, job.manifest.spec.score, scorer)
 
 
-def run_report(job: Job, models: ResolvedModels, dataset: Any, train: dict[str, Any],
-               frames: list[dict[str, Any]], scores: Any) -> dict[str, Any]:
+def _is_full_size_kolors(model_dir: Path) -> bool:
+    """Whether the UNet has the real Kolors block structure (what DiffSynth's converter knows)."""
+    from kolors_job.tiny import KOLORS_UNET_CONFIG
+
+    cfg = json.loads((model_dir / "unet" / "config.json").read_text())
+    keys = ("block_out_channels", "layers_per_block", "transformer_layers_per_block", "attention_head_dim",
+            "cross_attention_dim", "encoder_hid_dim", "addition_time_embed_dim")
+    return all(json.dumps(cfg.get(k)) == json.dumps(KOLORS_UNET_CONFIG.get(k)) for k in keys)
+
+
+def run_report(
+    job: Job,
+    models: ResolvedModels,
+    dataset: dict[str, Any],
+    train: dict[str, Any],
+    frames: list[dict[str, Any]],
+    scores: Any,
+) -> dict[str, Any]:
+    """story.jpg, the LoRA exports + model card, report.json/html, and the challenge submission."""
     from PIL import Image
 
-    from kolors_job.export import LoraInfo, export_all, write_model_card
+    from kolors_job.export import LoraInfo, export_all
     from kolors_job.report import device_info, package_versions, tile_story, write_report
-    from kolors_job.submission import build_submission
+    from kolors_job.submission import build_submission, check_submission
 
     spec = job.manifest.spec
     images = [Image.open(job.work / f["image"]).convert("RGB") for f in frames]
     story_path = job.work / "story.jpg"
-    tile_story(images).save(story_path, quality=92)
+    # the reference notebook: 4 rows of 2 frames, resized to 1024 wide x 2048 high
+    tile_story(images, cols=2, size=(1024, 2048)).save(story_path, quality=92)
 
     for f, s in zip(frames, scores.per_image, strict=True):
         f["score"] = s
-    dataset_summary = dataset.summary() if hasattr(dataset, "summary") else dict(dataset)
-    score_dict = {
-        "per_image": scores.per_image,
-        "mean": scores.mean,
-        "threshold": scores.threshold,
-        "passed": scores.passed,
-        "consistency": scores.consistency,
-    }
+    score_dict = scores.to_dict()
     info = LoraInfo(
         rank=spec.train.rank,
         alpha=spec.train.alpha,
-        target_modules=list(spec.train.target_modules),
-        base_model=spec.model.base,
-        trigger=spec.dataset.caption.fixed or spec.dataset.caption.prefix or "",
+        target_modules=tuple(spec.train.target_modules),
+        base_model=redact_uri(spec.model.base),
+        trigger=spec.dataset.caption.prefix or spec.dataset.caption.fixed or "",
+        name=job.job_id,
+        steps=train.get("steps"),
+        learning_rate=spec.train.learning_rate,
+        resolution=spec.train.resolution,
+        batch_size=spec.train.batch_size,
+        seed=spec.train.seed,
+        precision=train.get("precision"),
     )
-    exported = export_all(job.work / "lora", info, job.work / "lora", list(spec.output.lora_formats))
-    write_model_card(job.work / "lora", info, score_dict, dataset_summary)
+    formats = list(spec.output.lora_formats)
+    skipped_formats: dict[str, str] = {}
+    if "diffsynth" in formats and not _is_full_size_kolors(models.base):
+        # DiffSynth 1.1.9 hard-codes the full Kolors UNet: its keys/shapes exist only for that architecture.
+        formats.remove("diffsynth")
+        skipped_formats["diffsynth"] = "the base UNet is not the full-size Kolors architecture (e.g. tiny://kolors)"
+        log.warning("lora export: diffsynth skipped: %s", skipped_formats["diffsynth"])
+    exported = export_all(
+        job.work / "lora",
+        info,
+        job.work / "lora",
+        formats,
+        scores=score_dict,
+        dataset_summary=dataset,
+    )
     job.upload_dir(job.work / "lora", "lora/")
 
     report: dict[str, Any] = {
@@ -391,33 +437,36 @@ def run_report(job: Job, models: ResolvedModels, dataset: Any, train: dict[str, 
         "manifest_digest": job.digest,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "output": job.output_uri,
-        "model": {"base": redact_uri(spec.model.base), "vae": spec.model.vae and redact_uri(spec.model.vae),
-                  "random_weights": models.random_weights},
-        "dataset": dataset_summary,
+        "model": {
+            "base": redact_uri(spec.model.base),
+            "vae": redact_uri(spec.model.vae) if spec.model.vae else None,
+            "random_weights": models.random_weights,
+        },
+        "dataset": dataset,
         "train": train,
         "story": {"frames": frames, "settings": spec.story.model_dump(mode="json", exclude={"frames"})},
         "score": score_dict,
-        "lora_files": {k: str(Path(v).relative_to(job.work)) for k, v in exported.items()},
+        "lora_files": {k: Path(v).relative_to(job.work).as_posix() for k, v in exported.items()},
+        "lora_formats_skipped": skipped_formats,
         "timings": dict(job.timings),
         "device": device_info(),
         "versions": package_versions(),
         "manifest": job.manifest.resolved(),
     }
-    write_report(job.work, report)
-    for name in ("story.jpg", "report.json", "report.html"):
-        job.upload(name, job.work / name)
-
-    lora_file = job.work / "lora" / "pytorch_lora_weights.safetensors"
     sub = build_submission(
         job.work,
-        lora_file=lora_file,
-        model_card=job.work / "lora" / "README.md",
+        lora_file=[p for k, p in exported.items() if k != "card"],
+        model_card=exported.get("card", job.work / "lora" / "README.md"),
         images=[job.work / f["image"] for f in frames],
         prompts=frames,
         story_jpg=story_path,
         score=score_dict,
     )
+    report["submission"] = {"problems": check_submission(sub)}
     job.upload_dir(sub, "submission/")
+    write_report(job.work, report)
+    for name in ("story.jpg", "report.json", "report.html"):
+        job.upload(name, job.work / name)
     return report
 
 
@@ -462,11 +511,11 @@ def _run(job: Job) -> JobOutcome:
         models = resolve_models(job)
 
     with job.stage("dataset"):
-        dataset = run_dataset(job)
-        job.put_json(f"{STATE}/dataset.json", dataset.summary())
+        scan, dataset = run_dataset(job)
+        job.put_json(f"{STATE}/dataset.json", dataset)
 
     with job.stage("train", total=job.manifest.spec.train.steps):
-        train = run_train(job, models, dataset.items)
+        train = run_train(job, models, scan.items)
 
     if not job.main:  # DDP workers are done once the LoRA is trained; rank 0 draws and reports
         return JobOutcome(job.job_id, job.output_uri, ExitCode.OK, "succeeded", "worker finished training")
