@@ -1,0 +1,172 @@
+"""The whole job on the tiny model: output contract, quality gate, hostile dataset, idempotence."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from kolors_job.demo import build_demo_dataset
+from kolors_job.errors import ExitCode
+from kolors_job.manifest import Manifest
+from kolors_job.runner import Job, JobOutcome, run_job
+from kolors_job.settings import Settings
+
+CONTRACT = [
+    "manifest.resolved.yaml",
+    "status.json",
+    "lora/pytorch_lora_weights.safetensors",
+    "lora/README.md",
+    *[f"images/{i:02d}.png" for i in range(1, 9)],
+    "prompts.json",
+    "story.jpg",
+    "report.json",
+    "report.html",
+    "submission/README.md",
+    "_SUCCESS",
+]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Any:
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny shapes: threads only add contention on a 2-core runner
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny_manifest(data: Path, output: str, **overrides: Any) -> Manifest:
+    spec: dict[str, Any] = {
+        "model": {"base": "tiny://kolors"},
+        "dataset": {"source": str(data), "caption": {"fixed": None}, "filters": {"min_width": 64, "min_height": 64}},
+        "train": {"resolution": 64, "steps": 4, "batch_size": 2, "checkpoint_every": 2, "precision": "fp32",
+                  "learning_rate": 1e-3},
+        "story": {"width": 64, "height": 64, "steps": 3},
+        "score": {"aesthetic_model": "tiny://aesthetic", "threshold": 1.0},
+        "output": {"uri": output},
+    }
+    for dotted, value in overrides.items():
+        node = spec
+        *parents, leaf = dotted.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return Manifest.model_validate({"metadata": {"name": "tiny-job"}, "spec": spec})
+
+
+@pytest.fixture(scope="module")
+def demo_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_demo_dataset(tmp_path_factory.mktemp("data") / "ds", n=6)
+
+
+def run(manifest: Manifest, settings: Settings, **kwargs: Any) -> JobOutcome:
+    return run_job(Job(manifest, settings=settings, **kwargs))
+
+
+def test_job_to_s3_leaves_the_output_contract(job_env: Path, demo_data: Path, storage_env: Settings,
+                                              s3_bucket_uri: str, shared_cache: Path) -> None:
+    from kolors_job.storage import open_store
+
+    settings = storage_env.model_copy(update={"cache_dir": shared_cache, "work_dir": job_env / "work"})
+    outcome = run(tiny_manifest(demo_data, s3_bucket_uri + "runs/"), settings)
+    assert outcome.exit_code == ExitCode.OK, outcome.message
+    store = open_store(s3_bucket_uri + "runs/tiny-job/", settings)
+    keys = set(store.list())
+    assert set(CONTRACT) <= keys, sorted(set(CONTRACT) - keys)
+    status = json.loads(store.read_bytes("status.json"))
+    assert status["state"] == "succeeded" and status["exit_code"] == 0
+    assert list(status["stages"]) == ["prepare", "models", "dataset", "train", "story", "score", "report"]
+    report = json.loads(store.read_bytes("report.json"))
+    assert report["model"]["random_weights"] is True
+    assert len(report["score"]["per_image"]) == 8
+    assert report["score"]["mean"] == pytest.approx(sum(report["score"]["per_image"]) / 8)
+    assert len(report["train"]["losses"]) == 4
+    assert report["submission"]["problems"] == []
+    resolved = yaml.safe_load(store.read_bytes("manifest.resolved.yaml"))
+    assert resolved["spec"]["train"]["rank"] == 16
+    story = Image.open(io.BytesIO(store.read_bytes("story.jpg")))
+    assert story.size == (1024, 2048)  # the reference: 4 rows of 2 frames, resized to 1024x2048
+
+    # idempotent: a second run sees _SUCCESS and recomputes nothing
+    again = run(tiny_manifest(demo_data, s3_bucket_uri + "runs/"), settings)
+    assert again.exit_code == ExitCode.OK and again.state == "skipped"
+    # another manifest under the same job id is refused, nothing overwritten
+    before = store.read_bytes("report.json")
+    other = run(tiny_manifest(demo_data, s3_bucket_uri + "runs/", **{"train.rank": 4}), settings)
+    assert other.exit_code == ExitCode.OUTPUT_CONFLICT
+    assert "different manifest" in other.message
+    assert store.read_bytes("report.json") == before
+
+
+def test_quality_gate_flips_the_result(job_env: Path, demo_data: Path, shared_cache: Path) -> None:
+    settings = Settings(cache_dir=shared_cache, work_dir=job_env / "work")
+    out = job_env / "out"
+    ok = run(tiny_manifest(demo_data, str(out)), settings, job_id="gate-low")
+    assert ok.exit_code == ExitCode.OK
+    mean = json.loads((out / "gate-low" / "report.json").read_text())["score"]["mean"]
+    high = tiny_manifest(demo_data, str(out), **{"score.threshold": min(10.0, mean + 0.5)})
+    failed = run(high, settings, job_id="gate-high")
+    assert failed.exit_code == ExitCode.QUALITY_GATE
+    assert "below the threshold" in failed.message
+    job_dir = out / "gate-high"
+    assert not (job_dir / "_SUCCESS").exists()
+    report = json.loads((job_dir / "report.json").read_text())
+    assert report["score"]["passed"] is False and report["score"]["mean"] == pytest.approx(mean)
+    assert json.loads((job_dir / "status.json").read_text())["exit_code"] == ExitCode.QUALITY_GATE
+
+
+def _hostile_dataset(root: Path) -> Path:
+    build_demo_dataset(root, n=4)
+    buf = io.BytesIO()
+    Image.new("CMYK", (96, 96), (10, 200, 30, 0)).save(buf, "JPEG")
+    (root / "cmyk.jpg").write_bytes(buf.getvalue())
+    (root / "cmyk.txt").write_text("二次元", encoding="utf-8")
+    Image.fromarray((torch.full((96, 96), 30000, dtype=torch.int32)).numpy().astype("uint16")).save(root / "deep.png")
+    (root / "deep.txt").write_text("二次元", encoding="utf-8")
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.new("RGB", (128, 96), (0, 0, 255)).save(root / "rotated.jpg", exif=exif)
+    (root / "rotated.txt").write_text("二次元", encoding="utf-8")
+    Image.new("RGB", (300, 300)).resize((30, 30)).save(root / "small.png")  # 30x30 < min 64
+    return root
+
+
+def test_hostile_dataset_trains_and_counts_every_skip(job_env: Path, shared_cache: Path) -> None:
+    data = _hostile_dataset(job_env / "hostile")
+    settings = Settings(cache_dir=shared_cache, work_dir=job_env / "work")
+    outcome = run(tiny_manifest(data, str(job_env / "out")), settings)
+    assert outcome.exit_code == ExitCode.OK, outcome.message
+    ds = json.loads((job_env / "out" / "tiny-job" / "report.json").read_text())["dataset"]
+    assert ds["kept"] == 4 + 3  # the demo images + CMYK + 16-bit + EXIF-rotated
+    assert ds["skipped"] == {"corrupt": 1, "not_image": 1, "too_small": 2, "zero_byte": 1}
+
+
+def test_empty_dataset_is_an_input_error(job_env: Path, shared_cache: Path) -> None:
+    (job_env / "empty").mkdir()
+    Image.new("RGB", (8, 8)).save(job_env / "empty" / "tiny.png")
+    settings = Settings(cache_dir=shared_cache, work_dir=job_env / "work")
+    outcome = run(tiny_manifest(job_env / "empty", str(job_env / "out")), settings)
+    assert outcome.exit_code == ExitCode.INVALID_INPUT
+    assert "no image survived the filters" in outcome.message and "too_small" in outcome.message
+    status = json.loads((job_env / "out" / "tiny-job" / "status.json").read_text())
+    assert status["state"] == "failed" and status["stage"] == "dataset"
+    assert not (job_env / "out" / "tiny-job" / "_SUCCESS").exists()
+
+
+def test_cli_run_prints_one_line_errors(job_env: Path, tmp_path: Path) -> None:
+    bad = tmp_path / "m.yaml"
+    bad.write_text("spec: {output: {uri: /tmp/x}, model: {base: /does/not/exist}}")
+    res = subprocess.run([sys.executable, "-m", "kolors_job", "run", "--manifest", str(bad)],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == ExitCode.INVALID_INPUT, res.stderr
+    last = res.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "/does/not/exist" in last
+    assert "Traceback" not in res.stderr
