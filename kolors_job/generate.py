@@ -1,0 +1,328 @@
+"""The story stage: draw each frame with Kolors + the trained LoRA, reproducibly, in batches.
+
+Reproducibility rules (why the code looks like this):
+
+* every image has its own ``torch.Generator(device).manual_seed(seed)`` and a batch passes a *list* of
+  them, so the initial noise of an image depends on its seed only, never on its batch neighbours (the
+  noise is drawn on the device, as DiffSynth's reference pipeline does: GPU and CPU runs differ);
+* each prompt and negative prompt is encoded alone, once, with ``encode_prompt`` (then ChatGLM leaves
+  the GPU), so the conditioning is bit-identical to a plain one-image pipeline call;
+* the LoRA strength is ``set_adapters(..., adapter_weights=[lora_scale])``: peft then scales the LoRA
+  branch by ``lora_scale * alpha / r`` (alpha from the file's metadata), and ``lora_scale = 0`` gives the
+  base model's pixels exactly;
+* with ``compile`` (CUDA only) the LoRA is first *fused* into the weights at that scale and unloaded:
+  ``fuse_qkv_projections`` copies the base q/k/v weights into one matrix and would silently bypass an
+  unfused peft LoRA on q/k/v.
+
+Frames in ``skip`` are already in the output and are not drawn again. With ``best_of = N`` each frame
+draws N candidates (seeds ``seed + k * 10007``), the scorer picks the best for ``images/NN.png`` and
+the others go to ``images/candidates/NN-<seed>.png``.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import os
+import time
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+import torch
+
+from kolors_job.embeddings import PromptEmbeds, encode_captions
+from kolors_job.manifest import StorySpec
+
+if TYPE_CHECKING:
+    import numpy as np
+    from diffusers import KolorsPipeline
+    from PIL import Image
+
+log = logging.getLogger("kolors_job.generate")
+
+CANDIDATE_SEED_STRIDE = 10007
+"""Candidate k of a frame uses ``seed + k * 10007``: far from the small seeds stories use for other frames."""
+ADAPTER_NAME = "story"
+
+
+class Scorer(Protocol):
+    def score(self, images: Sequence[Image.Image]) -> list[float]: ...
+
+
+@dataclass
+class FrameResult:
+    index: int
+    """1-based frame number (``images/NN.png``)."""
+    prompt: str
+    negative_prompt: str
+    seed: int
+    """Seed of the kept image (the frame's seed unless a best-of candidate won)."""
+    path: Path
+    candidates: list[tuple[int, Path, float | None]] = field(default_factory=list)
+    """The *rejected* best-of candidates ``(seed, path under images/candidates/, score)``."""
+    score: float | None = None
+
+
+@dataclass(frozen=True)
+class ImageJob:
+    """One image to draw: frame ``index`` (1-based), candidate ``k``."""
+
+    index: int
+    k: int
+    prompt: str
+    negative_prompt: str
+    seed: int
+
+
+def plan_jobs(spec: StorySpec, skip: Collection[int] = frozenset()) -> list[ImageJob]:
+    jobs = []
+    for index, frame in enumerate(spec.frames, start=1):
+        if index in skip:
+            continue
+        for k in range(spec.best_of):
+            jobs.append(
+                ImageJob(
+                    index, k, frame.prompt, spec.negative_for(frame), frame.seed + k * CANDIDATE_SEED_STRIDE
+                )
+            )
+    return jobs
+
+
+def sampling_dtype(device: torch.device) -> torch.dtype:
+    """bf16 on GPUs that have it; else fp16, which is safe for decoding either way: an fp16-fix VAE
+    (``force_upcast: false``) stays fp16 and the stock SDXL VAE (``force_upcast: true``) is upcast to
+    fp32 by the pipeline itself. fp32 on CPU."""
+    if device.type != "cuda":
+        return torch.float32
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def load_story_pipeline(
+    model_dir: Path,
+    spec: StorySpec,
+    *,
+    lora_dir: Path | None,
+    vae_dir: Path | None = None,
+    device: str | torch.device | None = None,
+) -> KolorsPipeline:
+    """The sampling pipeline: model + optional LoRA at ``spec.lora_scale`` (+ fused/compiled if asked)."""
+    from kolors_job.models import load_kolors_components, make_pipeline
+
+    dev = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = sampling_dtype(dev)
+    comps = load_kolors_components(Path(model_dir), vae_path=vae_dir, dtype=dtype, device=dev)
+    pipe = make_pipeline(comps, spec.scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    use_compile = spec.compile and dev.type == "cuda"
+    if spec.compile and not use_compile:
+        log.info("spec.story.compile ignored on %s", dev.type)
+    if lora_dir is not None:
+        apply_lora(pipe, Path(lora_dir), spec.lora_scale, fuse=use_compile)
+    if use_compile:
+        pipe.unet.fuse_qkv_projections()
+        pipe.unet.to(memory_format=torch.channels_last)
+        # Default mode (max-autotune's compile never pays back here), and only the repeated transformer
+        # blocks: compile time is job time (design §2), and the blocks are most of the FLOPs.
+        if getattr(pipe.unet, "_repeated_blocks", None):
+            pipe.unet.compile_repeated_blocks()
+        else:
+            pipe.unet = torch.compile(pipe.unet)
+    return pipe
+
+
+def apply_lora(pipe: KolorsPipeline, lora_dir: Path, scale: float, *, fuse: bool = False) -> None:
+    """Load the LoRA (α/r from its metadata) at ``scale``; ``fuse`` merges it into the base weights.
+
+    Fusing is required before ``fuse_qkv_projections`` (which would bypass an unfused q/k/v LoRA) and
+    saves the LoRA branch's matmuls; unfused keeps ``scale`` changeable and ``scale = 0`` exact.
+    """
+    # Kolors' LoRA is UNet-only; silence diffusers' "no LoRA keys for ChatGLMModel" warning about it.
+    lora_log = logging.getLogger("diffusers.loaders.lora_base")
+    level = lora_log.level
+    lora_log.setLevel(logging.ERROR)
+    try:
+        pipe.load_lora_weights(str(lora_dir), adapter_name=ADAPTER_NAME)
+    finally:
+        lora_log.setLevel(level)
+    if fuse:
+        pipe.fuse_lora(components=["unet"], lora_scale=scale, adapter_names=[ADAPTER_NAME])
+        pipe.unload_lora_weights()  # the fused weights stay; the peft wrappers go
+    else:
+        pipe.set_adapters([ADAPTER_NAME], adapter_weights=[scale])
+
+
+def encode_texts(pipe: KolorsPipeline, jobs: Sequence[ImageJob]) -> dict[str, PromptEmbeds]:
+    """Every distinct prompt and negative prompt, each encoded alone exactly as the pipeline encodes a
+    single prompt (so a frame's conditioning never depends on its batch), kept on the CPU."""
+    texts = [t for j in jobs for t in (j.prompt, j.negative_prompt)]
+    return encode_captions(pipe, texts, device=pipe.unet.device)
+
+
+def render(
+    pipe: KolorsPipeline,
+    jobs: Sequence[ImageJob],
+    spec: StorySpec,
+    *,
+    texts: dict[str, PromptEmbeds] | None = None,
+    output_type: str = "pil",
+) -> list[Any]:
+    """One pipeline call for ``jobs`` (same size): per-image conditioning and generators.
+
+    ``texts`` (from :func:`encode_texts`) lets the text encoder leave the GPU before denoising.
+    """
+    dev = pipe.unet.device
+    texts = texts if texts is not None else encode_texts(pipe, jobs)
+
+    def stack(which: str, attr: str) -> torch.Tensor:
+        return torch.stack([getattr(texts[getattr(j, which)], attr) for j in jobs]).to(dev)
+
+    generators = [torch.Generator(dev).manual_seed(j.seed) for j in jobs]
+    out = pipe(
+        prompt_embeds=stack("prompt", "embeds"),
+        pooled_prompt_embeds=stack("prompt", "pooled"),
+        negative_prompt_embeds=stack("negative_prompt", "embeds"),
+        negative_pooled_prompt_embeds=stack("negative_prompt", "pooled"),
+        num_inference_steps=spec.steps,
+        guidance_scale=spec.cfg_scale,
+        width=spec.width,
+        height=spec.height,
+        generator=generators,
+        output_type=output_type,
+    )
+    return list(out.images)
+
+
+def _save_png(image: Image.Image, path: Path) -> Path:
+    """Write then rename: an interrupted run never leaves a truncated PNG that looks like a finished frame."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    image.save(tmp, format="PNG")
+    os.replace(tmp, path)
+    return path
+
+
+def generate_story(
+    model_dir: Path,
+    spec: StorySpec,
+    *,
+    out_dir: Path,
+    lora_dir: Path | None,
+    vae_dir: Path | None = None,
+    device: str | None = None,
+    skip: Collection[int] = frozenset(),
+    on_frame: Callable[[FrameResult], None] | None = None,
+    scorer: Scorer | None = None,
+    progress: bool = True,
+) -> list[FrameResult]:
+    """Draw the story's frames into ``out_dir/images/NN.png``; returns the frames drawn (not the skipped).
+
+    ``on_frame`` is called once per frame as soon as its files exist (the runner uploads them), in
+    frame order within each batch. ``scorer`` is required when ``best_of > 1``; with ``best_of = 1``
+    it is optional and only fills ``score``.
+    """
+    if spec.best_of > 1 and scorer is None:
+        raise ValueError("spec.story.best_of > 1 needs an aesthetic scorer to pick the best candidate")
+    start = time.monotonic()
+    out_dir = Path(out_dir)
+    images_dir = out_dir / "images"
+    jobs = plan_jobs(spec, skip)
+    if not jobs:
+        log.info("story: every frame already exists; nothing to draw")
+        return []
+    pipe = load_story_pipeline(model_dir, spec, lora_dir=lora_dir, vae_dir=vae_dir, device=device)
+    # Encode every text first, then move ChatGLM (12 GB in bf16) off the GPU: the UNet's batch needs it.
+    texts = encode_texts(pipe, jobs)
+    if pipe.unet.device.type == "cuda":
+        pipe.text_encoder.to("cpu")
+        torch.cuda.empty_cache()
+    log.info(
+        "story",
+        extra={
+            "frames": len({j.index for j in jobs}),
+            "images": len(jobs),
+            "batch_size": spec.batch_size,
+            "device": str(pipe.unet.device),
+            "dtype": str(pipe.unet.dtype),
+            "lora": str(lora_dir),
+        },
+    )
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(jobs), desc="story", unit="img", dynamic_ncols=True)
+
+    results: list[FrameResult] = []
+    pending: dict[int, list[tuple[ImageJob, Image.Image]]] = {}
+    try:
+        for b in range(0, len(jobs), spec.batch_size):
+            batch = jobs[b : b + spec.batch_size]
+            t0 = time.monotonic()
+            images = render(pipe, batch, spec, texts=texts)
+            log.info("batch", extra={"images": len(batch), "seconds": round(time.monotonic() - t0, 3)})
+            if bar is not None:
+                bar.update(len(batch))
+            for job, image in zip(batch, images, strict=True):
+                pending.setdefault(job.index, []).append((job, image))
+            for index in sorted(pending):
+                if len(pending[index]) == spec.best_of:
+                    result = _finish_frame(pending.pop(index), images_dir, scorer)
+                    results.append(result)
+                    log.info(
+                        "frame",
+                        extra={
+                            "index": result.index,
+                            "seed": result.seed,
+                            "score": result.score,
+                            "path": str(result.path),
+                        },
+                    )
+                    if on_frame is not None:
+                        on_frame(result)
+    finally:
+        if bar is not None:
+            bar.close()
+        del pipe
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    log.info("story done", extra={"frames": len(results), "seconds": round(time.monotonic() - start, 3)})
+    return results
+
+
+def _finish_frame(
+    candidates: list[tuple[ImageJob, Image.Image]], images_dir: Path, scorer: Scorer | None
+) -> FrameResult:
+    """Score, keep the argmax (first on ties: the frame's own seed) as NN.png, the rest as candidates."""
+    candidates.sort(key=lambda c: c[0].k)
+    scores: list[float | None] = (
+        [float(s) for s in scorer.score([im for _, im in candidates])]
+        if scorer is not None
+        else [None] * len(candidates)
+    )
+    best = max(range(len(candidates)), key=lambda i: (scores[i] if scores[i] is not None else 0.0, -i))
+    job, image = candidates[best]
+    path = _save_png(image, images_dir / f"{job.index:02d}.png")
+    rejected = []
+    for i, (cand, cand_image) in enumerate(candidates):
+        if i != best:
+            p = _save_png(cand_image, images_dir / "candidates" / f"{cand.index:02d}-{cand.seed}.png")
+            rejected.append((cand.seed, p, scores[i]))
+    return FrameResult(
+        index=job.index,
+        prompt=job.prompt,
+        negative_prompt=job.negative_prompt,
+        seed=job.seed,
+        path=path,
+        candidates=rejected,
+        score=scores[best],
+    )
+
+
+def as_array(images: Sequence[Image.Image]) -> np.ndarray:
+    """Stack PIL frames into one uint8 array (tests compare frames with ``np.array_equal``)."""
+    import numpy as np
+
+    return np.stack([np.asarray(im.convert("RGB")) for im in images])

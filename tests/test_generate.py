@@ -1,0 +1,254 @@
+"""Story sampling on the tiny random Kolors with a freshly trained LoRA (CPU, 64², 3 steps)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from kolors_job.dataset import ImageItem
+from kolors_job.generate import (
+    CANDIDATE_SEED_STRIDE,
+    FrameResult,
+    apply_lora,
+    generate_story,
+    load_story_pipeline,
+    plan_jobs,
+    render,
+)
+from kolors_job.manifest import Frame, StorySpec, TrainSpec
+from kolors_job.tiny import build_tiny_kolors
+from kolors_job.train import train_lora
+
+ROOT = Path(__file__).resolve().parents[1]
+SEEDS = (0, 1, 2, 5, 0, 1, 7, 0)  # the reference notebook's
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> Any:
+    """Microsecond ops: 2 OpenMP threads on a busy 2-core box spin-wait 10x slower than 1."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def tiny_model(shared_cache: Path) -> Path:
+    return build_tiny_kolors(shared_cache / "tiny-kolors", seed=0)
+
+
+@pytest.fixture(scope="module")
+def lora(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A LoRA trained hard enough (lr 5e-2) to visibly change the tiny model's pixels."""
+    root = tmp_path_factory.mktemp("lora")
+    rng = np.random.default_rng(1)
+    items = []
+    for i in range(2):
+        path = root / f"{i}.png"
+        Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(path)
+        items.append(ImageItem(path, "二次元", 64, 64))
+    spec = TrainSpec(rank=4, alpha=2.0, learning_rate=5e-2, steps=3, resolution=64, checkpoint_every=1000)
+    return train_lora(tiny_model, items, spec, work_dir=root / "work", device="cpu", progress=False).lora_dir
+
+
+def story(**overrides: Any) -> StorySpec:
+    frames = [Frame(prompt=f"二次元，紫色短发小女孩，第{i + 1}幕", seed=s) for i, s in enumerate(SEEDS)]
+    frames[2] = frames[2].model_copy(update={"negative_prompt_extra": "扭曲的手指，多余的手指"})
+    base: dict[str, Any] = {
+        "frames": frames,
+        "steps": 3,
+        "width": 64,
+        "height": 64,
+        "cfg_scale": 4.0,
+        "batch_size": 4,
+        "lora_scale": 0.5,
+    }
+    return StorySpec(**{**base, **overrides})
+
+
+def read(path: Path) -> np.ndarray:
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
+def test_batching_does_not_change_pixels(tiny_model: Path, lora: Path) -> None:
+    """Each image has its own generator: batch 4 vs one at a time agree to float rounding (not bitwise:
+    CPU kernels block a batch of 4 differently from a batch of 1, re-associating sums)."""
+    spec = story(scheduler="euler_a")  # the ancestral sampler draws noise every step: the harder case
+    pipe = load_story_pipeline(tiny_model, spec, lora_dir=lora, device="cpu")
+    jobs = plan_jobs(spec)[:4]
+    batched = np.stack(render(pipe, jobs, spec, output_type="np"))
+    single = np.stack([render(pipe, [j], spec, output_type="np")[0] for j in jobs])
+    assert np.abs(batched - single).max() < 1e-5
+
+
+FRESH_SCRIPT = textwrap.dedent(
+    """
+    import json, sys, numpy as np, torch
+    from diffusers import KolorsPipeline
+    a = json.loads(sys.argv[1])
+    torch.set_num_threads(1)
+    pipe = KolorsPipeline.from_pretrained(a["model"])
+    pipe.load_lora_weights(a["lora"])
+    image = pipe(a["prompt"], negative_prompt=a["negative"], num_inference_steps=a["steps"],
+                 guidance_scale=a["cfg"], width=a["size"], height=a["size"],
+                 generator=torch.Generator("cpu").manual_seed(a["seed"]),
+                 cross_attention_kwargs={"scale": a["scale"]}).images[0]
+    np.save(a["out"], np.asarray(image))
+    """
+)
+
+
+class FreshProcess:
+    """Frame 1 drawn by plain diffusers in a new process; started early so its slow imports overlap tests."""
+
+    def __init__(self, model: Path, lora: Path, spec: StorySpec, out: Path) -> None:
+        frame = spec.frames[0]
+        args = {
+            "model": str(model),
+            "lora": str(lora),
+            "prompt": frame.prompt,
+            "negative": spec.negative_for(frame),
+            "steps": spec.steps,
+            "cfg": spec.cfg_scale,
+            "size": spec.width,
+            "seed": frame.seed,
+            "scale": spec.lora_scale,
+            "out": str(out),
+        }
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+        self.out, self.log = out, out.with_suffix(".log")
+        with self.log.open("w") as log:  # a file, not a pipe: a full pipe would block the child
+            self.proc = subprocess.Popen(
+                [sys.executable, "-c", FRESH_SCRIPT, json.dumps(args)],
+                cwd=ROOT,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+
+    def result(self) -> np.ndarray:
+        self.proc.wait(timeout=300)
+        assert self.proc.returncode == 0, self.log.read_text()[-4000:]
+        return np.load(self.out)
+
+
+@pytest.fixture(scope="module")
+def drawn(tiny_model: Path, lora: Path, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    out = tmp_path_factory.mktemp("story")
+    spec = story(batch_size=1)
+    fresh = FreshProcess(tiny_model, lora, spec, out / "fresh.npy")
+    seen: list[FrameResult] = []
+    try:
+        results = generate_story(
+            tiny_model, spec, out_dir=out, lora_dir=lora, device="cpu", on_frame=seen.append, progress=False
+        )
+        yield {"out": out, "results": results, "seen": seen, "spec": spec, "fresh": fresh}
+    finally:
+        if fresh.proc.poll() is None:
+            fresh.proc.kill()
+            fresh.proc.wait()
+
+
+def test_story_writes_every_frame_in_order(drawn: dict[str, Any]) -> None:
+    results, spec = drawn["results"], drawn["spec"]
+    assert [r.index for r in results] == list(range(1, 9)) and drawn["seen"] == results
+    for r, frame in zip(results, spec.frames, strict=True):
+        assert r.path == drawn["out"] / "images" / f"{r.index:02d}.png" and r.path.is_file()
+        assert (r.prompt, r.seed, r.candidates, r.score) == (frame.prompt, frame.seed, [], None)
+        assert r.negative_prompt == spec.negative_for(frame)
+    assert results[2].negative_prompt.endswith("，扭曲的手指，多余的手指")
+
+
+def test_lora_scale_and_the_fused_path(tiny_model: Path, lora: Path) -> None:
+    """The LoRA changes pixels; scale 0 is exactly the base model; and the compile path (CUDA only) minus
+    the compile (LoRA fused at the scale, then QKV fused) matches the unfused LoRA."""
+    spec = story()
+    zero = spec.model_copy(update={"lora_scale": 0.0})
+    jobs = plan_jobs(spec)[:2]
+
+    def draw(pipe: Any, s: StorySpec) -> np.ndarray:
+        return np.stack(render(pipe, jobs, s, output_type="np"))
+
+    with_lora = draw(load_story_pipeline(tiny_model, spec, lora_dir=lora, device="cpu"), spec)
+    at_zero = draw(load_story_pipeline(tiny_model, zero, lora_dir=lora, device="cpu"), zero)
+    pipe = load_story_pipeline(tiny_model, zero, lora_dir=None, device="cpu")
+    base = draw(pipe, zero)
+    assert np.array_equal(at_zero, base)
+    assert np.abs(with_lora - base).max() > 0.02
+
+    apply_lora(pipe, lora, spec.lora_scale, fuse=True)
+    pipe.unet.fuse_qkv_projections()
+    assert not any("lora" in name for name, _ in pipe.unet.named_parameters())  # merged, wrappers gone
+    assert np.abs(draw(pipe, spec) - with_lora).max() < 1e-4
+
+
+def test_skip_leaves_existing_frames_alone(
+    drawn: dict[str, Any], tiny_model: Path, lora: Path, tmp_path: Path
+) -> None:
+    results = generate_story(
+        tiny_model,
+        drawn["spec"],
+        out_dir=tmp_path,
+        lora_dir=lora,
+        device="cpu",
+        skip=set(range(1, 8)),
+        progress=False,
+    )
+    assert [r.index for r in results] == [8]
+    assert sorted(p.name for p in (tmp_path / "images").iterdir()) == ["08.png"]
+    assert np.array_equal(read(results[0].path), read(drawn["results"][7].path))
+    assert (
+        generate_story(tiny_model, drawn["spec"], out_dir=tmp_path, lora_dir=lora, skip=set(range(1, 9)))
+        == []
+    )
+
+
+class BrightnessScorer:
+    """Stands in for the aesthetic predictor: deterministic, and different for every image."""
+
+    def __init__(self) -> None:
+        self.calls: list[list[float]] = []
+
+    def score(self, images: list[Image.Image]) -> list[float]:
+        scores = [float(np.asarray(im, dtype=np.float64).mean()) for im in images]
+        self.calls.append(scores)
+        return scores
+
+
+def test_best_of_keeps_the_argmax(tiny_model: Path, lora: Path, tmp_path: Path) -> None:
+    spec = story(best_of=3, steps=2)
+    with pytest.raises(ValueError, match="scorer"):
+        generate_story(tiny_model, spec, out_dir=tmp_path, lora_dir=lora)
+    scorer = BrightnessScorer()
+    results = generate_story(
+        tiny_model, spec, out_dir=tmp_path, lora_dir=lora, device="cpu", scorer=scorer, progress=False
+    )
+    assert len(results) == 8 and len(scorer.calls) == 8
+    for r, frame, scores in zip(results, spec.frames, scorer.calls, strict=True):
+        seeds = [frame.seed + k * CANDIDATE_SEED_STRIDE for k in range(3)]
+        best = int(np.argmax(scores))
+        assert (r.seed, r.score) == (seeds[best], scores[best])
+        assert r.path == tmp_path / "images" / f"{r.index:02d}.png"
+        assert [c[0] for c in r.candidates] == [s for k, s in enumerate(seeds) if k != best]
+        for seed, path, score in r.candidates:
+            assert path == tmp_path / "images" / "candidates" / f"{r.index:02d}-{seed}.png"
+            assert score is not None and score <= r.score
+            assert BrightnessScorer().score([Image.open(path)]) == [score]  # the file is the scored image
+        assert BrightnessScorer().score([Image.open(r.path)]) == [r.score]
+    assert len(list((tmp_path / "images" / "candidates").iterdir())) == 16
+
+
+def test_fresh_process_reproduces_frame_1(drawn: dict[str, Any]) -> None:
+    """Plain diffusers in a new process (from_pretrained, load_lora_weights, scale via cross_attention_kwargs)
+    draws frame 1 exactly as generate_story did (batch 1)."""
+    assert np.array_equal(drawn["fresh"].result(), read(drawn["results"][0].path))

@@ -1,0 +1,310 @@
+"""LoRA training on the tiny random Kolors (CPU, 64² images, a few steps).
+
+One module-scoped straight run (6 steps, batch 2 x accumulation 2, random crop + flip, caption
+dropout, cosine schedule with warmup) is checked from several sides; a second run stops at step 3
+and a third resumes it, and both must reproduce the straight run bit for bit.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from kolors_job import train as train_mod
+from kolors_job.dataset import ImageItem, load_image
+from kolors_job.embeddings import mix_seed
+from kolors_job.errors import ManifestError
+from kolors_job.manifest import TrainSpec
+from kolors_job.tiny import build_tiny_kolors
+from kolors_job.train import (
+    COMPLETE_NAME,
+    LORA_WEIGHT_NAME,
+    TrainResult,
+    _make_optimizer,
+    resolve_precision,
+    train_lora,
+    want_checkpointing,
+)
+
+DROPOUT = 0.25
+SPEC = TrainSpec(
+    rank=4,
+    alpha=2.0,
+    learning_rate=1e-3,
+    steps=6,
+    batch_size=2,
+    gradient_accumulation=2,
+    resolution=64,
+    center_crop=False,
+    random_flip=True,
+    lr_scheduler="cosine",
+    warmup_steps=1,
+    seed=7,
+    checkpoint_every=3,
+)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> Any:
+    """The tiny model's ops are microseconds: with 2 threads on a busy 2-core box OpenMP spin-waits 10x slower."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def tiny_model(shared_cache: Path) -> Path:
+    return build_tiny_kolors(shared_cache / "tiny-kolors", seed=0)
+
+
+def make_items(root: Path) -> list[ImageItem]:
+    """Non-square images in both orientations, so crops have real offsets; two captions."""
+    rng = np.random.default_rng(0)
+    items = []
+    for i, (w, h) in enumerate([(64, 96), (96, 64), (80, 80), (72, 112)]):
+        path = root / f"img{i}.png"
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(path)
+        items.append(ImageItem(path, "二次元" if i % 2 else "二次元，紫色短发", w, h))
+    return items
+
+
+@pytest.fixture(scope="module")
+def items(tmp_path_factory: pytest.TempPathFactory) -> list[ImageItem]:
+    return make_items(tmp_path_factory.mktemp("images"))
+
+
+class _Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+@pytest.fixture(scope="module")
+def straight(
+    tiny_model: Path, items: list[ImageItem], tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, Any]:
+    """The reference run; records every batch it trains on, its checkpoints and its log records."""
+    work = tmp_path_factory.mktemp("straight")
+    batches: list[train_mod.Batch] = []
+    schedulers: list[Any] = []
+    calls: list[tuple[Path, int, bool]] = []
+    real_make_batch, real_loss = train_mod.make_batch, train_mod._loss
+
+    def make_batch(*args: Any, **kwargs: Any) -> train_mod.Batch:
+        batches.append(real_make_batch(*args, **kwargs))
+        return batches[-1]
+
+    def loss(unet: Any, noise_scheduler: Any, *args: Any) -> torch.Tensor:
+        schedulers.append(noise_scheduler)
+        return real_loss(unet, noise_scheduler, *args)
+
+    handler = _Records()
+    logger = logging.getLogger("kolors_job.train")
+    logger.addHandler(handler)
+    old_level = logger.level
+    logger.setLevel(logging.INFO)
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(train_mod, "make_batch", make_batch)
+            mp.setattr(train_mod, "_loss", loss)
+            result = train_lora(
+                tiny_model,
+                items,
+                SPEC,
+                work_dir=work,
+                device="cpu",
+                progress=False,
+                caption_dropout=DROPOUT,
+                on_checkpoint=lambda p, s: calls.append((p, s, (p / COMPLETE_NAME).is_file())),
+            )
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old_level)
+    return {
+        "result": result,
+        "work": work,
+        "batches": batches,
+        "schedulers": schedulers,
+        "calls": calls,
+        "records": handler.records,
+    }
+
+
+def _tensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(path / LORA_WEIGHT_NAME))
+
+
+def test_trains_finite_loss_and_moves_the_lora(straight: dict[str, Any]) -> None:
+    result: TrainResult = straight["result"]
+    assert result.steps == 6 and not result.interrupted and result.precision == "no"
+    assert result.samples_seen == 6 * 2 * 2 and not result.gradient_checkpointing
+    assert len(result.losses) == 6 and all(math.isfinite(x) and x > 0 for x in result.losses)
+    final, mid = _tensors(result.lora_dir), _tensors(straight["work"] / "checkpoints" / "step-3")
+    ups = [k for k in final if ".lora.up." in k]
+    downs = [k for k in final if ".lora.down." in k]
+    assert ups and len(ups) == len(downs)
+    assert all(final[k].abs().max() > 0 for k in ups)  # B starts at zero
+    assert all(not torch.equal(final[k], mid[k]) for k in downs)  # A trains too
+    # rank/alpha travel with the weights: the header (read by load_lora_weights) and lora_config.json
+    from safetensors import safe_open
+
+    with safe_open(str(result.lora_dir / LORA_WEIGHT_NAME), "pt") as f:
+        meta = json.loads(f.metadata()["lora_adapter_metadata"])
+    assert meta["unet.r"] == 4 and meta["unet.lora_alpha"] == 2.0
+    cfg = json.loads((result.lora_dir / "lora_config.json").read_text())
+    assert cfg["rank"] == 4 and cfg["alpha"] == 2.0 and cfg["steps"] == 6
+    # per-step structured log records
+    steps = [r for r in straight["records"] if r.getMessage() == "step"]
+    assert [r.step for r in steps] == list(range(1, 7))  # type: ignore[attr-defined]
+    assert [r.loss for r in steps] == result.losses  # type: ignore[attr-defined]
+
+
+def test_checkpoints_are_complete_and_reported(straight: dict[str, Any]) -> None:
+    calls = straight["calls"]
+    assert [(p.name, s, done) for p, s, done in calls] == [("step-3", 3, True), ("step-6", 6, True)]
+    ckpt = calls[0][0]
+    names = {p.name for p in ckpt.iterdir()}
+    assert {"state.json", COMPLETE_NAME, LORA_WEIGHT_NAME, "optimizer.bin"} <= names
+    assert not any(n.endswith(".safetensors") and n != LORA_WEIGHT_NAME for n in names)  # no full UNet
+    assert not list(ckpt.parent.glob(".*partial"))
+
+
+def test_conditioning_is_encode_prompt(straight: dict[str, Any], tiny_model: Path) -> None:
+    """What the UNet trains on is exactly what sampling feeds it: encode_prompt, 256 tokens, "" encoded."""
+    from diffusers import KolorsPipeline
+
+    pipe = KolorsPipeline.from_pretrained(tiny_model)
+    seen = {}
+    for batch in straight["batches"]:
+        for j, caption in enumerate(batch.captions):
+            seen[caption] = (batch.embeds[j], batch.pooled[j])
+    assert set(seen) == {"", "二次元", "二次元，紫色短发"}  # dropout happened and was encoded
+    for caption, (embeds, pooled) in seen.items():
+        want, _, want_pooled, _ = pipe.encode_prompt(caption, device="cpu", do_classifier_free_guidance=False)
+        assert embeds.shape == (256, 32) and want.shape == (1, 256, 32)
+        assert torch.equal(embeds, want[0]) and torch.equal(pooled, want_pooled[0])
+    assert seen[""][0].abs().sum() > 0  # not zeroed
+
+
+def test_time_ids_come_from_the_crop_and_schedule_from_the_model(
+    straight: dict[str, Any], items: list[ImageItem]
+) -> None:
+    offsets, flips = set(), set()
+    for batch in straight["batches"]:
+        for j, (i, flip) in enumerate(zip(batch.items, batch.flips, strict=True)):
+            _, want = load_image(items[i], 64, False, flip, random.Random(mix_seed(SPEC.seed, "crop", i)))
+            got = tuple(int(v) for v in batch.time_ids[j])
+            assert got == want
+            assert got[:2] == (items[i].height, items[i].width) and got[4:] == (64, 64)
+            offsets.add(got[2:4])
+            flips.add(flip)
+    assert any(o != (0, 0) for o in offsets) and flips == {False, True}
+    sched = straight["schedulers"][0]
+    assert sched.config.num_train_timesteps == 1100 and sched.config.beta_end == 0.014
+    assert sched.config.beta_schedule == "scaled_linear"
+    ts = torch.cat([b.timesteps for b in straight["batches"]])
+    assert int(ts.min()) >= 0 and int(ts.max()) < 1100
+
+
+def test_same_seed_and_resume_are_bitwise_identical(
+    straight: dict[str, Any], tiny_model: Path, items: list[ImageItem], tmp_path: Path
+) -> None:
+    """Stop after step 3 (with gradient checkpointing on: same math), resume for 3 more: same bytes."""
+    calls = {"n": 0}
+
+    def stop() -> bool:
+        calls["n"] += 1
+        return calls["n"] >= 3
+
+    spec_ckpt = SPEC.model_copy(update={"gradient_checkpointing": "on"})
+    first = train_lora(
+        tiny_model,
+        items,
+        spec_ckpt,
+        work_dir=tmp_path,
+        device="cpu",
+        progress=False,
+        caption_dropout=DROPOUT,
+        should_stop=stop,
+    )
+    assert first.interrupted and first.steps == 3 and first.gradient_checkpointing
+    ckpt = tmp_path / "checkpoints" / "step-3"
+    assert first.lora_dir == ckpt
+    ref = straight["work"] / "checkpoints" / "step-3"
+    assert (ckpt / LORA_WEIGHT_NAME).read_bytes() == (
+        ref / LORA_WEIGHT_NAME
+    ).read_bytes()  # same seed, same run
+
+    second = train_lora(
+        tiny_model,
+        items,
+        SPEC,
+        work_dir=tmp_path,
+        device="cpu",
+        progress=False,
+        caption_dropout=DROPOUT,
+        resume_from=ckpt,
+    )
+    result: TrainResult = straight["result"]
+    assert second.steps == 6 and not second.interrupted
+    assert second.losses == result.losses
+    assert (second.lora_dir / LORA_WEIGHT_NAME).read_bytes() == (
+        result.lora_dir / LORA_WEIGHT_NAME
+    ).read_bytes()
+    assert second.lora_sha256 == result.lora_sha256
+
+
+def test_refuses_incomplete_or_foreign_checkpoint(
+    straight: dict[str, Any], tiny_model: Path, items: list[ImageItem], tmp_path: Path
+) -> None:
+    broken = tmp_path / "step-3"
+    shutil.copytree(straight["work"] / "checkpoints" / "step-3", broken)
+    (broken / COMPLETE_NAME).unlink()
+    with pytest.raises(ValueError, match="COMPLETE"):
+        train_lora(
+            tiny_model, items, SPEC, work_dir=tmp_path, device="cpu", progress=False, resume_from=broken
+        )
+    (broken / COMPLETE_NAME).write_text("step 3\n")
+    other = SPEC.model_copy(update={"learning_rate": 5e-4})
+    with pytest.raises(ValueError, match="different run configuration"):
+        train_lora(
+            tiny_model,
+            items,
+            other,
+            work_dir=tmp_path,
+            device="cpu",
+            progress=False,
+            caption_dropout=DROPOUT,
+            resume_from=broken,
+        )
+
+
+def test_precision_and_memory_decisions() -> None:
+    cpu = torch.device("cpu")
+    assert resolve_precision("auto", cpu) == "no" and resolve_precision("fp32", cpu) == "no"
+    with pytest.raises(ManifestError, match="fp16"):
+        resolve_precision("fp16", cpu)
+    assert not want_checkpointing("auto", cpu, unet_params=2_579_000_000, batch_size=1, resolution=1024)
+    assert want_checkpointing("on", cpu, unet_params=1, batch_size=1, resolution=64)
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        p = [torch.nn.Parameter(torch.zeros(2))]
+        with pytest.raises(ManifestError, match="bitsandbytes"):
+            _make_optimizer(SPEC.model_copy(update={"optimizer": "adamw8bit"}), p, cpu)
