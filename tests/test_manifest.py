@@ -220,3 +220,10 @@ def test_cli_validate_exit_codes(tmp_path: Path) -> None:
     ]
     schema = subprocess.run([sys.executable, "-m", "kolors_job", "schema"], capture_output=True, text=True)
     assert schema.returncode == 0 and "LoraStoryJob" in schema.stdout
+
+
+@pytest.mark.parametrize("name", ["minimal.yaml", "reference.yaml"])
+def test_examples_validate_and_agree(name: str) -> None:
+    root = Path(__file__).resolve().parents[1] / "examples"
+    m = load_manifest(str(root / name))
+    assert m.digest() == load_manifest(str(root / "minimal.yaml")).digest()
