@@ -25,7 +25,7 @@ from kolors_job.train import train_lora
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=16)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1, help="1: stable numbers on a shared 2-core runner")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
 

@@ -34,6 +34,7 @@ import torch
 
 from kolors_job.embeddings import PromptEmbeds, encode_captions
 from kolors_job.manifest import StorySpec
+from kolors_job.train import LORA_WEIGHT_NAME
 
 if TYPE_CHECKING:
     import numpy as np
@@ -143,7 +144,8 @@ def apply_lora(pipe: KolorsPipeline, lora_dir: Path, scale: float, *, fuse: bool
     level = lora_log.level
     lora_log.setLevel(logging.ERROR)
     try:
-        pipe.load_lora_weights(str(lora_dir), adapter_name=ADAPTER_NAME)
+        # weight_name explicit: with HF_HUB_OFFLINE=1 diffusers refuses to guess the file name
+        pipe.load_lora_weights(str(lora_dir), weight_name=LORA_WEIGHT_NAME, adapter_name=ADAPTER_NAME)
     finally:
         lora_log.setLevel(level)
     if fuse:

@@ -7,6 +7,14 @@ from pathlib import Path
 
 import pytest
 
+# Never let an SDK's credential chain probe a cloud metadata service (ECS 100.100.100.200, EC2
+# 169.254.169.254) from a test: only loopback is ours. Set before any SDK is imported (the Alibaba
+# credentials package reads these at import time); subprocesses inherit them.
+os.environ["ALIBABA_CLOUD_ECS_METADATA_DISABLED"] = "true"
+os.environ["ALIBABA_CLOUD_CLI_PROFILE_DISABLED"] = "true"
+os.environ["AWS_EC2_METADATA_DISABLED"] = "true"
+os.environ.setdefault("MODELSCOPE_ENDPOINT", "http://127.0.0.1:9")  # discard port: hub calls fail fast
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -32,3 +40,14 @@ try:
     from tests.storage_servers.fixtures import *  # noqa: F403
 except ModuleNotFoundError:  # tests/ is not a package and the repo root is not on sys.path
     from storage_servers.fixtures import *  # noqa: F403
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    """Fault-injection totals (tests/test_faults.py): real counts from the fault proxies."""
+    try:
+        from tests.storage_servers.fault_proxy import LEDGER
+    except ModuleNotFoundError:
+        from storage_servers.fault_proxy import LEDGER
+    if LEDGER.injected:
+        terminalreporter.write_sep("-", "fault injection")
+        terminalreporter.write_line(LEDGER.summary())
