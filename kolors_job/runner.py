@@ -113,6 +113,7 @@ class Job:
         self.work = settings.resolved_work_dir / self.job_id
         self.status = StatusWriter(self.store if self.main else None, self.job_id, self.digest)
         self.timings: dict[str, float] = {}
+        self.owns_output = False  # set once prepare_output has checked the prefix is ours
         self.device = _device()
         self.progress = settings.log_format == "text" or (settings.log_format == "auto" and progress_enabled())
 
@@ -179,7 +180,6 @@ def prepare_output(job: Job) -> bool:
             job.store.delete(key)
     if job.main:
         job.store.write_bytes("manifest.resolved.yaml", job.manifest.to_yaml().encode())
-    job.status._write()
     return False
 
 
@@ -492,6 +492,8 @@ def run_job(job: Job) -> JobOutcome:
 
 
 def _safe_finish(job: Job, state: str, code: ExitCode, message: str) -> None:
+    if not job.owns_output:  # e.g. a conflict: that prefix's status.json belongs to another run
+        return
     try:
         job.status.finish(state, int(code), message)
     except Exception as e:  # storage may be the thing that failed
@@ -500,12 +502,13 @@ def _safe_finish(job: Job, state: str, code: ExitCode, message: str) -> None:
 
 def _run(job: Job) -> JobOutcome:
     log.info("job %s → %s", job.job_id, job.output_uri, extra={"manifest_digest": job.digest})
-    with job.stage("prepare"):
-        if prepare_output(job):
-            msg = f"{job.output_uri}: already complete (_SUCCESS exists); use --force to recompute"
-            log.info(msg)
-            return JobOutcome(job.job_id, job.output_uri, ExitCode.OK, "skipped", msg)
-        job.work.mkdir(parents=True, exist_ok=True)
+    # Nothing is written before this check: a finished run or another manifest's run stays untouched.
+    if prepare_output(job):
+        msg = f"{job.output_uri}: already complete (_SUCCESS exists); use --force to recompute"
+        log.info(msg)
+        return JobOutcome(job.job_id, job.output_uri, ExitCode.OK, "skipped", msg)
+    job.owns_output = True
+    job.work.mkdir(parents=True, exist_ok=True)
 
     with job.stage("models"):
         models = resolve_models(job)

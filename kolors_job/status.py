@@ -46,7 +46,7 @@ class StatusWriter:
             "exit_code": None,
         }
 
-    def _write(self, force: bool = True) -> None:
+    def write(self, force: bool = True) -> None:
         if self.store is None:
             return
         now = time.monotonic()
@@ -59,21 +59,21 @@ class StatusWriter:
     def stage_started(self, name: str, total: int | None = None) -> None:
         self.data.update(stage=name, step=0 if total else None, total=total)
         self.data["stages"][name] = {"state": "running", "started": _now(), "finished": None, "seconds": None}
-        self._write()
+        self.write()
 
     def stage_finished(self, name: str, seconds: float, state: str = "succeeded") -> None:
         self.data["stages"][name].update(state=state, finished=_now(), seconds=round(seconds, 3))
-        self._write()
+        self.write()
 
     def progress(self, step: int, total: int | None = None) -> None:
         self.data["step"] = step
         if total is not None:
             self.data["total"] = total
-        self._write(force=False)
+        self.write(force=False)
 
     def finish(self, state: str, exit_code: int, error: str | None = None) -> None:
         stage = self.data.get("stage")
         if stage and self.data["stages"].get(stage, {}).get("state") == "running":
             self.data["stages"][stage].update(state=state, finished=_now())
         self.data.update(state=state, exit_code=exit_code, error=scrub(error) if error else None, finished=_now())
-        self._write()
+        self.write()

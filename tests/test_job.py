@@ -83,7 +83,7 @@ def test_job_to_s3_leaves_the_output_contract(job_env: Path, demo_data: Path, st
     assert set(CONTRACT) <= keys, sorted(set(CONTRACT) - keys)
     status = json.loads(store.read_bytes("status.json"))
     assert status["state"] == "succeeded" and status["exit_code"] == 0
-    assert list(status["stages"]) == ["prepare", "models", "dataset", "train", "story", "score", "report"]
+    assert list(status["stages"]) == ["models", "dataset", "train", "story", "score", "report"]
     report = json.loads(store.read_bytes("report.json"))
     assert report["model"]["random_weights"] is True
     assert len(report["score"]["per_image"]) == 8
@@ -95,15 +95,15 @@ def test_job_to_s3_leaves_the_output_contract(job_env: Path, demo_data: Path, st
     story = Image.open(io.BytesIO(store.read_bytes("story.jpg")))
     assert story.size == (1024, 2048)  # the reference: 4 rows of 2 frames, resized to 1024x2048
 
-    # idempotent: a second run sees _SUCCESS and recomputes nothing
+    # idempotent: a second run sees _SUCCESS and recomputes (and rewrites) nothing
+    before = {k: store.read_bytes(k) for k in ("report.json", "status.json", "manifest.resolved.yaml")}
     again = run(tiny_manifest(demo_data, s3_bucket_uri + "runs/"), settings)
     assert again.exit_code == ExitCode.OK and again.state == "skipped"
     # another manifest under the same job id is refused, nothing overwritten
-    before = store.read_bytes("report.json")
     other = run(tiny_manifest(demo_data, s3_bucket_uri + "runs/", **{"train.rank": 4}), settings)
     assert other.exit_code == ExitCode.OUTPUT_CONFLICT
     assert "different manifest" in other.message
-    assert store.read_bytes("report.json") == before
+    assert {k: store.read_bytes(k) for k in before} == before
 
 
 def test_quality_gate_flips_the_result(job_env: Path, demo_data: Path, shared_cache: Path) -> None:
