@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import gc
 import hashlib
 import json
@@ -371,6 +372,24 @@ def _normalise(d: dict[str, Any]) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------- training
 
 
+def _resets_accelerate(fn: Callable[..., TrainResult]) -> Callable[..., TrainResult]:
+    """accelerate's state is a process-wide singleton: reset it (keeping the process group) however a run
+    ends, so a later call — a test, a resume in the same process — may pick another precision; free the GPU."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> TrainResult:
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            _reset_accelerate_state()
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+
+    return wrapper
+
+
+@_resets_accelerate
 def train_lora(
     model_dir: Path,
     items: list[ImageItem],
@@ -390,44 +409,6 @@ def train_lora(
     ``caption_dropout`` is ``spec.dataset.caption.dropout`` (it lives outside ``TrainSpec``). Under DDP
     every rank calls this with the same arguments; only rank 0 writes files and calls ``on_checkpoint``.
     """
-    try:
-        return _train_lora(
-            model_dir,
-            items,
-            spec,
-            work_dir=work_dir,
-            vae_dir=vae_dir,
-            device=device,
-            resume_from=resume_from,
-            on_checkpoint=on_checkpoint,
-            should_stop=should_stop,
-            progress=progress,
-            caption_dropout=caption_dropout,
-        )
-    finally:
-        # accelerate's state is a process-wide singleton: reset it (keeping the process group) so a later
-        # call, e.g. a test or a resume in the same process, may pick another precision; free the GPU.
-        _reset_accelerate_state()
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-
-
-def _train_lora(
-    model_dir: Path,
-    items: list[ImageItem],
-    spec: TrainSpec,
-    *,
-    work_dir: Path,
-    vae_dir: Path | None = None,
-    device: str | None = None,
-    resume_from: Path | None = None,
-    on_checkpoint: Callable[[Path, int], None] | None = None,
-    should_stop: Callable[[], bool] | None = None,
-    progress: bool = True,
-    caption_dropout: float = 0.0,
-) -> TrainResult:
-    """The body of :func:`train_lora` (which resets accelerate's state however this ends)."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
     from peft import LoraConfig
