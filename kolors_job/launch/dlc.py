@@ -9,6 +9,7 @@ into a job without, say, its cache mount or its running-time limit.
 from __future__ import annotations
 
 import copy
+import os
 import re
 import shlex
 import time
@@ -165,8 +166,25 @@ def make_client(*, region: str | None, endpoint: str | None = None) -> Any:
     if "://" in host:
         parts = urlsplit(host)
         protocol, host = parts.scheme, parts.netloc
-    config = Config(credential=CredentialClient(), region_id=region, endpoint=host, protocol=protocol)
+    config = Config(credential=_credentials(CredentialClient), region_id=region, endpoint=host, protocol=protocol)
     return Client(config)
+
+
+def _credentials(client_cls: Any) -> Any:
+    """An explicit AK/STS from the environment *now*, else the SDK's default chain.
+
+    alibabacloud_credentials reads ``ALIBABA_CLOUD_ACCESS_KEY_*`` once, when it is first imported; a
+    process whose environment is set later (a CI step, a test) would otherwise fall through the chain.
+    """
+    from alibabacloud_credentials.models import Config as CredentialConfig
+
+    ak = os.environ.get("ALIBABA_CLOUD_ACCESS_KEY_ID")
+    sk = os.environ.get("ALIBABA_CLOUD_ACCESS_KEY_SECRET")
+    token = os.environ.get("ALIBABA_CLOUD_SECURITY_TOKEN")
+    if ak and sk:
+        kind = "sts" if token else "access_key"
+        return client_cls(CredentialConfig(type=kind, access_key_id=ak, access_key_secret=sk, security_token=token))
+    return client_cls()
 
 
 def create_job(client: Any, request: Any) -> str:
