@@ -20,6 +20,9 @@ from kolors_job.errors import ExitCode, StorageError
 TMP_MARKER = ".kolors-tmp-"
 """Temp files written next to their destination carry this, so listings can skip half-written files."""
 
+COMPLETION_MARKERS = frozenset({"COMPLETE", "_SUCCESS"})
+"""File names whose presence says "every other file here is complete": uploaded last."""
+
 _USERINFO = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s]+@")
 
 
@@ -150,16 +153,22 @@ class Store(ABC):
         return self.write_bytes(key, text.encode("utf-8"), if_absent=if_absent)
 
     def upload_dir(self, local_dir: Path, prefix: str = "") -> list[str]:
-        """Upload every file under ``local_dir`` to ``prefix``; returns the keys written, sorted."""
+        """Upload every file under ``local_dir`` to ``prefix``; returns the keys written, sorted.
+
+        Completion markers (``COMPLETE``, ``_SUCCESS``) go last, whatever their sort order (an
+        uppercase ``COMPLETE`` sorts first): a reader that sees the marker — e.g. a resume looking
+        for ``checkpoints/step-N/COMPLETE`` after the job was killed mid-upload — sees every file.
+        """
         local_dir = Path(local_dir)
         if not local_dir.is_dir():
             raise StorageError(f"upload_dir: {local_dir} is not a directory")
         keys = []
-        for path in sorted(p for p in local_dir.rglob("*") if p.is_file()):
+        files = sorted(p for p in local_dir.rglob("*") if p.is_file())
+        for path in sorted(files, key=lambda p: p.name in COMPLETION_MARKERS):  # stable: markers last
             key = join_key(prefix, path.relative_to(local_dir).as_posix())
             self.upload_file(key, path)
             keys.append(key)
-        return keys
+        return sorted(keys)
 
     def download_dir(self, prefix: str, local_dir: Path) -> list[Path]:
         """Download every object under the directory ``prefix`` into ``local_dir``.

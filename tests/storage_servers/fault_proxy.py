@@ -39,7 +39,7 @@ from urllib.parse import urlsplit
 from xml.sax.saxutils import escape
 
 KINDS = ("reset", "drop", "reset_mid_body", "truncate", "status", "delay")
-HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "proxy-connection", "te", "trailer", "upgrade"}
+HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "proxy-connection", "te", "trailer", "upgrade", "expect"}
 MAX_BODY = 256 * 1024 * 1024  # refuse absurd requests rather than buffering them
 
 

@@ -1,0 +1,370 @@
+"""Never lose work: storage and the whole job under injected network faults.
+
+A fault proxy (tests/storage_servers/fault_proxy.py) sits on 127.0.0.1 in front of moto (s3://) and
+in front of the OSS proxy (oss://). It drops and resets connections, answers 500/503 (incl.
+SlowDown throttling) with real S3/OSS XML bodies, delays, and truncates bodies. Faults under the
+retry budget must be survived byte for byte; faults over it must end in ``StorageTemporaryError``
+(exit 75) within a bounded time without leaving a multipart upload behind (S3) or leaving exactly
+one resumable checkpoint that a rerun completes (OSS); denied/missing buckets must fail at once.
+The session prints ``faults: N injected, N survived, 0 bytes lost`` (tests/conftest.py).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from kolors_job.demo import build_demo_dataset
+from kolors_job.errors import ExitCode, StorageDeniedError, StorageTemporaryError
+from kolors_job.manifest import Manifest
+from kolors_job.settings import Settings
+from kolors_job.storage import open_store, split_uri
+
+try:
+    from tests.storage_servers.fault_proxy import LEDGER, Fault, FaultProxy
+except ModuleNotFoundError:  # tests/ not importable as a package
+    from storage_servers.fault_proxy import LEDGER, Fault, FaultProxy
+
+MiB = 1024 * 1024
+BUDGET = 3  # storage_max_attempts in these tests: at most BUDGET - 1 failures per request are survivable
+
+# one of each survivable fault, used in rotation
+ROTATION = [
+    Fault("reset"),
+    Fault("status", status=503, code="ServiceUnavailable", message="Service is unavailable (injected)"),
+    Fault("truncate"),
+    Fault("drop"),
+    Fault("status", status=500, code="InternalError", message="We encountered an internal error (injected)"),
+    Fault("reset_mid_body"),
+    Fault("delay", seconds=0.05),
+    Fault("status", status=503, code="SlowDown", message="Please reduce your request rate (injected)"),
+]
+
+
+@pytest.fixture(params=["s3", "oss"])
+def faulty(request, storage_env, s3_server, oss_server, tmp_path):
+    """(scheme, proxy, settings, bucket uri, raw upstream S3 client) with the proxy in the path."""
+    scheme = request.param
+    upstream = s3_server.endpoint_url if scheme == "s3" else oss_server.endpoint
+    proxy = FaultProxy(upstream, flavour=scheme).start()
+    settings = storage_env.model_copy(
+        update={
+            "s3_endpoint_url": proxy.endpoint if scheme == "s3" else storage_env.s3_endpoint_url,
+            "oss_endpoint": proxy.endpoint if scheme == "oss" else storage_env.oss_endpoint,
+            "storage_max_attempts": BUDGET,
+            "cache_dir": tmp_path / "cache",
+        }
+    )
+    bucket = s3_server.create_bucket()
+    yield scheme, proxy, settings, f"{scheme}://{bucket}/run/", s3_server.client()
+    proxy.stop()
+
+
+def _store(uri: str, settings):
+    store = open_store(uri, settings)
+    if hasattr(store, "retry_base_delay"):  # OSS: our own backoff; keep the tests quick
+        store.retry_base_delay, store.retry_max_delay = 0.02, 0.2
+    return store
+
+
+def _make_tree(root: Path) -> dict[str, bytes]:
+    files = {
+        "big.bin": os.urandom(21 * MiB),  # > 20 MB: multipart (threshold 8 MiB, parts 5 MiB)
+        "small.txt": "二次元 ünïcode\n".encode() * 100,
+        "nested/deeper/mid.bin": os.urandom(300_000),
+        "nested/empty.bin": b"",
+    }
+    for rel, data in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(data)
+    return files
+
+
+def _uploads(raw, uri: str) -> list[dict]:
+    _, bucket, _ = split_uri(uri)
+    return raw.list_multipart_uploads(Bucket=bucket).get("Uploads", [])
+
+
+# -- storage level ------------------------------------------------------------------------------
+def test_directory_round_trip_survives_faults_under_the_budget(faulty, tmp_path):
+    _scheme, proxy, settings, uri, raw = faulty
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    files = _make_tree(src)
+    store = _store(uri, settings)
+    # every distinct request fails once (a rotation of all kinds), and one part of the big file
+    # fails BUDGET - 1 times: the most a request may fail and still get through
+    proxy.add(ROTATION[::-1], method="PUT", path=r"partNumber=2\b", per_request=BUDGET - 1, times=None)
+    proxy.add(ROTATION, when=lambda m, t: not (m == "PUT" and "partNumber=2" in t), per_request=1, times=None)
+
+    keys = store.upload_dir(src, "tree/")
+    assert keys == sorted(f"tree/{k}" for k in files)
+    got = store.download_dir("tree/", dst)
+    assert len(got) == len(files)
+    assert store.read_bytes("tree/small.txt") == files["small.txt"]
+
+    kinds = set(proxy.by_kind)
+    assert {"reset", "drop", "status", "truncate", "reset_mid_body", "delay"} <= kinds, proxy.by_kind
+    part2 = [t for k, m, t in proxy.events if m == "PUT" and "partNumber=2&" in t + "&"]
+    assert len(part2) >= BUDGET - 1, proxy.events
+    for rel, data in files.items():
+        back = (dst / rel).read_bytes()
+        LEDGER.record_bytes(data, back)
+        assert hashlib.sha256(back).digest() == hashlib.sha256(data).digest(), rel
+    assert _uploads(raw, uri) == []  # nothing half-done left behind
+    LEDGER.record_survived(proxy.injected)
+
+
+@pytest.mark.parametrize("faulty", ["s3"], indirect=True)
+def test_s3_faults_over_the_budget_fail_fast_and_leave_no_multipart_upload(faulty, tmp_path):
+    _scheme, proxy, settings, uri, raw = faulty
+    big = tmp_path / "big.bin"
+    big.write_bytes(os.urandom(21 * MiB))
+    store = _store(uri, settings)
+    proxy.add(Fault("status", status=500, code="InternalError"), method="PUT", path=r"partNumber=3\b", times=None)
+    t0 = time.monotonic()
+    with pytest.raises(StorageTemporaryError, match="InternalError") as err:
+        store.upload_file("big.bin", big)
+    assert time.monotonic() - t0 < 30
+    assert err.value.exit_code == ExitCode.TEMPORARY == 75
+    part3 = [t for _, m, t in proxy.events if m == "PUT" and "partNumber=3" in t]
+    assert len(part3) == BUDGET  # retried exactly up to the budget, then given up
+    assert _uploads(raw, uri) == []  # s3transfer aborted the multipart upload
+    assert not store.exists("big.bin")
+
+    # an outage: every request reset; a small write is tried BUDGET times, then gives up
+    proxy.clear()
+    proxy.fail_all("reset")
+    n0 = len(proxy.requests)
+    t0 = time.monotonic()
+    with pytest.raises(StorageTemporaryError):
+        store.write_bytes("k", b"v")
+    assert len(proxy.requests) - n0 == BUDGET
+    # a GET whose body is always cut short: retried within the budget, then temporary
+    proxy.clear()
+    store.write_bytes("k", os.urandom(100_000))
+    proxy.fail_all("truncate", method="GET")
+    with pytest.raises(StorageTemporaryError):
+        store.read_bytes("k")
+    with pytest.raises(StorageTemporaryError):
+        store.download_file("k", tmp_path / "k.out")
+    assert not (tmp_path / "k.out").exists()  # no partial file in place
+    assert time.monotonic() - t0 < 60
+
+
+@pytest.mark.parametrize("faulty", ["oss"], indirect=True)
+def test_oss_upload_over_the_budget_keeps_a_resumable_checkpoint(faulty, tmp_path):
+    _scheme, proxy, settings, uri, raw = faulty
+    big = tmp_path / "big.bin"
+    data = os.urandom(21 * MiB)
+    big.write_bytes(data)
+    store = _store(uri, settings)
+    proxy.add(Fault("status", status=503, code="ServiceUnavailable"), method="PUT", path=r"partNumber=3\b",
+              times=None)
+    t0 = time.monotonic()
+    with pytest.raises(StorageTemporaryError, match="ServiceUnavailable"):
+        store.upload_file("big.bin", big)
+    assert time.monotonic() - t0 < 30
+    part3 = [t for _, m, t in proxy.events if "partNumber=3" in t]
+    assert len(part3) == BUDGET
+    # the documented resumable checkpoint: one upload on the server, its id in the checkpoint file
+    uploads = _uploads(raw, uri)
+    assert len(uploads) == 1
+    checkpoints = list((settings.cache_dir / "oss-checkpoints").iterdir())
+    assert len(checkpoints) == 1
+    record = json.loads(checkpoints[0].read_text())
+    assert record["upload_id"] == uploads[0]["UploadId"]
+    assert not store.exists("big.bin")
+
+    # the outage is over: a retry (e.g. the rerun of the job) resumes the same upload
+    proxy.clear()
+    n0 = len(proxy.requests)
+    store.upload_file("big.bin", big)
+    after = proxy.requests[n0:]
+    resumed = [t for m, t in after if m == "PUT" and "partNumber=" in t]
+    assert not any(m == "POST" and t.endswith("?uploads") for m, t in after)  # no new upload
+    assert resumed and all(uploads[0]["UploadId"] in t for t in resumed)
+    assert len(resumed) < 5  # only the missing part(s), not all five
+    assert _uploads(raw, uri) == [] and not any((settings.cache_dir / "oss-checkpoints").iterdir())
+    store.download_file("big.bin", tmp_path / "back.bin")
+    back = (tmp_path / "back.bin").read_bytes()
+    LEDGER.record_bytes(data, back)
+    assert back == data  # (these faults are not counted as survived: the first upload did fail, exit 75)
+
+
+def test_checkpoint_cut_off_by_an_outage_never_looks_complete(faulty, tmp_path):
+    """``checkpoints/step-N/COMPLETE`` must be the last object written: ``COMPLETE`` sorts before
+    ``custom_checkpoint_0.pkl`` & co., so a plain sorted upload would write it first."""
+    _scheme, proxy, settings, uri, _raw = faulty
+    ckpt = tmp_path / "step-4"
+    ckpt.mkdir()
+    for name in ("COMPLETE", "custom_checkpoint_0.pkl", "optimizer.bin", "pytorch_lora_weights.safetensors",
+                 "random_states_0.pkl", "state.json"):
+        (ckpt / name).write_bytes(os.urandom(1000))
+    store = _store(uri, settings)
+    proxy.fail_all(Fault("reset"), method="PUT", skip=2)  # the outage starts with the third file
+    with pytest.raises(StorageTemporaryError):
+        store.upload_dir(ckpt, "checkpoints/step-4/")
+    proxy.clear()
+    written = store.list("checkpoints/step-4/")
+    assert len(written) == 2 and "checkpoints/step-4/COMPLETE" not in written, written
+    store.upload_dir(ckpt, "checkpoints/step-4/")  # the rerun's upload completes it
+    assert len(store.list("checkpoints/step-4/")) == 6
+
+
+def test_denied_and_missing_bucket_fail_at_once_without_retries(faulty, tmp_path):
+    scheme, proxy, settings, uri, _raw = faulty
+    big = tmp_path / "big.bin"
+    big.write_bytes(os.urandom(9 * MiB))  # multipart: the first request (initiate) is denied
+    store = _store(uri, settings)
+    proxy.fail_all(Fault("status", status=403, code="AccessDenied", message="Access Denied"))
+    for op in (
+        lambda: store.write_bytes("k", b"1"),
+        lambda: store.read_bytes("k"),
+        lambda: store.list(),
+        lambda: store.upload_file("big", big),
+    ):
+        n0, t0 = len(proxy.requests), time.monotonic()
+        with pytest.raises(StorageDeniedError) as err:
+            op()
+        assert err.value.exit_code == ExitCode.STORAGE_DENIED == 5
+        assert len(proxy.requests) - n0 == 1, proxy.requests[n0:]  # no retry of a permanent error
+        assert time.monotonic() - t0 < 2
+
+    proxy.clear()
+    missing = _store(f"{scheme}://kolors-missing-{os.getpid()}/p/", settings)
+    for op in (lambda: missing.write_bytes("k", b"1"), lambda: missing.read_bytes("k"), lambda: missing.exists("k")):
+        n0, t0 = len(proxy.requests), time.monotonic()
+        with pytest.raises(StorageDeniedError, match="NoSuchBucket"):
+            op()
+        assert len(proxy.requests) - n0 <= 2  # HEAD has no body: one extra HEAD of the bucket
+        assert time.monotonic() - t0 < 2
+
+
+# -- job level ----------------------------------------------------------------------------------
+def small_manifest(cache_dir: Path, output: str, *, name: str = "faulty-job", steps: int = 6) -> Manifest:
+    """The demo job, smaller: 6 steps with a checkpoint every 2, 8 frames of 64² in batches of 4."""
+    data = build_demo_dataset(cache_dir / "demo-dataset")
+    return Manifest.model_validate(
+        {
+            "metadata": {"name": name},
+            "spec": {
+                "model": {"base": "tiny://kolors"},
+                "dataset": {"source": str(data), "filters": {"min_width": 64, "min_height": 64}},
+                "train": {"resolution": 64, "steps": steps, "batch_size": 1, "learning_rate": 1e-3,
+                          "checkpoint_every": 2, "precision": "fp32"},
+                "story": {"width": 64, "height": 64, "steps": 2, "batch_size": 4},
+                "score": {"aesthetic_model": "tiny://aesthetic", "threshold": 1.0, "gate": False},
+                "output": {"uri": output, "lora_formats": ["diffusers"]},
+            },
+        }
+    )
+
+
+def _bucket_objects(raw, bucket: str, prefix: str) -> dict[str, bytes]:
+    out = {}
+    for page in raw.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        for obj in page.get("Contents", ()):
+            out[obj["Key"][len(prefix):]] = raw.get_object(Bucket=bucket, Key=obj["Key"])["Body"].read()
+    return out
+
+
+def _outputs(objects: dict[str, bytes]) -> dict[str, object]:
+    """What must not change under faults: LoRA tensors, frame bytes, scores."""
+    from safetensors.torch import load
+
+    report = json.loads(objects["report.json"])
+    lora = load(objects["lora/pytorch_lora_weights.safetensors"])
+    return {
+        "lora": {k: v.numpy().tobytes() for k, v in sorted(lora.items())},
+        "images": {k: v for k, v in objects.items() if k.startswith("images/")},
+        "scores": (report["score"]["per_image"], report["score"]["mean"]),
+        "prompts": objects["prompts.json"],
+    }
+
+
+@pytest.fixture(scope="module")
+def job_runs(s3_server, shared_cache, tmp_path_factory):
+    """Runs the small job three times on s3:// behind one fault proxy: clean, under faults, outage."""
+    from kolors_job.runner import Job, run_job
+
+    work = tmp_path_factory.mktemp("fault-jobs")
+    proxy = FaultProxy(s3_server.endpoint_url, flavour="s3").start()
+    raw = s3_server.client()
+    bucket = s3_server.create_bucket()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("AWS_ACCESS_KEY_ID", s3_server.access_key)
+        mp.setenv("AWS_SECRET_ACCESS_KEY", s3_server.secret_key)
+        settings = Settings(
+            cache_dir=shared_cache, work_dir=work / "work", log_format="json",
+            s3_endpoint_url=proxy.endpoint, s3_region=s3_server.region, s3_addressing_style="path",
+            storage_max_attempts=BUDGET,
+        )
+        runs = {}
+        for name, schedule in (("clean", None), ("faulty", "rotation"), ("outage", "outage")):
+            proxy.clear()
+            if schedule == "rotation":
+                proxy.add(ROTATION, every=2, per_request=1, times=None)
+            elif schedule == "outage":  # everything fails from the middle of the clean run's traffic on
+                proxy.fail_all(Fault("reset"), skip=runs["clean"]["requests"] // 2)
+            manifest = small_manifest(shared_cache, f"s3://{bucket}/{name}/", name="job")
+            n0, f0, t0 = len(proxy.requests), proxy.injected, time.monotonic()
+            outcome = run_job(Job(manifest, settings=settings))
+            runs[name] = {
+                "outcome": outcome,
+                "requests": len(proxy.requests) - n0,
+                "faults": proxy.injected - f0,
+                "kinds": Counter(k for k, _, _ in proxy.events[f0:]),
+                "seconds": time.monotonic() - t0,
+                "objects": _bucket_objects(raw, bucket, f"{name}/job/"),
+                "local_checkpoints": work / "work" / "job" / "train" / "checkpoints",
+            }
+    proxy.stop()
+    return runs
+
+
+def test_job_under_faults_gives_the_same_outputs_as_a_clean_run(job_runs):
+    clean, faulty = job_runs["clean"], job_runs["faulty"]
+    assert clean["outcome"].exit_code == 0, clean["outcome"].message
+    assert faulty["outcome"].exit_code == 0, faulty["outcome"].message
+    assert clean["faults"] == 0 and faulty["faults"] >= 20, faulty["kinds"]
+    assert set(faulty["kinds"]) >= {"reset", "drop", "status", "truncate", "reset_mid_body", "delay"}
+    assert "_SUCCESS" in faulty["objects"] and json.loads(faulty["objects"]["status.json"])["state"] == "succeeded"
+    expected, got = _outputs(clean["objects"]), _outputs(faulty["objects"])
+    assert len(expected["images"]) == 8 and expected["lora"]
+    for name in ("lora", "images"):
+        for key, data in expected[name].items():
+            LEDGER.record_bytes(data, got[name].get(key))
+    assert got == expected
+    # the same set of files, apart from the ones named after the run
+    assert sorted(faulty["objects"]) == sorted(clean["objects"])
+    LEDGER.record_survived(faulty["faults"])
+
+
+def test_job_in_an_outage_fails_cleanly_with_exit_75(job_runs):
+    outage = job_runs["outage"]
+    outcome = outage["outcome"]
+    assert outcome.exit_code == ExitCode.TEMPORARY == 75, outcome.message
+    assert outcome.state == "interrupted"
+    assert "_SUCCESS" not in outage["objects"]
+    assert outage["faults"] > 0
+    # bounded: each request is tried BUDGET times, then the job gives up (no endless loop)
+    assert outage["requests"] < job_runs["clean"]["requests"] + 20 * BUDGET
+    assert outage["seconds"] < job_runs["clean"]["seconds"] + 60
+    if "status.json" in outage["objects"]:
+        assert json.loads(outage["objects"]["status.json"])["state"] != "succeeded"
+    # a checkpoint the outage cut off never looks complete: COMPLETE is uploaded last
+    checkpoints: dict[str, set[str]] = {}
+    for key in outage["objects"]:
+        if key.startswith("checkpoints/"):
+            _, step, name = key.split("/", 2)
+            checkpoints.setdefault(step, set()).add(name)
+    for step, names in checkpoints.items():
+        if "COMPLETE" in names:
+            local = outage["local_checkpoints"] / step
+            assert names == {p.name for p in local.iterdir()}, step

@@ -1,0 +1,198 @@
+"""Secrets never leave the process: not in any object the job writes, not in its log, not in errors.
+
+Known secret values go into every place credentials live (AWS key/secret/session token used by the
+moto endpoint, OSS secret, a ModelScope token, a password inside the endpoint URL). The whole tiny
+job runs as a subprocess (``python -m kolors_job run``, JSON logs at DEBUG) writing to s3://; then
+every object in the bucket and every byte of stdout+stderr is searched for each secret. Failing
+jobs (missing bucket, unreachable endpoint, wrong OSS key) must redact their error lines too.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import os
+import re
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from urllib.parse import quote
+
+import pytest
+
+from kolors_job.demo import build_demo_dataset
+
+ROOT = Path(__file__).resolve().parents[1]
+
+SECRETS = {
+    "AWS_ACCESS_KEY_ID": "AKIAKOLORSLEAKTEST01",
+    "AWS_SECRET_ACCESS_KEY": "kolors-s3-secret-Zq81xVb7Rt",
+    "AWS_SESSION_TOKEN": "kolors-session-token-Hw3Pp0Jd",
+    "OSS_ACCESS_KEY_SECRET": "kolors-oss-secret-Ty6Qa2Lm",
+    "MODELSCOPE_API_TOKEN": "ms-kolors-token-Kp9Lm4Vx",
+}
+ENDPOINT_PASSWORD = "kolors-endpoint-pw-Ud7Rq"
+
+
+def variants(secret: str) -> list[bytes]:
+    """The secret as it could appear: raw, URL-quoted, base64, JSON-escaped."""
+    raw = secret.encode()
+    return [raw, quote(secret, safe="").encode(), base64.b64encode(raw), json.dumps(secret)[1:-1].encode()]
+
+
+def assert_clean(blob: bytes, where: str, secrets: list[str]) -> None:
+    for secret in secrets:
+        for form in variants(secret):
+            assert form not in blob, f"secret {secret[:6]}… found in {where}"
+
+
+def _manifest(cache_dir: Path, output: str, name: str) -> str:
+    data = build_demo_dataset(cache_dir / "demo-dataset")
+    return json.dumps(
+        {
+            "metadata": {"name": name},
+            "spec": {
+                "model": {"base": "tiny://kolors"},
+                "dataset": {"source": str(data), "filters": {"min_width": 64, "min_height": 64}},
+                "train": {"resolution": 64, "steps": 4, "batch_size": 1, "checkpoint_every": 2, "precision": "fp32"},
+                "story": {"width": 64, "height": 64, "steps": 2, "batch_size": 8},
+                "score": {"aesthetic_model": "tiny://aesthetic", "threshold": 1.0, "gate": False},
+                "output": {"uri": output, "lora_formats": ["diffusers"]},
+            },
+        }
+    )
+
+
+def _secret_env(shared_cache: Path, tmp_path: Path, endpoint: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "OSS_", "ALIBABA_CLOUD_", "KOLORS_JOB_"))}
+    env.update(SECRETS)
+    env.update(
+        AWS_EC2_METADATA_DISABLED="true",
+        AWS_CONFIG_FILE=str(tmp_path / "no-aws-config"),
+        AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "no-aws-credentials"),
+        OSS_ACCESS_KEY_ID="LTAIkolorsLeakTestId",
+        KOLORS_JOB_CACHE_DIR=str(shared_cache),
+        KOLORS_JOB_WORK_DIR=str(tmp_path / "work"),
+        KOLORS_JOB_LOG_FORMAT="json",
+        KOLORS_JOB_LOG_LEVEL="DEBUG",
+        KOLORS_JOB_S3_ENDPOINT_URL=endpoint,
+        KOLORS_JOB_S3_ADDRESSING_STYLE="path",
+        KOLORS_JOB_S3_REGION="us-east-1",
+        KOLORS_JOB_STORAGE_MAX_ATTEMPTS="2",
+        OMP_NUM_THREADS="1",
+        MKL_NUM_THREADS="1",
+        PYTHONUNBUFFERED="1",
+    )
+    return env
+
+
+def _with_password(endpoint_url: str) -> str:
+    scheme, rest = endpoint_url.split("://", 1)
+    return f"{scheme}://kjuser:{ENDPOINT_PASSWORD}@{rest}"
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+ALL_SECRETS = [*SECRETS.values(), ENDPOINT_PASSWORD]
+
+
+def test_whole_job_leaks_no_secret_into_outputs_or_log(s3_server, shared_cache, tmp_path):
+    bucket = s3_server.create_bucket()
+    env = _secret_env(shared_cache, tmp_path, _with_password(s3_server.endpoint_url))
+    manifest = tmp_path / "job.json"
+    manifest.write_text(_manifest(shared_cache, f"s3://{bucket}/jobs/", "secret-job"))
+    proc = subprocess.run(
+        [sys.executable, "-m", "kolors_job", "run", "--manifest", str(manifest)],
+        cwd=ROOT, env=env, capture_output=True, timeout=600,
+    )
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log.decode(errors="replace")[-3000:]
+    assert b'"msg": "job secret-job succeeded' in log  # the JSON log really was captured
+
+    raw = s3_server.client()
+    keys = [o["Key"] for p in raw.get_paginator("list_objects_v2").paginate(Bucket=bucket) for o in p.get("Contents", ())]
+    assert "jobs/secret-job/_SUCCESS" in keys and "jobs/secret-job/report.json" in keys
+    assert any(k.endswith(".safetensors") for k in keys) and any(k.startswith("jobs/secret-job/images/") for k in keys)
+    for key in keys:
+        assert_clean(raw.get_object(Bucket=bucket, Key=key)["Body"].read(), key, ALL_SECRETS)
+    assert_clean(log, "the job's stdout/stderr", ALL_SECRETS)
+    # the local work dir is not an output, but it is on the cache volume: no secrets there either
+    for path in (tmp_path / "work").rglob("*"):
+        if path.is_file() and path.stat().st_size < 50 * 2**20:
+            assert_clean(path.read_bytes(), str(path), ALL_SECRETS)
+
+
+@pytest.fixture
+def cli(shared_cache, tmp_path, monkeypatch, capfd):
+    """Run ``kolors_job.cli.main`` in-process (no torch import per run) with the secret env."""
+    from kolors_job.cli import main
+
+    def run(endpoint: str, output: str, extra_env: dict[str, str] | None = None) -> tuple[int, bytes]:
+        for k in list(os.environ):
+            if k.startswith(("AWS_", "OSS_", "ALIBABA_CLOUD_", "KOLORS_JOB_")):
+                monkeypatch.delenv(k)
+        for k, v in {**_secret_env(shared_cache, tmp_path, endpoint), **(extra_env or {})}.items():
+            monkeypatch.setenv(k, v)
+        manifest = tmp_path / "job.json"
+        manifest.write_text(_manifest(shared_cache, output, "failing-job"))
+        capfd.readouterr()
+        code = main(["run", "--manifest", str(manifest)])
+        out, err = capfd.readouterr()
+        return code, (out + err).encode()
+
+    yield run
+    root = logging.getLogger()
+    for h in list(root.handlers):  # setup_logging bound a handler to the captured stderr
+        if getattr(h, "_kolors_job", False):
+            root.removeHandler(h)
+
+
+def test_denied_job_error_is_redacted(cli, s3_server):
+    code, out = cli(_with_password(s3_server.endpoint_url), "s3://kolors-no-such-bucket-leaktest/jobs/")
+    assert code == 5, out.decode(errors="replace")
+    assert b"NoSuchBucket" in out and b"error: " in out
+    assert_clean(out, "the failed job's output", ALL_SECRETS)
+
+
+def test_unreachable_endpoint_error_is_redacted(cli):
+    endpoint = f"http://kjuser:{ENDPOINT_PASSWORD}@127.0.0.1:{_closed_port()}"
+    code, out = cli(endpoint, "s3://kolors-unreachable/jobs/")
+    assert code == 75, out.decode(errors="replace")
+    text = out.decode(errors="replace")
+    # botocore's message names the endpoint URL: it must be there, without its password
+    assert re.search(r"http://\*\*\*@127\.0\.0\.1:\d+", text), text[-2000:]
+    assert_clean(out, "the failed job's output", ALL_SECRETS)
+
+
+def test_oss_wrong_key_error_is_redacted(cli, oss_server):
+    # the OSS proxy, like OSS, echoes AccessKeyId + StringToSign in its 403 body
+    bucket = oss_server.create_bucket()
+    code, out = cli(
+        "http://127.0.0.1:9",
+        f"oss://{bucket}/jobs/",
+        {"KOLORS_JOB_OSS_ENDPOINT": oss_server.endpoint, "KOLORS_JOB_OSS_REGION": oss_server.region,
+         "OSS_ACCESS_KEY_ID": oss_server.access_key},
+    )
+    assert code == 5, out.decode(errors="replace")
+    assert b"SignatureDoesNotMatch" in out
+    assert_clean(out, "the failed job's output", [*ALL_SECRETS, oss_server.access_key])
+    assert b"StringToSign" not in out
+
+
+def test_container_runs_as_non_root():
+    dockerfile = ROOT / "Dockerfile"
+    if not dockerfile.is_file():
+        pytest.skip("no Dockerfile")
+    users = [line.split(None, 1)[1].strip() for line in dockerfile.read_text().splitlines()
+             if line.strip().upper().startswith("USER ")]
+    assert users, "no USER line: the container would run as root"
+    user = users[-1].split(":")[0]
+    assert user not in ("root", "0"), users
+    for name, value in SECRETS.items():  # and no credential baked into the image
+        assert value not in dockerfile.read_text() and f"{name}=" not in dockerfile.read_text()
