@@ -19,6 +19,7 @@ reference workflow (design.md §7), applied to the EXIF-oriented size (what a vi
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import csv
 import hashlib
@@ -614,7 +615,10 @@ def _caption_for(root: Path, root_real: str, rel: str, spec: CaptionSpec, meta: 
     except OSError:
         return None
     try:
-        return data.decode("utf-8-sig")
+        # not final when the read was cut at the cap: a multi-byte character split there is dropped,
+        # not taken for invalid UTF-8 (the caption is truncated to max_chars later anyway)
+        final = len(data) < MAX_SIDECAR_BYTES
+        return codecs.getincrementaldecoder("utf-8-sig")().decode(data, final=final)
     except UnicodeDecodeError:
         return _BAD_UTF8
 

@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import re
+import stat
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -24,6 +25,7 @@ API_VERSION = "kolors-job/v1"
 KIND = "LoraStoryJob"
 MAX_MANIFEST_BYTES = 1 << 20  # 1 MiB: a manifest is a page of YAML, not a data file
 MAX_PROMPT_CHARS = 2000
+JOB_ID_PATTERN = r"^[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?$"
 
 MODEL_SCHEMES = ("modelscope", "oss", "s3", "file", "tiny")
 OUTPUT_SCHEMES = ("oss", "s3", "file")
@@ -52,6 +54,8 @@ def _check_uri(value: str, schemes: tuple[str, ...], *, allow_path: bool = True)
             f"unsupported scheme {scheme!r}; use one of {', '.join(s + '://' for s in schemes)}"
             + (" or a local path" if allow_path else "")
         )
+    if scheme == "file" and m.group("rest").split("/", 1)[0] not in ("", "localhost"):
+        raise ValueError("file:// URI must not name a host (use file:///absolute/path)")
     if scheme in ("oss", "s3") and not m.group("rest").split("/", 1)[0]:
         raise ValueError(f"{scheme}:// URI needs a bucket name")
     if scheme == "modelscope" and not re.fullmatch(r"[\w.-]+/[\w.-]+(@[\w.-]+)?", m.group("rest")):
@@ -91,7 +95,7 @@ class FilterSpec(_Strict):
     min_height: int = Field(1024, ge=1, le=65536)
     aspect_ratio: tuple[float, float] = (0.5, 2.0)
     """Keep images whose width/height lies in [low, high] (data-juicer's image_aspect_ratio_filter)."""
-    max_pixels: int = Field(64_000_000, ge=1)
+    max_pixels: int = Field(64_000_000, ge=1, le=2**28)
     """Decompression-bomb cap: larger images are skipped, never decoded."""
     max_images: int | None = Field(None, ge=1)
 
@@ -228,7 +232,7 @@ LoraFormat = Literal["diffusers", "kohya", "diffsynth"]
 class OutputSpec(_Strict):
     uri: str = Field(max_length=2048)
     """Where ``<job id>/`` goes: ``oss://bucket/prefix/``, ``s3://bucket/prefix/``, ``file://`` or a path."""
-    job_id: str | None = Field(None, pattern=r"^[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?$")
+    job_id: str | None = Field(None, pattern=JOB_ID_PATTERN)
     """Defaults to ``metadata.name``; the CLI's ``--job-id`` overrides both."""
     lora_formats: list[LoraFormat] = Field(default_factory=lambda: ["diffusers", "kohya", "diffsynth"], min_length=1)
     keep_checkpoints: int = Field(2, ge=1, le=1000)
@@ -251,7 +255,7 @@ class Spec(_Strict):
 
 
 class Metadata(_Strict):
-    name: str = Field("kolors-lora-story", pattern=r"^[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?$")
+    name: str = Field("kolors-lora-story", pattern=JOB_ID_PATTERN)
     """Lower-case DNS-label-like name; the default job id, so reruns find their own output."""
     labels: dict[str, Annotated[str, Field(max_length=256)]] = Field(default_factory=dict, max_length=64)
 
@@ -305,6 +309,17 @@ class _NoAliasLoader(yaml.SafeLoader):
             mark = self.peek_event().start_mark
             raise ManifestError(f"manifest: line {mark.line + 1}: YAML aliases (*name) are not allowed")
         return super().compose_node(parent, index)
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> Any:  # type: ignore[override]
+        """A repeated key is an error: YAML would silently keep the last one."""
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, (str, int, float, bool)) and key in seen:
+                raise ManifestError(f"manifest: line {key_node.start_mark.line + 1}: duplicate key {key!r}")
+            if isinstance(key, (str, int, float, bool)):
+                seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
 def _loc(loc: tuple[Any, ...]) -> str:
@@ -370,13 +385,7 @@ def read_manifest_source(uri: str) -> tuple[bytes, str]:
     m = _URI_RE.match(uri)
     if m is None or m.group("scheme").lower() == "file":
         path = Path(uri[len("file://") :] if m else uri)
-        try:
-            size = path.stat().st_size
-        except OSError as e:
-            raise ManifestError(f"{uri}: cannot read manifest: {e.strerror}") from None
-        if size > MAX_MANIFEST_BYTES:
-            raise ManifestError(f"{uri}: {size} bytes is larger than the {MAX_MANIFEST_BYTES}-byte limit")
-        return path.read_bytes(), str(path)
+        return _read_regular_file(path, uri), str(path)
     from kolors_job.storage import open_store, split_uri
 
     scheme, bucket, key = split_uri(uri)
@@ -386,6 +395,25 @@ def read_manifest_source(uri: str) -> tuple[bytes, str]:
     parent, _, name = key.rpartition("/")
     store = open_store(f"{scheme}://{bucket}/{parent}")
     return store.read_bytes(name), redact_uri(uri)
+
+
+def _read_regular_file(path: Path, uri: str) -> bytes:
+    """Read at most the size limit from a regular file: a directory, FIFO or device is refused, not read."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except OSError as e:
+        raise ManifestError(f"{uri}: cannot read manifest: {e.strerror}") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise ManifestError(f"{uri}: cannot read manifest: not a regular file")
+    with os.fdopen(fd, "rb") as f:
+        try:
+            raw = f.read(MAX_MANIFEST_BYTES + 1)
+        except OSError as e:
+            raise ManifestError(f"{uri}: cannot read manifest: {e.strerror}") from None
+    if len(raw) > MAX_MANIFEST_BYTES:
+        raise ManifestError(f"{uri}: larger than the {MAX_MANIFEST_BYTES}-byte limit")
+    return raw
 
 
 def load_manifest(path_or_uri: str | None = None, *, environ: dict[str, str] | None = None) -> Manifest:

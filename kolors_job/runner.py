@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import threading
@@ -21,9 +22,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kolors_job.errors import ExitCode, InputError, JobError, JobInterruptedError, OutputConflictError
+from pydantic import ValidationError
+
+from kolors_job.errors import (
+    ExitCode,
+    InputError,
+    JobError,
+    JobInterruptedError,
+    ManifestError,
+    OutputConflictError,
+)
 from kolors_job.log import progress_enabled
-from kolors_job.manifest import Manifest
+from kolors_job.manifest import JOB_ID_PATTERN, Manifest, OutputSpec, format_validation_error
 from kolors_job.redact import redact_uri, scrub
 from kolors_job.settings import Settings
 from kolors_job.status import StatusWriter
@@ -97,14 +107,21 @@ class Job:
         force: bool = False,
         stop: StopFlag | None = None,
     ) -> None:
-        if output_uri:
-            manifest = manifest.model_copy(
-                update={"spec": manifest.spec.model_copy(update={"output": manifest.spec.output.model_copy(
-                    update={"uri": output_uri})})}
-            )
+        if output_uri:  # --output: validated like the manifest's own field
+            try:
+                output = OutputSpec.model_validate({**manifest.spec.output.model_dump(), "uri": output_uri})
+            except ValidationError as e:
+                raise ManifestError([p.replace("uri:", "--output:", 1) for p in format_validation_error(e)]) from None
+            manifest = manifest.model_copy(update={"spec": manifest.spec.model_copy(update={"output": output})})
         self.manifest = manifest
         self.settings = settings
         self.job_id = job_id or manifest.job_id
+        if not re.fullmatch(JOB_ID_PATTERN, self.job_id):
+            # --job-id / KOLORS_JOB_ID bypass the manifest's own validation: the id becomes a path
+            raise ManifestError(
+                f"job id {self.job_id!r} is unsafe: use 1-63 lower-case letters, digits, '.', '_' or '-' "
+                "(it names a directory)"
+            )
         self.force = force
         self.stop = stop or StopFlag()
         self.digest = manifest.digest()

@@ -98,22 +98,17 @@ def test_hostile_manifest_values(text: str, expected: str) -> None:
     assert all("\n" not in p and "Traceback" not in p for p in err.value.problems)
 
 
-@pytest.mark.xfail(strict=True, reason="manifest.py: duplicate YAML keys are accepted, the last one silently wins")
 def test_duplicate_keys_are_refused() -> None:
     with pytest.raises(ManifestError, match="duplicate"):
         parse_manifest("spec: {output: {uri: /job-a}, output: {uri: /job-b}}")
 
 
 # -- manifests: sources that are not regular files -----------------------------------------------
-@pytest.mark.xfail(strict=True, reason="manifest.read_manifest_source: path.read_bytes() on a directory raises "
-                   "IsADirectoryError (a traceback, exit 1) instead of ManifestError")
 def test_manifest_path_is_a_directory(tmp_path: Path) -> None:
     with pytest.raises(ManifestError, match="cannot read manifest"):
         load_manifest(str(tmp_path))
 
 
-@pytest.mark.xfail(strict=True, reason="manifest.read_manifest_source: stat() says 0 bytes, then read_bytes() "
-                   "blocks forever on a FIFO (never a regular file: refuse it)")
 def test_manifest_path_is_a_fifo_does_not_hang(tmp_path: Path) -> None:
     fifo = tmp_path / "manifest.yaml"
     os.mkfifo(fifo)
@@ -137,8 +132,6 @@ def test_manifest_path_is_a_fifo_does_not_hang(tmp_path: Path) -> None:
     assert isinstance(result[0], ManifestError)
 
 
-@pytest.mark.xfail(strict=True, reason="manifest.read_manifest_source trusts stat() size: /dev/zero reports 0 "
-                   "bytes and read_bytes() never ends (here: MemoryError under a 1 GiB address-space limit)")
 def test_manifest_from_an_endless_device_is_refused(tmp_path: Path) -> None:
     link = tmp_path / "manifest.yaml"
     link.symlink_to("/dev/zero")
@@ -151,8 +144,6 @@ def test_manifest_from_an_endless_device_is_refused(tmp_path: Path) -> None:
     assert "Traceback" not in proc.stderr
 
 
-@pytest.mark.xfail(strict=True, reason="a file:// output naming a host passes the manifest, then split_uri's "
-                   "ValueError escapes Job() as a traceback (exit 1) instead of a one-line exit 2")
 def test_output_file_uri_with_a_host(tmp_path: Path, capsys) -> None:
     from kolors_job.cli import main
 
@@ -199,8 +190,6 @@ def test_hostile_job_id_is_refused_and_writes_nothing_outside(tmp_path, monkeypa
     assert tree(tmp_path) == before  # nothing written anywhere, the other job untouched
 
 
-@pytest.mark.xfail(strict=True, reason="runner.Job: work = work_dir / job_id, so --job-id /abs puts the work dir "
-                   "at /abs (the store's child() strips the slash, the Path join does not)")
 def test_absolute_job_id_keeps_the_work_dir_inside(tmp_path) -> None:
     from kolors_job.runner import Job
 
@@ -311,8 +300,6 @@ def test_hostile_dataset_files_from_a_bucket(case, s3_server, storage_env, tmp_p
     assert all(_inside_cache(tmp_path, k) for k in changed), sorted(changed)[:10]
 
 
-@pytest.mark.xfail(strict=True, reason="dataset._caption_for reads 1 MiB of a sidecar and decodes it strictly: "
-                   "a long UTF-8 caption cut mid-character is reported as caption_not_utf8 instead of truncated")
 def test_giant_cjk_caption_is_truncated_not_called_non_utf8(tmp_path) -> None:
     root = tmp_path / "data"
     root.mkdir()
