@@ -17,10 +17,8 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
 
 import pytest
-import torch
 
 from kolors_job.manifest import TrainSpec
 from kolors_job.tiny import build_tiny_kolors
@@ -38,14 +36,6 @@ SPEC = TrainSpec(
     seed=3,
     random_flip=True,
 )
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Any:
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 def test_two_ranks_match_each_other_and_one_process(shared_cache: Path, tmp_path: Path) -> None:

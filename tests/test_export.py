@@ -13,7 +13,6 @@ import json
 import math
 import os
 import re
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,16 +29,6 @@ LOAD_ALPHA = 2.0  # the reference sampling α
 DIFFUSERS_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 # Spot checks that do not come from the converter: design.md §5 and DiffSynth's block list order.
 KNOWN_BLOCKS = {"down_blocks.1.attentions.0": "blocks.7", "up_blocks.1.attentions.2": "blocks.41"}
-
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread(request: pytest.FixtureRequest) -> Iterator[None]:
-    """Small ops gain nothing from threads, and OpenMP spin-waits make them far slower on a busy 2-core box."""
-    before = torch.get_num_threads()
-    if request.node.get_closest_marker("slow") is None:
-        torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _slow_selected(config: pytest.Config) -> bool:
@@ -314,6 +303,7 @@ def test_diffsynth_export_reproduces_trained_attention_blocks(tmp_path: Path) ->
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("all_torch_threads")
 def test_diffsynth_export_reproduces_the_full_trained_unet(
     tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:

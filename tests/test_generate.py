@@ -12,7 +12,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from kolors_job.dataset import ImageItem
@@ -31,15 +30,6 @@ from kolors_job.train import train_lora
 
 ROOT = Path(__file__).resolve().parents[1]
 SEEDS = (0, 1, 2, 5, 0, 1, 7, 0)  # the reference notebook's
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Any:
-    """Microsecond ops: 2 OpenMP threads on a busy 2-core box spin-wait 10x slower than 1."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 @pytest.fixture(scope="module")

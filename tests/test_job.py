@@ -35,14 +35,6 @@ CONTRACT = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Any:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny shapes: threads only add contention on a 2-core runner
-    yield
-    torch.set_num_threads(before)
-
-
 def tiny_manifest(data: Path, output: str, **overrides: Any) -> Manifest:
     spec: dict[str, Any] = {
         "model": {"base": "tiny://kolors"},

@@ -22,15 +22,6 @@ from kolors_job.settings import Settings
 from kolors_job.tiny import COMPLETE_MARKER, build_tiny_kolors
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """Tiny models gain nothing from threads, and OpenMP spin-waits make them 10x slower on a busy box."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def tiny_src(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_kolors(tmp_path_factory.mktemp("src") / "kolors")

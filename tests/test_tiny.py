@@ -34,15 +34,6 @@ def _digests(root: Path) -> dict[str, str]:
     }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """Tiny models gain nothing from threads, and OpenMP spin-waits make them 10x slower on a busy box."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def tiny_kolors(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_kolors(tmp_path_factory.mktemp("tiny") / "kolors")

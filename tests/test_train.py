@@ -54,15 +54,6 @@ SPEC = TrainSpec(
 )
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Any:
-    """The tiny model's ops are microseconds: with 2 threads on a busy 2-core box OpenMP spin-waits 10x slower."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 @pytest.fixture(scope="module")
 def tiny_model(shared_cache: Path) -> Path:
     return build_tiny_kolors(shared_cache / "tiny-kolors", seed=0)
