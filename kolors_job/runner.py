@@ -237,14 +237,14 @@ def run_dataset(job: Job) -> tuple[Any, dict[str, Any]]:
     return scan, summary
 
 
-def _newest_complete_checkpoint(job: Job) -> str | None:
-    """Checkpoints are ``checkpoints/step-N/``; only those whose ``COMPLETE`` marker exists count."""
-    steps = []
+def _complete_checkpoint_steps(job: Job) -> list[int]:
+    """Steps N of ``checkpoints/step-N/`` whose ``COMPLETE`` marker exists (torn ones never count), sorted."""
+    steps = set()
     for key in job.store.list("checkpoints/"):
         parts = key.split("/")
         if len(parts) == 3 and parts[2] == "COMPLETE" and parts[1].startswith("step-"):
-            steps.append(int(parts[1].removeprefix("step-")))
-    return f"checkpoints/step-{max(steps)}" if steps else None
+            steps.add(int(parts[1].removeprefix("step-")))
+    return sorted(steps)
 
 
 def run_train(job: Job, models: ResolvedModels, items: list[Any]) -> dict[str, Any]:
@@ -259,8 +259,9 @@ def run_train(job: Job, models: ResolvedModels, items: list[Any]) -> dict[str, A
         return done
 
     resume_from = None
-    newest = _newest_complete_checkpoint(job)
-    if newest:
+    complete = _complete_checkpoint_steps(job)
+    if complete:
+        newest = f"checkpoints/step-{complete[-1]}"
         resume_from = job.work / newest
         shutil.rmtree(resume_from, ignore_errors=True)
         job.store.download_dir(newest + "/", resume_from)
@@ -274,11 +275,7 @@ def run_train(job: Job, models: ResolvedModels, items: list[Any]) -> dict[str, A
         job.upload_dir(path, f"checkpoints/step-{step}/")
         job.status.progress(step)
         # prune older complete checkpoints beyond keep (the newest ones are the resume sources)
-        complete = sorted(
-            {int(k.split("/")[1].removeprefix("step-")) for k in job.store.list("checkpoints/")
-             if k.endswith("/COMPLETE")}
-        )
-        for old in complete[:-keep]:
+        for old in _complete_checkpoint_steps(job)[:-keep]:
             for key in job.store.list(f"checkpoints/step-{old}/"):
                 job.store.delete(key)
 
@@ -375,12 +372,16 @@ def run_story(job: Job, models: ResolvedModels, scorer: Any) -> list[dict[str, A
     return prompts["frames"]
 
 
-def run_score(job: Job, scorer: Any, frames: list[dict[str, Any]]) -> Any:
+def load_frames(job: Job, frames: list[dict[str, Any]]) -> list[Any]:
+    """The story's frames as RGB images, decoded once for scoring and the report."""
     from PIL import Image
 
+    return [Image.open(job.work / f["image"]).convert("RGB") for f in frames]
+
+
+def run_score(job: Job, scorer: Any, images: list[Any]) -> Any:
     from kolors_job.score import score_story
 
-    images = [Image.open(job.work / f["image"]).convert("RGB") for f in frames]
     return score_story(images, job.manifest.spec.score, scorer)
 
 
@@ -400,17 +401,15 @@ def run_report(
     dataset: dict[str, Any],
     train: dict[str, Any],
     frames: list[dict[str, Any]],
+    images: list[Any],
     scores: Any,
 ) -> dict[str, Any]:
     """story.jpg, the LoRA exports + model card, report.json/html, and the challenge submission."""
-    from PIL import Image
-
     from kolors_job.export import LoraInfo, export_all
     from kolors_job.report import device_info, package_versions, tile_story, write_report
     from kolors_job.submission import build_submission, check_submission
 
     spec = job.manifest.spec
-    images = [Image.open(job.work / f["image"]).convert("RGB") for f in frames]
     story_path = job.work / "story.jpg"
     # the reference notebook: 4 rows of 2 frames, resized to 1024 wide x 2048 high
     tile_story(images, cols=2, size=(1024, 2048)).save(story_path, quality=92)
@@ -547,10 +546,11 @@ def _run(job: Job) -> JobOutcome:
         frames = run_story(job, models, scorer)
 
     with job.stage("score"):
-        scores = run_score(job, scorer, frames)
+        images = load_frames(job, frames)
+        scores = run_score(job, scorer, images)
 
     with job.stage("report"):
-        report = run_report(job, models, dataset, train, frames, scores)
+        report = run_report(job, models, dataset, train, frames, images, scores)
 
     gate = job.manifest.spec.score
     if gate.gate and not scores.passed:
@@ -566,7 +566,4 @@ def _run(job: Job) -> JobOutcome:
     log.info("job %s succeeded: mean aesthetic %.3f (threshold %s)", job.job_id, scores.mean, gate.threshold)
     return JobOutcome(job.job_id, job.output_uri, ExitCode.OK, "succeeded", "", report)
 
-
-def make_job(manifest: Manifest, settings: Settings, **kwargs: Any) -> Job:
-    return Job(manifest, settings=settings, **kwargs)
 
