@@ -22,6 +22,7 @@ the others go to ``images/candidates/NN-<seed>.png``.
 from __future__ import annotations
 
 import gc
+import io
 import logging
 import os
 import time
@@ -108,20 +109,36 @@ def load_story_pipeline(
     vae_dir: Path | None = None,
     device: str | torch.device | None = None,
 ) -> KolorsPipeline:
-    """The sampling pipeline: model + optional LoRA at ``spec.lora_scale`` (+ fused/compiled if asked)."""
+    """The sampling pipeline in ``device``'s sampling dtype with the LoRA at ``spec.lora_scale``, every
+    module still on the CPU.
+
+    ChatGLM (12.5 GB in bf16) then visits the GPU alone (:func:`encode_texts`) and leaves before the
+    UNet and VAE arrive (:func:`to_device`), so the peak is the larger of the two, not their sum (~18 GB):
+    that is what lets a 16 GB card draw the story at 1024².
+    """
     from kolors_job.models import load_kolors_components, make_pipeline
 
-    dev = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = sampling_dtype(dev)
-    comps = load_kolors_components(Path(model_dir), vae_path=vae_dir, dtype=dtype, device=dev)
+    dtype = sampling_dtype(_device(device))
+    comps = load_kolors_components(Path(model_dir), vae_path=vae_dir, dtype=dtype, device="cpu")
     pipe = make_pipeline(comps, spec.scheduler)
     pipe.set_progress_bar_config(disable=True)
-    use_compile = spec.compile and dev.type == "cuda"
-    if spec.compile and not use_compile:
-        log.info("spec.story.compile ignored on %s", dev.type)
     if lora_dir is not None:
-        apply_lora(pipe, Path(lora_dir), spec.lora_scale, fuse=use_compile)
-    if use_compile:
+        apply_lora(pipe, Path(lora_dir), spec.lora_scale, fuse=_compiles(spec, _device(device)))
+    return pipe
+
+
+def to_device(pipe: KolorsPipeline, spec: StorySpec, device: str | torch.device | None = None) -> None:
+    """UNet and VAE to ``device`` (the text encoder stays where it is); fused, channels-last and
+    compiled there when ``spec.compile`` (CUDA only)."""
+    dev = _device(device)
+    pipe.unet.to(dev)
+    pipe.vae.to(dev)
+    # Decode a batch one image at a time: eight 1024² decodes at once need more than a 24 GB card has
+    # left beside the UNet, and the decode is a small part of the story's time.
+    pipe.vae.enable_slicing()
+    if spec.compile and not _compiles(spec, dev):
+        log.info("spec.story.compile ignored on %s", dev.type)
+    if _compiles(spec, dev):
         pipe.unet.fuse_qkv_projections()
         pipe.unet.to(memory_format=torch.channels_last)
         # Default mode (max-autotune's compile never pays back here), and only the repeated transformer
@@ -130,7 +147,14 @@ def load_story_pipeline(
             pipe.unet.compile_repeated_blocks()
         else:
             pipe.unet = torch.compile(pipe.unet)
-    return pipe
+
+
+def _device(device: str | torch.device | None) -> torch.device:
+    return torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _compiles(spec: StorySpec, dev: torch.device) -> bool:
+    return spec.compile and dev.type == "cuda"
 
 
 def apply_lora(pipe: KolorsPipeline, lora_dir: Path, scale: float, *, fuse: bool = False) -> None:
@@ -155,11 +179,24 @@ def apply_lora(pipe: KolorsPipeline, lora_dir: Path, scale: float, *, fuse: bool
         pipe.set_adapters([ADAPTER_NAME], adapter_weights=[scale])
 
 
-def encode_texts(pipe: KolorsPipeline, jobs: Sequence[ImageJob]) -> dict[str, PromptEmbeds]:
+def encode_texts(
+    pipe: KolorsPipeline, jobs: Sequence[ImageJob], device: str | torch.device | None = None
+) -> dict[str, PromptEmbeds]:
     """Every distinct prompt and negative prompt, each encoded alone exactly as the pipeline encodes a
-    single prompt (so a frame's conditioning never depends on its batch), kept on the CPU."""
+    single prompt (so a frame's conditioning never depends on its batch), kept on the CPU.
+
+    The text encoder runs on ``device`` (default: the UNet's) and goes back where it was afterwards.
+    """
+    dev = torch.device(device) if device else pipe.unet.device
+    home = pipe.text_encoder.device
     texts = [t for j in jobs for t in (j.prompt, j.negative_prompt)]
-    return encode_captions(pipe, texts, device=pipe.unet.device)
+    pipe.text_encoder.to(dev)
+    try:
+        return encode_captions(pipe, texts, device=dev)
+    finally:
+        pipe.text_encoder.to(home)
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
 
 
 def render(
@@ -196,13 +233,22 @@ def render(
     return list(out.images)
 
 
-def _save_png(image: Image.Image, path: Path) -> Path:
+def write_atomic(path: Path, data: bytes) -> Path:
     """Write then rename: an interrupted run never leaves a truncated PNG that looks like a finished frame."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    image.save(tmp, format="PNG")
-    os.replace(tmp, path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
+
+
+def _save_png(image: Image.Image, path: Path) -> Path:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return write_atomic(path, buf.getvalue())
 
 
 def generate_story(
@@ -233,12 +279,10 @@ def generate_story(
     if not jobs:
         log.info("story: every frame already exists; nothing to draw")
         return []
-    pipe = load_story_pipeline(model_dir, spec, lora_dir=lora_dir, vae_dir=vae_dir, device=device)
-    # Encode every text first, then move ChatGLM (12 GB in bf16) off the GPU: the UNet's batch needs it.
-    texts = encode_texts(pipe, jobs)
-    if pipe.unet.device.type == "cuda":
-        pipe.text_encoder.to("cpu")
-        torch.cuda.empty_cache()
+    dev = _device(device)
+    pipe = load_story_pipeline(model_dir, spec, lora_dir=lora_dir, vae_dir=vae_dir, device=dev)
+    texts = encode_texts(pipe, jobs, dev)  # ChatGLM on the GPU alone, then back to the CPU ...
+    to_device(pipe, spec, dev)  # ... before the UNet and VAE arrive
     log.info(
         "story",
         extra={

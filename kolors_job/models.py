@@ -202,7 +202,8 @@ class KolorsComponents:
 
     unet: UNet2DConditionModel
     vae: AutoencoderKL
-    text_encoder: ChatGLMModel
+    text_encoder: ChatGLMModel | None
+    """None once training has encoded its captions and freed it."""
     tokenizer: ChatGLMTokenizer
     noise_scheduler: DDPMScheduler
     """For training (add_noise, targets): DDPM from the model's own config, so 1100 steps."""

@@ -8,6 +8,7 @@ same job resume instead of starting over (finished stages are found in the outpu
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -17,10 +18,10 @@ import signal
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
@@ -38,6 +39,11 @@ from kolors_job.redact import redact_uri, scrub
 from kolors_job.settings import Settings
 from kolors_job.status import StatusWriter
 from kolors_job.storage import Store, open_store
+
+if TYPE_CHECKING:
+    from accelerate import PartialState
+
+    from kolors_job.export import LoraInfo
 
 log = logging.getLogger("kolors_job.runner")
 
@@ -84,8 +90,10 @@ def _stop_on_signals(flag: StopFlag) -> Iterator[None]:
             signal.signal(s, h)
 
 
-def _is_main_process() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
+def _env_int(name: str, default: int) -> int:
+    """torchrun / the Kubeflow operator / PAI-DLC set RANK, LOCAL_RANK and WORLD_SIZE."""
+    raw = os.environ.get(name, "")
+    return int(raw) if raw.isdigit() else default
 
 
 def _device() -> str:
@@ -125,16 +133,43 @@ class Job:
         self.force = force
         self.stop = stop or StopFlag()
         self.digest = manifest.digest()
-        self.main = _is_main_process()
+        self.rank = _env_int("RANK", 0)
+        self.world = _env_int("WORLD_SIZE", 1)
+        self.main = self.rank == 0
+        # One process per node prepares that node's work dir (LoRA copy, downloads): disks are per node.
+        self.local_main = _env_int("LOCAL_RANK", 0) == 0
         self.store: Store = open_store(manifest.spec.output.uri, settings).child(self.job_id)
         self.work = settings.resolved_work_dir / self.job_id
         self.status = StatusWriter(self.store if self.main else None, self.job_id, self.digest)
         self.timings: dict[str, float] = {}
         self.owns_output = False  # set once prepare_output has checked the prefix is ours
         self.device = _device()
+        if self.device == "cuda" and self.world > 1:
+            self.device = f"cuda:{_env_int('LOCAL_RANK', 0)}"  # one GPU per rank, as torchrun assigns them
         self.progress = settings.log_format == "text" or (settings.log_format == "auto" and progress_enabled())
 
     # ------------------------------------------------------------------ helpers
+
+    @functools.cached_property
+    def dist(self) -> PartialState | None:
+        """accelerate's process state under DDP (joins torchrun's process group); None in one process."""
+        if self.world == 1:
+            return None
+        from accelerate import PartialState
+
+        return PartialState(cpu=self.device == "cpu")
+
+    def main_first(self) -> AbstractContextManager[None]:
+        """Rank 0 runs the block first, the others after it: they see what it decided and wrote."""
+        return self.dist.main_process_first() if self.dist else nullcontext()
+
+    def local_main_first(self) -> AbstractContextManager[None]:
+        """One rank per node fills the node's caches first; the others then find them complete."""
+        return self.dist.local_main_process_first() if self.dist else nullcontext()
+
+    def barrier(self) -> None:
+        if self.dist:
+            self.dist.wait_for_everyone()
 
     @property
     def output_uri(self) -> str:
@@ -255,7 +290,9 @@ def run_train(job: Job, models: ResolvedModels, items: list[Any]) -> dict[str, A
     done = job.get_json(f"{STATE}/train.json")
     if done is not None:
         log.info("train: already complete in the output; reusing lora/")
-        job.store.child("lora").download_dir("", lora_local)
+        if job.local_main:
+            job.store.child("lora").download_dir("", lora_local)
+        job.barrier()
         return done
 
     resume_from = None
@@ -263,8 +300,10 @@ def run_train(job: Job, models: ResolvedModels, items: list[Any]) -> dict[str, A
     if complete:
         newest = f"checkpoints/step-{complete[-1]}"
         resume_from = job.work / newest
-        shutil.rmtree(resume_from, ignore_errors=True)
-        job.store.download_dir(newest + "/", resume_from)
+        if job.local_main:
+            shutil.rmtree(resume_from, ignore_errors=True)
+            job.store.download_dir(newest + "/", resume_from)
+        job.barrier()
         log.info("train: resuming from %s", newest)
 
     keep = job.manifest.spec.output.keep_checkpoints
@@ -294,8 +333,6 @@ def run_train(job: Job, models: ResolvedModels, items: list[Any]) -> dict[str, A
     )
     if result.interrupted:
         raise JobInterruptedError(f"interrupted at step {result.steps}; checkpoint saved; rerun to resume")
-    shutil.rmtree(lora_local, ignore_errors=True)
-    shutil.copytree(result.lora_dir, lora_local)
     summary = {
         "steps": result.steps,
         "losses": result.losses,
@@ -306,25 +343,86 @@ def run_train(job: Job, models: ResolvedModels, items: list[Any]) -> dict[str, A
         "samples_seen": result.samples_seen,
         "lora_sha256": result.lora_sha256,
     }
-    job.upload_dir(lora_local, "lora/")
+    if job.local_main:  # every node draws frames with it; its ranks share one disk
+        shutil.rmtree(lora_local, ignore_errors=True)
+        shutil.copytree(result.lora_dir, lora_local)
+        summary.update(export_lora(job, models, summary))
+    job.barrier()
+    job.upload_dir(lora_local, "lora/")  # final formats only: each object is written once
     job.put_json(f"{STATE}/train.json", summary)
     return summary
 
 
+def lora_info(job: Job, train: dict[str, Any]) -> LoraInfo:
+    """What the exports and the model card say about the LoRA."""
+    from kolors_job.export import LoraInfo
+
+    spec = job.manifest.spec
+    return LoraInfo(
+        rank=spec.train.rank,
+        alpha=spec.train.alpha,
+        target_modules=tuple(spec.train.target_modules),
+        base_model=redact_uri(spec.model.base),
+        trigger=spec.dataset.caption.prefix or spec.dataset.caption.fixed or "",
+        name=job.job_id,
+        steps=train.get("steps"),
+        learning_rate=spec.train.learning_rate,
+        resolution=spec.train.resolution,
+        batch_size=spec.train.batch_size,
+        seed=spec.train.seed,
+        precision=train.get("precision"),
+    )
+
+
+def export_lora(job: Job, models: ResolvedModels, train: dict[str, Any]) -> dict[str, Any]:
+    """Rewrite ``lora/`` in the manifest's formats (diffusers with α baked in, kohya, DiffSynth) right
+    after training, so the story draws with — and the output holds — exactly the published files."""
+    from kolors_job.export import export_all
+
+    formats = list(job.manifest.spec.output.lora_formats)
+    skipped: dict[str, str] = {}
+    if "diffsynth" in formats and not _is_full_size_kolors(models.base):
+        # DiffSynth 1.1.9 hard-codes the full Kolors UNet: its keys/shapes exist only for that architecture.
+        formats.remove("diffsynth")
+        skipped["diffsynth"] = "the base UNet is not the full-size Kolors architecture (e.g. tiny://kolors)"
+        log.warning("lora export: diffsynth skipped: %s", skipped["diffsynth"])
+    lora = job.work / "lora"
+    files = export_all(lora, lora_info(job, train), lora, formats, write_card=False)
+    return {
+        "lora_files": {k: Path(v).relative_to(job.work).as_posix() for k, v in files.items()},
+        "lora_formats_skipped": skipped,
+    }
+
+
 def run_story(job: Job, models: ResolvedModels, scorer: Any) -> list[dict[str, Any]]:
-    """Generate the frames not yet in the output; upload each as soon as it exists."""
+    """Generate the frames not yet in the output; upload each as soon as it exists.
+
+    Under DDP the missing frames are split between the ranks (accelerate's ``split_between_processes``);
+    each rank draws its share, and rank 0 gathers the PNGs, keeps them and alone uploads them.
+    """
     from kolors_job.generate import generate_story
 
     spec = job.manifest.spec.story
+    n_frames = len(spec.frames)
     images_local = job.work / "images"
     images_local.mkdir(parents=True, exist_ok=True)
     done: set[int] = set()
-    for i in range(1, len(spec.frames) + 1):
-        if job.store.exists(f"images/{i:02d}.png"):
-            job.store.download_file(f"images/{i:02d}.png", images_local / f"{i:02d}.png")
-            done.add(i)
-    if done:
-        log.info("story: %d frame(s) already in the output, not regenerated", len(done))
+    if job.main:
+        for i in range(1, n_frames + 1):
+            if job.store.exists(f"images/{i:02d}.png"):
+                job.store.download_file(f"images/{i:02d}.png", images_local / f"{i:02d}.png")
+                done.add(i)
+        if done:
+            log.info("story: %d frame(s) already in the output, not regenerated", len(done))
+    todo = [i for i in range(1, n_frames + 1) if i not in done]
+    if job.dist:
+        from accelerate.utils import broadcast_object_list
+
+        shared = [todo]
+        broadcast_object_list(shared)  # rank 0 read the output: every rank agrees on what is left
+        with job.dist.split_between_processes(shared[0]) as mine:
+            todo = list(mine)
+        log.info("story: this rank draws frames %s", todo or "none", extra={"rank": job.rank, "frames": todo})
 
     def on_frame(frame: Any) -> None:
         for _seed, path, _score in frame.candidates:
@@ -333,18 +431,22 @@ def run_story(job: Job, models: ResolvedModels, scorer: Any) -> list[dict[str, A
         job.status.progress(frame.index, len(spec.frames))
         job.check_stop()
 
-    generate_story(
+    drawn = generate_story(
         models.base,
         spec,
         out_dir=job.work,
         lora_dir=job.work / "lora",
         vae_dir=models.vae,
         device=job.device,
-        skip=done,
+        skip=set(range(1, n_frames + 1)) - set(todo),
         on_frame=on_frame,
         scorer=scorer if spec.best_of > 1 else None,
         progress=job.progress,
     )
+    if job.dist:
+        _collect_frames(job, drawn, n_frames)
+    if not job.main:
+        return []
     prompts = {
         "negative_prompt": spec.negative_prompt,
         "sampler": {
@@ -370,6 +472,32 @@ def run_story(job: Job, models: ResolvedModels, scorer: Any) -> list[dict[str, A
     (job.work / "prompts.json").write_text(json.dumps(prompts, ensure_ascii=False, indent=2))
     job.upload("prompts.json", job.work / "prompts.json")
     return prompts["frames"]
+
+
+def _collect_frames(job: Job, drawn: list[Any], n_frames: int) -> None:
+    """Every rank's PNGs (frames and best-of candidates) to rank 0, which stores and uploads them.
+
+    One collective call after the drawing: a rank interrupted before it fails the whole torchrun group
+    (its frames are redrawn by the rerun; rank 0's own are already uploaded).
+    """
+    from accelerate.utils import gather_object
+
+    from kolors_job.generate import write_atomic
+
+    files = [
+        (job.rank, frame.index, path.relative_to(job.work).as_posix(), path.read_bytes())
+        for frame in drawn
+        for path in (*(c[1] for c in frame.candidates), frame.path)
+    ]
+    gathered = gather_object(files)
+    if not job.main:
+        return
+    for rank, index, key, data in gathered:
+        if rank == job.rank:
+            continue  # rank 0's own: uploaded as each was drawn
+        job.upload(key, write_atomic(job.work / key, data))
+        if key == f"images/{index:02d}.png":
+            job.status.progress(index, n_frames)
 
 
 def load_frames(job: Job, frames: list[dict[str, Any]]) -> list[Any]:
@@ -405,7 +533,7 @@ def run_report(
     scores: Any,
 ) -> dict[str, Any]:
     """story.jpg, the LoRA exports + model card, report.json/html, and the challenge submission."""
-    from kolors_job.export import LoraInfo, export_all
+    from kolors_job.export import write_model_card
     from kolors_job.report import device_info, package_versions, tile_story, write_report
     from kolors_job.submission import build_submission, check_submission
 
@@ -417,36 +545,9 @@ def run_report(
     for f, s in zip(frames, scores.per_image, strict=True):
         f["score"] = s
     score_dict = scores.to_dict()
-    info = LoraInfo(
-        rank=spec.train.rank,
-        alpha=spec.train.alpha,
-        target_modules=tuple(spec.train.target_modules),
-        base_model=redact_uri(spec.model.base),
-        trigger=spec.dataset.caption.prefix or spec.dataset.caption.fixed or "",
-        name=job.job_id,
-        steps=train.get("steps"),
-        learning_rate=spec.train.learning_rate,
-        resolution=spec.train.resolution,
-        batch_size=spec.train.batch_size,
-        seed=spec.train.seed,
-        precision=train.get("precision"),
-    )
-    formats = list(spec.output.lora_formats)
-    skipped_formats: dict[str, str] = {}
-    if "diffsynth" in formats and not _is_full_size_kolors(models.base):
-        # DiffSynth 1.1.9 hard-codes the full Kolors UNet: its keys/shapes exist only for that architecture.
-        formats.remove("diffsynth")
-        skipped_formats["diffsynth"] = "the base UNet is not the full-size Kolors architecture (e.g. tiny://kolors)"
-        log.warning("lora export: diffsynth skipped: %s", skipped_formats["diffsynth"])
-    exported = export_all(
-        job.work / "lora",
-        info,
-        job.work / "lora",
-        formats,
-        scores=score_dict,
-        dataset_summary=dataset,
-    )
-    job.upload_dir(job.work / "lora", "lora/")
+    lora_files = {k: job.work / v for k, v in train["lora_files"].items()}
+    card = write_model_card(job.work / "lora", lora_info(job, train), score_dict, dataset, files=lora_files)
+    job.upload("lora/README.md", card)
 
     report: dict[str, Any] = {
         "job_id": job.job_id,
@@ -459,11 +560,11 @@ def run_report(
             "random_weights": models.random_weights,
         },
         "dataset": dataset,
-        "train": train,
+        "train": {k: v for k, v in train.items() if k not in ("lora_files", "lora_formats_skipped")},
         "story": {"frames": frames, "settings": spec.story.model_dump(mode="json", exclude={"frames"})},
         "score": score_dict,
-        "lora_files": {k: Path(v).relative_to(job.work).as_posix() for k, v in exported.items()},
-        "lora_formats_skipped": skipped_formats,
+        "lora_files": {**train["lora_files"], "card": card.relative_to(job.work).as_posix()},
+        "lora_formats_skipped": train["lora_formats_skipped"],
         "timings": dict(job.timings),
         "device": device_info(),
         "versions": package_versions(),
@@ -471,8 +572,8 @@ def run_report(
     }
     sub = build_submission(
         job.work,
-        lora_file=[p for k, p in exported.items() if k != "card"],
-        model_card=exported.get("card", job.work / "lora" / "README.md"),
+        lora_file=list(lora_files.values()),
+        model_card=card,
         images=[job.work / f["image"] for f in frames],
         prompts=frames,
         story_jpg=story_path,
@@ -519,31 +620,36 @@ def _safe_finish(job: Job, state: str, code: ExitCode, message: str) -> None:
 def _run(job: Job) -> JobOutcome:
     log.info("job %s → %s", job.job_id, job.output_uri, extra={"manifest_digest": job.digest})
     # Nothing is written before this check: a finished run or another manifest's run stays untouched.
-    if prepare_output(job):
+    with job.main_first():  # rank 0 checks (and with --force clears) the prefix before the others look
+        finished = prepare_output(job)
+    if finished:
         msg = f"{job.output_uri}: already complete (_SUCCESS exists); use --force to recompute"
         log.info(msg)
         return JobOutcome(job.job_id, job.output_uri, ExitCode.OK, "skipped", msg)
     job.owns_output = True
     job.work.mkdir(parents=True, exist_ok=True)
 
-    with job.stage("models"):
-        models = resolve_models(job)
+    with job.local_main_first():  # one download per node; its other ranks then hit the cache
+        with job.stage("models"):
+            models = resolve_models(job)
 
-    with job.stage("dataset"):
-        scan, dataset = run_dataset(job)
-        job.put_json(f"{STATE}/dataset.json", dataset)
+        with job.stage("dataset"):
+            scan, dataset = run_dataset(job)
+            job.put_json(f"{STATE}/dataset.json", dataset)
 
     with job.stage("train", total=job.manifest.spec.train.steps):
         train = run_train(job, models, scan.items)
 
-    if not job.main:  # DDP workers are done once the LoRA is trained; rank 0 draws and reports
-        return JobOutcome(job.job_id, job.output_uri, ExitCode.OK, "succeeded", "worker finished training")
-
     from kolors_job.score import AestheticScorer
 
-    scorer = AestheticScorer.load(models.aesthetic, device=job.device)
+    # Workers need the scorer only to pick best-of candidates; rank 0 scores the story too.
+    need_scorer = job.main or job.manifest.spec.story.best_of > 1
+    scorer = AestheticScorer.load(models.aesthetic, device=job.device) if need_scorer else None
     with job.stage("story", total=len(job.manifest.spec.story.frames)):
         frames = run_story(job, models, scorer)
+
+    if not job.main:  # DDP workers are done once their frames are with rank 0; it scores and reports
+        return JobOutcome(job.job_id, job.output_uri, ExitCode.OK, "succeeded", "worker finished")
 
     with job.stage("score"):
         images = load_frames(job, frames)

@@ -461,6 +461,11 @@ def train_lora(
     comps.text_encoder.to(dev)
     prompts = encode_captions(pipe, captions, device=dev)
     log.info("encoded captions", extra={"captions": len(prompts), "seconds": round(time.monotonic() - t0, 3)})
+    # ChatGLM (12.5 GB in bf16) is done: free it before the VAE encodes 1024² images (16 GB cards).
+    pipe.text_encoder = comps.text_encoder = None
+    gc.collect()
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
     vae = comps.vae.to(dev)
     scaling_factor = float(vae.config.scaling_factor)
     flips = (False, True) if spec.random_flip else (False,)
@@ -640,11 +645,11 @@ def train_lora(
     if bar is not None:
         bar.close()
 
-    # 6. The LoRA, from rank 0.
+    # 6. The LoRA (the same weights on every rank), written once per node: the story reads it on each.
     lora_dir = work_dir / "lora"
     if interrupted:
         lora_dir = checkpoints[-1]
-    elif main:
+    elif accelerator.is_local_main_process:
         shutil.rmtree(lora_dir, ignore_errors=True)
         save_lora(accelerator.unwrap_model(unet), lora_dir, spec, extra={"steps": step})
     accelerator.wait_for_everyone()
@@ -741,24 +746,31 @@ def _save_checkpoint(
     state: dict[str, Any],
     on_checkpoint: Callable[[Path, int], None] | None,
 ) -> Path:
-    """``accelerate.save_state`` into a temp dir, ``state.json``, ``COMPLETE`` last, rename into place."""
+    """``accelerate.save_state`` into a temp dir, ``state.json``, ``COMPLETE`` last, rename into place.
+
+    One rank per node prepares and publishes the node's directory (nodes do not share a disk; every
+    rank writes its RNG state into its own node's copy); rank 0 alone hands it to ``on_checkpoint``.
+    """
     final = work_dir / "checkpoints" / f"step-{step}"
     tmp = work_dir / "checkpoints" / f".step-{step}.partial"
-    if accelerator.is_main_process:
+    node_main = accelerator.is_local_main_process
+    if node_main:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     with _quiet("accelerate"):
         accelerator.save_state(str(tmp))  # every rank: each writes its own RNG state
     accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
+    if node_main:
         (tmp / STATE_NAME).write_text(json.dumps(state, indent=1) + "\n")
         (tmp / COMPLETE_NAME).write_text(f"step {step}\n")
         shutil.rmtree(final, ignore_errors=True)
         os.rename(tmp, final)
+    if accelerator.is_main_process:
         log.info("checkpoint", extra={"step": step, "path": str(final)})
         if on_checkpoint is not None:
             on_checkpoint(final, step)
+    if node_main:  # after the upload: a stale newer step-N left in the work dir must not evict this one first
         _prune_checkpoints(final.parent, keep=KEEP_LOCAL_CHECKPOINTS)
     accelerator.wait_for_everyone()
     return final

@@ -116,3 +116,185 @@ def test_two_ranks_match_each_other_and_one_process(shared_cache: Path, tmp_path
     assert worst < 2e-3, worst
     moved = max(float(one[k].abs().max()) for k in one if ".lora.up." in k)
     assert moved > 10 * worst  # the tolerance is far below what training moved
+
+
+# ------------------------------------------------------------------------------ the whole job on 2 ranks
+
+
+def _job_manifest(data: Path, output: str, name: str, batch_size: int) -> dict:
+    spec = {
+        "model": {"base": "tiny://kolors"},
+        "dataset": {"source": str(data), "caption": {"fixed": None}, "filters": {"min_width": 64, "min_height": 64}},
+        "train": {"resolution": 64, "steps": 4, "batch_size": batch_size, "checkpoint_every": 2,
+                  "precision": "fp32", "learning_rate": 1e-3, "seed": 3},
+        "story": {"width": 64, "height": 64, "steps": 3},
+        "score": {"aesthetic_model": "tiny://aesthetic", "threshold": 1.0},
+        "output": {"uri": output},
+    }
+    return {"metadata": {"name": name}, "spec": spec}
+
+
+class JobWorld:
+    """A bucket behind a recording proxy, the demo dataset, and ``torchrun -m kolors_job run`` launchers."""
+
+    def __init__(self, tmp_path: Path, cache: Path, s3_server, proxy) -> None:
+        from kolors_job.demo import build_demo_dataset
+        from kolors_job.settings import Settings
+
+        self.tmp, self.proxy = tmp_path, proxy
+        self.data = build_demo_dataset(tmp_path / "ds", n=6)
+        self.bucket = s3_server.create_bucket()
+        self.output = f"s3://{self.bucket}/runs/"
+        self.env = {
+            **os.environ,
+            "OMP_NUM_THREADS": "1",
+            "PYTHONWARNINGS": "ignore",
+            "KOLORS_JOB_CACHE_DIR": str(cache),
+            "KOLORS_JOB_LOG_FORMAT": "json",
+            "KOLORS_JOB_S3_ENDPOINT_URL": proxy.endpoint,
+            "KOLORS_JOB_S3_REGION": s3_server.region,
+            "KOLORS_JOB_S3_ADDRESSING_STYLE": "path",
+        }
+        self.settings = Settings(  # for runs and reads in this process, straight to the server (not counted)
+            cache_dir=cache, work_dir=tmp_path / "work-here", log_format="json",
+            s3_endpoint_url=s3_server.endpoint_url, s3_region=s3_server.region, s3_addressing_style="path",
+        )
+
+    def manifest_file(self, name: str, batch_size: int) -> Path:
+        import yaml
+
+        path = self.tmp / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(_job_manifest(self.data, self.output, name, batch_size), allow_unicode=True))
+        return path
+
+    def launch(self, torchrun_args: list[str], manifest: Path, work_dir: Path, log_path: Path) -> subprocess.Popen:
+        cmd = [sys.executable, "-m", "kolors_job.launch.torchrun", *torchrun_args,
+               "-m", "kolors_job", "run", "--manifest", str(manifest)]
+        env = {**self.env, "KOLORS_JOB_WORK_DIR": str(work_dir)}
+        with log_path.open("w") as log:  # a file, not a pipe: a full pipe would block the ranks
+            return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+    def store(self, name: str):
+        from kolors_job.storage import open_store
+
+        return open_store(f"{self.output}{name}/", self.settings)
+
+    def write_counts(self, name: str) -> dict[str, int]:
+        """PUT/POST requests per key of job ``name`` as the proxy saw them (status.json left out)."""
+        prefix = f"/{self.bucket}/runs/{name}/"
+        keys = [t.split("?")[0].removeprefix(prefix) for m, t in self.proxy.requests
+                if m in ("PUT", "POST") and t.startswith(prefix)]
+        return {k: keys.count(k) for k in set(keys) if k != "status.json"}
+
+
+@pytest.fixture
+def job_world(tmp_path: Path, shared_cache: Path, s3_server, monkeypatch: pytest.MonkeyPatch):
+    try:
+        from tests.storage_servers.fault_proxy import FaultProxy
+    except ModuleNotFoundError:
+        from storage_servers.fault_proxy import FaultProxy
+
+    for var in list(os.environ):
+        if var.startswith(("AWS_", "KOLORS_JOB_")):
+            monkeypatch.delenv(var)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3_server.access_key)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3_server.secret_key)
+    with FaultProxy(s3_server.endpoint_url, flavour="s3") as proxy:  # no faults: it only records requests
+        yield JobWorld(tmp_path, shared_cache, s3_server, proxy)
+
+
+def _wait(procs: list[subprocess.Popen], logs: list[Path], timeout: float = 600) -> None:
+    try:
+        for proc in procs:
+            proc.wait(timeout=timeout)
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    for proc, log in zip(procs, logs, strict=True):
+        assert proc.returncode == 0, log.read_text()[-4000:]
+
+
+def _frames_by_rank(*logs: Path) -> dict[int, list[int]]:
+    drew = {}
+    for log in logs:
+        for line in log.read_text().splitlines():
+            if '"msg": "story: this rank draws frames' in line:
+                rec = json.loads(line[line.index("{"):])
+                drew[rec["rank"]] = rec["frames"]
+    return drew
+
+
+def _assert_written_once(world: JobWorld, name: str) -> set[str]:
+    keys = set(world.store(name).list())
+    assert {f"images/{i:02d}.png" for i in range(1, 9)} | {"_SUCCESS", "report.json"} <= keys
+    assert world.write_counts(name) == {k: 1 for k in keys if k != "status.json"}
+    assert json.loads(world.store(name).read_bytes("status.json"))["state"] == "succeeded"
+    return keys
+
+
+def test_whole_job_on_two_ranks_splits_the_story_and_writes_once(job_world: JobWorld, tmp_path: Path) -> None:
+    """``torchrun --nproc_per_node=2 -m kolors_job run``: both ranks train one LoRA, each draws half of the
+    frames, rank 0 alone uploads — every object is written exactly once — and the output matches a
+    1-process run with the same effective batch (frames to 2/255, the LoRA to the tolerance above)."""
+    import io
+
+    import numpy as np
+    import yaml
+    from PIL import Image
+    from safetensors.torch import load_file
+
+    from kolors_job.manifest import Manifest
+    from kolors_job.runner import Job, run_job
+
+    w = job_world
+    log = tmp_path / "torchrun.log"
+    proc = w.launch(["--standalone", "--nproc_per_node=2"], w.manifest_file("ddp", 1), tmp_path / "work", log)
+    # meanwhile, the reference: one process, batch 2
+    one = run_job(Job(Manifest.model_validate(yaml.safe_load(w.manifest_file("one", 2).read_text())),
+                      settings=w.settings))
+    _wait([proc], [log])
+    assert one.exit_code == 0, one.message
+
+    keys = _assert_written_once(w, "ddp")
+    rank1_rng = {f"checkpoints/step-{n}/random_states_1.pkl" for n in (2, 4)}  # resumes rank 1 bitwise
+    assert {k.replace("ddp_", "one_") for k in keys - rank1_rng} == set(w.store("one").list())
+    assert _frames_by_rank(log) == {0: [1, 2, 3, 4], 1: [5, 6, 7, 8]}
+
+    ddp, single = w.store("ddp"), w.store("one")
+    for i in range(1, 9):  # the same pictures as one process
+        a, b = (np.asarray(Image.open(io.BytesIO(s.read_bytes(f"images/{i:02d}.png"))), dtype=np.int16)
+                for s in (ddp, single))
+        assert np.abs(a - b).max() <= 2, i
+    lora = "lora/pytorch_lora_weights.safetensors"
+    (tmp_path / "a.safetensors").write_bytes(ddp.read_bytes(lora))
+    (tmp_path / "b.safetensors").write_bytes(single.read_bytes(lora))
+    a, b = load_file(str(tmp_path / "a.safetensors")), load_file(str(tmp_path / "b.safetensors"))
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 2e-3
+
+
+def test_whole_job_on_two_nodes_with_their_own_disks(job_world: JobWorld, tmp_path: Path) -> None:
+    """Two torchrun launchers (``--nnodes=2``, one process each, as a Kubeflow PyTorchJob runs them) with
+    separate work dirs: each node keeps its own LoRA copy and checkpoints, draws its half, and only
+    node 0 writes the output, once per object."""
+    import socket
+
+    w = job_world
+    manifest = w.manifest_file("nodes", 1)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    logs = [tmp_path / f"node{n}.log" for n in (0, 1)]
+    procs = [
+        w.launch(["--nnodes=2", "--nproc_per_node=1", f"--node_rank={n}", "--master_addr=127.0.0.1",
+                  f"--master_port={port}"], manifest, tmp_path / f"node{n}", logs[n])
+        for n in (0, 1)
+    ]
+    _wait(procs, logs)
+    _assert_written_once(w, "nodes")
+    assert _frames_by_rank(*logs) == {0: [1, 2, 3, 4], 1: [5, 6, 7, 8]}
+    node1 = tmp_path / "node1" / "nodes"
+    assert (node1 / "lora" / LORA_WEIGHT_NAME).is_file()  # its own copy, for its frames
+    assert sorted(p.name for p in (node1 / "images").glob("*.png")) == [f"{i:02d}.png" for i in range(5, 9)]
+    assert not (node1 / "report.json").exists()

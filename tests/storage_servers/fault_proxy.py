@@ -34,13 +34,14 @@ import uuid
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from urllib.parse import urlsplit
 from xml.sax.saxutils import escape
 
+from .http_base import ProxyHandler
+
 KINDS = ("reset", "drop", "reset_mid_body", "truncate", "status", "delay")
 HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "proxy-connection", "te", "trailer", "upgrade", "expect"}
-MAX_BODY = 256 * 1024 * 1024  # refuse absurd requests rather than buffering them
 
 
 @dataclass
@@ -257,43 +258,8 @@ def error_body(flavour: str, code: str, message: str, request_id: str) -> bytes:
     ).encode()
 
 
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
+class _Handler(ProxyHandler):
     owner: FaultProxy
-
-    def log_message(self, format: str, *args) -> None:  # quiet
-        pass
-
-    def do_GET(self) -> None:
-        self.handle_any()
-
-    def do_PUT(self) -> None:
-        self.handle_any()
-
-    def do_POST(self) -> None:
-        self.handle_any()
-
-    def do_DELETE(self) -> None:
-        self.handle_any()
-
-    def do_HEAD(self) -> None:
-        self.handle_any()
-
-    def read_body(self) -> bytes:
-        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
-            out = bytearray()
-            while size := int(self.rfile.readline().split(b";")[0].strip() or b"0", 16):
-                if len(out) + size > MAX_BODY:
-                    raise ValueError("request body too large")
-                out += self.rfile.read(size)
-                self.rfile.readline()
-            while self.rfile.readline() not in (b"\r\n", b"\n", b""):
-                pass
-            return bytes(out)
-        length = int(self.headers.get("Content-Length") or 0)
-        if length > MAX_BODY:
-            raise ValueError("request body too large")
-        return self.rfile.read(length)
 
     def _rst(self) -> None:
         """Abort the TCP connection: SO_LINGER(on, 0) makes close() send a RST."""

@@ -23,11 +23,13 @@ import http.client
 import re
 import threading
 import uuid
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit
 from xml.sax.saxutils import escape
 
 import crcmod
+
+from .http_base import ProxyHandler
 
 crc64 = crcmod.mkCrcFun(0x142F0E1EBA9EA3693, initCrc=0, xorOut=0xFFFFFFFFFFFFFFFF, rev=True)
 
@@ -192,38 +194,8 @@ class OSSProxy:
             conn.close()
 
 
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
+class _Handler(ProxyHandler):
     owner: OSSProxy
-
-    def log_message(self, format: str, *args) -> None:  # quiet
-        pass
-
-    def do_GET(self) -> None:
-        self.handle_any()
-
-    def do_PUT(self) -> None:
-        self.handle_any()
-
-    def do_POST(self) -> None:
-        self.handle_any()
-
-    def do_DELETE(self) -> None:
-        self.handle_any()
-
-    def do_HEAD(self) -> None:
-        self.handle_any()
-
-    def read_body(self) -> bytes:
-        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
-            out = b""
-            while size := int(self.rfile.readline().split(b";")[0], 16):
-                out += self.rfile.read(size)
-                self.rfile.readline()
-            while self.rfile.readline() not in (b"\r\n", b"\n", b""):
-                pass
-            return out
-        return self.rfile.read(int(self.headers.get("Content-Length") or 0))
 
     def reply(self, status: int, body: bytes = b"", headers: dict | None = None) -> None:
         self.send_response(status)
