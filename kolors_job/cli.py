@@ -45,6 +45,10 @@ def _settings_and_logging(args: argparse.Namespace):
 
     settings = Settings()
     setup_logging(args.log_format or settings.log_format, settings.log_level)
+    # torch.compile's artifacts on the cache volume, so a rerun or the next job skips the compile
+    # (the image sets these already; this covers pip installs). Before torch is imported.
+    for var, sub in (("TORCHINDUCTOR_CACHE_DIR", "torchinductor"), ("TRITON_CACHE_DIR", "triton")):
+        os.environ.setdefault(var, str(settings.cache_dir / sub))
     return settings
 
 

@@ -162,3 +162,18 @@ def test_cli_run_prints_one_line_errors(job_env: Path, tmp_path: Path) -> None:
     last = res.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and "/does/not/exist" in last
     assert "Traceback" not in res.stderr
+
+
+def test_compile_caches_default_to_the_cache_volume(job_env: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch.compile's inductor/triton caches go under KOLORS_JOB_CACHE_DIR unless already set."""
+    import argparse
+    import os
+
+    from kolors_job.cli import _settings_and_logging
+
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    monkeypatch.setenv("TRITON_CACHE_DIR", "/elsewhere/triton")
+    settings = _settings_and_logging(argparse.Namespace(log_format="json"))
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(settings.cache_dir / "torchinductor")
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"].startswith(os.environ["KOLORS_JOB_CACHE_DIR"])
+    assert os.environ["TRITON_CACHE_DIR"] == "/elsewhere/triton"  # an explicit setting wins
