@@ -34,11 +34,10 @@ import uuid
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from http.server import ThreadingHTTPServer
 from urllib.parse import urlsplit
 from xml.sax.saxutils import escape
 
-from .http_base import ProxyHandler
+from .http_base import LoopbackServer, ProxyHandler
 
 KINDS = ("reset", "drop", "reset_mid_body", "truncate", "status", "delay")
 HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "proxy-connection", "te", "trailer", "upgrade", "expect"}
@@ -143,7 +142,7 @@ class Rule:
         return fault
 
 
-class FaultProxy:
+class FaultProxy(LoopbackServer):
     """``FaultProxy(upstream, flavour="s3"|"oss").start()``; ``endpoint`` is its http://127.0.0.1:port."""
 
     def __init__(self, upstream: str, flavour: str = "s3", ledger: Ledger | None = None) -> None:
@@ -160,30 +159,7 @@ class FaultProxy:
         self.responses: list[tuple[str, str, int]] = []  # (method, target, upstream status) forwarded
         self.by_kind: Counter = Counter()
         self.lock = threading.Lock()
-        proxy = self
-
-        class Handler(_Handler):
-            owner = proxy
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True, name="fault-proxy")
-
-    # -- lifecycle --------------------------------------------------------------------------------
-    def start(self) -> FaultProxy:
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-    def __enter__(self) -> FaultProxy:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+        self._listen(_Handler, "fault-proxy")
 
     # -- schedule ---------------------------------------------------------------------------------
     def add(

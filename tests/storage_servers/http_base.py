@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from http.server import BaseHTTPRequestHandler
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Self
 
 MAX_BODY = 256 * 1024 * 1024  # refuse absurd requests rather than buffering them
 
@@ -49,3 +51,28 @@ class ProxyHandler(BaseHTTPRequestHandler):
         if length > MAX_BODY:
             raise ValueError("request body too large")
         return self.rfile.read(length)
+
+
+class LoopbackServer:
+    """A threading HTTP server on 127.0.0.1 (a free port) whose handler sees this object as ``owner``."""
+
+    def _listen(self, handler: type[ProxyHandler], name: str) -> None:
+        handler_cls = type("Handler", (handler,), {"owner": self})
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), handler_cls)
+        self.server.daemon_threads = True
+        self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True, name=name)
+
+    def start(self) -> Self:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

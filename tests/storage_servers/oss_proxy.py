@@ -23,13 +23,12 @@ import http.client
 import re
 import threading
 import uuid
-from http.server import ThreadingHTTPServer
 from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit
 from xml.sax.saxutils import escape
 
 import crcmod
 
-from .http_base import ProxyHandler
+from .http_base import LoopbackServer, ProxyHandler
 
 crc64 = crcmod.mkCrcFun(0x142F0E1EBA9EA3693, initCrc=0, xorOut=0xFFFFFFFFFFFFFFFF, rev=True)
 
@@ -148,7 +147,7 @@ def error_xml(code: str, message: str, request_id: str, **details: str) -> bytes
     ).encode()
 
 
-class OSSProxy:
+class OSSProxy(LoopbackServer):
     def __init__(self, upstream: str, credentials: dict[str, tuple[str, str]]) -> None:
         """``credentials``: access key id -> (secret, security token or "")."""
         self.upstream = urlsplit(upstream)
@@ -156,23 +155,7 @@ class OSSProxy:
         self.fail_next = self.corrupt_gets = self.corrupt_puts = 0
         self.requests: list[tuple[str, str]] = []  # (method, path?query) seen, for assertions
         self.lock = threading.Lock()
-        proxy = self
-
-        class Handler(_Handler):
-            owner = proxy
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    def start(self) -> OSSProxy:
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        self._listen(_Handler, "oss-proxy")
 
     def take(self, counter: str) -> bool:
         with self.lock:
