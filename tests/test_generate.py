@@ -18,11 +18,11 @@ from kolors_job.dataset import ImageItem
 from kolors_job.generate import (
     CANDIDATE_SEED_STRIDE,
     FrameResult,
-    apply_lora,
     generate_story,
     load_story_pipeline,
     plan_jobs,
     render,
+    to_device,
 )
 from kolors_job.manifest import Frame, StorySpec, TrainSpec
 from kolors_job.tiny import build_tiny_kolors
@@ -160,8 +160,8 @@ def test_story_writes_every_frame_in_order(drawn: dict[str, Any]) -> None:
 
 
 def test_lora_scale_and_the_fused_path(tiny_model: Path, lora: Path) -> None:
-    """The LoRA changes pixels; scale 0 is exactly the base model; and the compile path (CUDA only) minus
-    the compile (LoRA fused at the scale, then QKV fused) matches the unfused LoRA."""
+    """The LoRA changes pixels; scale 0 is exactly the base model; and the CUDA default (LoRA fused at the
+    scale, then QKV fused, channels-last) matches the unfused LoRA."""
     spec = story()
     zero = spec.model_copy(update={"lora_scale": 0.0})
     jobs = plan_jobs(spec)[:2]
@@ -176,10 +176,11 @@ def test_lora_scale_and_the_fused_path(tiny_model: Path, lora: Path) -> None:
     assert np.array_equal(at_zero, base)
     assert np.abs(with_lora - base).max() > 0.02
 
-    apply_lora(pipe, lora, spec.lora_scale, fuse=True)
-    pipe.unet.fuse_qkv_projections()
-    assert not any("lora" in name for name, _ in pipe.unet.named_parameters())  # merged, wrappers gone
-    assert np.abs(draw(pipe, spec) - with_lora).max() < 1e-4
+    fast = load_story_pipeline(tiny_model, spec, lora_dir=lora, device="cpu", fused=True)
+    to_device(fast, spec, "cpu", fused=True)  # what CUDA gets by default: LoRA merged, q/k/v fused, channels-last
+    assert not any("lora" in name for name, _ in fast.unet.named_parameters())  # merged, wrappers gone
+    assert fast.unet.down_blocks[1].attentions[0].transformer_blocks[0].attn1.fused_projections
+    assert np.abs(draw(fast, spec) - with_lora).max() < 1e-4
 
 
 def test_skip_leaves_existing_frames_alone(
