@@ -114,7 +114,7 @@ def load_story_pipeline(
     """The sampling pipeline in ``device``'s sampling dtype with the LoRA at ``spec.lora_scale``, every
     module still on the CPU.
 
-    ChatGLM (12.5 GB in bf16) then visits the GPU alone (:func:`encode_texts`) and leaves before the
+    ChatGLM (12.5 GB in bf16) then visits the GPU alone (:func:`encode_texts`) and is dropped before the
     UNet and VAE arrive (:func:`to_device`), so the peak is the larger of the two, not their sum (~18 GB):
     that is what lets a 16 GB card draw the story at 1024². ``fused`` (default: on CUDA) merges the LoRA
     into the weights so :func:`to_device` can fuse the q/k/v projections; pass the same to both.
@@ -196,18 +196,11 @@ def encode_texts(
     """Every distinct prompt and negative prompt, each encoded alone exactly as the pipeline encodes a
     single prompt (so a frame's conditioning never depends on its batch), kept on the CPU.
 
-    The text encoder runs on ``device`` (default: the UNet's) and goes back where it was afterwards.
+    The text encoder is moved to ``device`` (default: the UNet's) and left there.
     """
     dev = torch.device(device) if device else pipe.unet.device
-    home = pipe.text_encoder.device
-    texts = [t for j in jobs for t in (j.prompt, j.negative_prompt)]
     pipe.text_encoder.to(dev)
-    try:
-        return encode_captions(pipe, texts, device=dev)
-    finally:
-        pipe.text_encoder.to(home)
-        if dev.type == "cuda":
-            torch.cuda.empty_cache()
+    return encode_captions(pipe, [t for j in jobs for t in (j.prompt, j.negative_prompt)], device=dev)
 
 
 def render(
@@ -292,8 +285,12 @@ def generate_story(
         return []
     dev = _device(device)
     pipe = load_story_pipeline(model_dir, spec, lora_dir=lora_dir, vae_dir=vae_dir, device=dev)
-    texts = encode_texts(pipe, jobs, dev)  # ChatGLM on the GPU alone, then back to the CPU ...
-    to_device(pipe, spec, dev)  # ... before the UNet and VAE arrive
+    texts = encode_texts(pipe, jobs, dev)  # ChatGLM on the GPU alone ...
+    if dev.type == "cuda":  # ... and gone (12.5 GB; denoising takes embeddings) before the UNet and VAE arrive
+        pipe.text_encoder = None
+        gc.collect()
+        torch.cuda.empty_cache()
+    to_device(pipe, spec, dev)
     log.info(
         "story",
         extra={
