@@ -309,6 +309,20 @@ def _scaled(t: torch.Tensor, factor: float) -> torch.Tensor:
     return (t.detach().to("cpu", torch.float32) * factor).to(t.dtype).contiguous()
 
 
+def canonical_safetensors(path: Path) -> None:
+    """Rewrite the header with sorted keys: safetensors keeps metadata in a Rust HashMap, so two saves of
+    the same tensors differ in header byte order. Sorted, equal LoRAs are equal files (hashes, resume)."""
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + n])
+    text = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)  # keep the data 8-byte aligned, as safetensors does
+    tmp = path.with_name(f".{path.name}.canon{os.getpid()}")
+    tmp.write_bytes(len(text).to_bytes(8, "little") + text + raw[8 + n :])
+    os.replace(tmp, path)
+
+
+
 def _save(tensors: Mapping[str, torch.Tensor], path: Path, metadata: Mapping[str, str]) -> Path:
     """Write atomically (temp file + rename) so a crash never leaves a half file that looks complete."""
     import torch
@@ -320,6 +334,7 @@ def _save(tensors: Mapping[str, torch.Tensor], path: Path, metadata: Mapping[str
     try:
         if path.suffix == ".safetensors":
             save_file(tensors, str(tmp), metadata={"format": "pt", **metadata})
+            canonical_safetensors(tmp)  # equal LoRAs are equal files, whichever process wrote them
         else:  # .ckpt / .pt / .bin: what the reference notebook's torch.load expects
             torch.save(tensors, tmp)
         os.replace(tmp, path)

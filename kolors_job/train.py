@@ -45,6 +45,7 @@ import torch.nn.functional as F  # noqa: N812 - the conventional alias
 
 from kolors_job.embeddings import LatentEntry, PromptEmbeds, cache_latents, encode_captions, mix_seed
 from kolors_job.errors import ManifestError
+from kolors_job.export import canonical_safetensors
 from kolors_job.manifest import TrainSpec
 
 if TYPE_CHECKING:
@@ -262,7 +263,7 @@ def save_lora(
         safe_serialization=True,
         unet_lora_adapter_metadata=lora_metadata(unet),
     )
-    _canonical_safetensors(out_dir / LORA_WEIGHT_NAME)
+    canonical_safetensors(out_dir / LORA_WEIGHT_NAME)
     config = {
         "rank": spec.rank,
         "alpha": spec.alpha,
@@ -275,19 +276,6 @@ def save_lora(
     }
     (out_dir / LORA_CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return out_dir
-
-
-def _canonical_safetensors(path: Path) -> None:
-    """Rewrite the header with sorted keys: safetensors keeps metadata in a Rust HashMap, so two saves of
-    the same tensors differ in header byte order. Sorted, equal LoRAs are equal files (hashes, resume)."""
-    raw = path.read_bytes()
-    n = int.from_bytes(raw[:8], "little")
-    header = json.loads(raw[8 : 8 + n])
-    text = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
-    text += b" " * (-len(text) % 8)  # keep the data 8-byte aligned, as safetensors does
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(len(text).to_bytes(8, "little") + text + raw[8 + n :])
-    os.replace(tmp, path)
 
 
 def lora_digest(unet: torch.nn.Module) -> str:

@@ -1,13 +1,15 @@
-"""DDP for real: ``torchrun --standalone --nproc_per_node=2`` (gloo, CPU) runs ``python -m kolors_job.train``.
+"""DDP for real, on CPU with gloo: ``torchrun -m kolors_job run`` on 2 ranks of one node, and on 2 "nodes"
+(two torchrun launchers, one process each, separate disks), against 1 process with the same effective batch.
 
-Checks: both ranks end with the same LoRA (digest of the tensors each rank holds), rank 0 alone wrote
-the outputs (rank 1's own work dir holds only accelerate's per-process RNG file), and 2 processes x
-batch 1 equal 1 process x batch 2 (the same samples and noise by construction) to float tolerance.
+Checks: both ranks train the same LoRA (node 1's own copy equals the published one, byte for byte), each
+draws half of the story, rank 0 alone writes the output — every object once, as the recording proxy in
+front of the S3 server sees it — and the result equals the 1-process run to float tolerance.
 
 Not bitwise: DDP averages two per-sample gradients after the backward (all-reduce, then / 2) while
 one process differentiates the mean over a batch of 2, so the sums associate differently (~1e-7
 relative); Adam's g/√v then amplifies last-bit differences of near-zero gradients, so after 4 steps at
-lr 1e-2 the LoRA tensors agree to ~1e-4 absolute (bound: 2e-3, a fifth of one step's size).
+lr 1e-2 the LoRA tensors agree to ~1e-4 absolute (bound: 2e-3, a fifth of one step's size), and the
+frames drawn with them to 2/255.
 """
 
 from __future__ import annotations
@@ -20,102 +22,9 @@ from pathlib import Path
 
 import pytest
 
-from kolors_job.manifest import TrainSpec
-from kolors_job.tiny import build_tiny_kolors
-from kolors_job.train import LORA_WEIGHT_NAME, train_lora
+from kolors_job.train import LORA_WEIGHT_NAME
 
 ROOT = Path(__file__).resolve().parents[1]
-SPEC = TrainSpec(
-    rank=4,
-    alpha=2.0,
-    learning_rate=1e-2,
-    steps=4,
-    batch_size=1,
-    resolution=64,
-    checkpoint_every=2,
-    seed=3,
-    random_flip=True,
-)
-
-
-def test_two_ranks_match_each_other_and_one_process(shared_cache: Path, tmp_path: Path) -> None:
-    import numpy as np
-    from PIL import Image
-    from safetensors.torch import load_file
-
-    from kolors_job.dataset import ImageItem
-
-    model = build_tiny_kolors(shared_cache / "tiny-kolors", seed=0)
-    rng = np.random.default_rng(2)
-    rows = []
-    for i, (w, h) in enumerate([(64, 80), (80, 64), (64, 64)]):
-        path = tmp_path / f"{i}.png"
-        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(path)
-        rows.append({"path": str(path), "caption": f"二次元 {i}", "width": w, "height": h})
-    (tmp_path / "items.json").write_text(json.dumps(rows))
-    (tmp_path / "spec.json").write_text(SPEC.model_dump_json())
-
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=2",
-        "-m",
-        "kolors_job.train",
-        "--model-dir",
-        str(model),
-        "--items-json",
-        str(tmp_path / "items.json"),
-        "--spec-json",
-        str(tmp_path / "spec.json"),
-        "--work-dir",
-        str(tmp_path / "work{rank}"),
-        "--device",
-        "cpu",
-        "--result-json",
-        str(tmp_path / "result{rank}.json"),
-        "--no-progress",
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    # Started first: the one-process reference trains here while the ranks import torch.
-    log = (tmp_path / "torchrun.log").open("w")  # a file, not a pipe: a full pipe would block the ranks
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        single = train_lora(
-            model,
-            [ImageItem(Path(r["path"]), r["caption"], r["width"], r["height"]) for r in rows],
-            SPEC.model_copy(update={"batch_size": 2}),
-            work_dir=tmp_path / "single",
-            device="cpu",
-            progress=False,
-        )
-        proc.wait(timeout=300)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        log.close()
-    assert proc.returncode == 0, (tmp_path / "torchrun.log").read_text()[-4000:]
-
-    r0, r1 = (json.loads((tmp_path / f"result{r}.json").read_text()) for r in (0, 1))
-    assert r0["steps"] == r1["steps"] == 4 and r0["samples_seen"] == 4 * 2
-    assert r0["lora_sha256"] == r1["lora_sha256"]  # identical weights on both ranks
-    assert r0["losses"] == r1["losses"]  # the logged loss is the mean over ranks
-    lora0 = tmp_path / "work0" / "lora"
-    assert (lora0 / LORA_WEIGHT_NAME).is_file()
-    assert {p.name for p in (tmp_path / "work0" / "checkpoints").iterdir()} == {"step-2", "step-4"}
-    written_by_1 = sorted(p.name for p in (tmp_path / "work1").rglob("*") if p.is_file())
-    assert written_by_1 == ["random_states_1.pkl", "random_states_1.pkl"]  # one per checkpoint, nothing else
-
-    assert single.samples_seen == 8
-    assert single.losses == pytest.approx(r0["losses"], rel=1e-5)
-    ddp, one = load_file(str(lora0 / LORA_WEIGHT_NAME)), load_file(str(single.lora_dir / LORA_WEIGHT_NAME))
-    assert ddp.keys() == one.keys()
-    worst = max(float((ddp[k] - one[k]).abs().max()) for k in ddp)
-    assert worst < 2e-3, worst
-    moved = max(float(one[k].abs().max()) for k in one if ".lora.up." in k)
-    assert moved > 10 * worst  # the tolerance is far below what training moved
 
 
 # ------------------------------------------------------------------------------ the whole job on 2 ranks
@@ -126,7 +35,7 @@ def _job_manifest(data: Path, output: str, name: str, batch_size: int) -> dict:
         "model": {"base": "tiny://kolors"},
         "dataset": {"source": str(data), "caption": {"fixed": None}, "filters": {"min_width": 64, "min_height": 64}},
         "train": {"resolution": 64, "steps": 4, "batch_size": batch_size, "checkpoint_every": 2,
-                  "precision": "fp32", "learning_rate": 1e-3, "seed": 3},
+                  "precision": "fp32", "learning_rate": 1e-2, "seed": 3},
         "story": {"width": 64, "height": 64, "steps": 3},
         "score": {"aesthetic_model": "tiny://aesthetic", "threshold": 1.0},
         "output": {"uri": output},
@@ -271,7 +180,11 @@ def test_whole_job_on_two_ranks_splits_the_story_and_writes_once(job_world: JobW
     (tmp_path / "a.safetensors").write_bytes(ddp.read_bytes(lora))
     (tmp_path / "b.safetensors").write_bytes(single.read_bytes(lora))
     a, b = load_file(str(tmp_path / "a.safetensors")), load_file(str(tmp_path / "b.safetensors"))
-    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 2e-3
+    assert a.keys() == b.keys()
+    worst = max(float((a[k] - b[k]).abs().max()) for k in a)
+    assert worst < 2e-3, worst
+    moved = max(float(b[k].abs().max()) for k in b if "lora_B" in k or ".lora.up." in k)
+    assert moved > 10 * worst  # the tolerance is far below what training moved
 
 
 def test_whole_job_on_two_nodes_with_their_own_disks(job_world: JobWorld, tmp_path: Path) -> None:
@@ -295,6 +208,7 @@ def test_whole_job_on_two_nodes_with_their_own_disks(job_world: JobWorld, tmp_pa
     _assert_written_once(w, "nodes")
     assert _frames_by_rank(*logs) == {0: [1, 2, 3, 4], 1: [5, 6, 7, 8]}
     node1 = tmp_path / "node1" / "nodes"
-    assert (node1 / "lora" / LORA_WEIGHT_NAME).is_file()  # its own copy, for its frames
+    # node 1 trained the very same LoRA: its own export is byte-identical to the one node 0 published
+    assert (node1 / "lora" / LORA_WEIGHT_NAME).read_bytes() == w.store("nodes").read_bytes(f"lora/{LORA_WEIGHT_NAME}")
     assert sorted(p.name for p in (node1 / "images").glob("*.png")) == [f"{i:02d}.png" for i in range(5, 9)]
     assert not (node1 / "report.json").exists()
