@@ -311,10 +311,23 @@ def generate_story(
     results: list[FrameResult] = []
     pending: dict[int, list[tuple[ImageJob, Image.Image]]] = {}
     try:
-        for b in range(0, len(jobs), spec.batch_size):
-            batch = jobs[b : b + spec.batch_size]
+        done, size = 0, spec.batch_size
+        while done < len(jobs):
+            batch = jobs[done : done + size]
             t0 = time.monotonic()
-            images = render(pipe, batch, spec, texts=texts)
+            try:
+                images = render(pipe, batch, spec, texts=texts)
+            except torch.OutOfMemoryError:
+                if size == 1:
+                    raise
+                # A smaller card than the batch was sized for: halve it and redraw. Each image has its own
+                # generator, so the pixels do not depend on the batch size (to float rounding).
+                size = max(1, size // 2)
+                log.warning("story: out of GPU memory; retrying with batches of %d", size, extra={"batch_size": size})
+                gc.collect()
+                torch.cuda.empty_cache()
+                continue
+            done += len(batch)
             log.info("batch", extra={"images": len(batch), "seconds": round(time.monotonic() - t0, 3)})
             if bar is not None:
                 bar.update(len(batch))

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from kolors_job.dataset import ImageItem
@@ -243,3 +244,29 @@ def test_fresh_process_reproduces_frame_1(drawn: dict[str, Any]) -> None:
     """Plain diffusers in a new process (from_pretrained, load_lora_weights, scale via cross_attention_kwargs)
     draws frame 1 exactly as generate_story did (batch 1)."""
     assert np.array_equal(drawn["fresh"].result(), read(drawn["results"][0].path))
+
+
+def test_out_of_memory_halves_the_batch_and_keeps_the_pixels(
+    drawn: dict[str, Any], tiny_model: Path, lora: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A card too small for the batch: the CUDA allocator's OutOfMemoryError (raised here by our own render
+    for batches over 2) makes the story retry with halved batches; the frames equal the batch-1 ones."""
+    import kolors_job.generate as generate
+
+    real_render, tried = generate.render, []
+
+    def small_card(pipe: Any, jobs: Any, *args: Any, **kwargs: Any) -> Any:
+        tried.append(len(jobs))
+        if len(jobs) > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real_render(pipe, jobs, *args, **kwargs)
+
+    monkeypatch.setattr(generate, "render", small_card)
+    spec = drawn["spec"].model_copy(update={"batch_size": 8})
+    results = generate_story(tiny_model, spec, out_dir=tmp_path, lora_dir=lora, device="cpu", progress=False)
+    assert tried == [8, 4, 2, 2, 2, 2]
+    assert "retrying with batches of 2" in caplog.text
+    assert [r.index for r in results] == list(range(1, 9))
+    for r, ref in zip(results, drawn["results"], strict=True):
+        assert np.abs(read(r.path).astype(int) - read(ref.path).astype(int)).max() <= 1
