@@ -227,3 +227,15 @@ def test_examples_validate_and_agree(name: str) -> None:
     root = Path(__file__).resolve().parents[1] / "examples"
     m = load_manifest(str(root / name))
     assert m.digest() == load_manifest(str(root / "minimal.yaml")).digest()
+
+
+def test_16gb_example_differs_from_the_reference_only_in_memory_settings() -> None:
+    root = Path(__file__).resolve().parents[1] / "examples"
+    small, ref = (load_manifest(str(root / n)).model_dump() for n in ("16gb.yaml", "minimal.yaml"))
+    assert (small["spec"]["train"]["gradient_checkpointing"], small["spec"]["train"]["optimizer"]) == ("on", "adamw8bit")
+    assert small["spec"]["story"]["batch_size"] == 2
+    for section, keys in (("train", ("gradient_checkpointing", "optimizer")), ("story", ("batch_size",))):
+        for k in keys:
+            small["spec"][section][k] = ref["spec"][section][k]
+    small["metadata"]["name"] = ref["metadata"]["name"]
+    assert small == ref
