@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 from typing import Any, TextIO
@@ -21,6 +22,12 @@ def _extras(record: logging.LogRecord) -> dict[str, Any]:
     return {k: v for k, v in record.__dict__.items() if k not in _STD_ATTRS and not k.startswith("_")}
 
 
+def _rank() -> int | None:
+    """The DDP rank (torchrun's env) when there are several: their log lines interleave in one pod log."""
+    world, rank = os.environ.get("WORLD_SIZE", ""), os.environ.get("RANK", "")
+    return int(rank) if world.isdigit() and int(world) > 1 and rank.isdigit() else None
+
+
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, Any] = {
@@ -29,6 +36,8 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "msg": record.getMessage(),
         }
+        if (rank := _rank()) is not None:
+            entry["rank"] = rank
         entry.update(_extras(record))
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
@@ -39,7 +48,9 @@ class TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         ts = time.strftime("%H:%M:%S", time.localtime(record.created))
         extras = " ".join(f"{k}={v}" for k, v in _extras(record).items())
-        line = f"{ts} {record.levelname[0]} {record.name.removeprefix('kolors_job.')}: {record.getMessage()}"
+        rank = _rank()
+        where = record.name.removeprefix("kolors_job.") + (f"[{rank}]" if rank is not None else "")
+        line = f"{ts} {record.levelname[0]} {where}: {record.getMessage()}"
         if extras:
             line += f"  [{extras}]"
         if record.exc_info:

@@ -422,7 +422,7 @@ def run_story(job: Job, models: ResolvedModels, scorer: Any) -> list[dict[str, A
         broadcast_object_list(shared)  # rank 0 read the output: every rank agrees on what is left
         with job.dist.split_between_processes(shared[0]) as mine:
             todo = list(mine)
-        log.info("story: this rank draws frames %s", todo or "none", extra={"rank": job.rank, "frames": todo})
+        log.info("story: this rank draws frames %s", todo or "none", extra={"frames": todo})
 
     def on_frame(frame: Any) -> None:
         for _seed, path, _score in frame.candidates:

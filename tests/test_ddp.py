@@ -125,14 +125,18 @@ def _wait(procs: list[subprocess.Popen], logs: list[Path], timeout: float = 600)
         assert proc.returncode == 0, log.read_text()[-4000:]
 
 
-def _frames_by_rank(*logs: Path) -> dict[int, list[int]]:
-    drew = {}
+def _records(*logs: Path, msg: str) -> list[dict]:
+    """The JSON log records with message ``msg`` (every rank's records carry its ``rank``)."""
+    out = []
     for log in logs:
         for line in log.read_text().splitlines():
-            if '"msg": "story: this rank draws frames' in line:
-                rec = json.loads(line[line.index("{"):])
-                drew[rec["rank"]] = rec["frames"]
-    return drew
+            if line.startswith("{") and f'"msg": "{msg}' in line:
+                out.append(json.loads(line))
+    return out
+
+
+def _frames_by_rank(*logs: Path) -> dict[int, list[int]]:
+    return {r["rank"]: r["frames"] for r in _records(*logs, msg="story: this rank draws frames")}
 
 
 def _assert_written_once(world: JobWorld, name: str) -> set[str]:
@@ -170,6 +174,10 @@ def test_whole_job_on_two_ranks_splits_the_story_and_writes_once(job_world: JobW
     rank1_rng = {f"checkpoints/step-{n}/random_states_1.pkl" for n in (2, 4)}  # resumes rank 1 bitwise
     assert {k.replace("ddp_", "one_") for k in keys - rank1_rng} == set(w.store("one").list())
     assert _frames_by_rank(log) == {0: [1, 2, 3, 4], 1: [5, 6, 7, 8]}
+    trained = {r["rank"]: r["lora_sha256"] for r in _records(log, msg="trained")}
+    assert set(trained) == {0, 1} and trained[0] == trained[1]  # identical weights on both ranks
+    steps = [r for r in _records(log, msg="step") if r["step"] == 1]
+    assert len(steps) == 2 and steps[0]["loss"] == steps[1]["loss"]  # the mean over ranks, on each
 
     ddp, single = w.store("ddp"), w.store("one")
     for i in range(1, 9):  # the same pictures as one process
@@ -212,3 +220,18 @@ def test_whole_job_on_two_nodes_with_their_own_disks(job_world: JobWorld, tmp_pa
     assert (node1 / "lora" / LORA_WEIGHT_NAME).read_bytes() == w.store("nodes").read_bytes(f"lora/{LORA_WEIGHT_NAME}")
     assert sorted(p.name for p in (node1 / "images").glob("*.png")) == [f"{i:02d}.png" for i in range(5, 9)]
     assert not (node1 / "report.json").exists()
+
+
+def test_log_lines_carry_the_rank_only_under_ddp(monkeypatch: pytest.MonkeyPatch) -> None:
+    import logging
+
+    from kolors_job.log import JsonFormatter, TextFormatter
+
+    record = logging.LogRecord("kolors_job.train", logging.INFO, __file__, 1, "step", None, None)
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setenv("RANK", "0")
+    assert "rank" not in json.loads(JsonFormatter().format(record))
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "3")
+    assert json.loads(JsonFormatter().format(record))["rank"] == 3
+    assert " train[3]: step" in TextFormatter().format(record)
