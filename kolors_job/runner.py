@@ -140,6 +140,10 @@ class Job:
         self.local_main = _env_int("LOCAL_RANK", 0) == 0
         self.store: Store = open_store(manifest.spec.output.uri, settings).child(self.job_id)
         self.work = settings.resolved_work_dir / self.job_id
+        if self.world > _env_int("LOCAL_WORLD_SIZE", self.world):
+            # Several nodes: the work dir may be one shared volume (a ReadWriteMany cache PVC), and each
+            # node's ranks write their own LoRA copy and checkpoints there. torchrun sets GROUP_RANK.
+            self.work = self.work / f"node-{_env_int('GROUP_RANK', 0)}"
         self.status = StatusWriter(self.store if self.main else None, self.job_id, self.digest)
         self.timings: dict[str, float] = {}
         self.owns_output = False  # set once prepare_output has checked the prefix is ours

@@ -195,10 +195,10 @@ def test_whole_job_on_two_ranks_splits_the_story_and_writes_once(job_world: JobW
     assert moved > 10 * worst  # the tolerance is far below what training moved
 
 
-def test_whole_job_on_two_nodes_with_their_own_disks(job_world: JobWorld, tmp_path: Path) -> None:
-    """Two torchrun launchers (``--nnodes=2``, one process each, as a Kubeflow PyTorchJob runs them) with
-    separate work dirs: each node keeps its own LoRA copy and checkpoints, draws its half, and only
-    node 0 writes the output, once per object."""
+def test_whole_job_on_two_nodes_sharing_one_volume(job_world: JobWorld, tmp_path: Path) -> None:
+    """Two torchrun launchers (``--nnodes=2``, one process each, as a Kubeflow PyTorchJob runs them) whose
+    work dir is one shared volume (the ReadWriteMany cache PVC): each node keeps its own LoRA copy and
+    checkpoints under ``node-N/``, draws its half, and only node 0 writes the output, once per object."""
     import socket
 
     w = job_world
@@ -209,13 +209,15 @@ def test_whole_job_on_two_nodes_with_their_own_disks(job_world: JobWorld, tmp_pa
     logs = [tmp_path / f"node{n}.log" for n in (0, 1)]
     procs = [
         w.launch(["--nnodes=2", "--nproc_per_node=1", f"--node_rank={n}", "--master_addr=127.0.0.1",
-                  f"--master_port={port}"], manifest, tmp_path / f"node{n}", logs[n])
+                  f"--master_port={port}"], manifest, tmp_path / "shared", logs[n])
         for n in (0, 1)
     ]
     _wait(procs, logs)
     _assert_written_once(w, "nodes")
     assert _frames_by_rank(*logs) == {0: [1, 2, 3, 4], 1: [5, 6, 7, 8]}
-    node1 = tmp_path / "node1" / "nodes"
+    assert sorted(p.name for p in (tmp_path / "shared" / "nodes").iterdir()) == ["node-0", "node-1"]
+    node1 = tmp_path / "shared" / "nodes" / "node-1"
+    assert {p.name for p in (node1 / "train" / "checkpoints").iterdir()} == {"step-2", "step-4"}
     # node 1 trained the very same LoRA: its own export is byte-identical to the one node 0 published
     assert (node1 / "lora" / LORA_WEIGHT_NAME).read_bytes() == w.store("nodes").read_bytes(f"lora/{LORA_WEIGHT_NAME}")
     assert sorted(p.name for p in (node1 / "images").glob("*.png")) == [f"{i:02d}.png" for i in range(5, 9)]
