@@ -30,11 +30,11 @@ ROOT = Path(__file__).resolve().parents[1]
 # ------------------------------------------------------------------------------ the whole job on 2 ranks
 
 
-def _job_manifest(data: Path, output: str, name: str, batch_size: int) -> dict:
+def _job_manifest(data: Path, output: str, name: str, batch_size: int, steps: int = 4) -> dict:
     spec = {
         "model": {"base": "tiny://kolors"},
         "dataset": {"source": str(data), "caption": {"fixed": None}, "filters": {"min_width": 64, "min_height": 64}},
-        "train": {"resolution": 64, "steps": 4, "batch_size": batch_size, "checkpoint_every": 2,
+        "train": {"resolution": 64, "steps": steps, "batch_size": batch_size, "checkpoint_every": 2,
                   "precision": "fp32", "learning_rate": 1e-2, "seed": 3},
         "story": {"width": 64, "height": 64, "steps": 3},
         "score": {"aesthetic_model": "tiny://aesthetic", "threshold": 1.0},
@@ -69,11 +69,12 @@ class JobWorld:
             s3_endpoint_url=s3_server.endpoint_url, s3_region=s3_server.region, s3_addressing_style="path",
         )
 
-    def manifest_file(self, name: str, batch_size: int) -> Path:
+    def manifest_file(self, name: str, batch_size: int, steps: int = 4) -> Path:
         import yaml
 
         path = self.tmp / f"{name}.yaml"
-        path.write_text(yaml.safe_dump(_job_manifest(self.data, self.output, name, batch_size), allow_unicode=True))
+        doc = _job_manifest(self.data, self.output, name, batch_size, steps)
+        path.write_text(yaml.safe_dump(doc, allow_unicode=True))
         return path
 
     def launch(self, torchrun_args: list[str], manifest: Path, work_dir: Path, log_path: Path) -> subprocess.Popen:
@@ -222,6 +223,47 @@ def test_whole_job_on_two_nodes_sharing_one_volume(job_world: JobWorld, tmp_path
     assert (node1 / "lora" / LORA_WEIGHT_NAME).read_bytes() == w.store("nodes").read_bytes(f"lora/{LORA_WEIGHT_NAME}")
     assert sorted(p.name for p in (node1 / "images").glob("*.png")) == [f"{i:02d}.png" for i in range(5, 9)]
     assert not (node1 / "report.json").exists()
+
+
+
+def test_sigterm_to_torchrun_checkpoints_exits_75_and_the_rerun_resumes(job_world: JobWorld, tmp_path: Path) -> None:
+    """What a preempted PyTorchJob pod goes through: SIGTERM reaches torchrun mid-training, both ranks agree
+    to stop at one step, checkpoint, and the launcher exits 75; the rerun resumes from that checkpoint
+    (both ranks load it from the node's copy) and finishes the job."""
+    import signal
+    import time
+
+    w = job_world
+    manifest = w.manifest_file("preempted", 1, steps=20)
+    args = ["--standalone", "--nproc_per_node=2"]
+    first_log = tmp_path / "first.log"
+    proc = w.launch(args, manifest, tmp_path / "work", first_log)
+    try:
+        deadline = time.monotonic() + 300
+        while not _records(first_log, msg="step") and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert proc.poll() is None, first_log.read_text()[-4000:]
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 75, first_log.read_text()[-4000:]
+    status = json.loads(w.store("preempted").read_bytes("status.json"))
+    assert status["state"] == "interrupted" and status["exit_code"] == 75
+    saved = sorted(int(k.split("/")[1].removeprefix("step-")) for k in w.store("preempted").list("checkpoints/")
+                   if k.endswith("/COMPLETE"))
+    assert saved and saved[-1] < 20
+
+    second_log = tmp_path / "second.log"
+    _wait([w.launch(args, manifest, tmp_path / "work", second_log)], [second_log])
+    resumed = _records(second_log, msg=f"train: resuming from checkpoints/step-{saved[-1]}")
+    assert {r["rank"] for r in resumed} == {0, 1}
+    first_step = min(r["step"] for r in _records(second_log, msg="step"))
+    assert first_step == saved[-1] + 1  # nothing retrained
+    assert json.loads(w.store("preempted").read_bytes("status.json"))["state"] == "succeeded"
+    assert json.loads(w.store("preempted").read_bytes("_state/train.json"))["steps"] == 20
 
 
 def test_log_lines_carry_the_rank_only_under_ddp(monkeypatch: pytest.MonkeyPatch) -> None:
