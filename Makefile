@@ -7,6 +7,9 @@ STAMP := $(VENV)/.installed
 IMAGE ?= kolors-job:dev
 CACHE ?= $(HOME)/.cache/kolors-job
 OUT ?= $(CURDIR)/runs
+GPUS ?= 1
+# GPUS>1: the same job as PyTorch DDP, one rank per GPU, through torchrun (kolors_job.launch.torchrun keeps exit codes)
+RUN_IN_IMAGE = $(if $(filter-out 1,$(GPUS)),--entrypoint tini $(IMAGE) -- python -m kolors_job.launch.torchrun --standalone --nproc-per-node=$(GPUS) -m kolors_job run,$(IMAGE) run)
 PYTEST_ARGS ?=
 
 .PHONY: help install demo test test-slow lint run image k8s-examples bench-cpu lock schema clean
@@ -48,7 +51,7 @@ image:
 	@docker info >/dev/null 2>&1 || { echo "error: no Docker engine is running (start dockerd, or use k8s/ or pai/)"; exit 2; }
 	docker build -t $(IMAGE) .
 
-# make run MANIFEST=job.yaml (outputs in ./runs) | make run MANIFEST_URI=s3://b/m.yaml [OUTPUT=s3://...]
+# make run MANIFEST=job.yaml (outputs in ./runs) | make run MANIFEST_URI=s3://b/m.yaml [OUTPUT=s3://...] [GPUS=8]
 run: image
 	@test -n "$(MANIFEST)$(MANIFEST_URI)" || { echo "usage: make run MANIFEST=path | MANIFEST_URI=uri [OUTPUT=uri]"; exit 2; }
 	@docker info --format '{{json .Runtimes}}' | grep -q nvidia || { echo "error: the NVIDIA container runtime is missing (install nvidia-container-toolkit)"; exit 2; }
@@ -60,7 +63,7 @@ run: image
 	  -e OSS_ACCESS_KEY_ID -e OSS_ACCESS_KEY_SECRET -e OSS_SESSION_TOKEN \
 	  -e ALIBABA_CLOUD_ACCESS_KEY_ID -e ALIBABA_CLOUD_ACCESS_KEY_SECRET -e ALIBABA_CLOUD_SECURITY_TOKEN \
 	  -e KOLORS_JOB_S3_ENDPOINT_URL -e KOLORS_JOB_OSS_ENDPOINT \
-	  $(IMAGE) run $(if $(OUTPUT),--output $(OUTPUT),$(if $(MANIFEST),--output /runs))
+	  $(RUN_IN_IMAGE) $(if $(OUTPUT),--output $(OUTPUT),$(if $(MANIFEST),--output /runs))
 
 k8s-examples: $(STAMP)
 	$(VENV)/bin/kolors-job render k8s --write-examples k8s/

@@ -140,3 +140,21 @@ def test_dockerignore_keeps_secrets_and_outputs_out() -> None:
     assert {"requirements.lock", "pyproject.toml", "entrypoint.py", "kolors_job"} <= allowed
     for name in allowed:
         assert (ROOT / name).exists(), f".dockerignore allows {name}, which does not exist"
+
+
+def test_make_run_uses_torchrun_for_several_gpus() -> None:
+    """``make run GPUS=N`` starts the same job as N DDP ranks through the exit-code-keeping torchrun; the
+    default stays one process (the image's own entry point)."""
+    if shutil.which("make") is None:
+        pytest.skip("make is not installed")
+
+    def dry(*args: str) -> str:
+        res = subprocess.run(["make", "-n", "run", "MANIFEST=examples/minimal.yaml", *args], cwd=ROOT,
+                             capture_output=True, text=True, check=True)
+        return res.stdout
+
+    many = dry("GPUS=4")
+    assert ("--entrypoint tini kolors-job:dev -- python -m kolors_job.launch.torchrun --standalone "
+            "--nproc-per-node=4 -m kolors_job run --output /runs") in many
+    one = dry()
+    assert "kolors-job:dev run --output /runs" in one and "torchrun" not in one
