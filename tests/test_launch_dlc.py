@@ -58,6 +58,7 @@ def test_spec_covers_what_a_kolors_job_needs(spec: dict[str, Any]) -> None:
     assert worker.get("EcsSpec") or worker.get("ResourceConfig")
     assert any(ds["MountPath"] == "/cache" for ds in spec["DataSources"])
     assert spec["Envs"]["KOLORS_JOB_CACHE_DIR"] == "/cache"
+    assert spec["Envs"]["KOLORS_JOB_WORK_DIR"].startswith("/tmp/")  # local disk, not the OSS mount
     assert spec["JobMaxRunningTimeMinutes"] > 0
     s = spec["Settings"]
     assert s["EnableErrorMonitoringInAIMaster"] is True and "--enable-job-restart" in s["ErrorMonitoringArgs"]

@@ -150,6 +150,8 @@ def test_pod_has_gpus_shm_cache_and_runs_non_root() -> None:
             assert pod["automountServiceAccountToken"] is False
             env = {e["name"]: e["value"] for e in c["env"]}
             assert env["KOLORS_JOB_MANIFEST_URI"] == "s3://b/m.yaml"
+            # scratch on the pod's own emptyDir, never the shared cache volume
+            assert env["KOLORS_JOB_WORK_DIR"].startswith("/tmp/") and "emptyDir" in volumes[mounts["/tmp"]]
             assert "nodeSelector" in pod and pod["tolerations"]
             assert c["args"][-3:] == ["run", "--job-id", "t-1"]
 

@@ -140,6 +140,9 @@ def _env(opts: RenderOptions, *, retryable_code: int | None) -> list[dict[str, A
     env: list[dict[str, Any]] = [
         {"name": "KOLORS_JOB_MANIFEST_URI", "value": opts.manifest_uri},
         {"name": "KOLORS_JOB_CACHE_DIR", "value": CACHE_MOUNT},
+        # Scratch (frames, checkpoints before upload) on the pod's own emptyDir, not the shared cache
+        # volume: resume reads the output store, never this directory.
+        {"name": "KOLORS_JOB_WORK_DIR", "value": f"{TMP_MOUNT}/kolors-job-work"},
         {"name": "KOLORS_JOB_LOG_FORMAT", "value": "json"},
     ]
     if retryable_code is not None:
