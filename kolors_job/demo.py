@@ -9,7 +9,9 @@ from __future__ import annotations
 import io
 import math
 import random
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from PIL import Image, ImageDraw
 
@@ -52,30 +54,45 @@ def build_demo_dataset(root: Path, n: int = 12, seed: int = 0) -> Path:
     return root
 
 
+def tiny_job(data: Path, output: str, overrides: Mapping[str, Any] | None = None, *, name: str = "tiny-job",
+             resolution: int = DEMO_RESOLUTION) -> dict[str, Any]:
+    """A whole job on the tiny random Kolors as a manifest dict (the demo's, and every end-to-end test's).
+
+    ``overrides`` are dotted paths into ``spec`` (``{"train.steps": 4, "story.batch_size": 1}``).
+    """
+    spec: dict[str, Any] = {
+        "model": {"base": "tiny://kolors"},
+        "dataset": {"source": str(data), "filters": {"min_width": resolution, "min_height": resolution}},
+        "train": {"resolution": resolution, "precision": "fp32"},
+        "story": {"width": resolution, "height": resolution},
+        # random weights: the tiny predictor's scores are arbitrary, so the gate is nominal
+        "score": {"aesthetic_model": "tiny://aesthetic", "threshold": 1.0},
+        "output": {"uri": output},
+    }
+    for dotted, value in (overrides or {}).items():
+        node = spec
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return {"metadata": {"name": name}, "spec": spec}
+
+
 def demo_manifest(settings: Settings, output: str = "demo-output") -> Manifest:
     data = build_demo_dataset(settings.cache_dir / "demo-dataset")
-    return Manifest.model_validate(
+    doc = tiny_job(
+        data,
+        output,
         {
-            "metadata": {"name": "demo", "labels": {"random-weights": "true"}},
-            "spec": {
-                "model": {"base": "tiny://kolors"},
-                "dataset": {
-                    "source": str(data),
-                    "caption": {"fixed": None},
-                    "filters": {"min_width": DEMO_RESOLUTION, "min_height": DEMO_RESOLUTION},
-                },
-                "train": {
-                    "resolution": DEMO_RESOLUTION,
-                    "steps": 24,
-                    "batch_size": 2,
-                    "learning_rate": 1e-3,
-                    "checkpoint_every": 8,
-                    "precision": "fp32",
-                },
-                "story": {"width": DEMO_RESOLUTION, "height": DEMO_RESOLUTION, "steps": 8, "batch_size": 8},
-                # random weights: the tiny predictor's scores are arbitrary, so the demo's gate is nominal
-                "score": {"aesthetic_model": "tiny://aesthetic", "threshold": 1.0},
-                "output": {"uri": output},
-            },
-        }
+            "dataset.caption": {"fixed": None},
+            "train.steps": 24,
+            "train.batch_size": 2,
+            "train.learning_rate": 1e-3,
+            "train.checkpoint_every": 8,
+            "story.steps": 8,
+            "story.batch_size": 8,
+        },
+        name="demo",
     )
+    doc["metadata"]["labels"] = {"random-weights": "true"}
+    return Manifest.model_validate(doc)

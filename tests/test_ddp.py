@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from kolors_job.demo import tiny_job
 from kolors_job.train import LORA_WEIGHT_NAME
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,16 +32,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _job_manifest(data: Path, output: str, name: str, batch_size: int, steps: int = 4) -> dict:
-    spec = {
-        "model": {"base": "tiny://kolors"},
-        "dataset": {"source": str(data), "caption": {"fixed": None}, "filters": {"min_width": 64, "min_height": 64}},
-        "train": {"resolution": 64, "steps": steps, "batch_size": batch_size, "checkpoint_every": 2,
-                  "precision": "fp32", "learning_rate": 1e-2, "seed": 3},
-        "story": {"width": 64, "height": 64, "steps": 3},
-        "score": {"aesthetic_model": "tiny://aesthetic", "threshold": 1.0},
-        "output": {"uri": output},
-    }
-    return {"metadata": {"name": name}, "spec": spec}
+    return tiny_job(data, output, {
+        "dataset.caption": {"fixed": None}, "train.steps": steps, "train.batch_size": batch_size,
+        "train.checkpoint_every": 2, "train.learning_rate": 1e-2, "train.seed": 3, "story.steps": 3,
+    }, name=name)
 
 
 class JobWorld:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from kolors_job.demo import build_demo_dataset
+from kolors_job.demo import build_demo_dataset, tiny_job
 from kolors_job.errors import ExitCode, StorageDeniedError, StorageTemporaryError
 from kolors_job.manifest import Manifest
 from kolors_job.settings import Settings
@@ -250,20 +250,10 @@ def test_denied_and_missing_bucket_fail_at_once_without_retries(faulty, tmp_path
 def small_manifest(cache_dir: Path, output: str, *, name: str = "faulty-job", steps: int = 6) -> Manifest:
     """The demo job, smaller: 6 steps with a checkpoint every 2, 8 frames of 64² in batches of 4."""
     data = build_demo_dataset(cache_dir / "demo-dataset")
-    return Manifest.model_validate(
-        {
-            "metadata": {"name": name},
-            "spec": {
-                "model": {"base": "tiny://kolors"},
-                "dataset": {"source": str(data), "filters": {"min_width": 64, "min_height": 64}},
-                "train": {"resolution": 64, "steps": steps, "batch_size": 1, "learning_rate": 1e-3,
-                          "checkpoint_every": 2, "precision": "fp32"},
-                "story": {"width": 64, "height": 64, "steps": 2, "batch_size": 4},
-                "score": {"aesthetic_model": "tiny://aesthetic", "threshold": 1.0, "gate": False},
-                "output": {"uri": output, "lora_formats": ["diffusers"]},
-            },
-        }
-    )
+    return Manifest.model_validate(tiny_job(data, output, {
+        "train.steps": steps, "train.batch_size": 1, "train.learning_rate": 1e-3, "train.checkpoint_every": 2,
+        "story.steps": 2, "story.batch_size": 4, "score.gate": False, "output.lora_formats": ["diffusers"],
+    }, name=name))
 
 
 def _bucket_objects(raw, bucket: str, prefix: str) -> dict[str, bytes]:

@@ -14,7 +14,7 @@ import torch
 import yaml
 from PIL import Image
 
-from kolors_job.demo import build_demo_dataset
+from kolors_job.demo import build_demo_dataset, tiny_job
 from kolors_job.errors import ExitCode
 from kolors_job.manifest import Manifest
 from kolors_job.runner import Job, JobOutcome, run_job
@@ -35,23 +35,12 @@ CONTRACT = [
 ]
 
 
+TINY = {"dataset.caption": {"fixed": None}, "train.steps": 4, "train.batch_size": 2, "train.checkpoint_every": 2,
+        "train.learning_rate": 1e-3, "story.steps": 3}
+
+
 def tiny_manifest(data: Path, output: str, **overrides: Any) -> Manifest:
-    spec: dict[str, Any] = {
-        "model": {"base": "tiny://kolors"},
-        "dataset": {"source": str(data), "caption": {"fixed": None}, "filters": {"min_width": 64, "min_height": 64}},
-        "train": {"resolution": 64, "steps": 4, "batch_size": 2, "checkpoint_every": 2, "precision": "fp32",
-                  "learning_rate": 1e-3},
-        "story": {"width": 64, "height": 64, "steps": 3},
-        "score": {"aesthetic_model": "tiny://aesthetic", "threshold": 1.0},
-        "output": {"uri": output},
-    }
-    for dotted, value in overrides.items():
-        node = spec
-        *parents, leaf = dotted.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
-    return Manifest.model_validate({"metadata": {"name": "tiny-job"}, "spec": spec})
+    return Manifest.model_validate(tiny_job(data, output, {**TINY, **overrides}))
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from kolors_job.demo import build_demo_dataset
+from kolors_job.demo import build_demo_dataset, tiny_job
 from kolors_job.errors import ExitCode
 from kolors_job.manifest import Manifest
 from kolors_job.settings import Settings
@@ -37,19 +37,12 @@ LORA = "lora/pytorch_lora_weights.safetensors"
 
 def manifest_dict(cache_dir: Path, output: Path, *, seed: int = 0) -> dict:
     data = build_demo_dataset(cache_dir / "demo-dataset")
-    return {
-        "metadata": {"name": JOB},
-        "spec": {
-            "model": {"base": "tiny://kolors"},
-            "dataset": {"source": str(data), "filters": {"min_width": 64, "min_height": 64}},
-            "train": {"resolution": 64, "steps": STEPS, "batch_size": 1, "learning_rate": 1e-3,
-                      "checkpoint_every": EVERY, "precision": "fp32", "seed": seed},
-            # batch 1: frames are drawn (and uploaded) one by one, so a kill can land between them
-            "story": {"width": 64, "height": 64, "steps": 3, "batch_size": 1},
-            "score": {"aesthetic_model": "tiny://aesthetic", "threshold": 1.0, "gate": False},
-            "output": {"uri": str(output), "lora_formats": ["diffusers"]},
-        },
-    }
+    return tiny_job(data, str(output), {
+        "train.steps": STEPS, "train.batch_size": 1, "train.learning_rate": 1e-3, "train.checkpoint_every": EVERY,
+        "train.seed": seed,
+        # batch 1: frames are drawn (and uploaded) one by one, so a kill can land between them
+        "story.steps": 3, "story.batch_size": 1, "score.gate": False, "output.lora_formats": ["diffusers"],
+    }, name=JOB)
 
 
 @dataclass

@@ -22,7 +22,7 @@ from urllib.parse import quote
 
 import pytest
 
-from kolors_job.demo import build_demo_dataset
+from kolors_job.demo import build_demo_dataset, tiny_job
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -50,19 +50,10 @@ def assert_clean(blob: bytes, where: str, secrets: list[str]) -> None:
 
 def _manifest(cache_dir: Path, output: str, name: str) -> str:
     data = build_demo_dataset(cache_dir / "demo-dataset")
-    return json.dumps(
-        {
-            "metadata": {"name": name},
-            "spec": {
-                "model": {"base": "tiny://kolors"},
-                "dataset": {"source": str(data), "filters": {"min_width": 64, "min_height": 64}},
-                "train": {"resolution": 64, "steps": 4, "batch_size": 1, "checkpoint_every": 2, "precision": "fp32"},
-                "story": {"width": 64, "height": 64, "steps": 2, "batch_size": 8},
-                "score": {"aesthetic_model": "tiny://aesthetic", "threshold": 1.0, "gate": False},
-                "output": {"uri": output, "lora_formats": ["diffusers"]},
-            },
-        }
-    )
+    return json.dumps(tiny_job(data, output, {
+        "train.steps": 4, "train.batch_size": 1, "train.checkpoint_every": 2, "story.steps": 2,
+        "story.batch_size": 8, "score.gate": False, "output.lora_formats": ["diffusers"],
+    }, name=name))
 
 
 def _secret_env(shared_cache: Path, tmp_path: Path, endpoint: str) -> dict[str, str]:
