@@ -322,7 +322,6 @@ def canonical_safetensors(path: Path) -> None:
     os.replace(tmp, path)
 
 
-
 def _save(tensors: Mapping[str, torch.Tensor], path: Path, metadata: Mapping[str, str]) -> Path:
     """Write atomically (temp file + rename) so a crash never leaves a half file that looks complete."""
     import torch

@@ -36,7 +36,7 @@ import torch
 
 from kolors_job.embeddings import PromptEmbeds, encode_captions
 from kolors_job.manifest import StorySpec
-from kolors_job.train import LORA_WEIGHT_NAME
+from kolors_job.train import LORA_WEIGHT_NAME, resolve_device
 
 if TYPE_CHECKING:
     import numpy as np
@@ -121,7 +121,7 @@ def load_story_pipeline(
     """
     from kolors_job.models import load_kolors_components, make_pipeline
 
-    dev = _device(device)
+    dev = resolve_device(device)
     comps = load_kolors_components(Path(model_dir), vae_path=vae_dir, dtype=sampling_dtype(dev), device="cpu")
     pipe = make_pipeline(comps, spec.scheduler)
     pipe.set_progress_bar_config(disable=True)
@@ -140,7 +140,7 @@ def to_device(
     (CUDA only) adds ``torch.compile`` of the repeated blocks (65 → 36 ms, after a compile cached on the
     cache volume).
     """
-    dev = _device(device)
+    dev = resolve_device(device)
     pipe.unet.to(dev)
     pipe.vae.to(dev)
     # Decode a batch one image at a time: eight 1024² decodes at once need more than a 24 GB card has
@@ -158,10 +158,6 @@ def to_device(
             pipe.unet.compile_repeated_blocks()
         else:
             pipe.unet = torch.compile(pipe.unet)
-
-
-def _device(device: str | torch.device | None) -> torch.device:
-    return torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def _fuses(dev: torch.device, fused: bool | None) -> bool:
@@ -283,7 +279,7 @@ def generate_story(
     if not jobs:
         log.info("story: every frame already exists; nothing to draw")
         return []
-    dev = _device(device)
+    dev = resolve_device(device)
     pipe = load_story_pipeline(model_dir, spec, lora_dir=lora_dir, vae_dir=vae_dir, device=dev)
     texts = encode_texts(pipe, jobs, dev)  # ChatGLM on the GPU alone ...
     if dev.type == "cuda":  # ... and gone (12.5 GB; denoising takes embeddings) before the UNet and VAE arrive

@@ -488,17 +488,15 @@ def _collect_frames(job: Job, drawn: list[Any], n_frames: int) -> None:
 
     from kolors_job.generate import write_atomic
 
-    files = [
-        (job.rank, frame.index, path.relative_to(job.work).as_posix(), path.read_bytes())
+    files = [] if job.main else [  # rank 0's own were uploaded as each was drawn
+        (frame.index, path.relative_to(job.work).as_posix(), path.read_bytes())
         for frame in drawn
         for path in (*(c[1] for c in frame.candidates), frame.path)
     ]
     gathered = gather_object(files)
     if not job.main:
         return
-    for rank, index, key, data in gathered:
-        if rank == job.rank:
-            continue  # rank 0's own: uploaded as each was drawn
+    for index, key, data in gathered:
         job.upload(key, write_atomic(job.work / key, data))
         if key == f"images/{index:02d}.png":
             job.status.progress(index, n_frames)

@@ -94,7 +94,7 @@ class TrainResult:
 # ------------------------------------------------------------------------------------------- decisions
 
 
-def resolve_device(device: str | None) -> torch.device:
+def resolve_device(device: str | torch.device | None) -> torch.device:
     if device:
         return torch.device(device)
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
