@@ -37,6 +37,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from kolors_job.storage.base import atomic_target
+
 if TYPE_CHECKING:
     import torch
 
@@ -317,9 +319,8 @@ def canonical_safetensors(path: Path) -> None:
     header = json.loads(raw[8 : 8 + n])
     text = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
     text += b" " * (-len(text) % 8)  # keep the data 8-byte aligned, as safetensors does
-    tmp = path.with_name(f".{path.name}.canon{os.getpid()}")
-    tmp.write_bytes(len(text).to_bytes(8, "little") + text + raw[8 + n :])
-    os.replace(tmp, path)
+    with atomic_target(path) as tmp:
+        tmp.write_bytes(len(text).to_bytes(8, "little") + text + raw[8 + n :])
 
 
 def _save(tensors: Mapping[str, torch.Tensor], path: Path, metadata: Mapping[str, str]) -> Path:
@@ -327,18 +328,13 @@ def _save(tensors: Mapping[str, torch.Tensor], path: Path, metadata: Mapping[str
     import torch
     from safetensors.torch import save_file
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    try:
+    with atomic_target(path) as tmp:
         if path.suffix == ".safetensors":
             save_file(tensors, str(tmp), metadata={"format": "pt", **metadata})
             canonical_safetensors(tmp)  # equal LoRAs are equal files, whichever process wrote them
         else:  # .ckpt / .pt / .bin: what the reference notebook's torch.load expects
             torch.save(tensors, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 

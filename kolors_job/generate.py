@@ -23,9 +23,7 @@ the others go to ``images/candidates/NN-<seed>.png``.
 from __future__ import annotations
 
 import gc
-import io
 import logging
-import os
 import time
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
@@ -36,6 +34,7 @@ import torch
 
 from kolors_job.embeddings import PromptEmbeds, encode_captions
 from kolors_job.manifest import StorySpec
+from kolors_job.storage.base import atomic_target
 from kolors_job.train import LORA_WEIGHT_NAME, resolve_device
 
 if TYPE_CHECKING:
@@ -233,22 +232,11 @@ def render(
     return list(out.images)
 
 
-def write_atomic(path: Path, data: bytes) -> Path:
-    """Write then rename: an interrupted run never leaves a truncated PNG that looks like a finished frame."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
-
-
 def _save_png(image: Image.Image, path: Path) -> Path:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return write_atomic(path, buf.getvalue())
+    """Write then rename: an interrupted run never leaves a truncated PNG that looks like a finished frame."""
+    with atomic_target(path) as tmp:
+        image.save(tmp, format="PNG")
+    return path
 
 
 def generate_story(

@@ -16,7 +16,6 @@ import json
 import math
 import os
 import platform
-import tempfile
 from collections.abc import Mapping, Sequence
 from importlib import metadata
 from pathlib import Path
@@ -25,6 +24,7 @@ from typing import Any, TypedDict
 from PIL import Image
 
 from kolors_job.redact import scrub
+from kolors_job.storage.base import atomic_target
 
 __all__ = [
     "RANDOM_WEIGHTS_BANNER",
@@ -245,15 +245,8 @@ def _clean(node: Any) -> Any:
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_target(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
 
 
 def write_report(out_dir: Path, report: Mapping[str, Any]) -> list[Path]:

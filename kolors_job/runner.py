@@ -39,6 +39,7 @@ from kolors_job.redact import redact_uri, scrub
 from kolors_job.settings import Settings
 from kolors_job.status import StatusWriter
 from kolors_job.storage import Store, open_store
+from kolors_job.storage.base import atomic_target
 
 if TYPE_CHECKING:
     from accelerate import PartialState
@@ -486,8 +487,6 @@ def _collect_frames(job: Job, drawn: list[Any], n_frames: int) -> None:
     """
     from accelerate.utils import gather_object
 
-    from kolors_job.generate import write_atomic
-
     files = [] if job.main else [  # rank 0's own were uploaded as each was drawn
         (frame.index, path.relative_to(job.work).as_posix(), path.read_bytes())
         for frame in drawn
@@ -497,7 +496,9 @@ def _collect_frames(job: Job, drawn: list[Any], n_frames: int) -> None:
     if not job.main:
         return
     for index, key, data in gathered:
-        job.upload(key, write_atomic(job.work / key, data))
+        with atomic_target(job.work / key) as tmp:
+            tmp.write_bytes(data)
+        job.upload(key, job.work / key)
         if key == f"images/{index:02d}.png":
             job.status.progress(index, n_frames)
 
