@@ -10,10 +10,13 @@ Reproducibility rules (why the code looks like this):
 * the LoRA strength is ``set_adapters(..., adapter_weights=[lora_scale])``: peft then scales the LoRA
   branch by ``lora_scale * alpha / r`` (alpha from the file's metadata), and ``lora_scale = 0`` gives the
   base model's pixels exactly;
-* on CUDA the LoRA is first *fused* into the weights at that scale and unloaded, then the q/k/v
-  projections are fused (``fuse_qkv_projections`` copies the base q/k/v weights into one matrix and
-  would silently bypass an unfused peft LoRA on q/k/v); on the CPU (tests, demo) it stays a peft
-  adapter, so ``lora_scale = 0`` is the base model bit for bit. Both agree to float rounding (tested).
+* the default sampler (``reference``) visits DiffSynth's Kolors DDIM timesteps and ends fully clean, in
+  fp16 on CUDA like the reference (``story.precision``);
+* on CUDA the LoRA is first *fused* into the weights at that scale and unloaded — only in fp16/fp32, whose
+  mantissa keeps it; in bf16 it stays a peft branch — then the q/k/v projections are fused
+  (``fuse_qkv_projections`` copies the base q/k/v weights into one matrix and would silently bypass an
+  unfused peft LoRA on q/k/v, so it is skipped while one remains); on the CPU (tests, demo) it stays a
+  peft adapter, so ``lora_scale = 0`` is the base model bit for bit. Both agree to float rounding (tested).
 
 Frames in ``skip`` are already in the output and are not drawn again. With ``best_of = N`` each frame
 draws N candidates (seeds ``seed + k * 10007``), the scorer picks the best for ``images/NN.png`` and
@@ -92,13 +95,68 @@ def plan_jobs(spec: StorySpec, skip: Collection[int] = frozenset()) -> list[Imag
     return jobs
 
 
-def sampling_dtype(device: torch.device) -> torch.dtype:
-    """bf16 on GPUs that have it; else fp16, which is safe for decoding either way: an fp16-fix VAE
-    (``force_upcast: false``) stays fp16 and the stock SDXL VAE (``force_upcast: true``) is upcast to
-    fp32 by the pipeline itself. fp32 on CPU."""
-    if device.type != "cuda":
-        return torch.float32
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+LORA_FUSION_DTYPES = (torch.float16, torch.float32)
+"""Dtypes whose mantissa keeps a fused LoRA: bf16's 8 bits round small updates ``W + s·BA`` back to ``W``
+(measured on the tiny model in tests/test_reference_oracle.py), so in bf16 the LoRA stays a separate branch."""
+
+
+def sampling_dtype(device: torch.device, precision: str = "auto") -> torch.dtype:
+    """``auto``: fp16 on CUDA, the reference's sampling dtype (and its first noise draw bit for bit); fp32 on
+    CPU. fp16 is safe for decoding: an fp16-fix VAE (``force_upcast: false``) stays fp16 and the stock SDXL
+    VAE (``force_upcast: true``) is upcast to fp32 for the decode by the pipeline itself."""
+    if precision == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    return _DTYPES[precision]
+
+
+def _fast(dev: torch.device, fused: bool | None) -> bool:
+    """The speed path (LoRA merged where the dtype allows, fused q/k/v, channels-last): CUDA by default."""
+    return dev.type == "cuda" if fused is None else fused
+
+
+def fuses_lora(dev: torch.device, dtype: torch.dtype, fused: bool | None = None) -> bool:
+    """Whether the LoRA is merged into the weights: on the speed path, in a dtype that keeps it."""
+    return _fast(dev, fused) and dtype in LORA_FUSION_DTYPES
+
+
+def sampler_record(model_dir: Path, spec: StorySpec, device: str | torch.device | None = None) -> dict[str, Any]:
+    """What the story samples with (prompts.json, report.json): the sampler's name and class, the timesteps
+    it visits and its last sigma, the sampling dtype and whether the LoRA is fused (and in which dtype).
+
+    Built by the same functions the story uses, from the model's scheduler config only (no weights)."""
+    from diffusers import DDPMScheduler
+
+    from kolors_job.models import make_scheduler, sampler_timesteps
+
+    dev = resolve_device(device)
+    config = DDPMScheduler.load_config(Path(model_dir), subfolder="scheduler")
+    scheduler = make_scheduler(spec.scheduler, config)
+    explicit = sampler_timesteps(spec.scheduler, spec.steps, config)
+    if explicit is not None:
+        scheduler.set_timesteps(timesteps=explicit)
+    else:
+        scheduler.set_timesteps(spec.steps)
+    sigmas = getattr(scheduler, "sigmas", None)
+    dtype = sampling_dtype(dev, spec.precision)
+    fused = fuses_lora(dev, dtype)
+    return {
+        "name": spec.scheduler,
+        "class": type(scheduler).__name__,
+        "timesteps": [_number(t) for t in scheduler.timesteps.tolist()],
+        "final_sigma": None if sigmas is None else _number(sigmas[-1].item()),
+        "precision": _dtype_name(dtype),
+        "lora_fused": fused,
+        "lora_fusion_dtype": _dtype_name(dtype) if fused else None,
+    }
+
+
+def _number(x: float) -> float | int:
+    return int(x) if float(x).is_integer() else round(float(x), 4)
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return {v: k for k, v in _DTYPES.items()}[dtype]
 
 
 def load_story_pipeline(
@@ -110,22 +168,24 @@ def load_story_pipeline(
     device: str | torch.device | None = None,
     fused: bool | None = None,
 ) -> KolorsPipeline:
-    """The sampling pipeline in ``device``'s sampling dtype with the LoRA at ``spec.lora_scale``, every
-    module still on the CPU.
+    """The sampling pipeline in ``spec.precision`` with the LoRA at ``spec.lora_scale``, every module still on
+    the CPU.
 
     ChatGLM (12.5 GB in bf16) then visits the GPU alone (:func:`encode_texts`) and is dropped before the
     UNet and VAE arrive (:func:`to_device`), so the peak is the larger of the two, not their sum (~18 GB):
     that is what lets a 16 GB card draw the story at 1024². ``fused`` (default: on CUDA) merges the LoRA
-    into the weights so :func:`to_device` can fuse the q/k/v projections; pass the same to both.
+    into the weights when the dtype keeps it (:func:`fuses_lora`), so :func:`to_device` can fuse the q/k/v
+    projections; pass the same to both.
     """
     from kolors_job.models import load_kolors_components, make_pipeline
 
     dev = resolve_device(device)
-    comps = load_kolors_components(Path(model_dir), vae_path=vae_dir, dtype=sampling_dtype(dev), device="cpu")
+    dtype = sampling_dtype(dev, spec.precision)
+    comps = load_kolors_components(Path(model_dir), vae_path=vae_dir, dtype=dtype, device="cpu")
     pipe = make_pipeline(comps, spec.scheduler)
     pipe.set_progress_bar_config(disable=True)
     if lora_dir is not None:
-        apply_lora(pipe, Path(lora_dir), spec.lora_scale, fuse=_fuses(dev, fused))
+        apply_lora(pipe, Path(lora_dir), spec.lora_scale, fuse=fuses_lora(dev, dtype, fused))
     return pipe
 
 
@@ -134,10 +194,10 @@ def to_device(
 ) -> None:
     """UNet and VAE to ``device`` (the text encoder stays where it is), made fast there.
 
-    ``fused`` (default: on CUDA): q/k/v in one matmul (``fuse_qkv_projections``) and channels-last —
-    design §2 measured 116 → 65 ms per CFG step on an H100 for the two, no compile needed. ``spec.compile``
-    (CUDA only) adds ``torch.compile`` of the repeated blocks (65 → 36 ms, after a compile cached on the
-    cache volume).
+    ``fused`` (default: on CUDA): channels-last, and q/k/v in one matmul (``fuse_qkv_projections``) unless an
+    unfused LoRA branch is still there (bf16), which the fused projection would bypass — 116 → 65 ms per
+    CFG step on an H100 for the two, no compile needed. ``spec.compile`` (CUDA only) adds ``torch.compile``
+    of the repeated blocks (65 → 36 ms, after a compile cached on the cache volume).
     """
     dev = resolve_device(device)
     pipe.unet.to(dev)
@@ -145,8 +205,9 @@ def to_device(
     # Decode a batch one image at a time: eight 1024² decodes at once need more than a 24 GB card has
     # left beside the UNet, and the decode is a small part of the story's time.
     pipe.vae.enable_slicing()
-    if _fuses(dev, fused):
-        pipe.unet.fuse_qkv_projections()  # the LoRA was fused first (load_story_pipeline): nothing bypassed
+    if _fast(dev, fused):
+        if not getattr(pipe.unet, "peft_config", None):  # LoRA merged and unloaded (or none): nothing bypassed
+            pipe.unet.fuse_qkv_projections()
         pipe.unet.to(memory_format=torch.channels_last)
     if spec.compile and dev.type != "cuda":
         log.info("spec.story.compile ignored on %s", dev.type)
@@ -157,10 +218,6 @@ def to_device(
             pipe.unet.compile_repeated_blocks()
         else:
             pipe.unet = torch.compile(pipe.unet)
-
-
-def _fuses(dev: torch.device, fused: bool | None) -> bool:
-    return dev.type == "cuda" if fused is None else fused
 
 
 def apply_lora(pipe: KolorsPipeline, lora_dir: Path, scale: float, *, fuse: bool = False) -> None:
@@ -216,6 +273,8 @@ def render(
     def stack(which: str, attr: str) -> torch.Tensor:
         return torch.stack([getattr(texts[getattr(j, which)], attr) for j in jobs]).to(dev)
 
+    from kolors_job.models import sampler_timesteps
+
     generators = [torch.Generator(dev).manual_seed(j.seed) for j in jobs]
     out = pipe(
         prompt_embeds=stack("prompt", "embeds"),
@@ -223,6 +282,7 @@ def render(
         negative_prompt_embeds=stack("negative_prompt", "embeds"),
         negative_pooled_prompt_embeds=stack("negative_prompt", "pooled"),
         num_inference_steps=spec.steps,
+        timesteps=sampler_timesteps(spec.scheduler, spec.steps, pipe.scheduler.config),  # None: its own grid
         guidance_scale=spec.cfg_scale,
         width=spec.width,
         height=spec.height,

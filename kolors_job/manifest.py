@@ -19,6 +19,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from kolors_job.errors import ManifestError
+from kolors_job.models import SCHEDULERS
 from kolors_job.redact import redact_uri
 
 API_VERSION = "kolors-job/v1"
@@ -137,14 +138,19 @@ class TrainSpec(_Strict):
     center_crop: bool = True
     random_flip: bool = False
     precision: Precision = "auto"
-    """``auto``: bf16 on GPUs that support it, else fp16 (with a GradScaler); fp32 on CPU."""
+    """``auto``: fp16 mixed precision on CUDA (GradScaler, fp32 LoRA weights), like the reference's Lightning
+    ``16-mixed``; fp32 on CPU. ``bf16`` trades the GradScaler for bf16's range."""
     gradient_checkpointing: Literal["auto", "on", "off"] = "auto"
     """``auto`` turns it on only when free GPU memory is short."""
     target_modules: list[str] = Field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"], min_length=1)
-    init_lora_weights: Literal["default", "gaussian"] = "default"
+    init_lora_weights: Literal["default", "gaussian"] = "gaussian"
+    """peft's init of LoRA A (B starts at zero either way): ``gaussian`` (std 1/rank) is what DiffSynth's Kolors
+    trainer uses; ``default`` is peft's Kaiming-uniform."""
     optimizer: Literal["adamw", "adamw8bit"] = "adamw"
     weight_decay: float = Field(1e-2, ge=0)
-    max_grad_norm: float | None = Field(1.0, gt=0)
+    max_grad_norm: float | None = Field(None, gt=0)
+    """Clip the gradient norm to this; ``null`` (the reference, Lightning's default) never clips. The norm is
+    logged every step either way."""
     lr_scheduler: Literal["constant", "constant_with_warmup", "cosine", "linear"] = "constant"
     warmup_steps: int = Field(0, ge=0)
     seed: int = Field(0, ge=0, le=2**32 - 1)
@@ -188,7 +194,8 @@ def _reference_frames() -> list[Frame]:
     return [Frame(prompt=p, seed=s, negative_prompt_extra=x) for p, s, x in rows]
 
 
-Scheduler = Literal["euler", "euler_a", "dpmpp_2m", "ddim", "unipc"]
+Scheduler = Literal[tuple(SCHEDULERS)]  # type: ignore[valid-type]  # one list: the sampler table's names
+SamplingPrecision = Literal["auto", "fp16", "bf16", "fp32"]
 
 
 class StorySpec(_Strict):
@@ -197,7 +204,13 @@ class StorySpec(_Strict):
     steps: int = Field(50, ge=1, le=1000)
     width: int = Field(1024, ge=64, le=4096, multiple_of=8)
     height: int = Field(1024, ge=64, le=4096, multiple_of=8)
-    scheduler: Scheduler = "euler"
+    scheduler: Scheduler = "reference"
+    """``reference``: DiffSynth's Kolors DDIM grid (1099, 1077, ..., 22, 0, then fully clean), as the
+    reference draws; ``euler`` is Kolors-diffusers' own sampler (leading grid 1079 ... 1). See ``models.SCHEDULERS``."""
+    precision: SamplingPrecision = "auto"
+    """``auto``: fp16 on CUDA like the reference (the VAE decodes in fp32 unless it is an fp16-fix VAE), fp32 on
+    CPU. The LoRA is fused into the weights only in fp16/fp32; in bf16 it stays a separate branch, since bf16's
+    8-bit mantissa rounds small weight updates away."""
     lora_scale: float = Field(0.5, ge=0.0, le=4.0)
     """0.5 reproduces the reference, which trains with α 4 but loads with α 2 (halving the LoRA)."""
     frames: list[Frame] = Field(default_factory=_reference_frames, min_length=8, max_length=64)

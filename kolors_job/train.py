@@ -2,7 +2,8 @@
 
 The recipe:
 
-1. pick the precision (CPU: fp32; CUDA: bf16, else fp16 with a GradScaler) and build an ``Accelerator``;
+1. pick the precision (CPU: fp32; CUDA: fp16 with a GradScaler, like the reference; bf16 on request) and
+   build an ``Accelerator``;
    the same code then runs single-process or under ``torchrun``/``accelerate launch`` (DDP).
 2. load the model, encode every distinct caption with ``KolorsPipeline.encode_prompt`` and every image
    (both flips if ``random_flip``) with the VAE, once; then drop the text encoder and the VAE.
@@ -101,7 +102,8 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 
 
 def resolve_precision(requested: str, device: torch.device) -> str:
-    """accelerate's ``mixed_precision`` for ``spec.precision``: CPU fp32; GPU bf16 if supported, else fp16."""
+    """accelerate's ``mixed_precision`` for ``spec.precision``: CPU fp32; GPU fp16 mixed (the reference's
+    Lightning ``16-mixed``: fp16 weights and autocast, fp32 LoRA, GradScaler) unless bf16 is asked for."""
     if requested == "fp32":
         return "no"
     if device.type != "cuda":
@@ -110,9 +112,7 @@ def resolve_precision(requested: str, device: torch.device) -> str:
                 "spec.train.precision: fp16 needs a CUDA GPU; use auto, bf16 or fp32 on a CPU"
             )
         return "bf16" if requested == "bf16" else "no"
-    if requested == "auto":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return requested
+    return "fp16" if requested == "auto" else requested
 
 
 def _weight_dtype(precision: str) -> torch.dtype:
@@ -577,7 +577,7 @@ def train_lora(
     unet.train()
     step = start_step
     for step in range(start_step + 1, n_steps + 1):
-        step_loss = torch.zeros((), device=dev)
+        step_loss, grad_norm = torch.zeros((), device=dev), math.nan
         for micro in range(spec.gradient_accumulation):
             base = (step - 1) * samples_per_step + (micro * world + rank) * spec.batch_size
             batch = make_batch(
@@ -594,8 +594,8 @@ def train_lora(
             with accelerator.accumulate(unet):
                 loss = _loss(unet, noise_scheduler, batch, dev, weight_dtype, prediction_type)
                 accelerator.backward(loss)
-                if accelerator.sync_gradients and spec.max_grad_norm:
-                    accelerator.clip_grad_norm_(params, spec.max_grad_norm)
+                if accelerator.sync_gradients:
+                    grad_norm = _grad_norm(accelerator, params, spec.max_grad_norm)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             step_loss += loss.detach() / spec.gradient_accumulation
@@ -607,7 +607,7 @@ def train_lora(
         lr = lr_scheduler.get_last_lr()[0]
         if not math.isfinite(loss_value):
             raise FloatingPointError(f"loss is {loss_value} at step {step}")
-        log.info("step", extra={"step": step, "total": n_steps, "loss": loss_value, "lr": lr})
+        log.info("step", extra={"step": step, "total": n_steps, "loss": loss_value, "lr": lr, "grad_norm": grad_norm})
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{loss_value:.4f}")
@@ -661,6 +661,12 @@ def train_lora(
     accelerator.free_memory()
     log.info("trained", extra={k: v for k, v in asdict(result).items() if k not in ("losses", "checkpoints")})
     return result
+
+
+def _grad_norm(accelerator: Accelerator, params: list[torch.nn.Parameter], max_norm: float | None) -> float:
+    """The (unscaled) total gradient norm, clipped to ``max_norm`` when set. Without a limit the clip is by
+    inf, an exact no-op that still unscales fp16 gradients and measures them (the reference never clips)."""
+    return float(accelerator.clip_grad_norm_(params, max_norm if max_norm else math.inf))
 
 
 def _fp32_trainable(model: torch.nn.Module) -> list[torch.nn.Parameter]:

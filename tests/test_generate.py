@@ -26,6 +26,7 @@ from kolors_job.generate import (
     to_device,
 )
 from kolors_job.manifest import Frame, StorySpec, TrainSpec
+from kolors_job.models import reference_timesteps
 from kolors_job.tiny import build_tiny_kolors
 from kolors_job.train import train_lora
 
@@ -90,7 +91,7 @@ FRESH_SCRIPT = textwrap.dedent(
     torch.set_num_threads(1)
     pipe = KolorsPipeline.from_pretrained(a["model"])
     pipe.load_lora_weights(a["lora"])
-    image = pipe(a["prompt"], negative_prompt=a["negative"], num_inference_steps=a["steps"],
+    image = pipe(a["prompt"], negative_prompt=a["negative"], timesteps=a["timesteps"],
                  guidance_scale=a["cfg"], width=a["size"], height=a["size"],
                  generator=torch.Generator("cpu").manual_seed(a["seed"]),
                  cross_attention_kwargs={"scale": a["scale"]}).images[0]
@@ -100,7 +101,8 @@ FRESH_SCRIPT = textwrap.dedent(
 
 
 class FreshProcess:
-    """Frame 1 drawn by plain diffusers in a new process; started early so its slow imports overlap tests."""
+    """Frame 1 drawn by plain diffusers in a new process (the model's own Euler given the reference grid as
+    ``timesteps=``); started early so its slow imports overlap tests."""
 
     def __init__(self, model: Path, lora: Path, spec: StorySpec, out: Path) -> None:
         frame = spec.frames[0]
@@ -109,7 +111,7 @@ class FreshProcess:
             "lora": str(lora),
             "prompt": frame.prompt,
             "negative": spec.negative_for(frame),
-            "steps": spec.steps,
+            "timesteps": reference_timesteps(spec.steps, 1100),  # the default sampler's grid
             "cfg": spec.cfg_scale,
             "size": spec.width,
             "seed": frame.seed,

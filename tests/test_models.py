@@ -6,11 +6,13 @@ import hashlib
 import shutil
 import socket
 from pathlib import Path
+from typing import get_args
 
 import pytest
 import torch
 
 from kolors_job.errors import ExitCode, InputError, JobError
+from kolors_job.manifest import StorySpec
 from kolors_job.models import (
     SCHEDULERS,
     KolorsComponents,
@@ -174,11 +176,13 @@ def test_make_pipeline_shares_modules_and_swaps_samplers(components: KolorsCompo
     assert isinstance(own, KolorsPipeline)
     assert own.unet is components.unet and own.text_encoder is components.text_encoder
     assert own.scheduler is not components.pipeline_scheduler  # schedulers are stateful: a fresh one
-    for name, (cls_name, overrides) in SCHEDULERS.items():
+    for name, sampler in SCHEDULERS.items():
         pipe = make_pipeline(components, name)
-        assert type(pipe.scheduler).__name__ == cls_name
+        assert type(pipe.scheduler).__name__ == sampler.cls
         assert pipe.scheduler.config.num_train_timesteps == 1100
-        assert all(pipe.scheduler.config[k] == v for k, v in overrides.items())
+        assert all(pipe.scheduler.config[k] == v for k, v in sampler.overrides.items())
+    # one list: every name the manifest accepts is a sampler, and every sampler is accepted
+    assert set(get_args(StorySpec.model_fields["scheduler"].annotation)) == set(SCHEDULERS)
     with pytest.raises(InputError) as err:
         make_pipeline(components, "k_lms_turbo")
     _one_line_naming(err.value, "k_lms_turbo", "euler")

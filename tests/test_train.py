@@ -164,6 +164,26 @@ def test_trains_finite_loss_and_moves_the_lora(straight: dict[str, Any]) -> None
     steps = [r for r in straight["records"] if r.getMessage() == "step"]
     assert [r.step for r in steps] == list(range(1, 7))  # type: ignore[attr-defined]
     assert [r.loss for r in steps] == result.losses  # type: ignore[attr-defined]
+    assert all(math.isfinite(r.grad_norm) and r.grad_norm > 0 for r in steps)  # type: ignore[attr-defined]
+
+
+def test_grad_norm_is_measured_always_and_clips_only_when_asked() -> None:
+    """The reference never clips: without ``max_grad_norm`` the gradients stay bit for bit (the norm is still
+    measured for the log); with one they are scaled to it, and the pre-clip norm is what is logged."""
+    from accelerate import Accelerator
+
+    try:
+        accelerator = Accelerator(cpu=True)
+        grads = torch.tensor([3.0, 4.0]), torch.tensor([12.0])
+        params = [torch.nn.Parameter(torch.zeros_like(g)) for g in grads]
+        for p, g in zip(params, grads, strict=True):
+            p.grad = g.clone()
+        assert train_mod._grad_norm(accelerator, params, None) == pytest.approx(13.0)
+        assert all(torch.equal(p.grad, g) for p, g in zip(params, grads, strict=True))
+        assert train_mod._grad_norm(accelerator, params, 1.0) == pytest.approx(13.0)
+        assert float(torch.cat([p.grad for p in params]).norm()) == pytest.approx(1.0, rel=1e-5)
+    finally:
+        train_mod._reset_accelerate_state()
 
 
 def test_checkpoints_are_complete_and_reported(straight: dict[str, Any]) -> None:
@@ -289,6 +309,8 @@ def test_refuses_incomplete_or_foreign_checkpoint(
 def test_precision_and_memory_decisions() -> None:
     cpu = torch.device("cpu")
     assert resolve_precision("auto", cpu) == "no" and resolve_precision("fp32", cpu) == "no"
+    cuda = torch.device("cuda")  # the reference trains in fp16 mixed precision; bf16 only when asked
+    assert resolve_precision("auto", cuda) == "fp16" and resolve_precision("bf16", cuda) == "bf16"
     with pytest.raises(ManifestError, match="fp16"):
         resolve_precision("fp16", cpu)
     assert not want_checkpointing("auto", cpu, unet_params=2_579_000_000, batch_size=1, resolution=1024)
