@@ -109,6 +109,8 @@ class StoryInfo(TypedDict, total=False):
     frames: list[FrameInfo]
     settings: dict[str, Any]
     """Sampler settings: cfg_scale, steps, width, height, scheduler, lora_scale, ..."""
+    sampler: dict[str, Any]
+    """``generate.sampler_record``: the sampler actually used, its timesteps, sampling and LoRA-fusion dtype."""
 
 
 class ScoreInfo(TypedDict, total=False):
@@ -528,7 +530,7 @@ def render_html(report: Mapping[str, Any], out_dir: Path) -> str:
         else '<p class="small">no frames</p>'
     )
     if story.get("settings"):
-        parts.append("<h3>Sampler</h3>" + _kv_table(story["settings"]))
+        parts.append("<h3>Sampler</h3>" + _kv_table({**story["settings"], **story.get("sampler", {})}))
 
     losses = train.pop("losses", None)
     parts.append("<h2>Training</h2>" + loss_svg(losses) + _kv_table(train))

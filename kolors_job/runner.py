@@ -405,7 +405,7 @@ def run_story(job: Job, models: ResolvedModels, scorer: Any) -> list[dict[str, A
     Under DDP the missing frames are split between the ranks (accelerate's ``split_between_processes``);
     each rank draws its share, and rank 0 gathers the PNGs, keeps them and alone uploads them.
     """
-    from kolors_job.generate import generate_story
+    from kolors_job.generate import generate_story, sampler_record
 
     spec = job.manifest.spec.story
     n_frames = len(spec.frames)
@@ -455,6 +455,7 @@ def run_story(job: Job, models: ResolvedModels, scorer: Any) -> list[dict[str, A
     prompts = {
         "negative_prompt": spec.negative_prompt,
         "sampler": {
+            **sampler_record(models.base, spec, job.device),
             "scheduler": spec.scheduler,
             "cfg_scale": spec.cfg_scale,
             "steps": spec.steps,
@@ -537,6 +538,7 @@ def run_report(
 ) -> dict[str, Any]:
     """story.jpg, the LoRA exports + model card, report.json/html, and the challenge submission."""
     from kolors_job.export import write_model_card
+    from kolors_job.generate import sampler_record
     from kolors_job.report import device_info, package_versions, tile_story, write_report
     from kolors_job.submission import build_submission, check_submission
 
@@ -564,7 +566,11 @@ def run_report(
         },
         "dataset": dataset,
         "train": {k: v for k, v in train.items() if k not in ("lora_files", "lora_formats_skipped")},
-        "story": {"frames": frames, "settings": spec.story.model_dump(mode="json", exclude={"frames"})},
+        "story": {
+            "frames": frames,
+            "settings": spec.story.model_dump(mode="json", exclude={"frames"}),
+            "sampler": sampler_record(models.base, spec.story, job.device),
+        },
         "score": score_dict,
         "lora_files": {**train["lora_files"], "card": card.relative_to(job.work).as_posix()},
         "lora_formats_skipped": train["lora_formats_skipped"],

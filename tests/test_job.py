@@ -17,6 +17,7 @@ from PIL import Image
 from kolors_job.demo import build_demo_dataset, tiny_job
 from kolors_job.errors import ExitCode
 from kolors_job.manifest import Manifest
+from kolors_job.models import reference_timesteps
 from kolors_job.runner import Job, JobOutcome, run_job
 from kolors_job.settings import Settings
 
@@ -92,6 +93,14 @@ def test_quality_gate_flips_the_result(job_env: Path, demo_data: Path, shared_ca
     out = job_env / "out"
     ok = run(tiny_manifest(demo_data, str(out)), settings, job_id="gate-low")
     assert ok.exit_code == ExitCode.OK
+    # the sampler actually used, in prompts.json and report.json: the reference grid (oracle-tested against
+    # DiffSynth in test_reference_oracle.py), ending clean, fp32 on the CPU with the LoRA unfused
+    sampler = json.loads((out / "gate-low" / "prompts.json").read_text())["sampler"]
+    assert sampler["name"] == sampler["scheduler"] == "reference"
+    assert sampler["timesteps"] == reference_timesteps(3, 1100) and sampler["final_sigma"] == 0
+    assert (sampler["precision"], sampler["lora_fused"], sampler["lora_fusion_dtype"]) == ("fp32", False, None)
+    recorded = json.loads((out / "gate-low" / "report.json").read_text())["story"]["sampler"]
+    assert recorded == {k: v for k, v in sampler.items() if k in recorded} and len(recorded) == 7
     mean = json.loads((out / "gate-low" / "report.json").read_text())["score"]["mean"]
     high = tiny_manifest(demo_data, str(out), **{"score.threshold": min(10.0, mean + 0.5)})
     failed = run(high, settings, job_id="gate-high")
