@@ -137,6 +137,13 @@ class TrainSpec(_Strict):
     resolution: int = Field(1024, ge=64, le=4096, multiple_of=8)
     center_crop: bool = True
     random_flip: bool = False
+    latent: Literal["sample", "mean"] = "sample"
+    """What a training image becomes each step: a fresh draw from its VAE posterior, or the posterior's mean
+    (the reference: DiffSynth's VAE encoder returns the mean)."""
+    time_ids: Literal["crop", "target"] = "crop"
+    """SDXL's size conditioning in training: ``crop``, each image's real size and crop offset (SDXL's design:
+    sampling then asks for an uncropped image); ``target``, always ``(res, res, 0, 0, res, res)`` like the
+    reference (DiffSynth's ``prepare_extra_input`` reads the cropped latent's size)."""
     precision: Precision = "auto"
     """``auto``: fp16 mixed precision on CUDA (GradScaler, fp32 LoRA weights), like the reference's Lightning
     ``16-mixed``; fp32 on CPU. ``bf16`` trades the GradScaler for bf16's range."""

@@ -200,8 +200,12 @@ def make_batch(
     scaling_factor: float,
     caption_dropout: float,
     random_flip: bool,
+    latent: str = "sample",
+    time_ids: str = "crop",
 ) -> Batch:
-    """Assemble samples on the CPU. Draw order per sample is fixed (dropout, flip, t, latent eps, noise)."""
+    """Assemble samples on the CPU. Draw order per sample is fixed (dropout, flip, t, latent eps, noise).
+
+    ``latent`` / ``time_ids``: ``TrainSpec``'s switches (``mean`` / ``target`` are the reference's choices)."""
     lat, noise, ts, emb, pooled, tids, caps, idx, flips = [], [], [], [], [], [], [], [], []
     for g in indices:
         i = stream.item(g)
@@ -211,15 +215,17 @@ def make_batch(
         flip = random_flip and u_flip < 0.5
         t = torch.randint(0, num_train_timesteps, (), generator=gen)
         entry = latents[(i, flip)]
-        eps = torch.randn(entry.mean.shape, generator=gen)
-        lat.append(entry.sample(eps) * scaling_factor)
+        eps = torch.randn(entry.mean.shape, generator=gen)  # drawn either way: a fixed stream layout
+        lat.append((entry.mean if latent == "mean" else entry.sample(eps)) * scaling_factor)
         noise.append(torch.randn(entry.mean.shape, generator=gen))
         ts.append(t)
         caption = "" if drop else items[i].caption
         caps.append(caption)
         emb.append(prompts[caption].embeds)
         pooled.append(prompts[caption].pooled)
-        tids.append(torch.tensor(entry.time_ids, dtype=torch.float32))
+        target = entry.time_ids[4:]  # (h, w) of the training crop
+        tid = entry.time_ids if time_ids == "crop" else (*target, 0, 0, *target)
+        tids.append(torch.tensor(tid, dtype=torch.float32))
         idx.append(i)
         flips.append(flip)
     return Batch(
@@ -338,6 +344,8 @@ def _fingerprint(
         "random_flip",
         "target_modules",
         "init_lora_weights",
+        "latent",
+        "time_ids",
         "optimizer",
         "weight_decay",
         "max_grad_norm",
@@ -590,6 +598,8 @@ def train_lora(
                 scaling_factor=scaling_factor,
                 caption_dropout=caption_dropout,
                 random_flip=spec.random_flip,
+                latent=spec.latent,
+                time_ids=spec.time_ids,
             )
             with accelerator.accumulate(unet):
                 loss = _loss(unet, noise_scheduler, batch, dev, weight_dtype, prediction_type)

@@ -364,3 +364,25 @@ def test_adamw8bit_keeps_kolors_sized_lora_moments_in_one_byte() -> None:
     assert state["state1"].dtype == state["state2"].dtype == torch.uint8
     assert state["state1"].numel() == w.numel()
     assert not torch.equal(w.detach(), before)
+
+
+def test_reference_switches_posterior_mean_and_target_time_ids(tmp_path: Path) -> None:
+    """``latent: mean`` trains on the posterior mean and ``time_ids: target`` on (res, res, 0, 0, res, res),
+    as DiffSynth's trainer does; the random draws (t, noise) stay those of the defaults."""
+    from kolors_job.embeddings import LatentEntry, PromptEmbeds
+
+    items = [ImageItem(tmp_path / "a.png", "二次元", 100, 80)]
+    entry = LatentEntry(mean=torch.full((4, 8, 8), 0.5), std=torch.ones(4, 8, 8), time_ids=(80, 100, 3, 5, 64, 64))
+    prompts = {"二次元": PromptEmbeds(embeds=torch.zeros(256, 32), pooled=torch.zeros(32))}
+
+    def batch(**switches: str) -> train_mod.Batch:
+        return train_mod.make_batch(
+            [0], train_mod.SampleStream(1, 0), items, {(0, False): entry}, prompts, num_train_timesteps=1100,
+            scaling_factor=0.13025, caption_dropout=0.0, random_flip=False, **switches,
+        )
+
+    default, ref = batch(), batch(latent="mean", time_ids="target")
+    assert TrainSpec().latent == "sample" and TrainSpec().time_ids == "crop"
+    assert default.time_ids.tolist() == [[80, 100, 3, 5, 64, 64]] and ref.time_ids.tolist() == [[64, 64, 0, 0, 64, 64]]
+    assert torch.equal(ref.latents[0], entry.mean * 0.13025) and not torch.equal(default.latents, ref.latents)
+    assert torch.equal(default.noise, ref.noise) and torch.equal(default.timesteps, ref.timesteps)
