@@ -804,19 +804,24 @@ def _randint(rng: random.Random | torch.Generator | None, high: int) -> int:
     return int(torch.randint(0, high + 1, (1,), generator=rng).item())
 
 
+_RESIZE_FILTERS = {"lanczos": Image.Resampling.LANCZOS, "bilinear": Image.Resampling.BILINEAR}
+
+
 def load_image(
     item: ImageItem,
     resolution: int,
     center_crop: bool,
     flip: bool,
     rng: random.Random | torch.Generator | None = None,
+    resize_filter: str = "lanczos",
 ) -> tuple[torch.Tensor, tuple[int, int, int, int, int, int]]:
     """Load one training sample: CHW float32 in [-1, 1] and SDXL ``add_time_ids``.
 
     Follows diffusers' ``train_text_to_image_lora_sdxl.py``: original size = the (EXIF-oriented)
     size before resizing; shortest side resized to ``resolution``; optional flip; centre crop
     (``round((H - res) / 2)``) or a random crop drawn from ``rng``; time ids =
-    ``(orig_h, orig_w, crop_top, crop_left, res, res)``.
+    ``(orig_h, orig_w, crop_top, crop_left, res, res)``. ``resize_filter``: ``lanczos`` or ``bilinear``
+    (the reference's: DiffSynth's dataset resizes with torchvision's BILINEAR, i.e. PIL's on a PIL image).
     """
     import numpy as np
     import torch
@@ -834,7 +839,7 @@ def load_image(
     new_w = max(resolution, round(orig_w * scale))
     new_h = max(resolution, round(orig_h * scale))
     if (new_w, new_h) != (orig_w, orig_h):
-        img = img.resize((new_w, new_h), Image.Resampling.LANCZOS)
+        img = img.resize((new_w, new_h), _RESIZE_FILTERS[resize_filter])
     if flip:
         img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     if center_crop:

@@ -103,6 +103,7 @@ def cache_latents(
     dtype: torch.dtype,
     batch_size: int = 8,
     progress: Any = None,
+    resize_filter: str = "lanczos",
 ) -> dict[tuple[int, bool], LatentEntry]:
     """Encode every item once per flip variant; key ``(item index, flipped)``.
 
@@ -119,7 +120,7 @@ def cache_latents(
         i, flip = job
         # The rng is re-seeded per (seed, image): same crop offsets for both flips, whatever the order.
         pixel, time_ids = load_image(
-            items[i], resolution, center_crop, flip, random.Random(mix_seed(seed, "crop", i))
+            items[i], resolution, center_crop, flip, random.Random(mix_seed(seed, "crop", i)), resize_filter
         )
         return pixel, tuple(int(v) for v in time_ids)
 

@@ -137,6 +137,9 @@ class TrainSpec(_Strict):
     resolution: int = Field(1024, ge=64, le=4096, multiple_of=8)
     center_crop: bool = True
     random_flip: bool = False
+    resize_filter: Literal["lanczos", "bilinear"] = "lanczos"
+    """The filter that resizes a training image's short side to ``resolution``: ``bilinear`` is the
+    reference's (softer), ``lanczos`` keeps more of the detail when downscaling."""
     latent: Literal["sample", "mean"] = "sample"
     """What a training image becomes each step: a fresh draw from its VAE posterior, or the posterior's mean
     (the reference: DiffSynth's VAE encoder returns the mean)."""

@@ -346,6 +346,7 @@ def _fingerprint(
         "init_lora_weights",
         "latent",
         "time_ids",
+        "resize_filter",
         "optimizer",
         "weight_decay",
         "max_grad_norm",
@@ -475,6 +476,7 @@ def train_lora(
         seed=spec.seed,
         device=dev,
         dtype=vae_dtype,
+        resize_filter=spec.resize_filter,
     )
     log.info("cached latents", extra={"latents": len(latents), "seconds": round(time.monotonic() - t0, 3)})
     unet: UNet2DConditionModel = comps.unet

@@ -392,3 +392,37 @@ def test_fused_fp16_lora_draws_the_unfused_lora(tiny_model: Path, tmp_path: Path
     fused = (_unet_output(tiny_model, lora, "fp16", fused=True) - exact).abs().mean().item()
     assert effect > 5 * unfused, (effect, unfused)  # the LoRA is visible above fp16's rounding
     assert fused <= 1.5 * unfused, (fused, unfused)
+
+
+def test_training_image_with_reference_switches_is_diffsynths(reference: Any, tmp_path: Path) -> None:
+    """``resize_filter: bilinear`` + centre crop: the tensor DiffSynth's ``TextImageDataset`` makes
+    (data/simple_text_image.py lines 16-36); ``time_ids: target``: its ``prepare_extra_input`` (sdxl_image.py
+    line 107) for the crop's latent."""
+    from PIL import Image
+
+    from kolors_job.dataset import ImageItem, load_image
+    from kolors_job.embeddings import LatentEntry, PromptEmbeds
+    from kolors_job.train import SampleStream, make_batch
+
+    pytest.importorskip("pandas")
+    from diffsynth.data.simple_text_image import TextImageDataset
+
+    rng = np.random.default_rng(0)
+    (tmp_path / "train").mkdir()
+    Image.fromarray(rng.integers(0, 256, (150, 100, 3), dtype=np.uint8)).save(tmp_path / "train" / "a.png")
+    (tmp_path / "train" / "metadata.csv").write_text("file_name,text\na.png,二次元\n", encoding="utf-8")
+    ref = TextImageDataset(str(tmp_path), steps_per_epoch=1, height=SIZE, width=SIZE, center_crop=True)[0]["image"]
+    item = ImageItem(tmp_path / "train" / "a.png", "二次元", 100, 150)
+    ours, time_ids = load_image(item, SIZE, center_crop=True, flip=False, resize_filter="bilinear")
+    assert ours.shape == ref.shape and (ours - ref).abs().max().item() < 1e-6
+    lanczos, _ = load_image(item, SIZE, center_crop=True, flip=False)
+    assert (lanczos - ref).abs().max().item() > 0.01  # the default filter is a real difference
+
+    entry = LatentEntry(mean=torch.zeros(4, SIZE // 8, SIZE // 8), std=torch.ones(4, SIZE // 8, SIZE // 8),
+                        time_ids=time_ids)
+    batch = make_batch(
+        [0], SampleStream(1, 0), [item], {(0, False): entry}, {"二次元": PromptEmbeds(torch.zeros(1), torch.zeros(1))},
+        num_train_timesteps=1100, scaling_factor=1.0, caption_dropout=0.0, random_flip=False, time_ids="target",
+    )
+    expected = reference.prepare_extra_input(torch.zeros(1, 4, SIZE // 8, SIZE // 8))["add_time_id"]
+    assert batch.time_ids.flatten().tolist() == expected.tolist()
