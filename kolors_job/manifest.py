@@ -1,7 +1,8 @@
 """The job manifest: a typed, validated description of one LoRA-story job.
 
-Defaults reproduce the reference "Kolors-LoRA style story" workflow exactly (design.md §7), so a
-manifest with only ``spec.output.uri`` is a complete job. Unknown fields are errors: a typo such as
+Defaults are the reference "Kolors-LoRA style story" workflow's (DiffSynth-Studio 1.1.9; checked against its
+code by tests/test_reference_oracle.py, remaining differences listed in the README), so a manifest with only
+``spec.output.uri`` is a complete job. Unknown fields are errors: a typo such as
 ``rnak: 4`` must fail loudly, not silently train with rank 16.
 """
 

@@ -153,7 +153,8 @@ def test_empty_dataset_is_an_input_error(job_env: Path, shared_cache: Path) -> N
 
 def test_cli_run_prints_one_line_errors(job_env: Path, tmp_path: Path) -> None:
     bad = tmp_path / "m.yaml"
-    bad.write_text("spec: {output: {uri: /tmp/x}, model: {base: /does/not/exist}}")
+    # a private output dir: a shared one may hold another run (another manifest: exit 6 before the model check)
+    bad.write_text(f"spec: {{output: {{uri: {tmp_path / 'out'}}}, model: {{base: /does/not/exist}}}}")
     res = subprocess.run([sys.executable, "-m", "kolors_job", "run", "--manifest", str(bad)],
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == ExitCode.INVALID_INPUT, res.stderr
