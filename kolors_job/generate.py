@@ -267,13 +267,13 @@ def render(
 
     ``texts`` (from :func:`encode_texts`) lets the text encoder leave the GPU before denoising.
     """
+    from kolors_job.models import sampler_timesteps
+
     dev = pipe.unet.device
     texts = texts if texts is not None else encode_texts(pipe, jobs)
 
     def stack(which: str, attr: str) -> torch.Tensor:
         return torch.stack([getattr(texts[getattr(j, which)], attr) for j in jobs]).to(dev)
-
-    from kolors_job.models import sampler_timesteps
 
     generators = [torch.Generator(dev).manual_seed(j.seed) for j in jobs]
     out = pipe(

@@ -17,6 +17,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+import diffsynth  # in the lock: a missing oracle must fail, not skip
 import numpy as np
 import pytest
 import torch
@@ -37,7 +38,6 @@ from kolors_job.models import make_scheduler, sampler_timesteps
 from kolors_job.tiny import TINY_TEXT_ENCODER_CONFIG, build_tiny_kolors
 from kolors_job.train import LORA_WEIGHT_NAME, resolve_precision, save_lora
 
-diffsynth = pytest.importorskip("diffsynth")
 DIFFSYNTH = Path(diffsynth.__file__).parent
 SIZE = 64  # DiffSynth rounds sizes up to multiples of 64 (pipelines/base.py line 20)
 REFERENCE_LOAD_ALPHA = 2.0
@@ -398,14 +398,12 @@ def test_training_image_with_reference_switches_is_diffsynths(reference: Any, tm
     """``resize_filter: bilinear`` + centre crop: the tensor DiffSynth's ``TextImageDataset`` makes
     (data/simple_text_image.py lines 16-36); ``time_ids: target``: its ``prepare_extra_input`` (sdxl_image.py
     line 107) for the crop's latent."""
+    from diffsynth.data.simple_text_image import TextImageDataset
     from PIL import Image
 
     from kolors_job.dataset import ImageItem, load_image
     from kolors_job.embeddings import LatentEntry, PromptEmbeds
     from kolors_job.train import SampleStream, make_batch
-
-    pytest.importorskip("pandas")
-    from diffsynth.data.simple_text_image import TextImageDataset
 
     rng = np.random.default_rng(0)
     (tmp_path / "train").mkdir()
