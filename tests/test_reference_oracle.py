@@ -36,7 +36,7 @@ from kolors_job.generate import (
 from kolors_job.manifest import StorySpec, TrainSpec
 from kolors_job.models import make_scheduler, sampler_timesteps
 from kolors_job.tiny import TINY_TEXT_ENCODER_CONFIG, build_tiny_kolors
-from kolors_job.train import LORA_WEIGHT_NAME, resolve_precision, save_lora
+from kolors_job.train import LORA_WEIGHT_NAME, resolve_precision
 
 DIFFSYNTH = Path(diffsynth.__file__).parent
 SIZE = 64  # DiffSynth rounds sizes up to multiples of 64 (pipelines/base.py line 20)
@@ -289,26 +289,14 @@ def test_training_defaults_are_the_reference_trainers() -> None:
 
 
 def _make_lora(tiny_model: Path, out: Path, ratio: float) -> Path:
-    """A default-shaped LoRA (rank/alpha/targets of ``TrainSpec()``) whose update at the default sampling
-    scale is ``ratio`` of each weight's norm (a real trained LoRA's updates are small: ~1e-3)."""
+    """A default-shaped LoRA whose update at the default sampling scale is ``ratio`` of each weight's norm
+    (a real trained LoRA's updates are small: ~1e-3) — the GPU check's own writer, on the tiny UNet."""
     from diffusers import UNet2DConditionModel
-    from peft import LoraConfig
 
-    spec, scale = TrainSpec(), StorySpec().lora_scale
+    from bench.reference_check import write_lora
+
     unet = UNet2DConditionModel.from_pretrained(tiny_model / "unet", torch_dtype=torch.float32)
-    torch.manual_seed(0)
-    unet.add_adapter(
-        LoraConfig(r=spec.rank, lora_alpha=spec.alpha, init_lora_weights="gaussian", target_modules=spec.target_modules)
-    )
-    with torch.no_grad():
-        for module in unet.modules():
-            if "default" in getattr(module, "lora_B", {}):
-                b, a = module.lora_B["default"].weight, module.lora_A["default"].weight
-                b.normal_()
-                effective = (b @ a) * module.scaling["default"] * scale
-                b.mul_(ratio * module.base_layer.weight.norm() / effective.norm())
-    save_lora(unet, out, spec)
-    return out
+    return write_lora(unet, out, ratio)
 
 
 @pytest.fixture(scope="module")
