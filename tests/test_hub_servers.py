@@ -23,7 +23,7 @@ from packaging.version import Version
 from tests.hub_servers.artifacts import ANIME_IMAGES
 from tests.hub_servers.hf_hub import ANIME_ID as HF_ANIME_ID
 from tests.hub_servers.hf_hub import PREDICTOR_ID as HF_PREDICTOR_ID
-from tests.hub_servers.modelscope_hub import ANIME_ID, KOLORS_ID, PREDICTOR_ID
+from tests.hub_servers.modelscope_hub import ANIME_ID, KOLORS_BOTH_ID, KOLORS_ID, PREDICTOR_CUSTOM_ID, PREDICTOR_ID
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -130,6 +130,31 @@ def test_modelscope_snapshot_of_fp16_files_fetches_exactly_those_and_loads(model
     modelscope_env.reset_downloads()  # a second snapshot is served from the client's cache
     snapshot_download(KOLORS_ID, cache_dir=str(tmp_path / "ms"), allow_patterns=KOLORS_FP16_PATTERNS)
     assert modelscope_env.downloads(KOLORS_ID) == {}
+
+    commit = modelscope_env.repo("model", KOLORS_ID).commit  # pinning the commit id works too
+    pinned = snapshot_download(KOLORS_ID, revision=commit, cache_dir=str(tmp_path / "ms"), allow_patterns=["*.json"])
+    assert Path(pinned).name == commit
+    with pytest.raises(requests.HTTPError, match="404"):
+        snapshot_download(KOLORS_ID, revision="v9.9", cache_dir=str(tmp_path / "ms"), allow_patterns=["*.json"])
+
+
+def test_modelscope_extra_repos_for_variant_choice_and_custom_code(modelscope_env, tmp_path) -> None:
+    """Not real ids: a Kolors with fp32 plain AND fp16 files, and the predictor with its 2024 custom code."""
+    import torch
+    from aesthetics_predictor import AestheticsPredictorV2Linear
+    from diffusers import UNet2DConditionModel
+    from modelscope import snapshot_download
+
+    path = Path(snapshot_download(KOLORS_BOTH_ID, cache_dir=str(tmp_path / "ms"), allow_patterns=["unet/*"]))
+    plain = UNet2DConditionModel.from_pretrained(path / "unet")
+    half = UNet2DConditionModel.from_pretrained(path / "unet", variant="fp16", torch_dtype=torch.float16)
+    assert next(plain.parameters()).dtype == torch.float32
+    assert torch.allclose(next(plain.parameters()).half(), next(half.parameters()))
+
+    path = Path(snapshot_download(PREDICTOR_CUSTOM_ID, cache_dir=str(tmp_path / "ms")))
+    assert {"configuration_predictor.py", "modeling_v2.py", "pytorch_model.bin"} <= set(_files(path))
+    assert "auto_map" in (path / "config.json").read_text()
+    assert AestheticsPredictorV2Linear.from_pretrained(path).layers[-1].out_features == 1
 
 
 def test_modelscope_predictor_loads_from_its_pickle(modelscope_env, tmp_path) -> None:
@@ -240,6 +265,11 @@ def test_hf_unknown_repo_and_revision_raise_the_clients_errors(hf_env, tmp_path)
         snapshot_download("nobody/no-such-model", cache_dir=str(tmp_path / "hf"), endpoint=hf_env.url)
     with pytest.raises(RevisionNotFoundError):
         snapshot_download(KOLORS_ID, revision="v9", cache_dir=str(tmp_path / "hf"), endpoint=hf_env.url)
+    commit = hf_env.repo("model", KOLORS_ID).commit
+    pinned = snapshot_download(
+        KOLORS_ID, revision=commit, allow_patterns=["*.json"], cache_dir=str(tmp_path / "hf"), endpoint=hf_env.url
+    )
+    assert Path(pinned).name == commit
 
 
 def test_hf_datasets_load_dataset_yields_pil_rows(hf_env, tmp_path) -> None:

@@ -8,6 +8,9 @@
   ``.env`` (the variables a child process needs to use the emulator).
 - ``modelscope_env`` / ``hf_env`` (per test): the same hub, with downloads reset, the endpoint variables
   set in this process and the client caches (``MODELSCOPE_CACHE``, ``HF_HOME``) in the test's tmp dir.
+  Both also route every non-loopback HTTP(S) request to a dead proxy (``HTTP(S)_PROXY`` =
+  127.0.0.1:9, ``NO_PROXY`` = 127.0.0.1): a client call that would leave the emulator fails at once
+  instead of resolving a real hub's name.
 """
 
 from __future__ import annotations
@@ -45,12 +48,20 @@ def hf_hub(hub_artifacts: dict[str, Path]) -> Iterator[HFHub]:
         yield hub
 
 
+def _loopback_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    for key in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"):
+        monkeypatch.setenv(key, "http://127.0.0.1:9")
+    for key in ("NO_PROXY", "no_proxy"):
+        monkeypatch.setenv(key, "127.0.0.1,localhost")
+
+
 @pytest.fixture
 def modelscope_env(modelscope_hub: ModelScopeHub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> ModelScopeHub:
     modelscope_hub.reset_downloads()
     for key, value in modelscope_hub.env.items():
         monkeypatch.setenv(key, value)
     monkeypatch.setenv("MODELSCOPE_CACHE", str(tmp_path / "modelscope-cache"))
+    _loopback_only(monkeypatch)
     return modelscope_hub
 
 
@@ -62,4 +73,5 @@ def hf_env(hf_hub: HFHub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> HF
     for key, value in hf_hub.env.items():
         monkeypatch.setenv(key, value)
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    _loopback_only(monkeypatch)
     return hf_hub
