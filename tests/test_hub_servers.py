@@ -293,6 +293,24 @@ def test_hf_datasets_load_dataset_yields_pil_rows(hf_env, tmp_path) -> None:
     ]
 
 
+def test_hf_dataset_snapshot_then_local_load_works_in_process(hf_env, tmp_path) -> None:
+    """With ``endpoint=`` passed explicitly no import-time constant matters: fetch the split's files, load locally."""
+    import datasets
+    from huggingface_hub import snapshot_download
+
+    path = snapshot_download(
+        HF_ANIME_ID,
+        repo_type="dataset",
+        allow_patterns=["README.md", "data/train-*"],
+        cache_dir=str(tmp_path / "hf"),
+        endpoint=hf_env.url,
+    )
+    assert Path(path).name == hf_env.repo("dataset", HF_ANIME_ID).commit
+    ds = datasets.load_dataset(path, split="train", cache_dir=str(tmp_path / "ds"))
+    assert [row["image"].size for row in ds] == [size for _, size, _ in ANIME_IMAGES]
+    assert not [p for p in hf_env.downloads(HF_ANIME_ID) if "miku" in p]
+
+
 # ------------------------------------------------------------------------------------------ script mode
 
 

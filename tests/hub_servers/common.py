@@ -20,7 +20,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import ThreadingHTTPServer
 from pathlib import Path
-from typing import Self
 
 try:
     from tests.storage_servers.http_base import LoopbackServer, ProxyHandler
@@ -231,9 +230,6 @@ class HubServer(LoopbackServer):
 
     def reset_downloads(self) -> None:
         self.log.reset()
-
-    def __enter__(self) -> Self:
-        return self.start()
 
 
 def serve_main(make: Callable[..., HubServer], description: str, argv: list[str] | None = None) -> None:
