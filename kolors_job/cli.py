@@ -64,6 +64,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         job_id=args.job_id or os.environ.get("KOLORS_JOB_ID") or None,
         output_uri=args.output,
         force=args.force,
+        allow_cpu=args.allow_cpu,
     )
     outcome = run_job(job)
     if outcome.exit_code != ExitCode.OK and outcome.message:
@@ -105,6 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--job-id", help="output goes to <output.uri>/<job id>/ (default: metadata.name)")
     r.add_argument("--output", help="override spec.output.uri")
     r.add_argument("--force", action="store_true", help="recompute even if the output has _SUCCESS")
+    r.add_argument(
+        "--allow-cpu", action="store_true",
+        help="run a full-size model on the CPU when no GPU is usable (hours; without it the job stops, exit 4)",
+    )
     r.add_argument("--log-format", choices=["auto", "json", "text"])
     r.set_defaults(func=cmd_run)
 

@@ -218,6 +218,8 @@ def fetch_dataset(spec: DatasetSpec, settings: Settings) -> Path:
     scheme = m.group("scheme").lower()
     if scheme == "modelscope":
         return _fetch_modelscope(spec, settings, m.group("rest"))
+    if scheme == "hf":
+        return _fetch_hf(spec, settings)
     if scheme in ("oss", "s3", "file"):
         return _fetch_store(spec.source, settings)
     raise InputError(f"dataset source {redact_uri(spec.source)!r}: {scheme}:// is not a dataset source")
@@ -398,6 +400,53 @@ def _fetch_modelscope(spec: DatasetSpec, settings: Settings, rest: str) -> Path:
             raise InputError(f"{where}: split {spec.split!r} of subset {spec.subset!r} has no image column")
 
     return _cached(final, fill)
+
+
+def _fetch_hf(spec: DatasetSpec, settings: Settings) -> Path:
+    """A Hugging Face dataset repo: an image folder is used as downloaded; parquet shards of the
+    split (``data/train-*.parquet``, ``<subset>/train-*.parquet`` — the hub's converted layout) are
+    exported like a ModelScope dataset, images as their original bytes."""
+    from kolors_job.sources import hub_error, parse_hub_uri
+
+    ref = parse_hub_uri(spec.source)
+    assert ref is not None
+    key = _cache_key("hf", ref.repo_id, ref.revision or "", spec.subset, spec.split)
+    final = Path(settings.cache_dir) / "datasets" / key
+
+    def fill(staging: Path) -> None:
+        from huggingface_hub import snapshot_download
+
+        repo = staging / ".repo"
+        try:
+            snapshot_download(
+                ref.repo_id, repo_type="dataset", revision=ref.revision, local_dir=str(repo),
+                endpoint=settings.hf_endpoint, max_workers=settings.download_workers,
+            )
+        except Exception as exc:
+            raise hub_error(ref, exc) from exc
+        shutil.rmtree(repo / ".cache", ignore_errors=True)  # the client's own download metadata
+        parquet = sorted(p for p in repo.rglob("*.parquet") if _in_split(p.relative_to(repo), spec))
+        if not parquet:
+            for item in repo.iterdir():  # an image folder (+ metadata.csv/jsonl): used as it is
+                item.rename(staging / item.name)
+        else:
+            import pyarrow.parquet as pq
+
+            rows = (row for f in parquet for row in pq.read_table(f).to_pylist())
+            if export_rows(rows, staging) == 0:
+                raise InputError(f"dataset {spec.source}: the {spec.split!r} parquet files have no image column")
+        shutil.rmtree(repo, ignore_errors=True)
+
+    return _cached(final, fill)
+
+
+def _in_split(rel: Path, spec: DatasetSpec) -> bool:
+    """Whether a parquet file belongs to the manifest's subset/split in the hub's file naming."""
+    parts = [p.lower() for p in rel.parts]
+    split = spec.split.lower()
+    if not (parts[-1].startswith(f"{split}-") or parts[-1] == f"{split}.parquet" or split in parts[:-1]):
+        return False
+    return spec.subset == "default" or spec.subset.lower() in parts[:-1]
 
 
 def _one_line(err: BaseException, limit: int = 300) -> str:

@@ -29,7 +29,7 @@ MAX_MANIFEST_BYTES = 1 << 20  # 1 MiB: a manifest is a page of YAML, not a data 
 MAX_PROMPT_CHARS = 2000
 JOB_ID_PATTERN = r"^[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?$"
 
-MODEL_SCHEMES = ("modelscope", "oss", "s3", "file", "tiny")
+MODEL_SCHEMES = ("modelscope", "hf", "oss", "s3", "file", "tiny")
 OUTPUT_SCHEMES = ("oss", "s3", "file")
 _URI_RE = re.compile(r"^(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*)://(?P<rest>.*)$")
 
@@ -60,8 +60,8 @@ def _check_uri(value: str, schemes: tuple[str, ...], *, allow_path: bool = True)
         raise ValueError("file:// URI must not name a host (use file:///absolute/path)")
     if scheme in ("oss", "s3") and not m.group("rest").split("/", 1)[0]:
         raise ValueError(f"{scheme}:// URI needs a bucket name")
-    if scheme == "modelscope" and not re.fullmatch(r"[\w.-]+/[\w.-]+(@[\w.-]+)?", m.group("rest")):
-        raise ValueError("modelscope:// URI must be modelscope://OWNER/NAME[@REVISION]")
+    if scheme in ("modelscope", "hf") and not re.fullmatch(r"[\w.-]+/[\w.-]+(@[\w./-]+)?", m.group("rest")):
+        raise ValueError(f"{scheme}:// URI must be {scheme}://OWNER/NAME[@REVISION]")
     return value
 
 
@@ -70,7 +70,8 @@ ModelUri = Annotated[str, Field(max_length=2048)]
 
 class ModelSpec(_Strict):
     base: ModelUri = "modelscope://Kwai-Kolors/Kolors-diffusers"
-    """Kolors in diffusers layout: ``modelscope://``, a bucket prefix, a local/mounted dir, or ``tiny://kolors``."""
+    """Kolors in diffusers layout: ``modelscope://`` or ``hf://`` repo, a bucket prefix, a local/mounted dir,
+    or ``tiny://kolors``."""
     vae: ModelUri | None = None
     """Optional VAE override, e.g. ``modelscope://AI-ModelScope/sdxl-vae-fp16-fix`` for fp16 decode."""
 
@@ -111,7 +112,7 @@ class FilterSpec(_Strict):
 
 class DatasetSpec(_Strict):
     source: ModelUri = "modelscope://AI-ModelScope/lowres_anime"
-    """``modelscope://`` dataset id, a bucket prefix, or a local directory of images."""
+    """``modelscope://`` or ``hf://`` dataset id, a bucket prefix, or a local directory of images."""
     subset: str = "default"
     split: str = "train"
     caption: CaptionSpec = CaptionSpec()
@@ -276,6 +277,10 @@ class Spec(_Strict):
     story: StorySpec = StorySpec()
     score: ScoreSpec = ScoreSpec()
     output: OutputSpec
+    device: Literal["auto", "cuda", "cpu"] = "auto"
+    """``auto``: the GPU when CUDA is usable — a full-size model without one stops before any download
+    (exit 4) unless ``--allow-cpu``; ``cpu``: run on the CPU on purpose (hours for a full-size job);
+    ``cuda``: require a GPU."""
 
 
 class Metadata(_Strict):

@@ -21,12 +21,26 @@ import hashlib
 import json
 import logging
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from kolors_job.errors import ExitCode, InputError, JobError, StorageDeniedError
+from kolors_job.errors import InputError
+from kolors_job.redact import redact_uri
 from kolors_job.settings import Settings
+from kolors_job.sources import (
+    DIFFUSERS_WEIGHTS,
+    FULL_SIZE_UNET_BYTES,
+    HUB_SCHEMES,
+    TRANSFORMERS_WEIGHTS,
+    Plan,
+    SourceRecord,
+    download,
+    local_variant,
+    parse_hub_uri,
+    plan_hub_model,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -109,7 +123,6 @@ def sampler_timesteps(name: str, steps: int, scheduler_config: dict[str, Any]) -
 
 
 _TINY = ("kolors", "aesthetic")
-_MODELSCOPE_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
 _SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://")
 
 
@@ -118,11 +131,34 @@ _SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://")
 # --------------------------------------------------------------------------------------------
 
 
-def resolve_model(uri: str, *, kind: ModelKind, settings: Settings) -> Path:
-    """A local directory holding the model ``uri`` names, checked to be a ``kind`` model.
+def resolve_model(uri: str, *, kind: ModelKind, settings: Settings, prefer_fp16: bool = True) -> Path:
+    """A local directory holding the model ``uri`` names, checked to be a ``kind`` model (see ``fetch_model``)."""
+    return fetch_model(uri, kind=kind, settings=settings, prefer_fp16=prefer_fp16)[0]
+
+
+def plan_model(
+    uri: str, *, kind: ModelKind, settings: Settings, prefer_fp16: bool, skip: Iterable[str] = ()
+) -> Plan | None:
+    """For a hub URI, the listed and selected files (nothing downloaded yet); None for other sources."""
+    ref = parse_hub_uri(uri.strip())
+    return None if ref is None else plan_hub_model(ref, kind, settings, prefer_fp16=prefer_fp16, skip=skip)
+
+
+def fetch_model(
+    uri: str,
+    *,
+    kind: ModelKind,
+    settings: Settings,
+    prefer_fp16: bool = True,
+    skip: Iterable[str] = (),
+    plan: Plan | None = None,
+) -> tuple[Path, SourceRecord]:
+    """A local directory holding the model ``uri`` names, and what getting it cost.
 
     Raises ``InputError`` (one line, naming the uri) for bad URIs and missing files, and a
     ``JobError`` with exit code TEMPORARY when the hub or bucket is unreachable (a retry can help).
+    ``prefer_fp16`` picks the fp16 weight variant of a hub repo that has both (half-precision runs);
+    ``skip`` names pipeline parts whose weights the job replaces (not downloaded).
     """
     if kind not in REQUIRED_FILES:
         raise ValueError(f"unknown model kind {kind!r}")
@@ -131,22 +167,36 @@ def resolve_model(uri: str, *, kind: ModelKind, settings: Settings) -> Path:
         raise InputError(f"empty {kind} model uri")
     m = _SCHEME.match(uri)
     scheme = m.group(1).lower() if m else ""
-    if scheme == "tiny":
+    record = SourceRecord(uri=redact_uri(uri), kind=kind)
+    if scheme in HUB_SCHEMES:
+        plan = plan or plan_model(uri, kind=kind, settings=settings, prefer_fp16=prefer_fp16, skip=skip)
+        assert plan is not None
+        path, record = download(plan, settings)
+    elif scheme == "tiny":
         path = _resolve_tiny(uri, settings)
-    elif scheme == "modelscope":
-        path = _resolve_modelscope(uri, settings)
     elif scheme in ("oss", "s3", "file"):
-        path = _resolve_bucket(uri, settings)
+        path, record.bytes_downloaded = _resolve_bucket(uri, settings)
     elif scheme:
         raise InputError(
-            f"{kind} model {uri!r}: unsupported scheme {scheme}:// (use modelscope://, oss://, "
+            f"{kind} model {uri!r}: unsupported scheme {scheme}:// (use modelscope://, hf://, oss://, "
             "s3://, file://, tiny:// or a local path)"
         )
     else:
         path = Path(uri).expanduser().absolute()
         if not path.is_dir():
             raise InputError(f"{kind} model {uri!r}: no such directory")
-    return _validate(path, uri, kind)
+    path = _validate(path, uri, kind)
+    if not record.files:  # not a hub: count what is on disk
+        sizes = [p.stat().st_size for p in path.rglob("*") if p.is_file()]
+        record.files, record.bytes_total = len(sizes), sum(sizes)
+        record.bytes_reused = record.bytes_total - record.bytes_downloaded
+    return path, record
+
+
+def is_full_size(path: Path) -> bool:
+    """Whether a resolved pipeline dir holds a real (GPU-sized) UNet, judged by its weight bytes."""
+    unet = path / "unet"
+    return unet.is_dir() and sum(p.stat().st_size for p in unet.iterdir() if p.is_file()) >= FULL_SIZE_UNET_BYTES
 
 
 def _validate(path: Path, uri: str, kind: ModelKind) -> Path:
@@ -171,41 +221,8 @@ def _resolve_tiny(uri: str, settings: Settings) -> Path:
     return build(settings.cache_dir / "tiny" / f"{name}-v{TINY_BUILDER_VERSION}-seed0", seed=0)
 
 
-def _parse_modelscope(uri: str) -> tuple[str, str | None]:
-    """``modelscope://Owner/Name[@revision]`` -> ``(model_id, revision)``."""
-    rest = uri.split("://", 1)[1].strip("/")
-    model_id, _, revision = rest.partition("@")
-    if not _MODELSCOPE_ID.match(model_id) or (revision == "" and "@" in rest):
-        raise InputError(f"bad ModelScope uri {uri!r}: expected modelscope://Owner/Name[@revision]")
-    return model_id, revision or None
-
-
-def _resolve_modelscope(uri: str, settings: Settings) -> Path:
-    model_id, revision = _parse_modelscope(uri)
-    from modelscope import snapshot_download
-
-    try:
-        local = snapshot_download(model_id, revision=revision, cache_dir=settings.cache_dir / "modelscope")
-    except Exception as exc:  # the hub client raises many types; classify by what a retry can fix
-        raise _hub_error(uri, exc) from exc
-    return Path(local)
-
-
-def _hub_error(uri: str, exc: BaseException) -> JobError:
-    """Map a ModelScope client failure onto our exit codes, as one line naming the uri."""
-    detail = _one_line(exc)
-    name = type(exc).__name__
-    if getattr(exc, "retryable", False) or isinstance(exc, ConnectionError | TimeoutError):
-        return JobError(f"ModelScope unreachable for {uri!r}: {detail}", exit_code=ExitCode.TEMPORARY)
-    if "Permission" in name or "Authentication" in name:
-        return StorageDeniedError(f"ModelScope denied {uri!r}: {detail}")
-    if "NotExist" in name or "NotFound" in name or "InvalidParameter" in name:
-        return InputError(f"ModelScope has no model {uri!r}: {detail}")
-    return JobError(f"ModelScope download of {uri!r} failed ({name}): {detail}")  # unknown: no retry
-
-
-def _resolve_bucket(uri: str, settings: Settings) -> Path:
-    """Copy a bucket/``file://`` prefix into the cache once; concurrent jobs share one copy."""
+def _resolve_bucket(uri: str, settings: Settings) -> tuple[Path, int]:
+    """Copy a bucket/``file://`` prefix into the cache once (concurrent jobs share one copy): (dir, bytes fetched)."""
     from kolors_job.storage import open_store, redact
     from kolors_job.tiny import atomic_dir
 
@@ -217,13 +234,17 @@ def _resolve_bucket(uri: str, settings: Settings) -> Path:
     except ValueError as exc:
         raise InputError(f"bad model uri {redact(uri)!r}: {_one_line(exc)}") from None
 
+    fetched = 0
+
     def download(tmp: Path) -> None:
+        nonlocal fetched
         files = store.download_dir("", tmp)
         if not files:
             raise InputError(f"model {redact(uri)!r}: no files under that prefix")
+        fetched = sum(f.stat().st_size for f in files)
         log.info("downloaded %d files of %s into %s", len(files), redact(uri), target)
 
-    return atomic_dir(target, {"uri": redact(uri)}, download, replace_stale=True)
+    return atomic_dir(target, {"uri": redact(uri)}, download, replace_stale=True), fetched
 
 
 def _one_line(exc: BaseException) -> str:
@@ -262,6 +283,7 @@ def load_kolors_components(
 ) -> KolorsComponents:
     """Load every Kolors part from a resolved ``pipeline`` dir (``vae_path``: a replacement VAE)."""
     import diffusers
+    import torch
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from diffusers.pipelines.kolors.text_encoder import ChatGLMModel
     from diffusers.pipelines.kolors.tokenizer import ChatGLMTokenizer
@@ -274,10 +296,23 @@ def load_kolors_components(
         except (OSError, ValueError, KeyError) as exc:  # missing/corrupt files, wrong config
             raise InputError(f"cannot load the {what} from {args[0]}: {_one_line(exc)}") from exc
 
-    unet = load("UNet", UNet2DConditionModel.from_pretrained, path, subfolder="unet", torch_dtype=dtype)
+    # Real repos ship fp16-variant files (Kolors-diffusers has nothing else): name the variant on disk.
+    half = dtype != torch.float32
+
+    def variant(folder: Path, names: tuple[tuple[str, str], ...]) -> dict[str, Any]:
+        chosen = local_variant(folder, names, prefer_fp16=half)
+        return {"variant": chosen} if chosen else {}
+
+    unet = load(
+        "UNet", UNet2DConditionModel.from_pretrained, path, subfolder="unet", torch_dtype=dtype,
+        **variant(path / "unet", DIFFUSERS_WEIGHTS),
+    )
     vae_dir = Path(vae_path) if vae_path is not None else path / "vae"
-    vae = load("VAE", AutoencoderKL.from_pretrained, vae_dir, torch_dtype=dtype)
-    text_encoder = load("text encoder", ChatGLMModel.from_pretrained, path / "text_encoder", dtype=dtype)
+    vae = load("VAE", AutoencoderKL.from_pretrained, vae_dir, torch_dtype=dtype, **variant(vae_dir, DIFFUSERS_WEIGHTS))
+    text_encoder = load(
+        "text encoder", ChatGLMModel.from_pretrained, path / "text_encoder", dtype=dtype,
+        **variant(path / "text_encoder", TRANSFORMERS_WEIGHTS),
+    )
     tokenizer = load("tokenizer", ChatGLMTokenizer.from_pretrained, path / "tokenizer")
     sched_config = load("scheduler config", DDPMScheduler.load_config, path, subfolder="scheduler")
     noise_scheduler = DDPMScheduler.from_config(sched_config)

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
+from kolors_job.device import pick_device
 from kolors_job.errors import (
     ExitCode,
     InputError,
@@ -97,12 +98,6 @@ def _env_int(name: str, default: int) -> int:
     return int(raw) if raw.isdigit() else default
 
 
-def _device() -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 class Job:
     """One run of one manifest: holds the context every stage needs."""
 
@@ -115,6 +110,7 @@ class Job:
         output_uri: str | None = None,
         force: bool = False,
         stop: StopFlag | None = None,
+        allow_cpu: bool = False,
     ) -> None:
         if output_uri:  # --output: validated like the manifest's own field
             try:
@@ -148,9 +144,9 @@ class Job:
         self.status = StatusWriter(self.store if self.main else None, self.job_id, self.digest)
         self.timings: dict[str, float] = {}
         self.owns_output = False  # set once prepare_output has checked the prefix is ours
-        self.device = _device()
-        if self.device == "cuda" and self.world > 1:
-            self.device = f"cuda:{_env_int('LOCAL_RANK', 0)}"  # one GPU per rank, as torchrun assigns them
+        self.allow_cpu = allow_cpu
+        # one GPU per rank, as torchrun assigns them
+        self.device = pick_device(manifest.spec.device, world=self.world, local_rank=_env_int("LOCAL_RANK", 0))
         self.progress = settings.log_format == "text" or (settings.log_format == "auto" and progress_enabled())
 
     # ------------------------------------------------------------------ helpers
@@ -246,17 +242,58 @@ class ResolvedModels:
     vae: Path | None
     aesthetic: Path
     random_weights: bool
+    sources: list[dict[str, Any]] = field(default_factory=list)
+    """Per source: uri, commit, bytes downloaded vs reused (report.json ``sources``)."""
+
+
+def check_device(job: Job, *, full_size: bool, uri: str) -> None:
+    """Stop before any large download when the job would land on a device that cannot run it."""
+    from kolors_job.device import cuda_problem
+
+    if job.device.startswith("cuda"):
+        if problem := cuda_problem():
+            raise InputError(f"spec.device is cuda but {problem}")
+    elif full_size and job.manifest.spec.device == "auto" and not job.allow_cpu:
+        raise InputError(
+            f"model {redact_uri(uri)!r} is a full-size Kolors and {cuda_problem() or 'no GPU is in use'}; "
+            "a CPU would take hours (set spec.device: cpu or pass --allow-cpu to run on the CPU anyway)"
+        )
 
 
 def resolve_models(job: Job) -> ResolvedModels:
-    from kolors_job.models import resolve_model
+    """List, check and fetch the three models; a hub model is sized before it is downloaded."""
+    from kolors_job.models import fetch_model, is_full_size, plan_model
 
     spec = job.manifest.spec
-    base = resolve_model(spec.model.base, kind="pipeline", settings=job.settings)
-    vae = resolve_model(spec.model.vae, kind="vae", settings=job.settings) if spec.model.vae else None
-    aesthetic = resolve_model(spec.score.aesthetic_model, kind="aesthetic", settings=job.settings)
+    # A half-precision run reads fp16 weight variants; an fp32 (CPU) run prefers the plain ones.
+    prefer_fp16 = job.device != "cpu" or spec.train.precision in ("bf16", "fp16")
+    skip = ("vae",) if spec.model.vae else ()
+    plan = plan_model(spec.model.base, kind="pipeline", settings=job.settings, prefer_fp16=prefer_fp16, skip=skip)
+    if plan is not None:
+        check_device(job, full_size=plan.full_size, uri=spec.model.base)
+    base, base_src = fetch_model(
+        spec.model.base, kind="pipeline", settings=job.settings, prefer_fp16=prefer_fp16, skip=skip, plan=plan
+    )
+    if plan is None:
+        check_device(job, full_size=is_full_size(base), uri=spec.model.base)
+    sources = [base_src]
+    vae = None
+    if spec.model.vae:
+        vae, vae_src = fetch_model(spec.model.vae, kind="vae", settings=job.settings, prefer_fp16=prefer_fp16)
+        sources.append(vae_src)
+    aesthetic, aesthetic_src = fetch_model(spec.score.aesthetic_model, kind="aesthetic", settings=job.settings)
+    sources.append(aesthetic_src)
+    for src in sources:
+        log.info(
+            "source %s: %d files, %s downloaded, %s reused", src.uri, src.files,
+            _mb(src.bytes_downloaded), _mb(src.bytes_reused), extra={"commit": src.commit},
+        )
     random_weights = any(u.startswith("tiny://") for u in (spec.model.base, spec.score.aesthetic_model))
-    return ResolvedModels(base, vae, aesthetic, random_weights)
+    return ResolvedModels(base, vae, aesthetic, random_weights, [s.to_dict() for s in sources])
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.1f} MB"
 
 
 def run_dataset(job: Job) -> tuple[Any, dict[str, Any]]:
@@ -564,6 +601,7 @@ def run_report(
             "vae": redact_uri(spec.model.vae) if spec.model.vae else None,
             "random_weights": models.random_weights,
         },
+        "sources": models.sources,
         "dataset": dataset,
         "train": {k: v for k, v in train.items() if k not in ("lora_files", "lora_formats_skipped")},
         "story": {

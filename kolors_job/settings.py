@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
+from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -35,6 +36,14 @@ class Settings(BaseSettings):
     """Bound on retries of transient storage errors (5xx, throttling, resets), with backoff + jitter."""
     multipart_threshold_mb: int = 16
     multipart_chunk_mb: int = 8
+
+    hf_endpoint: str | None = Field(None, validation_alias=AliasChoices("KOLORS_JOB_HF_ENDPOINT", "HF_ENDPOINT"))
+    """Hugging Face Hub endpoint for ``hf://`` sources (a mirror); None: the hub's own default.
+    (ModelScope's client reads ``MODELSCOPE_ENDPOINT`` itself.)"""
+    cache_reserve_mb: int = 512
+    """Free space a hub download must leave in the cache (the dataset and compile caches live there too)."""
+    download_workers: int = 4
+    """Files a hub client downloads in parallel."""
 
     @property
     def resolved_work_dir(self) -> Path:

@@ -65,6 +65,12 @@ try:
 except ModuleNotFoundError:  # tests/ is not a package and the repo root is not on sys.path
     from storage_servers.fixtures import *  # noqa: F403
 
+# Hub emulators (ModelScope, Hugging Face) with the tiny models in the real layouts: tests/hub_servers/fixtures.py
+try:
+    from tests.hub_servers.fixtures import *  # noqa: F403
+except ModuleNotFoundError:
+    from hub_servers.fixtures import *  # noqa: F403
+
 
 def pytest_terminal_summary(terminalreporter) -> None:
     """Fault-injection totals (tests/test_faults.py): real counts from the fault proxies."""

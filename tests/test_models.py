@@ -147,7 +147,7 @@ def test_unreachable_modelscope_is_temporary(monkeypatch: pytest.MonkeyPatch, se
     assert err.value.exit_code == ExitCode.TEMPORARY
     _one_line_naming(err.value, uri)
     assert "Revision=v1.0" in str(err.value)  # the revision reached the hub request
-    assert (settings.cache_dir / "modelscope").is_dir()  # and the cache dir reached the client
+    assert not list(settings.cache_dir.rglob(".kolors_job_source.json"))  # nothing marked complete
 
 
 # ---------------------------------------------------------------------------------------------
