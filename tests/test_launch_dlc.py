@@ -226,3 +226,21 @@ def test_render_dlc_prints_the_request(capsys: pytest.CaptureFixture[str]) -> No
     assert out["DisplayName"] == "kolors-job-r1" and "--nproc-per-node=2" in out["UserCommand"]
     ns = p.parse_args(argv[: argv.index("--set")])
     assert ns.func(ns) == 2  # placeholders left
+
+
+def test_the_aliyun_cli_env_names_sign_the_request_too(
+    spec: dict[str, Any], fake_dlc: FakeDlc, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``ALIBABACLOUD_*`` (what configure-aliyun-credentials-action v1.0.1 exports) is a credential like
+    ``ALIBABA_CLOUD_*``; the SDK alone ignores it and refuses: "accessKeyId cannot be empty"."""
+    monkeypatch.delenv("ALIBABA_CLOUD_ACCESS_KEY_ID")
+    monkeypatch.delenv("ALIBABA_CLOUD_ACCESS_KEY_SECRET")
+    monkeypatch.setenv("ALIBABACLOUD_ACCESS_KEY_ID", "kolors-cli-ak")
+    monkeypatch.setenv("ALIBABACLOUD_ACCESS_KEY_SECRET", "kolors-cli-secret")
+    monkeypatch.setenv("ALIBABACLOUD_SECURITY_TOKEN", "kolors-cli-token")
+    client = dlc.make_client(region="cn-hangzhou", endpoint=fake_dlc.endpoint)
+    dlc.create_job(client, build(spec))
+    _, _, headers, body = fake_dlc.requests[0]
+    assert "Credential=kolors-cli-ak" in headers["Authorization"]
+    assert headers.get("x-acs-security-token") == "kolors-cli-token"
+    assert b"kolors-cli-secret" not in body

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shlex
 import sys
@@ -470,3 +471,49 @@ def test_dlc_create_failures_map_to_contract_exit_codes(
     assert run_cli(argv) == expected
     err = capsys.readouterr().err
     assert f"PAI-DLC CreateJob failed: {code}" in err and "kolors-test-secret" not in err
+
+
+# What aliyun/configure-aliyun-credentials-action documents in its action.yml at v1.0.7 (inputs and
+# outputs). v1.0.1 had only role-to-assume/oidc-provider-arn/audience and exported ALIBABACLOUD_* alone.
+ALIYUN_ACTION_INPUTS = {
+    "v1.0.7": {"oidc-provider-arn", "role-to-assume", "role-session-expiration", "role-session-name",
+               "audience", "role-chaining"},
+    "v1.0.1": {"oidc-provider-arn", "role-to-assume", "audience"},
+}
+ALIYUN_ACTION_OUTPUTS = {"aliyun-access-key-id", "aliyun-access-key-secret", "aliyun-security-token"}
+
+
+def test_example_workflow_hands_the_aliyun_actions_documented_outputs_to_the_job(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Only documented inputs (else the 6 h session silently falls back to 30 min) and the job's
+    ALIBABA_CLOUD_* keys wired from documented outputs (else DLC says "accessKeyId cannot be empty")."""
+    from alibabacloud_credentials.client import Client as CredentialClient
+
+    from kolors_job.launch import dlc
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "ci" / "github-actions.yml"
+    steps = yaml.safe_load(path.read_text(encoding="utf-8"))["jobs"]["dlc"]["steps"]
+    (cred,) = [s for s in steps if s.get("uses", "").startswith("aliyun/configure-aliyun-credentials-action@")]
+    ref = cred["uses"].partition("@")[2]
+    assert ref in ALIYUN_ACTION_INPUTS, f"inputs of {ref} not recorded here"
+    assert set(cred["with"]) <= ALIYUN_ACTION_INPUTS[ref], set(cred["with"]) - ALIYUN_ACTION_INPUTS[ref]
+    assert int(cred["with"]["role-session-expiration"]) >= 6 * 3600
+    (job_step,) = [s for s in steps if s.get("run", "").startswith("kolors-job submit dlc")]
+    wired = {}
+    for name, value in job_step["env"].items():
+        m = re.fullmatch(r"\$\{\{ steps\.(\S+)\.outputs\.(\S+) \}\}", str(value))
+        if m:
+            assert m.group(1) == cred["id"] and m.group(2) in ALIYUN_ACTION_OUTPUTS, value
+            wired[name] = m.group(2)
+    assert wired == {"ALIBABA_CLOUD_ACCESS_KEY_ID": "aliyun-access-key-id",
+                     "ALIBABA_CLOUD_ACCESS_KEY_SECRET": "aliyun-access-key-secret",
+                     "ALIBABA_CLOUD_SECURITY_TOKEN": "aliyun-security-token"}
+    # What the job then builds from those three variables: an STS credential, not the empty default chain.
+    for var in [v for v in os.environ if v.startswith(("ALIBABA_CLOUD_", "ALIBABACLOUD_"))]:
+        monkeypatch.delenv(var)
+    monkeypatch.setenv("ALIBABA_CLOUD_ACCESS_KEY_ID", "STS.kolors-ak")
+    monkeypatch.setenv("ALIBABA_CLOUD_ACCESS_KEY_SECRET", "kolors-sk-value")
+    monkeypatch.setenv("ALIBABA_CLOUD_SECURITY_TOKEN", "kolors-token-value")
+    got = dlc._credentials(CredentialClient).get_credential()
+    assert (got.access_key_id, got.security_token, got.type) == ("STS.kolors-ak", "kolors-token-value", "sts")

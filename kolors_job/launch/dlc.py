@@ -9,7 +9,6 @@ into a job without, say, its cache mount or its running-time limit.
 from __future__ import annotations
 
 import copy
-import os
 import re
 import shlex
 import time
@@ -21,6 +20,7 @@ from urllib.parse import urlsplit
 import yaml
 
 from kolors_job.launch.k8s import RETRYABLE_EXIT_CODE
+from kolors_job.settings import alibaba_cloud_keys
 
 TERMINAL_STATES = ("Succeeded", "Failed", "Stopped")
 _PLACEHOLDER = re.compile(r"<[A-Z][A-Z0-9_]*>")
@@ -175,13 +175,13 @@ def _credentials(client_cls: Any) -> Any:
 
     alibabacloud_credentials reads ``ALIBABA_CLOUD_ACCESS_KEY_*`` once, when it is first imported; a
     process whose environment is set later (a CI step, a test) would otherwise fall through the chain.
+    ``ALIBABACLOUD_*`` (the aliyun CLI's names, all that older releases of the GitHub action export)
+    count too: the SDK alone would not see them and fail with "accessKeyId cannot be empty".
     """
     from alibabacloud_credentials.models import Config as CredentialConfig
 
-    ak = os.environ.get("ALIBABA_CLOUD_ACCESS_KEY_ID")
-    sk = os.environ.get("ALIBABA_CLOUD_ACCESS_KEY_SECRET")
-    token = os.environ.get("ALIBABA_CLOUD_SECURITY_TOKEN")
-    if ak and sk:
+    if keys := alibaba_cloud_keys():
+        ak, sk, token = keys
         kind = "sts" if token else "access_key"
         return client_cls(CredentialConfig(type=kind, access_key_id=ak, access_key_secret=sk, security_token=token))
     return client_cls()

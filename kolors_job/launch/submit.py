@@ -28,6 +28,7 @@ from kolors_job.errors import ExitCode, JobError, ManifestError, StorageNotFound
 from kolors_job.launch import dlc as dlc_mod
 from kolors_job.launch import k8s as k8s_mod
 from kolors_job.redact import redact_uri, scrub
+from kolors_job.settings import alibaba_cloud_region
 
 JOB_ID_RE = re.compile(r"^[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?$")
 RETRYABLE = (int(ExitCode.TEMPORARY), k8s_mod.RETRYABLE_EXIT_CODE)
@@ -545,7 +546,7 @@ def add_dlc_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--set", action="append", default=[], metavar="PATH=VALUE",
                    help="override a spec field, e.g. WorkspaceId=123 or JobSpecs.0.PodCount=2")  # fmt: skip
     g.add_argument("--nproc-per-node", type=int, default=1, help="processes (GPUs) per DLC node")
-    g.add_argument("--region", default=os.environ.get("ALIBABA_CLOUD_REGION_ID"))
+    g.add_argument("--region", default=alibaba_cloud_region(), help="default $ALIBABA_CLOUD_REGION_ID")
     g.add_argument("--endpoint", default=os.environ.get("KOLORS_JOB_DLC_ENDPOINT"),
                    help="default pai-dlc.<region>.aliyuncs.com")  # fmt: skip
 
