@@ -9,12 +9,20 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from collections.abc import Sequence
 
 from kolors_job import __version__
 from kolors_job.errors import ExitCode, JobError, ManifestError
 from kolors_job.redact import scrub
+
+_RST_ROLE = re.compile(r":[a-z]+:`~?([^`]+)`")
+
+
+def prose(doc: str) -> str:
+    """A docstring as ``--help`` text: reST roles and literals (``:mod:`x```, double backticks) as plain words."""
+    return _RST_ROLE.sub(r"\1", doc).replace("``", "")
 
 
 def _print_error(err: JobError) -> None:
@@ -88,7 +96,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="kolors-job", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(
+        prog="kolors-job",
+        description="Job manifest in; Kolors LoRA, an 8-frame story, aesthetic scores and a report out.",
+        epilog="Every expected failure prints one line and exits with a distinct code: 2 invalid manifest, "
+        "3 quality gate, 4 invalid input, 5 storage denied, 6 output conflict, 75 retry (resumes).",
+    )
     p.add_argument("--version", action="version", version=f"kolors-job {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 

@@ -128,8 +128,18 @@ def test_runs_as_non_root_with_cache_volume(parsed: list[tuple[str, str]]) -> No
     entry = json.loads(next(a for w, a in parsed if w == "ENTRYPOINT"))
     assert entry[-2:] == ["python", "/app/entrypoint.py"]
     assert json.loads(next(a for w, a in parsed if w == "CMD")) == ["run"]
-    base = next(a for w, a in parsed if w == "FROM")
-    assert re.fullmatch(r"\S+:\d+\.\d+\.\d+\S*", base.split()[0]), f"pin the base image to an exact tag: {base}"
+    base = next(a for w, a in parsed if w == "FROM").split()[0]
+    if m := re.fullmatch(r"\$\{?(\w+)\}?", base):  # FROM ${BASE_IMAGE}: the build argument's default
+        base = next(a.split("=", 1)[1] for w, a in parsed if w == "ARG" and a.startswith(f"{m.group(1)}="))
+    assert re.fullmatch(r"\S+:\d+\.\d+\.\d+\S*", base), f"pin the base image to an exact tag: {base}"
+
+
+def test_builds_without_buildkit(parsed: list[tuple[str, str]]) -> None:
+    """The legacy builder (Debian's docker.io) knows no ``# syntax=`` frontend and no ``RUN --mount``."""
+    text = DOCKERFILE.read_text(encoding="utf-8")
+    assert not re.search(r"^#\s*syntax=", text, re.M | re.I)
+    assert not [a for w, a in parsed if w == "RUN" and "--mount" in a.split()[0]]
+    assert not [a for w, a in parsed if w in ("COPY", "ADD") and "--link" in a]
 
 
 def test_dockerignore_keeps_secrets_and_outputs_out() -> None:

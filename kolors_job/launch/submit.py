@@ -27,6 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import IO, Any
 
+from kolors_job.cli import prose
 from kolors_job.errors import ExitCode, JobError, ManifestError, StorageNotFoundError, StorageTemporaryError
 from kolors_job.launch import dlc as dlc_mod
 from kolors_job.launch import k8s as k8s_mod
@@ -405,7 +406,7 @@ def _k8s_probe(kube: Kubectl, kind: str, name: str, selector: str, start_timeout
             return None
         # The pod would hold its node (and GPUs) until activeDeadlineSeconds; the reason is what CI shows.
         kube.delete(kind, name)
-        return PlatformState(True, int(ExitCode.NOT_STARTED), f"cannot start: {reason}; deleted {kind}/{name}")
+        return PlatformState(True, int(ExitCode.NOT_STARTED), f"{reason} (deleted {kind}/{name})")
 
     return probe
 
@@ -697,7 +698,7 @@ def add_submit_parser(subparsers: argparse._SubParsersAction) -> None:  # type: 
     p = subparsers.add_parser(
         "submit",
         help="upload a manifest, start the job (k8s, PAI-DLC or a local process), wait and report its scores",
-        description=__doc__,
+        description=prose(__doc__ or ""),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("target", choices=("k8s", "dlc", "local"))
