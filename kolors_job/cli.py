@@ -60,6 +60,21 @@ def _settings_and_logging(args: argparse.Namespace):
     return settings
 
 
+def _require_gpu(base_model: str, allow_cpu: bool) -> None:
+    """A full-size Kolors on the CPU would take days, not fail: a container started without ``--gpus``
+    (or a pod without ``nvidia.com/gpu``) is told so at once instead."""
+    if base_model.startswith("tiny://") or allow_cpu:
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        raise JobError(
+            f"spec.model.base: {base_model} is a full-size model and no CUDA GPU is visible; start the "
+            "container with --gpus all (k8s: an nvidia.com/gpu limit), or set KOLORS_JOB_ALLOW_CPU=1",
+            exit_code=ExitCode.INVALID_INPUT,
+        )
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from kolors_job.manifest import load_manifest
     from kolors_job.runner import Job, run_job
@@ -73,6 +88,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         output_uri=args.output,
         force=args.force,
     )
+    _require_gpu(manifest.spec.model.base, settings.allow_cpu)
     outcome = run_job(job)
     if outcome.exit_code != ExitCode.OK and outcome.message:
         print(f"error: {outcome.message}", file=sys.stderr)

@@ -35,6 +35,8 @@ class Settings(BaseSettings):
     oss_region: str | None = None
     storage_max_attempts: int = 8
     """Bound on retries of transient storage errors (5xx, throttling, resets), with backoff + jitter."""
+    allow_cpu: bool = False
+    """Run a full-size (non-``tiny://``) model without a CUDA GPU: hours per step, so refused unless set."""
     multipart_threshold_mb: int = 16
     multipart_chunk_mb: int = 8
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -145,12 +146,34 @@ def test_empty_dataset_is_an_input_error(job_env: Path, shared_cache: Path) -> N
 def test_cli_run_prints_one_line_errors(job_env: Path, tmp_path: Path) -> None:
     bad = tmp_path / "m.yaml"
     bad.write_text("spec: {output: {uri: /tmp/x}, model: {base: /does/not/exist}}")
+    env = {**os.environ, "KOLORS_JOB_ALLOW_CPU": "1"}  # the missing model, not the missing GPU, is under test
     res = subprocess.run([sys.executable, "-m", "kolors_job", "run", "--manifest", str(bad)],
-                         capture_output=True, text=True, timeout=300)
+                         capture_output=True, text=True, timeout=300, env=env)
     assert res.returncode == ExitCode.INVALID_INPUT, res.stderr
     last = res.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and "/does/not/exist" in last
     assert "Traceback" not in res.stderr
+
+
+def test_full_size_job_without_a_gpu_is_refused_at_once(
+    job_env: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``docker run IMAGE`` without ``--gpus``: one line and exit 4 before any download, not days on the CPU."""
+    import logging
+
+    from kolors_job.cli import main
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    m = tmp_path / "m.yaml"
+    m.write_text(f"spec: {{output: {{uri: '{tmp_path}/out'}}, model: {{base: 'modelscope://Kwai-Kolors/Kolors'}}}}")
+    try:
+        assert main(["run", "--manifest", str(m)]) == ExitCode.INVALID_INPUT
+    finally:
+        for h in [h for h in logging.getLogger().handlers if getattr(h, "_kolors_job", False)]:
+            logging.getLogger().removeHandler(h)
+    (line,) = capsys.readouterr().err.strip().splitlines()[-1:]
+    assert line.startswith("spec.model.base: modelscope://Kwai-Kolors/Kolors is a full-size model and no CUDA GPU")
+    assert not (tmp_path / "out").exists() and not (job_env / "work").exists()
 
 
 def test_compile_caches_default_to_the_cache_volume(job_env: Path, monkeypatch: pytest.MonkeyPatch) -> None:
