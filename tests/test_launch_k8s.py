@@ -360,3 +360,57 @@ def test_torchrun_wrapper_keeps_the_failing_ranks_exit_code(tmp_path: Path) -> N
         timeout=180,
     )
     assert r.returncode == 4, r.stderr[-2000:]
+
+
+def test_torchrun_wrapper_gives_the_workers_the_grace_period_to_checkpoint(tmp_path: Path) -> None:
+    """Real torchrun, 2 CPU workers that take ``SLOW`` s to "checkpoint" after SIGTERM. With
+    KOLORS_JOB_GRACE_SECONDS=8 the wrapper sets a 6 s shutdown timeout: 2 s of work finishes (both ranks
+    write their checkpoint, exit 75), 12 s of work is SIGKILLed at ~6 s — so the window is the one derived
+    from the grace period, not torchrun's fixed 30 s."""
+    import signal
+    import time
+
+    from kolors_job.launch.torchrun import shutdown_timeout
+
+    script = tmp_path / "worker.py"
+    script.write_text(textwrap.dedent(
+        """
+        import os, signal, sys, time
+        out = sys.argv[1]
+        def stop(*_):
+            time.sleep(float(os.environ["SLOW"]))
+            open(f"{out}/ckpt-{os.environ['RANK']}", "w").close()
+            sys.exit(75)
+        signal.signal(signal.SIGTERM, stop)
+        open(f"{out}/ready-{os.environ['RANK']}", "w").close()
+        while True:
+            time.sleep(0.1)
+        """
+    ))
+    assert shutdown_timeout(8) == 6
+    results = {}
+    for slow in (2, 12):
+        out = tmp_path / f"slow-{slow}"
+        out.mkdir()
+        env = {**os.environ, "SLOW": str(slow), "OMP_NUM_THREADS": "1", "KOLORS_JOB_GRACE_SECONDS": "8"}
+        env.pop("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", None)
+        proc = subprocess.Popen([sys.executable, "-m", "kolors_job.launch.torchrun", "--standalone",
+                                 "--nproc-per-node=2", str(script), str(out)], env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+        try:
+            deadline = time.monotonic() + 120
+            while len(list(out.glob("ready-*"))) < 2 and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert len(list(out.glob("ready-*"))) == 2
+            sent = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            rc = proc.wait(timeout=60)
+            results[slow] = (rc, time.monotonic() - sent, sorted(p.name for p in out.glob("ckpt-*")))
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    rc, took, ckpts = results[2]
+    assert ckpts == ["ckpt-0", "ckpt-1"] and rc == 75 and took < 6, results
+    rc, took, ckpts = results[12]
+    assert ckpts == [] and 5 <= took < 11, results  # SIGKILL at the 6 s shutdown timeout, not at 30 s

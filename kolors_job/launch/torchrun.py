@@ -65,6 +65,11 @@ def exit_code_of(failures: dict[int, object]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from kolors_job.log import setup_logging
+    from kolors_job.settings import Settings
+
+    settings = Settings()
+    setup_logging(settings.log_format, settings.log_level)  # before torch: its import-time warnings demoted
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
