@@ -37,7 +37,28 @@ def cmd_validate(args: argparse.Namespace) -> int:
     manifest = load_manifest(args.manifest)
     print(manifest.to_yaml(), end="")
     print(f"# job id: {args.job_id or manifest.job_id}  digest: {manifest.digest()[:16]}", file=sys.stderr)
+    for field, uri in oss_fields_without_endpoint(manifest.model_dump(mode="json")):
+        print(f"# note: {field}: {uri} needs an OSS endpoint where the job runs (KOLORS_JOB_OSS_ENDPOINT, "
+              "`render k8s --oss-endpoint`, DLC Envs); none is set here", file=sys.stderr)  # fmt: skip
     return ExitCode.OK
+
+
+def oss_fields_without_endpoint(doc: object) -> list[tuple[str, str]]:
+    """``(field path, uri)`` of every ``oss://`` value in ``doc`` when this environment names no OSS endpoint."""
+    from kolors_job.settings import Settings
+
+    settings = Settings()
+    if settings.oss_endpoint or settings.oss_region or os.environ.get("OSS_ENDPOINT"):
+        return []
+    return _oss_values(doc, "")
+
+
+def _oss_values(doc: object, path: str) -> list[tuple[str, str]]:
+    if isinstance(doc, dict):
+        return [hit for k, v in doc.items() for hit in _oss_values(v, f"{path}.{k}" if path else str(k))]
+    if isinstance(doc, list):
+        return [hit for i, v in enumerate(doc) for hit in _oss_values(v, f"{path}[{i}]")]
+    return [(path, doc)] if isinstance(doc, str) and doc.startswith("oss://") else []
 
 
 def cmd_schema(args: argparse.Namespace) -> int:

@@ -257,6 +257,24 @@ def test_every_oss_spec_carries_its_endpoint_and_render_refuses_one_without(
     assert {"name": "KOLORS_JOB_OSS_ENDPOINT", "value": "https://oss-cn-beijing.aliyuncs.com"} in c["env"]
 
 
+def test_validate_notes_oss_uris_without_an_endpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from kolors_job.cli import main
+
+    for var in ("KOLORS_JOB_OSS_ENDPOINT", "KOLORS_JOB_OSS_REGION", "OSS_ENDPOINT"):
+        monkeypatch.delenv(var, raising=False)
+    m = tmp_path / "m.yaml"
+    m.write_text("spec: {output: {uri: 'oss://bkt/runs/'}, dataset: {source: 'oss://bkt/data/'}}")
+    assert main(["validate", str(m)]) == 0
+    notes = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("# note:")]
+    assert [n.split(" needs")[0] for n in notes] == [
+        "# note: spec.dataset.source: oss://bkt/data/", "# note: spec.output.uri: oss://bkt/runs/"]
+    monkeypatch.setenv("KOLORS_JOB_OSS_ENDPOINT", "https://oss-cn-hangzhou.aliyuncs.com")
+    assert main(["validate", str(m)]) == 0
+    assert "# note:" not in capsys.readouterr().err
+
+
 def test_torchrun_gets_the_grace_period_not_its_30_s_default() -> None:
     """Every place torchrun starts: the 4-GPU Job, each PyTorchJob replica (custom grace too), DLC."""
     from kolors_job.launch import dlc
