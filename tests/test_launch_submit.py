@@ -12,6 +12,7 @@ import json
 import os
 import re
 import shlex
+import subprocess
 import sys
 import textwrap
 import threading
@@ -678,3 +679,20 @@ def test_k8s_rerun_after_a_failed_job_applies_a_new_attempt_and_attaches_to_a_ru
     assert run_cli(_k8s_argv(manifest, bucket, "k-run", kubectl)) == 0
     assert "applied" not in kubectl.state
     assert "attaching to Job kolors-k-run-bbbbbb, still running for this job id" in capsys.readouterr().out
+
+
+def test_example_workflow_names_the_image_in_lower_case() -> None:
+    """``ghcr.io/${{ github.repository }}`` keeps the owner's capitals ("Octo-Org/Repo"): an invalid reference."""
+    path = Path(__file__).resolve().parents[1] / "examples" / "ci" / "github-actions.yml"
+    text = path.read_text(encoding="utf-8")
+    assert "${{ github.repository }}" not in text
+    wf = yaml.safe_load(text)
+    (name_step,) = [s for s in wf["jobs"]["image"]["steps"] if s.get("id") == "name"]
+    script = name_step["run"].replace("${GITHUB_SHA}", "0123abc")
+    out = subprocess.run(["bash", "-c", script.replace('"$GITHUB_OUTPUT"', "/dev/stdout")], capture_output=True,
+                         text=True, check=True, env={**os.environ, "GITHUB_REPOSITORY": "Octo-Org/Kolors-Repo"})  # fmt: skip
+    assert out.stdout.strip() == "image=ghcr.io/octo-org/kolors-repo:0123abc"
+    assert wf["jobs"]["image"]["outputs"]["image"] == "${{ steps.name.outputs.image }}"
+    for job in ("dlc", "k8s"):
+        (submit_step,) = [s for s in wf["jobs"][job]["steps"] if s.get("run", "").startswith("kolors-job submit")]
+        assert "needs.image.outputs.image" in submit_step["run"]
