@@ -46,20 +46,21 @@ def test_help_is_prose_without_docstring_markup(argv: tuple[str, ...]) -> None:
 
 def _logger_run(level: str, fmt: str = "text") -> str:
     stream = io.StringIO()
-    setup_logging(fmt, level, stream=stream)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("always")
+    with warnings.catch_warnings():  # restores warnings.showwarning, which captureWarnings replaces
+        warnings.simplefilter("always")
+        logging.captureWarnings(False)  # an earlier test's capture outlives pytest's per-test showwarning
+        setup_logging(fmt, level, stream=stream)
+        try:
             warnings.warn_explicit("The pynvml package is deprecated", FutureWarning, "torch/cuda/__init__.py", 68)
-        logging.getLogger("bitsandbytes.backends.cpu.ops").warning("Failed to load CPU gemm_4bit_forward")
-        logging.getLogger("kolors_job.train").warning("stopping at step 3 on request")
-        logging.getLogger("kolors_job.train").info("step", extra={"step": 3, "loss": 0.123456789012345, "lr": 1e-4})
-        logging.getLogger("botocore.retries").warning("retrying")
-    finally:
-        root = logging.getLogger()
-        for h in [h for h in root.handlers if getattr(h, "_kolors_job", False)]:
-            root.removeHandler(h)
-        logging.captureWarnings(False)
+            logging.getLogger("bitsandbytes.backends.cpu.ops").warning("Failed to load CPU gemm_4bit_forward")
+            logging.getLogger("kolors_job.train").warning("stopping at step 3 on request")
+            logging.getLogger("kolors_job.train").info("step", extra={"step": 3, "loss": 0.123456789012345, "lr": 1e-4})
+            logging.getLogger("botocore.retries").warning("retrying")
+        finally:
+            root = logging.getLogger()
+            for h in [h for h in root.handlers if getattr(h, "_kolors_job", False)]:
+                root.removeHandler(h)
+            logging.captureWarnings(False)
     return stream.getvalue()
 
 
