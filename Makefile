@@ -6,10 +6,16 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 IMAGE ?= kolors-job:dev
 CACHE ?= $(HOME)/.cache/kolors-job
-OUT ?= $(CURDIR)/runs
 GPUS ?= 1
+# SIGTERM (docker stop, Ctrl-C) -> checkpoint -> exit 75 must fit in here; torchrun gets it less a margin
+GRACE ?= 120
+SHUTDOWN_TIMEOUT = $(shell echo $$(( $(GRACE) - ($(GRACE) / 4 < 10 ? $(GRACE) / 4 : 10) )))
 # GPUS>1: the same job as PyTorch DDP, one rank per GPU, through torchrun (kolors_job.launch.torchrun keeps exit codes)
-RUN_IN_IMAGE = $(if $(filter-out 1,$(GPUS)),--entrypoint tini $(IMAGE) -- python -m kolors_job.launch.torchrun --standalone --nproc-per-node=$(GPUS) -m kolors_job run,$(IMAGE) run)
+RUN_IN_IMAGE = $(if $(filter-out 1,$(GPUS)),--entrypoint tini $(IMAGE) -- python -m kolors_job.launch.torchrun --shutdown-timeout=$(SHUTDOWN_TIMEOUT) --standalone --nproc-per-node=$(GPUS) -m kolors_job run,$(IMAGE) run)
+# OUTPUT: a URI is passed as is; a local directory is mounted at /runs. Unset: the manifest's spec.output.uri.
+OUTPUT_IS_DIR = $(if $(OUTPUT),$(if $(findstring ://,$(OUTPUT)),,yes))
+# Host credential profiles, read-only, where the SDKs look for them (HOME=/tmp in the container).
+PROFILES = $(foreach d,.aws .aliyun,$(if $(wildcard $(HOME)/$(d)),-v $(HOME)/$(d):/tmp/$(d):ro))
 PYTEST_ARGS ?=
 
 .PHONY: help install demo test test-slow lint run image k8s-examples bench-cpu lock schema clean
@@ -46,24 +52,30 @@ lint: $(STAMP)
 schema: $(STAMP)
 	@$(VENV)/bin/kolors-job schema
 
+# BASE_IMAGE=...: another Debian bookworm with python3 + python3-venv (the Dockerfile's build argument).
+# Plain Dockerfile syntax: BuildKit/buildx and the legacy builder both build it.
 image:
 	@command -v docker >/dev/null || { echo "error: docker is not installed (https://docs.docker.com/engine/install/)"; exit 2; }
 	@docker info >/dev/null 2>&1 || { echo "error: no Docker engine is running (start dockerd, or use k8s/ or pai/)"; exit 2; }
-	docker build -t $(IMAGE) .
+	docker build $(if $(BASE_IMAGE),--build-arg BASE_IMAGE=$(BASE_IMAGE)) -t $(IMAGE) .
 
-# make run MANIFEST=job.yaml (outputs in ./runs) | make run MANIFEST_URI=s3://b/m.yaml [OUTPUT=s3://...] [GPUS=8]
+# make run MANIFEST=job.yaml | MANIFEST_URI=s3://b/m.yaml [OUTPUT=s3://...|./runs] [GPUS=8]
+# Outputs go where the manifest's spec.output.uri says unless OUTPUT is given (a local OUTPUT is mounted).
 run: image
-	@test -n "$(MANIFEST)$(MANIFEST_URI)" || { echo "usage: make run MANIFEST=path | MANIFEST_URI=uri [OUTPUT=uri]"; exit 2; }
+	@test -n "$(MANIFEST)$(MANIFEST_URI)" || { echo "usage: make run MANIFEST=path | MANIFEST_URI=uri [OUTPUT=uri|dir]"; exit 2; }
 	@docker info --format '{{json .Runtimes}}' | grep -q nvidia || { echo "error: the NVIDIA container runtime is missing (install nvidia-container-toolkit)"; exit 2; }
-	mkdir -p $(CACHE) $(OUT)
-	docker run --rm --gpus all --shm-size 16g --user $$(id -u):$$(id -g) -e HOME=/tmp \
-	  -v $(CACHE):/cache -v $(OUT):/runs \
+	mkdir -p $(CACHE) $(if $(OUTPUT_IS_DIR),$(OUTPUT))
+	docker run --rm --gpus all --shm-size 16g --stop-timeout $(GRACE) --user $$(id -u):$$(id -g) -e HOME=/tmp \
+	  -e KOLORS_JOB_GRACE_SECONDS=$(GRACE) -v $(CACHE):/cache $(PROFILES) \
+	  $(if $(OUTPUT_IS_DIR),-v $(abspath $(OUTPUT)):/runs) \
 	  $(if $(MANIFEST),-v $(abspath $(MANIFEST)):/job/manifest.yaml:ro -e KOLORS_JOB_MANIFEST_URI=/job/manifest.yaml,-e KOLORS_JOB_MANIFEST_URI=$(MANIFEST_URI)) \
-	  -e AWS_ACCESS_KEY_ID -e AWS_SECRET_ACCESS_KEY -e AWS_SESSION_TOKEN -e AWS_REGION \
+	  -e AWS_ACCESS_KEY_ID -e AWS_SECRET_ACCESS_KEY -e AWS_SESSION_TOKEN -e AWS_REGION -e AWS_PROFILE \
 	  -e OSS_ACCESS_KEY_ID -e OSS_ACCESS_KEY_SECRET -e OSS_SESSION_TOKEN \
 	  -e ALIBABA_CLOUD_ACCESS_KEY_ID -e ALIBABA_CLOUD_ACCESS_KEY_SECRET -e ALIBABA_CLOUD_SECURITY_TOKEN \
+	  -e ALIBABACLOUD_ACCESS_KEY_ID -e ALIBABACLOUD_ACCESS_KEY_SECRET -e ALIBABACLOUD_SECURITY_TOKEN \
+	  -e ALIBABA_CLOUD_PROFILE -e ALIBABA_CLOUD_REGION_ID \
 	  -e KOLORS_JOB_S3_ENDPOINT_URL -e KOLORS_JOB_OSS_ENDPOINT \
-	  $(RUN_IN_IMAGE) $(if $(OUTPUT),--output $(OUTPUT),$(if $(MANIFEST),--output /runs))
+	  $(RUN_IN_IMAGE) $(if $(OUTPUT),--output $(if $(OUTPUT_IS_DIR),/runs,$(OUTPUT)))
 
 k8s-examples: $(STAMP)
 	$(VENV)/bin/kolors-job render k8s --write-examples k8s/

@@ -9,12 +9,20 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from collections.abc import Sequence
 
 from kolors_job import __version__
 from kolors_job.errors import ExitCode, JobError, ManifestError
 from kolors_job.redact import scrub
+
+_RST_ROLE = re.compile(r":[a-z]+:`~?([^`]+)`")
+
+
+def prose(doc: str) -> str:
+    """A docstring as ``--help`` text: reST roles and literals (``:mod:`x```, double backticks) as plain words."""
+    return _RST_ROLE.sub(r"\1", doc).replace("``", "")
 
 
 def _print_error(err: JobError) -> None:
@@ -29,7 +37,28 @@ def cmd_validate(args: argparse.Namespace) -> int:
     manifest = load_manifest(args.manifest)
     print(manifest.to_yaml(), end="")
     print(f"# job id: {args.job_id or manifest.job_id}  digest: {manifest.digest()[:16]}", file=sys.stderr)
+    for field, uri in oss_fields_without_endpoint(manifest.model_dump(mode="json")):
+        print(f"# note: {field}: {uri} needs an OSS endpoint where the job runs (KOLORS_JOB_OSS_ENDPOINT, "
+              "`render k8s --oss-endpoint`, DLC Envs); none is set here", file=sys.stderr)  # fmt: skip
     return ExitCode.OK
+
+
+def oss_fields_without_endpoint(doc: object) -> list[tuple[str, str]]:
+    """``(field path, uri)`` of every ``oss://`` value in ``doc`` when this environment names no OSS endpoint."""
+    from kolors_job.settings import Settings
+
+    settings = Settings()
+    if settings.oss_endpoint or settings.oss_region or os.environ.get("OSS_ENDPOINT"):
+        return []
+    return _oss_values(doc, "")
+
+
+def _oss_values(doc: object, path: str) -> list[tuple[str, str]]:
+    if isinstance(doc, dict):
+        return [hit for k, v in doc.items() for hit in _oss_values(v, f"{path}.{k}" if path else str(k))]
+    if isinstance(doc, list):
+        return [hit for i, v in enumerate(doc) for hit in _oss_values(v, f"{path}[{i}]")]
+    return [(path, doc)] if isinstance(doc, str) and doc.startswith("oss://") else []
 
 
 def cmd_schema(args: argparse.Namespace) -> int:
@@ -64,7 +93,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         job_id=args.job_id or os.environ.get("KOLORS_JOB_ID") or None,
         output_uri=args.output,
         force=args.force,
-        allow_cpu=args.allow_cpu,
+        allow_cpu=args.allow_cpu or settings.allow_cpu,
     )
     outcome = run_job(job)
     if outcome.exit_code != ExitCode.OK and outcome.message:
@@ -89,7 +118,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="kolors-job", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(
+        prog="kolors-job",
+        description="Job manifest in; Kolors LoRA, an 8-frame story, aesthetic scores and a report out.",
+        epilog="Every expected failure prints one line and exits with a distinct code: 2 invalid manifest, "
+        "3 quality gate, 4 invalid input, 5 storage denied, 6 output conflict, 75 retry (resumes).",
+    )
     p.add_argument("--version", action="version", version=f"kolors-job {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 

@@ -17,6 +17,7 @@ class ExitCode(IntEnum):
     INVALID_INPUT = 4  # model/dataset files are missing or unusable
     STORAGE_DENIED = 5  # access denied / no such bucket: credentials or config are wrong
     OUTPUT_CONFLICT = 6  # the output prefix holds another manifest's run
+    NOT_STARTED = 7  # submit: the platform cannot start the job's pods (image pull, Secret, volume, scheduling)
     TEMPORARY = 75  # preempted, storage unreachable: retrying resumes from the last checkpoint
 
 

@@ -351,6 +351,8 @@ def generate_story(
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(jobs), desc="story", unit="img", dynamic_ncols=True)
+        # Under it, the pipeline's own bar: the denoising steps of the batch being drawn (minutes on an A10).
+        pipe.set_progress_bar_config(disable=False, leave=False, desc="denoise", dynamic_ncols=True)
 
     results: list[FrameResult] = []
     pending: dict[int, list[tuple[ImageJob, Image.Image]]] = {}

@@ -256,7 +256,7 @@ def check_device(job: Job, *, full_size: bool, uri: str) -> None:
     elif full_size and job.manifest.spec.device == "auto" and not job.allow_cpu:
         raise InputError(
             f"model {redact_uri(uri)!r} is a full-size Kolors and {cuda_problem() or 'no GPU is in use'}; "
-            "a CPU would take hours (set spec.device: cpu or pass --allow-cpu to run on the CPU anyway)"
+            "a CPU would take hours (spec.device: cpu, --allow-cpu or KOLORS_JOB_ALLOW_CPU=1 runs it there anyway)"
         )
 
 

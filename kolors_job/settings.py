@@ -8,6 +8,8 @@ read them from their standard places (env, profile, IRSA/RRSA web identity, ECS 
 
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
 
@@ -34,6 +36,8 @@ class Settings(BaseSettings):
     oss_region: str | None = None
     storage_max_attempts: int = 8
     """Bound on retries of transient storage errors (5xx, throttling, resets), with backoff + jitter."""
+    allow_cpu: bool = False
+    """Run a full-size (non-``tiny://``) model without a CUDA GPU: hours per step, so refused unless set."""
     multipart_threshold_mb: int = 16
     multipart_chunk_mb: int = 8
 
@@ -48,6 +52,29 @@ class Settings(BaseSettings):
     @property
     def resolved_work_dir(self) -> Path:
         return self.work_dir or (self.cache_dir / "work")
+
+
+ALIBABA_CLOUD_KEY_ENV: tuple[tuple[str, str, str], ...] = (
+    ("ALIBABA_CLOUD_ACCESS_KEY_ID", "ALIBABA_CLOUD_ACCESS_KEY_SECRET", "ALIBABA_CLOUD_SECURITY_TOKEN"),
+    ("ALIBABACLOUD_ACCESS_KEY_ID", "ALIBABACLOUD_ACCESS_KEY_SECRET", "ALIBABACLOUD_SECURITY_TOKEN"),
+)
+"""Alibaba Cloud AK/STS env names, in order of preference: the SDKs' ``ALIBABA_CLOUD_*``, then the
+``ALIBABACLOUD_*`` family that the aliyun CLI and ``configure-aliyun-credentials-action`` < 1.0.4 export."""
+ALIBABA_CLOUD_REGION_ENV = ("ALIBABA_CLOUD_REGION_ID", "ALIBABACLOUD_REGION_ID")
+
+
+def alibaba_cloud_keys(environ: Mapping[str, str] | None = None) -> tuple[str, str, str | None] | None:
+    """``(access key id, secret, security token or None)`` from the first env family that has both keys."""
+    env = os.environ if environ is None else environ
+    for ak, sk, token in ALIBABA_CLOUD_KEY_ENV:
+        if env.get(ak) and env.get(sk):
+            return env[ak], env[sk], env.get(token) or None
+    return None
+
+
+def alibaba_cloud_region(environ: Mapping[str, str] | None = None) -> str | None:
+    env = os.environ if environ is None else environ
+    return next((env[n] for n in ALIBABA_CLOUD_REGION_ENV if env.get(n)), None)
 
 
 def get_settings() -> Settings:

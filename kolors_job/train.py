@@ -619,10 +619,12 @@ def train_lora(
         lr = lr_scheduler.get_last_lr()[0]
         if not math.isfinite(loss_value):
             raise FloatingPointError(f"loss is {loss_value} at step {step}")
-        log.info("step", extra={"step": step, "total": n_steps, "loss": loss_value, "lr": lr, "grad_norm": grad_norm})
+        # On a TTY the bar carries step/total, loss, lr, it/s and ETA; the per-step line is for logs.
+        log.log(logging.INFO if bar is None else logging.DEBUG, "step",
+                extra={"step": step, "total": n_steps, "loss": loss_value, "lr": lr, "grad_norm": grad_norm})  # fmt: skip
         if bar is not None:
+            bar.set_postfix(loss=f"{loss_value:.4g}", lr=f"{lr:.3g}", refresh=False)
             bar.update(1)
-            bar.set_postfix(loss=f"{loss_value:.4f}")
 
         stop = _agreed_stop(accelerator, should_stop)
         if stop or step % spec.checkpoint_every == 0 or step == n_steps:

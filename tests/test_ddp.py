@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 
 from kolors_job.demo import tiny_job
+from kolors_job.launch import k8s
 from kolors_job.train import LORA_WEIGHT_NAME
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -111,6 +112,41 @@ def job_world(tmp_path: Path, shared_cache: Path, s3_server, monkeypatch: pytest
         yield JobWorld(tmp_path, shared_cache, s3_server, proxy)
 
 
+class PeakRss:
+    """Peak resident memory (``VmHWM``) of each rank under a torchrun launcher, sampled while it runs."""
+
+    def __init__(self, launcher: subprocess.Popen) -> None:
+        import threading
+
+        self.launcher, self.peaks, self._stop = launcher, {}, threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+
+    def _sample(self) -> None:
+        import psutil
+
+        while not self._stop.is_set():
+            try:
+                children = psutil.Process(self.launcher.pid).children(recursive=True)
+            except psutil.NoSuchProcess:
+                return
+            for child in children:
+                try:
+                    rank = child.environ().get("RANK")
+                    status = Path(f"/proc/{child.pid}/status").read_text()
+                except (psutil.Error, OSError):
+                    continue
+                hwm = next((int(ln.split()[1]) * 1024 for ln in status.splitlines() if ln.startswith("VmHWM:")), 0)
+                if rank is not None and rank.isdigit():
+                    self.peaks[int(rank)] = max(self.peaks.get(int(rank), 0), hwm)
+            self._stop.wait(0.2)
+
+    def stop(self) -> dict[int, int]:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        return self.peaks
+
+
 def _wait(procs: list[subprocess.Popen], logs: list[Path], timeout: float = 600) -> None:
     try:
         for proc in procs:
@@ -163,11 +199,18 @@ def test_whole_job_on_two_ranks_splits_the_story_and_writes_once(job_world: JobW
     w = job_world
     log = tmp_path / "torchrun.log"
     proc = w.launch(["--standalone", "--nproc_per_node=2"], w.manifest_file("ddp", 1), tmp_path / "work", log)
+    rss = PeakRss(proc)
     # meanwhile, the reference: one process, batch 2
     one = run_job(Job(Manifest.model_validate(yaml.safe_load(w.manifest_file("one", 2).read_text())),
                       settings=w.settings))
     _wait([proc], [log])
     assert one.exit_code == 0, one.message
+    # Each rank's own host peak (k8s sizes a pod's memory as ranks x HOST_MEMORY_PER_RANK_GIB + base + shm).
+    peaks = rss.stop()
+    print("\nper-rank peak RSS (2-rank CPU run, tiny model): "
+          + ", ".join(f"rank {r}: {b / 2**20:.0f} MiB" for r, b in sorted(peaks.items())))
+    assert set(peaks) == {0, 1}, peaks
+    assert all(0 < b < k8s.HOST_MEMORY_PER_RANK_GIB * 2**30 for b in peaks.values()), peaks
 
     keys = _assert_written_once(w, "ddp")
     rank1_rng = {f"checkpoints/step-{n}/random_states_1.pkl" for n in (2, 4)}  # resumes rank 1 bitwise
@@ -226,10 +269,14 @@ def test_whole_job_on_two_nodes_sharing_one_volume(job_world: JobWorld, tmp_path
 
 def test_sigterm_to_torchrun_checkpoints_exits_75_and_the_rerun_resumes(job_world: JobWorld, tmp_path: Path) -> None:
     """What a preempted PyTorchJob pod goes through: SIGTERM reaches torchrun mid-training, both ranks agree
-    to stop at one step, checkpoint, and the launcher exits 75; the rerun resumes from that checkpoint
-    (both ranks load it from the node's copy) and finishes the job."""
+    to stop at one step, checkpoint, and the launcher exits 75 — each rank within the window torchrun now
+    derives from the grace period (not its 30 s default); the rerun resumes from that checkpoint (both
+    ranks load it from the node's copy) and finishes the job."""
+    import datetime
     import signal
     import time
+
+    from kolors_job.launch.torchrun import DEFAULT_GRACE_SECONDS, shutdown_timeout
 
     w = job_world
     manifest = w.manifest_file("preempted", 1, steps=20)
@@ -241,13 +288,23 @@ def test_sigterm_to_torchrun_checkpoints_exits_75_and_the_rerun_resumes(job_worl
         while not _records(first_log, msg="step") and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.2)
         assert proc.poll() is None, first_log.read_text()[-4000:]
+        sent = time.time()
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=300)
+        exited = time.time() - sent
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
     assert proc.returncode == 75, first_log.read_text()[-4000:]
+    stopped = _records(first_log, msg="stopping at step")
+    took = {r["rank"]: datetime.datetime.fromisoformat(r["ts"].replace("Z", "+00:00")).timestamp() - sent
+            for r in stopped}
+    print(f"\nSIGTERM -> checkpoint saved: {', '.join(f'rank {r}: {s:.2f} s' for r, s in sorted(took.items()))}; "
+          f"launcher exited after {exited:.2f} s (grace {DEFAULT_GRACE_SECONDS} s, "
+          f"torchrun shutdown timeout {shutdown_timeout(DEFAULT_GRACE_SECONDS)} s)")
+    assert set(took) == {0, 1}, first_log.read_text()[-4000:]
+    assert all(s < shutdown_timeout(DEFAULT_GRACE_SECONDS) for s in took.values()) and exited < DEFAULT_GRACE_SECONDS
     status = json.loads(w.store("preempted").read_bytes("status.json"))
     assert status["state"] == "interrupted" and status["exit_code"] == 75
     saved = sorted(int(k.split("/")[1].removeprefix("step-")) for k in w.store("preempted").list("checkpoints/")

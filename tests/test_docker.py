@@ -7,6 +7,7 @@ the image must install the *same* pinned set the tests run against, as a non-roo
 from __future__ import annotations
 
 import json
+import os
 import re
 import shlex
 import shutil
@@ -128,8 +129,18 @@ def test_runs_as_non_root_with_cache_volume(parsed: list[tuple[str, str]]) -> No
     entry = json.loads(next(a for w, a in parsed if w == "ENTRYPOINT"))
     assert entry[-2:] == ["python", "/app/entrypoint.py"]
     assert json.loads(next(a for w, a in parsed if w == "CMD")) == ["run"]
-    base = next(a for w, a in parsed if w == "FROM")
-    assert re.fullmatch(r"\S+:\d+\.\d+\.\d+\S*", base.split()[0]), f"pin the base image to an exact tag: {base}"
+    base = next(a for w, a in parsed if w == "FROM").split()[0]
+    if m := re.fullmatch(r"\$\{?(\w+)\}?", base):  # FROM ${BASE_IMAGE}: the build argument's default
+        base = next(a.split("=", 1)[1] for w, a in parsed if w == "ARG" and a.startswith(f"{m.group(1)}="))
+    assert re.fullmatch(r"\S+:\d+\.\d+\.\d+\S*", base), f"pin the base image to an exact tag: {base}"
+
+
+def test_builds_without_buildkit(parsed: list[tuple[str, str]]) -> None:
+    """The legacy builder (Debian's docker.io) knows no ``# syntax=`` frontend and no ``RUN --mount``."""
+    text = DOCKERFILE.read_text(encoding="utf-8")
+    assert not re.search(r"^#\s*syntax=", text, re.M | re.I)
+    assert not [a for w, a in parsed if w == "RUN" and "--mount" in a.split()[0]]
+    assert not [a for w, a in parsed if w in ("COPY", "ADD") and "--link" in a]
 
 
 def test_dockerignore_keeps_secrets_and_outputs_out() -> None:
@@ -142,19 +153,39 @@ def test_dockerignore_keeps_secrets_and_outputs_out() -> None:
         assert (ROOT / name).exists(), f".dockerignore allows {name}, which does not exist"
 
 
-def test_make_run_uses_torchrun_for_several_gpus() -> None:
-    """``make run GPUS=N`` starts the same job as N DDP ranks through the exit-code-keeping torchrun; the
-    default stays one process (the image's own entry point)."""
+def _make_run(*args: str, home: Path | None = None) -> str:
     if shutil.which("make") is None:
         pytest.skip("make is not installed")
+    env = {**os.environ, **({"HOME": str(home)} if home else {})}
+    res = subprocess.run(["make", "-n", "run", *args], cwd=ROOT, capture_output=True, text=True, check=True, env=env)
+    return res.stdout
 
-    def dry(*args: str) -> str:
-        res = subprocess.run(["make", "-n", "run", "MANIFEST=examples/minimal.yaml", *args], cwd=ROOT,
-                             capture_output=True, text=True, check=True)
-        return res.stdout
 
-    many = dry("GPUS=4")
-    assert ("--entrypoint tini kolors-job:dev -- python -m kolors_job.launch.torchrun --standalone "
-            "--nproc-per-node=4 -m kolors_job run --output /runs") in many
-    one = dry()
-    assert "kolors-job:dev run --output /runs" in one and "torchrun" not in one
+def test_make_run_uses_torchrun_for_several_gpus() -> None:
+    """``make run GPUS=N`` starts the same job as N DDP ranks through the exit-code-keeping torchrun, whose
+    workers get the grace period (less torchrun's exit margin), not its 30 s default, to checkpoint; the
+    default stays one process (the image's own entry point)."""
+    from kolors_job.launch.torchrun import shutdown_timeout
+
+    many = _make_run("MANIFEST=examples/minimal.yaml", "GPUS=4")
+    assert ("--entrypoint tini kolors-job:dev -- python -m kolors_job.launch.torchrun "
+            f"--shutdown-timeout={shutdown_timeout(120)} --standalone --nproc-per-node=4 -m kolors_job run") in many
+    assert "--stop-timeout 120 " in many and "KOLORS_JOB_GRACE_SECONDS=120" in many
+    assert f"--shutdown-timeout={shutdown_timeout(600)} " in _make_run("MANIFEST=m.yaml", "GPUS=2", "GRACE=600")
+    one = _make_run("MANIFEST=examples/minimal.yaml")
+    assert one.rstrip().endswith("kolors-job:dev run") and "torchrun" not in one
+
+
+def test_make_run_honours_the_manifests_output_and_mounts_profiles(tmp_path: Path) -> None:
+    """No OUTPUT: the manifest's spec.output.uri (no --output); a URI passes as is; a directory is mounted.
+    Host credential profiles (~/.aws, ~/.aliyun) are mounted read-only only where they exist."""
+    out = _make_run("MANIFEST_URI=s3://b/m.yaml", home=tmp_path)
+    assert "--output" not in out and "/runs" not in out and ".aws" not in out
+    assert _make_run("MANIFEST_URI=s3://b/m.yaml", "OUTPUT=oss://o/r/").rstrip().endswith("run --output oss://o/r/")
+    local = _make_run("MANIFEST_URI=s3://b/m.yaml", "OUTPUT=results")
+    assert f"-v {ROOT / 'results'}:/runs" in local and local.rstrip().endswith("run --output /runs")
+    (tmp_path / ".aws").mkdir()
+    (tmp_path / ".aliyun").mkdir()
+    out = _make_run("MANIFEST_URI=s3://b/m.yaml", home=tmp_path)
+    assert f"-v {tmp_path}/.aws:/tmp/.aws:ro" in out and f"-v {tmp_path}/.aliyun:/tmp/.aliyun:ro" in out
+    assert "-e HOME=/tmp" in out and "-e ALIBABACLOUD_ACCESS_KEY_ID" in out

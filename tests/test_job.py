@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -155,12 +156,51 @@ def test_cli_run_prints_one_line_errors(job_env: Path, tmp_path: Path) -> None:
     bad = tmp_path / "m.yaml"
     # a private output dir: a shared one may hold another run (another manifest: exit 6 before the model check)
     bad.write_text(f"spec: {{output: {{uri: {tmp_path / 'out'}}}, model: {{base: /does/not/exist}}}}")
+    env = {**os.environ, "KOLORS_JOB_ALLOW_CPU": "1"}  # the missing model, not the missing GPU, is under test
     res = subprocess.run([sys.executable, "-m", "kolors_job", "run", "--manifest", str(bad)],
-                         capture_output=True, text=True, timeout=300)
+                         capture_output=True, text=True, timeout=300, env=env)
     assert res.returncode == ExitCode.INVALID_INPUT, res.stderr
     last = res.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and "/does/not/exist" in last
     assert "Traceback" not in res.stderr
+
+
+def test_full_size_job_without_a_gpu_is_refused_at_once(
+    job_env: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``docker run IMAGE`` without ``--gpus``: one line and exit 4 before the model is read, not days on the CPU.
+
+    The model is the tiny Kolors with its UNet weight file grown (sparsely) past a gigabyte: full-size
+    is judged by the UNet's bytes, as it is from a hub listing before any download."""
+    import logging
+    import shutil
+
+    from kolors_job.cli import main
+    from kolors_job.settings import Settings
+    from kolors_job.sources import FULL_SIZE_UNET_BYTES
+    from kolors_job.tiny import build_tiny_kolors
+
+    tiny = build_tiny_kolors(Settings().cache_dir / "tiny" / "kolors-refuse-test", seed=0)
+    big = tmp_path / "big-kolors"
+    shutil.copytree(tiny, big)
+    (weights,) = (big / "unet").glob("*.safetensors")
+    os.truncate(weights, FULL_SIZE_UNET_BYTES)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    m = tmp_path / "m.yaml"
+    m.write_text(f"spec: {{output: {{uri: '{tmp_path}/out'}}, model: {{base: '{big}'}}}}")
+    try:
+        assert main(["run", "--manifest", str(m)]) == ExitCode.INVALID_INPUT
+    finally:
+        for h in [h for h in logging.getLogger().handlers if getattr(h, "_kolors_job", False)]:
+            logging.getLogger().removeHandler(h)
+    (line,) = capsys.readouterr().err.strip().splitlines()[-1:]
+    assert line.startswith(f"error: model '{big}' is a full-size Kolors and "), line
+    assert "KOLORS_JOB_ALLOW_CPU=1" in line and "docker --gpus" in line
+    # stopped in the models stage: only the job's own status and resolved manifest were written
+    out = tmp_path / "out" / "kolors-lora-story"
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.resolved.yaml", "status.json"]
+    status = json.loads((out / "status.json").read_text())
+    assert (status["state"], status["stage"], status["exit_code"]) == ("failed", "models", 4)
 
 
 def test_compile_caches_default_to_the_cache_volume(job_env: Path, monkeypatch: pytest.MonkeyPatch) -> None:

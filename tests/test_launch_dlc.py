@@ -15,7 +15,7 @@ import pytest
 import yaml
 from alibabacloud_pai_dlc20201203.models import CreateJobRequest
 
-from kolors_job.launch import dlc
+from kolors_job.launch import dlc, k8s
 from kolors_job.launch.k8s import RETRYABLE_EXIT_CODE
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -104,12 +104,25 @@ def test_request_carries_this_runs_manifest_job_id_and_command(spec: dict[str, A
 
 def test_multi_gpu_and_multi_node_commands_and_exit_code_policy(spec: dict[str, Any]) -> None:
     one_node = build(spec, nproc_per_node=8).to_map()["UserCommand"]
-    assert one_node.startswith("python -m kolors_job.launch.torchrun --standalone --nproc-per-node=8 ")
+    assert one_node.startswith(
+        "python -m kolors_job.launch.torchrun --shutdown-timeout=110 --standalone --nproc-per-node=8 "
+    ), "the spec's 120 s grace period, less torchrun's own exit margin"
     multi = build(spec, overrides=[*FILLED, "JobSpecs.0.PodCount=2", "JobSpecs.0.RestartPolicy=ExitCode"])
     m = multi.to_map()
     assert "--nnodes=$WORLD_SIZE --node-rank=$RANK --master-addr=$MASTER_ADDR" in m["UserCommand"]
     assert m["JobSpecs"][0]["PodCount"] == 2
     assert m["Envs"]["KOLORS_JOB_RETRYABLE_EXIT_CODE"] == str(RETRYABLE_EXIT_CODE)
+
+
+def test_oss_job_without_an_endpoint_is_refused_and_resource_memory_follows_the_ranks(spec: dict[str, Any]) -> None:
+    del spec["Envs"]["KOLORS_JOB_OSS_ENDPOINT"]
+    with pytest.raises(dlc.DlcSpecError, match=r"^Envs\.KOLORS_JOB_OSS_ENDPOINT: oss://b/jobs/j1/manifest.yaml"):
+        build(spec)
+    assert build(spec, manifest_uri="s3://b/m.yaml").to_map()["Envs"]["KOLORS_JOB_GRACE_SECONDS"] == "120"
+    spec["JobSpecs"][0].pop("EcsSpec")
+    spec["JobSpecs"][0]["ResourceConfig"] = {"CPU": "32", "GPU": "4", "SharedMemory": "16Gi"}
+    m = build(spec, manifest_uri="s3://b/m.yaml", nproc_per_node=4).to_map()
+    assert m["JobSpecs"][0]["ResourceConfig"]["Memory"] == k8s.memory_for(4, "16Gi")
 
 
 # ------------------------------------------------------------------------------- loopback DLC API
@@ -226,3 +239,21 @@ def test_render_dlc_prints_the_request(capsys: pytest.CaptureFixture[str]) -> No
     assert out["DisplayName"] == "kolors-job-r1" and "--nproc-per-node=2" in out["UserCommand"]
     ns = p.parse_args(argv[: argv.index("--set")])
     assert ns.func(ns) == 2  # placeholders left
+
+
+def test_the_aliyun_cli_env_names_sign_the_request_too(
+    spec: dict[str, Any], fake_dlc: FakeDlc, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``ALIBABACLOUD_*`` (what configure-aliyun-credentials-action v1.0.1 exports) is a credential like
+    ``ALIBABA_CLOUD_*``; the SDK alone ignores it and refuses: "accessKeyId cannot be empty"."""
+    monkeypatch.delenv("ALIBABA_CLOUD_ACCESS_KEY_ID")
+    monkeypatch.delenv("ALIBABA_CLOUD_ACCESS_KEY_SECRET")
+    monkeypatch.setenv("ALIBABACLOUD_ACCESS_KEY_ID", "kolors-cli-ak")
+    monkeypatch.setenv("ALIBABACLOUD_ACCESS_KEY_SECRET", "kolors-cli-secret")
+    monkeypatch.setenv("ALIBABACLOUD_SECURITY_TOKEN", "kolors-cli-token")
+    client = dlc.make_client(region="cn-hangzhou", endpoint=fake_dlc.endpoint)
+    dlc.create_job(client, build(spec))
+    _, _, headers, body = fake_dlc.requests[0]
+    assert "Credential=kolors-cli-ak" in headers["Authorization"]
+    assert headers.get("x-acs-security-token") == "kolors-cli-token"
+    assert b"kolors-cli-secret" not in body

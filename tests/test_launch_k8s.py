@@ -182,7 +182,7 @@ def test_pytorchjob_shape_and_retryable_exit_code() -> None:
         assert 128 <= code <= 255, "ExitCode policy retries only 128-255"
         assert code not in (137, 143), "must not look like SIGKILL/SIGTERM"
         assert retryable_code(env) == code
-        assert c["command"][-1] == "kolors_job.launch.torchrun" and "--standalone" not in c["command"]
+        assert c["command"][4] == "kolors_job.launch.torchrun" and "--standalone" not in c["command"]
 
 
 def test_names_are_dns_labels_even_for_long_ids() -> None:
@@ -215,7 +215,7 @@ def test_committed_examples_are_current(tmp_path: Path) -> None:
 
 
 def test_render_cli(capsys: pytest.CaptureFixture[str]) -> None:
-    argv = ["render", "k8s", "--manifest-uri", "oss://b/m.yaml", "--image", "img:1", "--job-id", "cli-1"]
+    argv = ["render", "k8s", "--manifest-uri", "s3://b/m.yaml", "--image", "img:1", "--job-id", "cli-1"]
     assert run_cli([*argv, "--gpus", "2", "--toleration", "dedicated=gpu:NoSchedule", "--env", "A=b"]) == 0
     docs = list(yaml.safe_load_all(capsys.readouterr().out))
     job = k8s.workload(docs)
@@ -228,6 +228,111 @@ def test_render_cli(capsys: pytest.CaptureFixture[str]) -> None:
     assert run_cli(["render", "k8s", "--image", "img:1"]) == int(ExitCode.INVALID_MANIFEST)
     assert run_cli([*argv[:-2], "--job-id", "Bad Id"]) == int(ExitCode.INVALID_MANIFEST)
     assert submit.JOB_ID_RE.match(submit.fresh_job_id("Purple Hair Girl!"))
+
+
+def _containers(docs: list[dict]) -> list[dict]:
+    return [tpl["spec"]["containers"][0] for d in docs for tpl in pod_templates(d)]
+
+
+def test_every_oss_spec_carries_its_endpoint_and_render_refuses_one_without(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Without KOLORS_JOB_OSS_ENDPOINT an oss:// job exits 5 at its first read: say so when rendering."""
+    for fname in k8s.EXAMPLES:
+        for c in _containers(list(yaml.safe_load_all((ROOT / "k8s" / fname).read_text(encoding="utf-8")))):
+            env = {e["name"]: e["value"] for e in c["env"]}
+            if env["KOLORS_JOB_MANIFEST_URI"].startswith("oss://"):
+                assert env["KOLORS_JOB_OSS_ENDPOINT"].startswith("https://oss-"), fname
+    with pytest.raises(ValueError, match="--oss-endpoint"):
+        k8s.render(opts(manifest_uri="oss://b/m.yaml"))
+    with pytest.raises(ValueError, match="--oss-endpoint"):
+        k8s.render(opts(output="oss://b/out/"))
+    assert k8s.render(opts(manifest_uri="oss://b/m.yaml", extra_env={"OSS_ENDPOINT": "https://oss-x.aliyuncs.com"}))
+    argv = ["render", "k8s", "--manifest-uri", "oss://b/m.yaml", "--image", "img:1", "--job-id", "o-1"]
+    assert run_cli(argv) == int(ExitCode.INVALID_MANIFEST)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("kolors-job render k8s: --oss-endpoint: oss://b/m.yaml")
+    assert run_cli([*argv, "--oss-endpoint", "https://oss-cn-beijing.aliyuncs.com"]) == 0
+    (c,) = _containers([k8s.workload(list(yaml.safe_load_all(capsys.readouterr().out)))])
+    assert {"name": "KOLORS_JOB_OSS_ENDPOINT", "value": "https://oss-cn-beijing.aliyuncs.com"} in c["env"]
+
+
+def test_validate_notes_oss_uris_without_an_endpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from kolors_job.cli import main
+
+    for var in ("KOLORS_JOB_OSS_ENDPOINT", "KOLORS_JOB_OSS_REGION", "OSS_ENDPOINT"):
+        monkeypatch.delenv(var, raising=False)
+    m = tmp_path / "m.yaml"
+    m.write_text("spec: {output: {uri: 'oss://bkt/runs/'}, dataset: {source: 'oss://bkt/data/'}}")
+    assert main(["validate", str(m)]) == 0
+    notes = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("# note:")]
+    assert [n.split(" needs")[0] for n in notes] == [
+        "# note: spec.dataset.source: oss://bkt/data/", "# note: spec.output.uri: oss://bkt/runs/"]
+    monkeypatch.setenv("KOLORS_JOB_OSS_ENDPOINT", "https://oss-cn-hangzhou.aliyuncs.com")
+    assert main(["validate", str(m)]) == 0
+    assert "# note:" not in capsys.readouterr().err
+
+
+def test_torchrun_gets_the_grace_period_not_its_30_s_default() -> None:
+    """Every place torchrun starts: the 4-GPU Job, each PyTorchJob replica (custom grace too), DLC."""
+    from kolors_job.launch import dlc
+    from kolors_job.launch.torchrun import shutdown_timeout
+
+    for grace in (120, 600):
+        docs = [k8s.render_job(opts(gpus=4, termination_grace_seconds=grace)),
+                k8s.render_pytorchjob(opts(nodes=2, gpus=8, termination_grace_seconds=grace))]
+        for doc in docs:
+            for tpl in pod_templates(doc):
+                c = tpl["spec"]["containers"][0]
+                assert tpl["spec"]["terminationGracePeriodSeconds"] == grace
+                (flag,) = [a for a in c["command"] if a.startswith("--shutdown-timeout=")]
+                timeout = int(flag.split("=")[1])
+                assert timeout == shutdown_timeout(grace) and 30 < timeout < grace
+                assert {"name": "KOLORS_JOB_GRACE_SECONDS", "value": str(grace)} in c["env"]
+    for pods, nproc in ((1, 4), (2, 8)):
+        cmd = dlc.user_command(job_id="j", output=None, nproc_per_node=nproc, pod_count=pods, grace_seconds=300)
+        assert f"--shutdown-timeout={shutdown_timeout(300)}" in cmd
+    assert "torchrun" not in dlc.user_command(job_id="j", output=None, nproc_per_node=1, pod_count=1)
+
+
+def test_memory_limit_grows_with_the_ranks_per_pod() -> None:
+    """Each rank holds its own host copy at load: 4 ranks + the in-memory /dev/shm exceed a flat 64Gi."""
+    def limit(doc: dict) -> str:
+        return pod_templates(doc)[0]["spec"]["containers"][0]["resources"]["limits"]["memory"]
+
+    per, base = k8s.HOST_MEMORY_PER_RANK_GIB, k8s.HOST_MEMORY_BASE_GIB
+    assert limit(k8s.render_job(opts())) == f"{base + per + 16}Gi"
+    assert limit(k8s.render_job(opts(gpus=4))) == f"{base + 4 * per + 16}Gi"
+    assert limit(k8s.render_pytorchjob(opts(nodes=2, gpus=8, shm_size="32Gi"))) == f"{base + 8 * per + 32}Gi"
+    assert k8s.memory_for(2, "512Mi") == f"{base + 2 * per + 1}Gi"
+    assert limit(k8s.render_job(opts(gpus=4, memory="300Gi"))) == "300Gi"  # an explicit --memory wins
+    with pytest.raises(ValueError, match="--shm-size"):
+        k8s.memory_for(1, "lots")
+
+
+def test_namespace_and_cache_pvc_it_assumes_are_rendered() -> None:
+    kinds = [d["kind"] for d in k8s.render(opts(namespace="ml", rrsa_role_name="r"))]
+    assert kinds == ["Namespace", "ServiceAccount", "PersistentVolumeClaim", "Job"]
+    ns = k8s.render(opts(namespace="ml", rrsa_role_name="r"))[0]
+    assert ns["metadata"]["labels"]["pod-identity.alibabacloud.com/injection"] == "on"  # RRSA needs it
+    for doc in k8s.render(opts(namespace="ml")):
+        validate_core(doc, K8S_VERSIONS[0])
+    assert [d["kind"] for d in k8s.render(opts(create_cache_pvc=None, create_namespace=False))] == ["Job"]
+
+
+def test_each_attempt_is_a_new_workload_of_the_same_job_id() -> None:
+    """A failed Job cannot be re-run by applying it again ("unchanged"): a new name, same job id."""
+    long_id = "z" * 70
+    for job_id in ("ci-123", long_id):
+        a, b = (k8s.render_job(opts(job_id=job_id, attempt=x)) for x in ("a1b2c3", "d4e5f6"))
+        assert a["metadata"]["name"] != b["metadata"]["name"]
+        for doc in (a, b):
+            assert DNS1035.match(doc["metadata"]["name"]) and len(doc["metadata"]["name"]) <= 48
+            assert doc["metadata"]["labels"]["kolors-job/job-id"] == k8s.job_id_label(job_id)
+            assert {"--job-id", job_id} <= set(doc["spec"]["template"]["spec"]["containers"][0]["args"])
+    assert k8s.render_job(opts())["metadata"]["name"] == "kolors-t-1"  # render without an attempt: stable
 
 
 # ------------------------------------------------------------------------------------ torchrun wrapper
@@ -273,3 +378,57 @@ def test_torchrun_wrapper_keeps_the_failing_ranks_exit_code(tmp_path: Path) -> N
         timeout=180,
     )
     assert r.returncode == 4, r.stderr[-2000:]
+
+
+def test_torchrun_wrapper_gives_the_workers_the_grace_period_to_checkpoint(tmp_path: Path) -> None:
+    """Real torchrun, 2 CPU workers that take ``SLOW`` s to "checkpoint" after SIGTERM. With
+    KOLORS_JOB_GRACE_SECONDS=8 the wrapper sets a 6 s shutdown timeout: 2 s of work finishes (both ranks
+    write their checkpoint, exit 75), 12 s of work is SIGKILLed at ~6 s — so the window is the one derived
+    from the grace period, not torchrun's fixed 30 s."""
+    import signal
+    import time
+
+    from kolors_job.launch.torchrun import shutdown_timeout
+
+    script = tmp_path / "worker.py"
+    script.write_text(textwrap.dedent(
+        """
+        import os, signal, sys, time
+        out = sys.argv[1]
+        def stop(*_):
+            time.sleep(float(os.environ["SLOW"]))
+            open(f"{out}/ckpt-{os.environ['RANK']}", "w").close()
+            sys.exit(75)
+        signal.signal(signal.SIGTERM, stop)
+        open(f"{out}/ready-{os.environ['RANK']}", "w").close()
+        while True:
+            time.sleep(0.1)
+        """
+    ))
+    assert shutdown_timeout(8) == 6
+    results = {}
+    for slow in (2, 12):
+        out = tmp_path / f"slow-{slow}"
+        out.mkdir()
+        env = {**os.environ, "SLOW": str(slow), "OMP_NUM_THREADS": "1", "KOLORS_JOB_GRACE_SECONDS": "8"}
+        env.pop("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", None)
+        proc = subprocess.Popen([sys.executable, "-m", "kolors_job.launch.torchrun", "--standalone",
+                                 "--nproc-per-node=2", str(script), str(out)], env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+        try:
+            deadline = time.monotonic() + 120
+            while len(list(out.glob("ready-*"))) < 2 and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert len(list(out.glob("ready-*"))) == 2
+            sent = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            rc = proc.wait(timeout=60)
+            results[slow] = (rc, time.monotonic() - sent, sorted(p.name for p in out.glob("ckpt-*")))
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    rc, took, ckpts = results[2]
+    assert ckpts == ["ckpt-0", "ckpt-1"] and rc == 75 and took < 6, results
+    rc, took, ckpts = results[12]
+    assert ckpts == [] and 5 <= took < 11, results  # SIGKILL at the 6 s shutdown timeout, not at 30 s

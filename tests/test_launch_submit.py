@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shlex
+import subprocess
 import sys
 import textwrap
 import threading
@@ -470,3 +472,227 @@ def test_dlc_create_failures_map_to_contract_exit_codes(
     assert run_cli(argv) == expected
     err = capsys.readouterr().err
     assert f"PAI-DLC CreateJob failed: {code}" in err and "kolors-test-secret" not in err
+
+
+# What aliyun/configure-aliyun-credentials-action documents in its action.yml at v1.0.7 (inputs and
+# outputs). v1.0.1 had only role-to-assume/oidc-provider-arn/audience and exported ALIBABACLOUD_* alone.
+ALIYUN_ACTION_INPUTS = {
+    "v1.0.7": {"oidc-provider-arn", "role-to-assume", "role-session-expiration", "role-session-name",
+               "audience", "role-chaining"},
+    "v1.0.1": {"oidc-provider-arn", "role-to-assume", "audience"},
+}
+ALIYUN_ACTION_OUTPUTS = {"aliyun-access-key-id", "aliyun-access-key-secret", "aliyun-security-token"}
+
+
+def test_example_workflow_hands_the_aliyun_actions_documented_outputs_to_the_job(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Only documented inputs (else the 6 h session silently falls back to 30 min) and the job's
+    ALIBABA_CLOUD_* keys wired from documented outputs (else DLC says "accessKeyId cannot be empty")."""
+    from alibabacloud_credentials.client import Client as CredentialClient
+
+    from kolors_job.launch import dlc
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "ci" / "github-actions.yml"
+    steps = yaml.safe_load(path.read_text(encoding="utf-8"))["jobs"]["dlc"]["steps"]
+    (cred,) = [s for s in steps if s.get("uses", "").startswith("aliyun/configure-aliyun-credentials-action@")]
+    ref = cred["uses"].partition("@")[2]
+    assert ref in ALIYUN_ACTION_INPUTS, f"inputs of {ref} not recorded here"
+    assert set(cred["with"]) <= ALIYUN_ACTION_INPUTS[ref], set(cred["with"]) - ALIYUN_ACTION_INPUTS[ref]
+    assert int(cred["with"]["role-session-expiration"]) >= 6 * 3600
+    (job_step,) = [s for s in steps if s.get("run", "").startswith("kolors-job submit dlc")]
+    wired = {}
+    for name, value in job_step["env"].items():
+        m = re.fullmatch(r"\$\{\{ steps\.(\S+)\.outputs\.(\S+) \}\}", str(value))
+        if m:
+            assert m.group(1) == cred["id"] and m.group(2) in ALIYUN_ACTION_OUTPUTS, value
+            wired[name] = m.group(2)
+    assert wired == {"ALIBABA_CLOUD_ACCESS_KEY_ID": "aliyun-access-key-id",
+                     "ALIBABA_CLOUD_ACCESS_KEY_SECRET": "aliyun-access-key-secret",
+                     "ALIBABA_CLOUD_SECURITY_TOKEN": "aliyun-security-token"}
+    # What the job then builds from those three variables: an STS credential, not the empty default chain.
+    for var in [v for v in os.environ if v.startswith(("ALIBABA_CLOUD_", "ALIBABACLOUD_"))]:
+        monkeypatch.delenv(var)
+    monkeypatch.setenv("ALIBABA_CLOUD_ACCESS_KEY_ID", "STS.kolors-ak")
+    monkeypatch.setenv("ALIBABA_CLOUD_ACCESS_KEY_SECRET", "kolors-sk-value")
+    monkeypatch.setenv("ALIBABA_CLOUD_SECURITY_TOKEN", "kolors-token-value")
+    got = dlc._credentials(CredentialClient).get_credential()
+    assert (got.access_key_id, got.security_token, got.type) == ("STS.kolors-ak", "kolors-token-value", "sts")
+
+
+# ------------------------------------------------------------------------------------ k8s: fake kubectl
+
+FAKE_KUBECTL = r'''#!PYTHON
+"""A kubectl that answers from a JSON state file and logs every call (one JSON argv per line)."""
+import json, os, sys
+import yaml
+
+state_path, log_path = os.environ["FAKE_KUBECTL_STATE"], os.environ["FAKE_KUBECTL_LOG"]
+argv = sys.argv[1:]
+with open(log_path, "a") as log:
+    log.write(json.dumps(argv) + "\n")
+state = json.load(open(state_path))
+verb, rest = argv[0], argv[1:]
+if verb == "apply":
+    docs = [d for d in yaml.safe_load_all(sys.stdin.read()) if d]
+    state.setdefault("applied", []).append(docs)
+    json.dump(state, open(state_path, "w"))
+    for d in docs:
+        print(f"{d['kind'].lower()}/{d['metadata']['name']} created")
+    sys.exit(0)
+if verb == "delete":
+    sys.exit(0)
+if verb == "get":
+    what = rest[0]
+    if "-o" in rest and rest[rest.index("-o") + 1] == "name":
+        sys.exit(0 if what in state.get("existing", []) else 1)
+    if "/" in what:
+        kind, name = what.split("/")
+        print(json.dumps(state.get("workloads", {}).get(name, {"kind": kind.capitalize(), "status": {}})))
+    elif what == "events":
+        sel = rest[rest.index("--field-selector") + 1].split("=", 1)[1]
+        print(json.dumps({"items": state.get("events", {}).get(sel, [])}))
+    elif what == "pods":
+        print(json.dumps({"items": state.get("pods", [])}))
+    else:
+        print(json.dumps({"items": state.get("listed", [])}))
+    sys.exit(0)
+sys.exit(f"fake kubectl: unsupported {argv}")
+'''
+
+
+class FakeKubectl:
+    def __init__(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.binary = tmp_path / "bin" / "kubectl"
+        self.binary.parent.mkdir()
+        self.binary.write_text(FAKE_KUBECTL.replace("PYTHON", sys.executable, 1))
+        self.binary.chmod(0o755)
+        self.state_path, self.log_path = tmp_path / "kubectl-state.json", tmp_path / "kubectl.log"
+        self.state_path.write_text("{}")
+        self.log_path.write_text("")
+        monkeypatch.setenv("FAKE_KUBECTL_STATE", str(self.state_path))
+        monkeypatch.setenv("FAKE_KUBECTL_LOG", str(self.log_path))
+
+    def set(self, **state: Any) -> None:
+        self.state_path.write_text(json.dumps(state))
+
+    @property
+    def state(self) -> dict[str, Any]:
+        return json.loads(self.state_path.read_text())
+
+    @property
+    def calls(self) -> list[list[str]]:
+        return [json.loads(line) for line in self.log_path.read_text().splitlines()]
+
+
+@pytest.fixture
+def kubectl(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> FakeKubectl:
+    return FakeKubectl(tmp_path, monkeypatch)
+
+
+def _k8s_argv(manifest: Path, bucket: str, job_id: str, kubectl: FakeKubectl, *extra: str) -> list[str]:
+    return submit_args(manifest, bucket, job_id, "--kubectl", str(kubectl.binary), "--image", "reg/kj:1",
+                       "--namespace", "kolors", "--timeout", "60", *extra)  # fmt: skip
+
+
+def _pod(reason: str | None = None, message: str = "", *, scheduled: dict[str, str] | None = None) -> dict[str, Any]:
+    status: dict[str, Any] = {"phase": "Pending", "conditions": []}
+    if reason:
+        status["containerStatuses"] = [{"name": "kolors-job", "state": {"waiting": {"reason": reason,
+                                                                                   "message": message}}}]  # fmt: skip
+    if scheduled:
+        status["conditions"].append({"type": "PodScheduled", "status": "False", **scheduled})
+    return {"metadata": {"name": "kolors-k-pod"}, "status": status}
+
+
+@pytest.mark.parametrize(
+    ("pod", "reason"),
+    [
+        (_pod("ImagePullBackOff", 'Back-off pulling image "reg/kj:1"'), "ImagePullBackOff"),
+        (_pod("CreateContainerConfigError", 'secret "kolors-job-storage" not found'), "CreateContainerConfigError"),
+        (_pod(scheduled={"reason": "Unschedulable",
+                         "message": '0/3 nodes are available: persistentvolumeclaim "kolors-job-cache" not found.'}),
+         "persistentvolumeclaim"),
+    ],
+)
+def test_k8s_pod_that_cannot_start_fails_fast_with_the_reason(
+    manifest: Path, bucket: str, kubectl: FakeKubectl, capsys: pytest.CaptureFixture[str],
+    pod: dict[str, Any], reason: str,
+) -> None:
+    """Not the 6 h deadline and "timeout" (75): exit 7 within a poll or two, the reason, the Job deleted."""
+    kubectl.set(pods=[pod], existing=["namespace/kolors", "persistentvolumeclaim/kolors-job-cache"])
+    started = time.monotonic()
+    assert run_cli(_k8s_argv(manifest, bucket, "k-bad", kubectl)) == int(ExitCode.NOT_STARTED)
+    assert time.monotonic() - started < 30
+    out = capsys.readouterr().out
+    assert "the job could not start: pod kolors-k-pod: " in out and reason in out
+    (applied,) = kubectl.state["applied"]
+    assert [d["kind"] for d in applied] == ["Job"], "an existing Namespace/PVC is not re-applied"
+    name = applied[0]["metadata"]["name"]
+    assert ["delete", f"job/{name}", "--ignore-not-found", "--wait=false", "-n", "kolors"] in kubectl.calls
+    pod_queries = [c for c in kubectl.calls if c[:2] == ["get", "pods"]]
+    assert pod_queries[0][3] == f"kolors-job/job-id=k-bad,kolors-job/attempt={applied[0]['metadata']['labels']['kolors-job/attempt']}"
+
+
+def test_k8s_unschedulable_pod_gets_start_timeout_then_exit_7(
+    manifest: Path, bucket: str, kubectl: FakeKubectl, capsys: pytest.CaptureFixture[str]
+) -> None:
+    kubectl.set(pods=[_pod(scheduled={"reason": "Unschedulable", "message": "0/3 nodes: Insufficient nvidia.com/gpu."})])
+    started = time.monotonic()
+    assert run_cli(_k8s_argv(manifest, bucket, "k-full", kubectl, "--start-timeout", "1")) == 7
+    assert 1 <= time.monotonic() - started < 30, "waits --start-timeout for capacity, then gives up"
+    out = capsys.readouterr().out
+    assert "Unschedulable for" in out and "Insufficient nvidia.com/gpu" in out
+    # The first run applies the Namespace and PVC it needs (none exists in this cluster).
+    assert [d["kind"] for d in kubectl.state["applied"][0]] == ["Namespace", "PersistentVolumeClaim", "Job"]
+
+
+def test_k8s_missing_secret_volume_event_fails_fast(
+    manifest: Path, bucket: str, kubectl: FakeKubectl, capsys: pytest.CaptureFixture[str]
+) -> None:
+    event = {"reason": "FailedMount", "message": 'MountVolume.SetUp failed for volume "creds": secret "x" not found'}
+    kubectl.set(pods=[_pod()], events={"kolors-k-pod": [event]})
+    assert run_cli(_k8s_argv(manifest, bucket, "k-mount", kubectl)) == 7
+    assert 'FailedMount: MountVolume.SetUp failed for volume "creds": secret "x" not found' in capsys.readouterr().out
+
+
+def test_k8s_rerun_after_a_failed_job_applies_a_new_attempt_and_attaches_to_a_running_one(
+    manifest: Path, bucket: str, kubectl: FakeKubectl, capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """CI's "re-run" on a failed Job: a fresh Job name (applying the old one says "unchanged"), the same job id,
+    so the job resumes from the output bucket; while an attempt still runs, the rerun waits on that one."""
+    failed = {"kind": "Job", "metadata": {"name": "kolors-k-re-aaaaaa"},
+              "status": {"conditions": [{"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded"}]}}
+    kubectl.set(listed=[failed], workloads={"kolors-k-re-aaaaaa": failed})
+    finish_when_started(monkeypatch, "_start_k8s", f"{bucket}/out/k-re")
+    assert run_cli(_k8s_argv(manifest, bucket, "k-re", kubectl)) == 0
+    (applied,) = kubectl.state["applied"]
+    job = applied[-1]
+    assert job["metadata"]["name"].startswith("kolors-k-re-") and job["metadata"]["name"] != "kolors-k-re-aaaaaa"
+    assert job["metadata"]["labels"]["kolors-job/job-id"] == "k-re"
+    assert job["spec"]["template"]["spec"]["containers"][0]["args"] == ["run", "--job-id", "k-re"]
+
+    running = {"kind": "Job", "metadata": {"name": "kolors-k-run-bbbbbb"}, "status": {"active": 1}}
+    kubectl.set(listed=[running], workloads={"kolors-k-run-bbbbbb": running})
+    finish_when_started(monkeypatch, "_start_k8s", f"{bucket}/out/k-run")
+    assert run_cli(_k8s_argv(manifest, bucket, "k-run", kubectl)) == 0
+    assert "applied" not in kubectl.state
+    assert "attaching to Job kolors-k-run-bbbbbb, still running for this job id" in capsys.readouterr().out
+
+
+def test_example_workflow_names_the_image_in_lower_case() -> None:
+    """``ghcr.io/${{ github.repository }}`` keeps the owner's capitals ("Octo-Org/Repo"): an invalid reference."""
+    path = Path(__file__).resolve().parents[1] / "examples" / "ci" / "github-actions.yml"
+    text = path.read_text(encoding="utf-8")
+    assert "${{ github.repository }}" not in text
+    wf = yaml.safe_load(text)
+    (name_step,) = [s for s in wf["jobs"]["image"]["steps"] if s.get("id") == "name"]
+    script = name_step["run"].replace("${GITHUB_SHA}", "0123abc")
+    out = subprocess.run(["bash", "-c", script.replace('"$GITHUB_OUTPUT"', "/dev/stdout")], capture_output=True,
+                         text=True, check=True, env={**os.environ, "GITHUB_REPOSITORY": "Octo-Org/Kolors-Repo"})  # fmt: skip
+    assert out.stdout.strip() == "image=ghcr.io/octo-org/kolors-repo:0123abc"
+    assert wf["jobs"]["image"]["outputs"]["image"] == "${{ steps.name.outputs.image }}"
+    for job in ("dlc", "k8s"):
+        (submit_step,) = [s for s in wf["jobs"][job]["steps"] if s.get("run", "").startswith("kolors-job submit")]
+        assert "needs.image.outputs.image" in submit_step["run"]

@@ -187,3 +187,21 @@ def test_container_runs_as_non_root():
     assert user not in ("root", "0"), users
     for name, value in SECRETS.items():  # and no credential baked into the image
         assert value not in dockerfile.read_text() and f"{name}=" not in dockerfile.read_text()
+
+
+def test_aliyun_cli_env_names_are_credentials_and_are_scrubbed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``ALIBABACLOUD_*`` keys (the aliyun CLI's names) sign OSS requests like ``ALIBABA_CLOUD_*`` and are
+    masked wherever they would be printed."""
+    from kolors_job.redact import scrub
+    from kolors_job.storage import oss as oss_mod
+
+    for var in [v for v in os.environ if v.startswith(("OSS_ACCESS", "ALIBABA_CLOUD_", "ALIBABACLOUD_"))]:
+        monkeypatch.delenv(var)
+    monkeypatch.setenv("ALIBABACLOUD_ACCESS_KEY_ID", "LTAIkolorsCliKey01")
+    monkeypatch.setenv("ALIBABACLOUD_ACCESS_KEY_SECRET", "kolors-cli-secret-Rk2Vb")
+    monkeypatch.setenv("ALIBABACLOUD_SECURITY_TOKEN", "kolors-cli-token-Pz4Qw")
+    creds = oss_mod.credentials_provider().get_credentials()
+    assert (creds.access_key_id, creds.access_key_secret, creds.security_token) == (
+        "LTAIkolorsCliKey01", "kolors-cli-secret-Rk2Vb", "kolors-cli-token-Pz4Qw")
+    line = scrub("denied for LTAIkolorsCliKey01 with kolors-cli-secret-Rk2Vb / kolors-cli-token-Pz4Qw")
+    assert line == "denied for *** with *** / ***"

@@ -9,7 +9,6 @@ into a job without, say, its cache mount or its running-time limit.
 from __future__ import annotations
 
 import copy
-import os
 import re
 import shlex
 import time
@@ -20,7 +19,9 @@ from urllib.parse import urlsplit
 
 import yaml
 
-from kolors_job.launch.k8s import RETRYABLE_EXIT_CODE
+from kolors_job.launch.k8s import RETRYABLE_EXIT_CODE, memory_for
+from kolors_job.launch.torchrun import DEFAULT_GRACE_SECONDS, GRACE_ENV, shutdown_timeout
+from kolors_job.settings import alibaba_cloud_keys
 
 TERMINAL_STATES = ("Succeeded", "Failed", "Stopped")
 _PLACEHOLDER = re.compile(r"<[A-Z][A-Z0-9_]*>")
@@ -90,12 +91,18 @@ def set_path(data: dict[str, Any], dotted: str, raw: str) -> None:
     node[last] = raw if isinstance(current, str) else (yaml.safe_load(raw) if raw else "")
 
 
-def user_command(*, job_id: str, output: str | None, nproc_per_node: int, pod_count: int) -> str:
-    """The command each DLC node runs (DLC ignores the image ENTRYPOINT and sets MASTER_ADDR/RANK/WORLD_SIZE)."""
+def user_command(
+    *, job_id: str, output: str | None, nproc_per_node: int, pod_count: int, grace_seconds: int = DEFAULT_GRACE_SECONDS
+) -> str:
+    """The command each DLC node runs (DLC ignores the image ENTRYPOINT and sets MASTER_ADDR/RANK/WORLD_SIZE).
+
+    torchrun gets ``--shutdown-timeout`` from the job's grace period: its 30 s default would SIGKILL
+    the ranks long before the checkpoint the grace period was sized for.
+    """
     run = ["run", "--job-id", job_id] + (["--output", output] if output else [])
     if nproc_per_node <= 1 and pod_count <= 1:
         return shlex.join(["python", ENTRYPOINT, *run])
-    launcher = "python -m kolors_job.launch.torchrun"
+    launcher = f"python -m kolors_job.launch.torchrun --shutdown-timeout={shutdown_timeout(grace_seconds)}"
     if pod_count <= 1:
         return f"{launcher} --standalone --nproc-per-node={nproc_per_node} {shlex.join([ENTRYPOINT, *run])}"
     # DLC's PyTorchJob sets WORLD_SIZE (nodes) and RANK (node rank) per pod.
@@ -137,9 +144,23 @@ def build_request(
     envs["KOLORS_JOB_MANIFEST_URI"] = manifest_uri
     if any(js.get("RestartPolicy") == "ExitCode" for js in specs):
         envs["KOLORS_JOB_RETRYABLE_EXIT_CODE"] = str(RETRYABLE_EXIT_CODE)
+    oss = [u for u in (manifest_uri, output) if u and u.startswith("oss://")]
+    if oss and not ({"KOLORS_JOB_OSS_ENDPOINT", "OSS_ENDPOINT", "KOLORS_JOB_OSS_REGION"} & set(envs)):
+        raise DlcSpecError(
+            f"Envs.KOLORS_JOB_OSS_ENDPOINT: {oss[0]} needs an OSS endpoint in the job; set it in the spec "
+            "or pass --set Envs.KOLORS_JOB_OSS_ENDPOINT=https://oss-<region>-internal.aliyuncs.com"
+        )
+    grace = int((data.get("Settings") or {}).get("TerminationGracePeriodSeconds") or DEFAULT_GRACE_SECONDS)
+    envs[GRACE_ENV] = str(grace)
     data["Envs"] = envs
+    for js in specs:  # a ResourceConfig without Memory: as much as the ranks of one pod need
+        rc = js.get("ResourceConfig")
+        if isinstance(rc, dict) and not rc.get("Memory"):
+            rc["Memory"] = memory_for(max(1, nproc_per_node), str(rc.get("SharedMemory") or "16Gi"))
     pods = sum(int(js.get("PodCount") or 1) for js in specs)
-    data["UserCommand"] = user_command(job_id=job_id, output=output, nproc_per_node=nproc_per_node, pod_count=pods)
+    data["UserCommand"] = user_command(
+        job_id=job_id, output=output, nproc_per_node=nproc_per_node, pod_count=pods, grace_seconds=grace
+    )
     leftovers = sorted({m for m in _PLACEHOLDER.findall(yaml.safe_dump(data, allow_unicode=True))})
     if leftovers:
         raise DlcSpecError(
@@ -175,13 +196,13 @@ def _credentials(client_cls: Any) -> Any:
 
     alibabacloud_credentials reads ``ALIBABA_CLOUD_ACCESS_KEY_*`` once, when it is first imported; a
     process whose environment is set later (a CI step, a test) would otherwise fall through the chain.
+    ``ALIBABACLOUD_*`` (the aliyun CLI's names, all that older releases of the GitHub action export)
+    count too: the SDK alone would not see them and fail with "accessKeyId cannot be empty".
     """
     from alibabacloud_credentials.models import Config as CredentialConfig
 
-    ak = os.environ.get("ALIBABA_CLOUD_ACCESS_KEY_ID")
-    sk = os.environ.get("ALIBABA_CLOUD_ACCESS_KEY_SECRET")
-    token = os.environ.get("ALIBABA_CLOUD_SECURITY_TOKEN")
-    if ak and sk:
+    if keys := alibaba_cloud_keys():
+        ak, sk, token = keys
         kind = "sts" if token else "access_key"
         return client_cls(CredentialConfig(type=kind, access_key_id=ak, access_key_secret=sk, security_token=token))
     return client_cls()

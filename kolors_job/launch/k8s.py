@@ -25,6 +25,7 @@ from typing import Any
 import yaml
 
 from kolors_job.errors import ExitCode
+from kolors_job.launch.torchrun import GRACE_ENV, shutdown_timeout
 
 APP = "kolors-job"
 CONTAINER = "kolors-job"  # the Job's container; a PyTorchJob's must be "pytorch"
@@ -50,6 +51,14 @@ DEFAULT_TOLERATIONS: tuple[dict[str, str], ...] = (
     {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"},
 )
 _NAME_MAX = 48  # leaves room for "-worker-NN" (PyTorchJob pods/services must be 63-char DNS labels)
+HOST_MEMORY_PER_RANK_GIB = 20
+"""Host RAM one rank needs at its peak: the UNet + ChatGLM weights it materialises on the host before
+moving them to its GPU (~18 GB at fp16) plus the CUDA context and the Python heap. The memory limit is
+``HOST_MEMORY_BASE_GIB + ranks x this + /dev/shm`` (an in-memory emptyDir counts against the limit)."""
+HOST_MEMORY_BASE_GIB = 8
+"""The launcher, DataLoader workers and the shared page cache of the weight files, once per pod."""
+ATTEMPT_LABEL = "kolors-job/attempt"
+JOB_ID_LABEL = "kolors-job/job-id"
 
 
 @dataclass(frozen=True)
@@ -77,12 +86,20 @@ class RenderOptions:
     """A Secret whose keys become env vars (static credentials); prefer IRSA/RRSA."""
     cache_pvc: str | None = "kolors-job-cache"
     """PVC mounted at /cache (models, datasets, compile caches); ``None`` uses an emptyDir. Multi-node needs RWX."""
-    create_cache_pvc: str | None = None
-    """A size (e.g. ``200Gi``): also render the PVC."""
+    create_cache_pvc: str | None = "200Gi"
+    """A size: also render the cache PVC the pods mount (``None``: it must exist already)."""
     storage_class: str | None = None
     shm_size: str = "16Gi"
     cpu: str = "8"
-    memory: str = "64Gi"
+    memory: str | None = None
+    """Pod memory request = limit; ``None`` computes it from the ranks per pod (:func:`memory_for`)."""
+    oss_endpoint: str | None = None
+    """``KOLORS_JOB_OSS_ENDPOINT`` in the pod; required when the manifest or output is ``oss://``."""
+    attempt: str | None = None
+    """Suffix of the workload's name: each submit of a job id is a new Job (a failed Job is immutable, so
+    re-applying the same name would change nothing); the job id, and so the resume, stays the same."""
+    create_namespace: bool = True
+    """Also render ``namespace`` as a Namespace object (when one is given)."""
     node_selector: dict[str, str] = field(default_factory=dict)
     tolerations: tuple[dict[str, str], ...] = DEFAULT_TOLERATIONS
     priority_class: str | None = None
@@ -102,20 +119,59 @@ class RenderOptions:
             return "pytorchjob" if self.nodes > 1 else "job"
         return self.kind
 
+    @property
+    def resolved_memory(self) -> str:
+        return self.memory or memory_for(self.gpus, self.shm_size)
 
-def k8s_name(job_id: str) -> str:
+
+def _gib(quantity: str) -> float:
+    """A Kubernetes memory quantity (``16Gi``, ``512Mi``, ``1Ti``, ``64G``) in GiB."""
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)([KMGTP]i?|)", quantity.strip())
+    if not m:
+        raise ValueError(f"--shm-size {quantity!r}: not a memory quantity like 16Gi")
+    number, unit = float(m.group(1)), m.group(2)
+    powers = {"": 0, "K": 1, "M": 2, "G": 3, "T": 4, "P": 5}
+    base = 1024 if unit.endswith("i") else 1000
+    return number * base ** powers[unit.rstrip("i")] / 1024**3
+
+
+def memory_for(ranks: int, shm_size: str = "16Gi") -> str:
+    """The pod's memory limit for ``ranks`` processes: base + per-rank peak + the in-memory /dev/shm."""
+    return f"{HOST_MEMORY_BASE_GIB + ranks * HOST_MEMORY_PER_RANK_GIB + int(-(-_gib(shm_size) // 1))}Gi"
+
+
+def workload_name(opts: RenderOptions) -> str:
+    """The Job/PyTorchJob name: ``kolors-<id>``, plus ``-<attempt>`` for a submitted attempt."""
+    if not opts.attempt:
+        return k8s_name(opts.job_id)
+    suffix = re.sub(r"[^a-z0-9]+", "", opts.attempt.lower())[:8] or "a"
+    return f"{k8s_name(opts.job_id, max_len=_NAME_MAX - len(suffix) - 1)}-{suffix}"
+
+
+def oss_uris(opts: RenderOptions) -> list[str]:
+    return [u for u in (opts.manifest_uri, opts.output) if u and u.startswith("oss://")]
+
+
+def k8s_name(job_id: str, *, max_len: int = _NAME_MAX) -> str:
     """A DNS-1035 label for the job's objects: ``kolors-<id>``, shortened with a hash when needed."""
     base = re.sub(r"[^a-z0-9-]+", "-", job_id.lower()).strip("-") or "job"
     name = f"kolors-{base}"
-    if len(name) > _NAME_MAX:
+    if len(name) > max_len:
         digest = hashlib.sha256(job_id.encode()).hexdigest()[:8]
-        name = f"{name[: _NAME_MAX - 9].rstrip('-')}-{digest}"
+        name = f"{name[: max_len - 9].rstrip('-')}-{digest}"
     return name
 
 
+def job_id_label(job_id: str) -> str:
+    """The job id as a label value (what ``submit`` selects a job's workloads and pods by)."""
+    return re.sub(r"[^A-Za-z0-9._-]", "-", job_id)[:63].strip("-._") or "job"
+
+
 def _labels(opts: RenderOptions) -> dict[str, str]:
-    value = re.sub(r"[^A-Za-z0-9._-]", "-", opts.job_id)[:63].strip("-._") or "job"
-    labels = {"app.kubernetes.io/name": APP, "app.kubernetes.io/instance": value, "kolors-job/job-id": value}
+    value = job_id_label(opts.job_id)
+    labels = {"app.kubernetes.io/name": APP, "app.kubernetes.io/instance": value, JOB_ID_LABEL: value}
+    if opts.attempt:
+        labels[ATTEMPT_LABEL] = re.sub(r"[^A-Za-z0-9._-]", "-", opts.attempt)[:63].strip("-._") or "a"
     if opts.queue:
         labels["kueue.x-k8s.io/queue-name"] = opts.queue
     return labels
@@ -144,7 +200,11 @@ def _env(opts: RenderOptions, *, retryable_code: int | None) -> list[dict[str, A
         # volume: resume reads the output store, never this directory.
         {"name": "KOLORS_JOB_WORK_DIR", "value": f"{TMP_MOUNT}/kolors-job-work"},
         {"name": "KOLORS_JOB_LOG_FORMAT", "value": "json"},
+        # What torchrun derives the ranks' SIGTERM→SIGKILL window from (its default is 30 s).
+        {"name": GRACE_ENV, "value": str(opts.termination_grace_seconds)},
     ]
+    if opts.oss_endpoint:
+        env.append({"name": "KOLORS_JOB_OSS_ENDPOINT", "value": opts.oss_endpoint})
     if retryable_code is not None:
         env.append({"name": "KOLORS_JOB_RETRYABLE_EXIT_CODE", "value": str(retryable_code)})
     env += [{"name": k, "value": v} for k, v in sorted(opts.extra_env.items())]
@@ -163,9 +223,10 @@ def _container(
         c["envFrom"] = [{"secretRef": {"name": opts.secret}}]
     if name == PYTORCH_CONTAINER:
         c["ports"] = [{"name": "pytorchjob-port", "containerPort": PYTORCH_PORT, "protocol": "TCP"}]
+    memory = opts.resolved_memory
     c["resources"] = {
-        "requests": {"cpu": opts.cpu, "memory": opts.memory, "nvidia.com/gpu": str(opts.gpus)},
-        "limits": {"memory": opts.memory, "nvidia.com/gpu": str(opts.gpus)},
+        "requests": {"cpu": opts.cpu, "memory": memory, "nvidia.com/gpu": str(opts.gpus)},
+        "limits": {"memory": memory, "nvidia.com/gpu": str(opts.gpus)},
     }
     c["volumeMounts"] = [
         {"name": "cache", "mountPath": CACHE_MOUNT},
@@ -223,6 +284,7 @@ def _pod_spec(opts: RenderOptions, container: dict[str, Any], *, restart_policy:
 def _torchrun(opts: RenderOptions, *, standalone: bool) -> list[str]:
     """Launcher that keeps the ranks' exit codes (plain torchrun turns every failure into 1)."""
     cmd = ["tini", "--", "python", "-m", "kolors_job.launch.torchrun"]
+    cmd.append(f"--shutdown-timeout={shutdown_timeout(opts.termination_grace_seconds)}")
     if standalone:
         cmd += ["--standalone", f"--nproc-per-node={opts.gpus}"]
     return cmd
@@ -230,7 +292,7 @@ def _torchrun(opts: RenderOptions, *, standalone: bool) -> list[str]:
 
 def render_job(opts: RenderOptions) -> dict[str, Any]:
     """A ``batch/v1`` Job: one pod, one node, 1..N GPUs (N > 1 runs torchrun --standalone)."""
-    name = k8s_name(opts.job_id)
+    name = workload_name(opts)
     if opts.gpus > 1:
         command: list[str] | None = _torchrun(opts, standalone=True)
         args = ["/app/entrypoint.py", *_run_args(opts)]
@@ -273,7 +335,7 @@ def render_job(opts: RenderOptions) -> dict[str, Any]:
 
 def render_pytorchjob(opts: RenderOptions) -> dict[str, Any]:
     """A Kubeflow ``PyTorchJob``: Master + (nodes-1) Workers, torchrun fed by the operator's PET_* env."""
-    name = k8s_name(opts.job_id)
+    name = workload_name(opts)
 
     def replica(count: int) -> dict[str, Any]:
         container = _container(
@@ -346,16 +408,32 @@ def render_cache_pvc(opts: RenderOptions) -> dict[str, Any] | None:
     return {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": meta, "spec": spec}
 
 
+def render_namespace(opts: RenderOptions) -> dict[str, Any] | None:
+    if not (opts.namespace and opts.create_namespace):
+        return None
+    meta: dict[str, Any] = {"name": opts.namespace, "labels": {"app.kubernetes.io/part-of": APP}}
+    if opts.rrsa_role_name:  # ACK injects the RRSA token only in labelled namespaces
+        meta["labels"]["pod-identity.alibabacloud.com/injection"] = "on"
+    return {"apiVersion": "v1", "kind": "Namespace", "metadata": meta}
+
+
 def render(opts: RenderOptions) -> list[dict[str, Any]]:
-    """All objects for one run, in apply order (ServiceAccount and PVC before the workload)."""
+    """All objects for one run, in apply order (Namespace, ServiceAccount and PVC before the workload)."""
     if opts.gpus < 1 or opts.nodes < 1:
-        raise ValueError("gpus and nodes must be >= 1")
+        raise ValueError("--gpus and --nodes must be >= 1")
+    if oss_uris(opts) and not opts.oss_endpoint and not (
+        {"KOLORS_JOB_OSS_ENDPOINT", "OSS_ENDPOINT", "KOLORS_JOB_OSS_REGION"} & set(opts.extra_env)
+    ):
+        raise ValueError(
+            f"--oss-endpoint: {oss_uris(opts)[0]} needs an OSS endpoint in the pod "
+            "(e.g. https://oss-cn-hangzhou-internal.aliyuncs.com); without one the job exits 5 at start"
+        )
     kind = opts.resolved_kind
     if kind not in ("job", "pytorchjob"):
         raise ValueError(f"unknown kind {opts.kind!r}; use auto, job or pytorchjob")
     if kind == "job" and opts.nodes > 1:
         raise ValueError("a batch/v1 Job runs on one node; use --kind pytorchjob (or auto) for --nodes > 1")
-    docs = [d for d in (render_service_account(opts), render_cache_pvc(opts)) if d is not None]
+    docs = [d for d in (render_namespace(opts), render_service_account(opts), render_cache_pvc(opts)) if d]
     docs.append(render_pytorchjob(opts) if kind == "pytorchjob" else render_job(opts))
     return docs
 
@@ -382,12 +460,14 @@ EXAMPLES: dict[str, list[str]] = {
     "job-secret-4gpu.yaml": shlex.split(
         f"--job-id example-4gpu --image {EXAMPLE_IMAGE}"
         " --manifest-uri oss://BUCKET/kolors-jobs/example-4gpu/manifest.yaml --namespace kolors --gpus 4"
+        " --oss-endpoint https://oss-cn-hangzhou-internal.aliyuncs.com"
         " --secret kolors-job-storage --node-selector nvidia.com/gpu.product=NVIDIA-A100-SXM4-80GB"
     ),
     "pytorchjob.yaml": shlex.split(
         f"--job-id example-2x8 --image {EXAMPLE_IMAGE}"
         " --manifest-uri oss://BUCKET/kolors-jobs/example-2x8/manifest.yaml --namespace kolors"
-        " --nodes 2 --gpus 8 --cpu 64 --memory 512Gi --rrsa-role-name kolors-job"
+        " --oss-endpoint https://oss-cn-hangzhou-internal.aliyuncs.com"
+        " --nodes 2 --gpus 8 --cpu 64 --rrsa-role-name kolors-job"
         " --create-cache-pvc 500Gi --storage-class alibabacloud-cnfs-nas"
     ),
 }

@@ -6,12 +6,15 @@ PAI-DLC and a local subprocess, and the platform is only asked whether the job i
 that never started, or a DLC job stopped by hand, does not leave CI waiting until the timeout).
 
 Exit codes: 0 passed · 3 quality gate failed · the job's own code (or 1) when it failed · 2 invalid
-manifest · 5 storage denied · 6 the job id's manifest differs · 75 timed out (the job may still finish).
+manifest · 5 storage denied · 6 the job id's manifest differs · 7 the platform cannot start the job's
+pods (image pull, missing Secret or volume, unschedulable past --start-timeout) · 75 timed out (the
+job may still finish).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -24,15 +27,22 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import IO, Any
 
+from kolors_job.cli import prose
 from kolors_job.errors import ExitCode, JobError, ManifestError, StorageNotFoundError, StorageTemporaryError
 from kolors_job.launch import dlc as dlc_mod
 from kolors_job.launch import k8s as k8s_mod
 from kolors_job.redact import redact_uri, scrub
+from kolors_job.settings import alibaba_cloud_region
 
 JOB_ID_RE = re.compile(r"^[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?$")
 RETRYABLE = (int(ExitCode.TEMPORARY), k8s_mod.RETRYABLE_EXIT_CODE)
 DEFAULT_TIMEOUT = 6 * 3600
 LOCAL_EXIT_GRACE = 120  # seconds a finished local job gets to exit before it is stopped
+DEFAULT_START_TIMEOUT = 900  # seconds a pod may stay unschedulable (a cluster autoscaler may add a node)
+# Container states that do not heal by waiting: the pod would sit there (holding its GPU) until the
+# Job's activeDeadlineSeconds. ErrImagePull is left out: one failed pull may be a registry hiccup, and
+# kubelet turns a lasting one into ImagePullBackOff within seconds.
+FATAL_WAITING = ("ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull", "CreateContainerConfigError")
 
 
 @dataclass
@@ -211,7 +221,10 @@ def wait_for_outputs(
         if platform_done is not None:
             # The platform finished and one more look at the outputs found nothing terminal.
             detail = f" ({platform_done.detail})" if platform_done.detail else ""
-            _say(f"the job ended without a final status.json/_SUCCESS{detail}", out)
+            if platform_done.exit_code == ExitCode.NOT_STARTED:
+                _say(f"the job could not start: {platform_done.detail}", out)
+            else:
+                _say(f"the job ended without a final status.json/_SUCCESS{detail}", out)
             code = platform_done.exit_code if platform_done.exit_code not in (None, 0) else _job_code(status)
             return Outcome(code, "failed", status, _read_json(store, "report.json"))
         if probe is not None:
@@ -276,44 +289,165 @@ def _start_local(args: argparse.Namespace, manifest_uri: str, job_id: str) -> tu
     return probe, stop
 
 
-def _k8s_probe(kubectl: str, kind: str, name: str, namespace: str | None) -> Probe:
-    def probe() -> PlatformState | None:
-        cmd = [kubectl, "get", f"{kind}/{name}", "-o", "json"] + (["-n", namespace] if namespace else [])
+class Kubectl:
+    """The few ``kubectl`` calls submit makes; every read returns ``None`` on any failure (a flaky API
+    server must not end the wait)."""
+
+    def __init__(self, binary: str, namespace: str | None) -> None:
+        self.binary, self.namespace = binary, namespace
+
+    def _cmd(self, *args: str) -> list[str]:
+        return [self.binary, *args] + (["-n", self.namespace] if self.namespace else [])
+
+    def get(self, *args: str) -> dict[str, Any] | None:
         try:
-            r = subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=False)
-            conds = (json.loads(r.stdout).get("status") or {}).get("conditions") or [] if r.returncode == 0 else []
+            r = subprocess.run(self._cmd("get", *args, "-o", "json"), capture_output=True, text=True,
+                               timeout=60, check=False)  # fmt: skip
+            data = json.loads(r.stdout) if r.returncode == 0 else None
         except (OSError, ValueError, subprocess.TimeoutExpired):
             return None
-        for c in conds:
-            if c.get("status") != "True":
-                continue
-            if c.get("type") == "Failed":
-                return PlatformState(True, None, f"{kind} Failed: {c.get('reason', '')} {c.get('message', '')}".strip())
-            if c.get("type") in ("Complete", "Succeeded"):
-                return PlatformState(True, 0, f"{kind} {c['type']}")
+        return data if isinstance(data, dict) else None
+
+    def items(self, *args: str) -> list[dict[str, Any]]:
+        return list((self.get(*args) or {}).get("items") or [])
+
+    def exists(self, kind: str, name: str) -> bool:
+        cmd = [self.binary, "get", f"{kind}/{name}", "-o", "name"]
+        if kind.lower() != "namespace" and self.namespace:
+            cmd += ["-n", self.namespace]
+        try:
+            return subprocess.run(cmd, capture_output=True, timeout=60, check=False).returncode == 0
+        except (OSError, subprocess.TimeoutExpired):
+            return False
+
+    def apply(self, text: str) -> None:
+        r = subprocess.run(self._cmd("apply", "-f", "-"), input=text, capture_output=True, text=True, check=False)
+        sys.stdout.write(r.stdout)
+        if r.returncode != 0:
+            sys.stderr.write(r.stderr)
+            raise JobError(f"kubectl apply failed with exit {r.returncode}")
+
+    def delete(self, kind: str, name: str) -> None:
+        with contextlib.suppress(OSError, subprocess.TimeoutExpired):
+            subprocess.run(self._cmd("delete", f"{kind}/{name}", "--ignore-not-found", "--wait=false"),
+                           capture_output=True, timeout=60, check=False)  # fmt: skip
+
+
+def _finished(obj: dict[str, Any]) -> PlatformState | None:
+    """A Job's / PyTorchJob's terminal condition, if it has one."""
+    kind = str(obj.get("kind", "")).lower()
+    for c in (obj.get("status") or {}).get("conditions") or []:
+        if c.get("status") != "True":
+            continue
+        if c.get("type") == "Failed":
+            return PlatformState(True, None, f"{kind} Failed: {c.get('reason', '')} {c.get('message', '')}".strip())
+        if c.get("type") in ("Complete", "Succeeded"):
+            return PlatformState(True, 0, f"{kind} {c['type']}")
+    return None
+
+
+def _event_messages(kube: Kubectl, name: str, reasons: tuple[str, ...]) -> list[str]:
+    events = kube.items("events", "--field-selector", f"involvedObject.name={name}")
+    return [f"{e.get('reason')}: {e.get('message', '')}".strip() for e in events if e.get("reason") in reasons]
+
+
+def pod_trouble(kube: Kubectl, selector: str, workload: str, *, unschedulable_since: dict[str, float],
+                start_timeout: float) -> str | None:  # fmt: skip
+    """Why the job's pods cannot start, once waiting will not help; ``None`` while they may still start.
+
+    Permanent at once: an image that cannot be pulled, a missing Secret/ConfigMap (env or volume), a
+    missing PVC. Bounded by ``start_timeout``: other unschedulable pods and pods the controller cannot
+    create (quota, admission), since capacity may appear.
+    """
+    now = time.monotonic()
+    pods = kube.items("pods", "-l", selector)
+    if not pods:
+        created = _event_messages(kube, workload, ("FailedCreate",))
+        if created:
+            first = unschedulable_since.setdefault(workload, now)
+            if now - first >= start_timeout:
+                return f"{workload}: {created[-1]}"
         return None
+    for pod in pods:
+        name = (pod.get("metadata") or {}).get("name", "?")
+        status = pod.get("status") or {}
+        for cs in (status.get("initContainerStatuses") or []) + (status.get("containerStatuses") or []):
+            waiting = (cs.get("state") or {}).get("waiting") or {}
+            if waiting.get("reason") in FATAL_WAITING:
+                return f"pod {name}: {waiting['reason']}: {waiting.get('message', '')}".strip()
+        if status.get("phase") != "Pending":
+            unschedulable_since.pop(name, None)
+            continue
+        for cond in status.get("conditions") or []:
+            if cond.get("type") == "PodScheduled" and cond.get("status") == "False" and \
+                    cond.get("reason") == "Unschedulable":  # fmt: skip
+                message = str(cond.get("message", ""))
+                if re.search(r"persistentvolumeclaim \S+ not found", message, re.I):
+                    return f"pod {name}: Unschedulable: {message}"
+                first = unschedulable_since.setdefault(name, now)
+                if now - first >= start_timeout:
+                    return f"pod {name}: Unschedulable for {now - first:.0f} s: {message}"
+        mounts = [m for m in _event_messages(kube, name, ("FailedMount",)) if "not found" in m]
+        if mounts:
+            return f"pod {name}: {mounts[-1]}"
+    return None
+
+
+def _k8s_probe(kube: Kubectl, kind: str, name: str, selector: str, start_timeout: float) -> Probe:
+    unschedulable_since: dict[str, float] = {}
+
+    def probe() -> PlatformState | None:
+        obj = kube.get(f"{kind}/{name}")
+        if obj is not None and (done := _finished(obj)) is not None:
+            return done
+        reason = pod_trouble(kube, selector, name, unschedulable_since=unschedulable_since,
+                             start_timeout=start_timeout)  # fmt: skip
+        if reason is None:
+            return None
+        # The pod would hold its node (and GPUs) until activeDeadlineSeconds; the reason is what CI shows.
+        kube.delete(kind, name)
+        return PlatformState(True, int(ExitCode.NOT_STARTED), f"{reason} (deleted {kind}/{name})")
 
     return probe
 
 
+def _active_attempt(kube: Kubectl, kind: str, job_id_label: str) -> str | None:
+    """The name of a workload of this job id that is still running (a CI rerun attaches to it)."""
+    for obj in kube.items(kind, "-l", f"{k8s_mod.JOB_ID_LABEL}={job_id_label}"):
+        if _finished(obj) is None:
+            return str((obj.get("metadata") or {}).get("name"))
+    return None
+
+
 def _start_k8s(args: argparse.Namespace, manifest_uri: str, job_id: str) -> Probe | None:
-    opts = options_from_namespace(args, job_id=job_id, manifest_uri=manifest_uri)
-    docs = k8s_mod.render(opts)
-    text = k8s_mod.to_yaml(docs)
+    """Apply a new attempt of the job (a fresh workload name, the same job id, so it resumes), or attach
+    to one still running; the Namespace and cache PVC are applied only when they do not exist yet."""
+    try:
+        opts = options_from_namespace(args, job_id=job_id, manifest_uri=manifest_uri, attempt=secrets.token_hex(3))
+        docs = k8s_mod.render(opts)
+    except ValueError as e:
+        raise JobError(str(e), exit_code=ExitCode.INVALID_MANIFEST) from None
     kubectl = shutil.which(args.kubectl) if args.kubectl else None
     if not kubectl:
-        _say(text)
+        _say(k8s_mod.to_yaml(docs))
         _say(f"kubectl ({args.kubectl or 'disabled'}) not found: apply the YAML above yourself; waiting for outputs")
         return None
-    cmd = [kubectl, "apply", "-f", "-"] + (["-n", opts.namespace] if opts.namespace else [])
-    r = subprocess.run(cmd, input=text, capture_output=True, text=True, check=False)
-    sys.stdout.write(r.stdout)
-    if r.returncode != 0:
-        sys.stderr.write(r.stderr)
-        raise JobError(f"kubectl apply failed with exit {r.returncode}")
+    kube = Kubectl(kubectl, opts.namespace)
     w = k8s_mod.workload(docs)
-    _say(f"started: {w['kind']} {w['metadata']['name']}")
-    return _k8s_probe(kubectl, w["kind"].lower(), w["metadata"]["name"], opts.namespace)
+    kind = w["kind"].lower()
+    label = k8s_mod.job_id_label(job_id)
+    if running := _active_attempt(kube, kind, label):
+        _say(f"attaching to {w['kind']} {running}, still running for this job id")
+        return _k8s_probe(kube, kind, running, f"{k8s_mod.JOB_ID_LABEL}={label}", args.start_timeout)
+    # An existing PVC may be bigger than ours (shrinking is refused); an existing namespace needs nothing.
+    docs = [d for d in docs if d["kind"] not in ("Namespace", "PersistentVolumeClaim")
+            or not kube.exists(d["kind"].lower(), d["metadata"]["name"])]  # fmt: skip
+    kube.apply(k8s_mod.to_yaml(docs))
+    name = w["metadata"]["name"]
+    _say(f"started: {w['kind']} {name}")
+    attempt = w["metadata"]["labels"][k8s_mod.ATTEMPT_LABEL]
+    selector = f"{k8s_mod.JOB_ID_LABEL}={label},{k8s_mod.ATTEMPT_LABEL}={attempt}"
+    return _k8s_probe(kube, kind, name, selector, args.start_timeout)
 
 
 _DENIED = re.compile(r"Forbidden|NoPermission|Unauthorized|InvalidAccessKey|SignatureDoesNotMatch|Security", re.I)
@@ -482,17 +616,22 @@ def add_k8s_arguments(p: argparse.ArgumentParser, *, require_image: bool) -> Non
     g.add_argument("--gpus", type=int, default=d.gpus, help="GPUs per node (default %(default)s)")
     g.add_argument("--nodes", type=int, default=d.nodes, help=">1 renders a Kubeflow PyTorchJob")
     g.add_argument("--kind", choices=("auto", "job", "pytorchjob"), default=d.kind)
-    g.add_argument("--namespace")
+    g.add_argument("--namespace", help="also rendered as a Namespace unless --no-create-namespace")
+    g.add_argument("--create-namespace", action=argparse.BooleanOptionalAction, default=d.create_namespace)
     g.add_argument("--service-account", default=d.service_account, help="'' for none")
     g.add_argument("--irsa-role-arn", help="EKS IRSA: render the ServiceAccount bound to this IAM role")
     g.add_argument("--rrsa-role-name", help="ACK RRSA: render the ServiceAccount bound to this RAM role")
     g.add_argument("--secret", help="Secret with credentials as env vars (envFrom); prefer IRSA/RRSA")
     g.add_argument("--cache-pvc", default=d.cache_pvc, help="PVC for /cache; '' for an emptyDir")
-    g.add_argument("--create-cache-pvc", metavar="SIZE", help="also render the cache PVC, e.g. 200Gi")
+    g.add_argument("--create-cache-pvc", metavar="SIZE", default=d.create_cache_pvc,
+                   help="size of the cache PVC rendered with the job (default %(default)s)")  # fmt: skip
     g.add_argument("--storage-class")
     g.add_argument("--shm-size", default=d.shm_size)
     g.add_argument("--cpu", default=d.cpu)
-    g.add_argument("--memory", default=d.memory)
+    g.add_argument("--memory", default=d.memory, help=(
+        f"pod memory (default {k8s_mod.HOST_MEMORY_BASE_GIB}Gi + {k8s_mod.HOST_MEMORY_PER_RANK_GIB}Gi per GPU"
+        " + --shm-size)"))
+    g.add_argument("--oss-endpoint", help="KOLORS_JOB_OSS_ENDPOINT in the pod; needed for oss:// URIs")
     g.add_argument("--node-selector", type=_kv, action="append", default=[], metavar="KEY=VALUE")
     g.add_argument("--toleration", type=_toleration, action="append", default=None, metavar="KEY[=VALUE]:EFFECT",
                    help="replaces the default nvidia.com/gpu:NoSchedule toleration")  # fmt: skip
@@ -506,7 +645,9 @@ def add_k8s_arguments(p: argparse.ArgumentParser, *, require_image: bool) -> Non
     g.add_argument("--env", type=_kv, action="append", default=[], metavar="KEY=VALUE", help="extra env var")
 
 
-def options_from_namespace(ns: argparse.Namespace, *, job_id: str, manifest_uri: str) -> k8s_mod.RenderOptions:
+def options_from_namespace(
+    ns: argparse.Namespace, *, job_id: str, manifest_uri: str, attempt: str | None = None
+) -> k8s_mod.RenderOptions:
     return k8s_mod.RenderOptions(
         job_id=job_id,
         image=ns.image,
@@ -521,11 +662,14 @@ def options_from_namespace(ns: argparse.Namespace, *, job_id: str, manifest_uri:
         rrsa_role_name=ns.rrsa_role_name,
         secret=ns.secret,
         cache_pvc=ns.cache_pvc or None,
-        create_cache_pvc=ns.create_cache_pvc,
+        create_cache_pvc=ns.create_cache_pvc or None,
+        create_namespace=ns.create_namespace,
+        oss_endpoint=ns.oss_endpoint,
+        attempt=attempt,
         storage_class=ns.storage_class,
         shm_size=ns.shm_size,
         cpu=ns.cpu,
-        memory=ns.memory,
+        memory=ns.memory or None,
         node_selector=dict(ns.node_selector),
         tolerations=tuple(ns.toleration) if ns.toleration is not None else k8s_mod.DEFAULT_TOLERATIONS,
         priority_class=ns.priority_class,
@@ -545,7 +689,7 @@ def add_dlc_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--set", action="append", default=[], metavar="PATH=VALUE",
                    help="override a spec field, e.g. WorkspaceId=123 or JobSpecs.0.PodCount=2")  # fmt: skip
     g.add_argument("--nproc-per-node", type=int, default=1, help="processes (GPUs) per DLC node")
-    g.add_argument("--region", default=os.environ.get("ALIBABA_CLOUD_REGION_ID"))
+    g.add_argument("--region", default=alibaba_cloud_region(), help="default $ALIBABA_CLOUD_REGION_ID")
     g.add_argument("--endpoint", default=os.environ.get("KOLORS_JOB_DLC_ENDPOINT"),
                    help="default pai-dlc.<region>.aliyuncs.com")  # fmt: skip
 
@@ -554,7 +698,7 @@ def add_submit_parser(subparsers: argparse._SubParsersAction) -> None:  # type: 
     p = subparsers.add_parser(
         "submit",
         help="upload a manifest, start the job (k8s, PAI-DLC or a local process), wait and report its scores",
-        description=__doc__,
+        description=prose(__doc__ or ""),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("target", choices=("k8s", "dlc", "local"))
@@ -569,6 +713,8 @@ def add_submit_parser(subparsers: argparse._SubParsersAction) -> None:  # type: 
     p.add_argument("--no-start", action="store_true", help="only upload and wait (the job is started elsewhere)")
     p.add_argument("--wait", action=argparse.BooleanOptionalAction, default=True, help="wait for the job to end")
     p.add_argument("--kubectl", default="kubectl", help="kubectl binary for k8s ('' prints the YAML instead)")
+    p.add_argument("--start-timeout", type=float, default=DEFAULT_START_TIMEOUT,
+                   help="k8s: seconds a pod may stay unschedulable before submit gives up (exit 7)")  # fmt: skip
     add_k8s_arguments(p, require_image=False)
     add_dlc_arguments(p)
     p.set_defaults(func=cmd_submit)

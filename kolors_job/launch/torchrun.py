@@ -5,7 +5,9 @@ manifest, do not retry" (2) from "preempted, retry" (75, or 203 under Kubeflow's
 This wrapper runs torchrun's own launcher and exits with the code of the first worker that failed.
 
 It also bridges ``MASTER_ADDR``/``MASTER_PORT`` (set by the Kubeflow operator and PAI-DLC) to the
-``PET_*`` variables torchrun reads, when those are not set already.
+``PET_*`` variables torchrun reads, when those are not set already, and gives the workers the pod's
+grace period to checkpoint after SIGTERM: torchrun's own default is 30 s before it SIGKILLs them,
+whatever ``terminationGracePeriodSeconds`` says.
 """
 
 from __future__ import annotations
@@ -15,6 +17,27 @@ import signal
 import sys
 
 from kolors_job.errors import ExitCode
+
+DEFAULT_GRACE_SECONDS = 120
+"""The platform's SIGTERM→SIGKILL window (k8s ``terminationGracePeriodSeconds``, DLC's setting)."""
+LAUNCHER_EXIT_MARGIN_SECONDS = 10
+"""Kept back from the grace period for torchrun itself to collect the ranks and exit before SIGKILL."""
+GRACE_ENV = "KOLORS_JOB_GRACE_SECONDS"
+
+
+def shutdown_timeout(grace_seconds: int) -> int:
+    """Seconds torchrun lets its workers finish after forwarding SIGTERM: the grace period less a margin."""
+    return max(1, grace_seconds - min(LAUNCHER_EXIT_MARGIN_SECONDS, grace_seconds // 4))
+
+
+def _with_shutdown_timeout(argv: list[str], environ: dict[str, str] | os._Environ[str]) -> list[str]:
+    """``argv`` plus ``--shutdown-timeout`` from ``KOLORS_JOB_GRACE_SECONDS`` unless one is given already."""
+    given = any(a.split("=")[0] in ("--shutdown-timeout", "--shutdown_timeout") for a in argv)
+    if given or environ.get("PET_SHUTDOWN_TIMEOUT") or environ.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT"):
+        return argv
+    raw = environ.get(GRACE_ENV, "")
+    grace = int(raw) if raw.isdigit() and int(raw) > 0 else DEFAULT_GRACE_SECONDS
+    return [f"--shutdown-timeout={shutdown_timeout(grace)}", *argv]
 
 
 def _bridge_env(environ: dict[str, str] | os._Environ[str]) -> None:
@@ -42,12 +65,17 @@ def exit_code_of(failures: dict[int, object]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from kolors_job.log import setup_logging
+    from kolors_job.settings import Settings
+
+    settings = Settings()
+    setup_logging(settings.log_format, settings.log_level)  # before torch: its import-time warnings demoted
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
     _bridge_env(os.environ)
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+    args = parse_args(_with_shutdown_timeout(sys.argv[1:] if argv is None else argv, os.environ))
     try:
         run(args)
     except ChildFailedError as e:

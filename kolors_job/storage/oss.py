@@ -3,7 +3,7 @@
 Credentials, first match wins (never from our config, never logged):
   1. ``OSS_ACCESS_KEY_ID``/``OSS_ACCESS_KEY_SECRET``[/``OSS_SESSION_TOKEN``] env;
   2. ``ALIBABA_CLOUD_ACCESS_KEY_ID``/``ALIBABA_CLOUD_ACCESS_KEY_SECRET``
-     [/``ALIBABA_CLOUD_SECURITY_TOKEN``] env;
+     [/``ALIBABA_CLOUD_SECURITY_TOKEN``] env, or the same as ``ALIBABACLOUD_*`` (the aliyun CLI's names);
   3. PAI-DLC's RAM-role file ``/mnt/.alibabacloud/credentials`` (re-read when it changes);
   4. the ``alibabacloud_credentials`` default chain (RRSA OIDC, profile files, ECS RAM role), wrapped
      as an oss2 provider so STS tokens refresh;
@@ -47,7 +47,7 @@ from kolors_job.errors import (
     StorageNotFoundError,
     StorageTemporaryError,
 )
-from kolors_job.settings import Settings
+from kolors_job.settings import ALIBABA_CLOUD_KEY_ENV, Settings
 
 from .base import Store, atomic_target, check_key, child_prefix, quiet_sdk_loggers, redact
 
@@ -154,10 +154,7 @@ def default_chain_provider() -> CredentialsProvider | None:
 
 
 def credentials_provider() -> CredentialsProvider | None:
-    for ak, sk, token in (
-        ("OSS_ACCESS_KEY_ID", "OSS_ACCESS_KEY_SECRET", "OSS_SESSION_TOKEN"),
-        ("ALIBABA_CLOUD_ACCESS_KEY_ID", "ALIBABA_CLOUD_ACCESS_KEY_SECRET", "ALIBABA_CLOUD_SECURITY_TOKEN"),
-    ):
+    for ak, sk, token in (("OSS_ACCESS_KEY_ID", "OSS_ACCESS_KEY_SECRET", "OSS_SESSION_TOKEN"), *ALIBABA_CLOUD_KEY_ENV):
         if os.environ.get(ak) and os.environ.get(sk):
             return StaticCredentialsProvider(os.environ[ak], os.environ[sk], os.environ.get(token, ""))
     if DLC_CREDENTIALS_FILE.is_file():
