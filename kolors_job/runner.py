@@ -8,7 +8,9 @@ same job resume instead of starting over (finished stages are found in the outpu
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import hashlib
 import json
 import logging
 import os
@@ -25,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
+from kolors_job.claim import CLAIM_DIR, OutputClaim
 from kolors_job.errors import (
     ExitCode,
     InputError,
@@ -39,6 +42,7 @@ from kolors_job.redact import redact_uri, scrub
 from kolors_job.settings import Settings
 from kolors_job.status import StatusWriter
 from kolors_job.storage import Store, open_store
+from kolors_job.storage import base as storage_base
 from kolors_job.storage.base import atomic_target
 
 if TYPE_CHECKING:
@@ -82,6 +86,7 @@ def _stop_on_signals(flag: StopFlag) -> Iterator[None]:
         flag.signal_name = signal.Signals(signum).name
         log.warning("received %s: finishing the current step, checkpointing, then exiting 75", flag.signal_name)
         flag.event.set()
+        storage_base.request_stop()  # failed storage requests are no longer retried
 
     old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
@@ -89,12 +94,22 @@ def _stop_on_signals(flag: StopFlag) -> Iterator[None]:
     finally:
         for s, h in old.items():
             signal.signal(s, h)
+        storage_base.clear_stop()
 
 
 def _env_int(name: str, default: int) -> int:
     """torchrun / the Kubeflow operator / PAI-DLC set RANK, LOCAL_RANK and WORLD_SIZE."""
     raw = os.environ.get(name, "")
     return int(raw) if raw.isdigit() else default
+
+
+def _run_dir_name(world: int) -> str:
+    """This run's scratch directory name: the process alone, or under DDP the torchrun group (every
+    rank of a node must agree, so it is derived from the rendezvous torchrun gives them all)."""
+    if world == 1:
+        return f"run-{os.getpid()}-{os.urandom(3).hex()}"
+    group = ":".join(os.environ.get(v, "") for v in ("TORCHELASTIC_RUN_ID", "MASTER_ADDR", "MASTER_PORT"))
+    return "ddp-" + hashlib.sha256(group.encode()).hexdigest()[:12]
 
 
 def _device() -> str:
@@ -140,7 +155,9 @@ class Job:
         # One process per node prepares that node's work dir (LoRA copy, downloads): disks are per node.
         self.local_main = _env_int("LOCAL_RANK", 0) == 0
         self.store: Store = open_store(manifest.spec.output.uri, settings).child(self.job_id)
-        self.work = settings.resolved_work_dir / self.job_id
+        # Scratch is per run: two processes of one job (a rerun racing a zombie, a waiting second run)
+        # never share files. A rerun resumes from the output store, never from scratch.
+        self.work = settings.resolved_work_dir / self.job_id / _run_dir_name(self.world)
         if self.world > _env_int("LOCAL_WORLD_SIZE", self.world):
             # Several nodes: the work dir may be one shared volume (a ReadWriteMany cache PVC), and each
             # node's ranks write their own LoRA copy and checkpoints there. torchrun sets GROUP_RANK.
@@ -148,6 +165,7 @@ class Job:
         self.status = StatusWriter(self.store if self.main else None, self.job_id, self.digest)
         self.timings: dict[str, float] = {}
         self.owns_output = False  # set once prepare_output has checked the prefix is ours
+        self.claim: OutputClaim | None = None  # rank 0's exclusive claim on the output prefix
         self.device = _device()
         if self.device == "cuda" and self.world > 1:
             self.device = f"cuda:{_env_int('LOCAL_RANK', 0)}"  # one GPU per rank, as torchrun assigns them
@@ -215,6 +233,26 @@ class Job:
 # ---------------------------------------------------------------------------------------------- stages
 
 
+def claim_output(job: Job) -> None:
+    """Take the exclusive claim on the prefix (see kolors_job.claim) and keep it alive while we run."""
+
+    def lost(reason: str) -> None:
+        job.stop.signal_name = f"loss of the output claim ({reason})"
+        job.stop.event.set()
+
+    claim = OutputClaim(
+        job.store,
+        job.digest,
+        lease_s=job.settings.claim_lease_s,
+        wait_s=job.settings.claim_wait_s,
+        should_stop=job.stop,
+        on_lost=lost,
+    )
+    claim.acquire()
+    job.claim = claim
+    claim.start_heartbeat()
+
+
 def prepare_output(job: Job) -> bool:
     """Refuse another manifest's prefix; return True when this exact job already finished."""
     existing = job.store.read_bytes("manifest.resolved.yaml") if job.store.exists("manifest.resolved.yaml") else None
@@ -234,7 +272,8 @@ def prepare_output(job: Job) -> bool:
         return True
     if job.force and job.main:
         for key in job.store.list():
-            job.store.delete(key)
+            if not key.startswith(f"{CLAIM_DIR}/"):  # our own claim stays
+                job.store.delete(key)
     if job.main:
         job.store.write_bytes("manifest.resolved.yaml", job.manifest.to_yaml().encode())
     return False
@@ -609,11 +648,18 @@ def run_job(job: Job) -> JobOutcome:
             log.exception("internal error: %s", message)
             _safe_finish(job, "failed", ExitCode.INTERNAL, message)
             return JobOutcome(job.job_id, job.output_uri, ExitCode.INTERNAL, "failed", message)
+        finally:
+            if job.claim is not None:
+                job.claim.release()
+            if job.world == 1:  # nothing in scratch is reused by a rerun (it resumes from the output store)
+                shutil.rmtree(job.work, ignore_errors=True)
+                with contextlib.suppress(OSError):
+                    job.work.parent.rmdir()  # the job's directory, when no other run of it is using it
 
 
 def _safe_finish(job: Job, state: str, code: ExitCode, message: str) -> None:
-    if not job.owns_output:  # e.g. a conflict: that prefix's status.json belongs to another run
-        return
+    if not job.owns_output or (job.claim is not None and job.claim.lost.is_set()):
+        return  # e.g. a conflict, or a lost claim: that prefix's status.json belongs to another run
     try:
         job.status.finish(state, int(code), message)
     except Exception as e:  # storage may be the thing that failed
@@ -623,7 +669,9 @@ def _safe_finish(job: Job, state: str, code: ExitCode, message: str) -> None:
 def _run(job: Job) -> JobOutcome:
     log.info("job %s → %s", job.job_id, job.output_uri, extra={"manifest_digest": job.digest})
     # Nothing is written before this check: a finished run or another manifest's run stays untouched.
-    with job.main_first():  # rank 0 checks (and with --force clears) the prefix before the others look
+    with job.main_first():  # rank 0 claims, checks (and with --force clears) the prefix before the others look
+        if job.main:
+            claim_output(job)
         finished = prepare_output(job)
     if finished:
         msg = f"{job.output_uri}: already complete (_SUCCESS exists); use --force to recompute"
