@@ -10,12 +10,15 @@ import logging
 import os
 import re
 import tempfile
+import threading
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from kolors_job.errors import ExitCode, StorageError
+from kolors_job.errors import ExitCode, StorageError, StorageTemporaryError
+from kolors_job.redact import scrub
 
 TMP_MARKER = ".kolors-tmp-"
 """Temp files written next to their destination carry this, so listings can skip half-written files."""
@@ -27,8 +30,63 @@ _USERINFO = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s]+@")
 
 
 def redact(text: str) -> str:
-    """Hide ``user:password@`` in any URL inside ``text`` (endpoints may embed keys)."""
-    return _USERINFO.sub(r"\g<scheme>***@", text)
+    """Hide ``user:password@`` in any URL inside ``text`` (endpoints may embed keys), and the values of
+    secret environment variables: SDK error texts go through here before any log, error or file."""
+    return scrub(_USERINFO.sub(r"\g<scheme>***@", text))
+
+
+class _StopState:
+    """Process-wide: the job is stopping (SIGTERM), and whether storage already failed since.
+
+    Storage retries are what keep a stopping job alive on a dead endpoint (8 tries of a read timeout
+    each), so once the job stops, failed requests are not retried; once one has failed, no new request
+    is even tried: the job exits 75 within about one read timeout of the signal. A request that works
+    still goes through, so a stop on a healthy store still uploads its checkpoint and status.
+    """
+
+    def __init__(self) -> None:
+        self.stopping = threading.Event()
+        self.failed_while_stopping = threading.Event()
+
+
+STOP = _StopState()
+
+
+def request_stop() -> None:
+    """Called from the job's SIGTERM handler."""
+    STOP.stopping.set()
+
+
+def clear_stop() -> None:
+    """The job is over (tests run several in one process)."""
+    STOP.stopping.clear()
+    STOP.failed_while_stopping.clear()
+
+
+def check_new_request(where: str) -> None:
+    """Refuse to start a request when the job is stopping and storage has already failed it."""
+    if STOP.failed_while_stopping.is_set():
+        raise StorageTemporaryError(f"{where}: not tried: the job is stopping and storage is failing")
+
+
+def check_retry(where: str, started: float, deadline_s: float) -> None:
+    """Raise StorageTemporaryError instead of retrying when the job stops or the deadline has passed."""
+    if STOP.stopping.is_set():
+        STOP.failed_while_stopping.set()
+        raise StorageTemporaryError(f"{where}: failed and not retried: the job is stopping")
+    if time.monotonic() - started >= deadline_s:
+        raise StorageTemporaryError(f"{where}: no success within the {deadline_s:.0f}s storage deadline")
+
+
+def note_failure() -> None:
+    """A request failed for good: when the job is stopping, do not start new ones."""
+    if STOP.stopping.is_set():
+        STOP.failed_while_stopping.set()
+
+
+def backoff_sleep(seconds: float) -> None:
+    """Sleep before a retry, waking at once on SIGTERM (the retry is then refused)."""
+    STOP.stopping.wait(seconds)
 
 
 def join_key(*parts: str) -> str:
