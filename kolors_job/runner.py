@@ -9,6 +9,7 @@ same job resume instead of starting over (finished stages are found in the outpu
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import hashlib
 import json
@@ -44,6 +45,7 @@ from kolors_job.status import StatusWriter
 from kolors_job.storage import Store, open_store
 from kolors_job.storage import base as storage_base
 from kolors_job.storage.base import atomic_target
+from kolors_job.storage.local import TEMPORARY_ERRNOS, os_error
 
 if TYPE_CHECKING:
     from accelerate import PartialState
@@ -304,7 +306,7 @@ def run_dataset(job: Job) -> tuple[Any, dict[str, Any]]:
 
     spec = job.manifest.spec.dataset
     root = fetch_dataset(spec, job.settings)
-    scan = scan_dataset(root, spec)
+    scan = scan_dataset(root, spec, memory_budget=job.settings.scan_memory_mb << 20)
     summary = scan.report(spec.source).to_dict()
     log.info("dataset: %d kept, skipped %s", scan.kept, summary["skipped"] or "none", extra={"kept": scan.kept})
     if not scan.items:
@@ -349,6 +351,7 @@ def run_train(job: Job, models: ResolvedModels, items: list[Any]) -> dict[str, A
             job.store.download_dir(newest + "/", resume_from)
         job.barrier()
         log.info("train: resuming from %s", newest)
+        job.status.progress(complete[-1], force=True)  # not "step 0" until the next step is done
 
     keep = job.manifest.spec.output.keep_checkpoints
 
@@ -636,7 +639,12 @@ def run_job(job: Job) -> JobOutcome:
     """The whole recipe. Exceptions become a failed/interrupted ``status.json`` and an exit code."""
     with _stop_on_signals(job.stop):
         try:
-            return _run(job)
+            try:
+                return _run(job)
+            except OSError as e:  # the scratch or cache disk: full, read-only, a file where a dir must be
+                if e.errno not in _FILESYSTEM_FAULTS:
+                    raise
+                raise os_error(e, f"local file {scrub(str(e.filename or job.work))}") from None
         except JobError as e:
             state = "interrupted" if e.exit_code == ExitCode.TEMPORARY else "failed"
             message = scrub(str(e))
@@ -655,6 +663,10 @@ def run_job(job: Job) -> JobOutcome:
                 shutil.rmtree(job.work, ignore_errors=True)
                 with contextlib.suppress(OSError):
                     job.work.parent.rmdir()  # the job's directory, when no other run of it is using it
+
+
+_FILESYSTEM_FAULTS = TEMPORARY_ERRNOS | {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.ENAMETOOLONG}
+"""Local faults that are the environment's, not a bug: one line and exit 75 or 5 (see storage.local)."""
 
 
 def _safe_finish(job: Job, state: str, code: ExitCode, message: str) -> None:

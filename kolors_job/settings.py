@@ -42,6 +42,8 @@ class Settings(BaseSettings):
     storage_read_timeout_s: float = 20.0
     """No byte for this long fails the attempt. Short, so that SIGTERM (which stops retries) ends a
     transfer stuck on a dead endpoint well within a Kubernetes grace period."""
+    scan_memory_mb: int = 1024
+    """What the dataset scan's image decodes may hold at once, all threads together."""
     claim_lease_s: float = 120.0
     """The output prefix's claim expires this long after its owner's last heartbeat (every quarter
     of it): a preempted or killed run's prefix is taken over by its rerun after at most this long."""

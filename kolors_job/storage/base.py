@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import posixpath
 import re
 import tempfile
 import threading
@@ -146,17 +147,34 @@ def quiet_sdk_loggers(*names: str) -> None:
             logger.setLevel(logging.WARNING)
 
 
+def _read_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()  # read once, at import: os.umask can only be read by setting it
+
+
+def file_mode() -> int:
+    """The mode a plain ``open(path, "w")`` would give: 0o666 less the umask."""
+    return 0o666 & ~_UMASK
+
+
 @contextmanager
 def atomic_target(path: Path) -> Iterator[Path]:
     """Yield a temp path beside ``path``; on success rename it into place, on failure remove it.
 
-    Readers never see a partial file, and a crash leaves at most a ``.kolors-tmp-*`` file.
+    Readers never see a partial file, and a crash leaves at most a ``.kolors-tmp-*`` file. The file
+    gets the umask's mode, not mkstemp's 0600 (nor what the writer chose, e.g. safetensors' 0600):
+    a ComfyUI or web container running as another user must be able to read the LoRA on a shared volume.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name[:60]}{TMP_MARKER}", dir=path.parent)
     os.close(fd)
     try:
         yield Path(tmp)
+        os.chmod(tmp, file_mode())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -194,6 +212,10 @@ class Store(ABC):
     def exists(self, key: str) -> bool: ...
 
     @abstractmethod
+    def size(self, key: str) -> int:
+        """The object's size in bytes (a HEAD): check a size limit before reading anything."""
+
+    @abstractmethod
     def list(self, prefix: str = "") -> list[str]:
         """All keys starting with ``prefix`` (recursive), relative to the store root, sorted."""
 
@@ -228,24 +250,60 @@ class Store(ABC):
             keys.append(key)
         return sorted(keys)
 
-    def download_dir(self, prefix: str, local_dir: Path) -> list[Path]:
+    def download_dir(
+        self, prefix: str, local_dir: Path, *, skipped: dict[str, list[str]] | None = None
+    ) -> list[Path]:
         """Download every object under the directory ``prefix`` into ``local_dir``.
 
-        All keys are checked before anything is written, so a hostile listing writes nothing.
+        All keys are checked before anything is written, so a hostile listing writes nothing. With
+        ``skipped`` (a dataset: one odd key must not fail the rest), keys no local filesystem can hold
+        are left out and recorded there by reason instead: ``unsafe_key`` (``..``, empty or ``.``
+        segments), ``key_conflict`` (``x.png`` beside ``x.png/y.png``: one name cannot be a file and a
+        directory) and ``name_too_long`` (a segment over 255 bytes).
         """
         local_dir = Path(local_dir)
         dir_prefix = prefix if not prefix or prefix.endswith("/") else prefix + "/"
         pairs = []
+        rels = []
         for key in self.list(dir_prefix):
             rel = key[len(dir_prefix) :]
             if rel == "" or (rel.endswith("/") and not rel.startswith("/")):
                 # a "folder" marker (consoles create ``a/b/`` objects): nothing to write, but its
                 # path must be as safe as any file's
                 if rel:
-                    unsafe_relative_path(rel.rstrip("/"))
+                    self._check_rel(rel.rstrip("/"), skipped)
                 continue
-            unsafe_relative_path(rel)
+            if self._check_rel(rel, skipped):
+                rels.append((key, rel))
+        dirs = {posixpath.dirname(rel) for _, rel in rels}
+        parents = {"/".join(d.split("/")[: i + 1]) for d in dirs if d for i in range(d.count("/") + 1)}
+        for key, rel in rels:
+            if rel in parents:  # a file named like a directory of other files
+                if skipped is None:
+                    raise StorageError(
+                        f"{self.uri}{key}: both a file and a directory of other files", exit_code=ExitCode.INVALID_INPUT
+                    )
+                skipped.setdefault("key_conflict", []).append(rel)
+                continue
             pairs.append((key, local_dir.joinpath(*rel.split("/"))))
         for key, path in pairs:
             self.download_file(key, path)
         return [path for _, path in pairs]
+
+    @staticmethod
+    def _check_rel(rel: str, skipped: dict[str, list[str]] | None) -> bool:
+        """Whether ``rel`` can be written below a local directory; else raise, or record it and say no."""
+        try:
+            unsafe_relative_path(rel)
+        except StorageError:
+            if skipped is None:
+                raise
+            skipped.setdefault("unsafe_key", []).append(rel)
+            return False
+        if any(len(part.encode()) > 255 for part in rel.split("/")):
+            if skipped is None:
+                raise StorageError(f"storage key {rel[:80]!r}…: a path segment is over 255 bytes",
+                                   exit_code=ExitCode.INVALID_INPUT)
+            skipped.setdefault("name_too_long", []).append(rel)
+            return False
+        return True

@@ -428,6 +428,10 @@ class OSSStore(Store):
         with atomic_target(Path(path)) as tmp:  # get_object_to_file checks the CRC64 of the whole object
             self._call("download", key, lambda: self._bucket.get_object_to_file(full, str(tmp)))
 
+    def size(self, key: str) -> int:
+        full = self._key(key)
+        return int(self._call("size", key, lambda: self._bucket.head_object(full)).content_length)
+
     def exists(self, key: str) -> bool:
         full = self._key(key)
         return self._call("exists", key, lambda: self._bucket.object_exists(full))

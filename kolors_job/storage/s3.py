@@ -366,6 +366,11 @@ class S3Store(Store):
 
         self._call("download", key, download)
 
+    def size(self, key: str) -> int:
+        full = self._key(key)
+        head = self._call("size", key, lambda: self._client.head_object(Bucket=self.bucket, Key=full))
+        return int(head["ContentLength"])
+
     def exists(self, key: str) -> bool:
         full = self._key(key)
         try:
