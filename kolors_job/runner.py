@@ -36,6 +36,7 @@ from kolors_job.errors import (
     JobInterruptedError,
     ManifestError,
     OutputConflictError,
+    StorageNotFoundError,
 )
 from kolors_job.log import progress_enabled
 from kolors_job.manifest import JOB_ID_PATTERN, Manifest, OutputSpec, format_validation_error
@@ -235,6 +236,37 @@ class Job:
 # ---------------------------------------------------------------------------------------------- stages
 
 
+def _already_finished(job: Job) -> bool:
+    """Read-only, before any claim: True for ``_SUCCESS`` (written last) beside this very manifest, a
+    conflict for another manifest's run. A no-op rerun or a refused one writes nothing at all;
+    prepare_output checks again under the claim, where it counts."""
+    if job.force:
+        return False
+    try:
+        existing = job.store.read_bytes("manifest.resolved.yaml")
+    except StorageNotFoundError:
+        return False
+    _refuse_other_manifest(job, existing)
+    return job.store.exists("_SUCCESS")
+
+
+def _refuse_other_manifest(job: Job, resolved: bytes) -> None:
+    if _resolved_digest(resolved) != job.digest and not job.force:
+        raise OutputConflictError(
+            f"{job.output_uri}: holds a run of a different manifest; use a new job id "
+            "(--job-id or metadata.name) or --force to replace it"
+        )
+
+
+def _resolved_digest(raw: bytes) -> str | None:
+    import yaml
+
+    try:
+        return Manifest.model_validate(yaml.safe_load(raw)).digest()
+    except Exception:  # a foreign or hand-edited file: treated as another manifest's
+        return None
+
+
 def claim_output(job: Job) -> None:
     """Take the exclusive claim on the prefix (see kolors_job.claim) and keep it alive while we run."""
 
@@ -259,17 +291,7 @@ def prepare_output(job: Job) -> bool:
     """Refuse another manifest's prefix; return True when this exact job already finished."""
     existing = job.store.read_bytes("manifest.resolved.yaml") if job.store.exists("manifest.resolved.yaml") else None
     if existing is not None:
-        import yaml
-
-        try:
-            previous = Manifest.model_validate(yaml.safe_load(existing)).digest()
-        except Exception:  # a foreign or hand-edited file: treat as a conflict
-            previous = None
-        if previous != job.digest and not job.force:
-            raise OutputConflictError(
-                f"{job.output_uri}: holds a run of a different manifest; use a new job id "
-                "(--job-id or metadata.name) or --force to replace it"
-            )
+        _refuse_other_manifest(job, existing)
     if job.store.exists("_SUCCESS") and not job.force:
         return True
     if job.force and job.main:
@@ -681,10 +703,13 @@ def _safe_finish(job: Job, state: str, code: ExitCode, message: str) -> None:
 def _run(job: Job) -> JobOutcome:
     log.info("job %s → %s", job.job_id, job.output_uri, extra={"manifest_digest": job.digest})
     # Nothing is written before this check: a finished run or another manifest's run stays untouched.
-    with job.main_first():  # rank 0 claims, checks (and with --force clears) the prefix before the others look
-        if job.main:
-            claim_output(job)
-        finished = prepare_output(job)
+    # A finished run of this manifest is seen without claiming anything: a no-op rerun writes nothing.
+    finished = _already_finished(job)
+    if not finished:
+        with job.main_first():  # rank 0 claims, checks (and with --force clears) the prefix before the others look
+            if job.main:
+                claim_output(job)
+            finished = prepare_output(job)
     if finished:
         msg = f"{job.output_uri}: already complete (_SUCCESS exists); use --force to recompute"
         log.info(msg)

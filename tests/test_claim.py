@@ -147,17 +147,21 @@ def _prefix_digests(store) -> set[str]:
     return digests
 
 
-@pytest.mark.parametrize("backend", ["file", "s3"])
+@pytest.mark.parametrize("backend", ["file", "s3", "oss"])
 def test_concurrent_runs_never_mix_a_prefix_nor_exit_1(backend, tmp_path, shared_cache, storage_env, request):
     from kolors_job.manifest import Manifest
 
     if backend == "file":
         output, extra = (tmp_path / "out").as_uri(), {}
-    else:
+    elif backend == "s3":
         s3 = request.getfixturevalue("s3_server")
         output = f"s3://{s3.create_bucket()}/runs/"
         extra = {"KOLORS_JOB_S3_ENDPOINT_URL": s3.endpoint_url, "KOLORS_JOB_S3_REGION": s3.region,
                  "KOLORS_JOB_S3_ADDRESSING_STYLE": "path"}
+    else:
+        oss = request.getfixturevalue("oss_server")
+        output = f"oss://{oss.create_bucket()}/runs/"
+        extra = {"KOLORS_JOB_OSS_ENDPOINT": oss.endpoint, "KOLORS_JOB_OSS_REGION": oss.region}
     store = open_store(output, storage_env).child("pair")
 
     # two different manifests, one job id: one runs, the other exits 6 with one line
