@@ -82,6 +82,22 @@ def test_a_missing_manifest_is_exit_2_locally_and_remotely(s3_server, storage_en
         assert len(err.strip().splitlines()) == 1 and "cannot read manifest" in err, err
 
 
+def test_an_oversized_remote_manifest_is_refused_from_its_size_unread(s3_server, storage_env, capsys, monkeypatch):
+    try:
+        from tests.storage_servers.fault_proxy import FaultProxy
+    except ModuleNotFoundError:
+        from storage_servers.fault_proxy import FaultProxy
+
+    bucket = s3_server.create_bucket()
+    s3_server.client().put_object(Bucket=bucket, Key="big.yaml", Body=b"#" * (3 << 20))
+    with FaultProxy(s3_server.endpoint_url, flavour="s3") as proxy:  # no faults: it records the requests
+        monkeypatch.setenv("KOLORS_JOB_S3_ENDPOINT_URL", proxy.endpoint)
+        monkeypatch.setenv("KOLORS_JOB_S3_ADDRESSING_STYLE", "path")
+        assert main(["validate", f"s3://{bucket}/big.yaml"]) == 2
+        assert [m for m, t in proxy.requests if "big.yaml" in t] == ["HEAD"]  # never a GET of the 3 MB
+    assert "larger than the 1048576-byte limit" in capsys.readouterr().err
+
+
 # -- names and keys: skipped and counted, never exit 1 ------------------------------------------
 def test_odd_local_names_are_skipped_and_the_report_stays_valid_json(tmp_path) -> None:
     root = tmp_path / "data"
