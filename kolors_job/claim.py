@@ -30,7 +30,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
-from kolors_job.errors import ExitCode, JobError, JobInterruptedError, OutputConflictError, StorageError
+from kolors_job.errors import ExitCode, JobError, JobInterruptedError, OutputConflictError, StorageNotFoundError
 from kolors_job.storage import Store
 
 log = logging.getLogger("kolors_job.claim")
@@ -103,11 +103,9 @@ class OutputClaim:
         try:
             doc = json.loads(self.store.read_bytes(self._key(generation)))
             return ClaimRecord(**{k: doc[k] for k in ClaimRecord.__dataclass_fields__ if k in doc})
-        except StorageError as e:
-            if e.exit_code == ExitCode.INVALID_INPUT:  # not found: released and cleaned, or a race
-                return None
-            raise
-        except (ValueError, TypeError, KeyError):  # torn or foreign: only its lease can say; treat as expired
+        except StorageNotFoundError:  # removed by hand between our listing and this read
+            return None
+        except (ValueError, TypeError, KeyError):  # not a claim record (hand-written?): nothing it could hold
             return None
 
     def _write(self, generation: int, record: ClaimRecord, *, create: bool) -> bool:

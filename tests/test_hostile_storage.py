@@ -62,6 +62,14 @@ def test_validate_refuses_hostile_bucket_uris(case, tmp_path, capsys) -> None:
     assert PASSWORD not in err and "AKIDUSER" not in err and "Traceback" not in err
 
 
+def test_run_output_override_is_validated_like_the_manifest(tmp_path, capsys) -> None:
+    manifest = tmp_path / "m.json"
+    manifest.write_text(json.dumps({"spec": {"output": {"uri": str(tmp_path / "out")}}}))
+    code = main(["run", "--manifest", str(manifest), "--output", f"s3://u:{PASSWORD}@Bad_Bucket/x/"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("--output: ") and "credentials" in err and PASSWORD not in err, err
+
+
 @pytest.mark.parametrize("uri", [f"s3://AKIDUSER:{PASSWORD}@bucket/m.yaml", "oss://Bad_Bucket/m.yaml",
                                  "s3://bucket/../m.yaml"])
 def test_manifest_uri_from_the_environment_is_checked_too(uri, monkeypatch, capsys) -> None:
