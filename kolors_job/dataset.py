@@ -22,6 +22,7 @@ from __future__ import annotations
 import codecs
 import contextlib
 import csv
+import ctypes
 import hashlib
 import io
 import json
@@ -31,6 +32,7 @@ import random
 import re
 import shutil
 import stat
+import threading
 import time
 import uuid
 import warnings
@@ -103,6 +105,68 @@ class SkipReason:
     UNREADABLE = "unreadable"  # permission denied, dangling link, FIFO/device, I/O error
     NO_CAPTION = "no_caption"
     CAPTION_NOT_UTF8 = "caption_not_utf8"
+    NAME_NOT_UTF8 = "name_not_utf8"  # a file name no JSON report (nor caption file) can hold as text
+    # bucket keys a local directory cannot hold (recorded by Store.download_dir at fetch time):
+    UNSAFE_KEY = "unsafe_key"  # ``..``, ``.`` or empty segments
+    KEY_CONFLICT = "key_conflict"  # ``x.png`` beside ``x.png/y.png``
+    NAME_TOO_LONG = "name_too_long"  # a segment over 255 bytes
+
+
+SCAN_BYTES_PER_PIXEL = 24
+"""Peak bytes per pixel while one image is decoded and test-converted (the float64 path of 16-bit
+and float images; 8-bit RGBA → composite → RGB is about 16)."""
+DEFAULT_SCAN_MEMORY = 1 << 30
+"""What the scan's decodes may hold at once, all threads together (Settings.scan_memory_mb)."""
+
+
+class _MemoryBudget:
+    """A weighted semaphore over bytes: threads decode small images side by side, while images near
+    ``max_pixels`` (a GB each) take turns, so the scan's peak stays under the budget whatever the
+    thread count. An image bigger than the whole budget runs alone."""
+
+    def __init__(self, total: int) -> None:
+        self.total, self.used = max(1, total), 0
+        self._cond = threading.Condition()
+
+    @contextlib.contextmanager
+    def hold(self, nbytes: int) -> Iterator[None]:
+        nbytes = min(nbytes, self.total)
+        with self._cond:
+            self._cond.wait_for(lambda: self.used + nbytes <= self.total)
+            self.used += nbytes
+        try:
+            yield
+        finally:
+            if nbytes >= _TRIM_ABOVE:
+                _malloc_trim()
+            with self._cond:
+                self.used -= nbytes
+                self._cond.notify_all()
+
+
+_TRIM_ABOVE = 64 << 20
+
+
+def _malloc_trim() -> None:
+    """Hand freed heap back to the OS. Pillow allocates in 16 MB blocks, under glibc's mmap threshold,
+    and every thread's malloc arena keeps what it freed: without this, threads that decoded big images
+    one after another would still each keep one image's worth of memory."""
+    global _LIBC
+    if _LIBC is None:
+        try:
+            _LIBC = ctypes.CDLL("libc.so.6")
+            _LIBC.malloc_trim  # noqa: B018 - glibc only
+        except (OSError, AttributeError):
+            _LIBC = False
+    if _LIBC:
+        _LIBC.malloc_trim(0)
+
+
+_LIBC: Any = None
+
+
+SKIPPED_KEYS_FILE = ".kolors_job_skipped_keys.json"
+"""Written into a fetched bucket dataset: the keys left out and why, for the scan's report."""
 
 
 # --------------------------------------------------------------------------------------------- types
@@ -287,7 +351,10 @@ def _fetch_store(source: str, settings: Settings) -> Path:
     final = Path(settings.cache_dir) / "datasets" / key
 
     def fill(staging: Path) -> None:
-        store.download_dir("", staging)
+        skipped: dict[str, list[str]] = {}
+        store.download_dir("", staging, skipped=skipped)
+        if skipped:
+            (staging / SKIPPED_KEYS_FILE).write_text(json.dumps(skipped, ensure_ascii=False))
 
     return _cached(final, fill)
 
@@ -672,7 +739,9 @@ def _caption_for(root: Path, root_real: str, rel: str, spec: CaptionSpec, meta: 
         return _BAD_UTF8
 
 
-def _inspect(root: Path, root_real: str, rel: str, dspec: DatasetSpec, meta: _Metadata) -> _Verdict:
+def _inspect(
+    root: Path, root_real: str, rel: str, dspec: DatasetSpec, meta: _Metadata, budget: _MemoryBudget
+) -> _Verdict:
     """Judge one file; returns a verdict and never raises for anything a file can contain."""
     path = root / rel
     ext = posixpath.splitext(rel)[1].lower()
@@ -690,7 +759,7 @@ def _inspect(root: Path, root_real: str, rel: str, dspec: DatasetSpec, meta: _Me
     except OSError:
         return _Verdict(rel, reason=SkipReason.UNREADABLE)  # dangling link, permission, vanished file
     try:
-        return _inspect_open(fh, path, rel, ext, dspec, root, root_real, meta)
+        return _inspect_open(fh, path, rel, ext, dspec, root, root_real, meta, budget)
     except UnidentifiedImageError:
         return _Verdict(rel, reason=SkipReason.NOT_IMAGE)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning, MemoryError):
@@ -702,7 +771,8 @@ def _inspect(root: Path, root_real: str, rel: str, dspec: DatasetSpec, meta: _Me
 
 
 def _inspect_open(
-    fh: Any, path: Path, rel: str, ext: str, dspec: DatasetSpec, root: Path, root_real: str, meta: _Metadata
+    fh: Any, path: Path, rel: str, ext: str, dspec: DatasetSpec, root: Path, root_real: str, meta: _Metadata,
+    budget: _MemoryBudget,
 ) -> _Verdict:
     f = dspec.filters
     with Image.open(fh, formats=_formats()) as img:
@@ -727,15 +797,17 @@ def _inspect_open(
             return _Verdict(rel, reason=SkipReason.CAPTION_NOT_UTF8)
         if raw is None or (dspec.caption.fixed is None and not str(raw).strip()):
             return _Verdict(rel, reason=SkipReason.NO_CAPTION)
-        img.load()  # the one full decode: truncated/corrupt data fails here, not mid-training
-        if late_exif:
-            w, h = _oriented_size(img, _orientation(img))
-            if reason := _filter_reason(w, h, f):
-                return _Verdict(rel, reason=reason)
-        try:
-            _to_rgb8(img)
-        except (ValueError, OSError, TypeError):
-            return _Verdict(rel, reason=SkipReason.UNSUPPORTED_MODE)
+        with budget.hold(w * h * SCAN_BYTES_PER_PIXEL):
+            img.load()  # the one full decode: truncated/corrupt data fails here, not mid-training
+            if late_exif:
+                w, h = _oriented_size(img, _orientation(img))
+                if reason := _filter_reason(w, h, f):
+                    return _Verdict(rel, reason=reason)
+            try:
+                _to_rgb8(img)
+            except (ValueError, OSError, TypeError):
+                return _Verdict(rel, reason=SkipReason.UNSUPPORTED_MODE)
+            img.close()  # free the decoded pixels while still inside the budget: the verdict keeps only the size
     text = str(raw).strip() if dspec.caption.fixed is None else str(raw)
     caption, truncated = _finish_caption(text, dspec.caption)
     return _Verdict(rel, item=ImageItem(path=path, caption=caption, width=w, height=h), truncated=truncated)
@@ -761,12 +833,29 @@ def _passes_aspect(w: int, h: int, f: FilterSpec) -> bool:
     return h > 0 and low <= w / h <= high
 
 
-def scan_dataset(root: Path, spec: DatasetSpec, *, workers: int | None = None) -> DatasetScan:
+def _printable(rel: str) -> str:
+    """A name with undecodable bytes as ``\\xNN`` escapes: valid UTF-8 for report.json and logs."""
+    return rel.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def _fetch_skips(root: Path) -> dict[str, list[str]]:
+    """Keys the fetch of a bucket dataset left out (see ``SKIPPED_KEYS_FILE``), by reason."""
+    try:
+        doc = json.loads((root / SKIPPED_KEYS_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return {str(r): [str(k) for k in keys] for r, keys in doc.items() if isinstance(keys, list)}
+
+
+def scan_dataset(
+    root: Path, spec: DatasetSpec, *, workers: int | None = None, memory_budget: int = DEFAULT_SCAN_MEMORY
+) -> DatasetScan:
     """Decide which files under ``root`` are training images, counting every rejection by reason.
 
     Deterministic: candidates are visited in sorted relative-path order and ``max_images`` keeps
     the first N that pass. Headers are read with a thread pool (PIL releases the GIL while
-    decoding); the process-global PIL limits are set for the duration of the scan.
+    decoding); the process-global PIL limits are set for the duration of the scan. Full decodes
+    share ``memory_budget`` bytes (``SCAN_BYTES_PER_PIXEL`` per pixel, from the header's size).
     """
     root = Path(root)
     if not root.is_dir():
@@ -775,10 +864,15 @@ def scan_dataset(root: Path, spec: DatasetSpec, *, workers: int | None = None) -
     files, metadata_files, outside_dirs = _walk(root, root_real)
     meta = _read_metadata(root, root_real, metadata_files) if spec.caption.fixed is None else _Metadata()
     scan = DatasetScan(root=root, items=[])
-    skipped: dict[str, list[str]] = {}
+    skipped: dict[str, list[str]] = _fetch_skips(root)
     for rel in outside_dirs:
-        skipped.setdefault(SkipReason.SYMLINK_OUTSIDE_ROOT, []).append(rel)
+        skipped.setdefault(SkipReason.SYMLINK_OUTSIDE_ROOT, []).append(_printable(rel))
+    odd = [rel for rel in files if _has_surrogates(rel)]
+    if odd:
+        skipped.setdefault(SkipReason.NAME_NOT_UTF8, []).extend(_printable(rel) for rel in odd)
+        files = [rel for rel in files if not _has_surrogates(rel)]
     cap = spec.filters.max_images
+    budget = _MemoryBudget(memory_budget)
     workers = workers or min(8, os.cpu_count() or 1)
     chunk = max(1, workers * 4)
     with _pil_guard(spec.filters.max_pixels), ThreadPoolExecutor(max_workers=workers) as pool:
@@ -786,7 +880,7 @@ def scan_dataset(root: Path, spec: DatasetSpec, *, workers: int | None = None) -
         while position < len(files) and (cap is None or scan.kept < cap):
             batch = files[position : position + chunk]
             position += len(batch)
-            for v in pool.map(lambda rel: _inspect(root, root_real, rel, spec, meta), batch):
+            for v in pool.map(lambda rel: _inspect(root, root_real, rel, spec, meta, budget), batch):
                 if v.ignored:
                     continue
                 if cap is not None and scan.kept >= cap:

@@ -19,7 +19,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from kolors_job.errors import ManifestError
+from kolors_job.errors import ManifestError, StorageNotFoundError
 from kolors_job.models import SCHEDULERS
 from kolors_job.redact import redact_uri
 
@@ -58,8 +58,10 @@ def _check_uri(value: str, schemes: tuple[str, ...], *, allow_path: bool = True)
         )
     if scheme == "file" and m.group("rest").split("/", 1)[0] not in ("", "localhost"):
         raise ValueError("file:// URI must not name a host (use file:///absolute/path)")
-    if scheme in ("oss", "s3") and not m.group("rest").split("/", 1)[0]:
-        raise ValueError(f"{scheme}:// URI needs a bucket name")
+    if scheme in ("oss", "s3"):
+        from kolors_job.storage import check_bucket_uri
+
+        check_bucket_uri(scheme, m.group("rest"))
     if scheme in ("modelscope", "hf") and not re.fullmatch(r"[\w.-]+/[\w.-]+(@[\w./-]+)?", m.group("rest")):
         raise ValueError(f"{scheme}:// URI must be {scheme}://OWNER/NAME[@REVISION]")
     return value
@@ -417,13 +419,21 @@ def read_manifest_source(uri: str) -> tuple[bytes, str]:
         return _read_regular_file(path, uri), str(path)
     from kolors_job.storage import open_store, split_uri
 
-    scheme, bucket, key = split_uri(uri)
+    try:
+        scheme, bucket, key = split_uri(uri)
+    except ValueError as e:
+        raise ManifestError(f"{redact_uri(uri)}: {e}") from None
     key = key.rstrip("/")  # split_uri reads the path as a prefix and adds a slash
     if scheme not in ("s3", "oss") or not key or uri.endswith("/"):
         raise ManifestError(f"{redact_uri(uri)}: manifest URI must be a path, file://, s3:// or oss:// object")
     parent, _, name = key.rpartition("/")
     store = open_store(f"{scheme}://{bucket}/{parent}")
-    return store.read_bytes(name), redact_uri(uri)
+    try:
+        if (size := store.size(name)) > MAX_MANIFEST_BYTES:  # a HEAD first: never read 50 MB to refuse it
+            raise ManifestError(f"{redact_uri(uri)}: {size} bytes is larger than the {MAX_MANIFEST_BYTES}-byte limit")
+        return store.read_bytes(name), redact_uri(uri)
+    except StorageNotFoundError:  # a missing manifest is exit 2, wherever it was looked for
+        raise ManifestError(f"{redact_uri(uri)}: cannot read manifest: no such object") from None
 
 
 def _read_regular_file(path: Path, uri: str) -> bytes:

@@ -16,6 +16,11 @@ MASK = "***"
 _SECRET_NAME = re.compile(r"(SECRET|TOKEN|PASSWORD|PASSWD|ACCESS_KEY|ACCESS_KEY_ID|CREDENTIAL|API_KEY|PRIVATE)", re.I)
 _SECRET_QUERY = re.compile(r"(signature|token|secret|credential|password|key)", re.I)
 _MIN_SECRET_LEN = 6  # shorter values ("1", "true") would mask ordinary words
+_SHORT_SECRET_LEN = 16
+"""Values shorter than this are masked only as whole tokens: ``AWS_ACCESS_KEY_ID=hostile`` must not
+turn ``test_hostile_inputs`` into ``test_***_inputs``. Real keys and secrets are longer (AWS key ids
+are 20 characters, OSS ones 24, secrets 30-40) and are masked wherever they appear."""
+_WORD_CHARS = "A-Za-z0-9_.-"
 
 
 def redact_uri(uri: str) -> str:
@@ -47,5 +52,8 @@ _URI_IN_TEXT = re.compile(r"[a-zA-Z][a-zA-Z0-9+.-]*://[^\s'\"<>]+")
 def scrub(text: str, environ: Mapping[str, str] | None = None) -> str:
     """Remove secret env values and URI credentials from arbitrary text."""
     for value in secret_values(environ):
-        text = text.replace(value, MASK)
+        if len(value) >= _SHORT_SECRET_LEN:
+            text = text.replace(value, MASK)
+        elif value in text:
+            text = re.sub(rf"(?<![{_WORD_CHARS}]){re.escape(value)}(?![{_WORD_CHARS}])", MASK, text)
     return _URI_IN_TEXT.sub(lambda m: redact_uri(m.group(0)), text)

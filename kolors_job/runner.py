@@ -8,7 +8,10 @@ same job resume instead of starting over (finished stages are found in the outpu
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import functools
+import hashlib
 import json
 import logging
 import os
@@ -25,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
+from kolors_job.claim import CLAIM_DIR, OutputClaim
 from kolors_job.device import pick_device
 from kolors_job.errors import (
     ExitCode,
@@ -33,6 +37,7 @@ from kolors_job.errors import (
     JobInterruptedError,
     ManifestError,
     OutputConflictError,
+    StorageNotFoundError,
 )
 from kolors_job.log import progress_enabled
 from kolors_job.manifest import JOB_ID_PATTERN, Manifest, OutputSpec, format_validation_error
@@ -40,7 +45,9 @@ from kolors_job.redact import redact_uri, scrub
 from kolors_job.settings import Settings
 from kolors_job.status import StatusWriter
 from kolors_job.storage import Store, open_store
+from kolors_job.storage import base as storage_base
 from kolors_job.storage.base import atomic_target
+from kolors_job.storage.local import TEMPORARY_ERRNOS, os_error
 
 if TYPE_CHECKING:
     from accelerate import PartialState
@@ -83,6 +90,7 @@ def _stop_on_signals(flag: StopFlag) -> Iterator[None]:
         flag.signal_name = signal.Signals(signum).name
         log.warning("received %s: finishing the current step, checkpointing, then exiting 75", flag.signal_name)
         flag.event.set()
+        storage_base.request_stop()  # failed storage requests are no longer retried
 
     old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
@@ -90,12 +98,22 @@ def _stop_on_signals(flag: StopFlag) -> Iterator[None]:
     finally:
         for s, h in old.items():
             signal.signal(s, h)
+        storage_base.clear_stop()
 
 
 def _env_int(name: str, default: int) -> int:
     """torchrun / the Kubeflow operator / PAI-DLC set RANK, LOCAL_RANK and WORLD_SIZE."""
     raw = os.environ.get(name, "")
     return int(raw) if raw.isdigit() else default
+
+
+def _run_dir_name(world: int) -> str:
+    """This run's scratch directory name: the process alone, or under DDP the torchrun group (every
+    rank of a node must agree, so it is derived from the rendezvous torchrun gives them all)."""
+    if world == 1:
+        return f"run-{os.getpid()}-{os.urandom(3).hex()}"
+    group = ":".join(os.environ.get(v, "") for v in ("TORCHELASTIC_RUN_ID", "MASTER_ADDR", "MASTER_PORT"))
+    return "ddp-" + hashlib.sha256(group.encode()).hexdigest()[:12]
 
 
 class Job:
@@ -136,7 +154,9 @@ class Job:
         # One process per node prepares that node's work dir (LoRA copy, downloads): disks are per node.
         self.local_main = _env_int("LOCAL_RANK", 0) == 0
         self.store: Store = open_store(manifest.spec.output.uri, settings).child(self.job_id)
-        self.work = settings.resolved_work_dir / self.job_id
+        # Scratch is per run: two processes of one job (a rerun racing a zombie, a waiting second run)
+        # never share files. A rerun resumes from the output store, never from scratch.
+        self.work = settings.resolved_work_dir / self.job_id / _run_dir_name(self.world)
         if self.world > _env_int("LOCAL_WORLD_SIZE", self.world):
             # Several nodes: the work dir may be one shared volume (a ReadWriteMany cache PVC), and each
             # node's ranks write their own LoRA copy and checkpoints there. torchrun sets GROUP_RANK.
@@ -144,6 +164,7 @@ class Job:
         self.status = StatusWriter(self.store if self.main else None, self.job_id, self.digest)
         self.timings: dict[str, float] = {}
         self.owns_output = False  # set once prepare_output has checked the prefix is ours
+        self.claim: OutputClaim | None = None  # rank 0's exclusive claim on the output prefix
         self.allow_cpu = allow_cpu
         # one GPU per rank, as torchrun assigns them
         self.device = pick_device(manifest.spec.device, world=self.world, local_rank=_env_int("LOCAL_RANK", 0))
@@ -211,26 +232,68 @@ class Job:
 # ---------------------------------------------------------------------------------------------- stages
 
 
+def _already_finished(job: Job) -> bool:
+    """Read-only, before any claim: True for ``_SUCCESS`` (written last) beside this very manifest, a
+    conflict for another manifest's run. A no-op rerun or a refused one writes nothing at all;
+    prepare_output checks again under the claim, where it counts."""
+    if job.force:
+        return False
+    try:
+        existing = job.store.read_bytes("manifest.resolved.yaml")
+    except StorageNotFoundError:
+        return False
+    _refuse_other_manifest(job, existing)
+    return job.store.exists("_SUCCESS")
+
+
+def _refuse_other_manifest(job: Job, resolved: bytes) -> None:
+    if _resolved_digest(resolved) != job.digest and not job.force:
+        raise OutputConflictError(
+            f"{job.output_uri}: holds a run of a different manifest; use a new job id "
+            "(--job-id or metadata.name) or --force to replace it"
+        )
+
+
+def _resolved_digest(raw: bytes) -> str | None:
+    import yaml
+
+    try:
+        return Manifest.model_validate(yaml.safe_load(raw)).digest()
+    except Exception:  # a foreign or hand-edited file: treated as another manifest's
+        return None
+
+
+def claim_output(job: Job) -> None:
+    """Take the exclusive claim on the prefix (see kolors_job.claim) and keep it alive while we run."""
+
+    def lost(reason: str) -> None:
+        job.stop.signal_name = f"loss of the output claim ({reason})"
+        job.stop.event.set()
+
+    claim = OutputClaim(
+        job.store,
+        job.digest,
+        lease_s=job.settings.claim_lease_s,
+        wait_s=job.settings.claim_wait_s,
+        should_stop=job.stop,
+        on_lost=lost,
+    )
+    claim.acquire()
+    job.claim = claim
+    claim.start_heartbeat()
+
+
 def prepare_output(job: Job) -> bool:
     """Refuse another manifest's prefix; return True when this exact job already finished."""
     existing = job.store.read_bytes("manifest.resolved.yaml") if job.store.exists("manifest.resolved.yaml") else None
     if existing is not None:
-        import yaml
-
-        try:
-            previous = Manifest.model_validate(yaml.safe_load(existing)).digest()
-        except Exception:  # a foreign or hand-edited file: treat as a conflict
-            previous = None
-        if previous != job.digest and not job.force:
-            raise OutputConflictError(
-                f"{job.output_uri}: holds a run of a different manifest; use a new job id "
-                "(--job-id or metadata.name) or --force to replace it"
-            )
+        _refuse_other_manifest(job, existing)
     if job.store.exists("_SUCCESS") and not job.force:
         return True
     if job.force and job.main:
         for key in job.store.list():
-            job.store.delete(key)
+            if not key.startswith(f"{CLAIM_DIR}/"):  # our own claim stays
+                job.store.delete(key)
     if job.main:
         job.store.write_bytes("manifest.resolved.yaml", job.manifest.to_yaml().encode())
     return False
@@ -302,7 +365,7 @@ def run_dataset(job: Job) -> tuple[Any, dict[str, Any]]:
 
     spec = job.manifest.spec.dataset
     root = fetch_dataset(spec, job.settings)
-    scan = scan_dataset(root, spec)
+    scan = scan_dataset(root, spec, memory_budget=job.settings.scan_memory_mb << 20)
     summary = scan.report(spec.source).to_dict()
     log.info("dataset: %d kept, skipped %s", scan.kept, summary["skipped"] or "none", extra={"kept": scan.kept})
     if not scan.items:
@@ -347,6 +410,7 @@ def run_train(job: Job, models: ResolvedModels, items: list[Any]) -> dict[str, A
             job.store.download_dir(newest + "/", resume_from)
         job.barrier()
         log.info("train: resuming from %s", newest)
+        job.status.progress(complete[-1], force=True)  # not "step 0" until the next step is done
 
     keep = job.manifest.spec.output.keep_checkpoints
 
@@ -641,7 +705,12 @@ def run_job(job: Job) -> JobOutcome:
     """The whole recipe. Exceptions become a failed/interrupted ``status.json`` and an exit code."""
     with _stop_on_signals(job.stop):
         try:
-            return _run(job)
+            try:
+                return _run(job)
+            except OSError as e:  # the scratch or cache disk: full, read-only, a file where a dir must be
+                if e.errno not in _FILESYSTEM_FAULTS:
+                    raise
+                raise os_error(e, f"local file {scrub(str(e.filename or job.work))}") from None
         except JobError as e:
             state = "interrupted" if e.exit_code == ExitCode.TEMPORARY else "failed"
             message = scrub(str(e))
@@ -653,11 +722,22 @@ def run_job(job: Job) -> JobOutcome:
             log.exception("internal error: %s", message)
             _safe_finish(job, "failed", ExitCode.INTERNAL, message)
             return JobOutcome(job.job_id, job.output_uri, ExitCode.INTERNAL, "failed", message)
+        finally:
+            if job.claim is not None:
+                job.claim.release()
+            if job.world == 1:  # nothing in scratch is reused by a rerun (it resumes from the output store)
+                shutil.rmtree(job.work, ignore_errors=True)
+                with contextlib.suppress(OSError):
+                    job.work.parent.rmdir()  # the job's directory, when no other run of it is using it
+
+
+_FILESYSTEM_FAULTS = TEMPORARY_ERRNOS | {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.ENAMETOOLONG}
+"""Local faults that are the environment's, not a bug: one line and exit 75 or 5 (see storage.local)."""
 
 
 def _safe_finish(job: Job, state: str, code: ExitCode, message: str) -> None:
-    if not job.owns_output:  # e.g. a conflict: that prefix's status.json belongs to another run
-        return
+    if not job.owns_output or (job.claim is not None and job.claim.lost.is_set()):
+        return  # e.g. a conflict, or a lost claim: that prefix's status.json belongs to another run
     try:
         job.status.finish(state, int(code), message)
     except Exception as e:  # storage may be the thing that failed
@@ -667,8 +747,13 @@ def _safe_finish(job: Job, state: str, code: ExitCode, message: str) -> None:
 def _run(job: Job) -> JobOutcome:
     log.info("job %s → %s", job.job_id, job.output_uri, extra={"manifest_digest": job.digest})
     # Nothing is written before this check: a finished run or another manifest's run stays untouched.
-    with job.main_first():  # rank 0 checks (and with --force clears) the prefix before the others look
-        finished = prepare_output(job)
+    # A finished run of this manifest is seen without claiming anything: a no-op rerun writes nothing.
+    finished = _already_finished(job)
+    if not finished:
+        with job.main_first():  # rank 0 claims, checks (and with --force clears) the prefix before the others look
+            if job.main:
+                claim_output(job)
+            finished = prepare_output(job)
     if finished:
         msg = f"{job.output_uri}: already complete (_SUCCESS exists); use --force to recompute"
         log.info(msg)

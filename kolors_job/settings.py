@@ -40,6 +40,21 @@ class Settings(BaseSettings):
     """Run a full-size (non-``tiny://``) model without a CUDA GPU: hours per step, so refused unless set."""
     multipart_threshold_mb: int = 16
     multipart_chunk_mb: int = 8
+    storage_deadline_s: float = 240.0
+    """Overall time one storage operation may take, retries included: a dead endpoint gives exit 75
+    within this plus one read timeout (under 300 s by default), never an endless wait."""
+    storage_connect_timeout_s: float = 10.0
+    storage_read_timeout_s: float = 20.0
+    """No byte for this long fails the attempt. Short, so that SIGTERM (which stops retries) ends a
+    transfer stuck on a dead endpoint well within a Kubernetes grace period."""
+    scan_memory_mb: int = 1024
+    """What the dataset scan's image decodes may hold at once, all threads together."""
+    claim_lease_s: float = 120.0
+    """The output prefix's claim expires this long after its owner's last heartbeat (every quarter
+    of it): a preempted or killed run's prefix is taken over by its rerun after at most this long."""
+    claim_wait_s: float = 900.0
+    """A run of the *same* manifest waits this long for a live run holding the prefix to end
+    (then skips if it succeeded, resumes if it failed); still held after that: exit 75."""
 
     hf_endpoint: str | None = Field(None, validation_alias=AliasChoices("KOLORS_JOB_HF_ENDPOINT", "HF_ENDPOINT"))
     """Hugging Face Hub endpoint for ``hf://`` sources (a mirror); None: the hub's own default.

@@ -65,11 +65,11 @@ class StatusWriter:
         self.data["stages"][name].update(state=state, finished=_now(), seconds=round(seconds, 3))
         self.write()
 
-    def progress(self, step: int, total: int | None = None) -> None:
+    def progress(self, step: int, total: int | None = None, *, force: bool = False) -> None:
         self.data["step"] = step
         if total is not None:
             self.data["total"] = total
-        self.write(force=False)
+        self.write(force=force)
 
     def finish(self, state: str, exit_code: int, error: str | None = None) -> None:
         stage = self.data.get("stage")

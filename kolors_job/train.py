@@ -620,8 +620,8 @@ def train_lora(
         if not math.isfinite(loss_value):
             raise FloatingPointError(f"loss is {loss_value} at step {step}")
         # On a TTY the bar carries step/total, loss, lr, it/s and ETA; the per-step line is for logs.
-        log.log(logging.INFO if bar is None else logging.DEBUG, "step",
-                extra={"step": step, "total": n_steps, "loss": loss_value, "lr": lr, "grad_norm": grad_norm})  # fmt: skip
+        fields = {"step": step, "total": n_steps, "loss": loss_value, "lr": lr, "grad_norm": grad_norm}
+        log.log(logging.INFO if bar is None else logging.DEBUG, "step", extra=fields)
         if bar is not None:
             bar.set_postfix(loss=f"{loss_value:.4g}", lr=f"{lr:.3g}", refresh=False)
             bar.update(1)

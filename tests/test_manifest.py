@@ -150,11 +150,14 @@ def test_sources_env_inline_then_uri_then_flag(tmp_path: Path) -> None:
         load_manifest(str(tmp_path / "missing.yaml"))
 
 
-def test_credentials_in_uris_are_redacted_in_the_resolved_manifest() -> None:
-    m = parse_manifest("spec: {output: {uri: 's3://AKIDSECRET:SUPERSECRETKEY@bucket/p?X-Amz-Signature=abcdef'}}")
+def test_credentials_in_uris_are_refused_or_redacted() -> None:
+    with pytest.raises(ManifestError) as err:  # userinfo in a bucket URI: refused, and not echoed
+        parse_manifest("spec: {output: {uri: 's3://AKIDSECRET:SUPERSECRETKEY@bucket/p'}}")
+    assert "SUPERSECRETKEY" not in str(err.value) and "AKIDSECRET" not in str(err.value)
+    assert str(err.value).startswith("spec.output.uri: s3:// URI must not carry credentials")
+    m = parse_manifest("spec: {output: {uri: 's3://bucket/p?X-Amz-Signature=abcdef'}}")
     text = m.to_yaml()
-    assert "SUPERSECRETKEY" not in text and "AKIDSECRET" not in text and "abcdef" not in text
-    assert "s3://***@bucket/p" in text
+    assert "abcdef" not in text and "s3://bucket/p?X-Amz-Signature=***" in text
 
 
 def test_json_schema_is_valid_and_rejects_unknown_fields() -> None:

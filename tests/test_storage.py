@@ -84,7 +84,7 @@ def test_split_uri_and_open_store(tmp_path, storage_env):
     with pytest.raises(ValueError, match=r"unsupported storage URI scheme 'gs'") as err:
         split_uri("gs://bucket/x")
     assert "\n" not in str(err.value)
-    with pytest.raises(ValueError, match="no bucket"):
+    with pytest.raises(ValueError, match="needs a bucket name"):
         split_uri("s3:///x")
     with pytest.raises(ValueError, match="host"):
         split_uri("file://otherhost/x")

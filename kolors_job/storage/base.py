@@ -8,14 +8,18 @@ from __future__ import annotations
 
 import logging
 import os
+import posixpath
 import re
 import tempfile
+import threading
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from kolors_job.errors import ExitCode, StorageError
+from kolors_job.errors import ExitCode, StorageError, StorageTemporaryError
+from kolors_job.redact import scrub
 
 TMP_MARKER = ".kolors-tmp-"
 """Temp files written next to their destination carry this, so listings can skip half-written files."""
@@ -27,8 +31,63 @@ _USERINFO = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s]+@")
 
 
 def redact(text: str) -> str:
-    """Hide ``user:password@`` in any URL inside ``text`` (endpoints may embed keys)."""
-    return _USERINFO.sub(r"\g<scheme>***@", text)
+    """Hide ``user:password@`` in any URL inside ``text`` (endpoints may embed keys), and the values of
+    secret environment variables: SDK error texts go through here before any log, error or file."""
+    return scrub(_USERINFO.sub(r"\g<scheme>***@", text))
+
+
+class _StopState:
+    """Process-wide: the job is stopping (SIGTERM), and whether storage already failed since.
+
+    Storage retries are what keep a stopping job alive on a dead endpoint (8 tries of a read timeout
+    each), so once the job stops, failed requests are not retried; once one has failed, no new request
+    is even tried: the job exits 75 within about one read timeout of the signal. A request that works
+    still goes through, so a stop on a healthy store still uploads its checkpoint and status.
+    """
+
+    def __init__(self) -> None:
+        self.stopping = threading.Event()
+        self.failed_while_stopping = threading.Event()
+
+
+STOP = _StopState()
+
+
+def request_stop() -> None:
+    """Called from the job's SIGTERM handler."""
+    STOP.stopping.set()
+
+
+def clear_stop() -> None:
+    """The job is over (tests run several in one process)."""
+    STOP.stopping.clear()
+    STOP.failed_while_stopping.clear()
+
+
+def check_new_request(where: str) -> None:
+    """Refuse to start a request when the job is stopping and storage has already failed it."""
+    if STOP.failed_while_stopping.is_set():
+        raise StorageTemporaryError(f"{where}: not tried: the job is stopping and storage is failing")
+
+
+def check_retry(where: str, started: float, deadline_s: float) -> None:
+    """Raise StorageTemporaryError instead of retrying when the job stops or the deadline has passed."""
+    if STOP.stopping.is_set():
+        STOP.failed_while_stopping.set()
+        raise StorageTemporaryError(f"{where}: failed and not retried: the job is stopping")
+    if time.monotonic() - started >= deadline_s:
+        raise StorageTemporaryError(f"{where}: no success within the {deadline_s:.0f}s storage deadline")
+
+
+def note_failure() -> None:
+    """A request failed for good: when the job is stopping, do not start new ones."""
+    if STOP.stopping.is_set():
+        STOP.failed_while_stopping.set()
+
+
+def backoff_sleep(seconds: float) -> None:
+    """Sleep before a retry, waking at once on SIGTERM (the retry is then refused)."""
+    STOP.stopping.wait(seconds)
 
 
 def join_key(*parts: str) -> str:
@@ -88,17 +147,34 @@ def quiet_sdk_loggers(*names: str) -> None:
             logger.setLevel(logging.WARNING)
 
 
+def _read_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()  # read once, at import: os.umask can only be read by setting it
+
+
+def file_mode() -> int:
+    """The mode a plain ``open(path, "w")`` would give: 0o666 less the umask."""
+    return 0o666 & ~_UMASK
+
+
 @contextmanager
 def atomic_target(path: Path) -> Iterator[Path]:
     """Yield a temp path beside ``path``; on success rename it into place, on failure remove it.
 
-    Readers never see a partial file, and a crash leaves at most a ``.kolors-tmp-*`` file.
+    Readers never see a partial file, and a crash leaves at most a ``.kolors-tmp-*`` file. The file
+    gets the umask's mode, not mkstemp's 0600 (nor what the writer chose, e.g. safetensors' 0600):
+    a ComfyUI or web container running as another user must be able to read the LoRA on a shared volume.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name[:60]}{TMP_MARKER}", dir=path.parent)
     os.close(fd)
     try:
         yield Path(tmp)
+        os.chmod(tmp, file_mode())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -136,6 +212,10 @@ class Store(ABC):
     def exists(self, key: str) -> bool: ...
 
     @abstractmethod
+    def size(self, key: str) -> int:
+        """The object's size in bytes (a HEAD): check a size limit before reading anything."""
+
+    @abstractmethod
     def list(self, prefix: str = "") -> list[str]:
         """All keys starting with ``prefix`` (recursive), relative to the store root, sorted."""
 
@@ -170,24 +250,60 @@ class Store(ABC):
             keys.append(key)
         return sorted(keys)
 
-    def download_dir(self, prefix: str, local_dir: Path) -> list[Path]:
+    def download_dir(
+        self, prefix: str, local_dir: Path, *, skipped: dict[str, list[str]] | None = None
+    ) -> list[Path]:
         """Download every object under the directory ``prefix`` into ``local_dir``.
 
-        All keys are checked before anything is written, so a hostile listing writes nothing.
+        All keys are checked before anything is written, so a hostile listing writes nothing. With
+        ``skipped`` (a dataset: one odd key must not fail the rest), keys no local filesystem can hold
+        are left out and recorded there by reason instead: ``unsafe_key`` (``..``, empty or ``.``
+        segments), ``key_conflict`` (``x.png`` beside ``x.png/y.png``: one name cannot be a file and a
+        directory) and ``name_too_long`` (a segment over 255 bytes).
         """
         local_dir = Path(local_dir)
         dir_prefix = prefix if not prefix or prefix.endswith("/") else prefix + "/"
         pairs = []
+        rels = []
         for key in self.list(dir_prefix):
             rel = key[len(dir_prefix) :]
             if rel == "" or (rel.endswith("/") and not rel.startswith("/")):
                 # a "folder" marker (consoles create ``a/b/`` objects): nothing to write, but its
                 # path must be as safe as any file's
                 if rel:
-                    unsafe_relative_path(rel.rstrip("/"))
+                    self._check_rel(rel.rstrip("/"), skipped)
                 continue
-            unsafe_relative_path(rel)
+            if self._check_rel(rel, skipped):
+                rels.append((key, rel))
+        dirs = {posixpath.dirname(rel) for _, rel in rels}
+        parents = {"/".join(d.split("/")[: i + 1]) for d in dirs if d for i in range(d.count("/") + 1)}
+        for key, rel in rels:
+            if rel in parents:  # a file named like a directory of other files
+                if skipped is None:
+                    raise StorageError(
+                        f"{self.uri}{key}: both a file and a directory of other files", exit_code=ExitCode.INVALID_INPUT
+                    )
+                skipped.setdefault("key_conflict", []).append(rel)
+                continue
             pairs.append((key, local_dir.joinpath(*rel.split("/"))))
         for key, path in pairs:
             self.download_file(key, path)
         return [path for _, path in pairs]
+
+    @staticmethod
+    def _check_rel(rel: str, skipped: dict[str, list[str]] | None) -> bool:
+        """Whether ``rel`` can be written below a local directory; else raise, or record it and say no."""
+        try:
+            unsafe_relative_path(rel)
+        except StorageError:
+            if skipped is None:
+                raise
+            skipped.setdefault("unsafe_key", []).append(rel)
+            return False
+        if any(len(part.encode()) > 255 for part in rel.split("/")):
+            if skipped is None:
+                raise StorageError(f"storage key {rel[:80]!r}…: a path segment is over 255 bytes",
+                                   exit_code=ExitCode.INVALID_INPUT)
+            skipped.setdefault("name_too_long", []).append(rel)
+            return False
+        return True

@@ -2,14 +2,44 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
-from kolors_job.errors import StorageError, StorageNotFoundError
+from kolors_job.errors import (
+    StorageDeniedError,
+    StorageError,
+    StorageNotFoundError,
+    StorageTemporaryError,
+)
 
-from .base import TMP_MARKER, Store, atomic_target, check_key, child_prefix
+from .base import TMP_MARKER, Store, atomic_target, check_key, child_prefix, file_mode
+
+TEMPORARY_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EAGAIN, errno.ESTALE, errno.ETIMEDOUT})
+"""Faults that may pass (space freed, a network filesystem back): exit 75, a rerun resumes."""
+
+
+def os_error(exc: OSError, where: str) -> StorageError:
+    """One line for a local filesystem fault: 75 when it may pass, else 5 (unusable or denied)."""
+    reason = exc.strerror or type(exc).__name__
+    if exc.errno in TEMPORARY_ERRNOS:
+        return StorageTemporaryError(f"{where}: {reason} (errno {exc.errno}); rerun to resume")
+    # EACCES/EPERM/EROFS, ENOTDIR/EEXIST (a regular file where a directory must be), ENAMETOOLONG …
+    return StorageDeniedError(f"{where}: {reason} (errno {exc.errno})")
+
+
+@contextmanager
+def _mapped(where: str) -> Iterator[None]:
+    try:
+        yield
+    except (StorageError, FileNotFoundError):
+        raise
+    except OSError as e:
+        raise os_error(e, where) from None
 
 
 class LocalStore(Store):
@@ -34,6 +64,10 @@ class LocalStore(Store):
             raise StorageNotFoundError(f"not found: {self.uri}{key}") from None
 
     def write_bytes(self, key: str, data: bytes, *, if_absent: bool = False) -> bool:
+        with _mapped(f"write {self.uri}{key}"):
+            return self._write_bytes(key, data, if_absent=if_absent)
+
+    def _write_bytes(self, key: str, data: bytes, *, if_absent: bool) -> bool:
         path = self._path(key)
         if not if_absent:
             with atomic_target(path) as tmp:
@@ -44,6 +78,7 @@ class LocalStore(Store):
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
+            os.chmod(tmp, file_mode())
             # link() fails if the name exists: an atomic create of a *complete* file, where
             # O_EXCL alone would briefly expose a half-written one. O_EXCL is the fallback for
             # filesystems without hard links (some FUSE mounts).
@@ -62,15 +97,21 @@ class LocalStore(Store):
             os.unlink(tmp)
 
     def upload_file(self, key: str, path: Path) -> None:
-        with atomic_target(self._path(key)) as tmp:
+        with _mapped(f"upload {self.uri}{key}"), atomic_target(self._path(key)) as tmp:
             shutil.copyfile(path, tmp)
 
     def download_file(self, key: str, path: Path) -> None:
         src = self._path(key)
         if not src.is_file():
             raise StorageNotFoundError(f"not found: {self.uri}{key}")
-        with atomic_target(Path(path)) as tmp:
+        with _mapped(f"download {self.uri}{key} to {path}"), atomic_target(Path(path)) as tmp:
             shutil.copyfile(src, tmp)
+
+    def size(self, key: str) -> int:
+        path = self._path(key)
+        if not path.is_file():
+            raise StorageNotFoundError(f"not found: {self.uri}{key}")
+        return path.stat().st_size
 
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
@@ -96,9 +137,20 @@ class LocalStore(Store):
         return sorted(keys)
 
     def delete(self, key: str) -> None:
+        path = self._path(key)
         try:
-            self._path(key).unlink()
+            path.unlink()
         except FileNotFoundError:
             pass
         except IsADirectoryError:
             raise StorageError(f"cannot delete {self.uri}{key}: it is a directory") from None
+        except OSError as e:
+            raise os_error(e, f"delete {self.uri}{key}") from None
+        # like an object store, no empty "folders" stay behind (pruned checkpoints/step-N/)
+        parent = path.parent
+        while parent != self.root and parent.is_relative_to(self.root):
+            try:
+                parent.rmdir()
+            except OSError:
+                break
+            parent = parent.parent

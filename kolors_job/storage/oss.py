@@ -49,7 +49,18 @@ from kolors_job.errors import (
 )
 from kolors_job.settings import ALIBABA_CLOUD_KEY_ENV, Settings
 
-from .base import Store, atomic_target, check_key, child_prefix, quiet_sdk_loggers, redact
+from .base import (
+    Store,
+    atomic_target,
+    backoff_sleep,
+    check_key,
+    check_new_request,
+    check_retry,
+    child_prefix,
+    note_failure,
+    quiet_sdk_loggers,
+    redact,
+)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -178,7 +189,9 @@ def make_bucket(name: str, settings: Settings, provider: CredentialsProvider | N
     else:  # V4 needs the region; custom endpoints (proxies, test servers) may not reveal it
         auth = oss2.ProviderAuth(provider)
     quiet_sdk_loggers("oss2")
-    return oss2.Bucket(auth, endpoint, name, connect_timeout=30, enable_crc=True, region=region)
+    # oss2 hands ``connect_timeout`` to requests as its timeout: a (connect, read) pair works there
+    timeout = (settings.storage_connect_timeout_s, settings.storage_read_timeout_s)
+    return oss2.Bucket(auth, endpoint, name, connect_timeout=timeout, enable_crc=True, region=region)
 
 
 # -- errors and retries ------------------------------------------------------------------------
@@ -244,7 +257,7 @@ class OSSStore(Store):
         self.bucket_name, self.prefix, self.settings = bucket, prefix, settings
         self.uri = f"oss://{bucket}/{prefix}"
         self._bucket = oss_bucket if oss_bucket is not None else make_bucket(bucket, settings)
-        self._sleep: Callable[[float], None] = time.sleep
+        self._sleep: Callable[[float], None] = backoff_sleep  # wakes on SIGTERM
 
     def child(self, *parts: str) -> OSSStore:
         sub = child_prefix(*parts)
@@ -290,7 +303,9 @@ class OSSStore(Store):
         """Run ``fn`` with up to ``storage_max_attempts`` tries on transient errors; raise the last
         oss2 error, marked as retried so that an enclosing retry loop does not multiply the budget."""
         attempts = max(1, self.settings.storage_max_attempts)
+        where, started = f"{what} {self.uri}{key}", time.monotonic()
         for attempt in range(1, attempts + 1):
+            check_new_request(where)
             try:
                 try:
                     return fn()
@@ -301,7 +316,13 @@ class OSSStore(Store):
             except oss_exc.OssError as exc:
                 if attempt == attempts or not is_transient(exc) or getattr(exc, _RETRIED, False):
                     setattr(exc, _RETRIED, True)
+                    if is_transient(exc):
+                        note_failure()
                     raise
+                try:  # no retry once the job is stopping or the operation's deadline has passed
+                    check_retry(where, started, self.settings.storage_deadline_s)
+                except StorageTemporaryError as stop:
+                    raise StorageTemporaryError(f"{stop} (last error: {self._error(exc, what, key)})") from None
                 delay = random.uniform(0, min(self.retry_max_delay, self.retry_base_delay * 2 ** (attempt - 1)))
                 log.debug(
                     "%s %s%s: transient %s, retry %d/%d in %.2fs",
@@ -403,6 +424,10 @@ class OSSStore(Store):
         full = self._key(key)
         with atomic_target(Path(path)) as tmp:  # get_object_to_file checks the CRC64 of the whole object
             self._call("download", key, lambda: self._bucket.get_object_to_file(full, str(tmp)))
+
+    def size(self, key: str) -> int:
+        full = self._key(key)
+        return int(self._call("size", key, lambda: self._bucket.head_object(full)).content_length)
 
     def exists(self, key: str) -> bool:
         full = self._key(key)

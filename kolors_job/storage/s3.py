@@ -26,6 +26,7 @@ from botocore import UNSIGNED
 from botocore.client import BaseClient
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, IncompleteReadError, ResponseStreamingError
+from botocore.retries import standard as standard_retries
 from s3transfer.exceptions import RetriesExceededError
 from s3transfer.utils import ChunksizeAdjuster
 
@@ -37,7 +38,18 @@ from kolors_job.errors import (
 )
 from kolors_job.settings import Settings
 
-from .base import Store, atomic_target, check_key, child_prefix, quiet_sdk_loggers, redact
+from .base import (
+    Store,
+    atomic_target,
+    backoff_sleep,
+    check_key,
+    check_new_request,
+    check_retry,
+    child_prefix,
+    note_failure,
+    quiet_sdk_loggers,
+    redact,
+)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -107,17 +119,45 @@ def make_client(settings: Settings) -> BaseClient:
     config = Config(
         retries={"total_max_attempts": settings.storage_max_attempts, "mode": "standard"},
         s3={"addressing_style": settings.s3_addressing_style},
-        connect_timeout=10,
-        read_timeout=120,
+        connect_timeout=settings.storage_connect_timeout_s,
+        read_timeout=settings.storage_read_timeout_s,
         # Third-party S3 servers (OSS's S3 API, older MinIO/Ceph) reject botocore's default
         # aws-chunked CRC trailers; we send Content-MD5 ourselves and verify ETags instead.
         request_checksum_calculation="when_required" if custom_endpoint else "when_supported",
         response_checksum_validation="when_required" if custom_endpoint else "when_supported",
         signature_version=UNSIGNED if session.get_credentials() is None else None,
     )
-    return session.client(
+    client = session.client(
         "s3", endpoint_url=settings.s3_endpoint_url or None, region_name=settings.s3_region, config=config
     )
+    _bound_retries(client, settings.storage_max_attempts, settings.storage_deadline_s)
+    return client
+
+
+def _bound_retries(client: BaseClient, max_attempts: int, deadline_s: float, max_backoff_s: float = 2.0) -> None:
+    """Wrap botocore's standard retry handler: no retry after SIGTERM or past the API call's deadline,
+    and backoff sleeps of at most ``max_backoff_s`` (botocore's go up to 20 s, slept without looking
+    at any stop flag). Also applies in s3transfer's worker threads, where our own loop cannot look.
+    """
+    events, name = client.meta.events, "s3"
+    events.unregister(f"needs-retry.{name}", unique_id=f"retry-config-{name}")
+    inner = standard_retries.register_retry_handler(client, max_attempts=max_attempts)
+    events.unregister(f"needs-retry.{name}", unique_id=f"retry-config-{name}")
+
+    def on_call(context: dict, **_: object) -> None:
+        context.setdefault("kolors_started", time.monotonic())
+        check_new_request("storage request")
+
+    def needs_retry(request_dict: dict, operation: object = None, **kwargs: object) -> float | None:
+        delay = inner.needs_retry(request_dict=request_dict, operation=operation, **kwargs)
+        if delay is None:
+            return None  # a success, a permanent error, or the attempts are used up
+        started = request_dict.get("context", {}).get("kolors_started", time.monotonic())
+        check_retry(f"S3 {getattr(operation, 'name', 'request')}", started, deadline_s)
+        return min(delay, max_backoff_s)
+
+    events.register(f"before-call.{name}", on_call)
+    events.register(f"needs-retry.{name}", needs_retry, unique_id=f"retry-config-{name}")
 
 
 def file_etag(path: Path, size: int, threshold: int, chunk: int) -> str:
@@ -203,22 +243,40 @@ class S3Store(Store):
         botocore retries a request that fails to send or gets a 5xx, but not a response body cut
         off while it is read (a reset or truncated GET body, or an *error* body cut short: that
         one even escapes as a raw urllib3 error), nor data that fails its checksum. Those are
-        retried here with jittered backoff, within the same ``storage_max_attempts`` budget.
+        retried here with jittered backoff, within the same ``storage_max_attempts`` budget and the
+        ``storage_deadline_s`` of the whole operation, and never once the job is stopping.
         """
+        where = f"{what} {self.uri}{key}"
+        started = time.monotonic()
         attempts = max(1, self.settings.storage_max_attempts)
         for attempt in range(1, attempts + 1):
+            check_new_request(where)
             try:
                 return fn()
-            except (*_RETRY_HERE, _ChecksumMismatchError) as exc:
-                if attempt == attempts:
-                    if isinstance(exc, StorageError):
-                        raise
+            except StorageTemporaryError:  # our botocore hook refused a retry, or a checksum mismatch
+                if attempt == attempts or self._gives_up(where, started):
+                    note_failure()
+                    raise
+            except (*_RETRY_HERE, RetriesExceededError) as exc:
+                if attempt == attempts or self._gives_up(where, started):
+                    note_failure()
                     raise self._error(exc, what, key) from None
-                log.debug("%s %s%s: %s, retry %d/%d", what, self.uri, key, type(exc).__name__, attempt, attempts - 1)
-                time.sleep(random.uniform(0, min(2.0, 0.05 * 2**attempt)))
-            except (ClientError, BotoCoreError, RetriesExceededError) as exc:
-                raise self._error(exc, what, key) from None  # no chained SDK text in tracebacks
+            except (ClientError, BotoCoreError) as exc:
+                err = self._error(exc, what, key)  # no chained SDK text in tracebacks
+                if isinstance(err, StorageTemporaryError):
+                    note_failure()
+                raise err from None
+            log.debug("%s: retry %d/%d", where, attempt, attempts - 1)
+            backoff_sleep(random.uniform(0, min(2.0, 0.05 * 2**attempt)))
         raise AssertionError("unreachable")
+
+    def _gives_up(self, where: str, started: float) -> bool:
+        try:
+            check_retry(where, started, self.settings.storage_deadline_s)
+        except StorageTemporaryError as e:
+            log.debug("%s", e)
+            return True
+        return False
 
     def _verify(self, what: str, key: str, expected: str, actual: str) -> None:
         if expected.strip('"') != actual.strip('"'):
@@ -266,6 +324,7 @@ class S3Store(Store):
         return TransferConfig(
             multipart_threshold=self.settings.multipart_threshold_mb * MiB,
             multipart_chunksize=self.settings.multipart_chunk_mb * MiB,
+            num_download_attempts=1,  # body-read failures are retried by _call, within its deadline
         )
 
     def upload_file(self, key: str, path: Path) -> None:
@@ -306,6 +365,11 @@ class S3Store(Store):
                     self._verify("download", key, md5, digest.hexdigest())
 
         self._call("download", key, download)
+
+    def size(self, key: str) -> int:
+        full = self._key(key)
+        head = self._call("size", key, lambda: self._client.head_object(Bucket=self.bucket, Key=full))
+        return int(head["ContentLength"])
 
     def exists(self, key: str) -> bool:
         full = self._key(key)
