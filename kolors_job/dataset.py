@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING, Any
 
 from PIL import Image, ImageFile, UnidentifiedImageError
 
-from kolors_job.errors import InputError, JobError, StorageTemporaryError
+from kolors_job.errors import InputError, JobError
 from kolors_job.manifest import CaptionSpec, DatasetSpec, FilterSpec
 from kolors_job.redact import redact_uri, scrub
 from kolors_job.settings import Settings
@@ -267,8 +267,8 @@ _SCHEME_RE = re.compile(r"^(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*)://(?P<rest>.*)$")
 def fetch_dataset(spec: DatasetSpec, settings: Settings) -> Path:
     """Resolve ``spec.source`` to a local directory of images (+ captions) and return it.
 
-    ``modelscope://Owner/Name[@rev]`` is loaded with ``MsDataset.load`` and exported (images as
-    their original bytes, text column into ``metadata.jsonl``); ``oss://``/``s3://``/``file://``
+    ``modelscope://``/``hf://Owner/Name[@rev]``: the split's parquet shards are fetched with the hub's
+    client and exported (images as their original bytes, text column into ``metadata.jsonl``); ``oss://``/``s3://``/``file://``
     prefixes are downloaded with the storage layer. Both land in
     ``settings.cache_dir/datasets/<hash>/`` and are reused by later jobs; a plain path is used in
     place (a mounted NAS/bucket needs no copy).
@@ -280,10 +280,8 @@ def fetch_dataset(spec: DatasetSpec, settings: Settings) -> Path:
             raise InputError(f"dataset source {spec.source!r} is not a directory")
         return path
     scheme = m.group("scheme").lower()
-    if scheme == "modelscope":
-        return _fetch_modelscope(spec, settings, m.group("rest"))
-    if scheme == "hf":
-        return _fetch_hf(spec, settings)
+    if scheme in ("modelscope", "hf"):
+        return _fetch_hub(spec, settings)
     if scheme in ("oss", "s3", "file"):
         return _fetch_store(spec.source, settings)
     raise InputError(f"dataset source {redact_uri(spec.source)!r}: {scheme}:// is not a dataset source")
@@ -434,77 +432,64 @@ def export_rows(rows: Iterable[Mapping[str, Any]], out: Path) -> int:
     return written
 
 
-def _fetch_modelscope(spec: DatasetSpec, settings: Settings, rest: str) -> Path:
-    name, _, revision = rest.partition("@")
-    key = _cache_key("modelscope", name, revision, spec.subset, spec.split)
-    final = Path(settings.cache_dir) / "datasets" / key
-    if (final / COMPLETE_MARKER).is_file():
-        return final
-    where = f"dataset modelscope://{rest}"
-
-    def fill(staging: Path) -> None:
-        try:
-            from modelscope.msdatasets import MsDataset
-
-            kwargs: dict[str, Any] = {
-                "subset_name": spec.subset,
-                "split": spec.split,
-                "cache_dir": str(Path(settings.cache_dir) / "modelscope" / "datasets"),
-            }
-            if revision:
-                kwargs["version"] = revision
-            ds = MsDataset.load(name, **kwargs)
-            count = export_rows(ds, staging)
-        except JobError:
-            raise
-        except (ConnectionError, TimeoutError) as e:
-            raise StorageTemporaryError(f"{where}: ModelScope is unreachable: {_one_line(e)}") from None
-        except Exception as e:
-            raise InputError(
-                f"{where}: cannot load from ModelScope: {type(e).__name__}: {_one_line(e)}"
-            ) from None
-        if count == 0:
-            raise InputError(f"{where}: split {spec.split!r} of subset {spec.subset!r} has no image column")
-
-    return _cached(final, fill)
+DATASET_RECORD = ".kolors_job_source.json"
+"""Written into a hub dataset's cache copy: the commit and the bytes its files came to."""
 
 
-def _fetch_hf(spec: DatasetSpec, settings: Settings) -> Path:
-    """A Hugging Face dataset repo: an image folder is used as downloaded; parquet shards of the
-    split (``data/train-*.parquet``, ``<subset>/train-*.parquet`` — the hub's converted layout) are
-    exported like a ModelScope dataset, images as their original bytes."""
-    from kolors_job.sources import hub_error, parse_hub_uri
+def _fetch_hub(spec: DatasetSpec, settings: Settings) -> Path:
+    """A ModelScope or Hugging Face dataset repo, listed, then fetched with the hub's own client.
+
+    Hub datasets are hosted as parquet shards per split (``data/train-0000N-of-0000M.parquet``, the
+    layout ``push_to_hub`` writes and ``AI-ModelScope/lowres_anime`` mirrors from HF ``lowres/anime``):
+    only the manifest's split is fetched, at the commit the listing named, and exported (images as their
+    original bytes, a text column into ``metadata.jsonl``). A repo with no parquet for the split is taken
+    as an image folder and fetched whole. Reading the files directly, not through ``MsDataset.load`` /
+    ``datasets``, keeps the download to the split's bytes and the job independent of ``datasets``' version.
+    """
+    from kolors_job.sources import download_dataset_files, list_dataset_repo, parse_hub_uri
 
     ref = parse_hub_uri(spec.source)
     assert ref is not None
-    key = _cache_key("hf", ref.repo_id, ref.revision or "", spec.subset, spec.split)
+    key = _cache_key(ref.hub, ref.repo_id, ref.revision or "", spec.subset, spec.split)
     final = Path(settings.cache_dir) / "datasets" / key
 
     def fill(staging: Path) -> None:
-        from huggingface_hub import snapshot_download
-
+        listing, commit = list_dataset_repo(ref, settings)
+        parquet = [f for f in listing if f.path.endswith(".parquet") and _in_split(Path(f.path), spec)]
+        chosen = parquet + [f for f in listing if f.path == "README.md"] if parquet else listing
         repo = staging / ".repo"
-        try:
-            snapshot_download(
-                ref.repo_id, repo_type="dataset", revision=ref.revision, local_dir=str(repo),
-                endpoint=settings.hf_endpoint, max_workers=settings.download_workers,
-            )
-        except Exception as exc:
-            raise hub_error(ref, exc) from exc
-        shutil.rmtree(repo / ".cache", ignore_errors=True)  # the client's own download metadata
-        parquet = sorted(p for p in repo.rglob("*.parquet") if _in_split(p.relative_to(repo), spec))
-        if not parquet:
-            for item in repo.iterdir():  # an image folder (+ metadata.csv/jsonl): used as it is
-                item.rename(staging / item.name)
+        download_dataset_files(ref, repo, [f.path for f in chosen] if parquet else None, commit, settings)
+        if not parquet:  # an image folder (+ metadata.csv/jsonl): used as it is
+            for item in repo.iterdir():
+                if item.name not in (".cache", ".gitattributes", ".msc", ".mv", ".mdl"):
+                    item.rename(staging / item.name)
         else:
             import pyarrow.parquet as pq
 
-            rows = (row for f in parquet for row in pq.read_table(f).to_pylist())
+            rows = (row for f in sorted(f.path for f in parquet) for row in pq.read_table(repo / f).to_pylist())
             if export_rows(rows, staging) == 0:
-                raise InputError(f"dataset {spec.source}: the {spec.split!r} parquet files have no image column")
+                raise InputError(f"dataset {ref.uri}: the {spec.split!r} parquet files have no image column")
         shutil.rmtree(repo, ignore_errors=True)
+        record = {"uri": ref.uri, "commit": commit, "files": len(chosen),
+                  "bytes_total": sum(f.size for f in chosen), "fetched_at": time.time()}  # fmt: skip
+        (staging / DATASET_RECORD).write_text(json.dumps(record))
 
     return _cached(final, fill)
+
+
+def source_record(root: Path, *, since: float) -> dict[str, Any] | None:
+    """report.json's ``sources`` entry for a hub dataset copy; downloaded when fetched after ``since``."""
+    try:
+        rec = json.loads((root / DATASET_RECORD).read_text())
+        total = int(rec["bytes_total"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    fresh = float(rec.get("fetched_at") or 0) >= since
+    return {
+        "uri": rec.get("uri"), "kind": "dataset", "revision": None, "commit": rec.get("commit"),
+        "files": rec.get("files"), "bytes_total": total,
+        "bytes_downloaded": total if fresh else 0, "bytes_reused": 0 if fresh else total, "variants": {},
+    }  # fmt: skip
 
 
 def _in_split(rel: Path, spec: DatasetSpec) -> bool:

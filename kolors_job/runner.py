@@ -361,12 +361,15 @@ def _mb(n: int) -> str:
 
 def run_dataset(job: Job) -> tuple[Any, dict[str, Any]]:
     """Fetch + scan; no surviving image is an input error (exit 4), not a crash in training."""
-    from kolors_job.dataset import fetch_dataset, scan_dataset
+    from kolors_job.dataset import fetch_dataset, scan_dataset, source_record
 
     spec = job.manifest.spec.dataset
+    started = time.time()
     root = fetch_dataset(spec, job.settings)
     scan = scan_dataset(root, spec, memory_budget=job.settings.scan_memory_mb << 20)
     summary = scan.report(spec.source).to_dict()
+    if (record := source_record(root, since=started)) is not None:
+        summary["fetched"] = record  # commit and bytes, as report.json's sources has them for models
     log.info("dataset: %d kept, skipped %s", scan.kept, summary["skipped"] or "none", extra={"kept": scan.kept})
     if not scan.items:
         raise InputError(
@@ -665,7 +668,7 @@ def run_report(
             "vae": redact_uri(spec.model.vae) if spec.model.vae else None,
             "random_weights": models.random_weights,
         },
-        "sources": models.sources,
+        "sources": models.sources + ([dataset["fetched"]] if dataset.get("fetched") else []),
         "dataset": dataset,
         "train": {k: v for k, v in train.items() if k not in ("lora_files", "lora_formats_skipped")},
         "story": {

@@ -57,8 +57,12 @@ class Settings(BaseSettings):
     (then skips if it succeeded, resumes if it failed); still held after that: exit 75."""
 
     hf_endpoint: str | None = Field(None, validation_alias=AliasChoices("KOLORS_JOB_HF_ENDPOINT", "HF_ENDPOINT"))
-    """Hugging Face Hub endpoint for ``hf://`` sources (a mirror); None: the hub's own default.
-    (ModelScope's client reads ``MODELSCOPE_ENDPOINT`` itself.)"""
+    """Hugging Face Hub endpoint for ``hf://`` sources (a mirror); None: the hub's own default."""
+    modelscope_endpoint: str | None = Field(
+        None, validation_alias=AliasChoices("KOLORS_JOB_MODELSCOPE_ENDPOINT", "MODELSCOPE_ENDPOINT")
+    )
+    """ModelScope endpoint for ``modelscope://`` sources (``https://www.modelscope.ai`` outside China);
+    None: the client's default. Passed to every client call, so it holds for the whole job."""
     cache_reserve_mb: int = 512
     """Free space a hub download must leave in the cache (the dataset and compile caches live there too)."""
     download_workers: int = 4

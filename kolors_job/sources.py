@@ -42,6 +42,8 @@ __all__ = [
     "SourceRecord",
     "choose_weights",
     "download",
+    "download_dataset_files",
+    "list_dataset_repo",
     "local_variant",
     "parse_hub_uri",
     "plan_hub_model",
@@ -399,19 +401,27 @@ def hub_error(ref: HubRef, exc: BaseException) -> JobError:
     return JobError(f"{ref.hub_name} request for {ref.uri!r} failed ({name}): {detail}")
 
 
-def _modelscope_listing(ref: HubRef, settings: Settings) -> tuple[list[RemoteFile], str | None]:
-    from modelscope.hub.api import HubApi
+def _modelscope_listing(
+    ref: HubRef, settings: Settings, repo_type: Literal["model", "dataset"] = "model"
+) -> tuple[list[RemoteFile], str | None]:
+    """The repo's files with sizes, and the commit they were read at.
+
+    The raw listing (``modelscope_hub``'s ``list_repo_files``, what ``snapshot_download`` walks) is read
+    rather than ``HubApi.get_model_files``, which keeps only ``Path``/``Size`` and so loses the file type
+    and the per-file ``Revision`` (the commit id)."""
+    from modelscope_hub import HubApi
 
     try:
-        raw = HubApi().get_model_files(ref.repo_id, revision=ref.revision, recursive=True)
+        api = HubApi(endpoint=settings.modelscope_endpoint)
+        raw = api.legacy.list_repo_files(ref.repo_id, repo_type, revision=ref.revision or "master")
     except Exception as exc:  # the client raises many types: classify by what a retry can fix
         raise hub_error(ref, exc) from exc
-    files = [
-        RemoteFile(str(f.get("Path")), int(f.get("Size") or 0))
-        for f in raw
-        if f.get("Path") and (f.get("Type") or "blob") != "tree"
-    ]
-    return files, None
+    blobs = [f for f in raw if f.get("Path") and (f.get("Type") or "blob") != "tree"]
+    files = [RemoteFile(str(f["Path"]), int(f.get("Size") or 0)) for f in blobs]
+    # one commit for every file is the repo's resolved revision: recorded, and the download is pinned to it
+    commits = {str(f.get("Revision") or "") for f in blobs}
+    commit = commits.pop() if len(commits) == 1 else None
+    return files, commit if commit and re.fullmatch(r"[0-9a-f]{7,64}", commit) else None
 
 
 def _modelscope_download(plan: Plan, paths: list[str], settings: Settings) -> None:
@@ -419,11 +429,51 @@ def _modelscope_download(plan: Plan, paths: list[str], settings: Settings) -> No
 
     try:
         snapshot_download(
-            plan.ref.repo_id, revision=plan.ref.revision, local_dir=str(plan.dest), allow_patterns=paths,
-            max_workers=settings.download_workers,
+            plan.ref.repo_id, revision=plan.commit or plan.ref.revision, local_dir=str(plan.dest),
+            allow_patterns=[_literal(p) for p in paths],
+            max_workers=settings.download_workers, endpoint=settings.modelscope_endpoint,
         )
     except Exception as exc:
         raise hub_error(plan.ref, exc) from exc
+
+
+def list_dataset_repo(ref: HubRef, settings: Settings) -> tuple[list[RemoteFile], str | None]:
+    """A hub dataset repo's files (path, size) and the commit they were listed at."""
+    if ref.hub == "modelscope":
+        return _modelscope_listing(ref, settings, "dataset")
+    try:
+        from huggingface_hub import HfApi
+
+        info = HfApi(endpoint=settings.hf_endpoint).dataset_info(
+            ref.repo_id, revision=ref.revision, files_metadata=True
+        )
+        return [RemoteFile(s.rfilename, int(s.size or 0)) for s in info.siblings or []], info.sha
+    except Exception as exc:
+        raise hub_error(ref, exc) from exc
+
+
+def download_dataset_files(ref: HubRef, dest: Path, paths: list[str] | None, commit: str | None,
+                           settings: Settings) -> None:
+    """Fetch ``paths`` (None: the whole repo) of a hub dataset at ``commit`` into ``dest``."""
+    patterns = [_literal(p) for p in paths] if paths is not None else None
+    revision = commit or ref.revision
+    try:
+        if ref.hub == "modelscope":
+            from modelscope.hub.snapshot_download import dataset_snapshot_download
+
+            dataset_snapshot_download(
+                ref.repo_id, revision=revision, local_dir=str(dest), allow_patterns=patterns,
+                max_workers=settings.download_workers, endpoint=settings.modelscope_endpoint,
+            )
+        else:
+            from huggingface_hub import snapshot_download
+
+            snapshot_download(
+                ref.repo_id, repo_type="dataset", revision=revision, local_dir=str(dest),
+                allow_patterns=patterns, endpoint=settings.hf_endpoint, max_workers=settings.download_workers,
+            )
+    except Exception as exc:
+        raise hub_error(ref, exc) from exc
 
 
 def _hf_listing(ref: HubRef, settings: Settings) -> tuple[list[RemoteFile], str | None]:

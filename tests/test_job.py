@@ -198,7 +198,7 @@ def test_full_size_job_without_a_gpu_is_refused_at_once(
     assert "KOLORS_JOB_ALLOW_CPU=1" in line and "docker --gpus" in line
     # stopped in the models stage: only the job's own status and resolved manifest were written
     out = tmp_path / "out" / "kolors-lora-story"
-    assert sorted(p.name for p in out.iterdir()) == ["manifest.resolved.yaml", "status.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["_claim", "manifest.resolved.yaml", "status.json"]
     status = json.loads((out / "status.json").read_text())
     assert (status["state"], status["stage"], status["exit_code"]) == ("failed", "models", 4)
 

@@ -141,6 +141,8 @@ def test_unreachable_modelscope_is_temporary(monkeypatch: pytest.MonkeyPatch, se
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     monkeypatch.setenv("MODELSCOPE_ENDPOINT", f"http://127.0.0.1:{port}")
+    settings = Settings(cache_dir=settings.cache_dir)  # reads the endpoint now set
+    monkeypatch.setattr("modelscope_hub.config._default_config", None)  # nor an earlier test's endpoint
     uri = "modelscope://Kwai-Kolors/Kolors-diffusers@v1.0"
     with pytest.raises(JobError) as err:
         resolve_model(uri, kind="pipeline", settings=settings)

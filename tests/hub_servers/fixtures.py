@@ -61,6 +61,8 @@ def modelscope_env(modelscope_hub: ModelScopeHub, tmp_path: Path, monkeypatch: p
     for key, value in modelscope_hub.env.items():
         monkeypatch.setenv(key, value)
     monkeypatch.setenv("MODELSCOPE_CACHE", str(tmp_path / "modelscope-cache"))
+    # the client reads MODELSCOPE_ENDPOINT into a process-wide config once: start from a fresh one
+    monkeypatch.setattr("modelscope_hub.config._default_config", None)
     _loopback_only(monkeypatch)
     return modelscope_hub
 

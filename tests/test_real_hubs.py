@@ -1,0 +1,209 @@
+"""The default job, every source left at its hub default, through the real clients and the hub emulators.
+
+The manifest is what a new user writes: ``output.uri`` plus small CPU sizes. Kolors-diffusers is served
+fp16-only with a 3-shard ChatGLM (its real layout, ``tests/hub_servers/artifacts.py``), the predictor as
+``pytorch_model.bin``, lowres_anime as parquet shards. The emulators count the bytes they send, so these
+tests prove the job downloads exactly the files its loaders read, and nothing twice.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from fnmatch import fnmatch
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from kolors_job.errors import ExitCode
+from tests.hub_servers import hf_hub as hf_ids
+from tests.hub_servers import modelscope_hub as ms_ids
+
+ROOT = Path(__file__).resolve().parents[1]
+
+SMALL: dict[str, Any] = {
+    "train": {"steps": 2, "resolution": 64},
+    "story": {"width": 64, "height": 64, "steps": 2},
+    "score": {"threshold": 0.0},
+}
+"""Only sizes: every source stays at the manifest's default."""
+
+KOLORS_FP16_FILES = [
+    "model_index.json",
+    "scheduler/*",
+    "tokenizer/*",
+    "text_encoder/config.json",
+    "text_encoder/model.safetensors.index.fp16.json",
+    "text_encoder/model.fp16-*.safetensors",
+    "unet/config.json",
+    "unet/diffusion_pytorch_model.fp16.safetensors",
+    "vae/config.json",
+    "vae/diffusion_pytorch_model.fp16.safetensors",
+]
+"""What the loaders open for the fp16 variant (written from diffusers' and transformers' ``from_pretrained``,
+not from ``kolors_job.sources``): no README, licence, sample images or ``.gitattributes``."""
+
+
+def _loader_files(artifact: Path) -> dict[str, int]:
+    files = {p.relative_to(artifact).as_posix(): p.stat().st_size for p in artifact.rglob("*") if p.is_file()}
+    return {p: n for p, n in files.items() if any(fnmatch(p, pat) for pat in KOLORS_FP16_FILES)}
+
+
+def _run_job(tmp_path: Path, spec: dict[str, Any], *, cache: Path, extra_env: dict[str, str] | None = None):
+    manifest = tmp_path / "job.yaml"
+    manifest.write_text(yaml.safe_dump({"spec": spec}))
+    env = {
+        **os.environ,
+        "KOLORS_JOB_CACHE_DIR": str(cache),
+        "KOLORS_JOB_WORK_DIR": str(tmp_path / "work"),
+        "KOLORS_JOB_LOG_FORMAT": "json",
+        "PYTHONPATH": str(ROOT),
+        **(extra_env or {}),
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "kolors_job", "run", "--manifest", str(manifest)],
+        env=env, capture_output=True, text=True, timeout=900, cwd=tmp_path,
+    )
+
+
+def _assert_story(out: Path) -> dict[str, Any]:
+    assert (out / "_SUCCESS").is_file()
+    assert sorted(p.name for p in (out / "images").glob("*.png")) == [f"{i:02d}.png" for i in range(1, 9)]
+    assert (out / "lora" / "pytorch_lora_weights.safetensors").is_file()
+    return json.loads((out / "report.json").read_text())
+
+
+def test_default_manifest_on_the_modelscope_emulator(modelscope_env, tmp_path: Path) -> None:
+    hub = modelscope_env
+    cache = tmp_path / "cache"
+    res = _run_job(tmp_path, {"output": {"uri": str(tmp_path / "out")}, **SMALL}, cache=cache)
+    assert res.returncode == ExitCode.OK, res.stderr[-3000:]
+    report = _assert_story(tmp_path / "out" / "kolors-lora-story")
+
+    # Kolors: exactly the fp16 files the loaders read, each once, and report.json says so
+    expected = _loader_files(hub.artifacts["kolors"])
+    fetched = hub.downloads(ms_ids.KOLORS_ID)
+    assert fetched == expected
+    sources = {s["uri"]: s for s in report["sources"]}
+    base = sources[f"modelscope://{ms_ids.KOLORS_ID}"]
+    assert base["bytes_downloaded"] == sum(expected.values()) == base["bytes_total"]
+    assert base["commit"] == hub.repo("model", ms_ids.KOLORS_ID).commit
+    assert base["variants"] == {"unet": "fp16", "vae": "fp16", "text_encoder": "fp16"}
+    # the predictor from its pickle, with the processor files and nothing else
+    predictor = hub.downloads(ms_ids.PREDICTOR_ID)
+    assert "pytorch_model.bin" in predictor and not [p for p in predictor if p.endswith((".md", ".py"))]
+    assert sources[f"modelscope://{ms_ids.PREDICTOR_ID}"]["commit"] == hub.repo("model", ms_ids.PREDICTOR_ID).commit
+    # the dataset: the train split's shards only, and the default filters keep the three large images
+    assert sorted(hub.downloads(ms_ids.ANIME_ID)) == [
+        "README.md", "data/train-00000-of-00002.parquet", "data/train-00001-of-00002.parquet",
+    ]
+    assert report["dataset"]["kept"] == 3
+    assert len(report["story"]["frames"]) == 8 and all(0.0 <= f["score"] <= 10.0 for f in report["story"]["frames"])
+
+    # a second job on the same cache downloads nothing, and says the bytes were reused
+    hub.reset_downloads()
+    res = _run_job(tmp_path, {"output": {"uri": str(tmp_path / "out2")}, **SMALL}, cache=cache)
+    assert res.returncode == ExitCode.OK, res.stderr[-3000:]
+    report = _assert_story(tmp_path / "out2" / "kolors-lora-story")
+    assert hub.downloads(ms_ids.KOLORS_ID) == {} and hub.downloads(ms_ids.ANIME_ID) == {}
+    base = {s["uri"]: s for s in report["sources"]}[f"modelscope://{ms_ids.KOLORS_ID}"]
+    assert (base["bytes_downloaded"], base["bytes_reused"]) == (0, sum(expected.values()))
+
+
+def test_default_manifest_with_hf_sources_on_the_hf_emulator(hf_env, tmp_path: Path) -> None:
+    hub = hf_env
+    spec = {
+        "output": {"uri": str(tmp_path / "out")},
+        "model": {"base": f"hf://{hf_ids.KOLORS_ID}"},
+        "dataset": {"source": f"hf://{hf_ids.ANIME_ID}"},
+        "score": {**SMALL["score"], "aesthetic_model": f"hf://{hf_ids.PREDICTOR_ID}"},
+        "train": SMALL["train"],
+        "story": SMALL["story"],
+    }
+    res = _run_job(tmp_path, spec, cache=tmp_path / "cache")
+    assert res.returncode == ExitCode.OK, res.stderr[-3000:]
+    report = _assert_story(tmp_path / "out" / "kolors-lora-story")
+    expected = _loader_files(hub.artifacts["kolors"])
+    assert hub.downloads(hf_ids.KOLORS_ID) == expected
+    base = {s["uri"]: s for s in report["sources"]}[f"hf://{hf_ids.KOLORS_ID}"]
+    assert base["bytes_downloaded"] == sum(expected.values())
+    assert base["commit"] == hub.repo("model", hf_ids.KOLORS_ID).commit
+    assert sorted(hub.downloads(hf_ids.ANIME_ID)) == [
+        "README.md", "data/train-00000-of-00002.parquet", "data/train-00001-of-00002.parquet",
+    ]
+    assert report["dataset"]["kept"] == 3
+
+
+def test_the_default_job_from_a_shell_with_the_emulator_script(hub_artifacts, tmp_path: Path) -> None:
+    """As a person would: start ``tests/hub_servers/modelscope_hub.py --port N``, set MODELSCOPE_ENDPOINT,
+    run ``python -m kolors_job run``: the same job finishes."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    root = next(iter(hub_artifacts.values())).parent
+    server = subprocess.Popen(
+        [sys.executable, str(ROOT / "tests" / "hub_servers" / "modelscope_hub.py"), "--port", str(port),
+         "--root", str(root)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        assert server.stdout is not None
+        assert server.stdout.readline().startswith(f"serving http://127.0.0.1:{port}")
+        env = {
+            "MODELSCOPE_ENDPOINT": f"http://127.0.0.1:{port}",
+            "MODELSCOPE_CACHE": str(tmp_path / "ms"),
+            "HTTP_PROXY": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9", "NO_PROXY": "127.0.0.1",
+        }
+        started = time.monotonic()
+        res = _run_job(tmp_path, {"output": {"uri": str(tmp_path / "out")}, **SMALL}, cache=tmp_path / "c", extra_env=env)
+        assert res.returncode == ExitCode.OK, res.stderr[-3000:]
+        _assert_story(tmp_path / "out" / "kolors-lora-story")
+        assert time.monotonic() - started < 600
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+@pytest.fixture
+def small_cache(tmp_path: Path) -> Any:
+    """A 2 MiB tmpfs as the cache volume (root can mount one here and in CI); else None."""
+    import shutil
+
+    mnt = tmp_path / "small-cache"
+    mnt.mkdir()
+    if os.geteuid() != 0 or not shutil.which("mount"):
+        yield None
+        return
+    ok = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)], capture_output=True).returncode == 0
+    yield mnt if ok else None
+    if ok:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_a_cache_too_small_is_exit_4_and_nothing_is_marked_complete(
+    modelscope_env, tmp_path: Path, small_cache: Path | None
+) -> None:
+    """The listing says how many bytes are coming: a cache that cannot hold them stops before the download.
+
+    On a 2 MiB tmpfs the tiny Kolors (about 4 MB of fp16 files) does not fit; where no tmpfs can be
+    mounted, a reserve larger than any disk here stands in for it (same check, same line)."""
+    tiny = sum(_loader_files(modelscope_env.artifacts["kolors"]).values())
+    if small_cache is not None:
+        assert tiny > 2 << 20, "the tiny Kolors must be larger than the tmpfs for this test to mean anything"
+        cache, env = small_cache, {"KOLORS_JOB_CACHE_RESERVE_MB": "0"}
+    else:
+        cache, env = tmp_path / "cache", {"KOLORS_JOB_CACHE_RESERVE_MB": str(10**9)}
+    res = _run_job(tmp_path, {"output": {"uri": str(tmp_path / "out")}, **SMALL}, cache=cache, extra_env=env)
+    assert res.returncode == ExitCode.INVALID_INPUT, res.stderr[-3000:]
+    last = res.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: pipeline model 'modelscope://{ms_ids.KOLORS_ID}' needs "), last
+    assert "free" in last and "KOLORS_JOB_CACHE_DIR" in last
+    assert modelscope_env.downloads(ms_ids.KOLORS_ID) == {}
+    assert not list(cache.rglob(".kolors_job_source.json"))
