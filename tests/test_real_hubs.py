@@ -103,6 +103,10 @@ def test_default_manifest_on_the_modelscope_emulator(modelscope_env, tmp_path: P
         "README.md", "data/train-00000-of-00002.parquet", "data/train-00001-of-00002.parquet",
     ]
     assert report["dataset"]["kept"] == 3
+    anime = hub.repo("dataset", ms_ids.ANIME_ID)
+    dataset_src = sources[f"modelscope://{ms_ids.ANIME_ID}"]
+    assert dataset_src["commit"] == anime.commit
+    assert dataset_src["bytes_downloaded"] == sum(hub.downloads(ms_ids.ANIME_ID).values())
     assert len(report["story"]["frames"]) == 8 and all(0.0 <= f["score"] <= 10.0 for f in report["story"]["frames"])
 
     # a second job on the same cache downloads nothing, and says the bytes were reused
@@ -113,6 +117,31 @@ def test_default_manifest_on_the_modelscope_emulator(modelscope_env, tmp_path: P
     assert hub.downloads(ms_ids.KOLORS_ID) == {} and hub.downloads(ms_ids.ANIME_ID) == {}
     base = {s["uri"]: s for s in report["sources"]}[f"modelscope://{ms_ids.KOLORS_ID}"]
     assert (base["bytes_downloaded"], base["bytes_reused"]) == (0, sum(expected.values()))
+    dataset_src = {s["uri"]: s for s in report["sources"]}[f"modelscope://{ms_ids.ANIME_ID}"]
+    assert dataset_src["bytes_downloaded"] == 0 and dataset_src["bytes_reused"] > 0
+
+
+def test_a_job_on_a_local_copy_in_the_fp16_only_layout(hub_artifacts, tmp_path: Path) -> None:
+    """The issue's reproduction: Kolors-diffusers' fp16-only files in a plain folder as ``model.base``."""
+    spec = {
+        "output": {"uri": str(tmp_path / "out")},
+        "model": {"base": str(hub_artifacts["kolors"])},
+        "score": {**SMALL["score"], "aesthetic_model": str(hub_artifacts["predictor"])},
+        "train": SMALL["train"],
+        "story": SMALL["story"],
+    }
+    assert not [p for p in hub_artifacts["kolors"].rglob("diffusion_pytorch_model.safetensors")]
+    images = tmp_path / "images"
+    images.mkdir()
+    from PIL import Image
+
+    for i in range(2):
+        Image.new("RGB", (1024, 1024), (40 * i, 90, 160)).save(images / f"{i}.png")
+    spec["dataset"] = {"source": str(images)}
+    res = _run_job(tmp_path, spec, cache=tmp_path / "cache")
+    assert res.returncode == ExitCode.OK, res.stderr[-3000:]
+    report = _assert_story(tmp_path / "out" / "kolors-lora-story")
+    assert report["sources"][0]["uri"] == str(hub_artifacts["kolors"])
 
 
 def test_default_manifest_with_hf_sources_on_the_hf_emulator(hf_env, tmp_path: Path) -> None:
