@@ -98,6 +98,28 @@ def test_an_expired_lease_is_taken_over_and_its_holder_learns_it_lost(prefix_sto
     new.release()
 
 
+def test_a_heartbeat_that_cannot_renew_gives_the_claim_up_when_the_lease_runs_out(tmp_path, storage_env):
+    """The volume under the prefix goes away (here: the prefix becomes a plain file): every renewal fails,
+    each is logged, and once a whole lease has passed without one the run stops (on_lost → exit 75)
+    rather than go on writing into a prefix another run may take over."""
+    import shutil
+
+    store = open_store(str(tmp_path / "out"), storage_env).child("job")
+    lost: list[str] = []
+    claim = _claim(store, "d", lease_s=1.0, on_lost=lost.append)
+    claim.acquire()
+    claim.start_heartbeat()
+    time.sleep(0.4)  # at least one renewal succeeded
+    assert not claim.lost.is_set()
+    shutil.rmtree(tmp_path / "out" / "job")
+    (tmp_path / "out" / "job").write_text("not a directory any more")
+    t0 = time.monotonic()
+    assert claim.lost.wait(10), "the heartbeat kept the claim without renewing it"
+    assert 0.5 < time.monotonic() - t0 < 5
+    assert lost == ["could not renew the output claim before its lease expired"]
+    claim.release()  # a lost claim is not released (nothing to write to anyway), and this does not raise
+
+
 # -- whole runs, as separate processes -----------------------------------------------------------
 def _run_pair(tmp_path, shared_cache, output: str, manifests: list[dict], env_extra: dict[str, str]):
     """Start one `kolors-job run` per manifest at the same moment; return [(exit code, stderr)]."""

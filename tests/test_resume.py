@@ -147,7 +147,14 @@ def resume_runs(shared_cache, tmp_path_factory):
         (torn / name).write_bytes(b"\x00garbage: a preempted upload\x00")
 
     t0 = time.monotonic()
-    b = follow(start(manifest, job_env), lambda r: r.get("msg") == "frame")
+    status_at_resume: dict = {}
+
+    def at_resume_then_first_frame(r: dict) -> bool:
+        if r.get("msg") == "resumed":  # status.json is written before training goes on: read it now
+            status_at_resume.update(json.loads((out / JOB / "status.json").read_text()))
+        return r.get("msg") == "frame"
+
+    b = follow(start(manifest, job_env), at_resume_then_first_frame)
     b.seconds = time.monotonic() - t0
     status_b = json.loads((out / JOB / "status.json").read_text())
     frames_b = snapshot(out / JOB / "images")
@@ -161,6 +168,7 @@ def resume_runs(shared_cache, tmp_path_factory):
     return {
         "kill_step": kill_step, "out": out / JOB, "ref_out": ref_out / JOB, "ref_rc": ref_rc,
         "ref_log": "".join(ref_lines[-60:]), "a": a, "b": b, "c": c, "status_a": status_a, "status_b": status_b,
+        "status_at_resume": status_at_resume,
         "complete_a": complete_a, "after_a": after_a, "torn_step": torn_step, "frames_b": frames_b,
         "manifest": manifest, "env": job_env, "shared_cache": shared_cache, "base": base,
     }
@@ -189,6 +197,27 @@ def test_rerun_resumes_from_the_last_complete_checkpoint_never_a_torn_one(resume
     assert f"checkpoints/step-{resume_runs['torn_step']}" not in "".join(b.lines + resume_runs["c"].lines)
     first_step = min(r["step"] for r in b.msgs("step"))
     assert first_step == newest + 1, "steps already done were trained again"
+
+
+def test_status_shows_the_resumed_step_not_step_0(resume_runs):
+    """A person watching status.json of a resumed run sees where it resumed, before the next step ends."""
+    newest = max(resume_runs["complete_a"])
+    status = resume_runs["status_at_resume"]
+    assert status, "run B never logged 'resumed'"
+    assert (status["state"], status["stage"], status["step"]) == ("running", "train", newest), status
+
+
+def test_every_log_line_is_json_but_the_last(resume_runs):
+    """Interrupted, resumed and finishing runs write only JSON lines (warnings of torch, PIL, diffusers
+    included) — a log pipeline parsing the pod's output never meets a stray line; the CLI's own
+    one-line summary comes last."""
+    for name in ("a", "b", "c"):
+        run = resume_runs[name]
+        lines = [line for line in run.lines if line.strip()]
+        stray = [line for line in lines[:-1] if not line.lstrip().startswith("{")]
+        assert not stray, f"run {name}: non-JSON lines {stray[:5]}"
+        for line in lines[:-1]:
+            assert isinstance(json.loads(line), dict)
 
 
 def test_final_lora_equals_an_uninterrupted_run_bit_for_bit(resume_runs):
