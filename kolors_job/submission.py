@@ -206,14 +206,21 @@ def _check_images(folder: Path) -> tuple[list[str], list[str]]:
     return names, problems
 
 
-def _check_prompts(folder: Path, images: list[str]) -> list[str]:
-    path = folder / PROMPTS_JSON
+def _read_json(folder: Path, name: str, part: str, missing: str) -> tuple[Any, list[str]]:
+    """The parsed file, or the one problem that stops its check (missing / not JSON)."""
+    path = folder / name
     if not path.is_file():
-        return [f"prompts: {PROMPTS_JSON} is missing"]
+        return None, [f"{part}: {name} is missing{missing}"]
     try:
-        records = json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(path.read_text(encoding="utf-8")), []
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        return [f"prompts: {PROMPTS_JSON} is not valid JSON ({e})"]
+        return None, [f"{part}: {name} is not valid JSON ({e})"]
+
+
+def _check_prompts(folder: Path, images: list[str]) -> list[str]:
+    records, problems = _read_json(folder, PROMPTS_JSON, "prompts", "")
+    if problems:
+        return problems
     if not isinstance(records, list):
         return [f"prompts: {PROMPTS_JSON} must be a list of {{image, prompt}} records"]
     by_image = {
@@ -223,13 +230,11 @@ def _check_prompts(folder: Path, images: list[str]) -> list[str]:
 
 
 def _check_score(folder: Path) -> list[str]:
-    path = folder / SCORE_NAME
-    if not path.is_file():
-        return [f"score: {SCORE_NAME} is missing, so the aesthetic mean is not recorded"]
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        return [f"score: {SCORE_NAME} is not valid JSON ({e})"]
+    data, problems = _read_json(folder, SCORE_NAME, "score", ", so the aesthetic mean is not recorded")
+    if problems:
+        return problems
+    if not isinstance(data, dict):
+        return [f"score: {SCORE_NAME} must be an object with aesthetic_mean and threshold"]
     mean, threshold = data.get("aesthetic_mean"), data.get("threshold")
 
     def number(v: Any) -> bool:
