@@ -1,6 +1,6 @@
 """Aesthetic scoring exactly as the challenge computes it, plus a style-consistency number.
 
-The challenge's seed code (design.md §7) scores each image with::
+The challenge's seed code (docs/design.md §7) scores each image with::
 
     inputs = processor(images=image, return_tensors="pt")
     score = predictor(**inputs).logits[0][0]     # AestheticsPredictorV2Linear, float32

@@ -1,6 +1,6 @@
 """The challenge submission bundle: build it, check it, optionally push it to ModelScope.
 
-The Kolors LoRA story challenge (design.md §7) asks for the LoRA file, a description of it, at
+The Kolors LoRA story challenge (docs/design.md §7) asks for the LoRA file, a description of it, at
 least 8 images with the prompt of each, and rejects entries whose mean aesthetic score is under the
 threshold (6 today). ``build_submission`` lays those out in one folder; ``check_submission`` is the
 gate a job runs before it reports success (and a person can run on any folder), naming every

@@ -6,7 +6,7 @@ from pathlib import Path
 
 HEADER = """# The one pinned dependency set: `make test`, CI and the Docker image all install exactly this file
 # (then `pip install --no-deps .`). Regenerate with `make lock` after changing pyproject.toml.
-# Pins chosen for compatibility (design.md §1): transformers 4.57.6 + huggingface_hub 0.36.2 +
+# Pins chosen for compatibility (docs/design.md §1): transformers 4.57.6 + huggingface_hub 0.36.2 +
 # diffusers 0.39.0 + diffsynth 1.1.9 + simple-aesthetics-predictor 0.1.2 on torch 2.14.1.
 """
 

@@ -1,6 +1,6 @@
 """An OSS-protocol front for an S3 server (moto), for testing oss2 code offline.
 
-No OSS server exists in any reachable registry (design.md §6). This threaded proxy on 127.0.0.1
+No OSS server exists in any reachable registry (docs/design.md §6). This threaded proxy on 127.0.0.1
 speaks enough of OSS for oss2: it verifies OSS V1 and V4 signatures against known keys (403
 SignatureDoesNotMatch / InvalidAccessKeyId / AccessDenied in OSS XML, details included like the
 real service, so tests can check we never echo them), translates ``x-oss-*`` <-> ``x-amz-*``
