@@ -140,10 +140,14 @@ def download(store: Store, step: int, work_dir: Path) -> Path:
     return local
 
 
-def upload(store: Store, path: Path, step: int, *, keep: int) -> None:
-    """Publish a local checkpoint (``COMPLETE`` goes last), then prune complete ones beyond ``keep``
-    (the newest are the resume sources; a torn one is never counted, so never evicts a good one)."""
+def upload(store: Store, path: Path, step: int) -> None:
+    """Publish a local checkpoint; ``upload_dir`` sends ``COMPLETE`` last, so a torn upload never counts."""
     store.upload_dir(path, step_key(step) + "/")
+
+
+def prune(store: Store, *, keep: int) -> None:
+    """Delete complete checkpoints beyond the ``keep`` newest (the resume sources); a torn one is never
+    counted, so it never evicts a complete one."""
     for old in complete_steps(store)[:-keep]:
         for key in store.list(step_key(old) + "/"):
             store.delete(key)
