@@ -60,7 +60,6 @@ from kolors_job.train_data import Batch, SampleStream, build_caches, make_batch
 from kolors_job.train_setup import (
     _make_optimizer,
     _reset_accelerate_state,
-    _weight_dtype,
     add_lora,
     make_lr_scheduler,
     make_optimizer,
@@ -72,6 +71,7 @@ from kolors_job.train_setup import (
     setup_accelerator,
     total_steps,
     want_checkpointing,
+    weight_dtype_for,
 )
 
 if TYPE_CHECKING:
@@ -108,6 +108,7 @@ __all__ = [  # what other modules and tests import from here
     "train_lora",
     "train_step",
     "want_checkpointing",
+    "weight_dtype_for",
 ]
 
 log = logging.getLogger("kolors_job.train")
@@ -240,7 +241,7 @@ def train_lora(
     seed_and_tune(dev, spec.seed)
 
     # 2. Caches: the text encoder and the VAE are done (and gone) before the LoRA exists.
-    weight_dtype = _weight_dtype(precision)
+    weight_dtype = weight_dtype_for(precision)
     caches = build_caches(
         Path(model_dir), items, spec, vae_dir=vae_dir, precision=precision, weight_dtype=weight_dtype,
         dev=dev, caption_dropout=caption_dropout,

@@ -55,7 +55,7 @@ def resolve_precision(requested: str, device: torch.device) -> str:
     return "fp16" if requested == "auto" else requested
 
 
-def _weight_dtype(precision: str) -> torch.dtype:
+def weight_dtype_for(precision: str) -> torch.dtype:
     return {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
