@@ -261,6 +261,7 @@ def train_lora(
     start_step, losses = resume(accelerator, resume_from, resume_state)
 
     # 4-5. The loop, checkpointing as it goes.
+    bar = _progress_bar(n_steps, start_step, enabled=progress and accelerator.is_main_process)
     log.info(
         "training",
         extra={
@@ -278,7 +279,7 @@ def train_lora(
     state = {"fingerprint": fingerprint, "precision": precision, "world_size": world}
     step, losses, checkpoints, interrupted = train_loop(
         run, start_step, n_steps, losses, work_dir=work_dir, run_state=state, on_checkpoint=on_checkpoint,
-        should_stop=should_stop, progress=progress and accelerator.is_main_process,
+        should_stop=should_stop, bar=bar,
     )
 
     # 6. The LoRA (the same weights on every rank).
@@ -318,14 +319,14 @@ def train_loop(
     run_state: dict[str, Any],
     on_checkpoint: Callable[[Path, int], None] | None,
     should_stop: Callable[[], bool] | None,
-    progress: bool,
+    bar: Any,
 ) -> tuple[int, list[float], list[Path], bool]:
     """Steps ``start_step + 1 .. n_steps``, checkpointing every ``checkpoint_every``, at the end and on
-    an agreed stop; (last step, all losses, checkpoints written, interrupted)."""
+    an agreed stop; (last step, all losses, checkpoints written, interrupted). ``run_state``: what each
+    ``state.json`` says of the run besides the step; ``bar``: a tqdm bar (closed here) or None."""
     spec, accelerator = run.spec, run.accelerator
     checkpoints: list[Path] = []
     interrupted = False
-    bar = _progress_bar(n_steps, start_step, enabled=progress)
     run.unet.train()
     step = start_step
     for step in range(start_step + 1, n_steps + 1):
