@@ -13,9 +13,9 @@ a GPU. Why it looks like this:
 * "The reference" is what the seed baseline runs: DiffSynth 1.1.9's ``SDXLUNet(is_kolors=True)``, fp16 weights,
   peft LoRA r16/α4 on ``to_q,to_k,to_v,to_out`` (fp32), Lightning ``16-mixed`` (autocast fp16 + GradScaler),
   AdamW lr 1e-4, gradient checkpointing on; sampling runs CFG as two batch-1 passes with the LoRA unmerged.
-* "Ours" goes through the job's own functions: ``kolors_job.train.make_batch``/``_loss`` under the same
-  ``Accelerator`` set-up as ``train_lora``, and ``train_lora``/``generate_story`` themselves on a model written
-  in diffusers layout. Compile always uses the default mode (max-autotune's compile time never pays back here)
+* "Ours" goes through the job's own functions: ``kolors_job.train``'s set-up steps and ``train_step`` (what
+  ``train_lora``'s loop calls), and ``train_lora``/``generate_story`` themselves on a model written in diffusers
+  layout. Compile always uses the default mode (max-autotune's compile time never pays back here)
   and the compile seconds are reported, because compile time is job time.
 * FLOP counts were counted with ``torch.utils.flop_counter.FlopCounterMode`` on the meta device (full-size
   UNet, LoRA r16, 1024², 256 tokens): 13.93 TFLOP per CFG step (forward, batch 2), 7.01 TFLOP forward and
@@ -495,13 +495,12 @@ def m_ours_train(
     fused: bool = True,
     compile_blocks: bool = False,
 ) -> dict[str, Any]:
-    """One optimizer step exactly as ``train_lora``'s loop does it: ``make_batch`` on the CPU, ``_loss`` under the
-    ``Accelerator`` (bf16 autocast on CUDA), ``accelerator.backward``, grad-norm clip, AdamW step, one host sync
-    for the loss. Only the caches are synthetic (latent posteriors, prompt embeddings), like after step 2 of
-    ``train_lora``. Variants toggle what ``train_lora`` decides (channels-last, fused AdamW, ckpt, compile)."""
-    from accelerate import Accelerator
+    """One optimizer step by the trainer itself: ``train_lora``'s set-up steps (``setup_accelerator``, ``add_lora``,
+    ``make_optimizer``, ``make_lr_scheduler``, ``prepare``) on a randomly initialised UNet, then its ``train_step``
+    (``make_batch`` on the CPU, the loss under the ``Accelerator``, backward, grad-norm clip, AdamW, lr schedule,
+    one host sync for the loss). Only the caches are synthetic (latent posteriors, prompt embeddings), like after
+    ``build_caches``. Variants override what the trainer decides (channels-last, fused AdamW, ckpt, compile)."""
     from diffusers import DDPMScheduler
-    from peft import LoraConfig
 
     from kolors_job import train as kt
     from kolors_job.dataset import ImageItem
@@ -511,33 +510,21 @@ def m_ours_train(
 
     if compile_blocks and not ctx.cuda:
         raise CannotRunError("compile: CUDA only (train_lora ignores spec.train.compile on the CPU)")
-    spec = TrainSpec(batch_size=batch_size, resolution=ctx.res)
+    spec = TrainSpec(
+        batch_size=batch_size, resolution=ctx.res, gradient_checkpointing="on" if ckpt else "off",
+        compile=compile_blocks,
+    )
     precision = kt.resolve_precision(spec.precision, ctx.dev)
-    weight_dtype = kt._weight_dtype(precision)
+    weight_dtype = kt.weight_dtype_for(precision)
     kt._reset_accelerate_state()
-    accelerator = Accelerator(mixed_precision=precision, cpu=not ctx.cuda)
+    accelerator = kt.setup_accelerator(spec, ctx.dev, precision)
     try:
         with _cuda_flags(ctx, benchmark=True):  # train_lora: TF32 + cudnn.benchmark on CUDA
             unet = ctx.build_unet(weight_dtype)
-            unet.requires_grad_(False)
-            if channels_last:
-                unet.to(memory_format=torch.channels_last)
-            unet.add_adapter(
-                LoraConfig(
-                    r=spec.rank, lora_alpha=spec.alpha, init_lora_weights=True,
-                    target_modules=list(spec.target_modules),
-                )
-            )
-            params = kt._fp32_trainable(unet)
-            if ckpt:
-                unet.enable_gradient_checkpointing()
-            if compile_blocks:
-                unet.compile_repeated_blocks()  # what train_lora does for spec.train.compile (default mode)
-            optimizer = torch.optim.AdamW(
-                params, lr=spec.learning_rate, weight_decay=spec.weight_decay,
-                fused=True if (fused and ctx.cuda) else None,
-            )
-            unet, optimizer = accelerator.prepare(unet, optimizer)
+            params, use_ckpt = kt.add_lora(unet, spec, ctx.dev, channels_last=channels_last)
+            optimizer = kt.make_optimizer(spec, params, ctx.dev, fused=fused)
+            lr_scheduler = kt.make_lr_scheduler(spec, optimizer, n_steps=10**6)
+            unet, optimizer = kt.prepare(accelerator, unet, optimizer, lr_scheduler, spec)
             noise_scheduler = DDPMScheduler.from_config(KOLORS_SCHEDULER_CONFIG)
             n_items, lat, r = 8, ctx.latent, ctx.res
             gen = torch.Generator().manual_seed(0)
@@ -555,26 +542,18 @@ def m_ours_train(
                     pooled=torch.randn(ctx.pooled_dim, generator=gen).to(weight_dtype),
                 )
             }
-            stream = kt.SampleStream(n_items, spec.seed)
-            counter = itertools.count()
+            run = kt.Run(
+                accelerator, spec, unet, optimizer, lr_scheduler, params, noise_scheduler,
+                kt.SampleStream(n_items, spec.seed), items, latents, prompts, scaling_factor=0.13025,
+                prediction_type="epsilon", num_train_timesteps=int(noise_scheduler.config.num_train_timesteps),
+                weight_dtype=weight_dtype, caption_dropout=0.0,
+            )
+            steps = itertools.count(1)
             losses: list[float] = []
-            unet.train()
+            run.unet.train()
 
             def step() -> None:
-                base = next(counter) * batch_size
-                batch = kt.make_batch(
-                    range(base, base + batch_size), stream, items, latents, prompts,
-                    num_train_timesteps=int(noise_scheduler.config.num_train_timesteps), scaling_factor=0.13025,
-                    caption_dropout=0.0, random_flip=False,
-                )
-                with accelerator.accumulate(unet):
-                    loss = kt._loss(unet, noise_scheduler, batch, ctx.dev, weight_dtype, "epsilon")
-                    accelerator.backward(loss)
-                    if accelerator.sync_gradients and spec.max_grad_norm:
-                        accelerator.clip_grad_norm_(params, spec.max_grad_norm)
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                losses.append(float(loss.detach()))  # train_lora syncs once per step for its loss log
+                losses.append(kt.train_step(run, next(steps)).loss)
 
             ctx.reset_peak()
             res = ctx.bench(step, warmup=3 if compile_blocks else 2)
@@ -584,7 +563,8 @@ def m_ours_train(
             peak_gib=ctx.peak_gib(), batch=batch_size, kind="train", loss_finite=all(map(math.isfinite, losses)),
             ms_per_sample=round(res["ms"] / batch_size, 3),
             config={"precision": precision, "channels_last": channels_last, "fused_adamw": fused and ctx.cuda,
-                    "grad_ckpt": ckpt, "compile": "compile_repeated_blocks (default mode)" if compile_blocks else None,
+                    "grad_ckpt": use_ckpt,
+                    "compile": "compile_repeated_blocks (default mode)" if compile_blocks else None,
                     "lora": f"r{spec.rank} α{spec.alpha} fp32 {list(spec.target_modules)}",
                     "max_grad_norm": spec.max_grad_norm, "cudnn_benchmark": ctx.cuda},
         )

@@ -17,8 +17,6 @@ import logging
 import os
 import re
 import shutil
-import signal
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
@@ -28,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
+from kolors_job import checkpoints
 from kolors_job.claim import CLAIM_DIR, OutputClaim
 from kolors_job.device import pick_device
 from kolors_job.errors import (
@@ -44,10 +43,10 @@ from kolors_job.manifest import JOB_ID_PATTERN, Manifest, OutputSpec, format_val
 from kolors_job.redact import redact_uri, scrub
 from kolors_job.settings import Settings
 from kolors_job.status import StatusWriter
+from kolors_job.stop import StopFlag, stop_on_signals
 from kolors_job.storage import Store, open_store
-from kolors_job.storage import base as storage_base
-from kolors_job.storage.base import atomic_target
 from kolors_job.storage.local import TEMPORARY_ERRNOS, os_error
+from kolors_job.story import run_story
 
 if TYPE_CHECKING:
     from accelerate import PartialState
@@ -67,38 +66,6 @@ class JobOutcome:
     state: str
     message: str = ""
     report: dict[str, Any] | None = None
-
-
-@dataclass
-class StopFlag:
-    """Set by SIGTERM/SIGINT; long stages poll it and stop at a step boundary after checkpointing."""
-
-    event: threading.Event = field(default_factory=threading.Event)
-    signal_name: str | None = None
-
-    def __call__(self) -> bool:
-        return self.event.is_set()
-
-
-@contextmanager
-def _stop_on_signals(flag: StopFlag) -> Iterator[None]:
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum: int, _frame: Any) -> None:
-        flag.signal_name = signal.Signals(signum).name
-        log.warning("received %s: finishing the current step, checkpointing, then exiting 75", flag.signal_name)
-        flag.event.set()
-        storage_base.request_stop()  # failed storage requests are no longer retried
-
-    old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        yield
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
-        storage_base.clear_stop()
 
 
 def _env_int(name: str, default: int) -> int:
@@ -380,16 +347,6 @@ def run_dataset(job: Job) -> tuple[Any, dict[str, Any]]:
     return scan, summary
 
 
-def _complete_checkpoint_steps(job: Job) -> list[int]:
-    """Steps N of ``checkpoints/step-N/`` whose ``COMPLETE`` marker exists (torn ones never count), sorted."""
-    steps = set()
-    for key in job.store.list("checkpoints/"):
-        parts = key.split("/")
-        if len(parts) == 3 and parts[2] == "COMPLETE" and parts[1].startswith("step-"):
-            steps.add(int(parts[1].removeprefix("step-")))
-    return sorted(steps)
-
-
 def run_train(job: Job, models: ResolvedModels, items: list[Any]) -> dict[str, Any]:
     """Train (or resume, or skip when ``lora/`` is already complete) and return the train summary."""
     from kolors_job.train import train_lora
@@ -404,28 +361,19 @@ def run_train(job: Job, models: ResolvedModels, items: list[Any]) -> dict[str, A
         return done
 
     resume_from = None
-    complete = _complete_checkpoint_steps(job)
-    if complete:
-        newest = f"checkpoints/step-{complete[-1]}"
-        resume_from = job.work / newest
+    if (newest := checkpoints.newest_complete(job.store)) is not None:
+        resume_from = checkpoints.step_dir(job.work, newest)
         if job.local_main:
-            shutil.rmtree(resume_from, ignore_errors=True)
-            job.store.download_dir(newest + "/", resume_from)
+            checkpoints.download(job.store, newest, job.work)
         job.barrier()
-        log.info("train: resuming from %s", newest)
-        job.status.progress(complete[-1], force=True)  # not "step 0" until the next step is done
-
-    keep = job.manifest.spec.output.keep_checkpoints
+        log.info("train: resuming from %s", checkpoints.step_key(newest))
+        job.status.progress(newest, force=True)  # not "step 0" until the next step is done
 
     def on_checkpoint(path: Path, step: int) -> None:
-        if not job.main:
-            return
-        job.upload_dir(path, f"checkpoints/step-{step}/")
-        job.status.progress(step)
-        # prune older complete checkpoints beyond keep (the newest ones are the resume sources)
-        for old in _complete_checkpoint_steps(job)[:-keep]:
-            for key in job.store.list(f"checkpoints/step-{old}/"):
-                job.store.delete(key)
+        if job.main:
+            checkpoints.upload(job.store, path, step)
+            job.status.progress(step)
+            checkpoints.prune(job.store, keep=job.manifest.spec.output.keep_checkpoints)
 
     result = train_lora(
         models.base,
@@ -442,16 +390,7 @@ def run_train(job: Job, models: ResolvedModels, items: list[Any]) -> dict[str, A
     )
     if result.interrupted:
         raise JobInterruptedError(f"interrupted at step {result.steps}; checkpoint saved; rerun to resume")
-    summary = {
-        "steps": result.steps,
-        "losses": result.losses,
-        "seconds": result.seconds,
-        "peak_memory_bytes": result.peak_memory_bytes,
-        "precision": result.precision,
-        "gradient_checkpointing": result.gradient_checkpointing,
-        "samples_seen": result.samples_seen,
-        "lora_sha256": result.lora_sha256,
-    }
+    summary = result.summary()
     if job.local_main:  # every node draws frames with it; its ranks share one disk
         shutil.rmtree(lora_local, ignore_errors=True)
         shutil.copytree(result.lora_dir, lora_local)
@@ -501,111 +440,6 @@ def export_lora(job: Job, models: ResolvedModels, train: dict[str, Any]) -> dict
         "lora_files": {k: Path(v).relative_to(job.work).as_posix() for k, v in files.items()},
         "lora_formats_skipped": skipped,
     }
-
-
-def run_story(job: Job, models: ResolvedModels, scorer: Any) -> list[dict[str, Any]]:
-    """Generate the frames not yet in the output; upload each as soon as it exists.
-
-    Under DDP the missing frames are split between the ranks (accelerate's ``split_between_processes``);
-    each rank draws its share, and rank 0 gathers the PNGs, keeps them and alone uploads them.
-    """
-    from kolors_job.generate import generate_story, sampler_record
-
-    spec = job.manifest.spec.story
-    n_frames = len(spec.frames)
-    images_local = job.work / "images"
-    images_local.mkdir(parents=True, exist_ok=True)
-    done: set[int] = set()
-    if job.main:
-        for i in range(1, n_frames + 1):
-            if job.store.exists(f"images/{i:02d}.png"):
-                job.store.download_file(f"images/{i:02d}.png", images_local / f"{i:02d}.png")
-                done.add(i)
-        if done:
-            log.info("story: %d frame(s) already in the output, not regenerated", len(done))
-    todo = [i for i in range(1, n_frames + 1) if i not in done]
-    if job.dist:
-        from accelerate.utils import broadcast_object_list
-
-        shared = [todo]
-        broadcast_object_list(shared)  # rank 0 read the output: every rank agrees on what is left
-        with job.dist.split_between_processes(shared[0]) as mine:
-            todo = list(mine)
-        log.info("story: this rank draws frames %s", todo or "none", extra={"frames": todo})
-
-    def on_frame(frame: Any) -> None:
-        for _seed, path, _score in frame.candidates:
-            job.upload(f"images/candidates/{path.name}", path)
-        job.upload(f"images/{frame.path.name}", frame.path)
-        job.status.progress(frame.index, len(spec.frames))
-        job.check_stop()
-
-    drawn = generate_story(
-        models.base,
-        spec,
-        out_dir=job.work,
-        lora_dir=job.work / "lora",
-        vae_dir=models.vae,
-        device=job.device,
-        skip=set(range(1, n_frames + 1)) - set(todo),
-        on_frame=on_frame,
-        scorer=scorer if spec.best_of > 1 else None,
-        progress=job.progress,
-    )
-    if job.dist:
-        _collect_frames(job, drawn, n_frames)
-    if not job.main:
-        return []
-    prompts = {
-        "negative_prompt": spec.negative_prompt,
-        "sampler": {
-            **sampler_record(models.base, spec, job.device),
-            "scheduler": spec.scheduler,
-            "cfg_scale": spec.cfg_scale,
-            "steps": spec.steps,
-            "width": spec.width,
-            "height": spec.height,
-            "lora_scale": spec.lora_scale,
-            "best_of": spec.best_of,
-        },
-        "frames": [
-            {
-                "index": i,
-                "image": f"images/{i:02d}.png",
-                "prompt": f.prompt,
-                "negative_prompt": spec.negative_for(f),
-                "seed": f.seed,
-            }
-            for i, f in enumerate(spec.frames, start=1)
-        ],
-    }
-    (job.work / "prompts.json").write_text(json.dumps(prompts, ensure_ascii=False, indent=2))
-    job.upload("prompts.json", job.work / "prompts.json")
-    return prompts["frames"]
-
-
-def _collect_frames(job: Job, drawn: list[Any], n_frames: int) -> None:
-    """Every rank's PNGs (frames and best-of candidates) to rank 0, which stores and uploads them.
-
-    One collective call after the drawing: a rank interrupted before it fails the whole torchrun group
-    (its frames are redrawn by the rerun; rank 0's own are already uploaded).
-    """
-    from accelerate.utils import gather_object
-
-    files = [] if job.main else [  # rank 0's own were uploaded as each was drawn
-        (frame.index, path.relative_to(job.work).as_posix(), path.read_bytes())
-        for frame in drawn
-        for path in (*(c[1] for c in frame.candidates), frame.path)
-    ]
-    gathered = gather_object(files)
-    if not job.main:
-        return
-    for index, key, data in gathered:
-        with atomic_target(job.work / key) as tmp:
-            tmp.write_bytes(data)
-        job.upload(key, job.work / key)
-        if key == f"images/{index:02d}.png":
-            job.status.progress(index, n_frames)
 
 
 def load_frames(job: Job, frames: list[dict[str, Any]]) -> list[Any]:
@@ -706,7 +540,7 @@ def run_report(
 
 def run_job(job: Job) -> JobOutcome:
     """The whole recipe. Exceptions become a failed/interrupted ``status.json`` and an exit code."""
-    with _stop_on_signals(job.stop):
+    with stop_on_signals(job.stop):
         try:
             try:
                 return _run(job)

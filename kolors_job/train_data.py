@@ -1,0 +1,215 @@
+"""What the training loop reads: the caches (prompt embeddings, latent posteriors) and its batches.
+
+The caches are built once, before the LoRA exists: load the model, encode every distinct caption with
+``KolorsPipeline.encode_prompt`` and every image (both flips if ``random_flip``) with the VAE, then drop
+the text encoder and the VAE so the UNet has the device to itself. Batches are then assembled on the
+CPU from those caches, with every random draw a pure function of ``(seed, global sample index)``.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from kolors_job.embeddings import LatentEntry, PromptEmbeds, cache_latents, encode_captions, mix_seed
+
+if TYPE_CHECKING:
+    from diffusers import UNet2DConditionModel
+
+    from kolors_job.dataset import ImageItem
+    from kolors_job.manifest import TrainSpec
+
+log = logging.getLogger("kolors_job.train")
+
+
+# ------------------------------------------------------------------------------------------- caches
+
+
+@dataclass
+class Caches:
+    """The model parts training keeps (UNet, noise schedule) and the inputs encoded once."""
+
+    unet: UNet2DConditionModel
+    noise_scheduler: Any
+    prompts: dict[str, PromptEmbeds]
+    latents: dict[tuple[int, bool], LatentEntry]
+    scaling_factor: float
+    prediction_type: str
+    num_train_timesteps: int
+
+
+def build_caches(
+    model_dir: Path,
+    items: Sequence[ImageItem],
+    spec: TrainSpec,
+    *,
+    vae_dir: Path | None,
+    precision: str,
+    weight_dtype: torch.dtype,
+    dev: torch.device,
+    caption_dropout: float,
+) -> Caches:
+    """Load, encode captions, cache latents; then the text encoder and VAE leave."""
+    from kolors_job.models import load_kolors_components, make_pipeline
+
+    # fp16 overflows in the SDXL VAE unless it is the fp16-fix one; bf16 has the range.
+    vae_dtype = torch.float32 if precision == "fp16" and vae_dir is None else weight_dtype
+    comps = load_kolors_components(Path(model_dir), vae_path=vae_dir, dtype=weight_dtype, device="cpu")
+    if vae_dtype != weight_dtype:  # reload from disk rather than upcast weights already rounded to fp16
+        from diffusers import AutoencoderKL
+
+        comps.vae = AutoencoderKL.from_pretrained(vae_dir or Path(model_dir) / "vae", torch_dtype=vae_dtype)
+    pipe = make_pipeline(comps)
+    captions = [it.caption for it in items] + ([""] if caption_dropout > 0 else [])
+    t0 = time.monotonic()
+    comps.text_encoder.to(dev)
+    prompts = encode_captions(pipe, captions, device=dev)
+    log.info("encoded captions", extra={"captions": len(prompts), "seconds": round(time.monotonic() - t0, 3)})
+    # ChatGLM (12.5 GB in bf16) is done: free it before the VAE encodes 1024² images (16 GB cards).
+    pipe.text_encoder = comps.text_encoder = None
+    _free(dev)
+    vae = comps.vae.to(dev)
+    scaling_factor = float(vae.config.scaling_factor)
+    flips = (False, True) if spec.random_flip else (False,)
+    t0 = time.monotonic()
+    latents = cache_latents(
+        vae,
+        items,
+        resolution=spec.resolution,
+        center_crop=spec.center_crop,
+        flips=flips,
+        seed=spec.seed,
+        device=dev,
+        dtype=vae_dtype,
+        resize_filter=spec.resize_filter,
+    )
+    log.info("cached latents", extra={"latents": len(latents), "seconds": round(time.monotonic() - t0, 3)})
+    unet: UNet2DConditionModel = comps.unet
+    noise_scheduler = comps.noise_scheduler
+    del pipe, vae, comps
+    _free(dev)
+    prediction_type, num_train_timesteps = _check_model(unet, noise_scheduler, prompts)
+    return Caches(unet, noise_scheduler, prompts, latents, scaling_factor, prediction_type, num_train_timesteps)
+
+
+def _check_model(
+    unet: UNet2DConditionModel, noise_scheduler: Any, prompts: dict[str, PromptEmbeds]
+) -> tuple[str, int]:
+    """Refuse a text encoder / UNet / scheduler that do not belong together; (prediction type, T)."""
+    text_dim = next(iter(prompts.values())).pooled.shape[-1]
+    expected = unet.add_embedding.linear_1.in_features
+    if text_dim + 6 * unet.config.addition_time_embed_dim != expected:
+        raise ValueError(
+            f"UNet expects an added embedding of {expected}, conditioning gives {text_dim} + 6 x "
+            f"{unet.config.addition_time_embed_dim}; text encoder and UNet do not belong together"
+        )
+    prediction_type = noise_scheduler.config.prediction_type
+    if prediction_type not in ("epsilon", "v_prediction"):
+        raise ValueError(f"unsupported prediction_type {prediction_type!r} in the model's scheduler config")
+    return prediction_type, int(noise_scheduler.config.num_train_timesteps)
+
+
+def _free(dev: torch.device) -> None:
+    gc.collect()
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+# ------------------------------------------------------------------------------------------- data order
+
+
+class SampleStream:
+    """Maps a global sample index to (item, random draws); the same index always gives the same sample.
+
+    Epoch ``e`` visits the items in ``randperm(n, seed(seed, e))``. Sample ``g`` of the run is position
+    ``g % n`` of epoch ``g // n``; a DDP rank takes the indices of its slice of each step. Nothing
+    depends on what ran before, which is what makes resume and DDP splits bit-reproducible.
+    """
+
+    def __init__(self, n_items: int, seed: int) -> None:
+        self.n = n_items
+        self.seed = seed
+        self._perms: dict[int, list[int]] = {}
+
+    def item(self, g: int) -> int:
+        epoch, pos = divmod(g, self.n)
+        if epoch not in self._perms:
+            gen = torch.Generator().manual_seed(mix_seed(self.seed, "epoch", epoch))
+            self._perms = {epoch: torch.randperm(self.n, generator=gen).tolist()}  # keep one epoch
+        return self._perms[epoch][pos]
+
+    def generator(self, g: int) -> torch.Generator:
+        return torch.Generator().manual_seed(mix_seed(self.seed, "sample", g))
+
+
+@dataclass
+class Batch:
+    latents: torch.Tensor
+    noise: torch.Tensor
+    timesteps: torch.Tensor
+    embeds: torch.Tensor
+    pooled: torch.Tensor
+    time_ids: torch.Tensor
+    captions: list[str]
+    items: list[int]
+    flips: list[bool]
+
+
+def make_batch(
+    indices: Sequence[int],
+    stream: SampleStream,
+    items: Sequence[ImageItem],
+    latents: dict[tuple[int, bool], LatentEntry],
+    prompts: dict[str, PromptEmbeds],
+    *,
+    num_train_timesteps: int,
+    scaling_factor: float,
+    caption_dropout: float,
+    random_flip: bool,
+    latent: str = "sample",
+    time_ids: str = "crop",
+) -> Batch:
+    """Assemble samples on the CPU. Draw order per sample is fixed (dropout, flip, t, latent eps, noise).
+
+    ``latent`` / ``time_ids``: ``TrainSpec``'s switches (``mean`` / ``target`` are the reference's choices)."""
+    lat, noise, ts, emb, pooled, tids, caps, idx, flips = [], [], [], [], [], [], [], [], []
+    for g in indices:
+        i = stream.item(g)
+        gen = stream.generator(g)
+        u_drop, u_flip = torch.rand((2,), generator=gen).tolist()  # always drawn: fixed stream layout
+        drop = u_drop < caption_dropout
+        flip = random_flip and u_flip < 0.5
+        t = torch.randint(0, num_train_timesteps, (), generator=gen)
+        entry = latents[(i, flip)]
+        eps = torch.randn(entry.mean.shape, generator=gen)  # drawn either way: a fixed stream layout
+        lat.append((entry.mean if latent == "mean" else entry.sample(eps)) * scaling_factor)
+        noise.append(torch.randn(entry.mean.shape, generator=gen))
+        ts.append(t)
+        caption = "" if drop else items[i].caption
+        caps.append(caption)
+        emb.append(prompts[caption].embeds)
+        pooled.append(prompts[caption].pooled)
+        target = entry.time_ids[4:]  # (h, w) of the training crop
+        tid = entry.time_ids if time_ids == "crop" else (*target, 0, 0, *target)
+        tids.append(torch.tensor(tid, dtype=torch.float32))
+        idx.append(i)
+        flips.append(flip)
+    return Batch(
+        latents=torch.stack(lat),
+        noise=torch.stack(noise),
+        timesteps=torch.stack(ts).long(),
+        embeds=torch.stack(emb),
+        pooled=torch.stack(pooled),
+        time_ids=torch.stack(tids),
+        captions=caps,
+        items=idx,
+        flips=flips,
+    )
+

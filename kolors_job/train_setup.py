@@ -1,0 +1,246 @@
+"""The trainer's set-up steps and the decisions behind them: precision, accelerator, LoRA, optimizer.
+
+Each step is a small function :func:`kolors_job.train.train_lora` calls in order; the bench
+(``bench/gpu.py``) calls the same ones on a randomly initialised full-size UNet, overriding only the
+choices it measures (channels-last, fused AdamW, gradient checkpointing, compile).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from kolors_job.errors import ManifestError
+from kolors_job.lora_io import load_lora_into, save_lora
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+    from kolors_job.manifest import TrainSpec
+
+log = logging.getLogger("kolors_job.train")
+
+GIB = 1 << 30
+
+# Design §2: full Kolors UNet, 1024², batch 1, LoRA r16, no grad-ckpt: 12.7 GiB peak, 5.2 GiB of it weights.
+_ACTIVATION_BYTES_1024 = 7.5 * GIB
+_KOLORS_UNET_PARAMS = 2.579e9
+
+
+# ------------------------------------------------------------------------------------------- decisions
+
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    if device:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def resolve_precision(requested: str, device: torch.device) -> str:
+    """accelerate's ``mixed_precision`` for ``spec.precision``: CPU fp32; GPU fp16 mixed (the reference's
+    Lightning ``16-mixed``: fp16 weights and autocast, fp32 LoRA, GradScaler) unless bf16 is asked for."""
+    if requested == "fp32":
+        return "no"
+    if device.type != "cuda":
+        if requested == "fp16":
+            raise ManifestError(
+                "spec.train.precision: fp16 needs a CUDA GPU; use auto, bf16 or fp32 on a CPU"
+            )
+        return "bf16" if requested == "bf16" else "no"
+    return "fp16" if requested == "auto" else requested
+
+
+def weight_dtype_for(precision: str) -> torch.dtype:
+    return {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def activation_estimate_bytes(unet_params: int, batch_size: int, resolution: int) -> float:
+    """Rough activation memory of a LoRA step without checkpointing, scaled from the measured anchor."""
+    return (
+        _ACTIVATION_BYTES_1024 * (unet_params / _KOLORS_UNET_PARAMS) * batch_size * (resolution / 1024) ** 2
+    )
+
+
+def want_checkpointing(
+    setting: str, device: torch.device, *, unet_params: int, batch_size: int, resolution: int
+) -> bool:
+    """``auto``: off on CPU; on a GPU, on only when the activations (+20 %, +1 GiB) won't fit in free memory.
+
+    Checkpointing costs ~2x step time (design §2: 1368 vs 629 ms), so it must not be on just in case.
+    Call after the UNet is on the device: its weights are then already out of the free memory.
+    """
+    if setting != "auto":
+        return setting == "on"
+    if device.type != "cuda":
+        return False
+    free, _total = torch.cuda.mem_get_info(device)
+    need = activation_estimate_bytes(unet_params, batch_size, resolution) * 1.2 + GIB
+    return free < need
+
+
+def total_steps(spec: TrainSpec, n_items: int, samples_per_step: int) -> int:
+    if spec.steps is not None:
+        return spec.steps
+    return max(1, math.ceil(spec.epochs * n_items / samples_per_step))
+
+
+# ------------------------------------------------------------------------------------------- setup
+
+
+def setup_accelerator(spec: TrainSpec, target: torch.device, precision: str) -> Accelerator:
+    """The ``Accelerator`` for ``precision`` (see :func:`resolve_precision`) on ``target``."""
+    from accelerate import Accelerator
+
+    return Accelerator(
+        mixed_precision=precision,
+        gradient_accumulation_steps=spec.gradient_accumulation,
+        cpu=target.type == "cpu",
+    )
+
+
+def seed_and_tune(dev: torch.device, seed: int) -> None:
+    """TF32 + cudnn autotuning on CUDA, peak-memory counter reset; the global seed (LoRA A init uses it)."""
+    from accelerate.utils import set_seed
+
+    if dev.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True  # fixed shapes: ~12 % faster steps (design §2)
+        torch.cuda.reset_peak_memory_stats(dev)
+    set_seed(seed)  # identical on every rank
+
+
+def add_lora(
+    unet: torch.nn.Module, spec: TrainSpec, dev: torch.device, *, channels_last: bool | None = None
+) -> tuple[list[torch.nn.Parameter], bool]:
+    """LoRA on the UNet only; trainable params in fp32 whatever the precision (fp16 GradScaler needs it,
+    and bf16 weights would swallow lr 1e-4 updates). Returns the LoRA params and whether gradient
+    checkpointing is on. ``channels_last``: None is the trainer's choice (on CUDA); the bench overrides it."""
+    from diffusers.training_utils import cast_training_params
+    from peft import LoraConfig
+
+    unet.requires_grad_(False)
+    unet.to(dev)  # loaded in weight_dtype already
+    if dev.type == "cuda" if channels_last is None else channels_last:
+        unet.to(memory_format=torch.channels_last)
+    unet.add_adapter(
+        LoraConfig(
+            r=spec.rank,
+            lora_alpha=spec.alpha,
+            init_lora_weights=True if spec.init_lora_weights == "default" else "gaussian",
+            target_modules=list(spec.target_modules),
+        )
+    )
+    cast_training_params(unet, dtype=torch.float32)
+    params = [p for p in unet.parameters() if p.requires_grad]
+    base_params = sum(p.numel() for p in unet.parameters()) - sum(p.numel() for p in params)
+    use_ckpt = want_checkpointing(
+        spec.gradient_checkpointing,
+        dev,
+        unet_params=base_params,
+        batch_size=spec.batch_size,
+        resolution=spec.resolution,
+    )
+    if use_ckpt:
+        unet.enable_gradient_checkpointing()
+    if spec.compile:
+        if dev.type == "cuda":
+            unet.compile_repeated_blocks()  # transformer blocks only: minutes less than the whole UNet
+        else:
+            log.info("spec.train.compile ignored on %s", dev.type)
+    return params, use_ckpt
+
+
+def make_optimizer(
+    spec: TrainSpec, params: list[torch.nn.Parameter], dev: torch.device, *, fused: bool | None = None
+) -> torch.optim.Optimizer:
+    """AdamW (fused on CUDA unless ``fused`` says otherwise), or bitsandbytes' 8-bit AdamW."""
+    if spec.optimizer == "adamw8bit":
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise ManifestError(
+                "spec.train.optimizer: adamw8bit needs bitsandbytes, which is not installed; use adamw"
+            ) from None
+        return bnb.optim.AdamW8bit(params, lr=spec.learning_rate, weight_decay=spec.weight_decay)
+    use_fused = dev.type == "cuda" if fused is None else fused and dev.type == "cuda"
+    return torch.optim.AdamW(
+        params,
+        lr=spec.learning_rate,
+        weight_decay=spec.weight_decay,
+        fused=True if use_fused else None,
+    )
+
+
+def make_lr_scheduler(spec: TrainSpec, optimizer: torch.optim.Optimizer, n_steps: int) -> Any:
+    """diffusers' schedule by name; ``constant`` with warmup is ``constant_with_warmup``."""
+    from diffusers.optimization import get_scheduler
+
+    schedule = spec.lr_scheduler
+    if schedule == "constant" and spec.warmup_steps:
+        schedule = "constant_with_warmup"  # else diffusers' "constant" silently ignores the warmup
+    return get_scheduler(
+        schedule, optimizer=optimizer, num_warmup_steps=spec.warmup_steps, num_training_steps=n_steps
+    )
+
+
+def prepare(
+    accelerator: Accelerator,
+    unet: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    lr_scheduler: Any,
+    spec: TrainSpec,
+) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    """accelerate's wrapping, with checkpoint hooks that save and load the LoRA alone."""
+    from diffusers.training_utils import cast_training_params
+
+    def save_hook(models: list[Any], weights: list[Any], output_dir: str) -> None:
+        # Only the LoRA goes into a checkpoint: accelerate would otherwise write the whole 5 GB UNet.
+        if accelerator.is_main_process:
+            for model in models:
+                save_lora(accelerator.unwrap_model(model), Path(output_dir), spec)
+        weights.clear()
+
+    def load_hook(models: list[Any], input_dir: str) -> None:
+        while models:
+            model = accelerator.unwrap_model(models.pop())
+            load_lora_into(model, Path(input_dir))
+            cast_training_params(model, dtype=torch.float32)
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)
+    unet, optimizer = accelerator.prepare(unet, optimizer)
+    # Not passed to prepare(): accelerate would step it once per process per step under DDP.
+    accelerator.register_for_checkpointing(lr_scheduler)
+    return unet, optimizer
+
+
+def resume(
+    accelerator: Accelerator, resume_from: Path | None, resume_state: dict[str, Any] | None
+) -> tuple[int, list[float]]:
+    """Load a checkpoint's LoRA, optimizer, schedule and RNG; (steps done, their losses)."""
+    if resume_state is None:
+        return 0, []
+    accelerator.load_state(str(resume_from))
+    start_step, losses = int(resume_state["step"]), [float(x) for x in resume_state["losses"]]
+    log.info("resumed", extra={"checkpoint": str(resume_from), "step": start_step})
+    return start_step, losses
+
+
+def _reset_accelerate_state() -> None:
+    """Let a later ``train_lora`` in this process pick another precision (accelerate's state is a singleton).
+
+    The process group (PartialState) is kept: DDP workers stay initialised.
+    """
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=False)
+    GradientState._reset_state()
+
+
+_make_optimizer = make_optimizer  # the name tests/test_train.py has always used
