@@ -623,7 +623,7 @@ def run_score(job: Job, scorer: Any, images: list[Any]) -> Any:
 
 def _is_full_size_kolors(model_dir: Path) -> bool:
     """Whether the UNet has the real Kolors block structure (what DiffSynth's converter knows)."""
-    from kolors_job.tiny import KOLORS_UNET_CONFIG
+    from kolors_job.kolors_configs import KOLORS_UNET_CONFIG
 
     cfg = json.loads((model_dir / "unet" / "config.json").read_text())
     keys = ("block_out_channels", "layers_per_block", "transformer_layers_per_block", "attention_head_dim",
