@@ -143,13 +143,15 @@ class Ctx:
 
     @property
     def unet_cfg(self) -> dict[str, Any]:
-        from kolors_job.tiny import KOLORS_UNET_CONFIG, TINY_UNET_CONFIG
+        from kolors_job.kolors_configs import KOLORS_UNET_CONFIG
+        from kolors_job.tiny import TINY_UNET_CONFIG
 
         return TINY_UNET_CONFIG if self.tiny else KOLORS_UNET_CONFIG
 
     @property
     def vae_cfg(self) -> dict[str, Any]:
-        from kolors_job.tiny import KOLORS_VAE_CONFIG, TINY_VAE_CONFIG
+        from kolors_job.kolors_configs import KOLORS_VAE_CONFIG
+        from kolors_job.tiny import TINY_VAE_CONFIG
 
         return TINY_VAE_CONFIG if self.tiny else KOLORS_VAE_CONFIG
 
@@ -448,8 +450,8 @@ def m_ref_lora_injection(ctx: Ctx) -> dict[str, Any]:
     from diffusers import UNet2DConditionModel
     from peft import LoraConfig, inject_adapter_in_model
 
+    from kolors_job.kolors_configs import KOLORS_UNET_CONFIG
     from kolors_job.manifest import TrainSpec
-    from kolors_job.tiny import KOLORS_UNET_CONFIG
 
     sdxl_unet = load_diffsynth_sdxl_unet()
     t = time.perf_counter()
@@ -505,8 +507,8 @@ def m_ours_train(
     from kolors_job import train as kt
     from kolors_job.dataset import ImageItem
     from kolors_job.embeddings import LatentEntry, PromptEmbeds
+    from kolors_job.kolors_configs import KOLORS_SCHEDULER_CONFIG
     from kolors_job.manifest import TrainSpec
-    from kolors_job.tiny import KOLORS_SCHEDULER_CONFIG
 
     if compile_blocks and not ctx.cuda:
         raise CannotRunError("compile: CUDA only (train_lora ignores spec.train.compile on the CPU)")
@@ -754,7 +756,8 @@ def m_job_write_model(ctx: Ctx) -> dict[str, Any]:
     def write(out: Path) -> None:
         from diffusers import KolorsPipeline
 
-        from kolors_job.tiny import KOLORS_SCHEDULER_CONFIG, build_full_size_kolors_random, chatglm_tokenizer_dir
+        from kolors_job.kolors_configs import KOLORS_SCHEDULER_CONFIG
+        from kolors_job.tiny import build_full_size_kolors_random, chatglm_tokenizer_dir
 
         t = time.perf_counter()
         unet, vae, text_encoder, tokenizer, scheduler = build_full_size_kolors_random(ctx.dev, torch.bfloat16)

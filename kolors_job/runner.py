@@ -457,7 +457,7 @@ def run_score(job: Job, scorer: Any, images: list[Any]) -> Any:
 
 def _is_full_size_kolors(model_dir: Path) -> bool:
     """Whether the UNet has the real Kolors block structure (what DiffSynth's converter knows)."""
-    from kolors_job.tiny import KOLORS_UNET_CONFIG
+    from kolors_job.kolors_configs import KOLORS_UNET_CONFIG
 
     cfg = json.loads((model_dir / "unet" / "config.json").read_text())
     keys = ("block_out_channels", "layers_per_block", "transformer_layers_per_block", "attention_head_dim",
@@ -475,6 +475,7 @@ def run_report(
     scores: Any,
 ) -> dict[str, Any]:
     """story.jpg, the LoRA exports + model card, report.json/html, and the challenge submission."""
+    from kolors_job import report_model as rm
     from kolors_job.export import write_model_card
     from kolors_job.generate import sampler_record
     from kolors_job.report import device_info, package_versions, tile_story, write_report
@@ -492,32 +493,34 @@ def run_report(
     card = write_model_card(job.work / "lora", lora_info(job, train), score_dict, dataset, files=lora_files)
     job.upload("lora/README.md", card)
 
-    report: dict[str, Any] = {
-        "job_id": job.job_id,
-        "manifest_digest": job.digest,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "output": job.output_uri,
-        "model": {
-            "base": redact_uri(spec.model.base),
-            "vae": redact_uri(spec.model.vae) if spec.model.vae else None,
-            "random_weights": models.random_weights,
-        },
-        "sources": models.sources + ([dataset["fetched"]] if dataset.get("fetched") else []),
-        "dataset": dataset,
-        "train": {k: v for k, v in train.items() if k not in ("lora_files", "lora_formats_skipped")},
-        "story": {
-            "frames": frames,
-            "settings": spec.story.model_dump(mode="json", exclude={"frames"}),
-            "sampler": sampler_record(models.base, spec.story, job.device),
-        },
-        "score": score_dict,
-        "lora_files": {**train["lora_files"], "card": card.relative_to(job.work).as_posix()},
-        "lora_formats_skipped": train["lora_formats_skipped"],
-        "timings": dict(job.timings),
-        "device": device_info(),
-        "versions": package_versions(),
-        "manifest": job.manifest.resolved(),
-    }
+    sources = models.sources + ([dataset["fetched"]] if dataset.get("fetched") else [])  # a hub dataset too
+    lora_summary = ("lora_files", "lora_formats_skipped")  # report.json has them at the top level
+    report = rm.Report(
+        job_id=job.job_id,
+        manifest_digest=job.digest,
+        created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        output=job.output_uri,
+        model=rm.Model(
+            base=redact_uri(spec.model.base),
+            vae=redact_uri(spec.model.vae) if spec.model.vae else None,
+            random_weights=models.random_weights,
+        ),
+        sources=[rm.Source.model_validate(s) for s in sources],
+        dataset=rm.Dataset.model_validate(dataset),
+        train=rm.Train.model_validate({k: v for k, v in train.items() if k not in lora_summary}),
+        story=rm.Story(
+            frames=[rm.Frame.model_validate(f) for f in frames],
+            settings=spec.story.model_dump(mode="json", exclude={"frames"}),
+            sampler=rm.Sampler.model_validate(sampler_record(models.base, spec.story, job.device)),
+        ),
+        score=rm.Score.model_validate(score_dict),
+        lora_files={**train["lora_files"], "card": card.relative_to(job.work).as_posix()},
+        lora_formats_skipped=train["lora_formats_skipped"],
+        timings=dict(job.timings),
+        device=rm.Device.model_validate(device_info()),
+        versions=package_versions(),
+        manifest=job.manifest.resolved(),
+    )
     sub = build_submission(
         job.work,
         lora_file=list(lora_files.values()),
@@ -527,12 +530,12 @@ def run_report(
         story_jpg=story_path,
         score=score_dict,
     )
-    report["submission"] = {"problems": check_submission(sub)}
+    report.submission = rm.Submission(problems=check_submission(sub))
     job.upload_dir(sub, "submission/")
     write_report(job.work, report)
     for name in ("story.jpg", "report.json", "report.html"):
         job.upload(name, job.work / name)
-    return report
+    return report.to_json_dict()
 
 
 # ---------------------------------------------------------------------------------------------- recipe

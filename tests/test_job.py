@@ -14,11 +14,13 @@ import pytest
 import torch
 import yaml
 from PIL import Image
+from pydantic import BaseModel
 
 from kolors_job.demo import build_demo_dataset, tiny_job
 from kolors_job.errors import ExitCode
 from kolors_job.manifest import Manifest
 from kolors_job.models import reference_timesteps
+from kolors_job.report_model import Report
 from kolors_job.runner import Job, JobOutcome, run_job
 from kolors_job.settings import Settings
 
@@ -54,6 +56,17 @@ def run(manifest: Manifest, settings: Settings, **kwargs: Any) -> JobOutcome:
     return run_job(Job(manifest, settings=settings, **kwargs))
 
 
+def undeclared(model: BaseModel, path: str = "") -> list[str]:
+    """Keys a report section holds that its model does not declare (kept, but outside the definition)."""
+    found = [path + key for key in model.model_extra or {}]
+    for name in model.model_fields_set:
+        value = getattr(model, name)
+        for item in value if isinstance(value, list) else [value]:
+            if isinstance(item, BaseModel):
+                found += undeclared(item, f"{path}{name}.")
+    return found
+
+
 def test_job_to_s3_leaves_the_output_contract(job_env: Path, demo_data: Path, storage_env: Settings,
                                               s3_bucket_uri: str, shared_cache: Path) -> None:
     from kolors_job.storage import open_store
@@ -73,6 +86,10 @@ def test_job_to_s3_leaves_the_output_contract(job_env: Path, demo_data: Path, st
     assert report["score"]["mean"] == pytest.approx(sum(report["score"]["per_image"]) / 8)
     assert len(report["train"]["losses"]) == 4
     assert report["submission"]["problems"] == []
+    # report_model.Report is report.json's one definition: every key declared, and it reads back unchanged
+    parsed = Report.model_validate(report)
+    assert undeclared(parsed) == [] and parsed.to_json_dict() == report
+    assert json.dumps(parsed.to_json_dict(), ensure_ascii=False, indent=2) + "\n" == store.read_bytes("report.json").decode()
     resolved = yaml.safe_load(store.read_bytes("manifest.resolved.yaml"))
     assert resolved["spec"]["train"]["rank"] == 16
     story = Image.open(io.BytesIO(store.read_bytes("story.jpg")))

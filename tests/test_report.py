@@ -6,6 +6,7 @@ import json
 import re
 import shutil
 import subprocess
+from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
@@ -133,7 +134,7 @@ def test_write_report_json_and_html(tmp_path: Path) -> None:
     assert all(re.search(r'src="data:image/jpeg;base64,[A-Za-z0-9+/=]+"', tag) for tag in imgs)
     assert not re.search(r"(?i)\b(?:https?|ftp)://|//[a-z0-9-]+\.[a-z]", page)  # no external URL
     assert "<script" not in page.lower() and "<img src=x" not in page
-    assert "&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt;" in page
+    assert "&lt;script&gt;alert(&#34;x&#34;)&lt;/script&gt;" in page  # jinja2's autoescape (markupsafe)
     assert "&lt;img src=x onerror=alert(1)&gt;" in page and "&lt;evil&gt;.png" in page
     assert page.count('<figure class="pass"') == 5 and page.count('<figure class="fail"') == 3  # 6.1+ pass
     assert page.count("<polyline") == 2  # raw loss + moving average
@@ -149,6 +150,42 @@ def test_write_report_json_and_html(tmp_path: Path) -> None:
     thumb = Image.open(io.BytesIO(base64.b64decode(first)))
     r, g, b = thumb.convert("RGB").getpixel((48, 48))
     assert r > 240 and g < 15 and b < 15
+
+
+class _Elements(HTMLParser):
+    """The page as a browser's parser sees it: every start tag, and the text of each ``p.prompt``."""
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.tags: list[str] = []
+        self.prompts: list[str] = []
+        self._in_prompt = False
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.tags.append(tag)
+        self._in_prompt = tag == "p" and ("class", "prompt") in attrs
+        if self._in_prompt:
+            self.prompts.append("")
+
+    def handle_endtag(self, tag: str) -> None:
+        self._in_prompt = False
+
+    def handle_data(self, data: str) -> None:
+        if self._in_prompt:
+            self.prompts[-1] += data
+
+
+def test_hostile_input_is_text_not_markup(tmp_path: Path) -> None:
+    report = make_run(tmp_path)
+    report["job_id"] = HOSTILE
+    report["dataset"]["skipped_examples"]["corrupt"] = [HOSTILE]
+    report["versions"]["<script>"] = HOSTILE
+    write_report(tmp_path, report)
+    parser = _Elements()
+    parser.feed((tmp_path / "report.html").read_text(encoding="utf-8"))
+    assert not {"script", "iframe", "object", "embed", "link", "base"} & set(parser.tags)
+    assert parser.prompts[2] == HOSTILE  # shown verbatim, as text
+    assert parser.tags.count("img") == 8  # the frames' own, no injected one
 
 
 def test_random_weights_banner_missing_images_and_nan(tmp_path: Path) -> None:

@@ -12,12 +12,11 @@ import pytest
 import torch
 from PIL import Image
 
+from kolors_job.kolors_configs import KOLORS_FULL_SIZE_CONFIGS, KOLORS_SCHEDULER_CONFIG
 from kolors_job.tiny import (
     AESTHETIC_BIAS,
     AESTHETIC_RADIUS,
     COMPLETE_MARKER,
-    KOLORS_FULL_SIZE_CONFIGS,
-    KOLORS_SCHEDULER_CONFIG,
     atomic_dir,
     build_full_size_kolors_random,
     build_tiny_aesthetic_predictor,

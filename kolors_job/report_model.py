@@ -1,0 +1,201 @@
+"""report.json's one definition: a pydantic model per section, the whole file as ``Report``.
+
+The runner builds a ``Report``; ``report.html`` is rendered from the same dump that is written as
+report.json, so the two cannot disagree. Every field is optional and only the fields a run set are
+written (``exclude_unset``): a failed run reports what it has, and an explicit ``None`` stays ``null``.
+Field order is the order report.json has always had. Sections allow extra keys (kept, written after
+the declared ones) so a stage that records one more number does not fail the report.
+
+Numbers that a producer writes either as ``int`` or ``float`` are typed ``int | float``: pydantic turns
+an ``int`` into a ``float`` for a plain ``float`` field, which would change the JSON (``0`` → ``0.0``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from kolors_job.redact import scrub
+
+__all__ = [
+    "Dataset",
+    "Device",
+    "Frame",
+    "Model",
+    "Report",
+    "Sampler",
+    "Score",
+    "Source",
+    "Story",
+    "Submission",
+    "Train",
+    "clean",
+]
+
+Number = int | float
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+
+
+class Model(_Section):
+    """The base model as the manifest names it (credentials redacted)."""
+
+    base: str | None = None
+    vae: str | None = None
+    random_weights: bool | None = None
+    """True for ``tiny://`` weights: the HTML shows a warning banner."""
+
+
+class Source(_Section):
+    """``kolors_job.sources.SourceRecord`` (models) or ``dataset.source_record`` (a hub dataset copy)."""
+
+    uri: str | None = None
+    kind: str | None = None
+    revision: str | None = None
+    """The requested branch/tag/commit (None: the hub's default branch)."""
+    commit: str | None = None
+    """The commit the files came from, when the hub names one."""
+    files: int | None = None
+    bytes_total: int | None = None
+    bytes_downloaded: int | None = None
+    bytes_reused: int | None = None
+    variants: dict[str, str | None] | None = None
+
+
+class Dataset(_Section):
+    """``kolors_job.dataset.DatasetReport.to_dict()``, plus ``fetched`` for a hub dataset."""
+
+    source: str | None = None
+    kept: int | None = None
+    examined: int | None = None
+    not_examined: int | None = None
+    skipped: dict[str, int] | None = None
+    skipped_examples: dict[str, list[str]] | None = None
+    captions_truncated: int | None = None
+    notes: dict[str, int] | None = None
+    fetched: Source | None = None
+    """The hub copy's commit and bytes; the same entry is the last of ``Report.sources``."""
+
+
+class Train(_Section):
+    """The runner's train summary, less the LoRA file list (``Report.lora_files``)."""
+
+    steps: int | None = None
+    losses: list[float | None] | None = None
+    """One loss per optimizer step (index = step - 1); a non-finite loss is written as null."""
+    seconds: Number | None = None
+    peak_memory_bytes: int | None = None
+    precision: str | None = None
+    """accelerate's ``mixed_precision``: ``no`` (fp32), ``bf16`` or ``fp16``."""
+    gradient_checkpointing: bool | None = None
+    samples_seen: int | None = None
+    lora_sha256: str | None = None
+
+
+class Frame(_Section):
+    index: int | None = None
+    image: str | None = None
+    """Path relative to the report's directory, e.g. ``images/01.png``."""
+    prompt: str | None = None
+    negative_prompt: str | None = None
+    seed: int | None = None
+    score: Number | None = None
+
+
+class Sampler(_Section):
+    """``generate.sampler_record``: the sampler actually used, its timesteps, sampling and fusion dtype."""
+
+    name: str | None = None
+    class_: str | None = Field(default=None, alias="class")
+    timesteps: list[Number] | None = None
+    final_sigma: Number | None = None
+    precision: str | None = None
+    lora_fused: bool | None = None
+    lora_fusion_dtype: str | None = None
+
+
+class Story(_Section):
+    frames: list[Frame] | None = None
+    settings: dict[str, Any] | None = None
+    """The manifest's ``spec.story`` less its frames: cfg_scale, steps, width, height, scheduler, ..."""
+    sampler: Sampler | None = None
+
+
+class Score(_Section):
+    """``kolors_job.score.ScoreResult.to_dict()``; ``passed`` is the challenge's ``mean >= threshold``."""
+
+    per_image: list[Number] | None = None
+    mean: Number | None = None
+    threshold: Number | None = None
+    passed: bool | None = None
+    consistency: Number | None = None
+    """Mean pairwise cosine similarity of the frames' CLIP embeddings; None for fewer than 2 frames."""
+
+
+class Device(_Section):
+    """``report.device_info()``: the accelerator and this process's peak memory."""
+
+    name: str | None = None
+    peak_memory_bytes: int | None = None
+    cuda: str | None = None
+    count: int | None = None
+    peak_host_memory_bytes: int | None = None
+    total_memory_bytes: int | None = None
+    cpu: str | None = None
+
+
+class Submission(_Section):
+    problems: list[str] | None = None
+    """``submission.check_submission``: why ``submission/`` would not be a valid entry; empty when it is."""
+
+
+class Report(_Section):
+    """The whole of report.json."""
+
+    job_id: str | None = None
+    manifest_digest: str | None = None
+    created: str | None = None
+    """UTC, ``YYYY-MM-DDTHH:MM:SSZ``."""
+    output: str | None = None
+    """The job's output URI (credentials redacted)."""
+    model: Model | None = None
+    sources: list[Source] | None = None
+    dataset: Dataset | None = None
+    train: Train | None = None
+    story: Story | None = None
+    score: Score | None = None
+    lora_files: dict[str, str] | None = None
+    """Format (diffusers, kohya, diffsynth, card) → path relative to the output."""
+    lora_formats_skipped: dict[str, str] | None = None
+    """Format → why it was not written."""
+    timings: dict[str, Number] | None = None
+    """Stage → seconds."""
+    device: Device | None = None
+    versions: dict[str, str] | None = None
+    manifest: dict[str, Any] | None = None
+    """``Manifest.resolved()``: defaults filled, credentials redacted."""
+    submission: Submission | None = None
+
+    def to_json_dict(self) -> dict[str, Any]:
+        """What report.json holds: the fields set, secrets scrubbed, non-finite floats as null."""
+        return clean(self.model_dump(by_alias=True, exclude_unset=True))
+
+
+def clean(node: Any) -> Any:
+    """Scrub secrets from every string; non-finite floats become None (strict JSON has no NaN)."""
+    if isinstance(node, Mapping):
+        return {str(scrub(str(k))): clean(v) for k, v in node.items()}
+    if isinstance(node, (list, tuple)):
+        return [clean(v) for v in node]
+    if isinstance(node, str):
+        return scrub(node)
+    if isinstance(node, float) and not math.isfinite(node):
+        return None
+    if isinstance(node, (bool, int, float)) or node is None:
+        return node
+    return scrub(str(node))  # Path, enum, datetime...: their text form
