@@ -46,7 +46,7 @@ import torch.nn.functional as F  # noqa: N812 - the conventional alias
 
 from kolors_job.embeddings import LatentEntry, PromptEmbeds, cache_latents, encode_captions, mix_seed
 from kolors_job.errors import ManifestError
-from kolors_job.export import canonical_safetensors
+from kolors_job.export.lora_io import LORA_CONFIG_NAME, LORA_WEIGHT_NAME, canonical_safetensors
 from kolors_job.manifest import TrainSpec
 
 if TYPE_CHECKING:
@@ -57,8 +57,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("kolors_job.train")
 
-LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
-LORA_CONFIG_NAME = "lora_config.json"
 STATE_NAME = "state.json"
 COMPLETE_NAME = "COMPLETE"
 KEEP_LOCAL_CHECKPOINTS = 2
