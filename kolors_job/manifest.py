@@ -17,9 +17,20 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    GetPydanticSchema,
+    PlainValidator,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
 
 from kolors_job.errors import ManifestError, StorageNotFoundError
+from kolors_job.export.registry import default_format_names, format_names
 from kolors_job.models import SCHEDULERS
 from kolors_job.redact import redact_uri
 
@@ -253,7 +264,23 @@ class ScoreSpec(_Strict):
         return _check_uri(v, MODEL_SCHEMES)
 
 
-LoraFormat = Literal["diffusers", "kohya", "diffsynth"]
+def _registered_lora_format(value: Any) -> str:
+    """A name in ``kolors_job.export``'s registry at validation time, so a format registered after import
+    counts; refused with the error a ``Literal`` of the names would give."""
+    names = format_names()
+    if isinstance(value, str) and value in names:
+        return value
+    quoted = [repr(n) for n in names]
+    expected = quoted[0] if len(quoted) == 1 else f"{', '.join(quoted[:-1])} or {quoted[-1]}"
+    raise PydanticCustomError("literal_error", "Input should be {expected}", {"expected": expected})
+
+
+# one list: the export registry's names (like Scheduler above), checked and listed in the schema when used
+LoraFormat = Annotated[
+    str,
+    PlainValidator(_registered_lora_format),
+    GetPydanticSchema(get_pydantic_json_schema=lambda _schema, _handler: {"enum": [*format_names()], "type": "string"}),
+]
 
 
 class OutputSpec(_Strict):
@@ -261,7 +288,7 @@ class OutputSpec(_Strict):
     """Where ``<job id>/`` goes: ``oss://bucket/prefix/``, ``s3://bucket/prefix/``, ``file://`` or a path."""
     job_id: str | None = Field(None, pattern=JOB_ID_PATTERN)
     """Defaults to ``metadata.name``; the CLI's ``--job-id`` overrides both."""
-    lora_formats: list[LoraFormat] = Field(default_factory=lambda: ["diffusers", "kohya", "diffsynth"], min_length=1)
+    lora_formats: list[LoraFormat] = Field(default_factory=lambda: list(default_format_names()), min_length=1)
     keep_checkpoints: int = Field(2, ge=1, le=1000)
     modelscope_repo: str | None = Field(None, pattern=r"^[\w.-]+/[\w.-]+$")
     """Push the LoRA to this ModelScope model repo when the quality gate passes (token from the env)."""

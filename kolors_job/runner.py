@@ -425,16 +425,13 @@ def lora_info(job: Job, train: dict[str, Any]) -> LoraInfo:
 def export_lora(job: Job, models: ResolvedModels, train: dict[str, Any]) -> dict[str, Any]:
     """Rewrite ``lora/`` in the manifest's formats (diffusers with α baked in, kohya, DiffSynth) right
     after training, so the story draws with — and the output holds — exactly the published files."""
-    from kolors_job.export import export_all
+    from kolors_job.export import applicable_formats, export_all
 
-    formats = list(job.manifest.spec.output.lora_formats)
-    skipped: dict[str, str] = {}
-    if "diffsynth" in formats and not _is_full_size_kolors(models.base):
-        # DiffSynth 1.1.9 hard-codes the full Kolors UNet: its keys/shapes exist only for that architecture.
-        formats.remove("diffsynth")
-        skipped["diffsynth"] = "the base UNet is not the full-size Kolors architecture (e.g. tiny://kolors)"
-        log.warning("lora export: diffsynth skipped: %s", skipped["diffsynth"])
     lora = job.work / "lora"
+    # the registry says which formats can hold this LoRA (DiffSynth 1.1.9: only the full-size Kolors UNet)
+    formats, skipped = applicable_formats(job.manifest.spec.output.lora_formats, lora)
+    for fmt, why in skipped.items():
+        log.warning("lora export: %s skipped: %s", fmt, why)
     files = export_all(lora, lora_info(job, train), lora, formats, write_card=False)
     return {
         "lora_files": {k: Path(v).relative_to(job.work).as_posix() for k, v in files.items()},
@@ -453,16 +450,6 @@ def run_score(job: Job, scorer: Any, images: list[Any]) -> Any:
     from kolors_job.score import score_story
 
     return score_story(images, job.manifest.spec.score, scorer)
-
-
-def _is_full_size_kolors(model_dir: Path) -> bool:
-    """Whether the UNet has the real Kolors block structure (what DiffSynth's converter knows)."""
-    from kolors_job.kolors_configs import KOLORS_UNET_CONFIG
-
-    cfg = json.loads((model_dir / "unet" / "config.json").read_text())
-    keys = ("block_out_channels", "layers_per_block", "transformer_layers_per_block", "attention_head_dim",
-            "cross_attention_dim", "encoder_hid_dim", "addition_time_embed_dim")
-    return all(json.dumps(cfg.get(k)) == json.dumps(KOLORS_UNET_CONFIG.get(k)) for k in keys)
 
 
 def run_report(

@@ -46,6 +46,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F  # noqa: N812 - the conventional alias
 
+from kolors_job.adapter import lora_digest, save_lora
 from kolors_job.checkpoints import (
     COMPLETE_NAME,
     KEEP_LOCAL_CHECKPOINTS,
@@ -54,7 +55,7 @@ from kolors_job.checkpoints import (
     save_checkpoint,
 )
 from kolors_job.embeddings import LatentEntry, PromptEmbeds
-from kolors_job.lora_io import LORA_CONFIG_NAME, LORA_WEIGHT_NAME, lora_digest, save_lora
+from kolors_job.export.lora_io import LORA_CONFIG_NAME, LORA_WEIGHT_NAME
 from kolors_job.manifest import TrainSpec
 from kolors_job.train_data import Batch, SampleStream, build_caches, make_batch
 from kolors_job.train_setup import (

@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from kolors_job.adapter import load_lora_into, save_lora
 from kolors_job.errors import ManifestError
-from kolors_job.lora_io import load_lora_into, save_lora
 
 if TYPE_CHECKING:
     from accelerate import Accelerator

@@ -8,11 +8,13 @@ meta device, numbers on real 640-wide attention blocks (default run) or the whol
 
 from __future__ import annotations
 
+import ast
 import copy
 import json
 import math
 import os
 import re
+import types
 from pathlib import Path
 from typing import Any
 
@@ -101,6 +103,26 @@ def _enable_lora(module: torch.nn.Module, enabled: bool) -> None:
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm()).item()
+
+
+_FULL_MODEL_CALLS = ("ModelManager(", "SDXLImagePipeline.from_model_manager(")
+
+
+def _card_diffsynth_code(card: str) -> tuple[str, str]:
+    """The model card's two DiffSynth code blocks (peft injection, ``ModelManager.load_lora`` merge) as runnable
+    source, without the statements that build a ``ModelManager`` or pipeline from the full model files."""
+    section = card.split("### DiffSynth-Studio", 1)[1]
+    blocks = re.findall(r"```python\n(.*?)```", section, flags=re.S)
+    assert len(blocks) == 2, blocks
+    sources = []
+    for block in blocks:
+        tree = ast.parse(block)
+        tree.body = [
+            n for n in tree.body
+            if not (isinstance(n, ast.Assign) and ast.unparse(n.value).startswith(_FULL_MODEL_CALLS))
+        ]
+        sources.append(ast.unparse(tree))
+    return sources[0], sources[1]
 
 
 # --------------------------------------------------------------------------------------------
@@ -223,12 +245,16 @@ def _diffsynth_reference_load(
 
 
 @pytest.mark.filterwarnings("ignore:for .*copying from a non-meta parameter:UserWarning")
-def test_diffsynth_export_reproduces_trained_attention_blocks(tmp_path: Path) -> None:
-    """Two real 640-wide blocks (others stay on meta): diffusers+peft LoRA == DiffSynth + our file, loaded both ways."""
-    from diffsynth.models.lora import GeneralLoRAFromPeft
+def test_diffsynth_export_reproduces_trained_attention_blocks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two real 640-wide blocks (others stay on meta): diffusers+peft LoRA == DiffSynth + our file, loaded both
+    ways by the model card's own lines (peft injection at α 2.0, ``ModelManager.load_lora`` at α 2/r)."""
+    from diffsynth import ModelManager
     from diffsynth.models.sdxl_unet import SDXLUNet
     from diffusers import UNet2DConditionModel
     from peft import inject_adapter_in_model
+    from safetensors.torch import save_file
 
     gen = torch.Generator().manual_seed(0)
     with torch.device("meta"):
@@ -264,17 +290,36 @@ def test_diffsynth_export_reproduces_trained_attention_blocks(tmp_path: Path) ->
         sd.update(_diffusers_lora_state_dict(module, prefix=f"unet.{block}."))
     assert len(sd) == 2 * 2 * 8 * 2  # 2 blocks x 2 layers x 8 LoRA modules x (A, B)
 
-    path = ex.export_diffsynth(
-        sd, ex.LoraInfo(alpha=TRAIN_ALPHA), tmp_path / "ds.safetensors", load_alpha=LOAD_ALPHA
-    )
+    paths = ex.export_all(sd, ex.LoraInfo(alpha=TRAIN_ALPHA, name="blocks"), tmp_path, ["diffsynth"])
+    path = paths["diffsynth"]
     lora, meta = ex.load_lora_file(path)
     assert meta["kolors_job.diffsynth_load_alpha"] == "2.0"
     assert len(lora) == 1120  # complete for the reference loader; untrained modules are zeros
-    ds = _diffsynth_reference_load(ds, lora, TRAIN_RANK)
-    # ModelManager.load_lora's merge path (GeneralLoRAFromPeft), per block since the rest is on meta
-    for ds_block in KNOWN_BLOCKS.values():
-        own = {k.removeprefix(f"{ds_block}."): v for k, v in lora.items() if k.startswith(f"{ds_block}.")}
-        GeneralLoRAFromPeft().load(ds_merge.get_submodule(ds_block), own, alpha=LOAD_ALPHA / TRAIN_RANK)
+    # the .ckpt beside it: what the notebook's bare torch.load reads, the very same tensors
+    pickled = torch.load(paths["diffsynth_ckpt"], weights_only=True)
+    assert paths["diffsynth_ckpt"].name == "blocks_diffsynth.ckpt" and pickled.keys() == lora.keys()
+    assert all(torch.equal(pickled[k], v) and pickled[k].dtype == v.dtype for k, v in lora.items())
+
+    # The model card's own DiffSynth lines, run as printed (only the lines that load the full model are left
+    # out): the notebook's peft injection, and ModelManager.load_lora's merge (GeneralLoRAFromPeft).
+    inject, merge = _card_diffsynth_code(paths["card"].read_text(encoding="utf-8"))
+    assert f"lora_alpha={LOAD_ALPHA}" in inject and f"lora_alpha={LOAD_ALPHA / TRAIN_RANK}" in merge
+    monkeypatch.chdir(tmp_path)
+    pipe = types.SimpleNamespace(unet=ds)
+    exec(inject, {"pipe": pipe})
+    ds = pipe.unet
+    # The merge on a model whose other blocks are on meta: give it the two real blocks' keys under the
+    # card's file name, and a real first tensor (GeneralLoRAFromPeft takes its device from it).
+    merge_dir = tmp_path / "merge"
+    merge_dir.mkdir()
+    ours = tuple(f"{b}." for b in KNOWN_BLOCKS.values())
+    save_file({k: v for k, v in lora.items() if k.startswith(ours)}, str(merge_dir / path.name))
+    first = next(iter(ds_merge.state_dict()))
+    ds_merge.get_submodule(first.rsplit(".", 1)[0]).to_empty(device="cpu")
+    manager = ModelManager(torch_dtype=torch.float32, device="cpu")
+    manager.model, manager.model_name, manager.model_path = [ds_merge], ["sdxl_unet"], ["two real blocks"]
+    monkeypatch.chdir(merge_dir)
+    exec(merge, {"model_manager": manager})
 
     x = torch.randn(2, 640, 8, 8, generator=gen)
     text = torch.randn(2, 7, 2048, generator=gen)
@@ -516,8 +561,9 @@ def test_export_all_writes_every_format_and_a_model_card(
         scores={"aesthetic_mean": 6.41, "threshold": 6.0},
         dataset_summary={"source": "AI-ModelScope/lowres_anime", "images": 123},
     )
-    assert set(paths) == {"diffusers", "kohya", "diffsynth", "card"}
+    assert set(paths) == {"diffusers", "kohya", "diffsynth", "diffsynth_ckpt", "card"}
     assert paths["kohya"].name == "purple-hair-girl_comfyui.safetensors"
+    assert paths["diffsynth_ckpt"].name == "purple-hair-girl_diffsynth.ckpt"
     assert all(p.is_file() for p in paths.values())
     card = paths["card"].read_text(encoding="utf-8")
     for needle in (
@@ -531,8 +577,22 @@ def test_export_all_writes_every_format_and_a_model_card(
         "ComfyUI",
         "lora_alpha=2",
         "purple-hair-girl_diffsynth.safetensors",
+        'torch.load("purple-hair-girl_diffsynth.ckpt")',
         "load_state_dict(",
+        'model_manager.load_lora("purple-hair-girl_diffsynth.safetensors", lora_alpha=0.125)',
     ):
         assert needle in card, needle
     with pytest.raises(ValueError, match="unknown LoRA export format"):
         ex.export_all(sd, info, tmp_path / "x", ["onnx"])
+
+
+def test_model_card_escapes_user_text_where_markdown_or_python_would_break(tmp_path: Path) -> None:
+    """The card is a jinja2 template without HTML autoescape: user text is escaped per context instead."""
+    info = ex.LoraInfo(rank=4, alpha=2.0, trigger='say "hi" `now`', extra={"note": "a|b"})
+    files = {"diffusers": tmp_path / ex.DIFFUSERS_WEIGHT_NAME}
+    card = ex.write_model_card(tmp_path, info, {"mean|max": 6.5}, None, files=files).read_text(encoding="utf-8")
+    assert "| note | a\\|b |" in card and "| mean\\|max | 6.5 |" in card  # one table row each
+    assert 'captioned `` say "hi" `now` ``;' in card  # a code span that holds a backtick
+    (code,) = re.findall(r"```python\n(.*?)```", card, flags=re.S)
+    prompts = [n.value for n in ast.parse(code).body if isinstance(n, ast.Assign) and ast.unparse(n.targets[0]) == "prompt"]
+    assert [ast.literal_eval(p) for p in prompts] == [info.trigger]  # a valid Python literal of the trigger

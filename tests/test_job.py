@@ -233,3 +233,61 @@ def test_compile_caches_default_to_the_cache_volume(job_env: Path, monkeypatch: 
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(settings.cache_dir / "torchinductor")
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"].startswith(os.environ["KOLORS_JOB_CACHE_DIR"])
     assert os.environ["TRITON_CACHE_DIR"] == "/elsewhere/triton"  # an explicit setting wins
+
+
+def _write_test_peft(src: Any, out_dir: Path) -> dict[str, Path]:
+    """A test-only format: plain peft keys (``<module>.lora_A/B.weight``) with α/r baked into B."""
+    from kolors_job.export.lora_io import file_metadata, resolve_info, save_lora, scaled
+
+    info, modules, scale = resolve_info(src.info, src.state_dict, src.metadata)
+    tensors = {}
+    for module, (a, b) in modules.items():
+        tensors[f"{module}.lora_A.weight"] = scaled(a, 1.0)
+        tensors[f"{module}.lora_B.weight"] = scaled(b, scale)
+    path = out_dir / f"{info.slug}_peft.safetensors"
+    return {"test-peft": save_lora(tensors, path, file_metadata(info, "test-peft", alpha_baked="true"))}
+
+
+def test_an_added_lora_format_is_accepted_by_the_manifest_and_written_by_a_job(
+    job_env: Path, demo_data: Path, shared_cache: Path
+) -> None:
+    """docs/adding-a-lora-format.md, followed once: one registration, and the manifest, the runner, report.json
+    and the model card all know the format; unregistered, the manifest refuses it again."""
+    from pydantic import ValidationError
+
+    from kolors_job.export import ExportFormat, load_lora_file, lora_modules, register, unregister
+    from kolors_job.manifest import json_schema
+
+    overrides = {"output.lora_formats": ["diffusers", "test-peft"]}
+    out = job_env / "out"
+    with pytest.raises(ValidationError, match="test-peft"):
+        tiny_manifest(demo_data, str(out), **overrides)
+    register(ExportFormat(
+        name="test-peft", title="peft (test)", write=_write_test_peft, default=False,
+        file_names=lambda info: {"test-peft": f"{info.slug}_peft.safetensors"},
+        card_rows=lambda info, load_alpha: {"test-peft": ("peft `set_peft_model_state_dict`", "α/r baked into B")},
+    ))
+    try:
+        enum = json_schema()["$defs"]["OutputSpec"]["properties"]["lora_formats"]["items"]["enum"]
+        assert enum == ["diffusers", "kohya", "diffsynth", "test-peft"]
+        manifest = tiny_manifest(demo_data, str(out), **overrides)
+        assert Manifest.model_validate(tiny_job(demo_data, str(out))).spec.output.lora_formats == [
+            "diffusers", "kohya", "diffsynth"]  # not a default format: the default list is unchanged
+        outcome = run(manifest, Settings(cache_dir=shared_cache, work_dir=job_env / "work"), job_id="added-format")
+    finally:
+        unregister("test-peft")
+    assert outcome.exit_code == ExitCode.OK, outcome.message
+    lora = out / "added-format" / "lora"
+    assert sorted(p.name for p in lora.iterdir()) == [
+        "README.md", "added-format_peft.safetensors", "lora_config.json", "pytorch_lora_weights.safetensors"]
+    report = json.loads((out / "added-format" / "report.json").read_text())
+    assert report["lora_files"]["test-peft"] == "lora/added-format_peft.safetensors"
+    card = (lora / "README.md").read_text(encoding="utf-8")
+    assert "| `added-format_peft.safetensors` | peft `set_peft_model_state_dict` | α/r baked into B |" in card
+    # the same trained update as the diffusers export (both baked), read back through the export's own reader
+    ours, _ = lora_modules(load_lora_file(lora / "added-format_peft.safetensors")[0])
+    theirs, _ = lora_modules(load_lora_file(lora)[0])
+    assert ours.keys() == theirs.keys() and len(ours) > 0
+    assert all(torch.equal(ours[m][0], theirs[m][0]) and torch.equal(ours[m][1], theirs[m][1]) for m in ours)
+    with pytest.raises(ValidationError, match="test-peft"):
+        tiny_manifest(demo_data, str(out), **overrides)

@@ -1,4 +1,5 @@
-"""The LoRA's files: diffusers format (what ``load_lora_weights`` reads), with its rank/alpha kept.
+"""The LoRA adapter on a peft-wrapped UNet: written as diffusers-format files (what ``load_lora_weights``
+reads, rank/alpha kept), read back strictly, and digested.
 
 Written by the trainer at the end and inside every checkpoint (accelerate's save hook), read back on
 resume; the digest identifies the weights independent of file headers (equal on all DDP ranks).
@@ -13,13 +14,10 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from kolors_job.export import canonical_safetensors
+from kolors_job.export.lora_io import LORA_CONFIG_NAME, LORA_WEIGHT_NAME, canonical_safetensors
 
 if TYPE_CHECKING:
     from kolors_job.manifest import TrainSpec
-
-LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
-LORA_CONFIG_NAME = "lora_config.json"
 
 
 def lora_metadata(unet: torch.nn.Module) -> dict[str, Any]:
