@@ -14,7 +14,6 @@ job may still finish).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import re
@@ -31,6 +30,7 @@ from kolors_job.cli import prose
 from kolors_job.errors import ExitCode, JobError, ManifestError, StorageNotFoundError, StorageTemporaryError
 from kolors_job.launch import dlc as dlc_mod
 from kolors_job.launch import k8s as k8s_mod
+from kolors_job.launch.watch import Kubectl, PlatformState, Probe, active_attempt, k8s_probe
 from kolors_job.redact import redact_uri, scrub
 from kolors_job.settings import alibaba_cloud_region
 
@@ -39,24 +39,6 @@ RETRYABLE = (int(ExitCode.TEMPORARY), k8s_mod.RETRYABLE_EXIT_CODE)
 DEFAULT_TIMEOUT = 6 * 3600
 LOCAL_EXIT_GRACE = 120  # seconds a finished local job gets to exit before it is stopped
 DEFAULT_START_TIMEOUT = 900  # seconds a pod may stay unschedulable (a cluster autoscaler may add a node)
-# Container states that do not heal by waiting: the pod would sit there (holding its GPU) until the
-# Job's activeDeadlineSeconds. ErrImagePull is left out: one failed pull may be a registry hiccup, and
-# kubelet turns a lasting one into ImagePullBackOff within seconds.
-FATAL_WAITING = ("ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull", "CreateContainerConfigError")
-
-
-@dataclass
-class PlatformState:
-    """What the scheduler says: ``done`` once the job's process/pods are gone for good."""
-
-    done: bool
-    exit_code: int | None = None
-    detail: str = ""
-
-
-Probe = Callable[[], "PlatformState | None"]
-
-
 @dataclass
 class Outcome:
     exit_code: int
@@ -289,136 +271,6 @@ def _start_local(args: argparse.Namespace, manifest_uri: str, job_id: str) -> tu
     return probe, stop
 
 
-class Kubectl:
-    """The few ``kubectl`` calls submit makes; every read returns ``None`` on any failure (a flaky API
-    server must not end the wait)."""
-
-    def __init__(self, binary: str, namespace: str | None) -> None:
-        self.binary, self.namespace = binary, namespace
-
-    def _cmd(self, *args: str) -> list[str]:
-        return [self.binary, *args] + (["-n", self.namespace] if self.namespace else [])
-
-    def get(self, *args: str) -> dict[str, Any] | None:
-        try:
-            r = subprocess.run(self._cmd("get", *args, "-o", "json"), capture_output=True, text=True,
-                               timeout=60, check=False)  # fmt: skip
-            data = json.loads(r.stdout) if r.returncode == 0 else None
-        except (OSError, ValueError, subprocess.TimeoutExpired):
-            return None
-        return data if isinstance(data, dict) else None
-
-    def items(self, *args: str) -> list[dict[str, Any]]:
-        return list((self.get(*args) or {}).get("items") or [])
-
-    def exists(self, kind: str, name: str) -> bool:
-        cmd = [self.binary, "get", f"{kind}/{name}", "-o", "name"]
-        if kind.lower() != "namespace" and self.namespace:
-            cmd += ["-n", self.namespace]
-        try:
-            return subprocess.run(cmd, capture_output=True, timeout=60, check=False).returncode == 0
-        except (OSError, subprocess.TimeoutExpired):
-            return False
-
-    def apply(self, text: str) -> None:
-        r = subprocess.run(self._cmd("apply", "-f", "-"), input=text, capture_output=True, text=True, check=False)
-        sys.stdout.write(r.stdout)
-        if r.returncode != 0:
-            sys.stderr.write(r.stderr)
-            raise JobError(f"kubectl apply failed with exit {r.returncode}")
-
-    def delete(self, kind: str, name: str) -> None:
-        with contextlib.suppress(OSError, subprocess.TimeoutExpired):
-            subprocess.run(self._cmd("delete", f"{kind}/{name}", "--ignore-not-found", "--wait=false"),
-                           capture_output=True, timeout=60, check=False)  # fmt: skip
-
-
-def _finished(obj: dict[str, Any]) -> PlatformState | None:
-    """A Job's / PyTorchJob's terminal condition, if it has one."""
-    kind = str(obj.get("kind", "")).lower()
-    for c in (obj.get("status") or {}).get("conditions") or []:
-        if c.get("status") != "True":
-            continue
-        if c.get("type") == "Failed":
-            return PlatformState(True, None, f"{kind} Failed: {c.get('reason', '')} {c.get('message', '')}".strip())
-        if c.get("type") in ("Complete", "Succeeded"):
-            return PlatformState(True, 0, f"{kind} {c['type']}")
-    return None
-
-
-def _event_messages(kube: Kubectl, name: str, reasons: tuple[str, ...]) -> list[str]:
-    events = kube.items("events", "--field-selector", f"involvedObject.name={name}")
-    return [f"{e.get('reason')}: {e.get('message', '')}".strip() for e in events if e.get("reason") in reasons]
-
-
-def pod_trouble(kube: Kubectl, selector: str, workload: str, *, unschedulable_since: dict[str, float],
-                start_timeout: float) -> str | None:  # fmt: skip
-    """Why the job's pods cannot start, once waiting will not help; ``None`` while they may still start.
-
-    Permanent at once: an image that cannot be pulled, a missing Secret/ConfigMap (env or volume), a
-    missing PVC. Bounded by ``start_timeout``: other unschedulable pods and pods the controller cannot
-    create (quota, admission), since capacity may appear.
-    """
-    now = time.monotonic()
-    pods = kube.items("pods", "-l", selector)
-    if not pods:
-        created = _event_messages(kube, workload, ("FailedCreate",))
-        if created:
-            first = unschedulable_since.setdefault(workload, now)
-            if now - first >= start_timeout:
-                return f"{workload}: {created[-1]}"
-        return None
-    for pod in pods:
-        name = (pod.get("metadata") or {}).get("name", "?")
-        status = pod.get("status") or {}
-        for cs in (status.get("initContainerStatuses") or []) + (status.get("containerStatuses") or []):
-            waiting = (cs.get("state") or {}).get("waiting") or {}
-            if waiting.get("reason") in FATAL_WAITING:
-                return f"pod {name}: {waiting['reason']}: {waiting.get('message', '')}".strip()
-        if status.get("phase") != "Pending":
-            unschedulable_since.pop(name, None)
-            continue
-        for cond in status.get("conditions") or []:
-            if cond.get("type") == "PodScheduled" and cond.get("status") == "False" and \
-                    cond.get("reason") == "Unschedulable":  # fmt: skip
-                message = str(cond.get("message", ""))
-                if re.search(r"persistentvolumeclaim \S+ not found", message, re.I):
-                    return f"pod {name}: Unschedulable: {message}"
-                first = unschedulable_since.setdefault(name, now)
-                if now - first >= start_timeout:
-                    return f"pod {name}: Unschedulable for {now - first:.0f} s: {message}"
-        mounts = [m for m in _event_messages(kube, name, ("FailedMount",)) if "not found" in m]
-        if mounts:
-            return f"pod {name}: {mounts[-1]}"
-    return None
-
-
-def _k8s_probe(kube: Kubectl, kind: str, name: str, selector: str, start_timeout: float) -> Probe:
-    unschedulable_since: dict[str, float] = {}
-
-    def probe() -> PlatformState | None:
-        obj = kube.get(f"{kind}/{name}")
-        if obj is not None and (done := _finished(obj)) is not None:
-            return done
-        reason = pod_trouble(kube, selector, name, unschedulable_since=unschedulable_since,
-                             start_timeout=start_timeout)  # fmt: skip
-        if reason is None:
-            return None
-        # The pod would hold its node (and GPUs) until activeDeadlineSeconds; the reason is what CI shows.
-        kube.delete(kind, name)
-        return PlatformState(True, int(ExitCode.NOT_STARTED), f"{reason} (deleted {kind}/{name})")
-
-    return probe
-
-
-def _active_attempt(kube: Kubectl, kind: str, job_id_label: str) -> str | None:
-    """The name of a workload of this job id that is still running (a CI rerun attaches to it)."""
-    for obj in kube.items(kind, "-l", f"{k8s_mod.JOB_ID_LABEL}={job_id_label}"):
-        if _finished(obj) is None:
-            return str((obj.get("metadata") or {}).get("name"))
-    return None
-
-
 def _start_k8s(args: argparse.Namespace, manifest_uri: str, job_id: str) -> Probe | None:
     """Apply a new attempt of the job (a fresh workload name, the same job id, so it resumes), or attach
     to one still running; the Namespace and cache PVC are applied only when they do not exist yet."""
@@ -436,9 +288,9 @@ def _start_k8s(args: argparse.Namespace, manifest_uri: str, job_id: str) -> Prob
     w = k8s_mod.workload(docs)
     kind = w["kind"].lower()
     label = k8s_mod.job_id_label(job_id)
-    if running := _active_attempt(kube, kind, label):
+    if running := active_attempt(kube, kind, label):
         _say(f"attaching to {w['kind']} {running}, still running for this job id")
-        return _k8s_probe(kube, kind, running, f"{k8s_mod.JOB_ID_LABEL}={label}", args.start_timeout)
+        return k8s_probe(kube, kind, running, f"{k8s_mod.JOB_ID_LABEL}={label}", args.start_timeout)
     # An existing PVC may be bigger than ours (shrinking is refused); an existing namespace needs nothing.
     docs = [d for d in docs if d["kind"] not in ("Namespace", "PersistentVolumeClaim")
             or not kube.exists(d["kind"].lower(), d["metadata"]["name"])]  # fmt: skip
@@ -447,7 +299,7 @@ def _start_k8s(args: argparse.Namespace, manifest_uri: str, job_id: str) -> Prob
     _say(f"started: {w['kind']} {name}")
     attempt = w["metadata"]["labels"][k8s_mod.ATTEMPT_LABEL]
     selector = f"{k8s_mod.JOB_ID_LABEL}={label},{k8s_mod.ATTEMPT_LABEL}={attempt}"
-    return _k8s_probe(kube, kind, name, selector, args.start_timeout)
+    return k8s_probe(kube, kind, name, selector, args.start_timeout)
 
 
 _DENIED = re.compile(r"Forbidden|NoPermission|Unauthorized|InvalidAccessKey|SignatureDoesNotMatch|Security", re.I)
