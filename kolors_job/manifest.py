@@ -13,6 +13,7 @@ import json
 import os
 import re
 import stat
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -219,7 +220,27 @@ def _reference_frames() -> list[Frame]:
     return [Frame(prompt=p, seed=s, negative_prompt_extra=x) for p, s, x in rows]
 
 
-Scheduler = Literal[tuple(SCHEDULERS)]  # type: ignore[valid-type]  # one list: the sampler table's names
+def registered_name(names: Callable[[], Iterable[str]]) -> Any:
+    """A ``str`` that must be one of ``names()`` *at validation time* — a registry's keys, so an entry added
+    after import (a plugin, a test) counts — refused with the error, and listed in the JSON Schema with the
+    enum, a ``Literal`` of the names would give."""
+
+    def check(value: Any) -> str:
+        current = list(names())
+        if isinstance(value, str) and value in current:
+            return value
+        quoted = [repr(n) for n in current]
+        expected = quoted[0] if len(quoted) == 1 else f"{', '.join(quoted[:-1])} or {quoted[-1]}"
+        raise PydanticCustomError("literal_error", "Input should be {expected}", {"expected": expected})
+
+    return Annotated[
+        str,
+        PlainValidator(check),
+        GetPydanticSchema(get_pydantic_json_schema=lambda _s, _h: {"enum": [*names()], "type": "string"}),
+    ]
+
+
+Scheduler = registered_name(lambda: SCHEDULERS)  # one list: the sampler table's names
 SamplingPrecision = Literal["auto", "fp16", "bf16", "fp32"]
 
 
@@ -264,23 +285,8 @@ class ScoreSpec(_Strict):
         return _check_uri(v, MODEL_SCHEMES)
 
 
-def _registered_lora_format(value: Any) -> str:
-    """A name in ``kolors_job.export``'s registry at validation time, so a format registered after import
-    counts; refused with the error a ``Literal`` of the names would give."""
-    names = format_names()
-    if isinstance(value, str) and value in names:
-        return value
-    quoted = [repr(n) for n in names]
-    expected = quoted[0] if len(quoted) == 1 else f"{', '.join(quoted[:-1])} or {quoted[-1]}"
-    raise PydanticCustomError("literal_error", "Input should be {expected}", {"expected": expected})
-
-
 # one list: the export registry's names (like Scheduler above), checked and listed in the schema when used
-LoraFormat = Annotated[
-    str,
-    PlainValidator(_registered_lora_format),
-    GetPydanticSchema(get_pydantic_json_schema=lambda _schema, _handler: {"enum": [*format_names()], "type": "string"}),
-]
+LoraFormat = registered_name(format_names)
 
 
 class OutputSpec(_Strict):

@@ -272,3 +272,30 @@ def test_out_of_memory_halves_the_batch_and_keeps_the_pixels(
     assert [r.index for r in results] == list(range(1, 9))
     for r, ref in zip(results, drawn["results"], strict=True):
         assert np.abs(read(r.path).astype(int) - read(ref.path).astype(int)).max() <= 1
+
+
+def test_an_added_sampler_is_one_table_entry(tiny_model: Path, lora: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """docs/architecture.md's "add a sampler" recipe, followed: one entry in ``models.SCHEDULERS`` and the
+    manifest accepts the name (and lists it in the schema), the story pipeline samples with that class, and
+    the frames differ from another sampler's; without the entry the manifest refuses it again."""
+    from pydantic import ValidationError
+
+    from kolors_job.manifest import Manifest
+    from kolors_job.models import SCHEDULERS, Sampler
+
+    with pytest.raises(ValidationError, match="Input should be"):
+        story(scheduler="heun")
+    monkeypatch.setitem(SCHEDULERS, "heun", Sampler("HeunDiscreteScheduler", {}))
+    assert "heun" in json.dumps(Manifest.model_json_schema())
+    spec = story(scheduler="heun")
+    pipe = load_story_pipeline(tiny_model, spec, lora_dir=lora, device="cpu")
+    assert type(pipe.scheduler).__name__ == "HeunDiscreteScheduler"
+    jobs = plan_jobs(spec)[:1]
+    heun = render(pipe, jobs, spec, output_type="np")[0]
+    euler_spec = story(scheduler="euler")
+    euler = render(load_story_pipeline(tiny_model, euler_spec, lora_dir=lora, device="cpu"), jobs, euler_spec,
+                   output_type="np")[0]  # fmt: skip
+    assert np.isfinite(heun).all() and np.abs(heun - euler).max() > 1e-3
+    monkeypatch.delitem(SCHEDULERS, "heun")
+    with pytest.raises(ValidationError):
+        story(scheduler="heun")
