@@ -16,10 +16,11 @@ import pytest
 from PIL import Image
 
 from kolors_job.cli import main
-from kolors_job.dataset import SkipReason, fetch_dataset, scan_dataset
+from kolors_job.dataset import SkipReason, scan_dataset
 from kolors_job.errors import ExitCode, StorageDeniedError, StorageTemporaryError
 from kolors_job.manifest import DatasetSpec, FilterSpec
 from kolors_job.redact import scrub
+from kolors_job.sources import fetch_dataset
 from kolors_job.storage import open_store
 from kolors_job.storage.local import LocalStore, os_error
 

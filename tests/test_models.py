@@ -18,9 +18,9 @@ from kolors_job.models import (
     KolorsComponents,
     load_kolors_components,
     make_pipeline,
-    resolve_model,
 )
 from kolors_job.settings import Settings
+from kolors_job.sources import resolve_model
 from kolors_job.storage.atomic import COMPLETE_MARKER
 from kolors_job.tiny import build_tiny_kolors
 

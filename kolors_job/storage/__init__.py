@@ -15,6 +15,7 @@ from .base import Store, redact
 from .registry import (
     backend,
     check_bucket_uri,
+    check_uri,
     is_bucket_uri,
     open_store,
     register,
@@ -28,6 +29,7 @@ __all__ = [
     "Store",
     "backend",
     "check_bucket_uri",
+    "check_uri",
     "is_bucket_uri",
     "open_store",
     "redact",

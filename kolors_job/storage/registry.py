@@ -23,6 +23,7 @@ __all__ = [
     "Backend",
     "backend",
     "check_bucket_uri",
+    "check_uri",
     "is_bucket_uri",
     "open_store",
     "register",
@@ -117,6 +118,19 @@ def check_bucket_uri(scheme: str, rest: str) -> None:
         raise ValueError(f"{scheme}:// URI path must not contain backslashes or control characters")
 
 
+def check_uri(scheme: str, rest: str) -> None:
+    """Raise ValueError unless ``<scheme>://<rest>`` is a well-formed URI of the registered ``scheme``:
+    a local one names no host, a bucket one passes ``check_bucket_uri``."""
+    b = backend(scheme)
+    if b is None:
+        raise ValueError(f"unsupported storage URI scheme {scheme!r}")
+    if b.local:
+        if rest.split("/", 1)[0] not in ("", "localhost"):
+            raise ValueError(f"{scheme}:// URI must not name a host (use {scheme}:///absolute/path)")
+    else:
+        check_bucket_uri(scheme, rest)
+
+
 def split_uri(uri: str) -> tuple[str, str, str]:
     """``(scheme, bucket, prefix)``; prefix has a trailing '/' unless empty.
 
@@ -132,10 +146,8 @@ def split_uri(uri: str) -> tuple[str, str, str]:
         )
     if b.local:
         if m:
-            rest = uri[m.end() :]
-            host, sep, path = rest.partition("/")
-            if host not in ("", "localhost"):
-                raise ValueError(f"file URI {uri!r} names host {host!r}: only local paths are supported")
+            check_uri(scheme, uri[m.end() :])
+            _host, sep, path = uri[m.end() :].partition("/")
             rest = "/" + unquote(path) if sep else "/"
         else:
             rest = uri
