@@ -88,7 +88,7 @@ def scheme_of(uri: str) -> str:
 
 def is_bucket_uri(uri: str) -> bool:
     """Whether ``uri`` names a prefix in a registered object store (not a local path)."""
-    b = backend(scheme_of(uri)) if scheme_of(uri) else None
+    b = backend(scheme_of(uri))
     return b is not None and not b.local
 
 
