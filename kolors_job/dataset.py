@@ -16,11 +16,8 @@ reference workflow (design.md §7), applied to the EXIF-oriented size (what a vi
 
 from __future__ import annotations
 
-import codecs
 import contextlib
-import csv
 import ctypes
-import io
 import json
 import os
 import posixpath
@@ -28,7 +25,6 @@ import random
 import stat
 import threading
 import warnings
-from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -37,8 +33,18 @@ from typing import TYPE_CHECKING, Any
 
 from PIL import Image, ImageFile, UnidentifiedImageError
 
+from kolors_job.captions import (
+    BAD_UTF8,
+    METADATA_NAMES,
+    Metadata,
+    caption_for,
+    finish_caption,
+    has_surrogates,
+    is_inside,
+    read_metadata,
+)
 from kolors_job.errors import InputError
-from kolors_job.manifest import CaptionSpec, DatasetSpec, FilterSpec
+from kolors_job.manifest import DatasetSpec, FilterSpec
 from kolors_job.redact import redact_uri
 from kolors_job.sources.buckets import SKIPPED_KEYS_FILE
 
@@ -68,9 +74,6 @@ PIL_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
 """Decoders PIL may use (JPEG covers camera MPO files). Everything else is "not_image": PIL's EPS
 plugin runs Ghostscript and its long tail of rare formats is attack surface no photo dataset needs."""
 
-METADATA_NAMES = ("metadata.csv", "metadata.jsonl")
-MAX_METADATA_BYTES = 256 << 20
-MAX_SIDECAR_BYTES = 1 << 20
 MAX_EXAMPLES = 20
 
 
@@ -242,9 +245,6 @@ class DatasetScan:
 # --------------------------------------------------------------------------------------------- scan
 
 
-_BAD_UTF8 = object()
-"""Caption placeholder: a metadata row / sidecar for this image exists but is not UTF-8."""
-
 _ORIENTATION_TAG = 0x0112
 _TRANSPOSE_FOR_ORIENTATION = {
     2: Image.Transpose.FLIP_LEFT_RIGHT,
@@ -297,90 +297,6 @@ def _oriented_size(img: Image.Image, orientation: int) -> tuple[int, int]:
     return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
 
 
-def _is_inside(root_real: str, path: str) -> bool:
-    real = os.path.realpath(path)
-    return real == root_real or real.startswith(root_real.rstrip(os.sep) + os.sep)
-
-
-def _has_surrogates(text: str) -> bool:
-    return any("\udc80" <= ch <= "\udcff" for ch in text)
-
-
-def _decode_lenient(data: bytes) -> str:
-    """UTF-8 with undecodable bytes kept as surrogates, so one bad row does not lose the file."""
-    return data.removeprefix(b"\xef\xbb\xbf").decode("utf-8", "surrogateescape")
-
-
-@dataclass
-class _Metadata:
-    captions: dict[str, Any] = field(default_factory=dict)  # rel path -> str | _BAD_UTF8
-    notes: Counter[str] = field(default_factory=Counter)
-
-    def add(self, base_rel: str, file_name: Any, text: Any) -> None:
-        if not isinstance(file_name, str) or not file_name or _has_surrogates(file_name):
-            self.notes["metadata_rows_invalid"] += 1
-            return
-        if not isinstance(text, str):
-            self.notes["metadata_rows_invalid"] += 1
-            return
-        rel = posixpath.normpath(posixpath.join(base_rel, file_name.replace("\\", "/")))
-        if rel.startswith("../") or rel == ".." or posixpath.isabs(rel):
-            self.notes["metadata_rows_invalid"] += 1
-            return
-        self.captions[rel] = _BAD_UTF8 if _has_surrogates(text) else text
-
-    def read_csv(self, base_rel: str, data: bytes) -> None:
-        try:
-            reader = csv.DictReader(io.StringIO(_decode_lenient(data), newline=""))
-            if not reader.fieldnames or "file_name" not in reader.fieldnames:
-                self.notes["metadata_files_invalid"] += 1
-                return
-            for row in reader:
-                self.add(base_rel, row.get("file_name"), row.get("text"))
-        except (csv.Error, ValueError):
-            self.notes["metadata_files_invalid"] += 1
-
-    def read_jsonl(self, base_rel: str, data: bytes) -> None:
-        for line in data.split(b"\n"):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(_decode_lenient(line))
-            except (ValueError, RecursionError):
-                self.notes["metadata_rows_invalid"] += 1
-                continue
-            if not isinstance(row, dict):
-                self.notes["metadata_rows_invalid"] += 1
-                continue
-            self.add(base_rel, row.get("file_name"), row.get("text"))
-
-
-def _read_metadata(root: Path, root_real: str, files: list[str]) -> _Metadata:
-    meta = _Metadata()
-    for rel in files:
-        base_rel, name = posixpath.split(rel)
-        path = root / rel
-        if not _is_inside(root_real, str(path)):
-            meta.notes["metadata_outside_root"] += 1
-            continue
-        try:
-            st = os.stat(path)
-            if not stat.S_ISREG(st.st_mode):
-                raise OSError("not a regular file")
-            if st.st_size > MAX_METADATA_BYTES:
-                meta.notes["metadata_files_too_large"] += 1
-                continue
-            data = path.read_bytes()
-        except OSError:
-            meta.notes["metadata_files_unreadable"] += 1
-            continue
-        if name == "metadata.csv":
-            meta.read_csv(base_rel or ".", data)
-        else:
-            meta.read_jsonl(base_rel or ".", data)
-    return meta
-
-
 def _walk(root: Path, root_real: str) -> tuple[list[str], list[str], list[str]]:
     """(candidate files, metadata files, directory symlinks leaving the root), as sorted posix paths.
 
@@ -403,7 +319,7 @@ def _walk(root: Path, root_real: str) -> tuple[list[str], list[str], list[str]]:
                 continue
             full = os.path.join(dirpath, d)
             if os.path.islink(full):
-                if not _is_inside(root_real, full):
+                if not is_inside(root_real, full):
                     outside_dirs.append(prefix + d)
                 continue
             keep.append(d)
@@ -426,45 +342,15 @@ class _Verdict:
     ignored: bool = False
 
 
-def _finish_caption(text: str, spec: CaptionSpec) -> tuple[str, bool]:
-    caption = spec.prefix + text
-    if len(caption) > spec.max_chars:
-        return caption[: spec.max_chars], True
-    return caption, False
-
-
-def _caption_for(root: Path, root_real: str, rel: str, spec: CaptionSpec, meta: _Metadata) -> Any:
-    """The raw caption text, ``_BAD_UTF8``, or None. Metadata wins over a ``.txt`` sidecar."""
-    if spec.fixed is not None:
-        return spec.fixed
-    if rel in meta.captions:
-        return meta.captions[rel]
-    sidecar = root / (posixpath.splitext(rel)[0] + ".txt")
-    try:
-        if not sidecar.is_file() or not _is_inside(root_real, str(sidecar)):
-            return None
-        with open(sidecar, "rb") as f:
-            data = f.read(MAX_SIDECAR_BYTES)
-    except OSError:
-        return None
-    try:
-        # not final when the read was cut at the cap: a multi-byte character split there is dropped,
-        # not taken for invalid UTF-8 (the caption is truncated to max_chars later anyway)
-        final = len(data) < MAX_SIDECAR_BYTES
-        return codecs.getincrementaldecoder("utf-8-sig")().decode(data, final=final)
-    except UnicodeDecodeError:
-        return _BAD_UTF8
-
-
 def _inspect(
-    root: Path, root_real: str, rel: str, dspec: DatasetSpec, meta: _Metadata, budget: _MemoryBudget
+    root: Path, root_real: str, rel: str, dspec: DatasetSpec, meta: Metadata, budget: _MemoryBudget
 ) -> _Verdict:
     """Judge one file; returns a verdict and never raises for anything a file can contain."""
     path = root / rel
     ext = posixpath.splitext(rel)[1].lower()
     if ext in COMPANION_EXTENSIONS:
         return _Verdict(rel, ignored=True)
-    if os.path.islink(path) and not _is_inside(root_real, str(path)):
+    if os.path.islink(path) and not is_inside(root_real, str(path)):
         return _Verdict(rel, reason=SkipReason.SYMLINK_OUTSIDE_ROOT)
     try:
         st = os.stat(path)
@@ -488,7 +374,7 @@ def _inspect(
 
 
 def _inspect_open(
-    fh: Any, path: Path, rel: str, ext: str, dspec: DatasetSpec, root: Path, root_real: str, meta: _Metadata,
+    fh: Any, path: Path, rel: str, ext: str, dspec: DatasetSpec, root: Path, root_real: str, meta: Metadata,
     budget: _MemoryBudget,
 ) -> _Verdict:
     f = dspec.filters
@@ -509,8 +395,8 @@ def _inspect_open(
             w, h = _oriented_size(img, _orientation(img))
             if reason := _filter_reason(w, h, f):
                 return _Verdict(rel, reason=reason)
-        raw = _caption_for(root, root_real, rel, dspec.caption, meta)
-        if raw is _BAD_UTF8:
+        raw = caption_for(root, root_real, rel, dspec.caption, meta)
+        if raw is BAD_UTF8:
             return _Verdict(rel, reason=SkipReason.CAPTION_NOT_UTF8)
         if raw is None or (dspec.caption.fixed is None and not str(raw).strip()):
             return _Verdict(rel, reason=SkipReason.NO_CAPTION)
@@ -526,7 +412,7 @@ def _inspect_open(
                 return _Verdict(rel, reason=SkipReason.UNSUPPORTED_MODE)
             img.close()  # free the decoded pixels while still inside the budget: the verdict keeps only the size
     text = str(raw).strip() if dspec.caption.fixed is None else str(raw)
-    caption, truncated = _finish_caption(text, dspec.caption)
+    caption, truncated = finish_caption(text, dspec.caption)
     return _Verdict(rel, item=ImageItem(path=path, caption=caption, width=w, height=h), truncated=truncated)
 
 
@@ -579,15 +465,15 @@ def scan_dataset(
         raise InputError(f"dataset directory {root} does not exist")
     root_real = os.path.realpath(root)
     files, metadata_files, outside_dirs = _walk(root, root_real)
-    meta = _read_metadata(root, root_real, metadata_files) if spec.caption.fixed is None else _Metadata()
+    meta = read_metadata(root, root_real, metadata_files) if spec.caption.fixed is None else Metadata()
     scan = DatasetScan(root=root, items=[])
     skipped: dict[str, list[str]] = _fetch_skips(root)
     for rel in outside_dirs:
         skipped.setdefault(SkipReason.SYMLINK_OUTSIDE_ROOT, []).append(_printable(rel))
-    odd = [rel for rel in files if _has_surrogates(rel)]
+    odd = [rel for rel in files if has_surrogates(rel)]
     if odd:
         skipped.setdefault(SkipReason.NAME_NOT_UTF8, []).extend(_printable(rel) for rel in odd)
-        files = [rel for rel in files if not _has_surrogates(rel)]
+        files = [rel for rel in files if not has_surrogates(rel)]
     cap = spec.filters.max_images
     budget = _MemoryBudget(memory_budget)
     workers = workers or min(8, os.cpu_count() or 1)
