@@ -733,7 +733,8 @@ def m_job_write_model(ctx: Ctx) -> dict[str, Any]:
     saves the tiny one (real tokenizer files and scheduler config verbatim), published with ``atomic_dir`` so a
     second run on the same warm machine reuses it.
     """
-    from kolors_job.tiny import COMPLETE_MARKER, atomic_dir, build_tiny_kolors
+    from kolors_job.storage.atomic import COMPLETE_MARKER, atomic_dir
+    from kolors_job.tiny import build_tiny_kolors
 
     if ctx.tiny:
         t = time.perf_counter()

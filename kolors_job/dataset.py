@@ -1,11 +1,8 @@
-"""Training data: fetch a dataset to a local directory, scan it safely, load images for SDXL-style training.
+"""Training data: scan a local dataset directory safely, load images for SDXL-style training.
 
-Three stages, each small enough to test on its own:
+Getting the directory (hub export, bucket copy, a path used in place) is ``kolors_job.sources``'
+job (``sources.fetch_dataset``). Two stages here, each small enough to test on its own:
 
-* ``fetch_dataset`` turns ``spec.source`` into a local directory (ModelScope export, bucket
-  download into the cache, or a path used in place). Downloads land in a staging directory that
-  is renamed into place after its completion marker is written, so a crashed or concurrent job
-  never sees half a dataset and a second job reuses the first one's copy.
 * ``scan_dataset`` decides which files are training images. It must never crash on a file and
   never decode a decompression bomb: sizes come from the header, the pixel cap is enforced before
   decoding, and each kept image is fully decoded once so a truncated file is rejected here rather
@@ -19,25 +16,16 @@ reference workflow (design.md §7), applied to the EXIF-oriented size (what a vi
 
 from __future__ import annotations
 
-import codecs
 import contextlib
-import csv
 import ctypes
-import hashlib
-import io
 import json
 import os
 import posixpath
 import random
-import re
-import shutil
 import stat
 import threading
-import time
-import uuid
 import warnings
-from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -45,30 +33,34 @@ from typing import TYPE_CHECKING, Any
 
 from PIL import Image, ImageFile, UnidentifiedImageError
 
-from kolors_job.errors import InputError, JobError
-from kolors_job.manifest import CaptionSpec, DatasetSpec, FilterSpec
-from kolors_job.redact import redact_uri, scrub
-from kolors_job.settings import Settings
+from kolors_job.captions import (
+    BAD_UTF8,
+    METADATA_NAMES,
+    Metadata,
+    caption_for,
+    finish_caption,
+    has_surrogates,
+    is_inside,
+    read_metadata,
+)
+from kolors_job.errors import InputError
+from kolors_job.manifest import DatasetSpec, FilterSpec
+from kolors_job.redact import redact_uri
+from kolors_job.sources.buckets import SKIPPED_KEYS_FILE
 
 if TYPE_CHECKING:
     import torch
 
 __all__ = [
-    "COMPLETE_MARKER",
     "IMAGE_EXTENSIONS",
     "DatasetReport",
     "DatasetScan",
     "ImageItem",
     "SkipReason",
     "TimeIds",
-    "export_rows",
-    "fetch_dataset",
     "load_image",
     "scan_dataset",
 ]
-
-COMPLETE_MARKER = ".kolors_job_complete"
-"""Written last inside a fetched dataset; its presence means every other file is complete."""
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 """Files with these extensions are training candidates (PIL sniffs the real format from the bytes)."""
@@ -82,12 +74,7 @@ PIL_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
 """Decoders PIL may use (JPEG covers camera MPO files). Everything else is "not_image": PIL's EPS
 plugin runs Ghostscript and its long tail of rare formats is attack surface no photo dataset needs."""
 
-METADATA_NAMES = ("metadata.csv", "metadata.jsonl")
-MAX_METADATA_BYTES = 256 << 20
-MAX_SIDECAR_BYTES = 1 << 20
 MAX_EXAMPLES = 20
-_PARTIAL = ".partial-"
-_STALE_PARTIAL_SECONDS = 24 * 3600
 
 
 class SkipReason:
@@ -163,10 +150,6 @@ def _malloc_trim() -> None:
 
 
 _LIBC: Any = None
-
-
-SKIPPED_KEYS_FILE = ".kolors_job_skipped_keys.json"
-"""Written into a fetched bucket dataset: the keys left out and why, for the scan's report."""
 
 
 # --------------------------------------------------------------------------------------------- types
@@ -259,259 +242,8 @@ class DatasetScan:
         )
 
 
-# --------------------------------------------------------------------------------------------- fetch
-
-_SCHEME_RE = re.compile(r"^(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*)://(?P<rest>.*)$")
-
-
-def fetch_dataset(spec: DatasetSpec, settings: Settings) -> Path:
-    """Resolve ``spec.source`` to a local directory of images (+ captions) and return it.
-
-    ``modelscope://``/``hf://Owner/Name[@rev]``: the split's parquet shards are fetched with the hub's
-    client and exported (images as their original bytes, text column into ``metadata.jsonl``); ``oss://``/``s3://``/``file://``
-    prefixes are downloaded with the storage layer. Both land in
-    ``settings.cache_dir/datasets/<hash>/`` and are reused by later jobs; a plain path is used in
-    place (a mounted NAS/bucket needs no copy).
-    """
-    m = _SCHEME_RE.match(spec.source)
-    if m is None:
-        path = Path(spec.source).expanduser()
-        if not path.is_dir():
-            raise InputError(f"dataset source {spec.source!r} is not a directory")
-        return path
-    scheme = m.group("scheme").lower()
-    if scheme in ("modelscope", "hf"):
-        return _fetch_hub(spec, settings)
-    if scheme in ("oss", "s3", "file"):
-        return _fetch_store(spec.source, settings)
-    raise InputError(f"dataset source {redact_uri(spec.source)!r}: {scheme}:// is not a dataset source")
-
-
-def _cache_key(*parts: str) -> str:
-    return hashlib.sha256("\x00".join(parts).encode("utf-8", "surrogatepass")).hexdigest()[:24]
-
-
-def _remove_stale_partials(parent: Path, key: str) -> None:
-    """Drop staging dirs a crashed job left behind (old enough that no live job can own them)."""
-    if not parent.is_dir():
-        return
-    now = time.time()
-    for p in parent.glob(f"{key}{_PARTIAL}*"):
-        with contextlib.suppress(OSError):
-            if now - p.stat().st_mtime > _STALE_PARTIAL_SECONDS:
-                shutil.rmtree(p, ignore_errors=True)
-
-
-def _cached(final: Path, fill: Any) -> Path:
-    """Return ``final`` if complete, else build it via ``fill(staging_dir)`` and rename it into place.
-
-    The marker is written last inside the staging dir and the rename is atomic, so ``final``
-    either does not exist or is complete — concurrent jobs race harmlessly (the loser discards).
-    """
-    if (final / COMPLETE_MARKER).is_file():
-        return final
-    final.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_partials(final.parent, final.name)
-    staging = final.parent / f"{final.name}{_PARTIAL}{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    staging.mkdir()
-    try:
-        fill(staging)
-        (staging / COMPLETE_MARKER).write_text(time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()) + "\n")
-        if final.exists() and not (final / COMPLETE_MARKER).is_file():
-            shutil.rmtree(final, ignore_errors=True)  # an incomplete leftover from an older layout
-        try:
-            os.rename(staging, final)
-        except OSError:
-            if not (final / COMPLETE_MARKER).is_file():
-                raise
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
-    return final
-
-
-def _fetch_store(source: str, settings: Settings) -> Path:
-    from kolors_job.storage import open_store
-
-    try:
-        store = open_store(source, settings)
-        keys = store.list("")
-    except JobError:
-        raise
-    except ValueError as e:
-        raise InputError(f"dataset source {redact_uri(source)!r}: {scrub(str(e))}") from None
-    keys = [k for k in keys if not any(part.startswith(".") for part in k.split("/"))]
-    if not keys:
-        raise InputError(f"dataset source {redact_uri(source)!r}: no files under this prefix")
-    # The key list is part of the identity, so adding/removing files fetches a fresh copy
-    # (changing a file's bytes under the same key does not: version your dataset prefixes).
-    key = _cache_key("store", redact_uri(source), *keys)
-    final = Path(settings.cache_dir) / "datasets" / key
-
-    def fill(staging: Path) -> None:
-        skipped: dict[str, list[str]] = {}
-        store.download_dir("", staging, skipped=skipped)
-        if skipped:
-            (staging / SKIPPED_KEYS_FILE).write_text(json.dumps(skipped, ensure_ascii=False))
-
-    return _cached(final, fill)
-
-
-_TEXT_COLUMNS = ("text", "caption", "prompt", "description")
-
-
-def _column_base(name: str) -> str:
-    """ModelScope columns carry a type suffix (``image:FILE``); compare on the base name."""
-    return name.split(":", 1)[0].strip().lower()
-
-
-def _image_payload(value: Any) -> tuple[bytes | None, Image.Image | None, str]:
-    """(original bytes, or a PIL image to re-encode, suggested extension) for one cell, else Nones."""
-    if isinstance(value, Image.Image):
-        filename = getattr(value, "filename", "") or ""
-        if filename and os.path.isfile(filename):
-            return Path(filename).read_bytes(), None, Path(filename).suffix.lower()
-        return None, value, ".png"
-    if isinstance(value, (str, os.PathLike)):
-        p = Path(value)
-        if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file():
-            return p.read_bytes(), None, p.suffix.lower()
-        return None, None, ""
-    if isinstance(value, Mapping) and isinstance(value.get("bytes"), (bytes, bytearray)):
-        suffix = Path(str(value.get("path") or "")).suffix.lower()
-        return bytes(value["bytes"]), None, suffix if suffix in IMAGE_EXTENSIONS else ""
-    if isinstance(value, Mapping) and isinstance(value.get("path"), str):
-        return _image_payload(value["path"])
-    return None, None, ""
-
-
-def _sniff_extension(data: bytes) -> str:
-    try:
-        with Image.open(io.BytesIO(data), formats=_formats()) as img:
-            fmt = (img.format or "").lower()
-    except Exception:
-        return ".bin"
-    return {"jpeg": ".jpg", "tiff": ".tif"}.get(fmt, f".{fmt}" if fmt else ".bin")
-
-
-def export_rows(rows: Iterable[Mapping[str, Any]], out: Path) -> int:
-    """Write each row's image (original bytes when available) and text into ``out`` + ``metadata.jsonl``.
-
-    Public so the export is tested with real row shapes (PIL images as ``MsDataset`` yields them
-    for ``image:FILE`` columns, file paths, HF ``{"bytes", "path"}`` dicts) without a hub. Returns
-    the number of images written. Rows without an image are ignored; bad cells are left for
-    ``scan_dataset`` to judge (it never trusts exported files either).
-    """
-    out.mkdir(parents=True, exist_ok=True)
-    written = 0
-    with open(out / "metadata.jsonl", "w", encoding="utf-8") as meta:
-        for index, row in enumerate(rows):
-            data: bytes | None = None
-            pil: Image.Image | None = None
-            ext = ""
-            text: str | None = None
-            for col, value in row.items():
-                base = _column_base(str(col))
-                if text is None and base in _TEXT_COLUMNS and isinstance(value, str):
-                    text = value
-                elif data is None and pil is None:
-                    data, pil, ext = _image_payload(value)
-            if data is None and pil is None:
-                continue
-            name = f"{index:07d}"
-            if data is not None:
-                name += ext or _sniff_extension(data)
-                (out / name).write_bytes(data)
-            else:
-                assert pil is not None
-                name += ".png"
-                pil.save(out / name, format="PNG")
-            written += 1
-            if text is not None:
-                meta.write(json.dumps({"file_name": name, "text": text}, ensure_ascii=False) + "\n")
-    return written
-
-
-DATASET_RECORD = ".kolors_job_source.json"
-"""Written into a hub dataset's cache copy: the commit and the bytes its files came to."""
-
-
-def _fetch_hub(spec: DatasetSpec, settings: Settings) -> Path:
-    """A ModelScope or Hugging Face dataset repo, listed, then fetched with the hub's own client.
-
-    Hub datasets are hosted as parquet shards per split (``data/train-0000N-of-0000M.parquet``, the
-    layout ``push_to_hub`` writes and ``AI-ModelScope/lowres_anime`` mirrors from HF ``lowres/anime``):
-    only the manifest's split is fetched, at the commit the listing named, and exported (images as their
-    original bytes, a text column into ``metadata.jsonl``). A repo with no parquet for the split is taken
-    as an image folder and fetched whole. Reading the files directly, not through ``MsDataset.load`` /
-    ``datasets``, keeps the download to the split's bytes and the job independent of ``datasets``' version.
-    """
-    from kolors_job.sources import download_dataset_files, list_dataset_repo, parse_hub_uri
-
-    ref = parse_hub_uri(spec.source)
-    assert ref is not None
-    key = _cache_key(ref.hub, ref.repo_id, ref.revision or "", spec.subset, spec.split)
-    final = Path(settings.cache_dir) / "datasets" / key
-
-    def fill(staging: Path) -> None:
-        listing, commit = list_dataset_repo(ref, settings)
-        parquet = [f for f in listing if f.path.endswith(".parquet") and _in_split(Path(f.path), spec)]
-        chosen = parquet + [f for f in listing if f.path == "README.md"] if parquet else listing
-        repo = staging / ".repo"
-        download_dataset_files(ref, repo, [f.path for f in chosen] if parquet else None, commit, settings)
-        if not parquet:  # an image folder (+ metadata.csv/jsonl): used as it is
-            for item in repo.iterdir():
-                if item.name not in (".cache", ".gitattributes", ".msc", ".mv", ".mdl"):
-                    item.rename(staging / item.name)
-        else:
-            import pyarrow.parquet as pq
-
-            rows = (row for f in sorted(f.path for f in parquet) for row in pq.read_table(repo / f).to_pylist())
-            if export_rows(rows, staging) == 0:
-                raise InputError(f"dataset {ref.uri}: the {spec.split!r} parquet files have no image column")
-        shutil.rmtree(repo, ignore_errors=True)
-        record = {"uri": ref.uri, "commit": commit, "files": len(chosen),
-                  "bytes_total": sum(f.size for f in chosen), "fetched_at": time.time()}  # fmt: skip
-        (staging / DATASET_RECORD).write_text(json.dumps(record))
-
-    return _cached(final, fill)
-
-
-def source_record(root: Path, *, since: float) -> dict[str, Any] | None:
-    """report.json's ``sources`` entry for a hub dataset copy; downloaded when fetched after ``since``."""
-    try:
-        rec = json.loads((root / DATASET_RECORD).read_text())
-        total = int(rec["bytes_total"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    fresh = float(rec.get("fetched_at") or 0) >= since
-    return {
-        "uri": rec.get("uri"), "kind": "dataset", "revision": None, "commit": rec.get("commit"),
-        "files": rec.get("files"), "bytes_total": total,
-        "bytes_downloaded": total if fresh else 0, "bytes_reused": 0 if fresh else total, "variants": {},
-    }  # fmt: skip
-
-
-def _in_split(rel: Path, spec: DatasetSpec) -> bool:
-    """Whether a parquet file belongs to the manifest's subset/split in the hub's file naming."""
-    parts = [p.lower() for p in rel.parts]
-    split = spec.split.lower()
-    if not (parts[-1].startswith(f"{split}-") or parts[-1] == f"{split}.parquet" or split in parts[:-1]):
-        return False
-    return spec.subset == "default" or spec.subset.lower() in parts[:-1]
-
-
-def _one_line(err: BaseException, limit: int = 300) -> str:
-    text = " ".join(str(err).split()) or type(err).__name__
-    text = scrub(text)
-    return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
 # --------------------------------------------------------------------------------------------- scan
 
-
-_BAD_UTF8 = object()
-"""Caption placeholder: a metadata row / sidecar for this image exists but is not UTF-8."""
 
 _ORIENTATION_TAG = 0x0112
 _TRANSPOSE_FOR_ORIENTATION = {
@@ -565,90 +297,6 @@ def _oriented_size(img: Image.Image, orientation: int) -> tuple[int, int]:
     return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
 
 
-def _is_inside(root_real: str, path: str) -> bool:
-    real = os.path.realpath(path)
-    return real == root_real or real.startswith(root_real.rstrip(os.sep) + os.sep)
-
-
-def _has_surrogates(text: str) -> bool:
-    return any("\udc80" <= ch <= "\udcff" for ch in text)
-
-
-def _decode_lenient(data: bytes) -> str:
-    """UTF-8 with undecodable bytes kept as surrogates, so one bad row does not lose the file."""
-    return data.removeprefix(b"\xef\xbb\xbf").decode("utf-8", "surrogateescape")
-
-
-@dataclass
-class _Metadata:
-    captions: dict[str, Any] = field(default_factory=dict)  # rel path -> str | _BAD_UTF8
-    notes: Counter[str] = field(default_factory=Counter)
-
-    def add(self, base_rel: str, file_name: Any, text: Any) -> None:
-        if not isinstance(file_name, str) or not file_name or _has_surrogates(file_name):
-            self.notes["metadata_rows_invalid"] += 1
-            return
-        if not isinstance(text, str):
-            self.notes["metadata_rows_invalid"] += 1
-            return
-        rel = posixpath.normpath(posixpath.join(base_rel, file_name.replace("\\", "/")))
-        if rel.startswith("../") or rel == ".." or posixpath.isabs(rel):
-            self.notes["metadata_rows_invalid"] += 1
-            return
-        self.captions[rel] = _BAD_UTF8 if _has_surrogates(text) else text
-
-    def read_csv(self, base_rel: str, data: bytes) -> None:
-        try:
-            reader = csv.DictReader(io.StringIO(_decode_lenient(data), newline=""))
-            if not reader.fieldnames or "file_name" not in reader.fieldnames:
-                self.notes["metadata_files_invalid"] += 1
-                return
-            for row in reader:
-                self.add(base_rel, row.get("file_name"), row.get("text"))
-        except (csv.Error, ValueError):
-            self.notes["metadata_files_invalid"] += 1
-
-    def read_jsonl(self, base_rel: str, data: bytes) -> None:
-        for line in data.split(b"\n"):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(_decode_lenient(line))
-            except (ValueError, RecursionError):
-                self.notes["metadata_rows_invalid"] += 1
-                continue
-            if not isinstance(row, dict):
-                self.notes["metadata_rows_invalid"] += 1
-                continue
-            self.add(base_rel, row.get("file_name"), row.get("text"))
-
-
-def _read_metadata(root: Path, root_real: str, files: list[str]) -> _Metadata:
-    meta = _Metadata()
-    for rel in files:
-        base_rel, name = posixpath.split(rel)
-        path = root / rel
-        if not _is_inside(root_real, str(path)):
-            meta.notes["metadata_outside_root"] += 1
-            continue
-        try:
-            st = os.stat(path)
-            if not stat.S_ISREG(st.st_mode):
-                raise OSError("not a regular file")
-            if st.st_size > MAX_METADATA_BYTES:
-                meta.notes["metadata_files_too_large"] += 1
-                continue
-            data = path.read_bytes()
-        except OSError:
-            meta.notes["metadata_files_unreadable"] += 1
-            continue
-        if name == "metadata.csv":
-            meta.read_csv(base_rel or ".", data)
-        else:
-            meta.read_jsonl(base_rel or ".", data)
-    return meta
-
-
 def _walk(root: Path, root_real: str) -> tuple[list[str], list[str], list[str]]:
     """(candidate files, metadata files, directory symlinks leaving the root), as sorted posix paths.
 
@@ -671,7 +319,7 @@ def _walk(root: Path, root_real: str) -> tuple[list[str], list[str], list[str]]:
                 continue
             full = os.path.join(dirpath, d)
             if os.path.islink(full):
-                if not _is_inside(root_real, full):
+                if not is_inside(root_real, full):
                     outside_dirs.append(prefix + d)
                 continue
             keep.append(d)
@@ -694,45 +342,15 @@ class _Verdict:
     ignored: bool = False
 
 
-def _finish_caption(text: str, spec: CaptionSpec) -> tuple[str, bool]:
-    caption = spec.prefix + text
-    if len(caption) > spec.max_chars:
-        return caption[: spec.max_chars], True
-    return caption, False
-
-
-def _caption_for(root: Path, root_real: str, rel: str, spec: CaptionSpec, meta: _Metadata) -> Any:
-    """The raw caption text, ``_BAD_UTF8``, or None. Metadata wins over a ``.txt`` sidecar."""
-    if spec.fixed is not None:
-        return spec.fixed
-    if rel in meta.captions:
-        return meta.captions[rel]
-    sidecar = root / (posixpath.splitext(rel)[0] + ".txt")
-    try:
-        if not sidecar.is_file() or not _is_inside(root_real, str(sidecar)):
-            return None
-        with open(sidecar, "rb") as f:
-            data = f.read(MAX_SIDECAR_BYTES)
-    except OSError:
-        return None
-    try:
-        # not final when the read was cut at the cap: a multi-byte character split there is dropped,
-        # not taken for invalid UTF-8 (the caption is truncated to max_chars later anyway)
-        final = len(data) < MAX_SIDECAR_BYTES
-        return codecs.getincrementaldecoder("utf-8-sig")().decode(data, final=final)
-    except UnicodeDecodeError:
-        return _BAD_UTF8
-
-
 def _inspect(
-    root: Path, root_real: str, rel: str, dspec: DatasetSpec, meta: _Metadata, budget: _MemoryBudget
+    root: Path, root_real: str, rel: str, dspec: DatasetSpec, meta: Metadata, budget: _MemoryBudget
 ) -> _Verdict:
     """Judge one file; returns a verdict and never raises for anything a file can contain."""
     path = root / rel
     ext = posixpath.splitext(rel)[1].lower()
     if ext in COMPANION_EXTENSIONS:
         return _Verdict(rel, ignored=True)
-    if os.path.islink(path) and not _is_inside(root_real, str(path)):
+    if os.path.islink(path) and not is_inside(root_real, str(path)):
         return _Verdict(rel, reason=SkipReason.SYMLINK_OUTSIDE_ROOT)
     try:
         st = os.stat(path)
@@ -756,7 +374,7 @@ def _inspect(
 
 
 def _inspect_open(
-    fh: Any, path: Path, rel: str, ext: str, dspec: DatasetSpec, root: Path, root_real: str, meta: _Metadata,
+    fh: Any, path: Path, rel: str, ext: str, dspec: DatasetSpec, root: Path, root_real: str, meta: Metadata,
     budget: _MemoryBudget,
 ) -> _Verdict:
     f = dspec.filters
@@ -777,8 +395,8 @@ def _inspect_open(
             w, h = _oriented_size(img, _orientation(img))
             if reason := _filter_reason(w, h, f):
                 return _Verdict(rel, reason=reason)
-        raw = _caption_for(root, root_real, rel, dspec.caption, meta)
-        if raw is _BAD_UTF8:
+        raw = caption_for(root, root_real, rel, dspec.caption, meta)
+        if raw is BAD_UTF8:
             return _Verdict(rel, reason=SkipReason.CAPTION_NOT_UTF8)
         if raw is None or (dspec.caption.fixed is None and not str(raw).strip()):
             return _Verdict(rel, reason=SkipReason.NO_CAPTION)
@@ -794,7 +412,7 @@ def _inspect_open(
                 return _Verdict(rel, reason=SkipReason.UNSUPPORTED_MODE)
             img.close()  # free the decoded pixels while still inside the budget: the verdict keeps only the size
     text = str(raw).strip() if dspec.caption.fixed is None else str(raw)
-    caption, truncated = _finish_caption(text, dspec.caption)
+    caption, truncated = finish_caption(text, dspec.caption)
     return _Verdict(rel, item=ImageItem(path=path, caption=caption, width=w, height=h), truncated=truncated)
 
 
@@ -847,15 +465,15 @@ def scan_dataset(
         raise InputError(f"dataset directory {root} does not exist")
     root_real = os.path.realpath(root)
     files, metadata_files, outside_dirs = _walk(root, root_real)
-    meta = _read_metadata(root, root_real, metadata_files) if spec.caption.fixed is None else _Metadata()
+    meta = read_metadata(root, root_real, metadata_files) if spec.caption.fixed is None else Metadata()
     scan = DatasetScan(root=root, items=[])
     skipped: dict[str, list[str]] = _fetch_skips(root)
     for rel in outside_dirs:
         skipped.setdefault(SkipReason.SYMLINK_OUTSIDE_ROOT, []).append(_printable(rel))
-    odd = [rel for rel in files if _has_surrogates(rel)]
+    odd = [rel for rel in files if has_surrogates(rel)]
     if odd:
         skipped.setdefault(SkipReason.NAME_NOT_UTF8, []).extend(_printable(rel) for rel in odd)
-        files = [rel for rel in files if not _has_surrogates(rel)]
+        files = [rel for rel in files if not has_surrogates(rel)]
     cap = spec.filters.max_images
     budget = _MemoryBudget(memory_budget)
     workers = workers or min(8, os.cpu_count() or 1)

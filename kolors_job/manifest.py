@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import stat
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -30,10 +29,12 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from kolors_job import storage
 from kolors_job.errors import ManifestError, StorageNotFoundError
 from kolors_job.export.registry import default_format_names, format_names
 from kolors_job.models import SCHEDULERS
 from kolors_job.redact import redact_uri
+from kolors_job.sources import HUB_SCHEMES, check_hub_uri, source_schemes
 
 API_VERSION = "kolors-job/v1"
 KIND = "LoraStoryJob"
@@ -41,9 +42,6 @@ MAX_MANIFEST_BYTES = 1 << 20  # 1 MiB: a manifest is a page of YAML, not a data 
 MAX_PROMPT_CHARS = 2000
 JOB_ID_PATTERN = r"^[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?$"
 
-MODEL_SCHEMES = ("modelscope", "hf", "oss", "s3", "file", "tiny")
-OUTPUT_SCHEMES = ("oss", "s3", "file")
-_URI_RE = re.compile(r"^(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*)://(?P<rest>.*)$")
 
 REFERENCE_NEGATIVE = "丑陋、变形、嘈杂、模糊、低对比度"
 
@@ -53,29 +51,27 @@ class _Strict(BaseModel):
 
 
 def _check_uri(value: str, schemes: tuple[str, ...], *, allow_path: bool = True) -> str:
+    """``value`` if it is a local path or a well-formed URI of one of ``schemes`` (asked of ``sources``
+    and ``storage`` at validation time, so a registered backend's scheme is accepted)."""
     if "\x00" in value:
         raise ValueError("must not contain NUL bytes")
     if not value.strip():
         raise ValueError("must not be empty")
-    m = _URI_RE.match(value)
-    if m is None:
+    scheme = storage.scheme_of(value)
+    if not scheme:
         if not allow_path:
             raise ValueError(f"must be a URI with one of the schemes {', '.join(s + '://' for s in schemes)}")
         return value
-    scheme = m.group("scheme").lower()
     if scheme not in schemes:
         raise ValueError(
             f"unsupported scheme {scheme!r}; use one of {', '.join(s + '://' for s in schemes)}"
             + (" or a local path" if allow_path else "")
         )
-    if scheme == "file" and m.group("rest").split("/", 1)[0] not in ("", "localhost"):
-        raise ValueError("file:// URI must not name a host (use file:///absolute/path)")
-    if scheme in ("oss", "s3"):
-        from kolors_job.storage import check_bucket_uri
-
-        check_bucket_uri(scheme, m.group("rest"))
-    if scheme in ("modelscope", "hf") and not re.fullmatch(r"[\w.-]+/[\w.-]+(@[\w./-]+)?", m.group("rest")):
-        raise ValueError(f"{scheme}:// URI must be {scheme}://OWNER/NAME[@REVISION]")
+    rest = value.split("://", 1)[1]
+    if scheme in HUB_SCHEMES:
+        check_hub_uri(scheme, rest)
+    elif storage.backend(scheme) is not None:
+        storage.check_uri(scheme, rest)
     return value
 
 
@@ -92,7 +88,7 @@ class ModelSpec(_Strict):
     @field_validator("base", "vae")
     @classmethod
     def _uri(cls, v: str | None) -> str | None:
-        return None if v is None else _check_uri(v, MODEL_SCHEMES)
+        return None if v is None else _check_uri(v, source_schemes())
 
 
 class CaptionSpec(_Strict):
@@ -135,7 +131,7 @@ class DatasetSpec(_Strict):
     @field_validator("source")
     @classmethod
     def _uri(cls, v: str) -> str:
-        return _check_uri(v, MODEL_SCHEMES)
+        return _check_uri(v, source_schemes())
 
 
 Precision = Literal["auto", "bf16", "fp16", "fp32"]
@@ -282,7 +278,7 @@ class ScoreSpec(_Strict):
     @field_validator("aesthetic_model")
     @classmethod
     def _uri(cls, v: str) -> str:
-        return _check_uri(v, MODEL_SCHEMES)
+        return _check_uri(v, source_schemes())
 
 
 # one list: the export registry's names (like Scheduler above), checked and listed in the schema when used
@@ -302,7 +298,7 @@ class OutputSpec(_Strict):
     @field_validator("uri")
     @classmethod
     def _uri(cls, v: str) -> str:
-        return _check_uri(v, OUTPUT_SCHEMES)
+        return _check_uri(v, storage.schemes())
 
 
 class Spec(_Strict):
@@ -446,21 +442,19 @@ def parse_manifest(raw: bytes | str, *, source: str = "manifest") -> Manifest:
 
 def read_manifest_source(uri: str) -> tuple[bytes, str]:
     """Read manifest bytes from a path, ``file://``, ``s3://`` or ``oss://`` URI."""
-    m = _URI_RE.match(uri)
-    if m is None or m.group("scheme").lower() == "file":
-        path = Path(uri[len("file://") :] if m else uri)
+    scheme = storage.scheme_of(uri)
+    if not scheme or ((b := storage.backend(scheme)) is not None and b.local):
+        path = Path(uri[len(f"{scheme}://") :] if scheme else uri)
         return _read_regular_file(path, uri), str(path)
-    from kolors_job.storage import open_store, split_uri
-
     try:
-        scheme, bucket, key = split_uri(uri)
+        scheme, bucket, key = storage.split_uri(uri)
     except ValueError as e:
         raise ManifestError(f"{redact_uri(uri)}: {e}") from None
     key = key.rstrip("/")  # split_uri reads the path as a prefix and adds a slash
-    if scheme not in ("s3", "oss") or not key or uri.endswith("/"):
+    if not key or uri.endswith("/"):
         raise ManifestError(f"{redact_uri(uri)}: manifest URI must be a path, file://, s3:// or oss:// object")
     parent, _, name = key.rpartition("/")
-    store = open_store(f"{scheme}://{bucket}/{parent}")
+    store = storage.open_store(f"{scheme}://{bucket}/{parent}")
     try:
         if (size := store.size(name)) > MAX_MANIFEST_BYTES:  # a HEAD first: never read 50 MB to refuse it
             raise ManifestError(f"{redact_uri(uri)}: {size} bytes is larger than the {MAX_MANIFEST_BYTES}-byte limit")

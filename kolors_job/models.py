@@ -1,15 +1,7 @@
-"""Where model weights come from, and loading Kolors once into reusable components.
+"""Loading Kolors once into reusable components, and the samplers a story may use.
 
-``resolve_model`` turns a manifest URI into a local directory that has been checked to look like
-the requested kind of model, so a wrong path fails in the first second with one clear line
-instead of deep inside ``from_pretrained`` after the dataset was downloaded:
-
-- ``modelscope://Owner/Name[@revision]``: ModelScope's own client and cache (``<cache>/modelscope``);
-- ``oss://``, ``s3://``, ``file://``: copied once into ``<cache>/models/<sha256(uri)[:16]>/`` through
-  the storage layer; the copy is published atomically with a marker, so later jobs reuse it and a
-  torn copy is redone;
-- a plain path (a mounted NAS/OSS dir, a local checkout): used in place, nothing is copied;
-- ``tiny://kolors``, ``tiny://aesthetic``: tiny random models built into the cache (tests, demo).
+Where the weights come from (hub, bucket, path, ``tiny://``) is ``kolors_job.sources``' job:
+``sources.fetch_model`` hands this module a checked local directory.
 
 ``load_kolors_components`` loads each part once; ``make_pipeline`` assembles a ``KolorsPipeline``
 from them without reloading, so training and sampling share the same weights in memory.
@@ -17,30 +9,14 @@ from them without reloading, so training and sampling share the same weights in 
 
 from __future__ import annotations
 
-import hashlib
 import json
-import logging
-import re
-from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 from kolors_job.errors import InputError
-from kolors_job.redact import redact_uri
-from kolors_job.settings import Settings
-from kolors_job.sources import (
-    DIFFUSERS_WEIGHTS,
-    FULL_SIZE_UNET_BYTES,
-    HUB_SCHEMES,
-    TRANSFORMERS_WEIGHTS,
-    Plan,
-    SourceRecord,
-    download,
-    local_variant,
-    parse_hub_uri,
-    plan_hub_model,
-)
+from kolors_job.redact import one_line
+from kolors_job.sources.hubs import DIFFUSERS_WEIGHTS, TRANSFORMERS_WEIGHTS, local_variant
 
 if TYPE_CHECKING:
     import torch
@@ -50,29 +26,15 @@ if TYPE_CHECKING:
     from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 __all__ = [
-    "REQUIRED_FILES",
     "SCHEDULERS",
     "KolorsComponents",
-    "ModelKind",
     "Sampler",
     "load_kolors_components",
     "make_pipeline",
     "make_scheduler",
     "reference_timesteps",
-    "resolve_model",
     "sampler_timesteps",
 ]
-
-log = logging.getLogger(__name__)
-
-ModelKind = Literal["pipeline", "vae", "aesthetic"]
-
-REQUIRED_FILES: dict[str, tuple[str, ...]] = {
-    "pipeline": ("model_index.json", "unet/", "vae/", "text_encoder/", "tokenizer/", "scheduler/"),
-    "vae": ("config.json",),
-    "aesthetic": ("config.json", "preprocessor_config.json"),
-}
-"""What a resolved directory must hold per kind (a trailing '/' means a directory)."""
 
 @dataclass(frozen=True)
 class Sampler:
@@ -122,136 +84,6 @@ def sampler_timesteps(name: str, steps: int, scheduler_config: dict[str, Any]) -
     return reference_timesteps(steps, int(scheduler_config["num_train_timesteps"]))
 
 
-_TINY = ("kolors", "aesthetic")
-_SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://")
-
-
-# --------------------------------------------------------------------------------------------
-# resolution
-# --------------------------------------------------------------------------------------------
-
-
-def resolve_model(uri: str, *, kind: ModelKind, settings: Settings, prefer_fp16: bool = True) -> Path:
-    """A local directory holding the model ``uri`` names, checked to be a ``kind`` model (see ``fetch_model``)."""
-    return fetch_model(uri, kind=kind, settings=settings, prefer_fp16=prefer_fp16)[0]
-
-
-def plan_model(
-    uri: str, *, kind: ModelKind, settings: Settings, prefer_fp16: bool, skip: Iterable[str] = ()
-) -> Plan | None:
-    """For a hub URI, the listed and selected files (nothing downloaded yet); None for other sources."""
-    ref = parse_hub_uri(uri.strip())
-    return None if ref is None else plan_hub_model(ref, kind, settings, prefer_fp16=prefer_fp16, skip=skip)
-
-
-def fetch_model(
-    uri: str,
-    *,
-    kind: ModelKind,
-    settings: Settings,
-    prefer_fp16: bool = True,
-    skip: Iterable[str] = (),
-    plan: Plan | None = None,
-) -> tuple[Path, SourceRecord]:
-    """A local directory holding the model ``uri`` names, and what getting it cost.
-
-    Raises ``InputError`` (one line, naming the uri) for bad URIs and missing files, and a
-    ``JobError`` with exit code TEMPORARY when the hub or bucket is unreachable (a retry can help).
-    ``prefer_fp16`` picks the fp16 weight variant of a hub repo that has both (half-precision runs);
-    ``skip`` names pipeline parts whose weights the job replaces (not downloaded).
-    """
-    if kind not in REQUIRED_FILES:
-        raise ValueError(f"unknown model kind {kind!r}")
-    uri = uri.strip()
-    if not uri:
-        raise InputError(f"empty {kind} model uri")
-    m = _SCHEME.match(uri)
-    scheme = m.group(1).lower() if m else ""
-    record = SourceRecord(uri=redact_uri(uri), kind=kind)
-    if scheme in HUB_SCHEMES:
-        plan = plan or plan_model(uri, kind=kind, settings=settings, prefer_fp16=prefer_fp16, skip=skip)
-        assert plan is not None
-        path, record = download(plan, settings)
-    elif scheme == "tiny":
-        path = _resolve_tiny(uri, settings)
-    elif scheme in ("oss", "s3", "file"):
-        path, record.bytes_downloaded = _resolve_bucket(uri, settings)
-    elif scheme:
-        raise InputError(
-            f"{kind} model {uri!r}: unsupported scheme {scheme}:// (use modelscope://, hf://, oss://, "
-            "s3://, file://, tiny:// or a local path)"
-        )
-    else:
-        path = Path(uri).expanduser().absolute()
-        if not path.is_dir():
-            raise InputError(f"{kind} model {uri!r}: no such directory")
-    path = _validate(path, uri, kind)
-    if not record.files:  # not a hub: count what is on disk
-        sizes = [p.stat().st_size for p in path.rglob("*") if p.is_file()]
-        record.files, record.bytes_total = len(sizes), sum(sizes)
-        record.bytes_reused = record.bytes_total - record.bytes_downloaded
-    return path, record
-
-
-def is_full_size(path: Path) -> bool:
-    """Whether a resolved pipeline dir holds a real (GPU-sized) UNet, judged by its weight bytes."""
-    unet = path / "unet"
-    return unet.is_dir() and sum(p.stat().st_size for p in unet.iterdir() if p.is_file()) >= FULL_SIZE_UNET_BYTES
-
-
-def _validate(path: Path, uri: str, kind: ModelKind) -> Path:
-    # A standalone VAE may be given as a whole pipeline: use its vae/ subfolder.
-    if kind == "vae" and not (path / "config.json").is_file() and (path / "vae" / "config.json").is_file():
-        path = path / "vae"
-    for rel in REQUIRED_FILES[kind]:
-        target = path / rel.rstrip("/")
-        ok = target.is_dir() if rel.endswith("/") else target.is_file()
-        if not ok:
-            raise InputError(f"{kind} model {uri!r} has no {rel} (looked in {path})")
-    return path
-
-
-def _resolve_tiny(uri: str, settings: Settings) -> Path:
-    from kolors_job.tiny import TINY_BUILDER_VERSION, build_tiny_aesthetic_predictor, build_tiny_kolors
-
-    name = uri.split("://", 1)[1].strip("/")
-    if name not in _TINY:
-        raise InputError(f"unknown tiny model {uri!r}: use tiny://kolors or tiny://aesthetic")
-    build = build_tiny_kolors if name == "kolors" else build_tiny_aesthetic_predictor
-    return build(settings.cache_dir / "tiny" / f"{name}-v{TINY_BUILDER_VERSION}-seed0", seed=0)
-
-
-def _resolve_bucket(uri: str, settings: Settings) -> tuple[Path, int]:
-    """Copy a bucket/``file://`` prefix into the cache once (concurrent jobs share one copy): (dir, bytes fetched)."""
-    from kolors_job.storage import open_store, redact
-    from kolors_job.tiny import atomic_dir
-
-    uri = uri.rstrip("/")  # "s3://b/m/" and "s3://b/m" are the same model: one cache entry
-    key = hashlib.sha256(uri.encode()).hexdigest()[:16]
-    target = settings.cache_dir / "models" / key
-    try:
-        store = open_store(uri, settings)
-    except ValueError as exc:
-        raise InputError(f"bad model uri {redact(uri)!r}: {_one_line(exc)}") from None
-
-    fetched = 0
-
-    def download(tmp: Path) -> None:
-        nonlocal fetched
-        files = store.download_dir("", tmp)
-        if not files:
-            raise InputError(f"model {redact(uri)!r}: no files under that prefix")
-        fetched = sum(f.stat().st_size for f in files)
-        log.info("downloaded %d files of %s into %s", len(files), redact(uri), target)
-
-    return atomic_dir(target, {"uri": redact(uri)}, download, replace_stale=True), fetched
-
-
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return (text[:300] + "...") if len(text) > 300 else text or type(exc).__name__
-
-
 # --------------------------------------------------------------------------------------------
 # loading
 # --------------------------------------------------------------------------------------------
@@ -294,7 +126,7 @@ def load_kolors_components(
         try:
             return fn(*args, **kwargs)
         except (OSError, ValueError, KeyError) as exc:  # missing/corrupt files, wrong config
-            raise InputError(f"cannot load the {what} from {args[0]}: {_one_line(exc)}") from exc
+            raise InputError(f"cannot load the {what} from {args[0]}: {one_line(exc)}") from exc
 
     # Real repos ship fp16-variant files (Kolors-diffusers has nothing else): name the variant on disk.
     half = dtype != torch.float32

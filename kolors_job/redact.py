@@ -57,3 +57,10 @@ def scrub(text: str, environ: Mapping[str, str] | None = None) -> str:
         elif value in text:
             text = re.sub(rf"(?<![{_WORD_CHARS}]){re.escape(value)}(?![{_WORD_CHARS}])", MASK, text)
     return _URI_IN_TEXT.sub(lambda m: redact_uri(m.group(0)), text)
+
+
+def one_line(exc: BaseException, limit: int = 300) -> str:
+    """An exception as one scrubbed line of at most ``limit`` characters, for error messages and logs:
+    SDK and loader texts span lines and may quote a secret or a signed URL."""
+    text = scrub(" ".join(str(exc).split())) or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 1] + "…"

@@ -292,7 +292,7 @@ def check_device(job: Job, *, full_size: bool, uri: str) -> None:
 
 def resolve_models(job: Job) -> ResolvedModels:
     """List, check and fetch the three models; a hub model is sized before it is downloaded."""
-    from kolors_job.models import fetch_model, is_full_size, plan_model
+    from kolors_job.sources import fetch_model, is_full_size, plan_model
 
     spec = job.manifest.spec
     # A half-precision run reads fp16 weight variants; an fp32 (CPU) run prefers the plain ones.
@@ -328,7 +328,8 @@ def _mb(n: int) -> str:
 
 def run_dataset(job: Job) -> tuple[Any, dict[str, Any]]:
     """Fetch + scan; no surviving image is an input error (exit 4), not a crash in training."""
-    from kolors_job.dataset import fetch_dataset, scan_dataset, source_record
+    from kolors_job.dataset import scan_dataset
+    from kolors_job.sources import fetch_dataset, source_record
 
     spec = job.manifest.spec.dataset
     started = time.time()

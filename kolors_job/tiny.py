@@ -13,11 +13,9 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
-import os
 import shutil
 import threading
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,6 +25,7 @@ from kolors_job.kolors_configs import (
     KOLORS_UNET_CONFIG,
     KOLORS_VAE_CONFIG,
 )
+from kolors_job.storage.atomic import atomic_dir
 
 if TYPE_CHECKING:
     import torch
@@ -37,21 +36,16 @@ if TYPE_CHECKING:
 __all__ = [
     "AESTHETIC_BIAS",
     "AESTHETIC_RADIUS",
-    "COMPLETE_MARKER",
     "TINY_AESTHETIC_VISION_CONFIG",
     "TINY_BUILDER_VERSION",
     "TINY_TEXT_ENCODER_CONFIG",
     "TINY_UNET_CONFIG",
     "TINY_VAE_CONFIG",
-    "atomic_dir",
     "build_full_size_kolors_random",
     "build_tiny_aesthetic_predictor",
     "build_tiny_kolors",
     "chatglm_tokenizer_dir",
 ]
-
-COMPLETE_MARKER = ".kolors_job_complete"
-"""Written last inside a build; its presence means every other file is complete."""
 
 TINY_BUILDER_VERSION = 1
 """Bump when a tiny config changes, so caches keyed on it (``tiny://``) rebuild."""
@@ -154,58 +148,6 @@ def _seeded(seed: int) -> Iterator[None]:
     with _RNG_LOCK, torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         yield
-
-
-def _marker_matches(path: Path, info: dict[str, Any]) -> bool:
-    """True if ``path`` holds a complete build made for ``info``; a build for other inputs is an error."""
-    marker = path / COMPLETE_MARKER
-    if not marker.is_file():
-        return False
-    found = json.loads(marker.read_text())
-    if any(found.get(k) != v for k, v in info.items()):
-        raise FileExistsError(f"{path} holds a build of {found}, not of {info}")
-    return True
-
-
-def atomic_dir(
-    path: Path, info: dict[str, Any], write: Callable[[Path], None], *, replace_stale: bool
-) -> Path:
-    """Create the directory ``path`` with ``write(tmp_dir)``, all or nothing; returns ``path``.
-
-    ``write`` fills a sibling temp dir, a JSON marker (``info``) is written last, then the dir is
-    renamed into place. ``rename`` is atomic and refuses a non-empty target, so concurrent builders
-    race safely (the loser discards its copy and uses the winner's), a reader never sees half a
-    model, and a crash leaves only a ``.<name>.tmp-*`` dir. A complete ``path`` returns at once.
-    With ``replace_stale`` an existing ``path`` without the marker (a torn copy) is replaced;
-    without it, that is an error (never delete a directory we did not make).
-    """
-    path = Path(path)
-    if _marker_matches(path, info):
-        return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:12]}"
-    try:
-        tmp.mkdir()
-        write(tmp)
-        (tmp / COMPLETE_MARKER).write_text(json.dumps(info, sort_keys=True) + "\n")
-        for _ in range(3):
-            try:
-                os.rename(tmp, path)  # replaces an empty dir, fails on a non-empty one
-                break
-            except OSError:
-                if _marker_matches(path, info):
-                    break  # a concurrent builder won
-                if not replace_stale:
-                    raise FileExistsError(f"{path} exists and is not a complete build of {info}") from None
-                stale = path.parent / f".{path.name}.stale-{uuid.uuid4().hex[:12]}"
-                with contextlib.suppress(FileNotFoundError):
-                    os.rename(path, stale)
-                shutil.rmtree(stale, ignore_errors=True)
-        else:
-            raise FileExistsError(f"could not publish {path}: it keeps being replaced concurrently")
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return path
 
 
 def _tiny_info(kind: str, seed: int) -> dict[str, Any]:

@@ -128,8 +128,8 @@ def _run_pair(tmp_path, shared_cache, output: str, manifests: list[dict], env_ex
     import subprocess
     import sys
 
-    from kolors_job.models import resolve_model
     from kolors_job.settings import Settings
+    from kolors_job.sources import resolve_model
 
     for uri, kind in (("tiny://kolors", "pipeline"), ("tiny://aesthetic", "aesthetic")):  # built once, not raced
         resolve_model(uri, kind=kind, settings=Settings(cache_dir=shared_cache))

@@ -19,19 +19,12 @@ import pytest
 import torch
 from PIL import Image
 
-from kolors_job.dataset import (
-    COMPLETE_MARKER,
-    DatasetScan,
-    ImageItem,
-    SkipReason,
-    export_rows,
-    fetch_dataset,
-    load_image,
-    scan_dataset,
-)
+from kolors_job.dataset import DatasetScan, ImageItem, SkipReason, load_image, scan_dataset
 from kolors_job.errors import InputError
 from kolors_job.manifest import CaptionSpec, DatasetSpec, FilterSpec
 from kolors_job.settings import Settings
+from kolors_job.sources import export_rows, fetch_dataset
+from kolors_job.storage.atomic import COMPLETE_MARKER
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -493,7 +486,7 @@ def test_modelscope_unreachable_is_one_line_temporary_error(tmp_path: Path) -> N
     script = textwrap.dedent(
         """
         import json, sys
-        from kolors_job.dataset import fetch_dataset
+        from kolors_job.sources import fetch_dataset
         from kolors_job.errors import JobError
         from kolors_job.manifest import DatasetSpec
         from kolors_job.settings import Settings

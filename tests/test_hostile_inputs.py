@@ -29,10 +29,11 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from kolors_job.dataset import SkipReason, fetch_dataset, scan_dataset
+from kolors_job.dataset import SkipReason, scan_dataset
 from kolors_job.errors import ExitCode, JobError, ManifestError, StorageError
 from kolors_job.manifest import DatasetSpec, FilterSpec, load_manifest, parse_manifest
 from kolors_job.settings import Settings
+from kolors_job.sources import fetch_dataset
 from kolors_job.storage import split_uri
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -341,7 +342,7 @@ HOSTILE_KEYS = {
 @pytest.mark.parametrize("what", ["dataset", "model"])
 @pytest.mark.parametrize("key", list(HOSTILE_KEYS.values()), ids=list(HOSTILE_KEYS))
 def test_hostile_object_keys_in_a_prefix(what, key, s3_server, storage_env, tmp_path) -> None:
-    from kolors_job.models import resolve_model
+    from kolors_job.sources import resolve_model
 
     bucket = s3_server.create_bucket()
     raw = s3_server.client()

@@ -16,10 +16,11 @@ import pytest
 from PIL import Image
 
 from kolors_job.cli import main
-from kolors_job.dataset import SkipReason, fetch_dataset, scan_dataset
+from kolors_job.dataset import SkipReason, scan_dataset
 from kolors_job.errors import ExitCode, StorageDeniedError, StorageTemporaryError
 from kolors_job.manifest import DatasetSpec, FilterSpec
 from kolors_job.redact import scrub
+from kolors_job.sources import fetch_dataset
 from kolors_job.storage import open_store
 from kolors_job.storage.local import LocalStore, os_error
 
@@ -214,9 +215,9 @@ def test_output_disk_full_is_exit_75_in_one_line(job_cli_env, shared_cache, tmp_
 # -- what the output looks like -----------------------------------------------------------------
 @pytest.mark.parametrize(("umask", "mode"), [(0o022, 0o644), (0o002, 0o664), (0o077, 0o600)])
 def test_output_files_follow_the_umask_and_pruned_folders_go(umask, mode, tmp_path, monkeypatch) -> None:
-    import kolors_job.storage.base as base
+    import kolors_job.storage.atomic as atomic
 
-    monkeypatch.setattr(base, "_UMASK", umask)  # the process's umask, as read at import
+    monkeypatch.setattr(atomic, "_UMASK", umask)  # the process's umask, as read at import
     store = open_store(str(tmp_path / "out"))
     src = tmp_path / "lora.safetensors"
     src.write_bytes(b"weights")

@@ -18,10 +18,11 @@ from kolors_job.models import (
     KolorsComponents,
     load_kolors_components,
     make_pipeline,
-    resolve_model,
 )
 from kolors_job.settings import Settings
-from kolors_job.tiny import COMPLETE_MARKER, build_tiny_kolors
+from kolors_job.sources import resolve_model
+from kolors_job.storage.atomic import COMPLETE_MARKER
+from kolors_job.tiny import build_tiny_kolors
 
 
 @pytest.fixture(scope="module")

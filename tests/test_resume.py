@@ -122,7 +122,7 @@ def resume_runs(shared_cache, tmp_path_factory):
     ref_manifest.write_text(json.dumps(manifest_dict(shared_cache, ref_out)))
     job_env = {**env, "KOLORS_JOB_WORK_DIR": str(base / "work")}
     # make sure the tiny models exist before two processes race to build them
-    from kolors_job.models import resolve_model
+    from kolors_job.sources import resolve_model
 
     for uri, kind in (("tiny://kolors", "pipeline"), ("tiny://aesthetic", "aesthetic")):
         resolve_model(uri, kind=kind, settings=Settings(cache_dir=shared_cache))

@@ -17,7 +17,7 @@ from hypothesis import given
 from hypothesis import strategies as hst
 
 from kolors_job.errors import StorageDeniedError, StorageError, StorageNotFoundError, StorageTemporaryError
-from kolors_job.storage import Store, is_remote, open_store, redact, split_uri
+from kolors_job.storage import Store, is_bucket_uri, open_store, redact, split_uri
 from kolors_job.storage import oss as oss_mod
 from kolors_job.storage.base import unsafe_relative_path
 from kolors_job.storage.local import LocalStore
@@ -76,10 +76,10 @@ def test_split_uri_and_open_store(tmp_path, storage_env):
     assert split_uri(f"file://{tmp_path}/d") == ("file", "", f"{tmp_path}/d/")
     assert split_uri(str(tmp_path)) == ("file", "", f"{tmp_path}/")
     assert (
-        is_remote("s3://b/")
-        and is_remote("oss://b/p")
-        and not is_remote("rel/dir")
-        and not is_remote("file:///x")
+        is_bucket_uri("s3://b/")
+        and is_bucket_uri("oss://b/p")
+        and not is_bucket_uri("rel/dir")
+        and not is_bucket_uri("file:///x")
     )
     with pytest.raises(ValueError, match=r"unsupported storage URI scheme 'gs'") as err:
         split_uri("gs://bucket/x")

@@ -13,11 +13,10 @@ import torch
 from PIL import Image
 
 from kolors_job.kolors_configs import KOLORS_FULL_SIZE_CONFIGS, KOLORS_SCHEDULER_CONFIG
+from kolors_job.storage.atomic import COMPLETE_MARKER, atomic_dir
 from kolors_job.tiny import (
     AESTHETIC_BIAS,
     AESTHETIC_RADIUS,
-    COMPLETE_MARKER,
-    atomic_dir,
     build_full_size_kolors_random,
     build_tiny_aesthetic_predictor,
     build_tiny_kolors,

@@ -7,22 +7,28 @@ text helpers, directory transfers and key safety live here once, so every backen
 from __future__ import annotations
 
 import logging
-import os
 import posixpath
+import random
 import re
-import tempfile
 import threading
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from kolors_job.errors import ExitCode, StorageError, StorageTemporaryError
+from kolors_job.errors import (
+    ExitCode,
+    StorageDeniedError,
+    StorageError,
+    StorageNotFoundError,
+    StorageTemporaryError,
+)
 from kolors_job.redact import scrub
 
-TMP_MARKER = ".kolors-tmp-"
-"""Temp files written next to their destination carry this, so listings can skip half-written files."""
+if TYPE_CHECKING:
+    from kolors_job.settings import Settings
+
+from .atomic import atomic_target  # noqa: F401 - re-exported: older call sites import it from here
 
 COMPLETION_MARKERS = frozenset({"COMPLETE", "_SUCCESS"})
 """File names whose presence says "every other file here is complete": uploaded last."""
@@ -77,6 +83,50 @@ def check_retry(where: str, started: float, deadline_s: float) -> None:
         raise StorageTemporaryError(f"{where}: failed and not retried: the job is stopping")
     if time.monotonic() - started >= deadline_s:
         raise StorageTemporaryError(f"{where}: no success within the {deadline_s:.0f}s storage deadline")
+
+
+def retry_refused(where: str, started: float, deadline_s: float) -> StorageTemporaryError | None:
+    """:func:`check_retry` as a value: why the failed request must not be retried, or None."""
+    try:
+        check_retry(where, started, deadline_s)
+    except StorageTemporaryError as refused:
+        return refused
+    return None
+
+
+def backoff_delay(attempt: int, base_s: float, cap_s: float) -> float:
+    """Exponential backoff with full jitter: uniform in [0, min(cap, base * 2**attempt)]."""
+    return random.uniform(0, min(cap_s, base_s * 2**attempt))
+
+
+DENIED_CODES = frozenset(
+    {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "NoSuchBucket", "InvalidBucketName"}
+)
+"""Error codes S3 and OSS share that no retry can fix (credentials or bucket wrong); backends add their own."""
+TEMPORARY_CODES = frozenset(
+    {"SlowDown", "Throttling", "RequestTimeout", "InternalError", "ServiceUnavailable", "RequestTimeTooSkewed"}
+)
+"""Error codes S3 and OSS share that a retry may fix (each backend adds its own)."""
+
+
+def is_temporary(code: str, status: int, temporary_codes: frozenset[str]) -> bool:
+    """A server answer worth retrying: a 5xx, 429 or one of the service's transient codes."""
+    return code in temporary_codes or status >= 500 or status == 429
+
+
+def classify(
+    msg: str, code: str, status: int, *, not_found: bool, denied_codes: frozenset[str],
+    temporary_codes: frozenset[str],
+) -> StorageError:
+    """The error a failed object-store request maps to (its exit code says whether a rerun can help):
+    not found (4), denied (5: code or HTTP 401/403), temporary (75), else a plain StorageError."""
+    if not_found:
+        return StorageNotFoundError(msg)
+    if code in denied_codes or status in (401, 403):
+        return StorageDeniedError(msg)
+    if is_temporary(code, status, temporary_codes):
+        return StorageTemporaryError(msg)
+    return StorageError(msg)
 
 
 def note_failure() -> None:
@@ -147,46 +197,17 @@ def quiet_sdk_loggers(*names: str) -> None:
             logger.setLevel(logging.WARNING)
 
 
-def _read_umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-_UMASK = _read_umask()  # read once, at import: os.umask can only be read by setting it
-
-
-def file_mode() -> int:
-    """The mode a plain ``open(path, "w")`` would give: 0o666 less the umask."""
-    return 0o666 & ~_UMASK
-
-
-@contextmanager
-def atomic_target(path: Path) -> Iterator[Path]:
-    """Yield a temp path beside ``path``; on success rename it into place, on failure remove it.
-
-    Readers never see a partial file, and a crash leaves at most a ``.kolors-tmp-*`` file. The file
-    gets the umask's mode, not mkstemp's 0600 (nor what the writer chose, e.g. safetensors' 0600):
-    a ComfyUI or web container running as another user must be able to read the LoRA on a shared volume.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name[:60]}{TMP_MARKER}", dir=path.parent)
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.chmod(tmp, file_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 class Store(ABC):
     """A directory-like view of a local dir or a bucket prefix."""
 
     uri: str
     page_size: int = 1000
     """Objects per listing request (tests lower it to exercise paging)."""
+
+    @classmethod
+    def open(cls, bucket: str, prefix: str, settings: Settings) -> Store:
+        """The store for ``<scheme>://<bucket>/<prefix>`` (what ``open_store`` calls once per URI)."""
+        return cls(bucket, prefix, settings)  # type: ignore[call-arg]
 
     def __repr__(self) -> str:  # only the uri: never endpoints with userinfo or credentials
         return f"{type(self).__name__}({self.uri!r})"

@@ -16,8 +16,10 @@ from kolors_job.errors import (
     StorageNotFoundError,
     StorageTemporaryError,
 )
+from kolors_job.settings import Settings
 
-from .base import TMP_MARKER, Store, atomic_target, check_key, child_prefix, file_mode
+from .atomic import TMP_MARKER, atomic_target, file_mode
+from .base import Store, check_key, child_prefix
 
 TEMPORARY_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EAGAIN, errno.ESTALE, errno.ETIMEDOUT})
 """Faults that may pass (space freed, a network filesystem back): exit 75, a rerun resumes."""
@@ -46,6 +48,11 @@ class LocalStore(Store):
     def __init__(self, root: Path | str) -> None:
         self.root = Path(root).expanduser().absolute()
         self.uri = self.root.as_uri().rstrip("/") + "/"
+
+    @classmethod
+    def open(cls, bucket: str, prefix: str, settings: Settings) -> LocalStore:
+        """``file://`` URIs have no bucket: the prefix is the absolute directory."""
+        return cls(prefix)
 
     def _path(self, key: str) -> Path:
         return self.root.joinpath(*check_key(key).split("/"))

@@ -28,7 +28,6 @@ import http.client
 import json
 import logging
 import os
-import random
 import re
 import time
 from collections.abc import Callable
@@ -41,56 +40,19 @@ import urllib3
 from oss2 import exceptions as oss_exc
 from oss2.credentials import Credentials, CredentialsProvider, StaticCredentialsProvider
 
-from kolors_job.errors import (
-    StorageDeniedError,
-    StorageError,
-    StorageNotFoundError,
-    StorageTemporaryError,
-)
+from kolors_job.errors import StorageDeniedError, StorageError, StorageTemporaryError
 from kolors_job.settings import ALIBABA_CLOUD_KEY_ENV, Settings
 
-from .base import (
-    Store,
-    atomic_target,
-    backoff_sleep,
-    check_key,
-    check_new_request,
-    check_retry,
-    child_prefix,
-    note_failure,
-    quiet_sdk_loggers,
-    redact,
-)
+from . import base
+from .base import Store, atomic_target, backoff_sleep, check_key, check_new_request, child_prefix, redact
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 MiB = 1024 * 1024
 DLC_CREDENTIALS_FILE = Path("/mnt/.alibabacloud/credentials")
 
-DENIED_CODES = frozenset(
-    {
-        "AccessDenied",
-        "InvalidAccessKeyId",
-        "SignatureDoesNotMatch",
-        "NoSuchBucket",
-        "SecurityTokenExpired",
-        "InvalidSecurityToken",
-        "InvalidBucketName",
-        "UserDisable",
-    }
-)
-TEMPORARY_CODES = frozenset(
-    {
-        "RequestTimeout",
-        "ServiceUnavailable",
-        "InternalError",
-        "Throttling",
-        "TooManyRequests",
-        "SlowDown",
-        "RequestTimeTooSkewed",
-        "InvalidDigest",
-    }
-)
+DENIED_CODES = base.DENIED_CODES | {"SecurityTokenExpired", "InvalidSecurityToken", "UserDisable"}
+TEMPORARY_CODES = base.TEMPORARY_CODES | {"TooManyRequests", "InvalidDigest"}
 
 
 _STREAM_ERRORS = (
@@ -188,7 +150,7 @@ def make_bucket(name: str, settings: Settings, provider: CredentialsProvider | N
         auth = oss2.ProviderAuthV4(provider)
     else:  # V4 needs the region; custom endpoints (proxies, test servers) may not reveal it
         auth = oss2.ProviderAuth(provider)
-    quiet_sdk_loggers("oss2")
+    base.quiet_sdk_loggers("oss2")
     # oss2 hands ``connect_timeout`` to requests as its timeout: a (connect, read) pair works there
     timeout = (settings.storage_connect_timeout_s, settings.storage_read_timeout_s)
     return oss2.Bucket(auth, endpoint, name, connect_timeout=timeout, enable_crc=True, region=region)
@@ -198,7 +160,7 @@ def make_bucket(name: str, settings: Settings, provider: CredentialsProvider | N
 def is_transient(exc: oss_exc.OssError) -> bool:
     if isinstance(exc, (oss_exc.RequestError, oss_exc.InconsistentError)):
         return True
-    return exc.status >= 500 or exc.status == 429 or exc.code in TEMPORARY_CODES
+    return base.is_temporary(exc.code, exc.status, TEMPORARY_CODES)
 
 
 _RETRIED = "_kolors_retried"
@@ -291,13 +253,10 @@ class OSSStore(Store):
             return StorageError(f"{where}: {redact(exc.body)}")
         code = exc.code or str(exc.status)
         msg = f"{where}: {code} (HTTP {exc.status}, request id {exc.request_id or '-'})"
-        if code == "NoSuchKey" or (exc.status == 404 and code != "NoSuchBucket"):
-            return StorageNotFoundError(msg)
-        if code in DENIED_CODES or exc.status in (401, 403):
-            return StorageDeniedError(msg)
-        if is_transient(exc):
-            return StorageTemporaryError(msg)
-        return StorageError(msg)
+        not_found = code == "NoSuchKey" or (exc.status == 404 and code != "NoSuchBucket")
+        return base.classify(
+            msg, code, exc.status, not_found=not_found, denied_codes=DENIED_CODES, temporary_codes=TEMPORARY_CODES
+        )
 
     def _retry(self, what: str, key: str, fn: Callable[[], T], rewind: Callable[[], None] | None = None) -> T:
         """Run ``fn`` with up to ``storage_max_attempts`` tries on transient errors; raise the last
@@ -317,13 +276,12 @@ class OSSStore(Store):
                 if attempt == attempts or not is_transient(exc) or getattr(exc, _RETRIED, False):
                     setattr(exc, _RETRIED, True)
                     if is_transient(exc):
-                        note_failure()
+                        base.note_failure()
                     raise
-                try:  # no retry once the job is stopping or the operation's deadline has passed
-                    check_retry(where, started, self.settings.storage_deadline_s)
-                except StorageTemporaryError as stop:
+                # no retry once the job is stopping or the operation's deadline has passed
+                if (stop := base.retry_refused(where, started, self.settings.storage_deadline_s)) is not None:
                     raise StorageTemporaryError(f"{stop} (last error: {self._error(exc, what, key)})") from None
-                delay = random.uniform(0, min(self.retry_max_delay, self.retry_base_delay * 2 ** (attempt - 1)))
+                delay = base.backoff_delay(attempt - 1, self.retry_base_delay, self.retry_max_delay)
                 log.debug(
                     "%s %s%s: transient %s, retry %d/%d in %.2fs",
                     what,

@@ -11,7 +11,6 @@ import hashlib
 import http.client
 import logging
 import os
-import random
 import re
 import time
 from collections.abc import Callable
@@ -30,60 +29,22 @@ from botocore.retries import standard as standard_retries
 from s3transfer.exceptions import RetriesExceededError
 from s3transfer.utils import ChunksizeAdjuster
 
-from kolors_job.errors import (
-    StorageDeniedError,
-    StorageError,
-    StorageNotFoundError,
-    StorageTemporaryError,
-)
+from kolors_job.errors import StorageDeniedError, StorageError, StorageNotFoundError, StorageTemporaryError
 from kolors_job.settings import Settings
 
-from .base import (
-    Store,
-    atomic_target,
-    backoff_sleep,
-    check_key,
-    check_new_request,
-    check_retry,
-    child_prefix,
-    note_failure,
-    quiet_sdk_loggers,
-    redact,
-)
+from . import base
+from .base import Store, atomic_target, backoff_sleep, check_key, check_new_request, check_retry, child_prefix, redact
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 MiB = 1024 * 1024
 
-DENIED_CODES = frozenset(
-    {
-        "AccessDenied",
-        "InvalidAccessKeyId",
-        "SignatureDoesNotMatch",
-        "NoSuchBucket",
-        "AllAccessDisabled",
-        "AccountProblem",
-        "InvalidToken",
-        "ExpiredToken",
-        "InvalidSecurity",
-        "InvalidBucketName",
-    }
-)
-TEMPORARY_CODES = frozenset(
-    {
-        "SlowDown",
-        "Throttling",
-        "ThrottlingException",
-        "RequestTimeout",
-        "InternalError",
-        "ServiceUnavailable",
-        "BadDigest",
-        "XAmzContentSHA256Mismatch",
-        "ConditionalRequestConflict",
-        "OperationAborted",
-        "RequestTimeTooSkewed",
-    }
-)
+DENIED_CODES = base.DENIED_CODES | {
+    "AllAccessDisabled", "AccountProblem", "InvalidToken", "ExpiredToken", "InvalidSecurity",
+}  # fmt: skip
+TEMPORARY_CODES = base.TEMPORARY_CODES | {
+    "ThrottlingException", "BadDigest", "XAmzContentSHA256Mismatch", "ConditionalRequestConflict", "OperationAborted",
+}  # fmt: skip
 
 
 def _md5(data: bytes = b""):
@@ -109,7 +70,7 @@ _MD5_ETAG = re.compile(r'^"?([0-9a-f]{32})(?:-(\d+))?"?$')
 
 def make_client(settings: Settings) -> BaseClient:
     """One client per store tree: clients are thread-safe and hold the connection pool."""
-    quiet_sdk_loggers("botocore", "boto3", "s3transfer")
+    base.quiet_sdk_loggers("botocore", "boto3", "s3transfer")
     custom_endpoint = (
         settings.s3_endpoint_url
         or os.environ.get("AWS_ENDPOINT_URL_S3")
@@ -225,14 +186,12 @@ class S3Store(Store):
             code = str(err.get("Code") or status)
             rid = meta.get("RequestId", "")
             msg = f"{where}: {code} (HTTP {status}{', request id ' + rid if rid else ''})"
-            if code == "NoSuchKey" or (status == 404 and code in ("404", "NotFound")):
-                self._check_bucket()
-                return StorageNotFoundError(msg)
-            if code in DENIED_CODES or status in (401, 403):
-                return StorageDeniedError(msg)
-            if code in TEMPORARY_CODES or status >= 500 or status == 429:
-                return StorageTemporaryError(msg)
-            return StorageError(msg)
+            not_found = code == "NoSuchKey" or (status == 404 and code in ("404", "NotFound"))
+            if not_found:
+                self._check_bucket()  # a missing bucket is denied, not not-found
+            return base.classify(
+                msg, code, status, not_found=not_found, denied_codes=DENIED_CODES, temporary_codes=TEMPORARY_CODES
+            )
         # Connection refused/reset, timeouts, truncated bodies: botocore already retried them.
         # Their text can hold the endpoint URL, so it is redacted.
         return StorageTemporaryError(f"{where}: {type(exc).__name__}: {redact(str(exc))}")
@@ -255,28 +214,26 @@ class S3Store(Store):
                 return fn()
             except StorageTemporaryError:  # our botocore hook refused a retry, or a checksum mismatch
                 if attempt == attempts or self._gives_up(where, started):
-                    note_failure()
+                    base.note_failure()
                     raise
             except (*_RETRY_HERE, RetriesExceededError) as exc:
                 if attempt == attempts or self._gives_up(where, started):
-                    note_failure()
+                    base.note_failure()
                     raise self._error(exc, what, key) from None
             except (ClientError, BotoCoreError) as exc:
                 err = self._error(exc, what, key)  # no chained SDK text in tracebacks
                 if isinstance(err, StorageTemporaryError):
-                    note_failure()
+                    base.note_failure()
                 raise err from None
             log.debug("%s: retry %d/%d", where, attempt, attempts - 1)
-            backoff_sleep(random.uniform(0, min(2.0, 0.05 * 2**attempt)))
+            backoff_sleep(base.backoff_delay(attempt, 0.05, 2.0))
         raise AssertionError("unreachable")
 
     def _gives_up(self, where: str, started: float) -> bool:
-        try:
-            check_retry(where, started, self.settings.storage_deadline_s)
-        except StorageTemporaryError as e:
-            log.debug("%s", e)
-            return True
-        return False
+        refused = base.retry_refused(where, started, self.settings.storage_deadline_s)
+        if refused is not None:
+            log.debug("%s", refused)
+        return refused is not None
 
     def _verify(self, what: str, key: str, expected: str, actual: str) -> None:
         if expected.strip('"') != actual.strip('"'):

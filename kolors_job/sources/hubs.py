@@ -1,4 +1,4 @@
-"""Model hubs as sources: list a repo, choose exactly the files the loader reads, check the disk, download.
+"""Hubs (ModelScope, Hugging Face) as sources: list a repo, choose exactly the files the loader reads, download.
 
 A hub repo holds more than one job needs: the real ``Kwai-Kolors/Kolors-diffusers`` ships only
 fp16-variant weights (``unet/diffusion_pytorch_model.fp16.safetensors``, a ChatGLM sharded as
@@ -32,14 +32,18 @@ from pathlib import Path
 from typing import Any, Literal
 
 from kolors_job.errors import ExitCode, InputError, JobError, StorageDeniedError
+from kolors_job.redact import one_line
 from kolors_job.settings import Settings
+from kolors_job.storage.atomic import atomic_target
 
 __all__ = [
     "FULL_SIZE_UNET_BYTES",
+    "HUB_SCHEMES",
     "HubRef",
     "Plan",
     "RemoteFile",
     "SourceRecord",
+    "check_hub_uri",
     "choose_weights",
     "download",
     "download_dataset_files",
@@ -99,6 +103,12 @@ class HubRef:
     @property
     def hub_name(self) -> str:
         return "ModelScope" if self.hub == "modelscope" else "Hugging Face"
+
+
+def check_hub_uri(scheme: str, rest: str) -> None:
+    """Raise ValueError unless ``rest`` (what follows ``modelscope://``/``hf://``) is ``OWNER/NAME[@REVISION]``."""
+    if not re.fullmatch(r"[\w.-]+/[\w.-]+(@[\w./-]+)?", rest):
+        raise ValueError(f"{scheme}:// URI must be {scheme}://OWNER/NAME[@REVISION]")
 
 
 def parse_hub_uri(uri: str) -> HubRef | None:
@@ -347,8 +357,6 @@ def download(plan: Plan, settings: Settings) -> tuple[Path, SourceRecord]:
 
 
 def _write_record(plan: Plan) -> None:
-    from kolors_job.storage.base import atomic_target
-
     data = {"uri": plan.ref.uri, "commit": plan.commit, "sizes": {f.path: f.size for f in plan.files}}
     with atomic_target(plan.dest / RECORD_NAME) as tmp:
         tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
@@ -375,18 +383,11 @@ def _gb(n: int) -> str:
 # --------------------------------------------------------------------------------------------- hubs
 
 
-def _one_line(exc: BaseException, limit: int = 300) -> str:
-    from kolors_job.redact import scrub
-
-    text = scrub(" ".join(str(exc).split())) or type(exc).__name__
-    return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
 def hub_error(ref: HubRef, exc: BaseException) -> JobError:
     """A hub client failure as one line naming the uri, with the exit code a retry policy needs."""
     if isinstance(exc, JobError):
         return exc
-    detail = _one_line(exc)
+    detail = one_line(exc)
     name = type(exc).__name__
     chain = [exc, exc.__cause__, exc.__context__]
     status = next((getattr(getattr(e, "response", None), "status_code", None) for e in chain if e is not None), None)

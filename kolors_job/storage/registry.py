@@ -1,0 +1,165 @@
+"""URI schemes → storage backends, and the one parser of storage URIs.
+
+A backend registers its scheme once (``register("gs", "kolors_job.storage.gcs:GCSStore", ...)``); the
+manifest's checks, ``open_store``, model and dataset sources all ask this registry, so a new backend
+is one module plus one registration line (docs/adding-a-storage-backend.md). A backend given as a
+``"module:Class"`` string is imported on first use: a job writing to local paths never imports boto3.
+"""
+
+from __future__ import annotations
+
+import importlib
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import unquote
+
+from kolors_job.settings import Settings
+
+from .base import Store, redact
+
+__all__ = [
+    "Backend",
+    "backend",
+    "check_bucket_uri",
+    "check_uri",
+    "is_bucket_uri",
+    "open_store",
+    "register",
+    "scheme_of",
+    "schemes",
+    "split_uri",
+    "unregister",
+]
+
+_SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://")
+
+
+@dataclass(frozen=True)
+class Backend:
+    scheme: str
+    store: str | type[Store]
+    """The Store class, or ``"module:Class"`` to import when first opened. ``Class.open(bucket, prefix,
+    settings)`` builds a store (``Store.open``'s default: ``Class(bucket, prefix, settings)``)."""
+    check_bucket: Callable[[str], None] | None = None
+    """Raises ValueError for a bucket name the service refuses (checked at manifest validation)."""
+    local: bool = False
+    """Local paths (``file://``): no bucket, the prefix is an absolute directory."""
+
+    def store_class(self) -> type[Store]:
+        if isinstance(self.store, str):
+            module, _, name = self.store.partition(":")
+            return getattr(importlib.import_module(module), name)
+        return self.store
+
+
+_BACKENDS: dict[str, Backend] = {}
+
+
+def register(
+    scheme: str, store: str | type[Store], *, check_bucket: Callable[[str], None] | None = None, local: bool = False
+) -> None:
+    """Make ``<scheme>://`` a storage URI everywhere: manifest outputs, model and dataset sources."""
+    scheme = scheme.lower()
+    if not _SCHEME.match(f"{scheme}://"):
+        raise ValueError(f"invalid URI scheme {scheme!r}")
+    _BACKENDS[scheme] = Backend(scheme, store, check_bucket, local)
+
+
+def unregister(scheme: str) -> None:
+    _BACKENDS.pop(scheme.lower(), None)
+
+
+def schemes() -> tuple[str, ...]:
+    """The registered storage schemes, in registration order."""
+    return tuple(_BACKENDS)
+
+
+def backend(scheme: str) -> Backend | None:
+    return _BACKENDS.get(scheme.lower())
+
+
+def scheme_of(uri: str) -> str:
+    """The lower-case scheme of ``uri`` (any scheme, registered or not); ``""`` for a plain path."""
+    m = _SCHEME.match(uri)
+    return m.group(1).lower() if m else ""
+
+
+def is_bucket_uri(uri: str) -> bool:
+    """Whether ``uri`` names a prefix in a registered object store (not a local path)."""
+    b = backend(scheme_of(uri))
+    return b is not None and not b.local
+
+
+def check_bucket_uri(scheme: str, rest: str) -> None:
+    """Raise ValueError unless ``rest`` (what follows ``s3://``/``oss://``) is ``bucket[/path]`` with a
+    bucket name the service accepts, no credentials and no ``.``/``..`` segments.
+
+    Caught here, at validation, because later they go wrong in worse ways: ``user:pass@bucket`` reaches
+    the SDK's error text (and from there logs and status.json), an invalid bucket name fails as a
+    retryable connection error (S3) or an SDK traceback (OSS), and ``..`` names another prefix.
+    The problem is described, never echoed: the text may hold a password.
+    """
+    bucket, _, path = rest.partition("/")
+    if "@" in bucket:
+        raise ValueError(
+            f"{scheme}:// URI must not carry credentials (user:password@): they come from the environment's "
+            "credential chain"
+        )
+    if not bucket:
+        raise ValueError(f"{scheme}:// URI needs a bucket name")
+    b = backend(scheme)
+    if b is not None and b.check_bucket is not None:
+        b.check_bucket(bucket)
+    if any(seg in (".", "..") for seg in path.split("/")):
+        raise ValueError(f"{scheme}:// URI must not contain '.' or '..' path segments")
+    if "\\" in path or any(ord(c) < 32 for c in path):
+        raise ValueError(f"{scheme}:// URI path must not contain backslashes or control characters")
+
+
+def check_uri(scheme: str, rest: str) -> None:
+    """Raise ValueError unless ``<scheme>://<rest>`` is a well-formed URI of the registered ``scheme``:
+    a local one names no host, a bucket one passes ``check_bucket_uri``."""
+    b = backend(scheme)
+    if b is None:
+        raise ValueError(f"unsupported storage URI scheme {scheme!r}")
+    if b.local:
+        if rest.split("/", 1)[0] not in ("", "localhost"):
+            raise ValueError(f"{scheme}:// URI must not name a host (use {scheme}:///absolute/path)")
+    else:
+        check_bucket_uri(scheme, rest)
+
+
+def split_uri(uri: str) -> tuple[str, str, str]:
+    """``(scheme, bucket, prefix)``; prefix has a trailing '/' unless empty.
+
+    Local paths (plain or ``file://``) give ``("file", "", "/absolute/dir/")``.
+    """
+    m = _SCHEME.match(uri)
+    scheme = m.group(1).lower() if m else "file"
+    b = backend(scheme)
+    if b is None:
+        raise ValueError(
+            f"unsupported storage URI scheme {scheme!r} in {redact(uri)!r}: "
+            f"use {', '.join(s + '://' for s in schemes())} or a local path"
+        )
+    if b.local:
+        if m:
+            check_uri(scheme, uri[m.end() :])
+            _host, sep, path = uri[m.end() :].partition("/")
+            rest = "/" + unquote(path) if sep else "/"
+        else:
+            rest = uri
+        local = Path(rest).expanduser().absolute().as_posix()
+        return scheme, "", local.rstrip("/") + "/"
+    check_bucket_uri(scheme, uri[m.end() :])
+    bucket, _, prefix = uri[m.end() :].partition("/")
+    prefix = prefix.lstrip("/")
+    return scheme, bucket, prefix if not prefix or prefix.endswith("/") else prefix + "/"
+
+
+def open_store(uri: str, settings: Settings | None = None) -> Store:
+    """A store rooted at ``uri``. Unknown schemes raise ValueError; clients are built here, once."""
+    scheme, bucket, prefix = split_uri(uri)
+    return _BACKENDS[scheme].store_class().open(bucket, prefix, settings or Settings())
