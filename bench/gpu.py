@@ -100,7 +100,7 @@ REFERENCE_ANCHORS = {
     "cfg_bf16_fused_cl_compile": "36 ms after a 127 s compile",
     "vae_decode_fp16": "92 ms",
 }
-"""design.md §2 (2026-11-24, one H100, torch 2.11, a throwaway script): printed beside our numbers, never as ours."""
+"""docs/design.md §2 (2026-11-24, one H100, torch 2.11, a throwaway script): shown beside ours, never as ours."""
 
 TRAIN_STEPS_FULL = 500
 TRAIN_STEPS_QUICK = 20
@@ -1186,7 +1186,7 @@ def _table(doc: dict[str, Any]) -> str:
         if r.get("tried"):
             notes.append(f"tried {r['tried']}")
         if name in REFERENCE_ANCHORS:
-            notes.append(f"design.md §2 anchor: {REFERENCE_ANCHORS[name]}")
+            notes.append(f"docs/design.md §2 anchor: {REFERENCE_ANCHORS[name]}")
         lines.append(
             f"| {name} | {time_s} | {_fmt(r.get('peak_gib'), nd=2)} | {_fmt(r.get('tflops'))} | "
             f"{_fmt(r.get('pct_of_peak'), '%')} | {_fmt(r.get('x_floor'))} | {vs_s} | {'; '.join(notes)} |"
@@ -1301,7 +1301,7 @@ def main(argv: list[str] | None = None) -> int:
         "settings": {"train_steps": args.train_steps, "story_steps": args.story_steps, "images": args.images,
                      "target_s": args.target_s, "iters": args.iters, "work_dir": str(work_dir)},
         "goals": GOALS,
-        "reference_anchors": {"source": "design.md §2 (2026-11-24, H100, torch 2.11; not measured by this run)",
+        "reference_anchors": {"source": "docs/design.md §2 (2026-11-24, H100, torch 2.11; not measured by this run)",
                               **REFERENCE_ANCHORS},
     }
     ctx = Ctx(args=args, dev=dev, tiny=args.tiny, mode=mode, budget_s=args.budget_s, work_dir=work_dir,

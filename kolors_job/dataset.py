@@ -11,7 +11,7 @@ job (``sources.fetch_dataset``). Two stages here, each small enough to test on i
   exactly as diffusers' ``train_text_to_image_lora_sdxl.py`` does.
 
 The filters mirror data-juicer's ``image_shape_filter`` / ``image_aspect_ratio_filter`` used by the
-reference workflow (design.md §7), applied to the EXIF-oriented size (what a viewer shows).
+reference workflow (docs/design.md §7), applied to the EXIF-oriented size (what a viewer shows).
 """
 
 from __future__ import annotations

@@ -214,7 +214,7 @@ def to_device(
         log.info("spec.story.compile ignored on %s", dev.type)
     elif spec.compile:
         # Default mode (max-autotune's compile never pays back here), and only the repeated transformer
-        # blocks: compile time is job time (design §2), and the blocks are most of the FLOPs.
+        # blocks: compile time is job time (docs/design.md §2), and the blocks are most of the FLOPs.
         if getattr(pipe.unet, "_repeated_blocks", None):
             pipe.unet.compile_repeated_blocks()
         else:

@@ -71,7 +71,7 @@ def want_checkpointing(
 ) -> bool:
     """``auto``: off on CPU; on a GPU, on only when the activations (+20 %, +1 GiB) won't fit in free memory.
 
-    Checkpointing costs ~2x step time (design §2: 1368 vs 629 ms), so it must not be on just in case.
+    Checkpointing costs ~2x step time (docs/design.md §2: 1368 vs 629 ms), so it must not be on just in case.
     Call after the UNet is on the device: its weights are then already out of the free memory.
     """
     if setting != "auto":
@@ -110,7 +110,7 @@ def seed_and_tune(dev: torch.device, seed: int) -> None:
     if dev.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-        torch.backends.cudnn.benchmark = True  # fixed shapes: ~12 % faster steps (design §2)
+        torch.backends.cudnn.benchmark = True  # fixed shapes: ~12 % faster steps (docs/design.md §2)
         torch.cuda.reset_peak_memory_stats(dev)
     set_seed(seed)  # identical on every rank
 

@@ -27,10 +27,10 @@ from kolors_job.kolors_configs import KOLORS_UNET_CONFIG
 from kolors_job.tiny import TINY_UNET_CONFIG, build_tiny_kolors
 
 TRAIN_RANK = 16
-TRAIN_ALPHA = 4.0  # the reference training α (design.md §7): scale 0.25
+TRAIN_ALPHA = 4.0  # the reference training α (docs/design.md §7): scale 0.25
 LOAD_ALPHA = 2.0  # the reference sampling α
 DIFFUSERS_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
-# Spot checks that do not come from the converter: design.md §5 and DiffSynth's block list order.
+# Spot checks that do not come from the converter: docs/design.md §5 and DiffSynth's block list order.
 KNOWN_BLOCKS = {"down_blocks.1.attentions.0": "blocks.7", "up_blocks.1.attentions.2": "blocks.41"}
 
 

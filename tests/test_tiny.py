@@ -214,7 +214,7 @@ def test_full_size_configs_on_meta_device() -> None:
     def count(m: torch.nn.Module) -> int:
         return sum(p.numel() for p in m.parameters())
 
-    assert count(unet) == 2_579_458_820  # design.md §2: 2.579 B
+    assert count(unet) == 2_579_458_820  # docs/design.md §2: 2.579 B
     assert count(vae) == 83_653_863
     assert count(text_encoder) == 6_243_584_000  # ChatGLM3-6B incl. its (unused) output layer
     for module in (unet, vae, text_encoder):
