@@ -6,7 +6,6 @@ import hashlib
 import shutil
 import socket
 from pathlib import Path
-from typing import get_args
 
 import pytest
 import torch
@@ -185,7 +184,10 @@ def test_make_pipeline_shares_modules_and_swaps_samplers(components: KolorsCompo
         assert pipe.scheduler.config.num_train_timesteps == 1100
         assert all(pipe.scheduler.config[k] == v for k, v in sampler.overrides.items())
     # one list: every name the manifest accepts is a sampler, and every sampler is accepted
-    assert set(get_args(StorySpec.model_fields["scheduler"].annotation)) == set(SCHEDULERS)
+    schema = StorySpec.model_json_schema()["properties"]["scheduler"]
+    assert set(schema["enum"]) == set(SCHEDULERS)
+    for name in SCHEDULERS:
+        assert StorySpec(scheduler=name).scheduler == name
     with pytest.raises(InputError) as err:
         make_pipeline(components, "k_lms_turbo")
     _one_line_naming(err.value, "k_lms_turbo", "euler")
