@@ -577,7 +577,7 @@ def load_image(
     guard = _pil_guard(item.width * item.height) if limit and item.width * item.height > limit else None
     with guard or contextlib.nullcontext(), Image.open(item.path, formats=_formats()) as src:
         src.load()
-        orientation = _orientation(src)
+        orientation = _orientation(src)  # not ImageOps.exif_transpose: a malformed EXIF must not fail
         img = src.transpose(_TRANSPOSE_FOR_ORIENTATION[orientation]) if orientation != 1 else src.copy()
     img = _to_rgb8(img)
     orig_w, orig_h = img.size
@@ -595,6 +595,9 @@ def load_image(
         top = _randint(rng, new_h - resolution)
         left = _randint(rng, new_w - resolution)
     img = img.crop((left, top, left + resolution, top + resolution))
+    # Not torchvision's transforms.v2: on a PIL image its Resize/crop/flip are these same PIL calls, but
+    # PILToTensor+ToDtype(scale=True)+Normalize(0.5, 0.5) differs from x/127.5 - 1 (DiffSynth's tensor, which
+    # the oracle test compares against) by 1 ulp on about 4 in 10 values, so every trained LoRA would change.
     arr = np.asarray(img, dtype=np.uint8).copy()
     tensor = torch.from_numpy(arr).permute(2, 0, 1).to(torch.float32).div_(127.5).sub_(1.0)
     time_ids = TimeIds(orig_h, orig_w, top, left, resolution, resolution)
