@@ -389,20 +389,11 @@ def run_train(job: Job, models: ResolvedModels, items: list[Any], scorer: Any = 
             checkpoints.prune(job.store, keep=spec.output.keep_checkpoints, protect={best} - {None})
 
     result = train_lora(
-        models.base,
-        items,
-        job.manifest.spec.train,
-        work_dir=job.work / "train",
-        vae_dir=models.vae,
-        device=job.device,
-        resume_from=resume_from,
-        on_checkpoint=on_checkpoint,
-        should_stop=job.stop,
-        progress=job.progress,
-        caption_dropout=job.manifest.spec.dataset.caption.dropout,
-        validator=validator,
+        models.base, items, spec.train, work_dir=job.work / "train", vae_dir=models.vae, device=job.device,
+        resume_from=resume_from, on_checkpoint=on_checkpoint, should_stop=job.stop, progress=job.progress,
+        caption_dropout=spec.dataset.caption.dropout, validator=validator,
     )
-    if (job.work / "train" / LOGS).is_dir():
+    if (job.work / "train" / LOGS).is_dir():  # the last events (end_training flushed them)
         job.upload_dir(job.work / "train" / LOGS, f"{LOGS}/")
     if result.interrupted:
         raise JobInterruptedError(f"interrupted at step {result.steps}; checkpoint saved; rerun to resume")
