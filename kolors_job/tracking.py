@@ -27,12 +27,16 @@ PROJECT = "kolors-job"
 """The W&B project name."""
 
 
-def trackers(spec: TrainSpec, logs_dir: Path) -> list[Any]:
+def trackers(spec: TrainSpec, logs_dir: Path, resume_step: int = 0) -> list[Any]:
     """``Accelerator(log_with=...)``: TensorBoard as an instance, so its run folder is ``logs/tensorboard``
-    whatever the project is called (W&B's project is :data:`PROJECT`)."""
+    whatever the project is called (W&B's project is :data:`PROJECT`). A resumed run's events file starts
+    with ``purge_step``: TensorBoard drops the killed run's events after its checkpoint, never shows them twice."""
     from accelerate.tracking import TensorBoardTracker
 
-    return [TensorBoardTracker(TENSORBOARD, logs_dir) if name == TENSORBOARD else name for name in spec.log_with]
+    purge = {"purge_step": resume_step + 1} if resume_step else {}
+    return [
+        TensorBoardTracker(TENSORBOARD, logs_dir, **purge) if name == TENSORBOARD else name for name in spec.log_with
+    ]
 
 
 def start(accelerator: Accelerator, spec: TrainSpec) -> None:

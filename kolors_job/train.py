@@ -241,7 +241,9 @@ def train_lora(
     # 1. Precision, accelerator; the run's fingerprint must match the checkpoint's.
     target = resolve_device(device)
     precision = resolve_precision(spec.precision, target)
-    accelerator = setup_accelerator(spec, target, precision, logs_dir=work_dir / tracking.LOGS)
+    accelerator = setup_accelerator(
+        spec, target, precision, logs_dir=work_dir / tracking.LOGS, resume_step=int((resume_state or {}).get("step", 0))
+    )
     dev, world = accelerator.device, accelerator.num_processes
     samples_per_step = spec.batch_size * spec.gradient_accumulation * world
     n_steps = total_steps(spec, len(items), samples_per_step)

@@ -65,7 +65,7 @@ def build_caches(
     keep_for_sampling: bool = False,
 ) -> Caches:
     """Load, encode captions (and ``extra_texts``), cache latents; then the text encoder leaves, and the VAE
-    too unless ``keep_for_sampling`` (validation decodes with it: kept on the CPU in ``weight_dtype``)."""
+    too unless ``keep_for_sampling`` (validation decodes with it: kept on the CPU)."""
     from kolors_job.models import load_kolors_components, make_pipeline
 
     # fp16 overflows in the SDXL VAE unless it is the fp16-fix one; bf16 has the range.
@@ -105,7 +105,7 @@ def build_caches(
     noise_scheduler = comps.noise_scheduler
     sampling = None
     if keep_for_sampling:
-        comps.vae = vae.to("cpu", weight_dtype)  # fp16 with force_upcast decodes in fp32, as the story does
+        comps.vae = vae.to("cpu")
         sampling = comps
     del pipe, vae, comps
     _free(dev)

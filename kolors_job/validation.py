@@ -157,12 +157,16 @@ class Validator:
 
 @contextlib.contextmanager
 def _sampling(unet: torch.nn.Module, comps: KolorsComponents, dev: torch.device, lora_scale: float) -> Iterator[None]:
-    """Eval mode, no_grad, the story's LoRA scale, the VAE on the device, the RNG forked; all undone after."""
+    """Eval mode, no_grad, the story's LoRA scale, the VAE on the device, the RNG forked; all undone after.
+
+    The VAE decodes in fp32: under mixed precision accelerate's wrapper returns the UNet's output in fp32,
+    so the latents reaching the decoder are fp32 whatever the weights' dtype."""
     from peft.tuners.lora import LoraLayer
 
     layers = [m for m in unet.modules() if isinstance(m, LoraLayer)]
     saved = [dict(m.scaling) for m in layers]
-    vae_device = next(comps.vae.parameters()).device
+    vae_param = next(comps.vae.parameters())
+    vae_device, vae_dtype = vae_param.device, vae_param.dtype
     was_training = unet.training
     devices = [dev] if dev.type == "cuda" else []
     try:
@@ -170,12 +174,12 @@ def _sampling(unet: torch.nn.Module, comps: KolorsComponents, dev: torch.device,
             unet.eval()
             for m in layers:
                 m.set_scale("default", lora_scale)  # scale * alpha / r, as the story's set_adapters gives
-            comps.vae.to(dev)
+            comps.vae.to(dev, torch.float32)
             yield
     finally:
         for m, scaling in zip(layers, saved, strict=True):
             m.scaling.update(scaling)
-        comps.vae.to(vae_device)
+        comps.vae.to(vae_device, vae_dtype)
         unet.train(was_training)
         if dev.type == "cuda":
             torch.cuda.empty_cache()
