@@ -16,7 +16,8 @@
    seed and the step: resuming from a checkpoint, or splitting a batch across DDP ranks, sees exactly
    the same samples and noise.
 5. checkpoint (see :mod:`kolors_job.checkpoints`) every ``checkpoint_every`` steps, at the end, and
-   when asked to stop.
+   when asked to stop; before a checkpoint that is due, validation frames (:mod:`kolors_job.validation`),
+   recorded in its ``state.json``. Loss, lr and grad norm go to the trackers (:mod:`kolors_job.tracking`).
 6. :func:`save_final`: the LoRA in diffusers format with its rank/alpha, so ``load_lora_weights``
    restores the scale.
 
@@ -369,7 +370,8 @@ def train_loop(
 
         stop = _agreed_stop(accelerator, should_stop)
         if stop or step % spec.checkpoint_every == 0 or step == n_steps:
-            if not stop and _due(run, step, n_steps):  # before the checkpoint, which records it
+            # before the checkpoint, which records it; on a stop only the last (the selection needs it)
+            if _due(run, step, n_steps) and (not stop or step == n_steps):
                 _validate(run, step)
             seen = step * run.samples_per_step
             state = {

@@ -31,9 +31,10 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from kolors_job.generate import ImageJob, _save_png, render
+from kolors_job.generate import ImageJob, render
 from kolors_job.manifest import StorySpec, TrainSpec
 from kolors_job.score import pairwise_consistency
+from kolors_job.storage.base import atomic_target
 
 if TYPE_CHECKING:
     from kolors_job.embeddings import PromptEmbeds
@@ -127,10 +128,11 @@ class Validator:
                 batch = self.jobs[start : start + self.story.batch_size]
                 images.extend(render(pipe, batch, self.story, texts=prompts))
             del pipe
-        paths = [
-            _save_png(im, self.root / step_prefix(step) / f"{j.index:02d}.png")
-            for j, im in zip(self.jobs, images, strict=True)
-        ]
+        paths = []
+        for job, image in zip(self.jobs, images, strict=True):
+            paths.append(self.root / step_prefix(step) / f"{job.index:02d}.png")
+            with atomic_target(paths[-1]) as tmp:  # a killed run never leaves a truncated PNG
+                image.save(tmp, format="PNG")
         scores, embeds = self.scorer.score_and_embed(images, batch_size=1)
         point = ValidationPoint(
             step=step,
