@@ -176,12 +176,12 @@ def _sampling(unet: torch.nn.Module, comps: KolorsComponents, dev: torch.device,
             unet.eval()
             for m in layers:
                 m.set_scale("default", lora_scale)  # scale * alpha / r, as the story's set_adapters gives
-            comps.vae.to(dev, torch.float32)
+            comps.vae.to(dev).float()  # .float(): diffusers' .to(dtype) warns on stdout about fp32 modules
             yield
     finally:
         for m, scaling in zip(layers, saved, strict=True):
             m.scaling.update(scaling)
-        comps.vae.to(vae_device, vae_dtype)
+        comps.vae.to(vae_device).type(vae_dtype)
         unet.train(was_training)
         if dev.type == "cuda":
             torch.cuda.empty_cache()
