@@ -81,5 +81,7 @@ def _tensorboard(accelerator: Accelerator) -> Any:
 
 
 def end(accelerator: Accelerator) -> None:
-    if accelerator.log_with:
-        accelerator.end_training()
+    """Close the trackers: what ``accelerator.end_training()`` does first — but that then destroys the process
+    group, and under DDP the job still needs it (the story's split, gathering frames)."""
+    for tracker in accelerator.trackers:
+        tracker.finish()
