@@ -13,7 +13,7 @@ import json
 import logging
 import os
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -145,9 +145,11 @@ def upload(store: Store, path: Path, step: int) -> None:
     store.upload_dir(path, step_key(step) + "/")
 
 
-def prune(store: Store, *, keep: int) -> None:
+def prune(store: Store, *, keep: int, protect: Collection[int] = ()) -> None:
     """Delete complete checkpoints beyond the ``keep`` newest (the resume sources); a torn one is never
-    counted, so it never evicts a complete one."""
+    counted, so it never evicts a complete one; ``protect`` (the selected checkpoint) is never deleted."""
     for old in complete_steps(store)[:-keep]:
+        if old in protect:
+            continue
         for key in store.list(step_key(old) + "/"):
             store.delete(key)

@@ -89,6 +89,7 @@ def demo_manifest(settings: Settings, output: str = "demo-output") -> Manifest:
             "train.batch_size": 2,
             "train.learning_rate": 1e-3,
             "train.checkpoint_every": 8,
+            "train.validation": {"steps": 3},  # 3 validations (steps 8, 16, 24) of frames 1 and 8
             "story.steps": 8,
             "story.batch_size": 8,
         },

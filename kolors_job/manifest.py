@@ -137,6 +137,18 @@ class DatasetSpec(_Strict):
 Precision = Literal["auto", "bf16", "fp16", "fp32"]
 
 
+class ValidationSpec(_Strict):
+    """Watch the style arrive: at checkpoints, draw some story frames with the LoRA so far and score them."""
+
+    every: int | None = Field(None, ge=0)
+    """Validate every N optimizer steps (a multiple of ``checkpoint_every``; the last step always counts).
+    ``null``: every checkpoint (``checkpoint_every``); ``0`` turns validation off."""
+    frames: list[int] = Field(default_factory=lambda: [1, 8], min_length=1, max_length=64)
+    """1-based story frame indices, each drawn with its own prompt, negative prompt and seed."""
+    steps: int = Field(20, ge=1, le=1000)
+    """Sampling steps of a validation frame (the story's sampler, cfg, size and LoRA scale otherwise)."""
+
+
 class TrainSpec(_Strict):
     rank: int = Field(16, ge=1, le=1024)
     alpha: float = Field(4.0, gt=0)
@@ -177,12 +189,29 @@ class TrainSpec(_Strict):
     warmup_steps: int = Field(0, ge=0)
     seed: int = Field(0, ge=0, le=2**32 - 1)
     checkpoint_every: int = Field(100, ge=1)
+    validation: ValidationSpec = ValidationSpec()
+    log_with: list[Literal["tensorboard", "wandb"]] = Field(default_factory=lambda: ["tensorboard"])
+    """accelerate's trackers: TensorBoard event files under ``<job>/logs/tensorboard/``; ``wandb`` only when
+    listed (it then needs its own credentials and network)."""
+    select: Literal["last", "best_aesthetic"] = "last"
+    """Which checkpoint the story and the exported LoRA use: the last step (the reference), or the one whose
+    validation frames scored the highest mean aesthetic (needs validation on)."""
 
     @model_validator(mode="after")
     def _warmup(self) -> TrainSpec:
         if self.steps is not None and self.warmup_steps > self.steps:
             raise ValueError("warmup_steps must not exceed steps")
+        if self.validation.every and self.validation.every % self.checkpoint_every:
+            raise ValueError("validation.every must be a multiple of checkpoint_every (validation runs at checkpoints)")
+        if self.select == "best_aesthetic" and not self.validation_every:
+            raise ValueError("select: best_aesthetic needs validation (validation.every is 0)")
         return self
+
+    @property
+    def validation_every(self) -> int:
+        """Steps between validations; 0 when off."""
+        every = self.validation.every
+        return self.checkpoint_every if every is None else every
     compile: bool = False
     """``torch.compile`` the UNet's repeated blocks (default mode); the compile cache lives on the cache volume."""
 
@@ -312,6 +341,13 @@ class Spec(_Strict):
     """``auto``: the GPU when CUDA is usable — a full-size model without one stops before any download
     (exit 4) unless ``--allow-cpu``; ``cpu``: run on the CPU on purpose (hours for a full-size job);
     ``cuda``: require a GPU."""
+
+    @model_validator(mode="after")
+    def _validation_frames(self) -> Spec:
+        n = len(self.story.frames)
+        if self.train.validation_every and any(not 1 <= i <= n for i in self.train.validation.frames):
+            raise ValueError(f"train.validation.frames: indices must be story frames 1..{n}")
+        return self
 
 
 class Metadata(_Strict):

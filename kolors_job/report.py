@@ -318,6 +318,22 @@ def _dataset_view(ds: Mapping[str, Any]) -> dict[str, Any] | None:
     }
 
 
+def _validation_view(points: Any, selected: Any, out_dir: Path) -> list[dict[str, Any]]:
+    """One row per validated checkpoint: its numbers and a strip of its frames' thumbnails."""
+    chosen = selected.get("step") if isinstance(selected, Mapping) else None
+    return [
+        {
+            "step": p.get("step"),
+            "mean": p.get("mean_aesthetic"),
+            "consistency": p.get("consistency"),
+            "selected": p.get("step") == chosen,
+            "thumbs": [{"image": rel, "uri": _thumbnail_uri(out_dir, rel)} for rel in p.get("images") or []],
+        }
+        for p in points or []
+        if isinstance(p, Mapping)
+    ]
+
+
 def render_html(report: Mapping[str, Any], out_dir: Path) -> str:
     """The report page as one string, from report.json's dict (already scrubbed by ``write_report``)."""
     model = report.get("model") or {}
@@ -337,6 +353,8 @@ def render_html(report: Mapping[str, Any], out_dir: Path) -> str:
         score={k: score.get(k) for k in ("mean", "threshold", "passed", "consistency")},
         frames=[_frame_view(f, threshold, out_dir, i) for i, f in enumerate(story.get("frames") or [])],
         sampler={**settings, **(story.get("sampler") or {})} if settings else None,
+        validation=_validation_view(report.get("validation"), report.get("selected_checkpoint"), out_dir),
+        selected=report.get("selected_checkpoint"),
         loss=loss_curve(losses),
         train=train,
         dataset=_dataset_view(report.get("dataset") or {}),

@@ -28,10 +28,12 @@ __all__ = [
     "Report",
     "Sampler",
     "Score",
+    "SelectedCheckpoint",
     "Source",
     "Story",
     "Submission",
     "Train",
+    "ValidationPoint",
     "clean",
 ]
 
@@ -137,6 +139,26 @@ class Score(_Section):
     """Mean pairwise cosine similarity of the frames' CLIP embeddings; None for fewer than 2 frames."""
 
 
+class ValidationPoint(_Section):
+    """``kolors_job.validation.ValidationPoint``: the validation frames drawn at one checkpoint."""
+
+    step: int | None = None
+    images: list[str] | None = None
+    """PNG paths relative to the report's directory, ``validation/step-N/NN.png`` (NN: the story frame)."""
+    scores: list[Number] | None = None
+    mean_aesthetic: Number | None = None
+    consistency: Number | None = None
+
+
+class SelectedCheckpoint(_Section):
+    """Which checkpoint's LoRA the story and every exported file use (``train.select``), and why."""
+
+    step: int | None = None
+    reason: str | None = None
+    mean_aesthetic: Number | None = None
+    """Its validation mean; None when that step was not validated."""
+
+
 class Device(_Section):
     """``report.device_info()``: the accelerator and this process's peak memory."""
 
@@ -173,6 +195,9 @@ class Report(_Section):
     """Format (diffusers, kohya, diffsynth, card) → path relative to the output."""
     lora_formats_skipped: dict[str, str] | None = None
     """Format → why it was not written."""
+    validation: list[ValidationPoint] | None = None
+    """One entry per validated checkpoint, in step order."""
+    selected_checkpoint: SelectedCheckpoint | None = None
     timings: dict[str, Number] | None = None
     """Stage → seconds."""
     device: Device | None = None

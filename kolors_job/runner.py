@@ -348,8 +348,11 @@ def run_dataset(job: Job) -> tuple[Any, dict[str, Any]]:
     return scan, summary
 
 
-def run_train(job: Job, models: ResolvedModels, items: list[Any]) -> dict[str, Any]:
-    """Train (or resume, or skip when ``lora/`` is already complete) and return the train summary."""
+def run_train(job: Job, models: ResolvedModels, items: list[Any], scorer: Any = None) -> dict[str, Any]:
+    """Train (or resume, or skip when ``lora/`` is already complete) and return the train summary, with the
+    validation points and the selected checkpoint (:mod:`kolors_job.validation`) under their report keys."""
+    from kolors_job import validation as val
+    from kolors_job.tracking import LOGS
     from kolors_job.train import train_lora
 
     lora_local = job.work / "lora"
@@ -370,32 +373,39 @@ def run_train(job: Job, models: ResolvedModels, items: list[Any]) -> dict[str, A
         log.info("train: resuming from %s", checkpoints.step_key(newest))
         job.status.progress(newest, force=True)  # not "step 0" until the next step is done
 
+    spec = job.manifest.spec
+    validator = None
+    if spec.train.validation_every:
+        validator = val.Validator(spec.train, spec.story, scorer, job.work, on_point=lambda p: job.upload_dir(
+            job.work / val.step_prefix(p.step), val.step_prefix(p.step) + "/"))  # fmt: skip
+
     def on_checkpoint(path: Path, step: int) -> None:
         if job.main:
             checkpoints.upload(job.store, path, step)
+            if (job.work / "train" / LOGS).is_dir():
+                job.upload_dir(job.work / "train" / LOGS, f"{LOGS}/")
             job.status.progress(step)
-            checkpoints.prune(job.store, keep=job.manifest.spec.output.keep_checkpoints)
+            best = validator.best_step() if validator and spec.train.select == "best_aesthetic" else None
+            checkpoints.prune(job.store, keep=spec.output.keep_checkpoints, protect={best} - {None})
 
     result = train_lora(
-        models.base,
-        items,
-        job.manifest.spec.train,
-        work_dir=job.work / "train",
-        vae_dir=models.vae,
-        device=job.device,
-        resume_from=resume_from,
-        on_checkpoint=on_checkpoint,
-        should_stop=job.stop,
-        progress=job.progress,
-        caption_dropout=job.manifest.spec.dataset.caption.dropout,
+        models.base, items, spec.train, work_dir=job.work / "train", vae_dir=models.vae, device=job.device,
+        resume_from=resume_from, on_checkpoint=on_checkpoint, should_stop=job.stop, progress=job.progress,
+        caption_dropout=spec.dataset.caption.dropout, validator=validator,
     )
+    if (job.work / "train" / LOGS).is_dir():  # the last events (end_training flushed them)
+        job.upload_dir(job.work / "train" / LOGS, f"{LOGS}/")
     if result.interrupted:
         raise JobInterruptedError(f"interrupted at step {result.steps}; checkpoint saved; rerun to resume")
     summary = result.summary()
+    selected = val.select_checkpoint(result.validation, spec.train.select, result.steps)
     if job.local_main:  # every node draws frames with it; its ranks share one disk
         shutil.rmtree(lora_local, ignore_errors=True)
         shutil.copytree(result.lora_dir, lora_local)
-        summary.update(export_lora(job, models, summary))
+        if selected["step"] != result.steps:  # train.select: best_aesthetic chose an earlier checkpoint
+            val.use_checkpoint_lora(lora_local, job.store, job.work / "train", selected["step"])
+        summary.update(export_lora(job, models, {**summary, "steps": selected["step"]}))
+    summary.update(validation=result.validation, selected_checkpoint=selected)
     job.barrier()
     job.upload_dir(lora_local, "lora/")  # final formats only: each object is written once
     job.put_json(f"{STATE}/train.json", summary)
@@ -468,6 +478,7 @@ def run_report(
     from kolors_job.generate import sampler_record
     from kolors_job.report import device_info, package_versions, tile_story, write_report
     from kolors_job.submission import build_submission, check_submission
+    from kolors_job.validation import fetch_images
 
     spec = job.manifest.spec
     story_path = job.work / "story.jpg"
@@ -482,7 +493,9 @@ def run_report(
     job.upload("lora/README.md", card)
 
     sources = models.sources + ([dataset["fetched"]] if dataset.get("fetched") else [])  # a hub dataset too
-    lora_summary = ("lora_files", "lora_formats_skipped")  # report.json has them at the top level
+    # report.json has these at the top level
+    lora_summary = ("lora_files", "lora_formats_skipped", "validation", "selected_checkpoint")
+    fetch_images(job.store, job.work, train.get("validation") or [])  # drawn by an earlier process of a rerun
     report = rm.Report(
         job_id=job.job_id,
         manifest_digest=job.digest,
@@ -504,6 +517,9 @@ def run_report(
         score=rm.Score.model_validate(score_dict),
         lora_files={**train["lora_files"], "card": card.relative_to(job.work).as_posix()},
         lora_formats_skipped=train["lora_formats_skipped"],
+        validation=[rm.ValidationPoint.model_validate(p) for p in train.get("validation") or []],
+        selected_checkpoint=rm.SelectedCheckpoint.model_validate(train["selected_checkpoint"])
+        if train.get("selected_checkpoint") else None,
         timings=dict(job.timings),
         device=rm.Device.model_validate(device_info()),
         versions=package_versions(),
@@ -597,14 +613,14 @@ def _run(job: Job) -> JobOutcome:
             scan, dataset = run_dataset(job)
             job.put_json(f"{STATE}/dataset.json", dataset)
 
-    with job.stage("train", total=job.manifest.spec.train.steps):
-        train = run_train(job, models, scan.items)
-
     from kolors_job.score import AestheticScorer
 
-    # Workers need the scorer only to pick best-of candidates; rank 0 scores the story too.
+    # Workers need the scorer only to pick best-of candidates; rank 0 validates and scores the story too.
     need_scorer = job.main or job.manifest.spec.story.best_of > 1
     scorer = AestheticScorer.load(models.aesthetic, device=job.device) if need_scorer else None
+
+    with job.stage("train", total=job.manifest.spec.train.steps):
+        train = run_train(job, models, scan.items, scorer)
     with job.stage("story", total=len(job.manifest.spec.story.frames)):
         frames = run_story(job, models, scorer)
 

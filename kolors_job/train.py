@@ -16,7 +16,8 @@
    seed and the step: resuming from a checkpoint, or splitting a batch across DDP ranks, sees exactly
    the same samples and noise.
 5. checkpoint (see :mod:`kolors_job.checkpoints`) every ``checkpoint_every`` steps, at the end, and
-   when asked to stop.
+   when asked to stop; before a checkpoint that is due, validation frames (:mod:`kolors_job.validation`),
+   recorded in its ``state.json``. Loss, lr and grad norm go to the trackers (:mod:`kolors_job.tracking`).
 6. :func:`save_final`: the LoRA in diffusers format with its rank/alpha, so ``load_lora_weights``
    restores the scale.
 
@@ -46,6 +47,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F  # noqa: N812 - the conventional alias
 
+from kolors_job import tracking
 from kolors_job.adapter import lora_digest, save_lora
 from kolors_job.checkpoints import (
     COMPLETE_NAME,
@@ -79,6 +81,7 @@ if TYPE_CHECKING:
     from accelerate import Accelerator
 
     from kolors_job.dataset import ImageItem
+    from kolors_job.validation import Validator
 
 __all__ = [  # what other modules and tests import from here
     "COMPLETE_NAME",
@@ -135,6 +138,8 @@ class TrainResult:
     """Digest of the LoRA tensors as *this rank* holds them: equal on all DDP ranks, equal across reruns."""
     checkpoints: list[Path] = field(default_factory=list)
     """Checkpoints written by this call (only the newest ``KEEP_LOCAL_CHECKPOINTS`` stay on local disk)."""
+    validation: list[dict[str, Any]] = field(default_factory=list)
+    """Every validation point of the run (resumed ones included), ``ValidationPoint.to_dict()``."""
 
     def summary(self) -> dict[str, Any]:
         """What the job records of a finished run (``_state/train.json``, report.json's ``train``)."""
@@ -165,6 +170,11 @@ class Run:
     num_train_timesteps: int
     weight_dtype: torch.dtype
     caption_dropout: float
+    validator: Validator | None = None
+    sampling: Any = None
+    """``Caches.sampling``: what validation builds its pipeline from."""
+    texts: dict[str, PromptEmbeds] = field(default_factory=dict)
+    """Validation's prompt embeddings."""
 
     @property
     def samples_per_step(self) -> int:
@@ -214,11 +224,14 @@ def train_lora(
     should_stop: Callable[[], bool] | None = None,
     progress: bool = True,
     caption_dropout: float = 0.0,
+    validator: Validator | None = None,
 ) -> TrainResult:
     """Train a LoRA on the UNet of the Kolors model at ``model_dir``; see the module docstring for the recipe.
 
     ``caption_dropout`` is ``spec.dataset.caption.dropout`` (it lives outside ``TrainSpec``). Under DDP
     every rank calls this with the same arguments; only rank 0 writes files and calls ``on_checkpoint``.
+    ``validator`` (:mod:`kolors_job.validation`) draws and scores frames at the checkpoints it says are due.
+    Trackers (``spec.log_with``) write under ``work_dir/logs/``.
     """
     start_time = time.monotonic()
     if not items:
@@ -229,7 +242,9 @@ def train_lora(
     # 1. Precision, accelerator; the run's fingerprint must match the checkpoint's.
     target = resolve_device(device)
     precision = resolve_precision(spec.precision, target)
-    accelerator = setup_accelerator(spec, target, precision)
+    accelerator = setup_accelerator(
+        spec, target, precision, logs_dir=work_dir / tracking.LOGS, resume_step=int((resume_state or {}).get("step", 0))
+    )
     dev, world = accelerator.device, accelerator.num_processes
     samples_per_step = spec.batch_size * spec.gradient_accumulation * world
     n_steps = total_steps(spec, len(items), samples_per_step)
@@ -245,7 +260,8 @@ def train_lora(
     weight_dtype = weight_dtype_for(precision)
     caches = build_caches(
         Path(model_dir), items, spec, vae_dir=vae_dir, precision=precision, weight_dtype=weight_dtype,
-        dev=dev, caption_dropout=caption_dropout,
+        dev=dev, caption_dropout=caption_dropout, extra_texts=validator.texts() if validator else (),
+        keep_for_sampling=bool(validator and validator.every),
     )
 
     # 3. LoRA, optimizer, schedule, accelerate's wrapping; the resumed state on top.
@@ -257,9 +273,13 @@ def train_lora(
         accelerator, spec, unet, optimizer, lr_scheduler, params, caches.noise_scheduler,
         SampleStream(len(items), spec.seed), items, caches.latents, caches.prompts, caches.scaling_factor,
         caches.prediction_type, caches.num_train_timesteps, weight_dtype, caption_dropout,
+        validator, caches.sampling, caches.texts,
     )
     del caches, unet, optimizer, lr_scheduler, params
     start_step, losses = resume(accelerator, resume_from, resume_state)
+    if validator is not None and resume_state is not None:
+        validator.restore(resume_state.get("validation", []))
+    tracking.start(accelerator, spec)
 
     # 4-5. The loop, checkpointing as it goes.
     bar = _progress_bar(n_steps, start_step, enabled=progress and accelerator.is_main_process)
@@ -284,6 +304,7 @@ def train_lora(
     )
 
     # 6. The LoRA (the same weights on every rank).
+    tracking.end(accelerator)
     lora_dir = save_final(run, work_dir, step, checkpoints[-1] if interrupted else None)
     peak = torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None
     digest = lora_digest(accelerator.unwrap_model(run.unet))
@@ -299,11 +320,13 @@ def train_lora(
         samples_seen=step * samples_per_step,
         lora_sha256=digest,
         checkpoints=checkpoints,
+        validation=[p.to_dict() for p in validator.points] if validator else [],
     )
     # Release everything before sampling loads its own pipeline.
     del run
     accelerator.free_memory()
-    log.info("trained", extra={k: v for k, v in asdict(result).items() if k not in ("losses", "checkpoints")})
+    skip = ("losses", "checkpoints", "validation")
+    log.info("trained", extra={k: v for k, v in asdict(result).items() if k not in skip})
     return result
 
 
@@ -330,6 +353,8 @@ def train_loop(
     interrupted = False
     run.unet.train()
     step = start_step
+    if start_step and _due(run, start_step, n_steps):  # stopped right at a validation step: it was skipped
+        _validate(run, start_step)
     for step in range(start_step + 1, n_steps + 1):
         out = train_step(run, step)
         losses.append(out.loss)
@@ -338,12 +363,16 @@ def train_loop(
         # On a TTY the bar carries step/total, loss, lr, it/s and ETA; the per-step line is for logs.
         fields = {"step": step, "total": n_steps, "loss": out.loss, "lr": out.lr, "grad_norm": out.grad_norm}
         log.log(logging.INFO if bar is None else logging.DEBUG, "step", extra=fields)
+        tracking.log_step(accelerator, step, out.loss, out.lr, out.grad_norm)
         if bar is not None:
             bar.set_postfix(loss=f"{out.loss:.4g}", lr=f"{out.lr:.3g}", refresh=False)
             bar.update(1)
 
         stop = _agreed_stop(accelerator, should_stop)
         if stop or step % spec.checkpoint_every == 0 or step == n_steps:
+            # before the checkpoint, which records it; on a stop only the last (the selection needs it)
+            if _due(run, step, n_steps) and (not stop or step == n_steps):
+                _validate(run, step)
             seen = step * run.samples_per_step
             state = {
                 "step": step,
@@ -355,7 +384,9 @@ def train_loop(
                 "fingerprint": run_state["fingerprint"],
                 "precision": run_state["precision"],
                 "world_size": run_state["world_size"],
+                "validation": [p.to_dict() for p in run.validator.points] if run.validator else [],
             }
+            tracking.flush(accelerator)  # the events so far go up with the checkpoint
             checkpoints.append(save_checkpoint(accelerator, work_dir, step, state, on_checkpoint))
         if stop and step < n_steps:
             interrupted = True
@@ -364,6 +395,28 @@ def train_loop(
     if bar is not None:
         bar.close()
     return step, losses, checkpoints, interrupted
+
+
+def _due(run: Run, step: int, n_steps: int) -> bool:
+    return run.validator is not None and run.validator.due(step, n_steps)
+
+
+def _validate(run: Run, step: int) -> None:
+    """Rank 0 draws and scores the validation frames (see :mod:`kolors_job.validation`) while the other ranks
+    wait; every rank then holds the same points, so every rank's checkpoint state agrees."""
+    accelerator, validator = run.accelerator, run.validator
+    assert validator is not None
+    shared: list[Any] = [None]
+    if accelerator.is_main_process:
+        point, images = validator.run(accelerator.unwrap_model(run.unet), run.sampling, run.texts, step)
+        tracking.log_validation(accelerator, point, images)
+        shared = [point]
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        broadcast_object_list(shared)  # the others wait here while rank 0 draws
+        if not accelerator.is_main_process:
+            validator.add(shared[0])
 
 
 def train_step(run: Run, step: int) -> StepOutput:

@@ -12,7 +12,7 @@ import gc
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 
     from kolors_job.dataset import ImageItem
     from kolors_job.manifest import TrainSpec
+    from kolors_job.models import KolorsComponents
 
 log = logging.getLogger("kolors_job.train")
 
@@ -43,6 +44,11 @@ class Caches:
     scaling_factor: float
     prediction_type: str
     num_train_timesteps: int
+    texts: dict[str, PromptEmbeds] = field(default_factory=dict)
+    """``extra_texts`` encoded (validation's prompts and negative prompts)."""
+    sampling: KolorsComponents | None = None
+    """With ``keep_for_sampling``: the parts a pipeline needs besides the UNet (VAE on the CPU, tokenizer,
+    sampler config; no text encoder)."""
 
 
 def build_caches(
@@ -55,8 +61,11 @@ def build_caches(
     weight_dtype: torch.dtype,
     dev: torch.device,
     caption_dropout: float,
+    extra_texts: Sequence[str] = (),
+    keep_for_sampling: bool = False,
 ) -> Caches:
-    """Load, encode captions, cache latents; then the text encoder and VAE leave."""
+    """Load, encode captions (and ``extra_texts``), cache latents; then the text encoder leaves, and the VAE
+    too unless ``keep_for_sampling`` (validation decodes with it: kept on the CPU)."""
     from kolors_job.models import load_kolors_components, make_pipeline
 
     # fp16 overflows in the SDXL VAE unless it is the fp16-fix one; bf16 has the range.
@@ -71,6 +80,7 @@ def build_caches(
     t0 = time.monotonic()
     comps.text_encoder.to(dev)
     prompts = encode_captions(pipe, captions, device=dev)
+    texts = encode_captions(pipe, list(extra_texts), device=dev) if extra_texts else {}
     log.info("encoded captions", extra={"captions": len(prompts), "seconds": round(time.monotonic() - t0, 3)})
     # ChatGLM (12.5 GB in bf16) is done: free it before the VAE encodes 1024² images (16 GB cards).
     pipe.text_encoder = comps.text_encoder = None
@@ -93,10 +103,16 @@ def build_caches(
     log.info("cached latents", extra={"latents": len(latents), "seconds": round(time.monotonic() - t0, 3)})
     unet: UNet2DConditionModel = comps.unet
     noise_scheduler = comps.noise_scheduler
+    sampling = None
+    if keep_for_sampling:
+        comps.vae = vae.to("cpu")
+        sampling = comps
     del pipe, vae, comps
     _free(dev)
     prediction_type, num_train_timesteps = _check_model(unet, noise_scheduler, prompts)
-    return Caches(unet, noise_scheduler, prompts, latents, scaling_factor, prediction_type, num_train_timesteps)
+    return Caches(
+        unet, noise_scheduler, prompts, latents, scaling_factor, prediction_type, num_train_timesteps, texts, sampling
+    )
 
 
 def _check_model(

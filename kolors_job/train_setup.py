@@ -92,14 +92,21 @@ def total_steps(spec: TrainSpec, n_items: int, samples_per_step: int) -> int:
 # ------------------------------------------------------------------------------------------- setup
 
 
-def setup_accelerator(spec: TrainSpec, target: torch.device, precision: str) -> Accelerator:
-    """The ``Accelerator`` for ``precision`` (see :func:`resolve_precision`) on ``target``."""
+def setup_accelerator(
+    spec: TrainSpec, target: torch.device, precision: str, *, logs_dir: Path | None = None, resume_step: int = 0
+) -> Accelerator:
+    """The ``Accelerator`` for ``precision`` (see :func:`resolve_precision`) on ``target``; with ``logs_dir``,
+    the trackers of ``spec.log_with`` (:mod:`kolors_job.tracking`) write there."""
     from accelerate import Accelerator
+
+    from kolors_job.tracking import trackers
 
     return Accelerator(
         mixed_precision=precision,
         gradient_accumulation_steps=spec.gradient_accumulation,
         cpu=target.type == "cpu",
+        log_with=trackers(spec, logs_dir, resume_step) if logs_dir is not None and spec.log_with else None,
+        project_dir=str(logs_dir) if logs_dir is not None else None,
     )
 
 

@@ -45,6 +45,11 @@ def test_minimal_manifest_reproduces_the_reference_workflow() -> None:
     assert s.score.threshold == 6.0
     assert s.score.aesthetic_model.endswith("aesthetics-predictor-v2-sac-logos-ava1-l14-linearMSE")
     assert m.job_id == "kolors-lora-story"
+    # watching it learn: frames 1 and 8 at every checkpoint, TensorBoard, the last step kept (the reference's)
+    assert (t.validation_every, t.validation.frames, t.validation.steps) == (t.checkpoint_every, [1, 8], 20)
+    assert (t.log_with, t.select) == (["tensorboard"], "last")
+    off = parse_manifest(MINIMAL + "  train: {validation: {every: 0}, log_with: []}\n").spec.train
+    assert (off.validation_every, off.log_with) == (0, [])
 
 
 def test_json_input_and_round_trip() -> None:
@@ -80,6 +85,13 @@ def test_digest_ignores_output_location_but_not_work() -> None:
         ("spec: {output: {uri: /o}, score: {threshold: 11}}", "spec.score.threshold: Input should be less than"),
         ("metadata: {name: 'Bad Name!'}\nspec: {output: {uri: /o}}", "metadata.name: String should match pattern"),
         ("spec: {output: {uri: /o}, train: {warmup_steps: 9, steps: 3}}", "spec.train: warmup_steps must not exceed steps"),
+        ("spec: {output: {uri: /o}, train: {validation: {every: 150}}}",
+         "spec.train: validation.every must be a multiple of checkpoint_every"),
+        ("spec: {output: {uri: /o}, train: {select: best_aesthetic, validation: {every: 0}}}",
+         "spec.train: select: best_aesthetic needs validation"),
+        ("spec: {output: {uri: /o}, train: {validation: {frames: [0, 9]}}}",
+         "spec: train.validation.frames: indices must be story frames 1..8"),
+        ("spec: {output: {uri: /o}, train: {log_with: [mlflow]}}", "spec.train.log_with[0]: Input should be"),
         ("spec: {output: {uri: /o}, story: {frames: [{prompt: ''}, {}, {}, {}, {}, {}, {}, {}]}}",
          "spec.story.frames[0].prompt: String should have at least 1 character"),
     ],

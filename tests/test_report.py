@@ -271,3 +271,27 @@ def test_report_renders_in_headless_chromium(tmp_path: Path) -> None:
     for color in COLORS[:8]:  # all 8 frames are visible
         close = (np.abs(img - np.array(color)).sum(axis=2) < 30).sum()
         assert close > 2000, color
+
+
+def test_validation_strip_per_checkpoint(tmp_path: Path) -> None:
+    """One table row per validated checkpoint with a thumbnail per frame; the selected one marked."""
+    report = make_run(tmp_path)
+    report["validation"] = []
+    for step, color in ((100, COLORS[0]), (200, COLORS[1])):
+        images = []
+        for index in (1, 8):
+            rel = f"validation/step-{step}/{index:02d}.png"
+            (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+            Image.new("RGB", (64, 64), color).save(tmp_path / rel)
+            images.append(rel)
+        report["validation"].append(
+            {"step": step, "images": images, "scores": [5.0, 5.2], "mean_aesthetic": 5.1, "consistency": 0.9}
+        )
+    report["selected_checkpoint"] = {"step": 200, "reason": "best_aesthetic: test", "mean_aesthetic": 5.1}
+    write_report(tmp_path, report)
+    assert json.loads((tmp_path / "report.json").read_text())["validation"] == report["validation"]
+    page = (tmp_path / "report.html").read_text()
+    rows = re.findall(r'<tr class="vstep( selected)?" data-step="(\d+)">(.*?)</tr>', page, re.S)
+    assert [(sel, step) for sel, step, _ in rows] == [("", "100"), (" selected", "200")]
+    assert all(len(re.findall(r'<img src="data:image/jpeg;base64,', body)) == 2 for _, _, body in rows)
+    assert "story and LoRA files from step 200: best_aesthetic: test" in page

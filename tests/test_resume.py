@@ -331,3 +331,42 @@ def test_other_manifest_in_the_prefix_is_a_conflict(resume_runs, tmp_path):
 def test_conflict_leaves_the_other_runs_status_alone(resume_runs, tmp_path):
     _outcome, out, _before = _conflict(resume_runs, tmp_path)
     assert json.loads((out / JOB / "status.json").read_text()) == {"state": "succeeded"}
+
+
+def test_kill_after_a_validation_keeps_it_and_the_rerun_does_not_redo_it(shared_cache, tmp_path):
+    """Validation on (every checkpoint, frames 1 and 8), ``select: best_aesthetic``: SIGTERM once step 4's
+    validation is logged; the rerun validates only the later steps, leaves the earlier PNGs alone, and ends
+    with every point and the selection an uninterrupted run makes."""
+    data = build_demo_dataset(shared_cache / "demo-dataset")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KOLORS_JOB_")}
+    env.update(KOLORS_JOB_CACHE_DIR=str(shared_cache), KOLORS_JOB_LOG_FORMAT="json", OMP_NUM_THREADS="1",
+               MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1", KOLORS_JOB_WORK_DIR=str(tmp_path / "work"))
+    reports = {}
+    runs: dict[str, list[Run]] = {"killed": [], "ref": []}
+    for name in runs:
+        out = tmp_path / name
+        manifest = tmp_path / f"{name}.json"
+        manifest.write_text(json.dumps(tiny_job(data, str(out), {
+            "train.steps": 8, "train.batch_size": 1, "train.learning_rate": 1e-3, "train.checkpoint_every": 2,
+            "train.validation": {"steps": 2}, "train.select": "best_aesthetic", "story.steps": 2,
+            "score.gate": False, "output.lora_formats": ["diffusers"],
+        }, name="watch-resume")))  # fmt: skip
+        if name == "killed":
+            a = follow(start(manifest, env), lambda r: r.get("msg") == "validation" and r.get("step") == 4)
+            assert a.signalled_at is not None and a.rc == ExitCode.TEMPORARY, a.text()
+            runs[name].append(a)
+            before = snapshot(out / "watch-resume" / "validation")
+        runs[name].append(follow(start(manifest, env)))
+        assert runs[name][-1].rc == 0, runs[name][-1].text()
+        reports[name] = json.loads((out / "watch-resume" / "report.json").read_text())
+    a, b = runs["killed"]
+    assert [r["step"] for r in a.msgs("validation")] == [2, 4]
+    assert sorted(r["step"] for r in b.msgs("validation")) == [6, 8], "a finished validation was redone"
+    after = snapshot(tmp_path / "killed" / "watch-resume" / "validation")
+    assert {k: after[k] for k in before} == before and set(before) == {
+        f"step-{s}/{i:02d}.png" for s in (2, 4) for i in (1, 8)}  # fmt: skip
+    killed, ref = reports["killed"], reports["ref"]
+    assert [p["step"] for p in killed["validation"]] == [2, 4, 6, 8]
+    assert killed["validation"] == ref["validation"] and killed["selected_checkpoint"] == ref["selected_checkpoint"]
+    assert lora_tensors(tmp_path / "killed" / "watch-resume" / LORA) == lora_tensors(tmp_path / "ref" / "watch-resume" / LORA)
+    assert list((tmp_path / "killed" / "watch-resume" / "logs" / "tensorboard").glob("events.out.tfevents.*"))

@@ -109,3 +109,13 @@ def test_demo_on_a_terminal_shows_bars_not_warnings(tmp_path: Path, shared_cache
     assert re.search(r"story: .*8/8", screen) and "denoise" in screen, screen
     assert not re.search(r"loss=\d\.\d{6,}", screen), "text losses are rounded"
     assert "demo finished" in screen
+    # the demo watches itself learn: validation points, the selected checkpoint, the strip, TensorBoard
+    job = tmp_path / "out" / "demo"
+    report = json.loads((job / "report.json").read_text())
+    assert len(report["validation"]) >= 2 and all({"step", "mean_aesthetic"} <= set(p) for p in report["validation"])
+    assert report["selected_checkpoint"]["step"] == 24 and report["selected_checkpoint"]["reason"].startswith("last")
+    page = (job / "report.html").read_text()
+    for point in report["validation"]:
+        row = re.search(rf'<tr class="vstep[^"]*" data-step="{point["step"]}">(.*?)</tr>', page, re.S)
+        assert row and len(re.findall(r'<img src="data:image/jpeg;base64,', row.group(1))) == len(point["images"])
+    assert list((job / "logs" / "tensorboard").glob("events.out.tfevents.*"))
