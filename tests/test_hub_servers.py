@@ -20,26 +20,12 @@ import pytest
 import requests
 from packaging.version import Version
 
-from tests.hub_servers.artifacts import ANIME_IMAGES
+from tests.hub_servers.artifacts import ANIME_IMAGES, KOLORS_FP16_LOADER_FILES, fp16_loader_files
 from tests.hub_servers.hf_hub import ANIME_ID as HF_ANIME_ID
 from tests.hub_servers.hf_hub import PREDICTOR_ID as HF_PREDICTOR_ID
 from tests.hub_servers.modelscope_hub import ANIME_ID, KOLORS_BOTH_ID, KOLORS_ID, PREDICTOR_CUSTOM_ID, PREDICTOR_ID
 
 ROOT = Path(__file__).resolve().parents[1]
-
-KOLORS_FP16_PATTERNS = [
-    "model_index.json",
-    "scheduler/*",
-    "tokenizer/*",
-    "text_encoder/config.json",
-    "text_encoder/model.safetensors.index.fp16.json",
-    "text_encoder/model.fp16-*.safetensors",
-    "unet/config.json",
-    "unet/diffusion_pytorch_model.fp16.safetensors",
-    "vae/config.json",
-    "vae/diffusion_pytorch_model.fp16.safetensors",
-]
-"""What a loader of the fp16 variant needs: no README, licence, sample images or .gitattributes."""
 
 PLAIN_WEIGHT = re.compile(r"(diffusion_pytorch_model|model)(-\d{5}-of-\d{5})?\.(safetensors|bin)$")
 
@@ -57,9 +43,7 @@ def _files(folder: Path) -> dict[str, int]:
 
 
 def _expected_fp16(artifact: Path) -> dict[str, int]:
-    from fnmatch import fnmatch
-
-    return {p: n for p, n in _files(artifact).items() if any(fnmatch(p, pat) for pat in KOLORS_FP16_PATTERNS)}
+    return fp16_loader_files(artifact)
 
 
 def _load_fp16_components(path: Path) -> None:
@@ -120,7 +104,7 @@ def test_modelscope_listing_is_the_real_fp16_only_layout(modelscope_env) -> None
 def test_modelscope_snapshot_of_fp16_files_fetches_exactly_those_and_loads(modelscope_env, tmp_path) -> None:
     from modelscope import snapshot_download
 
-    path = Path(snapshot_download(KOLORS_ID, cache_dir=str(tmp_path / "ms"), allow_patterns=KOLORS_FP16_PATTERNS))
+    path = Path(snapshot_download(KOLORS_ID, cache_dir=str(tmp_path / "ms"), allow_patterns=KOLORS_FP16_LOADER_FILES))
     expected = _expected_fp16(modelscope_env.artifacts["kolors"])
     assert _files(path) == expected
     assert modelscope_env.downloads(KOLORS_ID) == expected  # bytes sent == the files the loader uses
@@ -128,7 +112,7 @@ def test_modelscope_snapshot_of_fp16_files_fetches_exactly_those_and_loads(model
     _load_fp16_components(path)
 
     modelscope_env.reset_downloads()  # a second snapshot is served from the client's cache
-    snapshot_download(KOLORS_ID, cache_dir=str(tmp_path / "ms"), allow_patterns=KOLORS_FP16_PATTERNS)
+    snapshot_download(KOLORS_ID, cache_dir=str(tmp_path / "ms"), allow_patterns=KOLORS_FP16_LOADER_FILES)
     assert modelscope_env.downloads(KOLORS_ID) == {}
 
     commit = modelscope_env.repo("model", KOLORS_ID).commit  # pinning the commit id works too
@@ -238,7 +222,7 @@ def test_hf_model_info_and_snapshot_of_fp16_files(hf_env, tmp_path) -> None:
 
     path = Path(
         snapshot_download(
-            KOLORS_ID, cache_dir=str(tmp_path / "hf"), allow_patterns=KOLORS_FP16_PATTERNS, endpoint=hf_env.url
+            KOLORS_ID, cache_dir=str(tmp_path / "hf"), allow_patterns=KOLORS_FP16_LOADER_FILES, endpoint=hf_env.url
         )
     )
     assert path.name == commit  # the snapshot folder is the resolved commit, as on the real hub

@@ -13,7 +13,6 @@ import os
 import subprocess
 import sys
 import time
-from fnmatch import fnmatch
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +22,7 @@ import yaml
 from kolors_job.errors import ExitCode
 from tests.hub_servers import hf_hub as hf_ids
 from tests.hub_servers import modelscope_hub as ms_ids
+from tests.hub_servers.artifacts import fp16_loader_files
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -32,26 +32,6 @@ SMALL: dict[str, Any] = {
     "score": {"threshold": 0.0},
 }
 """Only sizes: every source stays at the manifest's default."""
-
-KOLORS_FP16_FILES = [
-    "model_index.json",
-    "scheduler/*",
-    "tokenizer/*",
-    "text_encoder/config.json",
-    "text_encoder/model.safetensors.index.fp16.json",
-    "text_encoder/model.fp16-*.safetensors",
-    "unet/config.json",
-    "unet/diffusion_pytorch_model.fp16.safetensors",
-    "vae/config.json",
-    "vae/diffusion_pytorch_model.fp16.safetensors",
-]
-"""What the loaders open for the fp16 variant (written from diffusers' and transformers' ``from_pretrained``,
-not from ``kolors_job.sources``): no README, licence, sample images or ``.gitattributes``."""
-
-
-def _loader_files(artifact: Path) -> dict[str, int]:
-    files = {p.relative_to(artifact).as_posix(): p.stat().st_size for p in artifact.rglob("*") if p.is_file()}
-    return {p: n for p, n in files.items() if any(fnmatch(p, pat) for pat in KOLORS_FP16_FILES)}
 
 
 def _run_job(tmp_path: Path, spec: dict[str, Any], *, cache: Path, extra_env: dict[str, str] | None = None):
@@ -86,7 +66,7 @@ def test_default_manifest_on_the_modelscope_emulator(modelscope_env, tmp_path: P
     report = _assert_story(tmp_path / "out" / "kolors-lora-story")
 
     # Kolors: exactly the fp16 files the loaders read, each once, and report.json says so
-    expected = _loader_files(hub.artifacts["kolors"])
+    expected = fp16_loader_files(hub.artifacts["kolors"])
     fetched = hub.downloads(ms_ids.KOLORS_ID)
     assert fetched == expected
     sources = {s["uri"]: s for s in report["sources"]}
@@ -157,7 +137,7 @@ def test_default_manifest_with_hf_sources_on_the_hf_emulator(hf_env, tmp_path: P
     res = _run_job(tmp_path, spec, cache=tmp_path / "cache")
     assert res.returncode == ExitCode.OK, res.stderr[-3000:]
     report = _assert_story(tmp_path / "out" / "kolors-lora-story")
-    expected = _loader_files(hub.artifacts["kolors"])
+    expected = fp16_loader_files(hub.artifacts["kolors"])
     assert hub.downloads(hf_ids.KOLORS_ID) == expected
     base = {s["uri"]: s for s in report["sources"]}[f"hf://{hf_ids.KOLORS_ID}"]
     assert base["bytes_downloaded"] == sum(expected.values())
@@ -223,7 +203,7 @@ def test_a_cache_too_small_is_exit_4_and_nothing_is_marked_complete(
 
     On a 2 MiB tmpfs the tiny Kolors (about 4 MB of fp16 files) does not fit; where no tmpfs can be
     mounted, a reserve larger than any disk here stands in for it (same check, same line)."""
-    tiny = sum(_loader_files(modelscope_env.artifacts["kolors"]).values())
+    tiny = sum(fp16_loader_files(modelscope_env.artifacts["kolors"]).values())
     if small_cache is not None:
         assert tiny > 2 << 20, "the tiny Kolors must be larger than the tmpfs for this test to mean anything"
         cache, env = small_cache, {"KOLORS_JOB_CACHE_RESERVE_MB": "0"}

@@ -33,7 +33,12 @@ from kolors_job.tiny import build_tiny_aesthetic_predictor, build_tiny_kolors
 
 __all__ = [
     "ANIME_IMAGES",
+    "KOLORS_BOTH_ID",
+    "KOLORS_FP16_LOADER_FILES",
+    "KOLORS_ID",
+    "PREDICTOR_CUSTOM_ID",
     "build_default_artifacts",
+    "fp16_loader_files",
     "write_aesthetic_predictor",
     "write_kolors_both_variants",
     "write_kolors_diffusers",
@@ -242,6 +247,37 @@ def write_aesthetic_predictor(dest: Path, *, custom_code: bool = False) -> Path:
         }
         (dest / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return dest
+
+
+KOLORS_ID = "Kwai-Kolors/Kolors-diffusers"
+KOLORS_BOTH_ID = "kolors-job-tests/Kolors-diffusers-fp32-and-fp16"
+"""Not a real repo: Kolors with fp32 plain-named AND fp16 variant weights, for variant-choice tests."""
+PREDICTOR_CUSTOM_ID = "kolors-job-tests/aesthetics-predictor-custom-code"
+"""Not a real repo: the predictor as its 2024 revisions ship it (custom code + auto_map)."""
+"""Repo ids both hubs serve under the same name."""
+
+KOLORS_FP16_LOADER_FILES = [
+    "model_index.json",
+    "scheduler/*",
+    "tokenizer/*",
+    "text_encoder/config.json",
+    "text_encoder/model.safetensors.index.fp16.json",
+    "text_encoder/model.fp16-*.safetensors",
+    "unet/config.json",
+    "unet/diffusion_pytorch_model.fp16.safetensors",
+    "vae/config.json",
+    "vae/diffusion_pytorch_model.fp16.safetensors",
+]
+"""What the loaders open for Kolors-diffusers' fp16 variant (from diffusers' and transformers'
+``from_pretrained``, not from ``kolors_job.sources``): no README, licence, sample images or .gitattributes."""
+
+
+def fp16_loader_files(folder: Path) -> dict[str, int]:
+    """{path: size} of the files in a Kolors-diffusers folder that :data:`KOLORS_FP16_LOADER_FILES` names."""
+    from fnmatch import fnmatch
+
+    files = {p.relative_to(folder).as_posix(): p.stat().st_size for p in Path(folder).rglob("*") if p.is_file()}
+    return {p: n for p, n in files.items() if any(fnmatch(p, pat) for pat in KOLORS_FP16_LOADER_FILES)}
 
 
 ANIME_IMAGES: list[tuple[str, tuple[int, int], bool]] = [

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import ThreadingHTTPServer
 from pathlib import Path
+from typing import TypeVar
 
 try:
     from tests.storage_servers.http_base import LoopbackServer, ProxyHandler
@@ -230,6 +231,24 @@ class HubServer(LoopbackServer):
 
     def reset_downloads(self) -> None:
         self.log.reset()
+
+
+H = TypeVar("H", bound=HubServer)
+
+
+def add_default_repos(hub: H, root: Path, *, predictor_id: str, anime_id: str) -> H:
+    """Serve the default artifacts (built under ``root`` if missing) under the real ids on ``hub``;
+    the predictor and the dataset are named differently on each hub."""
+    from .artifacts import KOLORS_BOTH_ID, KOLORS_ID, PREDICTOR_CUSTOM_ID, build_default_artifacts
+
+    art = build_default_artifacts(root)
+    hub.add_model(KOLORS_ID, art["kolors"])
+    hub.add_model(predictor_id, art["predictor"])
+    hub.add_dataset(anime_id, art["anime"])
+    hub.add_model(KOLORS_BOTH_ID, art["kolors_both"])
+    hub.add_model(PREDICTOR_CUSTOM_ID, art["predictor_custom"])
+    hub.artifacts = art
+    return hub
 
 
 def serve_main(make: Callable[..., HubServer], description: str, argv: list[str] | None = None) -> None:

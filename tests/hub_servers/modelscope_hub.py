@@ -33,20 +33,14 @@ from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlsplit
 
 try:
-    from .artifacts import build_default_artifacts
-    from .common import HubHandler, HubServer, Repo, RepoFile, serve_main
+    from .artifacts import KOLORS_BOTH_ID, KOLORS_ID, PREDICTOR_CUSTOM_ID  # noqa: F401 - tests import the ids per hub
+    from .common import HubHandler, HubServer, Repo, RepoFile, add_default_repos, serve_main
 except ImportError:  # run as a script
     import sys
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-    from tests.hub_servers.artifacts import build_default_artifacts
-    from tests.hub_servers.common import HubHandler, HubServer, Repo, RepoFile, serve_main
+    from tests.hub_servers.common import HubHandler, HubServer, Repo, RepoFile, add_default_repos, serve_main
 
-KOLORS_ID = "Kwai-Kolors/Kolors-diffusers"
-KOLORS_BOTH_ID = "kolors-job-tests/Kolors-diffusers-fp32-and-fp16"
-"""Not a real repo: Kolors with fp32 plain-named AND fp16 variant weights, for variant-choice tests."""
-PREDICTOR_CUSTOM_ID = "kolors-job-tests/aesthetics-predictor-custom-code"
-"""Not a real repo: the predictor as its 2024 revisions ship it (custom code + auto_map)."""
 PREDICTOR_ID = "AI-ModelScope/aesthetics-predictor-v2-sac-logos-ava1-l14-linearMSE"
 ANIME_ID = "AI-ModelScope/lowres_anime"
 DATASET_TYPE_GENERAL = 4
@@ -210,15 +204,7 @@ class ModelScopeHub(HubServer):
 
 def default_hub(root: Path, *, port: int = 0) -> ModelScopeHub:
     """The emulator serving the default artifacts (built under ``root`` if missing) under the real ids."""
-    art = build_default_artifacts(root)
-    hub = ModelScopeHub(port=port)
-    hub.add_model(KOLORS_ID, art["kolors"])
-    hub.add_model(PREDICTOR_ID, art["predictor"])
-    hub.add_dataset(ANIME_ID, art["anime"])
-    hub.add_model(KOLORS_BOTH_ID, art["kolors_both"])
-    hub.add_model(PREDICTOR_CUSTOM_ID, art["predictor_custom"])
-    hub.artifacts = art
-    return hub
+    return add_default_repos(ModelScopeHub(port=port), root, predictor_id=PREDICTOR_ID, anime_id=ANIME_ID)
 
 
 if __name__ == "__main__":
