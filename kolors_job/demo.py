@@ -63,7 +63,8 @@ def tiny_job(data: Path, output: str, overrides: Mapping[str, Any] | None = None
     spec: dict[str, Any] = {
         "model": {"base": "tiny://kolors"},
         "dataset": {"source": str(data), "filters": {"min_width": resolution, "min_height": resolution}},
-        "train": {"resolution": resolution, "precision": "fp32"},
+        # validation at every checkpoint is on by default; a few steps keep the tiny jobs quick
+        "train": {"resolution": resolution, "precision": "fp32", "validation": {"steps": 3}},
         "story": {"width": resolution, "height": resolution},
         # random weights: the tiny predictor's scores are arbitrary, so the gate is nominal
         "score": {"aesthetic_model": "tiny://aesthetic", "threshold": 1.0},
