@@ -38,7 +38,7 @@ import torch
 from kolors_job.embeddings import PromptEmbeds, encode_captions
 from kolors_job.export.lora_io import LORA_WEIGHT_NAME
 from kolors_job.manifest import StorySpec
-from kolors_job.storage.base import atomic_target
+from kolors_job.storage.atomic import atomic_target
 from kolors_job.train import resolve_device
 
 if TYPE_CHECKING:

@@ -25,7 +25,7 @@ import jinja2
 from PIL import Image
 
 from kolors_job.report_model import Report
-from kolors_job.storage.base import atomic_target
+from kolors_job.storage.atomic import atomic_target
 
 __all__ = [
     "RANDOM_WEIGHTS_BANNER",

@@ -10,7 +10,7 @@ import json
 import logging
 from typing import TYPE_CHECKING, Any
 
-from kolors_job.storage.base import atomic_target
+from kolors_job.storage.atomic import atomic_target
 
 if TYPE_CHECKING:
     from kolors_job.runner import Job, ResolvedModels

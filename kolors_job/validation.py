@@ -34,7 +34,7 @@ import torch
 from kolors_job.generate import ImageJob, render
 from kolors_job.manifest import StorySpec, TrainSpec
 from kolors_job.score import pairwise_consistency
-from kolors_job.storage.base import atomic_target
+from kolors_job.storage.atomic import atomic_target
 
 if TYPE_CHECKING:
     from kolors_job.embeddings import PromptEmbeds

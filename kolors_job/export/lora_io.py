@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kolors_job.storage.base import atomic_target
+from kolors_job.storage.atomic import atomic_target
 
 if TYPE_CHECKING:
     import torch

@@ -28,7 +28,6 @@ from kolors_job.redact import scrub
 if TYPE_CHECKING:
     from kolors_job.settings import Settings
 
-from .atomic import atomic_target  # noqa: F401 - re-exported: older call sites import it from here
 
 COMPLETION_MARKERS = frozenset({"COMPLETE", "_SUCCESS"})
 """File names whose presence says "every other file here is complete": uploaded last."""

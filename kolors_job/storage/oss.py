@@ -44,7 +44,8 @@ from kolors_job.errors import StorageDeniedError, StorageError, StorageTemporary
 from kolors_job.settings import ALIBABA_CLOUD_KEY_ENV, Settings
 
 from . import base
-from .base import Store, atomic_target, backoff_sleep, check_key, check_new_request, child_prefix, redact
+from .atomic import atomic_target
+from .base import Store, backoff_sleep, check_key, check_new_request, child_prefix, redact
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -33,7 +33,8 @@ from kolors_job.errors import StorageDeniedError, StorageError, StorageNotFoundE
 from kolors_job.settings import Settings
 
 from . import base
-from .base import Store, atomic_target, backoff_sleep, check_key, check_new_request, check_retry, child_prefix, redact
+from .atomic import atomic_target
+from .base import Store, backoff_sleep, check_key, check_new_request, check_retry, child_prefix, redact
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
