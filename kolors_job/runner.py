@@ -379,11 +379,14 @@ def run_train(job: Job, models: ResolvedModels, items: list[Any], scorer: Any = 
         validator = val.Validator(spec.train, spec.story, scorer, job.work, on_point=lambda p: job.upload_dir(
             job.work / val.step_prefix(p.step), val.step_prefix(p.step) + "/"))  # fmt: skip
 
+    def upload_logs() -> None:  # the event files grow: re-sent with each checkpoint and at the end
+        if (job.work / "train" / LOGS).is_dir():
+            job.upload_dir(job.work / "train" / LOGS, f"{LOGS}/")
+
     def on_checkpoint(path: Path, step: int) -> None:
         if job.main:
             checkpoints.upload(job.store, path, step)
-            if (job.work / "train" / LOGS).is_dir():
-                job.upload_dir(job.work / "train" / LOGS, f"{LOGS}/")
+            upload_logs()
             job.status.progress(step)
             best = validator.best_step() if validator and spec.train.select == "best_aesthetic" else None
             checkpoints.prune(job.store, keep=spec.output.keep_checkpoints, protect={best} - {None})
@@ -393,8 +396,7 @@ def run_train(job: Job, models: ResolvedModels, items: list[Any], scorer: Any = 
         resume_from=resume_from, on_checkpoint=on_checkpoint, should_stop=job.stop, progress=job.progress,
         caption_dropout=spec.dataset.caption.dropout, validator=validator,
     )
-    if (job.work / "train" / LOGS).is_dir():  # the last events (end_training flushed them)
-        job.upload_dir(job.work / "train" / LOGS, f"{LOGS}/")
+    upload_logs()  # the last events (tracking.end flushed them)
     if result.interrupted:
         raise JobInterruptedError(f"interrupted at step {result.steps}; checkpoint saved; rerun to resume")
     summary = result.summary()
