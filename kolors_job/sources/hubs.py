@@ -344,8 +344,7 @@ def download(plan: Plan, settings: Settings) -> tuple[Path, SourceRecord]:
         "downloading %d of %d files of %s (%s) into %s",
         len(missing), len(plan.files), plan.ref.uri, _gb(need), plan.dest,
     )
-    fetch = _modelscope_download if plan.ref.hub == "modelscope" else _hf_download
-    fetch(plan, [f.path for f in plan.files], settings)
+    _snapshot(plan.ref, "model", plan.dest, [f.path for f in plan.files], plan.commit or plan.ref.revision, settings)
     still = plan.missing()
     if still:
         raise JobError(
@@ -425,19 +424,6 @@ def _modelscope_listing(
     return files, commit if commit and re.fullmatch(r"[0-9a-f]{7,64}", commit) else None
 
 
-def _modelscope_download(plan: Plan, paths: list[str], settings: Settings) -> None:
-    from modelscope import snapshot_download
-
-    try:
-        snapshot_download(
-            plan.ref.repo_id, revision=plan.commit or plan.ref.revision, local_dir=str(plan.dest),
-            allow_patterns=[_literal(p) for p in paths],
-            max_workers=settings.download_workers, endpoint=settings.modelscope_endpoint,
-        )
-    except Exception as exc:
-        raise hub_error(plan.ref, exc) from exc
-
-
 def list_dataset_repo(ref: HubRef, settings: Settings) -> tuple[list[RemoteFile], str | None]:
     """A hub dataset repo's files (path, size) and the commit they were listed at."""
     if ref.hub == "modelscope":
@@ -456,13 +442,19 @@ def list_dataset_repo(ref: HubRef, settings: Settings) -> tuple[list[RemoteFile]
 def download_dataset_files(ref: HubRef, dest: Path, paths: list[str] | None, commit: str | None,
                            settings: Settings) -> None:
     """Fetch ``paths`` (None: the whole repo) of a hub dataset at ``commit`` into ``dest``."""
+    _snapshot(ref, "dataset", dest, paths, commit or ref.revision, settings)
+
+
+def _snapshot(ref: HubRef, repo_type: Literal["model", "dataset"], dest: Path, paths: list[str] | None,
+              revision: str | None, settings: Settings) -> None:
+    """The hub's own snapshot client: exactly ``paths`` (None: everything) at ``revision`` into ``dest``."""
     patterns = [_literal(p) for p in paths] if paths is not None else None
-    revision = commit or ref.revision
     try:
         if ref.hub == "modelscope":
+            from modelscope import snapshot_download
             from modelscope.hub.snapshot_download import dataset_snapshot_download
 
-            dataset_snapshot_download(
+            (dataset_snapshot_download if repo_type == "dataset" else snapshot_download)(
                 ref.repo_id, revision=revision, local_dir=str(dest), allow_patterns=patterns,
                 max_workers=settings.download_workers, endpoint=settings.modelscope_endpoint,
             )
@@ -470,8 +462,8 @@ def download_dataset_files(ref: HubRef, dest: Path, paths: list[str] | None, com
             from huggingface_hub import snapshot_download
 
             snapshot_download(
-                ref.repo_id, repo_type="dataset", revision=revision, local_dir=str(dest),
-                allow_patterns=patterns, endpoint=settings.hf_endpoint, max_workers=settings.download_workers,
+                ref.repo_id, repo_type=repo_type, revision=revision, local_dir=str(dest), allow_patterns=patterns,
+                endpoint=settings.hf_endpoint, max_workers=settings.download_workers,
             )
     except Exception as exc:
         raise hub_error(ref, exc) from exc
@@ -486,19 +478,6 @@ def _hf_listing(ref: HubRef, settings: Settings) -> tuple[list[RemoteFile], str 
         raise hub_error(ref, exc) from exc
     files = [RemoteFile(s.rfilename, int(s.size or 0)) for s in info.siblings or []]
     return files, info.sha
-
-
-def _hf_download(plan: Plan, paths: list[str], settings: Settings) -> None:
-    from huggingface_hub import snapshot_download
-
-    try:
-        snapshot_download(
-            plan.ref.repo_id, revision=plan.commit or plan.ref.revision, local_dir=str(plan.dest),
-            allow_patterns=[_literal(p) for p in paths], endpoint=settings.hf_endpoint,
-            max_workers=settings.download_workers,
-        )
-    except Exception as exc:
-        raise hub_error(plan.ref, exc) from exc
 
 
 def _literal(path: str) -> str:
