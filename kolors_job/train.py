@@ -61,7 +61,6 @@ from kolors_job.export.lora_io import LORA_CONFIG_NAME, LORA_WEIGHT_NAME
 from kolors_job.manifest import TrainSpec
 from kolors_job.train_data import Batch, SampleStream, build_caches, make_batch
 from kolors_job.train_setup import (
-    _make_optimizer,
     _reset_accelerate_state,
     add_lora,
     make_lr_scheduler,
@@ -94,7 +93,6 @@ __all__ = [  # what other modules and tests import from here
     "SampleStream",
     "StepOutput",
     "TrainResult",
-    "_make_optimizer",
     "_reset_accelerate_state",
     "add_lora",
     "check_checkpoint",

@@ -249,5 +249,3 @@ def _reset_accelerate_state() -> None:
     AcceleratorState._reset_state(reset_partial_state=False)
     GradientState._reset_state()
 
-
-_make_optimizer = make_optimizer  # the name tests/test_train.py has always used

@@ -30,7 +30,7 @@ from kolors_job.train import (
     COMPLETE_NAME,
     LORA_WEIGHT_NAME,
     TrainResult,
-    _make_optimizer,
+    make_optimizer,
     resolve_precision,
     train_lora,
     want_checkpointing,
@@ -356,7 +356,7 @@ def test_adamw8bit_keeps_kolors_sized_lora_moments_in_one_byte() -> None:
     instead of AdamW's 8 (for the whole r16 LoRA, 23.2 M parameters: 46 MB instead of 186 MB)."""
     spec = SPEC.model_copy(update={"optimizer": "adamw8bit"})
     w = torch.nn.Parameter(torch.randn(16, 1280))
-    opt = _make_optimizer(spec, [w], torch.device("cpu"))
+    opt = make_optimizer(spec, [w], torch.device("cpu"))
     before = w.detach().clone()
     (w.square().sum()).backward()
     opt.step()
