@@ -406,7 +406,7 @@ def run_train(job: Job, models: ResolvedModels, items: list[Any], scorer: Any = 
         shutil.copytree(result.lora_dir, lora_local)
         if selected["step"] != result.steps:  # train.select: best_aesthetic chose an earlier checkpoint
             val.use_checkpoint_lora(lora_local, job.store, job.work / "train", selected["step"])
-        summary.update(export_lora(job, models, {**summary, "steps": selected["step"]}))
+        summary.update(export_lora(job, {**summary, "steps": selected["step"]}))
     summary.update(validation=result.validation, selected_checkpoint=selected)
     job.barrier()
     job.upload_dir(lora_local, "lora/")  # final formats only: each object is written once
@@ -435,7 +435,7 @@ def lora_info(job: Job, train: dict[str, Any]) -> LoraInfo:
     )
 
 
-def export_lora(job: Job, models: ResolvedModels, train: dict[str, Any]) -> dict[str, Any]:
+def export_lora(job: Job, train: dict[str, Any]) -> dict[str, Any]:
     """Rewrite ``lora/`` in the manifest's formats (diffusers with α baked in, kohya, DiffSynth) right
     after training, so the story draws with — and the output holds — exactly the published files."""
     from kolors_job.export import applicable_formats, export_all
