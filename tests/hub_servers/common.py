@@ -16,7 +16,8 @@ import sys
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import ThreadingHTTPServer
 from pathlib import Path
@@ -94,9 +95,21 @@ class DownloadLog:
     """Thread-safe bytes-sent counters, per repo and path."""
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
+        self._lock = threading.Condition()
         self._bytes: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+        self._sending = 0  # file bodies being written: a client may hold every byte before the last add()
         self.requests: list[tuple[str, str]] = []  # (method, raw path) of every request, for debugging
+
+    @contextmanager
+    def sending(self) -> Iterator[None]:
+        with self._lock:
+            self._sending += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._sending -= 1
+                self._lock.notify_all()
 
     def add(self, repo_id: str, path: str, n: int) -> None:
         with self._lock:
@@ -107,7 +120,10 @@ class DownloadLog:
             self.requests.append((method, raw_path))
 
     def get(self, repo_id: str) -> dict[str, int]:
+        """The counts once no file body is still being written (a response the client already read
+        may not be recorded yet: its handler thread runs on after the last byte)."""
         with self._lock:
+            self._lock.wait_for(lambda: self._sending == 0, timeout=10)
             return dict(self._bytes.get(repo_id, {}))
 
     def reset(self) -> None:
@@ -155,6 +171,10 @@ class HubHandler(ProxyHandler):
 
     def send_file(self, repo: Repo, f: RepoFile, headers: dict[str, str] | None = None) -> None:
         """The file (or the requested ``Range``), recording the body bytes actually written."""
+        with self.owner.log.sending():
+            self._send_file(repo, f, headers)
+
+    def _send_file(self, repo: Repo, f: RepoFile, headers: dict[str, str] | None) -> None:
         start, end = 0, f.size - 1
         status = 200
         rng = _RANGE.match(self.headers.get("Range", "").strip())
