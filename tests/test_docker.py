@@ -157,7 +157,9 @@ def _make_run(*args: str, home: Path | None = None) -> str:
     if shutil.which("make") is None:
         pytest.skip("make is not installed")
     env = {**os.environ, **({"HOME": str(home)} if home else {})}
-    res = subprocess.run(["make", "-n", "run", *args], cwd=ROOT, capture_output=True, text=True, check=True, env=env)
+    # --no-print-directory: under `make test` this make is nested and would print "Entering directory" lines
+    cmd = ["make", "--no-print-directory", "-n", "run", *args]
+    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True, env=env)
     return res.stdout
 
 
