@@ -71,7 +71,7 @@ def write_lora(unet: torch.nn.Module, out: Path, ratio: float) -> Path:
 def story_unet(tiny: Path, unet: torch.nn.Module, lora: Path | None, dtype: torch.dtype, fused: bool,
                device: torch.device, *, fast: bool = True) -> torch.nn.Module:
     """``unet`` in ``dtype`` with the LoRA applied as the story applies it (tiny text encoder/VAE around it)."""
-    comps = load_kolors_components(tiny, dtype=dtype, device="cpu")
+    comps = load_kolors_components(tiny, dtype=dtype)
     comps.unet = torch.nn.Module.to(copy.deepcopy(unet), dtype=dtype)  # diffusers' .to warns about nothing
     pipe = make_pipeline(comps, "reference")
     if lora is not None:

@@ -178,11 +178,15 @@ def load_story_pipeline(
     into the weights when the dtype keeps it (:func:`fuses_lora`), so :func:`to_device` can fuse the q/k/v
     projections; pass the same to both.
     """
-    from kolors_job.models import load_kolors_components, make_pipeline
+    from kolors_job.models import load_kolors_components, make_pipeline, place
 
     dev = resolve_device(device)
     dtype = sampling_dtype(dev, spec.precision)
-    comps = load_kolors_components(Path(model_dir), vae_path=vae_dir, dtype=dtype, device="cpu")
+    comps = load_kolors_components(Path(model_dir), vae_path=vae_dir, dtype=dtype, cast=False)
+    # The LoRA is merged on the CPU in the sampling dtype, so the UNet (and the small VAE) are cast here;
+    # ChatGLM, the largest part, stays the mapped files until encode_texts casts it on its way to the GPU.
+    place(comps.unet, "cpu", dtype)
+    place(comps.vae, "cpu", dtype)
     pipe = make_pipeline(comps, spec.scheduler)
     pipe.set_progress_bar_config(disable=True)
     if lora_dir is not None:
@@ -249,10 +253,12 @@ def encode_texts(
     """Every distinct prompt and negative prompt, each encoded alone exactly as the pipeline encodes a
     single prompt (so a frame's conditioning never depends on its batch), kept on the CPU.
 
-    The text encoder is moved to ``device`` (default: the UNet's) and left there.
+    The text encoder is moved to ``device`` (default: the UNet's), in the UNet's dtype, and left there.
     """
+    from kolors_job.models import place
+
     dev = torch.device(device) if device else pipe.unet.device
-    pipe.text_encoder.to(dev)
+    place(pipe.text_encoder, dev, pipe.unet.dtype)
     return encode_captions(pipe, [t for j in jobs for t in (j.prompt, j.negative_prompt)], device=dev)
 
 

@@ -12,11 +12,11 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from kolors_job.errors import InputError
 from kolors_job.redact import one_line
-from kolors_job.sources.hubs import DIFFUSERS_WEIGHTS, TRANSFORMERS_WEIGHTS, local_variant
+from kolors_job.sources.hubs import DIFFUSERS_WEIGHTS, TRANSFORMERS_WEIGHTS, choose_weights, local_variant
 
 if TYPE_CHECKING:
     import torch
@@ -32,9 +32,13 @@ __all__ = [
     "load_kolors_components",
     "make_pipeline",
     "make_scheduler",
+    "place",
     "reference_timesteps",
     "sampler_timesteps",
+    "stored_dtype",
 ]
+
+M = TypeVar("M", bound="torch.nn.Module")
 
 @dataclass(frozen=True)
 class Sampler:
@@ -106,14 +110,57 @@ class KolorsComponents:
     """From ``model_index.json`` (Kolors: false): how an empty negative prompt is embedded."""
 
 
+_SAFETENSORS_DTYPES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64"}
+
+
+def stored_dtype(folder: Path, names: tuple[tuple[str, str], ...], *, prefer_fp16: bool) -> torch.dtype | None:
+    """The one floating dtype of the safetensors ``from_pretrained`` will open in ``folder`` (read from the
+    first file's header, nothing loaded); None for pickles or mixed dtypes, which cannot stay mapped."""
+    import torch
+    from safetensors import safe_open
+
+    if not folder.is_dir():
+        return None
+    files, _variant = choose_weights([p.name for p in folder.iterdir() if p.is_file()], "", names,
+                                     prefer_fp16=prefer_fp16)
+    shards = [f for f in files if f.endswith(".safetensors")]
+    if not shards:
+        return None
+    with safe_open(str(folder / shards[0]), framework="pt") as f:
+        kinds = {f.get_slice(k).get_dtype() for k in f.keys()}  # noqa: SIM118 (safe_open is no dict)
+    floats = {_SAFETENSORS_DTYPES.get(k) for k in kinds if k.startswith(("F", "BF"))}
+    return getattr(torch, floats.pop()) if len(floats) == 1 and None not in floats else None
+
+
+def place(module: M, device: torch.device | str, dtype: torch.dtype) -> M:
+    """``module`` on ``device`` in ``dtype``, cast one tensor at a time on its way.
+
+    With ``load_kolors_components(cast=False)`` the weights are still the memory-mapped files in their
+    stored dtype: this is the one copy, made on the device, so the host never holds a cast copy of the
+    model (every DDP rank would hold its own). ``torch.nn.Module.to`` itself: diffusers' override warns
+    about fp32-kept modules on every dtype cast, and none of the Kolors models has any.
+    """
+    import torch
+
+    return torch.nn.Module.to(module, device=device, dtype=dtype)  # type: ignore[return-value]
+
+
 def load_kolors_components(
     path: Path,
     *,
     vae_path: Path | None = None,
     dtype: torch.dtype,
-    device: torch.device | str,
+    vae_dtype: torch.dtype | None = None,
+    cast: bool = True,
 ) -> KolorsComponents:
-    """Load every Kolors part from a resolved ``pipeline`` dir (``vae_path``: a replacement VAE)."""
+    """Load every Kolors part on the CPU from a resolved ``pipeline`` dir (``vae_path``: a replacement VAE).
+
+    ``dtype`` (VAE: ``vae_dtype``, default ``dtype``) picks the files (fp16 variant for a half-precision
+    run, plain for fp32, either falling back to what is there) and is what the modules compute in.
+    ``cast=False`` leaves each module in the dtype its safetensors store instead: the tensors are then the
+    page-cached file itself, shared by every process that maps it, not a private copy; the caller
+    places each module on its device in ``dtype`` (:func:`place`). The values are the same either way.
+    """
     import diffusers
     import torch
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
@@ -121,6 +168,7 @@ def load_kolors_components(
     from diffusers.pipelines.kolors.tokenizer import ChatGLMTokenizer
 
     path = Path(path)
+    vae_dtype = dtype if vae_dtype is None else vae_dtype
 
     def load(what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
         try:
@@ -128,23 +176,24 @@ def load_kolors_components(
         except (OSError, ValueError, KeyError) as exc:  # missing/corrupt files, wrong config
             raise InputError(f"cannot load the {what} from {args[0]}: {one_line(exc)}") from exc
 
-    # Real repos ship fp16-variant files (Kolors-diffusers has nothing else): name the variant on disk.
-    half = dtype != torch.float32
-
-    def variant(folder: Path, names: tuple[tuple[str, str], ...]) -> dict[str, Any]:
+    def weights(
+        folder: Path, names: tuple[tuple[str, str], ...], want: torch.dtype
+    ) -> tuple[dict[str, Any], torch.dtype]:
+        """``variant`` (real repos ship fp16-variant files; Kolors-diffusers has nothing else) and dtype."""
+        half = want != torch.float32
         chosen = local_variant(folder, names, prefer_fp16=half)
-        return {"variant": chosen} if chosen else {}
+        held = None if cast else stored_dtype(folder, names, prefer_fp16=half)
+        return {"variant": chosen} if chosen else {}, held or want
 
-    unet = load(
-        "UNet", UNet2DConditionModel.from_pretrained, path, subfolder="unet", torch_dtype=dtype,
-        **variant(path / "unet", DIFFUSERS_WEIGHTS),
-    )
+    unet_kw, unet_dtype = weights(path / "unet", DIFFUSERS_WEIGHTS, dtype)
+    unet = load("UNet", UNet2DConditionModel.from_pretrained, path, subfolder="unet", torch_dtype=unet_dtype,
+                **unet_kw)
     vae_dir = Path(vae_path) if vae_path is not None else path / "vae"
-    vae = load("VAE", AutoencoderKL.from_pretrained, vae_dir, torch_dtype=dtype, **variant(vae_dir, DIFFUSERS_WEIGHTS))
-    text_encoder = load(
-        "text encoder", ChatGLMModel.from_pretrained, path / "text_encoder", dtype=dtype,
-        **variant(path / "text_encoder", TRANSFORMERS_WEIGHTS),
-    )
+    vae_kw, vae_held = weights(vae_dir, DIFFUSERS_WEIGHTS, vae_dtype)
+    vae = load("VAE", AutoencoderKL.from_pretrained, vae_dir, torch_dtype=vae_held, **vae_kw)
+    te_kw, te_dtype = weights(path / "text_encoder", TRANSFORMERS_WEIGHTS, dtype)
+    text_encoder = load("text encoder", ChatGLMModel.from_pretrained, path / "text_encoder", dtype=te_dtype,
+                        **te_kw)
     tokenizer = load("tokenizer", ChatGLMTokenizer.from_pretrained, path / "tokenizer")
     sched_config = load("scheduler config", DDPMScheduler.load_config, path, subfolder="scheduler")
     noise_scheduler = DDPMScheduler.from_config(sched_config)
@@ -154,10 +203,6 @@ def load_kolors_components(
     index = (
         json.loads((path / "model_index.json").read_text()) if (path / "model_index.json").is_file() else {}
     )
-
-    unet.to(device)
-    vae.to(device)
-    text_encoder.to(device)  # one ChatGLM buffer is created on the CPU whatever the context
     return KolorsComponents(
         unet=unet,
         vae=vae,

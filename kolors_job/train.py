@@ -263,7 +263,7 @@ def train_lora(
     )
 
     # 3. LoRA, optimizer, schedule, accelerate's wrapping; the resumed state on top.
-    params, use_ckpt = add_lora(caches.unet, spec, dev)
+    params, use_ckpt = add_lora(caches.unet, spec, dev, dtype=weight_dtype)
     optimizer = make_optimizer(spec, params, dev)
     lr_scheduler = make_lr_scheduler(spec, optimizer, n_steps)
     unet, optimizer = prepare(accelerator, caches.unet, optimizer, lr_scheduler, spec)

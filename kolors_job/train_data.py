@@ -66,26 +66,25 @@ def build_caches(
 ) -> Caches:
     """Load, encode captions (and ``extra_texts``), cache latents; then the text encoder leaves, and the VAE
     too unless ``keep_for_sampling`` (validation decodes with it: kept on the CPU)."""
-    from kolors_job.models import load_kolors_components, make_pipeline
+    from kolors_job.models import load_kolors_components, make_pipeline, place
 
     # fp16 overflows in the SDXL VAE unless it is the fp16-fix one; bf16 has the range.
     vae_dtype = torch.float32 if precision == "fp16" and vae_dir is None else weight_dtype
-    comps = load_kolors_components(Path(model_dir), vae_path=vae_dir, dtype=weight_dtype, device="cpu")
-    if vae_dtype != weight_dtype:  # reload from disk rather than upcast weights already rounded to fp16
-        from diffusers import AutoencoderKL
-
-        comps.vae = AutoencoderKL.from_pretrained(vae_dir or Path(model_dir) / "vae", torch_dtype=vae_dtype)
+    # Uncast: every rank maps the same files and each module is cast on its way to the device (place).
+    comps = load_kolors_components(
+        Path(model_dir), vae_path=vae_dir, dtype=weight_dtype, vae_dtype=vae_dtype, cast=False
+    )
     pipe = make_pipeline(comps)
     captions = [it.caption for it in items] + ([""] if caption_dropout > 0 else [])
     t0 = time.monotonic()
-    comps.text_encoder.to(dev)
+    place(comps.text_encoder, dev, weight_dtype)
     prompts = encode_captions(pipe, captions, device=dev)
     texts = encode_captions(pipe, list(extra_texts), device=dev) if extra_texts else {}
     log.info("encoded captions", extra={"captions": len(prompts), "seconds": round(time.monotonic() - t0, 3)})
     # ChatGLM (12.5 GB in bf16) is done: free it before the VAE encodes 1024² images (16 GB cards).
     pipe.text_encoder = comps.text_encoder = None
     _free(dev)
-    vae = comps.vae.to(dev)
+    vae = place(comps.vae, dev, vae_dtype)
     scaling_factor = float(vae.config.scaling_factor)
     flips = (False, True) if spec.random_flip else (False,)
     t0 = time.monotonic()

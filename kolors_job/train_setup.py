@@ -16,6 +16,7 @@ import torch
 
 from kolors_job.adapter import load_lora_into, save_lora
 from kolors_job.errors import ManifestError
+from kolors_job.models import place
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -123,16 +124,22 @@ def seed_and_tune(dev: torch.device, seed: int) -> None:
 
 
 def add_lora(
-    unet: torch.nn.Module, spec: TrainSpec, dev: torch.device, *, channels_last: bool | None = None
+    unet: torch.nn.Module,
+    spec: TrainSpec,
+    dev: torch.device,
+    *,
+    dtype: torch.dtype | None = None,
+    channels_last: bool | None = None,
 ) -> tuple[list[torch.nn.Parameter], bool]:
     """LoRA on the UNet only; trainable params in fp32 whatever the precision (fp16 GradScaler needs it,
     and bf16 weights would swallow lr 1e-4 updates). Returns the LoRA params and whether gradient
-    checkpointing is on. ``channels_last``: None is the trainer's choice (on CUDA); the bench overrides it."""
+    checkpointing is on. ``dtype``: the frozen weights' (None: as loaded); the UNet is cast on its way to
+    ``dev``. ``channels_last``: None is the trainer's choice (on CUDA); the bench overrides it."""
     from diffusers.training_utils import cast_training_params
     from peft import LoraConfig
 
     unet.requires_grad_(False)
-    unet.to(dev)  # loaded in weight_dtype already
+    place(unet, dev, dtype or unet.dtype)
     if dev.type == "cuda" if channels_last is None else channels_last:
         unet.to(memory_format=torch.channels_last)
     unet.add_adapter(

@@ -36,7 +36,7 @@ def settings(tmp_path: Path) -> Settings:
 
 @pytest.fixture(scope="module")
 def components(tiny_src: Path) -> KolorsComponents:
-    return load_kolors_components(tiny_src, dtype=torch.float32, device="cpu")
+    return load_kolors_components(tiny_src, dtype=torch.float32)
 
 
 def _one_line_naming(exc: BaseException, *parts: str) -> None:
@@ -208,7 +208,7 @@ def test_make_pipeline_shares_modules_and_swaps_samplers(components: KolorsCompo
 
 def test_separate_vae_and_corrupt_weights(tmp_path: Path, tiny_src: Path, settings: Settings) -> None:
     vae_dir = resolve_model(str(tiny_src), kind="vae", settings=settings)
-    loaded = load_kolors_components(tiny_src, vae_path=vae_dir, dtype=torch.float32, device="cpu")
+    loaded = load_kolors_components(tiny_src, vae_path=vae_dir, dtype=torch.float32)
     assert loaded.vae.config.scaling_factor == 0.13025
 
     broken = tmp_path / "broken"
@@ -216,5 +216,5 @@ def test_separate_vae_and_corrupt_weights(tmp_path: Path, tiny_src: Path, settin
     weights = broken / "unet" / "diffusion_pytorch_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])
     with pytest.raises(InputError) as err:
-        load_kolors_components(broken, dtype=torch.float32, device="cpu")
+        load_kolors_components(broken, dtype=torch.float32)
     _one_line_naming(err.value, "UNet", str(broken))

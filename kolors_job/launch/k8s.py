@@ -51,12 +51,15 @@ DEFAULT_TOLERATIONS: tuple[dict[str, str], ...] = (
     {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"},
 )
 _NAME_MAX = 48  # leaves room for "-worker-NN" (PyTorchJob pods/services must be 63-char DNS labels)
-HOST_MEMORY_PER_RANK_GIB = 20
-"""Host RAM one rank needs at its peak: the UNet + ChatGLM weights it materialises on the host before
-moving them to its GPU (~18 GB at fp16) plus the CUDA context and the Python heap. The memory limit is
-``HOST_MEMORY_BASE_GIB + ranks x this + /dev/shm`` (an in-memory emptyDir counts against the limit)."""
-HOST_MEMORY_BASE_GIB = 8
-"""The launcher, DataLoader workers and the shared page cache of the weight files, once per pod."""
+HOST_MEMORY_PER_RANK_GIB = 10
+"""Private host RAM one rank needs at its peak: its CUDA context, the Python heap, the caption and latent
+caches, and in a bf16 story the UNet cast on the host to merge the LoRA (5.2 GB). The weights themselves
+are not in it: ranks map the safetensors and each module is cast on its way to the GPU
+(``models.load_kolors_components(cast=False)`` + ``models.place``; tests/test_loading.py measures it).
+The memory limit is ``HOST_MEMORY_BASE_GIB + ranks x this + /dev/shm`` (an in-memory emptyDir counts)."""
+HOST_MEMORY_BASE_GIB = 24
+"""Once per pod: the launcher and DataLoader workers (6) and one page-cached copy of the fp16 weight files
+(UNet 5.2 GB + ChatGLM 12.5 GB), which every rank maps and the pod's memory limit is charged for once."""
 ATTEMPT_LABEL = "kolors-job/attempt"
 JOB_ID_LABEL = "kolors-job/job-id"
 

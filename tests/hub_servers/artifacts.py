@@ -94,12 +94,12 @@ def _common_model_files(dest: Path, title: str) -> None:
     )
 
 
-def _resave_kolors(dest: Path, *, fp16_variant: bool, plain_fp32: bool) -> None:
+def _resave_kolors(dest: Path, *, fp16_variant: bool, plain_fp32: bool, src: Path | None = None) -> None:
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from diffusers.pipelines.kolors.text_encoder import ChatGLMModel
 
-    src = _tiny_source("kolors", dest)
+    src = src or _tiny_source("kolors", dest)
     dest.mkdir(parents=True, exist_ok=True)
     shutil.copy2(src / "model_index.json", dest / "model_index.json")
     for sub in ("scheduler", "tokenizer"):
@@ -145,7 +145,7 @@ def _save_sharded_fp16(model, out: Path) -> None:
     raise RuntimeError(f"no max_shard_size gives {TEXT_ENCODER_SHARDS} text-encoder shards")
 
 
-def write_kolors_diffusers(dest: Path) -> Path:
+def write_kolors_diffusers(dest: Path, src: Path | None = None) -> Path:
     """The tiny Kolors re-saved exactly like ``Kwai-Kolors/Kolors-diffusers``: fp16-variant weights only.
 
     ``text_encoder/model.fp16-0000{1,2,3}-of-00003.safetensors`` + ``model.safetensors.index.fp16.json``,
@@ -153,7 +153,7 @@ def write_kolors_diffusers(dest: Path) -> Path:
     ChatGLM tokenizer files, the real scheduler config, and the top-level extras the real repo carries
     (``README.md``, ``.gitattributes``, ``MODEL_LICENSE``, ``imgs/t2i.png``) that a loader must not fetch.
     """
-    _resave_kolors(Path(dest), fp16_variant=True, plain_fp32=False)
+    _resave_kolors(Path(dest), fp16_variant=True, plain_fp32=False, src=src)
     return Path(dest)
 
 

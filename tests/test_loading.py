@@ -1,0 +1,183 @@
+"""Loading Kolors as the real repository ships it: fp16-variant files only, mapped rather than copied.
+
+``Kwai-Kolors/Kolors-diffusers`` has nothing but ``*.fp16.safetensors`` (the fixtures in
+``tests/hub_servers/artifacts.py`` copy that layout: file names, 3 text-encoder shards + index, tensors
+stored as float16). Two things are checked here:
+
+- the default GPU training path (fp16 mixed precision: fp16 UNet and ChatGLM, fp32 VAE) loads from that
+  layout. It used to reload the VAE in fp32 without a variant, which only plain files can satisfy: the
+  default job on a GPU died while caching latents;
+- ``load_kolors_components(cast=False)`` keeps every module the memory-mapped file (page cache, shared by
+  every DDP rank on a node), and ``place`` gives bit for bit the values an eager cast gives. The host then
+  holds no private copy of the weights whatever the run's dtype: what the pod's memory limit is sized on.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from kolors_job.dataset import ImageItem
+from kolors_job.manifest import TrainSpec
+from kolors_job.models import load_kolors_components, place, stored_dtype
+from kolors_job.sources.hubs import DIFFUSERS_WEIGHTS, TRANSFORMERS_WEIGHTS
+from kolors_job.tiny import TINY_TEXT_ENCODER_CONFIG, build_tiny_kolors
+from kolors_job.train_data import build_caches
+from tests.hub_servers.artifacts import write_kolors_diffusers
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach() for k, v in module.state_dict().items()}
+
+
+def _assert_same_bits(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+
+
+def test_the_fp16_only_layout_is_read_in_its_stored_dtype(hub_artifacts: dict[str, Path]) -> None:
+    kolors = hub_artifacts["kolors"]
+    for part, names in (("unet", DIFFUSERS_WEIGHTS), ("vae", DIFFUSERS_WEIGHTS), ("text_encoder", TRANSFORMERS_WEIGHTS)):
+        for prefer_fp16 in (True, False):  # an fp32 run falls back to the fp16 files, the only ones there
+            assert stored_dtype(kolors / part, names, prefer_fp16=prefer_fp16) == torch.float16, part
+    both = hub_artifacts["kolors_both"]
+    assert stored_dtype(both / "unet", DIFFUSERS_WEIGHTS, prefer_fp16=False) == torch.float32
+    assert stored_dtype(both / "unet", DIFFUSERS_WEIGHTS, prefer_fp16=True) == torch.float16
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_uncast_load_then_place_equals_the_eager_cast(hub_artifacts: dict[str, Path], dtype: torch.dtype) -> None:
+    """fp16 files, another run dtype: the uncast modules stay fp16 until placed, then match bit for bit."""
+    kolors = hub_artifacts["kolors"]
+    eager = load_kolors_components(kolors, dtype=dtype)
+    lazy = load_kolors_components(kolors, dtype=dtype, cast=False)
+    for name in ("unet", "vae", "text_encoder"):
+        module = getattr(lazy, name)
+        assert {p.dtype for p in module.parameters()} == {torch.float16}, name
+        placed = place(module, "cpu", dtype)
+        assert placed is module
+        _assert_same_bits(_state(module), _state(getattr(eager, name)))
+
+
+def _png(path: Path, colour: tuple[int, int, int]) -> Path:
+    Image.new("RGB", (96, 80), colour).save(path)
+    return path
+
+
+def test_default_gpu_precision_caches_from_the_fp16_only_layout(hub_artifacts: dict[str, Path], tmp_path: Path) -> None:
+    """precision fp16 (the GPU default): fp16 UNet/ChatGLM, fp32 VAE, from a repo that has only fp16 files.
+
+    The VAE is fp32 from the plain files where the repo has them (``kolors_both``), not fp16 rounded and
+    upcast; where it has only fp16 files, those upcast. fp16 on a CPU is slow but runs every op used here.
+    """
+    items = [
+        ImageItem(_png(tmp_path / f"{i}.png", (40 * i, 90, 200 - 30 * i)), f"caption {i}", 96, 80) for i in range(2)
+    ]
+    spec = TrainSpec(resolution=64)
+    for name in ("kolors", "kolors_both"):
+        caches = build_caches(
+            hub_artifacts[name], items, spec, vae_dir=None, precision="fp16", weight_dtype=torch.float16,
+            dev=torch.device("cpu"), caption_dropout=0.0, keep_for_sampling=True,
+        )
+        assert caches.unet.dtype == torch.float16  # still the mapped fp16 file: add_lora places it
+        assert len(caches.latents) == 2 and len(caches.prompts) == 2
+        assert all(torch.isfinite(e.mean).all() for e in caches.latents.values())
+        vae = caches.sampling.vae
+        assert vae.dtype == torch.float32
+        folder = hub_artifacts[name] / "vae"
+        plain = folder / "diffusion_pytorch_model.safetensors"
+        source = load_file(plain if plain.is_file() else folder / "diffusion_pytorch_model.fp16.safetensors")
+        _assert_same_bits(_state(vae), {k: v.float() for k, v in source.items()})
+        if plain.is_file():  # a real fp32 VAE: not the fp16 variant upcast
+            fp16 = load_file(folder / "diffusion_pytorch_model.fp16.safetensors")
+            assert any(not torch.equal(source[k], fp16[k].float()) for k in source)
+
+
+# ------------------------------------------------------------------------------------------- host memory
+
+
+@pytest.fixture(scope="module")
+def wide_kolors(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, int]:
+    """A Kolors in the fp16-only layout whose ChatGLM is wide enough (~270 MB) to measure: the tiny model
+    with a 1024-wide text encoder (the real vocab: embedding and output layer are most of the bytes)."""
+    from diffusers import UNet2DConditionModel
+
+    from kolors_job.tiny import _chatglm, _seeded
+
+    root = tmp_path_factory.mktemp("wide")
+    src = build_tiny_kolors(root / "tiny")
+    wide = root / "src"
+    shutil.copytree(src, wide)
+    shutil.rmtree(wide / "text_encoder")
+    config = {**TINY_TEXT_ENCODER_CONFIG, "hidden_size": 1024, "ffn_hidden_size": 64, "kv_channels": 256}
+    with _seeded(1):
+        _chatglm(config).save_pretrained(wide / "text_encoder", safe_serialization=True)
+    unet_config = json.loads((wide / "unet" / "config.json").read_text())
+    unet_config["projection_class_embeddings_input_dim"] = 1024 + 6 * unet_config["addition_time_embed_dim"]
+    unet_config["encoder_hid_dim"] = 1024
+    with _seeded(2):
+        unet = UNet2DConditionModel.from_config(unet_config)
+    shutil.rmtree(wide / "unet")
+    unet.save_pretrained(wide / "unet", safe_serialization=True)
+    out = write_kolors_diffusers(root / "kolors", src=wide)
+    weights = sum(f.stat().st_size for f in out.rglob("*.safetensors"))
+    assert weights > 200 * 2**20, weights
+    return out, weights
+
+
+_MEASURE = textwrap.dedent(
+    """
+    import gc, json, sys, torch
+    from pathlib import Path
+    from kolors_job.models import load_kolors_components
+
+    def anon() -> int:  # private (anonymous) resident bytes: what a rank holds that no other rank shares
+        for line in open("/proc/self/status"):
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+
+    tiny, wide, cast = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3] == "cast"
+    load_kolors_components(tiny, dtype=torch.bfloat16, cast=cast)  # the loaders' own lazy imports, first
+    gc.collect()
+    before = anon()
+    comps = load_kolors_components(wide, dtype=torch.bfloat16, cast=cast)
+    print(json.dumps({"anon": anon() - before, "dtype": str(comps.text_encoder.dtype)}))
+    """
+)
+
+
+def _anon_growth(tiny: Path, wide: Path, how: str) -> dict:
+    proc = subprocess.run(
+        [sys.executable, "-W", "ignore", "-c", _MEASURE, str(tiny), str(wide), how],
+        capture_output=True, text=True, cwd=REPO, timeout=300, check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_uncast_load_holds_no_private_copy_of_the_weights(
+    wide_kolors: tuple[Path, int], hub_artifacts: dict[str, Path]
+) -> None:
+    """bf16 run, fp16 files: cast at load, every rank holds a private bf16 copy (~the weights' size); uncast,
+    its private memory barely grows (the tensors are the shared page cache until ``place`` copies them
+    to the device). The cast figure is measured too, so the measurement itself is seen to work."""
+    wide, weights = wide_kolors
+    cast = _anon_growth(hub_artifacts["kolors"], wide, "cast")
+    uncast = _anon_growth(hub_artifacts["kolors"], wide, "uncast")
+    print(f"\nprivate memory for {weights / 2**20:.0f} MiB of fp16 weights loaded for a bf16 run: "
+          f"cast at load {cast['anon'] / 2**20:.0f} MiB, uncast {uncast['anon'] / 2**20:.0f} MiB")
+    assert cast["dtype"] == "torch.bfloat16" and uncast["dtype"] == "torch.float16"
+    assert cast["anon"] > 0.8 * weights
+    assert uncast["anon"] < 0.15 * weights
