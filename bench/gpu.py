@@ -722,6 +722,48 @@ def _capture(*names: str) -> Iterator[_LogTimes]:
             lg.setLevel(level)
 
 
+class _HostPeak:
+    """This process's peak private (``RssAnon``) and total resident memory while the block runs, sampled every
+    20 ms. Private memory is what each DDP rank adds to its pod (``k8s.HOST_MEMORY_PER_RANK_GIB``); the rest
+    is the page-cached weight files every rank maps, counted once per pod (``k8s.HOST_MEMORY_BASE_GIB``)."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.private = self.resident = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    @staticmethod
+    def _now() -> tuple[int, int]:
+        fields = {}
+        with contextlib.suppress(OSError):
+            for line in Path("/proc/self/status").read_text().splitlines():
+                key, _, value = line.partition(":")
+                if key in ("RssAnon", "VmRSS"):
+                    fields[key] = int(value.split()[0]) * 1024
+        return fields.get("RssAnon", 0), fields.get("VmRSS", 0)
+
+    def _run(self) -> None:
+        while True:
+            private, resident = self._now()
+            self.private, self.resident = max(self.private, private), max(self.resident, resident)
+            if self._stop.wait(0.02):
+                return
+
+    def __enter__(self) -> _HostPeak:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def record(self) -> dict[str, float]:
+        return {"host_private_peak_gib": round(self.private / GIB, 2),
+                "host_resident_peak_gib": round(self.resident / GIB, 2)}
+
+
 def _dir_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
@@ -816,7 +858,7 @@ def m_job_train(ctx: Ctx) -> dict[str, Any]:
     work = ctx.work_dir / "job-train"
     shutil.rmtree(work, ignore_errors=True)
     ctx.reset_peak()
-    with _capture("kolors_job.train") as logs:
+    with _capture("kolors_job.train") as logs, _HostPeak() as host:
         t = time.perf_counter()
         result = train_lora(model_dir, items, spec, work_dir=work, device=str(ctx.dev), progress=False)
         wall = time.perf_counter() - t
@@ -838,6 +880,7 @@ def m_job_train(ctx: Ctx) -> dict[str, Any]:
         "encode_captions_s": (logs.extra("encoded captions", "seconds") or [None])[0],
         "cache_latents_s": (logs.extra("cached latents", "seconds") or [None])[0],
         "peak_gib": round(result.peak_memory_bytes / GIB, 2) if result.peak_memory_bytes else None,
+        **host.record(),
         "precision": result.precision, "gradient_checkpointing": result.gradient_checkpointing,
         "loss_first": result.losses[0] if result.losses else None,
         "loss_last": result.losses[-1] if result.losses else None,
@@ -863,7 +906,7 @@ def m_job_story(ctx: Ctx, *, compile_story: bool) -> dict[str, Any]:
     out = ctx.work_dir / ("job-story-compile" if compile_story else "job-story")
     shutil.rmtree(out, ignore_errors=True)
     ctx.reset_peak()
-    with _capture("kolors_job.generate") as logs:
+    with _capture("kolors_job.generate") as logs, _HostPeak() as host:
         t = time.perf_counter()
         frames = generate_story(model_dir, spec, out_dir=out, lora_dir=lora_dir, device=str(ctx.dev), progress=False)
         wall = time.perf_counter() - t
@@ -876,7 +919,7 @@ def m_job_story(ctx: Ctx, *, compile_story: bool) -> dict[str, Any]:
         "load_and_write_s": round(wall - render, 2) if render is not None else None,
         "per_step_ms": round(render / spec.steps * 1e3, 1) if render else None,
         "per_image_cfg_step_ms": round(render / (spec.steps * max(n, 1)) * 1e3, 2) if render else None,
-        "peak_gib": ctx.peak_gib(), "lora": str(lora_dir) if lora_dir else None,
+        "peak_gib": ctx.peak_gib(), **host.record(), "lora": str(lora_dir) if lora_dir else None,
         "config": {"compile": compile_story, "lora_scale": spec.lora_scale, "scheduler": spec.scheduler},
     }
 

@@ -82,6 +82,8 @@ def test_smoke_runs_every_cpu_path_and_writes_the_expected_json(tmp_path: Path) 
     assert train["steps"] == 2 and train["step_ms"] > 0 and train["images"] == 2
     story = results["job_story"]
     assert story["frames"] == 8 and story["steps"] == 2 and story["render_s"] > 0
+    for r in (train, story):  # what one rank holds privately vs with the mapped weight files
+        assert 0 < r["host_private_peak_gib"] <= r["host_resident_peak_gib"], r
 
     goal_names = [g["goal"] for g in doc["goals"]]
     assert any(g.startswith("CFG step") for g in goal_names) and any(g.startswith("story") for g in goal_names)
