@@ -216,3 +216,36 @@ def test_a_cache_too_small_is_exit_4_and_nothing_is_marked_complete(
     assert "free" in last and "KOLORS_JOB_CACHE_DIR" in last
     assert modelscope_env.downloads(ms_ids.KOLORS_ID) == {}
     assert not list(cache.rglob(".kolors_job_source.json"))
+
+
+def test_a_hub_that_hangs_mid_file_is_temporary_and_the_rerun_resumes(hf_env, tmp_path: Path) -> None:
+    """The hub stops sending half-way through the UNet, its connection left open. The client's read timeout
+    (``HF_HUB_DOWNLOAD_TIMEOUT``, 10 s by default; 1 s here) and its resume retries bound the wait: exit 75
+    with one line naming the source, nothing marked complete; the next attempt finishes the download."""
+    hub = hf_env
+    path = "unet/diffusion_pytorch_model.fp16.safetensors"
+    size = (hub.artifacts["kolors"] / path).stat().st_size
+    spec = {
+        "output": {"uri": str(tmp_path / "out")},
+        "model": {"base": f"hf://{hf_ids.KOLORS_ID}"},
+        "dataset": {"source": f"hf://{hf_ids.ANIME_ID}"},
+        "score": {**SMALL["score"], "aesthetic_model": f"hf://{hf_ids.PREDICTOR_ID}"},
+        "train": SMALL["train"],
+        "story": SMALL["story"],
+    }
+    cache = tmp_path / "cache"
+    with hub.stalled(path, size // 2):
+        started = time.monotonic()
+        res = _run_job(tmp_path, spec, cache=cache, extra_env={"HF_HUB_DOWNLOAD_TIMEOUT": "1"})
+        took = time.monotonic() - started
+    assert res.returncode == ExitCode.TEMPORARY, res.stderr[-3000:]
+    last = res.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and f"hf://{hf_ids.KOLORS_ID}" in last, last
+    print(f"\nhung hub: exit {res.returncode} after {took:.0f} s: {last}")
+    assert took < 120, took
+    assert not [p for p in cache.rglob(".kolors_job_source.json") if "Kolors" in str(p)]
+    assert not (tmp_path / "out" / "kolors-lora-story" / "_SUCCESS").exists()
+
+    res = _run_job(tmp_path, spec, cache=cache)
+    assert res.returncode == ExitCode.OK, res.stderr[-3000:]
+    _assert_story(tmp_path / "out" / "kolors-lora-story")

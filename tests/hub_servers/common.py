@@ -203,11 +203,16 @@ class HubHandler(ProxyHandler):
         self.end_headers()
         if self.command == "HEAD" or not length:
             return
+        stall_at = self.owner.stalls.get(f.path)
         with f.local.open("rb") as fh:
             fh.seek(start)
             left = length
             while left:
-                chunk = fh.read(min(CHUNK, left))
+                if stall_at is not None and end - left + 1 >= stall_at:
+                    self.wfile.flush()
+                    self.owner.unstalled.wait(timeout=600)  # a hub that stops sending, connection open
+                    return
+                chunk = fh.read(min(CHUNK, left, stall_at - (end - left + 1) if stall_at is not None else CHUNK))
                 if not chunk:
                     break
                 self.wfile.write(chunk)
@@ -227,6 +232,10 @@ class HubServer(LoopbackServer):
             self.add(repo)
         self.log = DownloadLog()
         self.artifacts: dict[str, Path] = {}  # artifact name -> directory, set by the default builders
+        self.stalls: dict[str, int] = {}
+        """Repo path -> byte offset: every body of that file stops there, its connection left open (a hub
+        that hangs mid-download), until :meth:`stalled` ends."""
+        self.unstalled = threading.Event()
         handler_cls = type("Handler", (self.handler,), {"owner": self})
         self.server = ThreadingHTTPServer(("127.0.0.1", port), handler_cls)
         self.server.daemon_threads = True
@@ -251,6 +260,17 @@ class HubServer(LoopbackServer):
 
     def reset_downloads(self) -> None:
         self.log.reset()
+
+    @contextmanager
+    def stalled(self, path: str, at: int) -> Iterator[None]:
+        """Every download of ``path`` (any repo) hangs at byte ``at`` while the block runs."""
+        self.unstalled.clear()
+        self.stalls[path] = at
+        try:
+            yield
+        finally:
+            del self.stalls[path]
+            self.unstalled.set()
 
 
 H = TypeVar("H", bound=HubServer)
