@@ -114,12 +114,14 @@ def job_world(tmp_path: Path, shared_cache: Path, s3_server, monkeypatch: pytest
 
 
 class PeakRss:
-    """Peak resident memory (``VmHWM``) of each rank under a torchrun launcher, sampled while it runs."""
+    """Peak resident memory (``VmHWM``) of each rank under a torchrun launcher, sampled while it runs, and
+    the peak of its private part (``RssAnon``: what the rank does not share with the others)."""
 
     def __init__(self, launcher: subprocess.Popen) -> None:
         import threading
 
         self.launcher, self.peaks, self._stop = launcher, {}, threading.Event()
+        self.private: dict[int, int] = {}
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
 
@@ -137,9 +139,11 @@ class PeakRss:
                     status = Path(f"/proc/{child.pid}/status").read_text()
                 except (psutil.Error, OSError):
                     continue
-                hwm = next((int(ln.split()[1]) * 1024 for ln in status.splitlines() if ln.startswith("VmHWM:")), 0)
+                kib = {ln.split(":")[0]: int(ln.split()[1]) for ln in status.splitlines()
+                       if ln.startswith(("VmHWM:", "RssAnon:"))}  # fmt: skip
                 if rank is not None and rank.isdigit():
-                    self.peaks[int(rank)] = max(self.peaks.get(int(rank), 0), hwm)
+                    self.peaks[int(rank)] = max(self.peaks.get(int(rank), 0), kib.get("VmHWM", 0) * 1024)
+                    self.private[int(rank)] = max(self.private.get(int(rank), 0), kib.get("RssAnon", 0) * 1024)
             self._stop.wait(0.2)
 
     def stop(self) -> dict[int, int]:
@@ -212,9 +216,11 @@ def test_whole_job_on_two_ranks_splits_the_story_and_writes_once(job_world: JobW
     # Each rank's own host peak (k8s sizes a pod's memory as ranks x HOST_MEMORY_PER_RANK_GIB + base + shm).
     peaks = rss.stop()
     print("\nper-rank peak RSS (2-rank CPU run, tiny model): "
-          + ", ".join(f"rank {r}: {b / 2**20:.0f} MiB" for r, b in sorted(peaks.items())))
-    assert set(peaks) == {0, 1}, peaks
+          + ", ".join(f"rank {r}: {b / 2**20:.0f} MiB ({rss.private[r] / 2**20:.0f} MiB private)"
+                      for r, b in sorted(peaks.items())))
+    assert set(peaks) == {0, 1} == set(rss.private), peaks
     assert all(0 < b < k8s.HOST_MEMORY_PER_RANK_GIB * 2**30 for b in peaks.values()), peaks
+    assert all(0 < rss.private[r] <= peaks[r] for r in peaks), (rss.private, peaks)
 
     keys = _assert_written_once(w, "ddp")
     rank1_rng = {f"checkpoints/step-{n}/random_states_1.pkl" for n in (2, 4)}  # resumes rank 1 bitwise
