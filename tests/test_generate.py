@@ -19,6 +19,7 @@ from kolors_job.dataset import ImageItem
 from kolors_job.generate import (
     CANDIDATE_SEED_STRIDE,
     FrameResult,
+    encode_texts,
     generate_story,
     load_story_pipeline,
     plan_jobs,
@@ -184,6 +185,31 @@ def test_lora_scale_and_the_fused_path(tiny_model: Path, lora: Path) -> None:
     assert not any("lora" in name for name, _ in fast.unet.named_parameters())  # merged, wrappers gone
     assert fast.unet.down_blocks[1].attentions[0].transformer_blocks[0].attn1.fused_projections
     assert np.abs(draw(fast, spec) - with_lora).max() < 1e-4
+
+
+def test_the_cuda_story_in_fp16_from_the_fp16_only_layout(hub_artifacts: dict[str, Path], lora: Path) -> None:
+    """The story as CUDA runs it by default (fp16; LoRA merged on the host; q/k/v fused; channels-last;
+    ChatGLM left as its mapped fp16 files until it is placed), from the files Kolors-diffusers ships, here
+    on the CPU: the same pictures as the fp32 unfused story of those weights, to fp16's precision."""
+    kolors = hub_artifacts["kolors"]  # fp16-variant files only
+    spec, ref_spec = story(precision="fp16"), story(precision="fp32")
+    jobs = plan_jobs(spec)[:2]
+    fast = load_story_pipeline(kolors, spec, lora_dir=lora, device="cpu", fused=True)
+    assert fast.unet.dtype == torch.float16 and fast.text_encoder.dtype == torch.float16
+    texts = encode_texts(fast, jobs, "cpu")
+    to_device(fast, spec, "cpu", fused=True)
+    assert not any("lora" in name for name, _ in fast.unet.named_parameters())
+    assert fast.unet.down_blocks[1].attentions[0].transformer_blocks[0].attn1.fused_projections
+    got = np.stack(render(fast, jobs, spec, texts=texts, output_type="np"))
+    ref = load_story_pipeline(kolors, ref_spec, lora_dir=lora, device="cpu")
+    want = np.stack(render(ref, jobs, ref_spec, output_type="np"))
+    assert ref.text_encoder.dtype == torch.float32  # the fp16 files, upcast when they were placed
+    base = np.stack(render(load_story_pipeline(kolors, ref_spec, lora_dir=None, device="cpu"), jobs, ref_spec,
+                           output_type="np"))  # fmt: skip
+    assert np.isfinite(got).all()
+    lora_effect, fp16_error = np.abs(want - base).max(), np.abs(got - want).max()
+    print(f"\nfp16 story vs fp32: max error {fp16_error:.4f}; the LoRA moves pixels by {lora_effect:.4f}")
+    assert fp16_error < 0.02 < lora_effect, (fp16_error, lora_effect)
 
 
 def test_skip_leaves_existing_frames_alone(
