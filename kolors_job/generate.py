@@ -183,7 +183,7 @@ def load_story_pipeline(
     dev = resolve_device(device)
     dtype = sampling_dtype(dev, spec.precision)
     comps = load_kolors_components(Path(model_dir), vae_path=vae_dir, dtype=dtype, cast=False)
-    # The LoRA is merged on the CPU in the sampling dtype, so the UNet (and the small VAE) are cast here;
+    # The LoRA is applied (and merged) on the CPU in the sampling dtype, so the UNet and the small VAE are cast here;
     # ChatGLM, the largest part, stays the mapped files until encode_texts casts it on its way to the GPU.
     place(comps.unet, "cpu", dtype)
     place(comps.vae, "cpu", dtype)
