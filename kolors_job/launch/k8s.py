@@ -53,11 +53,11 @@ DEFAULT_TOLERATIONS: tuple[dict[str, str], ...] = (
 _NAME_MAX = 48  # leaves room for "-worker-NN" (PyTorchJob pods/services must be 63-char DNS labels)
 HOST_MEMORY_PER_RANK_GIB = 10
 """Private host RAM one rank needs at its peak: its CUDA context, the Python heap, the caption and latent
-caches, and in a bf16 story the UNet cast on the host before the LoRA is applied (5.2 GB; fp32: 10.3 GB,
-over this figure). The weights themselves
-are not in it: ranks map the safetensors and each module is cast on its way to the GPU
-(``models.load_kolors_components(cast=False)`` + ``models.place``; tests/test_loading.py measures it).
-The memory limit is ``HOST_MEMORY_BASE_GIB + ranks x this + /dev/shm`` (an in-memory emptyDir counts)."""
+caches, and in a bf16 story the UNet cast on the host before the LoRA is applied (5.2 GB; an fp32 story's
+10.3 GB is over this figure). The weights themselves are not in it: ranks map the safetensors and each
+module is cast on its way to the GPU (``models.load_kolors_components(cast=False)`` + ``models.place``;
+tests/test_loading.py measures it). The memory limit is ``HOST_MEMORY_BASE_GIB + ranks x this + /dev/shm``
+(an in-memory emptyDir counts)."""
 HOST_MEMORY_BASE_GIB = 24
 """Once per pod: the launcher and DataLoader workers (6) and one page-cached copy of the fp16 weight files
 (UNet 5.2 GB + ChatGLM 12.5 GB), which every rank maps and the pod's memory limit is charged for once."""
