@@ -124,9 +124,9 @@ def test_a_job_on_a_local_copy_in_the_fp16_only_layout(hub_artifacts, tmp_path: 
     assert report["sources"][0]["uri"] == str(hub_artifacts["kolors"])
 
 
-def test_default_manifest_with_hf_sources_on_the_hf_emulator(hf_env, tmp_path: Path) -> None:
-    hub = hf_env
-    spec = {
+def _hf_spec(tmp_path: Path) -> dict[str, Any]:
+    """The small job with every source on the Hugging Face emulator."""
+    return {
         "output": {"uri": str(tmp_path / "out")},
         "model": {"base": f"hf://{hf_ids.KOLORS_ID}"},
         "dataset": {"source": f"hf://{hf_ids.ANIME_ID}"},
@@ -134,6 +134,11 @@ def test_default_manifest_with_hf_sources_on_the_hf_emulator(hf_env, tmp_path: P
         "train": SMALL["train"],
         "story": SMALL["story"],
     }
+
+
+def test_default_manifest_with_hf_sources_on_the_hf_emulator(hf_env, tmp_path: Path) -> None:
+    hub = hf_env
+    spec = _hf_spec(tmp_path)
     res = _run_job(tmp_path, spec, cache=tmp_path / "cache")
     assert res.returncode == ExitCode.OK, res.stderr[-3000:]
     report = _assert_story(tmp_path / "out" / "kolors-lora-story")
@@ -225,14 +230,7 @@ def test_a_hub_that_hangs_mid_file_is_temporary_and_the_rerun_resumes(hf_env, tm
     hub = hf_env
     path = "unet/diffusion_pytorch_model.fp16.safetensors"
     size = (hub.artifacts["kolors"] / path).stat().st_size
-    spec = {
-        "output": {"uri": str(tmp_path / "out")},
-        "model": {"base": f"hf://{hf_ids.KOLORS_ID}"},
-        "dataset": {"source": f"hf://{hf_ids.ANIME_ID}"},
-        "score": {**SMALL["score"], "aesthetic_model": f"hf://{hf_ids.PREDICTOR_ID}"},
-        "train": SMALL["train"],
-        "story": SMALL["story"],
-    }
+    spec = _hf_spec(tmp_path)
     cache = tmp_path / "cache"
     with hub.stalled(path, size // 2):
         started = time.monotonic()
