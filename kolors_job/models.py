@@ -115,7 +115,7 @@ _SAFETENSORS_DTYPES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "
 
 def stored_dtype(folder: Path, names: tuple[tuple[str, str], ...], *, prefer_fp16: bool) -> torch.dtype | None:
     """The one floating dtype of the safetensors ``from_pretrained`` will open in ``folder`` (read from the
-    first file's header, nothing loaded); None for pickles or mixed dtypes, which cannot stay mapped."""
+    files' headers, nothing loaded); None for pickles or mixed dtypes, which cannot stay mapped."""
     import torch
     from safetensors import safe_open
 
@@ -126,8 +126,10 @@ def stored_dtype(folder: Path, names: tuple[tuple[str, str], ...], *, prefer_fp1
     shards = [f for f in files if f.endswith(".safetensors")]
     if not shards:
         return None
-    with safe_open(str(folder / shards[0]), framework="pt") as f:
-        kinds = {f.get_slice(k).get_dtype() for k in f.keys()}  # noqa: SIM118 (safe_open is no dict)
+    kinds: set[str] = set()
+    for shard in shards:
+        with safe_open(str(folder / shard), framework="pt") as f:
+            kinds |= {f.get_slice(k).get_dtype() for k in f.keys()}  # noqa: SIM118 (safe_open is no dict)
     floats = {_SAFETENSORS_DTYPES.get(k) for k in kinds if k.startswith(("F", "BF"))}
     return getattr(torch, floats.pop()) if len(floats) == 1 and None not in floats else None
 

@@ -57,6 +57,23 @@ def test_the_fp16_only_layout_is_read_in_its_stored_dtype(hub_artifacts: dict[st
     assert stored_dtype(both / "unet", DIFFUSERS_WEIGHTS, prefer_fp16=True) == torch.float16
 
 
+def test_mixed_dtypes_in_any_shard_are_loaded_cast(tmp_path: Path) -> None:
+    """A checkpoint whose shards disagree (fp16 first, an fp32 tensor in the second) has no one stored dtype:
+    loading it in the first shard's would round the fp32 tensors, so it is loaded cast as before."""
+    from safetensors.torch import save_file
+
+    index = {"metadata": {}, "weight_map": {"a": "model.fp16-00001-of-00002.safetensors",
+                                            "b": "model.fp16-00002-of-00002.safetensors"}}  # fmt: skip
+    (tmp_path / "model.safetensors.index.fp16.json").write_text(json.dumps(index))
+    save_file({"a": torch.zeros(2, dtype=torch.float16)}, tmp_path / "model.fp16-00001-of-00002.safetensors")
+    save_file({"b": torch.zeros(2, dtype=torch.float32), "n": torch.zeros(2, dtype=torch.int64)},
+              tmp_path / "model.fp16-00002-of-00002.safetensors")  # fmt: skip
+    assert stored_dtype(tmp_path, TRANSFORMERS_WEIGHTS, prefer_fp16=True) is None
+    save_file({"b": torch.zeros(2, dtype=torch.float16), "n": torch.zeros(2, dtype=torch.int64)},
+              tmp_path / "model.fp16-00002-of-00002.safetensors")  # fmt: skip
+    assert stored_dtype(tmp_path, TRANSFORMERS_WEIGHTS, prefer_fp16=True) == torch.float16  # ints do not count
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_uncast_load_then_place_equals_the_eager_cast(hub_artifacts: dict[str, Path], dtype: torch.dtype) -> None:
     """fp16 files, another run dtype: the uncast modules stay fp16 until placed, then match bit for bit."""
