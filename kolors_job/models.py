@@ -40,6 +40,7 @@ __all__ = [
 
 M = TypeVar("M", bound="torch.nn.Module")
 
+
 @dataclass(frozen=True)
 class Sampler:
     """One ``story.scheduler`` choice: a diffusers class built ``from_config`` of the model's own scheduler
