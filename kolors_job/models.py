@@ -10,13 +10,14 @@ from them without reloading, so training and sampling share the same weights in 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from kolors_job.errors import InputError
 from kolors_job.redact import one_line
-from kolors_job.sources.hubs import DIFFUSERS_WEIGHTS, TRANSFORMERS_WEIGHTS, choose_weights, local_variant
+from kolors_job.sources.hubs import DIFFUSERS_WEIGHTS, TRANSFORMERS_WEIGHTS, local_weights
 
 if TYPE_CHECKING:
     import torch
@@ -114,16 +115,13 @@ class KolorsComponents:
 _SAFETENSORS_DTYPES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64"}
 
 
-def stored_dtype(folder: Path, names: tuple[tuple[str, str], ...], *, prefer_fp16: bool) -> torch.dtype | None:
-    """The one floating dtype of the safetensors ``from_pretrained`` will open in ``folder`` (read from the
-    files' headers, nothing loaded); None for pickles or mixed dtypes, which cannot stay mapped."""
+def stored_dtype(folder: Path, files: Iterable[str]) -> torch.dtype | None:
+    """The one floating dtype of the safetensors among ``files`` in ``folder`` (what ``from_pretrained`` will
+    open: :func:`~kolors_job.sources.hubs.local_weights`), read from their headers, nothing loaded; None for
+    pickles or mixed dtypes, which cannot stay mapped."""
     import torch
     from safetensors import safe_open
 
-    if not folder.is_dir():
-        return None
-    files, _variant = choose_weights([p.name for p in folder.iterdir() if p.is_file()], "", names,
-                                     prefer_fp16=prefer_fp16)
     shards = [f for f in files if f.endswith(".safetensors")]
     if not shards:
         return None
@@ -183,9 +181,8 @@ def load_kolors_components(
         folder: Path, names: tuple[tuple[str, str], ...], want: torch.dtype
     ) -> tuple[dict[str, Any], torch.dtype]:
         """``variant`` (real repos ship fp16-variant files; Kolors-diffusers has nothing else) and dtype."""
-        half = want != torch.float32
-        chosen = local_variant(folder, names, prefer_fp16=half)
-        held = None if cast else stored_dtype(folder, names, prefer_fp16=half)
+        files, chosen = local_weights(folder, names, prefer_fp16=want != torch.float32)
+        held = None if cast else stored_dtype(folder, files)
         return {"variant": chosen} if chosen else {}, held or want
 
     unet_kw, unet_dtype = weights(path / "unet", DIFFUSERS_WEIGHTS, dtype)

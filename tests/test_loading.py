@@ -29,12 +29,17 @@ from safetensors.torch import load_file
 from kolors_job.dataset import ImageItem
 from kolors_job.manifest import TrainSpec
 from kolors_job.models import load_kolors_components, place, stored_dtype
-from kolors_job.sources.hubs import DIFFUSERS_WEIGHTS, TRANSFORMERS_WEIGHTS
+from kolors_job.sources.hubs import DIFFUSERS_WEIGHTS, TRANSFORMERS_WEIGHTS, local_weights
 from kolors_job.tiny import TINY_TEXT_ENCODER_CONFIG, build_tiny_kolors
 from kolors_job.train_data import build_caches
 from tests.hub_servers.artifacts import write_kolors_diffusers
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def _stored(folder: Path, names: tuple[tuple[str, str], ...], *, prefer_fp16: bool) -> torch.dtype | None:
+    """The stored dtype of what the loader opens in ``folder`` for a run that prefers (or not) fp16."""
+    return stored_dtype(folder, local_weights(folder, names, prefer_fp16=prefer_fp16)[0])
 
 
 def _state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -51,10 +56,10 @@ def test_the_fp16_only_layout_is_read_in_its_stored_dtype(hub_artifacts: dict[st
     kolors = hub_artifacts["kolors"]
     for part, names in (("unet", DIFFUSERS_WEIGHTS), ("vae", DIFFUSERS_WEIGHTS), ("text_encoder", TRANSFORMERS_WEIGHTS)):
         for prefer_fp16 in (True, False):  # an fp32 run falls back to the fp16 files, the only ones there
-            assert stored_dtype(kolors / part, names, prefer_fp16=prefer_fp16) == torch.float16, part
+            assert _stored(kolors / part, names, prefer_fp16=prefer_fp16) == torch.float16, part
     both = hub_artifacts["kolors_both"]
-    assert stored_dtype(both / "unet", DIFFUSERS_WEIGHTS, prefer_fp16=False) == torch.float32
-    assert stored_dtype(both / "unet", DIFFUSERS_WEIGHTS, prefer_fp16=True) == torch.float16
+    assert _stored(both / "unet", DIFFUSERS_WEIGHTS, prefer_fp16=False) == torch.float32
+    assert _stored(both / "unet", DIFFUSERS_WEIGHTS, prefer_fp16=True) == torch.float16
 
 
 def test_mixed_dtypes_in_any_shard_are_loaded_cast(tmp_path: Path) -> None:
@@ -68,10 +73,10 @@ def test_mixed_dtypes_in_any_shard_are_loaded_cast(tmp_path: Path) -> None:
     save_file({"a": torch.zeros(2, dtype=torch.float16)}, tmp_path / "model.fp16-00001-of-00002.safetensors")
     save_file({"b": torch.zeros(2, dtype=torch.float32), "n": torch.zeros(2, dtype=torch.int64)},
               tmp_path / "model.fp16-00002-of-00002.safetensors")  # fmt: skip
-    assert stored_dtype(tmp_path, TRANSFORMERS_WEIGHTS, prefer_fp16=True) is None
+    assert _stored(tmp_path, TRANSFORMERS_WEIGHTS, prefer_fp16=True) is None
     save_file({"b": torch.zeros(2, dtype=torch.float16), "n": torch.zeros(2, dtype=torch.int64)},
               tmp_path / "model.fp16-00002-of-00002.safetensors")  # fmt: skip
-    assert stored_dtype(tmp_path, TRANSFORMERS_WEIGHTS, prefer_fp16=True) == torch.float16  # ints do not count
+    assert _stored(tmp_path, TRANSFORMERS_WEIGHTS, prefer_fp16=True) == torch.float16  # ints do not count
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])

@@ -49,6 +49,7 @@ __all__ = [
     "download_dataset_files",
     "list_dataset_repo",
     "local_variant",
+    "local_weights",
     "parse_hub_uri",
     "plan_hub_model",
     "select_files",
@@ -157,11 +158,19 @@ def choose_weights(
     return [], None
 
 
-def local_variant(folder: Path, names: Iterable[tuple[str, str]], *, prefer_fp16: bool) -> str | None:
-    """``choose_weights`` over a local directory: the ``variant=`` to pass to ``from_pretrained``."""
+def local_weights(
+    folder: Path, names: Iterable[tuple[str, str]], *, prefer_fp16: bool
+) -> tuple[list[str], str | None]:
+    """``choose_weights`` over a local directory: the file names ``from_pretrained`` will open, and the
+    ``variant=`` to pass it."""
     if not folder.is_dir():
-        return None
-    return choose_weights([p.name for p in folder.iterdir() if p.is_file()], "", names, prefer_fp16=prefer_fp16)[1]
+        return [], None
+    return choose_weights([p.name for p in folder.iterdir() if p.is_file()], "", names, prefer_fp16=prefer_fp16)
+
+
+def local_variant(folder: Path, names: Iterable[tuple[str, str]], *, prefer_fp16: bool) -> str | None:
+    """The ``variant=`` to pass to ``from_pretrained`` for a local directory (:func:`local_weights`)."""
+    return local_weights(folder, names, prefer_fp16=prefer_fp16)[1]
 
 
 def select_files(

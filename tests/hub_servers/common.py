@@ -208,11 +208,12 @@ class HubHandler(ProxyHandler):
             fh.seek(start)
             left = length
             while left:
-                if stall_at is not None and end - left + 1 >= stall_at:
+                offset = end - left + 1
+                if stall_at is not None and offset >= stall_at:
                     self.wfile.flush()
                     self.owner.unstalled.wait(timeout=600)  # a hub that stops sending, connection open
                     return
-                chunk = fh.read(min(CHUNK, left, stall_at - (end - left + 1) if stall_at is not None else CHUNK))
+                chunk = fh.read(min(CHUNK, left if stall_at is None else min(left, stall_at - offset)))
                 if not chunk:
                     break
                 self.wfile.write(chunk)
