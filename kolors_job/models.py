@@ -118,17 +118,21 @@ _SAFETENSORS_DTYPES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "
 def stored_dtype(folder: Path, files: Iterable[str]) -> torch.dtype | None:
     """The one floating dtype of the safetensors among ``files`` in ``folder`` (what ``from_pretrained`` will
     open: :func:`~kolors_job.sources.hubs.local_weights`), read from their headers, nothing loaded; None for
-    pickles or mixed dtypes, which cannot stay mapped."""
+    pickles, mixed dtypes (which cannot stay mapped) and unreadable headers (the loader then says what is
+    wrong with the file, as one line)."""
     import torch
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     shards = [f for f in files if f.endswith(".safetensors")]
     if not shards:
         return None
     kinds: set[str] = set()
     for shard in shards:
-        with safe_open(str(folder / shard), framework="pt") as f:
-            kinds |= {f.get_slice(k).get_dtype() for k in f.keys()}  # noqa: SIM118 (safe_open is no dict)
+        try:
+            with safe_open(str(folder / shard), framework="pt") as f:
+                kinds |= {f.get_slice(k).get_dtype() for k in f.keys()}  # noqa: SIM118 (safe_open is no dict)
+        except (SafetensorError, OSError):
+            return None
     floats = {_SAFETENSORS_DTYPES.get(k) for k in kinds if k.startswith(("F", "BF"))}
     return getattr(torch, floats.pop()) if len(floats) == 1 and None not in floats else None
 
