@@ -64,7 +64,8 @@ def test_the_fp16_only_layout_is_read_in_its_stored_dtype(hub_artifacts: dict[st
 
 def test_mixed_dtypes_in_any_shard_are_loaded_cast(tmp_path: Path) -> None:
     """A checkpoint whose shards disagree (fp16 first, an fp32 tensor in the second) has no one stored dtype:
-    loading it in the first shard's would round the fp32 tensors, so it is loaded cast as before."""
+    loading it in the first shard's would round the fp32 tensors, so it is loaded cast as before. Files named
+    and indexed the way transformers writes an fp16-variant sharded checkpoint (``model.fp16-0000N-of-0000M``)."""
     from safetensors.torch import save_file
 
     index = {"metadata": {}, "weight_map": {"a": "model.fp16-00001-of-00002.safetensors",
@@ -133,7 +134,8 @@ def test_default_gpu_precision_caches_from_the_fp16_only_layout(hub_artifacts: d
 @pytest.fixture(scope="module")
 def wide_kolors(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, int]:
     """A Kolors in the fp16-only layout whose ChatGLM is wide enough (~270 MB) to measure: the tiny model
-    with a 1024-wide text encoder (the real vocab: embedding and output layer are most of the bytes)."""
+    with a 1024-wide text encoder (the real vocab: embedding and output layer are most of the bytes), written
+    by ``write_kolors_diffusers`` (the Kwai-Kolors/Kolors-diffusers file listing, docs/design.md §5)."""
     from diffusers import UNet2DConditionModel
 
     from kolors_job.tiny import _chatglm, _seeded
