@@ -11,7 +11,8 @@ job (``sources.fetch_dataset``). Two stages here, each small enough to test on i
   exactly as diffusers' ``train_text_to_image_lora_sdxl.py`` does.
 
 The filters mirror data-juicer's ``image_shape_filter`` / ``image_aspect_ratio_filter`` used by the
-reference workflow (docs/design.md §7), applied to the EXIF-oriented size (what a viewer shows).
+reference workflow (docs/design.md §7), applied to the size training reads (EXIF-oriented, what a viewer
+shows, with ``train.exif_orientation``; the stored size otherwise, as the reference).
 """
 
 from __future__ import annotations
@@ -157,7 +158,8 @@ _LIBC: Any = None
 
 @dataclass(frozen=True)
 class ImageItem:
-    """One kept training image. ``width``/``height`` are the EXIF-oriented size (as displayed)."""
+    """One kept training image. ``width``/``height``: its size as training reads it (EXIF-oriented, as displayed,
+    unless the scan was told not to turn images)."""
 
     path: Path
     caption: str
@@ -343,7 +345,8 @@ class _Verdict:
 
 
 def _inspect(
-    root: Path, root_real: str, rel: str, dspec: DatasetSpec, meta: Metadata, budget: _MemoryBudget
+    root: Path, root_real: str, rel: str, dspec: DatasetSpec, meta: Metadata, budget: _MemoryBudget,
+    exif: bool = True,
 ) -> _Verdict:
     """Judge one file; returns a verdict and never raises for anything a file can contain."""
     path = root / rel
@@ -362,7 +365,7 @@ def _inspect(
     except OSError:
         return _Verdict(rel, reason=SkipReason.UNREADABLE)  # dangling link, permission, vanished file
     try:
-        return _inspect_open(fh, path, rel, ext, dspec, root, root_real, meta, budget)
+        return _inspect_open(fh, path, rel, ext, dspec, root, root_real, meta, budget, exif)
     except UnidentifiedImageError:
         return _Verdict(rel, reason=SkipReason.NOT_IMAGE)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning, MemoryError):
@@ -375,7 +378,7 @@ def _inspect(
 
 def _inspect_open(
     fh: Any, path: Path, rel: str, ext: str, dspec: DatasetSpec, root: Path, root_real: str, meta: Metadata,
-    budget: _MemoryBudget,
+    budget: _MemoryBudget, exif: bool = True,
 ) -> _Verdict:
     f = dspec.filters
     with Image.open(fh, formats=_formats()) as img:
@@ -387,12 +390,12 @@ def _inspect_open(
         # PNG keeps EXIF wherever the writer put it; PIL decodes the whole image to find an eXIf
         # chunk after the pixel data. Do not decode just to filter: reject early only when both
         # orientations fail, and check again with the real orientation after the decode below.
-        late_exif = img.format == "PNG" and "exif" not in img.info
+        late_exif = exif and img.format == "PNG" and "exif" not in img.info
         if late_exif:
             if _filter_reason(w, h, f) and _filter_reason(h, w, f):
                 return _Verdict(rel, reason=_filter_reason(w, h, f))
         else:
-            w, h = _oriented_size(img, _orientation(img))
+            w, h = _oriented_size(img, _orientation(img)) if exif else (w, h)
             if reason := _filter_reason(w, h, f):
                 return _Verdict(rel, reason=reason)
         raw = caption_for(root, root_real, rel, dspec.caption, meta)
@@ -451,9 +454,12 @@ def _fetch_skips(root: Path) -> dict[str, list[str]]:
 
 
 def scan_dataset(
-    root: Path, spec: DatasetSpec, *, workers: int | None = None, memory_budget: int = DEFAULT_SCAN_MEMORY
+    root: Path, spec: DatasetSpec, *, workers: int | None = None, memory_budget: int = DEFAULT_SCAN_MEMORY,
+    exif_orientation: bool = True,
 ) -> DatasetScan:
     """Decide which files under ``root`` are training images, counting every rejection by reason.
+
+    The filters see each image as training will (``train.exif_orientation``: EXIF-turned, or as stored).
 
     Deterministic: candidates are visited in sorted relative-path order and ``max_images`` keeps
     the first N that pass. Headers are read with a thread pool (PIL releases the GIL while
@@ -483,7 +489,7 @@ def scan_dataset(
         while position < len(files) and (cap is None or scan.kept < cap):
             batch = files[position : position + chunk]
             position += len(batch)
-            for v in pool.map(lambda rel: _inspect(root, root_real, rel, spec, meta, budget), batch):
+            for v in pool.map(lambda rel: _inspect(root, root_real, rel, spec, meta, budget, exif_orientation), batch):
                 if v.ignored:
                     continue
                 if cap is not None and scan.kept >= cap:
@@ -553,6 +559,33 @@ def _randint(rng: random.Random | torch.Generator | None, high: int) -> int:
 _RESIZE_FILTERS = {"lanczos": Image.Resampling.LANCZOS, "bilinear": Image.Resampling.BILINEAR}
 
 
+def resized_size(width: int, height: int, resolution: int, resize_filter: str) -> tuple[int, int]:
+    """(w, h) once the short side is ``resolution``. ``bilinear`` sizes the long side as the reference's
+    ``torchvision.transforms.Resize(resolution)`` does (``int(res * long / short)``: rounded down; DiffSynth's
+    dataset of 2024-08); ``lanczos`` rounds it to the nearest pixel."""
+    short, long = min(width, height), max(width, height)
+    if resize_filter == "bilinear":
+        new_long = int(resolution * long / short)  # torchvision's _compute_resized_output_size
+        return (resolution, new_long) if width <= height else (new_long, resolution)
+    scale = resolution / short
+    return max(resolution, round(width * scale)), max(resolution, round(height * scale))
+
+
+def reencode_jpeg(img: Image.Image, times: int) -> Image.Image:
+    """The reference's data step: ``convert("RGB")``, then ``times`` saves as JPEG at PIL's default quality,
+    each read back (the notebook saves ``N.jpg`` from the dataset, then its filtered copy from that file)."""
+    import io
+
+    img = img.convert("RGB")
+    for _ in range(times):
+        buf = io.BytesIO()
+        img.save(buf, format="JPEG")
+        buf.seek(0)
+        img = Image.open(buf)
+        img.load()
+    return img.convert("RGB")  # DiffSynth's dataset: Image.open(path).convert("RGB")
+
+
 def load_image(
     item: ImageItem,
     resolution: int,
@@ -560,14 +593,18 @@ def load_image(
     flip: bool,
     rng: random.Random | torch.Generator | None = None,
     resize_filter: str = "lanczos",
+    *,
+    exif_orientation: bool = True,
+    jpeg_reencode: int = 0,
 ) -> tuple[torch.Tensor, tuple[int, int, int, int, int, int]]:
     """Load one training sample: CHW float32 in [-1, 1] and SDXL ``add_time_ids``.
 
-    Follows diffusers' ``train_text_to_image_lora_sdxl.py``: original size = the (EXIF-oriented)
-    size before resizing; shortest side resized to ``resolution``; optional flip; centre crop
-    (``round((H - res) / 2)``) or a random crop drawn from ``rng``; time ids =
-    ``(orig_h, orig_w, crop_top, crop_left, res, res)``. ``resize_filter``: ``lanczos`` or ``bilinear``
-    (the reference's: DiffSynth's dataset resizes with torchvision's BILINEAR, i.e. PIL's on a PIL image).
+    Follows diffusers' ``train_text_to_image_lora_sdxl.py``: original size = the size before resizing
+    (EXIF-oriented when ``exif_orientation``); shortest side resized to ``resolution``; optional flip; centre
+    crop (``round((H - res) / 2)``) or a random crop drawn from ``rng``; time ids =
+    ``(orig_h, orig_w, crop_top, crop_left, res, res)``. ``resize_filter``: ``lanczos`` or ``bilinear`` (the
+    reference's: see :func:`resized_size`). ``jpeg_reencode`` > 0 first puts the pixels through the
+    reference's JPEG data step (:func:`reencode_jpeg`) instead of :func:`_to_rgb8`.
     """
     import numpy as np
     import torch
@@ -577,13 +614,12 @@ def load_image(
     guard = _pil_guard(item.width * item.height) if limit and item.width * item.height > limit else None
     with guard or contextlib.nullcontext(), Image.open(item.path, formats=_formats()) as src:
         src.load()
-        orientation = _orientation(src)  # not ImageOps.exif_transpose: a malformed EXIF must not fail
+        # not ImageOps.exif_transpose: a malformed EXIF must not fail
+        orientation = _orientation(src) if exif_orientation else 1
         img = src.transpose(_TRANSPOSE_FOR_ORIENTATION[orientation]) if orientation != 1 else src.copy()
-    img = _to_rgb8(img)
+    img = reencode_jpeg(img, jpeg_reencode) if jpeg_reencode else _to_rgb8(img)
     orig_w, orig_h = img.size
-    scale = resolution / min(orig_w, orig_h)
-    new_w = max(resolution, round(orig_w * scale))
-    new_h = max(resolution, round(orig_h * scale))
+    new_w, new_h = resized_size(orig_w, orig_h, resolution, resize_filter)
     if (new_w, new_h) != (orig_w, orig_h):
         img = img.resize((new_w, new_h), _RESIZE_FILTERS[resize_filter])
     if flip:

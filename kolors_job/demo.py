@@ -61,7 +61,8 @@ def tiny_job(data: Path, output: str, overrides: Mapping[str, Any] | None = None
     ``overrides`` are dotted paths into ``spec`` (``{"train.steps": 4, "story.batch_size": 1}``).
     """
     spec: dict[str, Any] = {
-        "model": {"base": "tiny://kolors"},
+        # the tiny model's own VAE stands in for the reference's training VAE (sdxl-vae-fp16-fix)
+        "model": {"base": "tiny://kolors", "train_vae": "tiny://kolors"},
         "dataset": {"source": str(data), "filters": {"min_width": resolution, "min_height": resolution}},
         # validation at every checkpoint is on by default; a few steps keep the tiny jobs quick
         "train": {"resolution": resolution, "precision": "fp32", "validation": {"steps": 3}},

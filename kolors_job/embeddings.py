@@ -6,8 +6,8 @@ after caching they leave the GPU, so the UNet has it to itself. Why *these* tens
 * prompt embeddings come from ``KolorsPipeline.encode_prompt`` itself (256 tokens, ``hidden_states[-2]``
   sequence, last token of ``hidden_states[-1]`` pooled), so training is conditioned exactly like
   sampling. Re-implementing it is how trainers drift (wrong layer, wrong length, zeroed empties).
-* latents are cached as the encoder's Gaussian (mean, std), not one sample, so every step still
-  draws a fresh latent sample from a seeded generator, as an uncached trainer would.
+* latents are cached as the encoder's Gaussian (mean, std), not one sample, so every step can train on the
+  mean (the reference's) or draw a fresh latent sample from a seeded generator, as an uncached trainer would.
 """
 
 from __future__ import annotations
@@ -104,6 +104,8 @@ def cache_latents(
     batch_size: int = 8,
     progress: Any = None,
     resize_filter: str = "lanczos",
+    exif_orientation: bool = True,
+    jpeg_reencode: int = 0,
 ) -> dict[tuple[int, bool], LatentEntry]:
     """Encode every item once per flip variant; key ``(item index, flipped)``.
 
@@ -120,7 +122,8 @@ def cache_latents(
         i, flip = job
         # The rng is re-seeded per (seed, image): same crop offsets for both flips, whatever the order.
         pixel, time_ids = load_image(
-            items[i], resolution, center_crop, flip, random.Random(mix_seed(seed, "crop", i)), resize_filter
+            items[i], resolution, center_crop, flip, random.Random(mix_seed(seed, "crop", i)), resize_filter,
+            exif_orientation=exif_orientation, jpeg_reencode=jpeg_reencode,
         )
         return pixel, tuple(int(v) for v in time_ids)
 

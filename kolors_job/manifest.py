@@ -1,9 +1,11 @@
 """The job manifest: a typed, validated description of one LoRA-story job.
 
-Defaults are the reference "Kolors-LoRA style story" workflow's (DiffSynth-Studio 1.1.9; checked against its
-code by tests/test_reference_oracle.py, remaining differences listed in the README), so a manifest with only
-``spec.output.uri`` is a complete job. Unknown fields are errors: a typo such as
-``rnak: 4`` must fail loudly, not silently train with rank 16.
+Defaults are the reference "Kolors-LoRA style story" workflow's: the challenge notebook's story and
+settings, trained as DiffSynth-Studio's Kolors trainer did when the notebook ran it (2024-08). So a manifest
+with only ``spec.output.uri`` is the notebook's job, automated. ``spec.recipe: tuned`` swaps in kolors-job's
+own choices (:mod:`kolors_job.recipe`), each still settable on its own. tests/test_reference_oracle.py checks
+the resolved defaults against the reference's own sources (tests/reference/). Unknown fields are errors: a
+typo such as ``rnak: 4`` must fail loudly, not silently train with rank 16.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from kolors_job import storage
 from kolors_job.errors import ManifestError, StorageNotFoundError
 from kolors_job.export.registry import default_format_names, format_names
 from kolors_job.models import SCHEDULERS
+from kolors_job.recipe import REFERENCE_TRAIN_VAE, RecipeName, fill_switches
 from kolors_job.redact import redact_uri
 from kolors_job.sources import HUB_SCHEMES, check_hub_uri, source_schemes
 
@@ -84,8 +87,12 @@ class ModelSpec(_Strict):
     or ``tiny://kolors``."""
     vae: ModelUri | None = None
     """Optional VAE override, e.g. ``modelscope://AI-ModelScope/sdxl-vae-fp16-fix`` for fp16 decode."""
+    train_vae: ModelUri | None = REFERENCE_TRAIN_VAE
+    """The VAE that encodes the *training* images only (the story decodes with ``vae`` or the model's own).
+    The reference's: ``sdxl-vae-fp16-fix``, which DiffSynth's Kolors trainer encodes with, in fp16. ``null``:
+    the story's VAE (recipe ``tuned``), in fp32 when training in fp16 unless its config says fp16 is safe."""
 
-    @field_validator("base", "vae")
+    @field_validator("base", "vae", "train_vae")
     @classmethod
     def _uri(cls, v: str | None) -> str | None:
         return None if v is None else _check_uri(v, source_schemes())
@@ -161,16 +168,29 @@ class TrainSpec(_Strict):
     resolution: int = Field(1024, ge=64, le=4096, multiple_of=8)
     center_crop: bool = True
     random_flip: bool = False
-    resize_filter: Literal["lanczos", "bilinear"] = "lanczos"
+    resize_filter: Literal["lanczos", "bilinear"] = "bilinear"
     """The filter that resizes a training image's short side to ``resolution``: ``bilinear`` is the
-    reference's (softer), ``lanczos`` keeps more of the detail when downscaling."""
-    latent: Literal["sample", "mean"] = "sample"
-    """What a training image becomes each step: a fresh draw from its VAE posterior, or the posterior's mean
-    (the reference: DiffSynth's VAE encoder returns the mean)."""
-    time_ids: Literal["crop", "target"] = "crop"
-    """SDXL's size conditioning in training: ``crop``, each image's real size and crop offset (SDXL's design:
-    sampling then asks for an uncropped image); ``target``, always ``(res, res, 0, 0, res, res)`` like the
-    reference (DiffSynth's ``prepare_extra_input`` reads the cropped latent's size)."""
+    reference's (torchvision's ``Resize(res, BILINEAR)`` on the PIL image, its long side rounded down, as
+    DiffSynth's dataset does); ``lanczos`` (recipe ``tuned``) keeps more of the detail when downscaling."""
+    latent: Literal["sample", "mean"] = "mean"
+    """What a training image becomes each step: the posterior's mean (the reference: DiffSynth's VAE encoder
+    returns it), or a fresh draw from its VAE posterior (``tuned``)."""
+    time_ids: Literal["crop", "target"] = "target"
+    """SDXL's size conditioning in training: ``target``, always ``(res, res, 0, 0, res, res)`` like the
+    reference (DiffSynth's ``prepare_extra_input`` reads the cropped latent's size); ``crop`` (``tuned``),
+    each image's real size and crop offset (SDXL's design: sampling then asks for an uncropped image)."""
+    data_order: Literal["random", "shuffle"] = "random"
+    """Which image each sample is: ``random``, an independent uniform draw (with replacement) per sample, as
+    DiffSynth's dataset picks one per item; ``shuffle`` (``tuned``), a fresh permutation per epoch, so every
+    image is seen once an epoch. Both are pure functions of (seed, sample index): resume and DDP agree."""
+    exif_orientation: bool = False
+    """Turn images as their EXIF orientation says (as a viewer shows them; ``tuned``), for the filters and
+    for training. The reference does not: its data step re-saves every image without EXIF and its dataset
+    reads the pixels as stored."""
+    jpeg_reencode: int = Field(2, ge=0, le=4)
+    """Times each training image is saved as JPEG at PIL's default quality (after ``convert("RGB")``) and
+    read back before it is resized: 2 is the reference's data step (``N.jpg``, then its filtered copy);
+    0 (``tuned``) trains on the original bytes."""
     precision: Precision = "auto"
     """``auto``: fp16 mixed precision on CUDA (GradScaler, fp32 LoRA weights), like the reference's Lightning
     ``16-mixed``; fp32 on CPU. ``bf16`` trades the GradScaler for bf16's range."""
@@ -179,7 +199,9 @@ class TrainSpec(_Strict):
     target_modules: list[str] = Field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"], min_length=1)
     init_lora_weights: Literal["default", "gaussian"] = "gaussian"
     """peft's init of LoRA A (B starts at zero either way): ``gaussian`` (std 1/rank) is what DiffSynth's Kolors
-    trainer uses; ``default`` is peft's Kaiming-uniform."""
+    trainer hard-coded when the notebook ran it (``add_lora_to_model``, 2024-07-26 to 2024-10-11); from then on
+    to 1.1.9 its ``--init_lora_weights`` defaults to ``kaiming``, which is ``default`` here (peft's
+    Kaiming-uniform)."""
     optimizer: Literal["adamw", "adamw8bit"] = "adamw"
     weight_decay: float = Field(1e-2, ge=0)
     max_grad_norm: float | None = Field(None, gt=0)
@@ -222,23 +244,27 @@ class Frame(_Strict):
     negative_prompt: str | None = Field(None, max_length=MAX_PROMPT_CHARS)
     """Replaces the story's negative prompt for this frame."""
     negative_prompt_extra: str | None = Field(None, max_length=MAX_PROMPT_CHARS)
-    """Appended to the story's negative prompt with "，" (the reference does this on frame 3)."""
+    """Appended to the story's negative prompt with "，" (the reference does this on frames 3 and 4)."""
 
 
 def _reference_frames() -> list[Frame]:
-    hands = "扭曲的手指，多余的手指"
+    """The challenge notebook's eight frames, in its order (sources: tests/reference/reference.yaml)."""
     rows = [
         ("二次元，一个紫色短发小女孩，在家中沙发上坐着，双手托着腮，很无聊，全身，粉色连衣裙", 0, None),
         (
-            "二次元，日系动漫，演唱会的观众席，人山人海，一个紫色短发小女孩穿着粉色吊带漏肩连衣裙，"
-            "在演唱会的观众席，舞台上衣着华丽的歌星们在唱歌",
+            "二次元，日系动漫，演唱会的观众席，人山人海，一个紫色短发小女孩穿着粉色吊带漏肩连衣裙坐在演唱会的观众席，"
+            "舞台上衣着华丽的歌星们在唱歌",
             1,
             None,
         ),
-        ("二次元，一个紫色短发小女孩穿着粉色吊带漏肩连衣裙，对着流星许愿，闭着眼睛，十指交叉，侧面", 2, hands),
-        ("二次元，一个紫色中等长度头发小女孩穿着粉色吊带漏肩连衣裙，在练习室练习唱歌", 5, None),
-        ("二次元，一个紫色长发小女孩穿着粉色吊带漏肩连衣裙，在练习室练习唱歌，手持话筒", 0, None),
-        ("二次元，一个紫色长发大女孩穿着粉色吊带漏肩连衣裙，开心的走在路上", 1, None),
+        ("二次元，一个紫色短发小女孩穿着粉色吊带漏肩连衣裙坐在演唱会的观众席，露出憧憬的神情", 2, "色情擦边"),
+        (
+            "二次元，一个紫色短发小女孩穿着粉色吊带漏肩连衣裙，对着流星许愿，闭着眼睛，十指交叉，侧面",
+            5,
+            "扭曲的手指，多余的手指",
+        ),
+        ("二次元，一个紫色中等长度头发小女孩穿着粉色吊带漏肩连衣裙，在练习室练习唱歌", 0, None),
+        ("二次元，一个紫色长发小女孩穿着粉色吊带漏肩连衣裙，在练习室练习唱歌，手持话筒", 1, None),
         ("二次元，紫色长发少女，穿着黑色连衣裙，试衣间，心情忐忑", 7, None),
         ("二次元，紫色长发少女，穿着黑色礼服，连衣裙，在台上唱歌", 0, None),
     ]
@@ -291,6 +317,11 @@ class StorySpec(_Strict):
     batch_size: int = Field(8, ge=1, le=64)
     """Frames per pipeline call; each frame keeps its own seeded generator, so batching never changes pixels."""
     compile: bool = False
+    tiling: Literal["notebook", "lanczos"] = "notebook"
+    """How ``story.jpg`` is made from the frames (4 rows of 2, resized to 1024×2048 either way): ``notebook``
+    as the reference does it (each frame saved as ``N.jpg`` at PIL's default quality and read back, tiled
+    with numpy, resized with PIL's default filter); ``lanczos`` (``tuned``) tiles the lossless frames and
+    resizes with Lanczos."""
 
     def negative_for(self, frame: Frame) -> str:
         base = frame.negative_prompt if frame.negative_prompt is not None else self.negative_prompt
@@ -331,6 +362,11 @@ class OutputSpec(_Strict):
 
 
 class Spec(_Strict):
+    recipe: RecipeName = "reference"
+    """``reference``: every choice as the challenge notebook and DiffSynth's trainer made it (the story,
+    bilinear resize, posterior mean, constant time ids, JPEG re-encoding, a random image per step, no EXIF
+    turn, the fp16-fix VAE for encoding, notebook tiling); ``tuned``: kolors-job's own choices for those
+    switches (README: "Differences from the reference"). A switch the manifest sets keeps its value."""
     model: ModelSpec = ModelSpec()
     dataset: DatasetSpec = DatasetSpec()
     train: TrainSpec = TrainSpec()
@@ -341,6 +377,13 @@ class Spec(_Strict):
     """``auto``: the GPU when CUDA is usable — a full-size model without one stops before any download
     (exit 4) unless ``--allow-cpu``; ``cpu``: run on the CPU on purpose (hours for a full-size job);
     ``cuda``: require a GPU."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _recipe(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("recipe") in ("reference", "tuned"):
+            return fill_switches(data, data["recipe"])
+        return data
 
     @model_validator(mode="after")
     def _validation_frames(self) -> Spec:

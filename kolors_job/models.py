@@ -31,12 +31,14 @@ __all__ = [
     "KolorsComponents",
     "Sampler",
     "load_kolors_components",
+    "load_vae",
     "make_pipeline",
     "make_scheduler",
     "place",
     "reference_timesteps",
     "sampler_timesteps",
     "stored_dtype",
+    "vae_force_upcast",
 ]
 
 M = TypeVar("M", bound="torch.nn.Module")
@@ -150,6 +152,32 @@ def place(module: M, device: torch.device | str, dtype: torch.dtype) -> M:
     return torch.nn.Module.to(module, device=device, dtype=dtype)  # type: ignore[return-value]
 
 
+def load_vae(folder: Path, dtype: torch.dtype, *, cast: bool = True) -> AutoencoderKL:
+    """An ``AutoencoderKL`` from ``folder`` on the CPU (weights and ``cast`` as in
+    :func:`load_kolors_components`); one line naming the folder when it cannot be loaded."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    files, variant = local_weights(folder, DIFFUSERS_WEIGHTS, prefer_fp16=dtype != torch.float32)
+    held = None if cast else stored_dtype(folder, files)
+    try:
+        return AutoencoderKL.from_pretrained(
+            folder, torch_dtype=held or dtype, **({"variant": variant} if variant else {})
+        )
+    except (OSError, ValueError, KeyError) as exc:
+        raise InputError(f"cannot load the VAE from {folder}: {one_line(exc)}") from exc
+
+
+def vae_force_upcast(folder: Path) -> bool:
+    """The VAE config's ``force_upcast`` (diffusers' default: true): false only for a VAE made for fp16, such
+    as ``sdxl-vae-fp16-fix``; the stock SDXL/Kolors VAE overflows in fp16."""
+    try:
+        config = json.loads((Path(folder) / "config.json").read_text())
+    except (OSError, ValueError):
+        return True
+    return bool(config.get("force_upcast", True)) if isinstance(config, dict) else True
+
+
 def load_kolors_components(
     path: Path,
     *,
@@ -168,7 +196,7 @@ def load_kolors_components(
     """
     import diffusers
     import torch
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from diffusers import DDPMScheduler, UNet2DConditionModel
     from diffusers.pipelines.kolors.text_encoder import ChatGLMModel
     from diffusers.pipelines.kolors.tokenizer import ChatGLMTokenizer
 
@@ -192,9 +220,7 @@ def load_kolors_components(
     unet_kw, unet_dtype = weights(path / "unet", DIFFUSERS_WEIGHTS, dtype)
     unet = load("UNet", UNet2DConditionModel.from_pretrained, path, subfolder="unet", torch_dtype=unet_dtype,
                 **unet_kw)
-    vae_dir = Path(vae_path) if vae_path is not None else path / "vae"
-    vae_kw, vae_held = weights(vae_dir, DIFFUSERS_WEIGHTS, vae_dtype)
-    vae = load("VAE", AutoencoderKL.from_pretrained, vae_dir, torch_dtype=vae_held, **vae_kw)
+    vae = load_vae(Path(vae_path) if vae_path is not None else path / "vae", vae_dtype, cast=cast)
     te_kw, te_dtype = weights(path / "text_encoder", TRANSFORMERS_WEIGHTS, dtype)
     text_encoder = load("text encoder", ChatGLMModel.from_pretrained, path / "text_encoder", dtype=te_dtype,
                         **te_kw)

@@ -137,6 +137,39 @@ def tile_story(
     return grid
 
 
+STORY_COLS, STORY_SIZE = 2, (1024, 2048)
+"""The notebook's story.jpg: rows of 2 frames, the grid resized to 1024 wide x 2048 high."""
+
+
+def tile_frames(images: Sequence[Image.Image], tiling: str = "notebook") -> Image.Image:
+    """``story.jpg``'s picture, made the way ``story.tiling`` says (``notebook`` or ``lanczos``)."""
+    if tiling == "lanczos":
+        return tile_story(images, cols=STORY_COLS, size=STORY_SIZE)
+    return tile_like_notebook(images, cols=STORY_COLS, size=STORY_SIZE)
+
+
+def tile_like_notebook(
+    images: Sequence[Image.Image], cols: int = STORY_COLS, size: tuple[int, int] = STORY_SIZE
+) -> Image.Image:
+    """The challenge notebook's tiling cell: every frame saved as ``N.jpg`` (PIL's default JPEG quality) and
+    read back with ``np.array(Image.open(...))``, each row of ``cols`` frames joined with ``np.concatenate``,
+    the rows stacked, and ``Image.fromarray(grid).resize(size)`` with PIL's default filter. A last row that
+    is not full is padded with white (the notebook only ever tiles 8)."""
+    import numpy as np
+
+    if not images:
+        raise ValueError("tile_like_notebook needs at least one image")
+    arrays = []
+    for img in images:
+        buf = io.BytesIO()
+        _rgb(img).save(buf, format="JPEG")
+        buf.seek(0)
+        arrays.append(np.array(Image.open(buf)))
+    arrays += [np.full_like(arrays[0], 255)] * (-len(arrays) % cols)
+    rows = [np.concatenate(arrays[i : i + cols], axis=1) for i in range(0, len(arrays), cols)]
+    return Image.fromarray(np.concatenate(rows, axis=0)).resize(size)
+
+
 # --------------------------------------------------------------------------------------------- writing
 
 

@@ -25,6 +25,7 @@ __all__ = [
     "Device",
     "Frame",
     "Model",
+    "Recipe",
     "Report",
     "Sampler",
     "Score",
@@ -49,8 +50,20 @@ class Model(_Section):
 
     base: str | None = None
     vae: str | None = None
+    train_vae: str | None = None
+    """The VAE that encoded the training images (``model.train_vae``), when not the story's."""
     random_weights: bool | None = None
     """True for ``tiny://`` weights: the HTML shows a warning banner."""
+
+
+class Recipe(_Section):
+    """``kolors_job.recipe.describe``: which recipe ran and every switch's value."""
+
+    name: str | None = None
+    switches: dict[str, Any] | None = None
+    """Switch path (``train.resize_filter``...) → the value this run used."""
+    overridden: list[str] | None = None
+    """The switches the manifest set away from its recipe's value."""
 
 
 class Source(_Section):
@@ -185,6 +198,7 @@ class Report(_Section):
     """UTC, ``YYYY-MM-DDTHH:MM:SSZ``."""
     output: str | None = None
     """The job's output URI (credentials redacted)."""
+    recipe: Recipe | None = None
     model: Model | None = None
     sources: list[Source] | None = None
     dataset: Dataset | None = None

@@ -274,6 +274,8 @@ class ResolvedModels:
     random_weights: bool
     sources: list[dict[str, Any]] = field(default_factory=list)
     """Per source: uri, commit, bytes downloaded vs reused (report.json ``sources``)."""
+    train_vae: Path | None = None
+    """``model.train_vae``: the VAE that encodes the training images (the reference's sdxl-vae-fp16-fix)."""
 
 
 def check_device(job: Job, *, full_size: bool, uri: str) -> None:
@@ -291,7 +293,8 @@ def check_device(job: Job, *, full_size: bool, uri: str) -> None:
 
 
 def resolve_models(job: Job) -> ResolvedModels:
-    """List, check and fetch the three models; a hub model is sized before it is downloaded."""
+    """List, check and fetch the models (Kolors, the VAEs the manifest names, the aesthetic predictor); a hub
+    model is sized before it is downloaded."""
     from kolors_job.sources import fetch_model, is_full_size, plan_model
 
     spec = job.manifest.spec
@@ -311,6 +314,12 @@ def resolve_models(job: Job) -> ResolvedModels:
     if spec.model.vae:
         vae, vae_src = fetch_model(spec.model.vae, kind="vae", settings=job.settings, prefer_fp16=prefer_fp16)
         sources.append(vae_src)
+    train_vae = None
+    if spec.model.train_vae:
+        train_vae, train_vae_src = fetch_model(
+            spec.model.train_vae, kind="vae", settings=job.settings, prefer_fp16=prefer_fp16
+        )
+        sources.append(train_vae_src)
     aesthetic, aesthetic_src = fetch_model(spec.score.aesthetic_model, kind="aesthetic", settings=job.settings)
     sources.append(aesthetic_src)
     for src in sources:
@@ -319,7 +328,7 @@ def resolve_models(job: Job) -> ResolvedModels:
             _mb(src.bytes_downloaded), _mb(src.bytes_reused), extra={"commit": src.commit},
         )
     random_weights = any(u.startswith("tiny://") for u in (spec.model.base, spec.score.aesthetic_model))
-    return ResolvedModels(base, vae, aesthetic, random_weights, [s.to_dict() for s in sources])
+    return ResolvedModels(base, vae, aesthetic, random_weights, [s.to_dict() for s in sources], train_vae)
 
 
 def _mb(n: int) -> str:
@@ -334,7 +343,10 @@ def run_dataset(job: Job) -> tuple[Any, dict[str, Any]]:
     spec = job.manifest.spec.dataset
     started = time.time()
     root = fetch_dataset(spec, job.settings)
-    scan = scan_dataset(root, spec, memory_budget=job.settings.scan_memory_mb << 20)
+    scan = scan_dataset(
+        root, spec, memory_budget=job.settings.scan_memory_mb << 20,
+        exif_orientation=job.manifest.spec.train.exif_orientation,
+    )
     summary = scan.report(spec.source).to_dict()
     if (record := source_record(root, since=started)) is not None:
         summary["fetched"] = record  # commit and bytes, as report.json's sources has them for models
@@ -392,7 +404,8 @@ def run_train(job: Job, models: ResolvedModels, items: list[Any], scorer: Any = 
             checkpoints.prune(job.store, keep=spec.output.keep_checkpoints, protect={best} - {None})
 
     result = train_lora(
-        models.base, items, spec.train, work_dir=job.work / "train", vae_dir=models.vae, device=job.device,
+        models.base, items, spec.train, work_dir=job.work / "train", vae_dir=models.vae,
+        train_vae_dir=models.train_vae, device=job.device,
         resume_from=resume_from, on_checkpoint=on_checkpoint, should_stop=job.stop, progress=job.progress,
         caption_dropout=spec.dataset.caption.dropout, validator=validator,
     )
@@ -478,14 +491,15 @@ def run_report(
     from kolors_job import report_model as rm
     from kolors_job.export import write_model_card
     from kolors_job.generate import sampler_record
-    from kolors_job.report import device_info, package_versions, tile_story, write_report
+    from kolors_job.recipe import describe
+    from kolors_job.report import device_info, package_versions, tile_frames, write_report
     from kolors_job.submission import build_submission, check_submission
     from kolors_job.validation import fetch_images
 
     spec = job.manifest.spec
     story_path = job.work / "story.jpg"
-    # the reference notebook: 4 rows of 2 frames, resized to 1024 wide x 2048 high
-    tile_story(images, cols=2, size=(1024, 2048)).save(story_path, quality=92)
+    # the reference notebook: 4 rows of 2 frames, resized to 1024 wide x 2048 high (story.tiling says how)
+    tile_frames(images, spec.story.tiling).save(story_path, quality=92)
 
     for f, s in zip(frames, scores.per_image, strict=True):
         f["score"] = s
@@ -506,6 +520,7 @@ def run_report(
         model=rm.Model(
             base=redact_uri(spec.model.base),
             vae=redact_uri(spec.model.vae) if spec.model.vae else None,
+            train_vae=redact_uri(spec.model.train_vae) if spec.model.train_vae else None,
             random_weights=models.random_weights,
         ),
         sources=[rm.Source.model_validate(s) for s in sources],
@@ -522,6 +537,7 @@ def run_report(
         validation=[rm.ValidationPoint.model_validate(p) for p in train.get("validation") or []],
         selected_checkpoint=rm.SelectedCheckpoint.model_validate(train["selected_checkpoint"])
         if train.get("selected_checkpoint") else None,
+        recipe=rm.Recipe.model_validate(describe(spec)),
         timings=dict(job.timings),
         device=rm.Device.model_validate(device_info()),
         versions=package_versions(),

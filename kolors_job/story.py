@@ -25,6 +25,7 @@ def run_story(job: Job, models: ResolvedModels, scorer: Any) -> list[dict[str, A
     each rank draws its share, and rank 0 gathers the PNGs, keeps them and alone uploads them.
     """
     from kolors_job.generate import generate_story, sampler_record
+    from kolors_job.recipe import describe
 
     spec = job.manifest.spec.story
     n_frames = len(spec.frames)
@@ -72,6 +73,7 @@ def run_story(job: Job, models: ResolvedModels, scorer: Any) -> list[dict[str, A
     if not job.main:
         return []
     prompts = {
+        "recipe": describe(job.manifest.spec),
         "negative_prompt": spec.negative_prompt,
         "sampler": {
             **sampler_record(models.base, spec, job.device),

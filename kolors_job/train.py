@@ -12,7 +12,8 @@
    checkpoint hooks; :func:`resume` from a checkpoint when given one.
 4. the loop: :func:`train_step` is one optimizer step. Every random choice of a sample (latent draw,
    noise, timestep, caption dropout, flip) comes from a generator seeded by ``(seed, global sample
-   index)`` and the data order from one permutation per epoch, so the run is a pure function of the
+   index)`` and the data order from the seed too (a random image per sample, or one permutation per epoch:
+   ``train.data_order``), so the run is a pure function of the
    seed and the step: resuming from a checkpoint, or splitting a batch across DDP ranks, sees exactly
    the same samples and noise.
 5. checkpoint (see :mod:`kolors_job.checkpoints`) every ``checkpoint_every`` steps, at the end, and
@@ -23,7 +24,8 @@
 
 Kolors-specific conditions (each one a bug in some trainer): ChatGLM embeddings exactly as sampling
 computes them (256 tokens, penultimate layer, pooled last token), no second text encoder, SDXL's six
-``add_time_ids`` from each image's real resize/crop, the model's own noise schedule (scaled_linear
+``add_time_ids`` (the reference's constant ``(res, res, 0, 0, res, res)`` or each image's real resize/crop:
+``train.time_ids``), the model's own noise schedule (scaled_linear
 0.00085→0.014 over 1100 steps, t drawn from all of them), epsilon or v-prediction per its config.
 """
 
@@ -216,6 +218,7 @@ def train_lora(
     *,
     work_dir: Path,
     vae_dir: Path | None = None,
+    train_vae_dir: Path | None = None,
     device: str | None = None,
     resume_from: Path | None = None,
     on_checkpoint: Callable[[Path, int], None] | None = None,
@@ -257,7 +260,8 @@ def train_lora(
     # 2. Caches: the text encoder and the VAE are done (and gone) before the LoRA exists.
     weight_dtype = weight_dtype_for(precision)
     caches = build_caches(
-        Path(model_dir), items, spec, vae_dir=vae_dir, precision=precision, weight_dtype=weight_dtype,
+        Path(model_dir), items, spec, vae_dir=vae_dir, train_vae_dir=train_vae_dir, precision=precision,
+        weight_dtype=weight_dtype,
         dev=dev, caption_dropout=caption_dropout, extra_texts=validator.texts() if validator else (),
         keep_for_sampling=bool(validator and validator.every),
     )
@@ -269,8 +273,8 @@ def train_lora(
     unet, optimizer = prepare(accelerator, caches.unet, optimizer, lr_scheduler, spec)
     run = Run(
         accelerator, spec, unet, optimizer, lr_scheduler, params, caches.noise_scheduler,
-        SampleStream(len(items), spec.seed), items, caches.latents, caches.prompts, caches.scaling_factor,
-        caches.prediction_type, caches.num_train_timesteps, weight_dtype, caption_dropout,
+        SampleStream(len(items), spec.seed, spec.data_order), items, caches.latents, caches.prompts,
+        caches.scaling_factor, caches.prediction_type, caches.num_train_timesteps, weight_dtype, caption_dropout,
         validator, caches.sampling, caches.texts,
     )
     del caches, unet, optimizer, lr_scheduler, params
@@ -542,6 +546,9 @@ def _fingerprint(
         "latent",
         "time_ids",
         "resize_filter",
+        "data_order",
+        "exif_orientation",
+        "jpeg_reencode",
         "optimizer",
         "weight_decay",
         "max_grad_norm",
@@ -574,6 +581,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--spec-json", type=Path, help="TrainSpec as JSON (defaults otherwise)")
     p.add_argument("--work-dir", required=True, help="'{rank}' in it is replaced by the process rank")
     p.add_argument("--vae-dir", type=Path)
+    p.add_argument("--train-vae-dir", type=Path, help="the VAE that encodes the training images (model.train_vae)")
     p.add_argument("--device")
     p.add_argument("--resume-from", type=Path)
     p.add_argument("--caption-dropout", type=float, default=0.0)
@@ -593,6 +601,7 @@ def main(argv: list[str] | None = None) -> int:
         spec,
         work_dir=Path(args.work_dir.format(rank=rank)),
         vae_dir=args.vae_dir,
+        train_vae_dir=args.train_vae_dir,
         device=args.device,
         resume_from=args.resume_from,
         caption_dropout=args.caption_dropout,

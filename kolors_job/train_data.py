@@ -57,6 +57,7 @@ def build_caches(
     spec: TrainSpec,
     *,
     vae_dir: Path | None,
+    train_vae_dir: Path | None = None,
     precision: str,
     weight_dtype: torch.dtype,
     dev: torch.device,
@@ -65,14 +66,19 @@ def build_caches(
     keep_for_sampling: bool = False,
 ) -> Caches:
     """Load, encode captions (and ``extra_texts``), cache latents; then the text encoder leaves, and the VAE
-    too unless ``keep_for_sampling`` (validation decodes with it: kept on the CPU)."""
-    from kolors_job.models import load_kolors_components, make_pipeline, place
+    too unless ``keep_for_sampling`` (validation decodes with it: kept on the CPU).
 
-    # fp16 overflows in the SDXL VAE unless it is the fp16-fix one; bf16 has the range.
-    vae_dtype = torch.float32 if precision == "fp16" and vae_dir is None else weight_dtype
+    ``train_vae_dir`` (``model.train_vae``) encodes the images instead of the story's VAE (``vae_dir`` or the
+    model's own), and is dropped once the latents are cached."""
+    from kolors_job.models import load_kolors_components, load_vae, make_pipeline, place, vae_force_upcast
+
+    story_vae_dir = Path(vae_dir) if vae_dir is not None else Path(model_dir) / "vae"
+    encoder_dir = Path(train_vae_dir) if train_vae_dir is not None else story_vae_dir
+    vae_dtype = vae_encode_dtype(precision, weight_dtype, force_upcast=vae_force_upcast(encoder_dir))
     # Uncast: every rank maps the same files and each module is cast on its way to the device (place).
     comps = load_kolors_components(
-        Path(model_dir), vae_path=vae_dir, dtype=weight_dtype, vae_dtype=vae_dtype, cast=False
+        Path(model_dir), vae_path=vae_dir, dtype=weight_dtype,
+        vae_dtype=vae_dtype if train_vae_dir is None else weight_dtype, cast=False,
     )
     pipe = make_pipeline(comps)
     captions = [it.caption for it in items] + ([""] if caption_dropout > 0 else [])
@@ -84,7 +90,8 @@ def build_caches(
     # ChatGLM (12.5 GB in bf16) is done: free it before the VAE encodes 1024² images (16 GB cards).
     pipe.text_encoder = comps.text_encoder = None
     _free(dev)
-    vae = place(comps.vae, dev, vae_dtype)
+    encoder = comps.vae if train_vae_dir is None else load_vae(encoder_dir, vae_dtype, cast=False)
+    vae = place(encoder, dev, vae_dtype)
     scaling_factor = float(vae.config.scaling_factor)
     flips = (False, True) if spec.random_flip else (False,)
     t0 = time.monotonic()
@@ -98,20 +105,30 @@ def build_caches(
         device=dev,
         dtype=vae_dtype,
         resize_filter=spec.resize_filter,
+        exif_orientation=spec.exif_orientation,
+        jpeg_reencode=spec.jpeg_reencode,
     )
     log.info("cached latents", extra={"latents": len(latents), "seconds": round(time.monotonic() - t0, 3)})
     unet: UNet2DConditionModel = comps.unet
     noise_scheduler = comps.noise_scheduler
     sampling = None
     if keep_for_sampling:
-        comps.vae = vae.to("cpu")
+        if train_vae_dir is None:
+            comps.vae = vae.to("cpu")
         sampling = comps
-    del pipe, vae, comps
+    del pipe, vae, encoder, comps
     _free(dev)
     prediction_type, num_train_timesteps = _check_model(unet, noise_scheduler, prompts)
     return Caches(
         unet, noise_scheduler, prompts, latents, scaling_factor, prediction_type, num_train_timesteps, texts, sampling
     )
+
+
+def vae_encode_dtype(precision: str, weight_dtype: torch.dtype, *, force_upcast: bool) -> torch.dtype:
+    """The dtype the VAE encodes training images in: the training dtype (the reference's: DiffSynth casts its
+    fp16-fix encoder to it, fp16 under ``16-mixed``), except fp32 for an fp16 run whose VAE overflows in fp16
+    (its config's ``force_upcast``, as diffusers' pipelines read it: the stock SDXL/Kolors VAE)."""
+    return torch.float32 if precision == "fp16" and force_upcast else weight_dtype
 
 
 def _check_model(
@@ -143,17 +160,25 @@ def _free(dev: torch.device) -> None:
 class SampleStream:
     """Maps a global sample index to (item, random draws); the same index always gives the same sample.
 
-    Epoch ``e`` visits the items in ``randperm(n, seed(seed, e))``. Sample ``g`` of the run is position
-    ``g % n`` of epoch ``g // n``; a DDP rank takes the indices of its slice of each step. Nothing
+    ``order="shuffle"``: epoch ``e`` visits the items in ``randperm(n, seed(seed, e))``, sample ``g`` of the
+    run being position ``g % n`` of epoch ``g // n``. ``order="random"`` (the reference's, ``train.data_order``):
+    sample ``g`` is an independent uniform draw from ``seed(seed, g)``, with replacement, as DiffSynth's
+    dataset picks ``randint(0, n)`` per item. A DDP rank takes the indices of its slice of each step. Nothing
     depends on what ran before, which is what makes resume and DDP splits bit-reproducible.
     """
 
-    def __init__(self, n_items: int, seed: int) -> None:
+    def __init__(self, n_items: int, seed: int, order: str = "shuffle") -> None:
+        if order not in ("shuffle", "random"):
+            raise ValueError(f"unknown data order {order!r}")
         self.n = n_items
         self.seed = seed
+        self.order = order
         self._perms: dict[int, list[int]] = {}
 
     def item(self, g: int) -> int:
+        if self.order == "random":
+            gen = torch.Generator().manual_seed(mix_seed(self.seed, "item", g))
+            return int(torch.randint(0, self.n, (), generator=gen))
         epoch, pos = divmod(g, self.n)
         if epoch not in self._perms:
             gen = torch.Generator().manual_seed(mix_seed(self.seed, "epoch", epoch))

@@ -22,7 +22,7 @@ import yaml
 from kolors_job.errors import ExitCode
 from tests.hub_servers import hf_hub as hf_ids
 from tests.hub_servers import modelscope_hub as ms_ids
-from tests.hub_servers.artifacts import fp16_loader_files
+from tests.hub_servers.artifacts import VAE_FP16_FIX_FILES, fp16_loader_files
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -88,6 +88,12 @@ def test_default_manifest_on_the_modelscope_emulator(modelscope_env, tmp_path: P
     assert dataset_src["commit"] == anime.commit
     assert dataset_src["bytes_downloaded"] == sum(hub.downloads(ms_ids.ANIME_ID).values())
     assert len(report["story"]["frames"]) == 8 and all(0.0 <= f["score"] <= 10.0 for f in report["story"]["frames"])
+    # the reference recipe's training VAE: the one file DiffSynth's download_models fetches, + its config
+    vae_files = hub.downloads(ms_ids.VAE_FP16_FIX_ID)
+    assert sorted(vae_files) == sorted(VAE_FP16_FIX_FILES)
+    vae_src = sources[f"modelscope://{ms_ids.VAE_FP16_FIX_ID}"]
+    assert vae_src["kind"] == "vae" and vae_src["bytes_downloaded"] == sum(vae_files.values())
+    assert report["recipe"]["name"] == "reference" and report["model"]["train_vae"] == vae_src["uri"]
 
     # a second job on the same cache downloads nothing, and says the bytes were reused
     hub.reset_downloads()
@@ -105,7 +111,7 @@ def test_a_job_on_a_local_copy_in_the_fp16_only_layout(hub_artifacts, tmp_path: 
     """The issue's reproduction: Kolors-diffusers' fp16-only files in a plain folder as ``model.base``."""
     spec = {
         "output": {"uri": str(tmp_path / "out")},
-        "model": {"base": str(hub_artifacts["kolors"])},
+        "model": {"base": str(hub_artifacts["kolors"]), "train_vae": str(hub_artifacts["vae_fp16_fix"])},
         "score": {**SMALL["score"], "aesthetic_model": str(hub_artifacts["predictor"])},
         "train": SMALL["train"],
         "story": SMALL["story"],
@@ -128,7 +134,7 @@ def _hf_spec(tmp_path: Path) -> dict[str, Any]:
     """The small job with every source on the Hugging Face emulator."""
     return {
         "output": {"uri": str(tmp_path / "out")},
-        "model": {"base": f"hf://{hf_ids.KOLORS_ID}"},
+        "model": {"base": f"hf://{hf_ids.KOLORS_ID}", "train_vae": f"hf://{hf_ids.VAE_FP16_FIX_ID}"},
         "dataset": {"source": f"hf://{hf_ids.ANIME_ID}"},
         "score": {**SMALL["score"], "aesthetic_model": f"hf://{hf_ids.PREDICTOR_ID}"},
         "train": SMALL["train"],
@@ -151,6 +157,32 @@ def test_default_manifest_with_hf_sources_on_the_hf_emulator(hf_env, tmp_path: P
         "README.md", "data/train-00000-of-00002.parquet", "data/train-00001-of-00002.parquet",
     ]
     assert report["dataset"]["kept"] == 3
+    assert sorted(hub.downloads(hf_ids.VAE_FP16_FIX_ID)) == sorted(VAE_FP16_FIX_FILES)
+
+
+def test_the_training_vae_goes_through_the_hub_path_and_its_free_space_check(modelscope_env, tmp_path: Path) -> None:
+    """``model.train_vae``'s default is planned, size-checked and downloaded like every other hub source: a
+    cache that cannot hold it stops before any byte with the same one line; otherwise exactly the config and
+    ``diffusion_pytorch_model.safetensors`` arrive, and load as an fp16-safe VAE (``force_upcast: false``)."""
+    from kolors_job.errors import InputError
+    from kolors_job.manifest import ModelSpec
+    from kolors_job.models import load_vae, vae_force_upcast
+    from kolors_job.settings import Settings
+    from kolors_job.sources import fetch_model
+
+    uri = ModelSpec().train_vae
+    assert uri == f"modelscope://{ms_ids.VAE_FP16_FIX_ID}"
+    full = Settings(cache_dir=tmp_path / "full", cache_reserve_mb=10**9)
+    with pytest.raises(InputError, match=rf"^vae model '{uri}' needs .* free"):
+        fetch_model(uri, kind="vae", settings=full)
+    assert modelscope_env.downloads(ms_ids.VAE_FP16_FIX_ID) == {}
+    path, record = fetch_model(uri, kind="vae", settings=Settings(cache_dir=tmp_path / "cache"))
+    assert sorted(modelscope_env.downloads(ms_ids.VAE_FP16_FIX_ID)) == sorted(VAE_FP16_FIX_FILES)
+    assert record.commit == modelscope_env.repo("model", ms_ids.VAE_FP16_FIX_ID).commit
+    assert not vae_force_upcast(path)
+    import torch
+
+    assert load_vae(path, torch.float16).dtype == torch.float16
 
 
 def test_the_default_job_from_a_shell_with_the_emulator_script(hub_artifacts, tmp_path: Path) -> None:

@@ -1,19 +1,22 @@
-"""Oracle tests: our defaults against DiffSynth-Studio 1.1.9's own code, the engine of the reference workflow.
+"""Oracle tests: our resolved default manifest and our code against the reference's own sources.
 
-DiffSynth's Kolors classes hard-code the full model sizes, so its *models* cannot run tiny; everything around
-them does. The full sampling loop below is ``SDXLImagePipeline.__call__`` itself (its noise, prompt encoding
-through ``KolorsPrompter`` and DiffSynth's own ChatGLM class, time ids, CFG combine, ``EnhancedDDIMScheduler``
-configured by its own ``fetch_models``), with only its UNet body (``lets_dance_xl``) and VAE decoder replaced
-by the tiny diffusers modules our pipeline uses. Where a reference function is reproduced instead of called,
-the file and line are cited. Each test reads our *defaults* (``StorySpec()``, ``TrainSpec()``), so a default
-that drifts from the reference fails here.
+The expected values are literals in ``tests/reference/reference.yaml``, each citing the notebook copy or the
+DiffSynth-Studio file, line and commit it was read from; nothing here takes an expected value from our
+defaults. ``DEFAULT`` is what ``kolors-job validate`` resolves from ``output.uri`` alone. The cheap checks
+(``tests/reference/oracle.py``) run one test each; the ones below run DiffSynth's own code on the CPU with the
+fixture's values: its Kolors ``SDXLImagePipeline.__call__`` (noise, ``KolorsPrompter`` with DiffSynth's ChatGLM
+class, time ids, CFG, ``EnhancedDDIMScheduler`` configured by its own ``fetch_models``; only its full-size UNet
+body and VAE decoder are replaced by the tiny modules ours uses), its prompter, its schedulers, its VAE
+encoder (full-size, random weights), its 1.1.9 dataset. tests/test_oracle_mutations.py shows the checks
+catch each drift.
 """
 
 from __future__ import annotations
 
-import ast
-import inspect
 import math
+import re
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +24,7 @@ import diffsynth  # in the lock: a missing oracle must fail, not skip
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from kolors_job.generate import (
     ADAPTER_NAME,
@@ -33,15 +37,69 @@ from kolors_job.generate import (
     sampler_record,
     sampling_dtype,
 )
-from kolors_job.manifest import StorySpec, TrainSpec
+from kolors_job.manifest import Manifest, StorySpec
 from kolors_job.models import make_scheduler, sampler_timesteps
 from kolors_job.tiny import TINY_TEXT_ENCODER_CONFIG, build_tiny_kolors
-from kolors_job.train import LORA_WEIGHT_NAME, resolve_precision
+from kolors_job.train import LORA_WEIGHT_NAME
+from tests.reference import oracle
+from tests.reference.oracle import ref
 
+ROOT = Path(__file__).resolve().parents[1]
 DIFFSYNTH = Path(diffsynth.__file__).parent
-SIZE = 64  # DiffSynth rounds sizes up to multiples of 64 (pipelines/base.py line 20)
-REFERENCE_LOAD_ALPHA = 2.0
-"""The reference notebook loads its r16 / α4 LoRA with ``LoraConfig(r=16, lora_alpha=2.0, ...)``."""
+SIZE = 64  # the tiny model's size for the sampling runs (DiffSynth rounds sizes up to multiples of 64)
+DEFAULT: Manifest = oracle.resolved_default()
+
+
+def _small(story: StorySpec) -> StorySpec:
+    """The manifest's story at the tiny model's size (the size itself is checked in ``story_sampling_call``)."""
+    return story.model_copy(update={"width": SIZE, "height": SIZE})
+
+
+# ------------------------------------------------------------------------------------------- the fixture
+
+
+def test_every_reference_value_cites_its_source() -> None:
+    """Every value names where it was read: a known source and the line(s) there (or the frame in the copy
+    that has no repository name); every source names a repository, path and commit, or the wheel."""
+    data = oracle.reference()
+    sources = data["sources"]
+    for key, src in sources.items():
+        assert ("repo" in src and "path" in src and re.fullmatch(r"[0-9a-f]{40}", src["commit"])) or (
+            "package" in src and "path" in src
+        ) or "index" in src, key
+    cites = [c for v in data["values"].values() for c in v["cite"]]
+    cites += [c for f in data["values"]["story.frames"]["value"] for c in f["cite"]]
+    for name, value in data["values"].items():
+        assert value.get("cite"), f"{name} cites no source"
+    for frame in data["values"]["story.frames"]["value"]:
+        assert frame.get("cite"), frame
+    for cite in cites:
+        key, _, where = cite.partition(":")
+        assert key in sources, cite
+        assert re.fullmatch(r"\d+(-\d+)?", where) or (key == "boy-copy" and where.startswith("frame ")), cite
+
+
+def test_validate_of_output_uri_alone_resolves_to_the_notebooks_eight_frames(tmp_path: Path) -> None:
+    """``kolors-job validate`` on a manifest holding only ``spec.output.uri``: the printed manifest's eight
+    prompts, seeds and negative prompts are the notebook's, byte for byte, with the reference recipe."""
+    job = tmp_path / "job.yaml"
+    job.write_text("spec:\n  output: {uri: file:///tmp/out/}\n")
+    out = subprocess.run(
+        [sys.executable, "-m", "kolors_job", "validate", str(job)], capture_output=True, check=True, cwd=ROOT,
+    ).stdout
+    printed = Manifest.model_validate(yaml.safe_load(out.decode("utf-8")))
+    assert printed.spec.recipe == "reference"
+    story = printed.spec.story
+    got = [(f.prompt.encode(), f.seed, story.negative_for(f).encode()) for f in story.frames]
+    assert got == [(f["prompt"].encode(), f["seed"], f["negative_prompt"].encode()) for f in ref("story.frames")]
+
+
+@pytest.mark.parametrize("check", list(oracle.CHECKS))
+def test_resolved_default_matches_the_reference(check: str, tmp_path: Path) -> None:
+    oracle.CHECKS[check](DEFAULT, tmp_path)
+
+
+# ------------------------------------------------------------------------------------------ DiffSynth runs
 
 
 @pytest.fixture(scope="module")
@@ -90,11 +148,11 @@ def reference(tiny_model: Path) -> Any:
     pipe.fetch_models(
         _Models(kolors_text_encoder=diffsynth_chatglm(tiny_model), sdxl_unet=object(), sdxl_vae_decoder=vae_decoder)
     )
+    sampler = ref("story.sampler")  # what fetch_models built must be what the fixture cites
+    assert type(pipe.scheduler).__name__ == sampler["class"]
+    assert pipe.scheduler.num_train_timesteps == sampler["num_train_timesteps"]
     pipe.decoded = decoded
     return pipe
-
-
-# --------------------------------------------------------------------------------------------- sampling
 
 
 def _our_scheduler(spec: StorySpec, config: dict[str, Any]) -> Any:
@@ -109,33 +167,32 @@ def _model_scheduler_config(tiny_model: Path) -> dict[str, Any]:
     return dict(DDPMScheduler.load_config(tiny_model, subfolder="scheduler"))
 
 
-def test_default_sampler_visits_diffsynths_kolors_ddim_grid_and_ends_clean(reference: Any, tiny_model: Path) -> None:
-    spec = StorySpec()
-    ddim = reference.scheduler  # EnhancedDDIMScheduler(beta_end=0.014, num_train_timesteps=1100): sdxl_image.py:68
-    ddim.set_timesteps(spec.steps)
+def test_the_default_sampler_is_diffsynths_kolors_ddim_and_ends_clean(reference: Any, tiny_model: Path) -> None:
+    """σ at every point of DiffSynth's grid for the reference's step count, then σ 0 (DDIM steps to alpha 1
+    after its last point, ddim.py lines 72-76), and the start: x_T = the noise itself."""
+    spec = DEFAULT.spec.story
+    ddim = reference.scheduler
+    ddim.set_timesteps(ref("story.num_inference_steps"))
     ours = _our_scheduler(spec, _model_scheduler_config(tiny_model))
     assert ours.timesteps.tolist() == ddim.timesteps.tolist()
-    assert ddim.timesteps[0] == 1099 and ddim.timesteps[-1] == 0 and len(ddim.timesteps) == 50  # for the reader
 
     def sigma(alpha: float) -> float:
         return math.sqrt((1 - alpha) / alpha)
 
-    # DDIM (eta 0) steps t -> next grid point, and from the last one to alpha 1 (ddim.py lines 72-76): sigma 0.
     expected = [sigma(ddim.alphas_cumprod[int(t)]) for t in ddim.timesteps] + [0.0]
     np.testing.assert_allclose(ours.sigmas.numpy(), expected, rtol=2e-6)
-    # DiffSynth starts from x_T = noise (sdxl_image.py line 154): Euler's x/sqrt(sigma^2+1) must be that.
-    assert float(ours.init_noise_sigma) == pytest.approx(1 / math.sqrt(ddim.alphas_cumprod[1099]), rel=1e-6)
-
+    last = ddim.num_train_timesteps - 1
+    assert float(ours.init_noise_sigma) == pytest.approx(1 / math.sqrt(ddim.alphas_cumprod[last]), rel=1e-6)
     record = sampler_record(tiny_model, spec, "cpu")
     assert record["timesteps"] == [int(t) for t in ddim.timesteps] and record["final_sigma"] == 0
 
 
 def test_euler_on_the_reference_grid_is_diffsynths_ddim_step_for_step(reference: Any, tiny_model: Path) -> None:
-    """A synthetic denoiser through DiffSynth's ``EnhancedDDIMScheduler.step`` and our default sampler."""
-    spec = StorySpec()
+    """A synthetic denoiser through DiffSynth's ``EnhancedDDIMScheduler.step`` (the reference's step count) and
+    our default sampler."""
     ddim = reference.scheduler
-    ddim.set_timesteps(spec.steps)
-    ours = _our_scheduler(spec, _model_scheduler_config(tiny_model))
+    ddim.set_timesteps(ref("story.num_inference_steps"))
+    ours = _our_scheduler(DEFAULT.spec.story, _model_scheduler_config(tiny_model))
     gen = torch.Generator().manual_seed(0)
     weight = torch.randn(4, 4, generator=gen, dtype=torch.float64) / 2
     clean = torch.rand(1, 4, 8, 8, generator=gen, dtype=torch.float64) * 2 - 1
@@ -157,11 +214,6 @@ def test_euler_on_the_reference_grid_is_diffsynths_ddim_step_for_step(reference:
     assert (x - x_ref).abs().max().item() < 1e-5
 
 
-def _frame_one(spec: StorySpec) -> tuple[str, str, int]:
-    frame = spec.frames[0]
-    return frame.prompt, spec.negative_for(frame), frame.seed
-
-
 def _tiny_unet_as_lets_dance_xl(unet: torch.nn.Module) -> Any:
     """``lets_dance_xl`` (diffsynth/pipelines/dancer.py line 119) is DiffSynth's full-size UNet body: the tiny
     diffusers UNet takes its place, fed exactly the tensors DiffSynth's loop hands it."""
@@ -178,62 +230,56 @@ def _tiny_unet_as_lets_dance_xl(unet: torch.nn.Module) -> Any:
     return call
 
 
+@pytest.mark.parametrize("frame", [1, 3])
 def test_the_story_pipeline_draws_what_diffsynths_pipeline_draws(
-    reference: Any, tiny_model: Path, monkeypatch: pytest.MonkeyPatch
+    reference: Any, tiny_model: Path, monkeypatch: pytest.MonkeyPatch, frame: int
 ) -> None:
-    """Frame 1 with every sampling default (sampler, 50 steps, cfg 4, negative prompt, seed) at 64²: our
-    ``render`` against ``SDXLImagePipeline.__call__`` (noise, KolorsPrompter, time ids, CFG, DDIM), fp32 CPU."""
+    """Frame N as the resolved manifest asks for it (prompt, negative prompt, seed, cfg, steps, sampler) through
+    our ``render``, against ``SDXLImagePipeline.__call__`` with the notebook's call for that frame, at 64² fp32
+    on the CPU. Frame 3 carries a negative-prompt addition."""
     import diffsynth.pipelines.sdxl_image as sdxl_image
 
-    spec = StorySpec(width=SIZE, height=SIZE)
+    spec = _small(DEFAULT.spec.story)
     pipe = load_story_pipeline(tiny_model, spec, lora_dir=None, device="cpu")
-    job = plan_jobs(spec)[0]
+    job = plan_jobs(spec)[frame - 1]
     ours = render(pipe, [job], spec, output_type="latent")[0]
     ours_image = np.asarray(render(pipe, [job], spec)[0], dtype=np.int16)
 
     monkeypatch.setattr(sdxl_image, "lets_dance_xl", _tiny_unet_as_lets_dance_xl(pipe.unet))
-    prompt, negative, seed = _frame_one(spec)
+    call = ref("story.frames")[frame - 1]
+    torch.manual_seed(call["seed"])  # the notebook: torch.manual_seed(seed); pipe(...)
     image = reference(
-        prompt, negative_prompt=negative, cfg_scale=spec.cfg_scale, num_inference_steps=spec.steps,
-        height=spec.height, width=spec.width, seed=seed, progress_bar_cmd=lambda x: x,
+        call["prompt"], negative_prompt=call["negative_prompt"], cfg_scale=ref("story.cfg_scale"),
+        num_inference_steps=ref("story.num_inference_steps"), height=SIZE, width=SIZE,
+        progress_bar_cmd=lambda x: x,
     )
-    ref = reference.decoded["latents"][0]
+    theirs = reference.decoded["latents"][0]
     # fp32 through 100 UNet calls of a random (not denoising, so |latents| ~ 60) model: 1e-5 relative.
-    assert (ours - ref).abs().max().item() <= 1e-5 * ref.abs().max().item()
-    # DiffSynth truncates to uint8 (pipelines/base.py line 41), diffusers rounds: at most one level apart.
+    assert (ours - theirs).abs().max().item() <= 1e-5 * theirs.abs().max().item()
+    # DiffSynth truncates to uint8 (ref story.to_uint8), diffusers rounds: at most one level apart.
+    assert ref("story.to_uint8") == "truncate"
     assert np.abs(ours_image - np.asarray(image, dtype=np.int16)).max() <= 1
 
 
-def test_cfg_combine_is_diffsynths() -> None:
-    """DiffSynth: ``nega + cfg * (posi - nega)`` (sdxl_image.py line 209); diffusers' KolorsPipeline does the
-    same on the chunked batch. Checked on the pipeline's own source, then on numbers through its guidance."""
-    from diffusers.pipelines.kolors import pipeline_kolors
-
-    source = inspect.getsource(pipeline_kolors.KolorsPipeline.__call__)
-    assert "noise_pred_uncond + self.guidance_scale * (noise_pred_text - noise_pred_uncond)" in source
-    assert "noise_pred_nega + cfg_scale * (noise_pred_posi - noise_pred_nega)" in (
-        DIFFSYNTH / "pipelines" / "sdxl_image.py"
-    ).read_text()
-
-
-# -------------------------------------------------------------------------------------------- prompts
-
-
 def test_prompt_token_ids_and_embeddings_match_kolors_prompter(reference: Any, tiny_model: Path) -> None:
-    """``KolorsPrompter.encode_prompt`` (prompters/kolors_prompter.py lines 324-352: 256 tokens, left padded,
-    ``hidden_states[-2]``, pooled = last token of the last layer) with DiffSynth's ChatGLM class vs ours."""
-    spec = StorySpec()
+    """Every frame's prompt and negative prompt as the manifest has them, through our encoder, against
+    ``KolorsPrompter.encode_prompt`` (prompters/kolors_prompter.py lines 324-352: 256 tokens, left padded,
+    ``hidden_states[-2]``, pooled = last token of the last layer) on the notebook's texts."""
+    spec = DEFAULT.spec.story
     pipe = load_story_pipeline(tiny_model, spec, lora_dir=None, device="cpu")
-    jobs = plan_jobs(spec)[:3]
+    jobs = plan_jobs(spec)
     texts = encode_texts(pipe, jobs, "cpu")
     prompter = reference.prompter
-    for text in {t for j in jobs for t in (j.prompt, j.negative_prompt)}:
-        ref_ids = prompter.tokenizer(text, padding="max_length", max_length=256, truncation=True).input_ids
-        ours_ids = pipe.tokenizer(text, padding="max_length", max_length=256, truncation=True).input_ids
-        assert ours_ids == ref_ids
-        pooled, embeds = prompter.encode_prompt(text, device="cpu")
-        assert torch.allclose(texts[text].embeds, embeds[0], atol=1e-6, rtol=1e-5)
-        assert torch.allclose(texts[text].pooled, pooled[0], atol=1e-6, rtol=1e-5)
+    calls = ref("story.frames")
+    assert len(jobs) == len(calls)
+    for job, call in zip(jobs, calls, strict=True):
+        for ours_text, their_text in ((job.prompt, call["prompt"]), (job.negative_prompt, call["negative_prompt"])):
+            ours_ids = pipe.tokenizer(ours_text, padding="max_length", max_length=256, truncation=True).input_ids
+            their_ids = prompter.tokenizer(their_text, padding="max_length", max_length=256, truncation=True).input_ids
+            assert ours_ids == their_ids
+            pooled, embeds = prompter.encode_prompt(their_text, device="cpu")
+            assert torch.allclose(texts[ours_text].embeds, embeds[0], atol=1e-6, rtol=1e-5)
+            assert torch.allclose(texts[ours_text].pooled, pooled[0], atol=1e-6, rtol=1e-5)
 
 
 # ------------------------------------------------------------------------------------------- training
@@ -241,14 +287,14 @@ def test_prompt_token_ids_and_embeddings_match_kolors_prompter(reference: Any, t
 
 def test_training_noise_schedule_add_noise_and_target_match_diffsynth(reference: Any, tiny_model: Path) -> None:
     """Training uses DDPM from the model's config; DiffSynth's trainer uses its Kolors DDIM scheduler after
-    ``set_timesteps(1100)`` (examples/train/kolors/train_kolors_lora.py), ``add_noise`` and ``training_target``
-    (ddim.py lines 87-101), t uniform over every timestep (trainers/text_to_image.py lines 79-80)."""
+    ``set_timesteps(1100)`` (ref train.timesteps), ``add_noise`` and ``training_target`` (ddim.py lines
+    87-101), t uniform over every timestep."""
     from diffusers import DDPMScheduler
 
     ddpm = DDPMScheduler.from_config(_model_scheduler_config(tiny_model))
     ddim = reference.scheduler
     np.testing.assert_allclose(ddpm.alphas_cumprod.numpy(), np.array(ddim.alphas_cumprod), rtol=1e-6)
-    ddim.set_timesteps(1100)
+    ddim.set_timesteps(ref("train.timesteps")["set_timesteps"])
     assert sorted(int(t) for t in ddim.timesteps) == list(range(ddpm.config.num_train_timesteps))
     gen = torch.Generator().manual_seed(0)
     latents, noise = torch.randn(2, 1, 4, 8, 8, generator=gen)
@@ -260,57 +306,110 @@ def test_training_noise_schedule_add_noise_and_target_match_diffsynth(reference:
         assert torch.equal(ddim.training_target(latents, noise, step), noise)  # our target: noise (epsilon)
 
 
-def _diffsynth_default(path: Path, function: str, argument: str) -> Any:
-    """A keyword default read from DiffSynth's source (its trainer imports lightning, which is not installed)."""
-    tree = ast.parse(path.read_text())
-    for node in ast.walk(tree):
-        if isinstance(node, ast.FunctionDef) and node.name == function:
-            names = [a.arg for a in node.args.args][-len(node.args.defaults):]
-            return ast.literal_eval(node.args.defaults[names.index(argument)])
-    raise AssertionError(f"{function} not in {path}")
+def test_the_training_latent_is_diffsynths_vae_encoder_output(tmp_path: Path) -> None:
+    """DiffSynth's ``SDXLVAEEncoder`` (models/sd_vae_encoder.py line 74: the posterior mean, times its scaling
+    factor) and our ``cache_latents`` + ``make_batch`` with the manifest's switches, on one full-size SDXL VAE
+    with random weights loaded into both through DiffSynth's own state-dict converter."""
+    from diffsynth.models.sdxl_vae_encoder import SDXLVAEEncoder
+    from diffusers import AutoencoderKL
+
+    from kolors_job.dataset import ImageItem, load_image
+    from kolors_job.embeddings import PromptEmbeds, cache_latents
+    from kolors_job.kolors_configs import KOLORS_VAE_CONFIG
+    from kolors_job.train_data import SampleStream, make_batch
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(**KOLORS_VAE_CONFIG).eval()
+    encoder = SDXLVAEEncoder().eval()
+    state, _ = SDXLVAEEncoder.state_dict_converter().from_diffusers(vae.state_dict())
+    encoder.load_state_dict(state, strict=True)
+    item = ImageItem(oracle.reference_image(tmp_path / "a.png"), "二次元", 1537, 1100)
+    t = DEFAULT.spec.train
+    switches = {"exif_orientation": t.exif_orientation, "jpeg_reencode": t.jpeg_reencode}
+    latents = cache_latents(vae, [item], resolution=SIZE, center_crop=t.center_crop, flips=(False,), seed=t.seed,
+                            device="cpu", dtype=torch.float32, resize_filter=t.resize_filter, **switches)
+    batch = make_batch(
+        [0], SampleStream(1, t.seed, t.data_order), [item], latents, {"二次元": PromptEmbeds(torch.zeros(1), torch.zeros(1))},
+        num_train_timesteps=1100, scaling_factor=vae.config.scaling_factor, caption_dropout=0.0, random_flip=False,
+        latent=t.latent, time_ids=t.time_ids,
+    )
+    pixels, _ = load_image(item, SIZE, t.center_crop, False, None, t.resize_filter, **switches)
+    with torch.no_grad():
+        theirs = encoder(pixels[None])[0]
+    assert batch.latents[0].shape == theirs.shape
+    assert (batch.latents[0] - theirs).abs().max().item() <= 1e-5 * theirs.abs().max().item()
 
 
-def test_training_defaults_are_the_reference_trainers() -> None:
-    """DiffSynth's trainer (trainers/text_to_image.py): LoRA A init ``gaussian`` (line 37; the Kolors example
-    never passes another), plain ``torch.optim.AdamW(params, lr)`` (line 100), Lightning ``16-mixed`` (line 181)
-    with no gradient clipping (``pl.Trainer`` gets no ``gradient_clip_val``, lines 298-307)."""
-    trainer = DIFFSYNTH / "trainers" / "text_to_image.py"
-    spec = TrainSpec()
-    assert spec.init_lora_weights == _diffsynth_default(trainer, "add_lora_to_model", "init_lora_weights")
-    assert spec.learning_rate == _diffsynth_default(trainer, "__init__", "learning_rate")
-    adamw = inspect.signature(torch.optim.AdamW).parameters
-    assert spec.weight_decay == adamw["weight_decay"].default
-    assert "gradient_clip_val" not in trainer.read_text() and spec.max_grad_norm is None
-    assert "16-mixed" in trainer.read_text() and spec.precision == "auto"
-    assert resolve_precision(spec.precision, torch.device("cuda")) == "fp16"
+def test_the_training_tensor_is_diffsynth_1_1_9_datasets_on_the_re_encoded_file(tmp_path: Path) -> None:
+    """DiffSynth 1.1.9's ``TextImageDataset`` run on the file the reference's data step writes (the fixture's
+    JPEG passes) equals our tensor from the original file, for a size where 1.1.9's rounding of the long side
+    and the 2024-08 floor agree (1537x1100 is where they do not: see ``training_image``)."""
+    from diffsynth.data.simple_text_image import TextImageDataset
+    from PIL import Image
+
+    from kolors_job.dataset import ImageItem, load_image
+
+    rng = np.random.default_rng(0)
+    src = tmp_path / "a.png"
+    Image.fromarray(rng.integers(0, 256, (150, 100, 3), dtype=np.uint8)).save(src)  # 64 * 150 / 100 = 96 exactly
+    data = tmp_path / "train"
+    data.mkdir()
+    image = Image.open(src).convert("RGB")
+    for _ in range(ref("train.jpeg_reencode")["times"]):
+        image.save(data / "0.jpg")
+        image = Image.open(data / "0.jpg")
+    (data / "metadata.csv").write_text("file_name,text\n0.jpg,二次元\n", encoding="utf-8")
+    theirs = TextImageDataset(str(tmp_path), steps_per_epoch=1, height=SIZE, width=SIZE, center_crop=True)[0]["image"]
+    t = DEFAULT.spec.train
+    ours, _ = load_image(ImageItem(src, "二次元", 100, 150), SIZE, t.center_crop, False, None, t.resize_filter,
+                         exif_orientation=t.exif_orientation, jpeg_reencode=t.jpeg_reencode)
+    assert ours.shape == theirs.shape and (ours - theirs).abs().max().item() < 1e-6
 
 
 # ---------------------------------------------------------------------------------------------- LoRA
 
 
-def _make_lora(tiny_model: Path, out: Path, ratio: float) -> Path:
-    """A default-shaped LoRA whose update at the default sampling scale is ``ratio`` of each weight's norm
-    (a real trained LoRA's updates are small: ~1e-3) — the GPU check's own writer, on the tiny UNet."""
+def _write_lora(tiny_model: Path, out: Path, ratio: float) -> Path:
+    """A LoRA shaped as the manifest trains it (rank, alpha, targets), whose update at the manifest's sampling
+    scale is ``ratio`` of each weight's norm (a real trained LoRA's updates are small: ~1e-3)."""
+    import copy
+
     from diffusers import UNet2DConditionModel
+    from peft import LoraConfig
 
-    from bench.reference_check import write_lora
+    from kolors_job.adapter import save_lora
 
+    train, scale = DEFAULT.spec.train, DEFAULT.spec.story.lora_scale
     unet = UNet2DConditionModel.from_pretrained(tiny_model / "unet", torch_dtype=torch.float32)
-    return write_lora(unet, out, ratio)
+    torch.manual_seed(0)
+    lora = copy.deepcopy(unet)
+    lora.add_adapter(LoraConfig(r=train.rank, lora_alpha=train.alpha, init_lora_weights="gaussian",
+                                target_modules=train.target_modules))
+    with torch.no_grad():
+        for module in lora.modules():
+            if "default" in getattr(module, "lora_B", {}):
+                b, a = module.lora_B["default"].weight, module.lora_A["default"].weight
+                b.normal_()
+                effective = (b @ a) * module.scaling["default"] * scale
+                b.mul_(ratio * module.base_layer.weight.norm() / effective.norm())
+    save_lora(lora, out, train)
+    return out
 
 
 @pytest.fixture(scope="module")
 def small_lora(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return _make_lora(tiny_model, tmp_path_factory.mktemp("small-lora"), 1e-3)
+    return _write_lora(tiny_model, tmp_path_factory.mktemp("small-lora"), 1e-3)
 
 
 def test_lora_effective_scale_at_sampling_is_the_references(tiny_model: Path, small_lora: Path) -> None:
-    """The reference injects the α-4 LoRA with ``lora_alpha=2.0`` at r 16: its branch is scaled by 2/16."""
-    spec, train = StorySpec(), TrainSpec()
+    """The story loads the trained file at the manifest's ``lora_scale``: its branch is scaled as the
+    reference's ``LoraConfig(r=16, lora_alpha=2.0)`` injection scales it."""
+    spec = DEFAULT.spec.story
     pipe = load_story_pipeline(tiny_model, spec, lora_dir=None, device="cpu")
     apply_lora(pipe, small_lora, spec.lora_scale)
     q = pipe.unet.down_blocks[1].attentions[0].transformer_blocks[0].attn1.to_q
-    assert q.scaling[ADAPTER_NAME] == pytest.approx(REFERENCE_LOAD_ALPHA / train.rank)
+    load = ref("story.lora_at_sampling")
+    assert q.scaling[ADAPTER_NAME] == pytest.approx(load["alpha"] / load["rank"])
 
 
 def _retention(unet_path: Path, lora: Path, dtype: torch.dtype, scale: float) -> float:
@@ -340,12 +439,12 @@ def _retention(unet_path: Path, lora: Path, dtype: torch.dtype, scale: float) ->
 
 def test_fused_lora_keeps_its_effect_in_fp16_not_in_bf16(tiny_model: Path, small_lora: Path) -> None:
     """Why the LoRA is fused only in fp16/fp32: at ‖ΔW‖/‖W‖ ≈ 1e-3 fp16 keeps it, bf16 rounds much of it away."""
-    scale = StorySpec().lora_scale
+    scale = DEFAULT.spec.story.lora_scale
     fp16 = _retention(tiny_model, small_lora, torch.float16, scale)
     bf16 = _retention(tiny_model, small_lora, torch.bfloat16, scale)
     assert fp16 > 0.95 and bf16 < 0.8, (fp16, bf16)
     cuda = torch.device("cuda")
-    assert fuses_lora(cuda, sampling_dtype(cuda, StorySpec().precision))  # the default: fp16, fused
+    assert fuses_lora(cuda, sampling_dtype(cuda, DEFAULT.spec.story.precision))  # the default: fp16, fused
     assert not fuses_lora(cuda, sampling_dtype(cuda, "bf16"))
 
 
@@ -354,7 +453,7 @@ def _unet_output(tiny_model: Path, lora: Path | None, precision: str, fused: boo
     fused, channels-last — the CUDA default path), on fixed random inputs."""
     from kolors_job.generate import to_device
 
-    spec = StorySpec(width=SIZE, height=SIZE, precision=precision)
+    spec = _small(DEFAULT.spec.story).model_copy(update={"precision": precision})
     pipe = load_story_pipeline(tiny_model, spec, lora_dir=lora, device="cpu", fused=fused)
     to_device(pipe, spec, "cpu", fused=fused)
     gen = torch.Generator().manual_seed(0)
@@ -373,42 +472,10 @@ def _unet_output(tiny_model: Path, lora: Path | None, precision: str, fused: boo
 def test_fused_fp16_lora_draws_the_unfused_lora(tiny_model: Path, tmp_path: Path) -> None:
     """The CUDA default path (fp16, LoRA fused, q/k/v fused, channels-last) against the unfused peft LoRA in
     fp16 and the exact fp32 LoRA, on the CPU: fusing adds no error beyond fp16's own rounding."""
-    lora = _make_lora(tiny_model, tmp_path / "lora", 5e-2)
+    lora = _write_lora(tiny_model, tmp_path / "lora", 5e-2)
     exact = _unet_output(tiny_model, lora, "fp32", fused=False)
     effect = (exact - _unet_output(tiny_model, None, "fp32", fused=False)).abs().mean().item()
     unfused = (_unet_output(tiny_model, lora, "fp16", fused=False) - exact).abs().mean().item()
     fused = (_unet_output(tiny_model, lora, "fp16", fused=True) - exact).abs().mean().item()
     assert effect > 5 * unfused, (effect, unfused)  # the LoRA is visible above fp16's rounding
     assert fused <= 1.5 * unfused, (fused, unfused)
-
-
-def test_training_image_with_reference_switches_is_diffsynths(reference: Any, tmp_path: Path) -> None:
-    """``resize_filter: bilinear`` + centre crop: the tensor DiffSynth's ``TextImageDataset`` makes
-    (data/simple_text_image.py lines 16-36); ``time_ids: target``: its ``prepare_extra_input`` (sdxl_image.py
-    line 107) for the crop's latent."""
-    from diffsynth.data.simple_text_image import TextImageDataset
-    from PIL import Image
-
-    from kolors_job.dataset import ImageItem, load_image
-    from kolors_job.embeddings import LatentEntry, PromptEmbeds
-    from kolors_job.train import SampleStream, make_batch
-
-    rng = np.random.default_rng(0)
-    (tmp_path / "train").mkdir()
-    Image.fromarray(rng.integers(0, 256, (150, 100, 3), dtype=np.uint8)).save(tmp_path / "train" / "a.png")
-    (tmp_path / "train" / "metadata.csv").write_text("file_name,text\na.png,二次元\n", encoding="utf-8")
-    ref = TextImageDataset(str(tmp_path), steps_per_epoch=1, height=SIZE, width=SIZE, center_crop=True)[0]["image"]
-    item = ImageItem(tmp_path / "train" / "a.png", "二次元", 100, 150)
-    ours, time_ids = load_image(item, SIZE, center_crop=True, flip=False, resize_filter="bilinear")
-    assert ours.shape == ref.shape and (ours - ref).abs().max().item() < 1e-6
-    lanczos, _ = load_image(item, SIZE, center_crop=True, flip=False)
-    assert (lanczos - ref).abs().max().item() > 0.01  # the default filter is a real difference
-
-    entry = LatentEntry(mean=torch.zeros(4, SIZE // 8, SIZE // 8), std=torch.ones(4, SIZE // 8, SIZE // 8),
-                        time_ids=time_ids)
-    batch = make_batch(
-        [0], SampleStream(1, 0), [item], {(0, False): entry}, {"二次元": PromptEmbeds(torch.zeros(1), torch.zeros(1))},
-        num_train_timesteps=1100, scaling_factor=1.0, caption_dropout=0.0, random_flip=False, time_ids="target",
-    )
-    expected = reference.prepare_extra_input(torch.zeros(1, 4, SIZE // 8, SIZE // 8))["add_time_id"]
-    assert batch.time_ids.flatten().tolist() == expected.tolist()

@@ -18,6 +18,7 @@ Layout sources (public hub listings, read 2026-11):
   ``tokenizer_config.json``, ``vocab.json``. Commits of 2024-06 add ``configuration_predictor.py`` and
   ``modeling_v2.py`` (custom code, tag ``custom_code``).
 - lowres_anime: see :func:`write_lowres_anime`.
+- sdxl-vae-fp16-fix: see :func:`write_sdxl_vae_fp16_fix`.
 """
 
 from __future__ import annotations
@@ -37,12 +38,15 @@ __all__ = [
     "KOLORS_FP16_LOADER_FILES",
     "KOLORS_ID",
     "PREDICTOR_CUSTOM_ID",
+    "VAE_FP16_FIX_FILES",
+    "VAE_FP16_FIX_LAYOUT",
     "build_default_artifacts",
     "fp16_loader_files",
     "write_aesthetic_predictor",
     "write_kolors_both_variants",
     "write_kolors_diffusers",
     "write_lowres_anime",
+    "write_sdxl_vae_fp16_fix",
 ]
 
 TEXT_ENCODER_SHARDS = 3
@@ -358,6 +362,46 @@ def write_lowres_anime(dest: Path) -> Path:
     return dest
 
 
+VAE_FP16_FIX_LAYOUT = (
+    ".gitattributes", "README.md", "config.json", "diffusion_pytorch_model.safetensors", "sdxl.vae.safetensors",
+    "images/orig-fp32.png", "images/orig-fp16.png", "images/fix-fp32.png", "images/fix-fp16.png",
+    "images/activation-magnitudes.jpg",
+)
+"""The repo's files (sources: :func:`write_sdxl_vae_fp16_fix`)."""
+VAE_FP16_FIX_FILES = ("config.json", "diffusion_pytorch_model.safetensors")
+"""What the reference downloads of it (DiffSynth's ``download_models(["SDXL-vae-fp16-fix"])`` preset names
+``diffusion_pytorch_model.safetensors``) plus the config diffusers' ``AutoencoderKL.from_pretrained`` reads."""
+
+
+def write_sdxl_vae_fp16_fix(dest: Path) -> Path:
+    """The tiny Kolors VAE re-saved like ``madebyollin/sdxl-vae-fp16-fix`` (ModelScope copy
+    ``AI-ModelScope/sdxl-vae-fp16-fix``, which the reference's ``download_models(["SDXL-vae-fp16-fix"])``
+    reads: DiffSynth ``diffsynth/configs/model_config.py``, preset ``SDXL-vae-fp16-fix``).
+
+    Layout sources: the repo's README (on the hub, and copied at ``smalltong02/keras-llm-robot``
+    ``models/imagegeneration/sdxl-vae-fp16-fix/README.md``) shows ``images/orig-fp32.png``, ``orig-fp16.png``,
+    ``fix-fp32.png``, ``fix-fp16.png``, ``activation-magnitudes.jpg`` and loads the diffusers files
+    (``config.json``, ``diffusion_pytorch_model.safetensors``, fp32: 335 MB) with ``AutoencoderKL``; a
+    downloader's file list (``Capsize-Games/airunner``, ``tiny_autoencoder.py``) names
+    ``sdxl.vae.safetensors`` beside them, the single-file copy for other UIs. Its config says
+    ``"force_upcast": false`` (fp16 is safe: the point of the fix). No fp16 variant files.
+    """
+    src = _tiny_source("kolors", dest) / "vae"
+    dest = Path(dest)
+    (dest / "images").mkdir(parents=True, exist_ok=True)
+    config = json.loads((src / "config.json").read_text())
+    config["force_upcast"] = False
+    (dest / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    shutil.copyfile(src / "diffusion_pytorch_model.safetensors", dest / "diffusion_pytorch_model.safetensors")
+    shutil.copyfile(src / "diffusion_pytorch_model.safetensors", dest / "sdxl.vae.safetensors")
+    for i, name in enumerate(("orig-fp32.png", "orig-fp16.png", "fix-fp32.png", "fix-fp16.png")):
+        (dest / "images" / name).write_bytes(_png((64, 64), (30 * i, 120, 200), seed=20 + i))
+    (dest / "images" / "activation-magnitudes.jpg").write_bytes(_png((64, 32), (90, 90, 90), seed=30))
+    _common_model_files(dest, "SDXL-VAE-FP16-Fix")
+    assert sorted(p.relative_to(dest).as_posix() for p in dest.rglob("*") if p.is_file()) == sorted(VAE_FP16_FIX_LAYOUT)
+    return dest
+
+
 def build_default_artifacts(root: Path) -> dict[str, Path]:
     """Every artifact the emulators serve by default, under ``root`` (skips those already complete)."""
     root = Path(root)
@@ -367,6 +411,7 @@ def build_default_artifacts(root: Path) -> dict[str, Path]:
         "predictor": write_aesthetic_predictor,
         "predictor_custom": lambda d: write_aesthetic_predictor(d, custom_code=True),
         "anime": write_lowres_anime,
+        "vae_fp16_fix": write_sdxl_vae_fp16_fix,
     }
     out: dict[str, Path] = {}
     for name, write in writers.items():

@@ -49,6 +49,7 @@ except ImportError:  # run as a script
 
 PREDICTOR_ID = "shunk031/aesthetics-predictor-v2-sac-logos-ava1-l14-linearMSE"
 ANIME_ID = "lowres/anime"
+VAE_FP16_FIX_ID = "madebyollin/sdxl-vae-fp16-fix"
 """The Hugging Face dataset ``AI-ModelScope/lowres_anime`` mirrors (see ``artifacts.write_lowres_anime``)."""
 LAST_MODIFIED = "2024-07-12T08:00:00.000Z"
 POINTER_SIZE = 134  # bytes of a git-lfs pointer file for a 64-hex oid and a size of this order
@@ -204,7 +205,8 @@ class HFHub(HubServer):
 
 def default_hub(root: Path, *, port: int = 0) -> HFHub:
     """The emulator serving the default artifacts (built under ``root`` if missing) under the real ids."""
-    return add_default_repos(HFHub(port=port), root, predictor_id=PREDICTOR_ID, anime_id=ANIME_ID)
+    return add_default_repos(HFHub(port=port), root, predictor_id=PREDICTOR_ID, anime_id=ANIME_ID,
+                             vae_fp16_fix_id=VAE_FP16_FIX_ID)
 
 
 if __name__ == "__main__":

@@ -43,6 +43,8 @@ except ImportError:  # run as a script
 
 PREDICTOR_ID = "AI-ModelScope/aesthetics-predictor-v2-sac-logos-ava1-l14-linearMSE"
 ANIME_ID = "AI-ModelScope/lowres_anime"
+VAE_FP16_FIX_ID = "AI-ModelScope/sdxl-vae-fp16-fix"
+"""What the reference's ``download_models(["SDXL-vae-fp16-fix"])`` fetches (DiffSynth's model_config.py)."""
 DATASET_TYPE_GENERAL = 4
 COMMITTED_AT = 1720500000  # a fixed epoch second (July 2024), so listings are reproducible
 
@@ -204,7 +206,8 @@ class ModelScopeHub(HubServer):
 
 def default_hub(root: Path, *, port: int = 0) -> ModelScopeHub:
     """The emulator serving the default artifacts (built under ``root`` if missing) under the real ids."""
-    return add_default_repos(ModelScopeHub(port=port), root, predictor_id=PREDICTOR_ID, anime_id=ANIME_ID)
+    return add_default_repos(ModelScopeHub(port=port), root, predictor_id=PREDICTOR_ID, anime_id=ANIME_ID,
+                             vae_fp16_fix_id=VAE_FP16_FIX_ID)
 
 
 if __name__ == "__main__":
