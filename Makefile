@@ -18,11 +18,12 @@ OUTPUT_IS_DIR = $(if $(OUTPUT),$(if $(findstring ://,$(OUTPUT)),,yes))
 PROFILES = $(foreach d,.aws .aliyun,$(if $(wildcard $(HOME)/$(d)),-v $(HOME)/$(d):/tmp/$(d):ro))
 PYTEST_ARGS ?=
 
-.PHONY: help install demo test test-slow lint run image k8s-examples bench-cpu lock schema clean
+.PHONY: help install demo test test-slow oracle-mutations lint run image k8s-examples bench-cpu lock schema clean
 
 help:
 	@echo "make demo      the whole job on CPU with a tiny random Kolors (seconds)"
 	@echo "make test      the test suite (installs the pinned set into $(VENV) first)"
+	@echo "make oracle-mutations  each drift from the reference, and the oracle check that catches it (in make test too)"
 	@echo "make lint      ruff + hadolint"
 	@echo "make run       build the image and run a manifest on the local GPU (MANIFEST=path or MANIFEST_URI=uri)"
 	@echo "make bench-cpu time the tiny pipeline (regression smoke; GPU numbers: python -m bench.gpu)"
@@ -41,6 +42,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -m "not slow and not gpu" -p no:cacheprovider --timeout=600 $(PYTEST_ARGS)
+
+# Each single drift from the reference recipe fails an oracle check: prints the drift -> check table.
+oracle-mutations: $(STAMP)
+	$(PY) -m pytest -p no:cacheprovider -q -s tests/test_oracle_mutations.py
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -m "slow" -p no:cacheprovider --timeout=1800 $(PYTEST_ARGS)

@@ -20,6 +20,8 @@ from kolors_job.demo import build_demo_dataset, tiny_job
 from kolors_job.errors import ExitCode
 from kolors_job.manifest import Manifest
 from kolors_job.models import reference_timesteps
+from kolors_job.recipe import SWITCHES, describe
+from kolors_job.report import tile_frames
 from kolors_job.report_model import Report
 from kolors_job.runner import Job, JobOutcome, run_job
 from kolors_job.settings import Settings
@@ -94,6 +96,15 @@ def test_job_to_s3_leaves_the_output_contract(job_env: Path, demo_data: Path, st
     assert resolved["spec"]["train"]["rank"] == 16
     story = Image.open(io.BytesIO(store.read_bytes("story.jpg")))
     assert story.size == (1024, 2048)  # the reference: 4 rows of 2 frames, resized to 1024x2048
+    # the default recipe, recorded with every switch in report.json and prompts.json; story.jpg tiled as the
+    # notebook tiles (tests/test_reference_oracle.py checks that tiling against the notebook's cell)
+    prompts = json.loads(store.read_bytes("prompts.json"))
+    assert report["recipe"] == prompts["recipe"] == describe(tiny_manifest(demo_data, "unused").spec)
+    assert report["recipe"]["name"] == "reference" and report["recipe"]["switches"]["train.jpeg_reencode"] == 2
+    frames = [Image.open(io.BytesIO(store.read_bytes(f"images/{i:02d}.png"))).convert("RGB") for i in range(1, 9)]
+    buf = io.BytesIO()
+    tile_frames(frames, "notebook").save(buf, format="JPEG", quality=92)
+    assert store.read_bytes("story.jpg") == buf.getvalue()
 
     # idempotent: a second run sees _SUCCESS and recomputes (and rewrites) nothing
     before = {k: store.read_bytes(k) for k in ("report.json", "status.json", "manifest.resolved.yaml")}
@@ -107,10 +118,20 @@ def test_job_to_s3_leaves_the_output_contract(job_env: Path, demo_data: Path, st
 
 
 def test_quality_gate_flips_the_result(job_env: Path, demo_data: Path, shared_cache: Path) -> None:
+    """Also the whole job with ``recipe: tuned`` (Lanczos, posterior samples, crop time ids, a shuffle per
+    epoch, EXIF turned, original bytes, the model's own VAE, Lanczos tiling)."""
     settings = Settings(cache_dir=shared_cache, work_dir=job_env / "work")
     out = job_env / "out"
-    ok = run(tiny_manifest(demo_data, str(out)), settings, job_id="gate-low")
+    tuned = {"recipe": "tuned", "model.train_vae": None}
+    ok = run(tiny_manifest(demo_data, str(out), **tuned), settings, job_id="gate-low")
     assert ok.exit_code == ExitCode.OK
+    recipe = json.loads((out / "gate-low" / "report.json").read_text())["recipe"]
+    assert recipe["name"] == "tuned" and recipe["overridden"] == []
+    assert recipe["switches"] == {p: v[1] for p, v in SWITCHES.items()}
+    frames = [Image.open(out / "gate-low" / "images" / f"{i:02d}.png").convert("RGB") for i in range(1, 9)]
+    buf = io.BytesIO()
+    tile_frames(frames, "lanczos").save(buf, format="JPEG", quality=92)
+    assert (out / "gate-low" / "story.jpg").read_bytes() == buf.getvalue()
     # the sampler actually used, in prompts.json and report.json: the reference grid (oracle-tested against
     # DiffSynth in test_reference_oracle.py), ending clean, fp32 on the CPU with the LoRA unfused
     sampler = json.loads((out / "gate-low" / "prompts.json").read_text())["sampler"]
@@ -120,7 +141,7 @@ def test_quality_gate_flips_the_result(job_env: Path, demo_data: Path, shared_ca
     recorded = json.loads((out / "gate-low" / "report.json").read_text())["story"]["sampler"]
     assert recorded == {k: v for k, v in sampler.items() if k in recorded} and len(recorded) == 7
     mean = json.loads((out / "gate-low" / "report.json").read_text())["score"]["mean"]
-    high = tiny_manifest(demo_data, str(out), **{"score.threshold": min(10.0, mean + 0.5)})
+    high = tiny_manifest(demo_data, str(out), **tuned, **{"score.threshold": min(10.0, mean + 0.5)})
     failed = run(high, settings, job_id="gate-high")
     assert failed.exit_code == ExitCode.QUALITY_GATE
     assert "below the threshold" in failed.message

@@ -41,7 +41,10 @@ def test_minimal_manifest_reproduces_the_reference_workflow() -> None:
     assert s.story.frames[0].prompt.startswith("二次元，一个紫色短发小女孩")
     negs = [s.story.negative_for(f) for f in s.story.frames]
     assert negs[0] == "丑陋、变形、嘈杂、模糊、低对比度"
-    assert negs[2] == "丑陋、变形、嘈杂、模糊、低对比度，扭曲的手指，多余的手指"
+    assert negs[2] == "丑陋、变形、嘈杂、模糊、低对比度，色情擦边"
+    assert negs[3] == "丑陋、变形、嘈杂、模糊、低对比度，扭曲的手指，多余的手指"
+    assert s.recipe == "reference"  # every value above is checked against the reference's sources by
+    # tests/test_reference_oracle.py; tests/test_recipe.py covers the recipes
     assert s.score.threshold == 6.0
     assert s.score.aesthetic_model.endswith("aesthetics-predictor-v2-sac-logos-ava1-l14-linearMSE")
     assert m.job_id == "kolors-lora-story"

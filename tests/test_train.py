@@ -25,6 +25,7 @@ from kolors_job.dataset import ImageItem, load_image
 from kolors_job.embeddings import mix_seed
 from kolors_job.errors import ManifestError
 from kolors_job.manifest import TrainSpec
+from kolors_job.recipe import SWITCHES
 from kolors_job.tiny import build_tiny_kolors
 from kolors_job.train import (
     COMPLETE_NAME,
@@ -37,7 +38,11 @@ from kolors_job.train import (
 )
 
 DROPOUT = 0.25
+TUNED = {path.split(".")[1]: values[1] for path, values in SWITCHES.items() if path.startswith("train.")}
+"""The tuned recipe's data switches: crop time ids, posterior samples, a shuffle per epoch, EXIF, original bytes,
+Lanczos (the reference's are the defaults: tests/test_reference_oracle.py, and every whole-job test)."""
 SPEC = TrainSpec(
+    **TUNED,
     rank=4,
     alpha=2.0,
     learning_rate=1e-3,
@@ -368,7 +373,7 @@ def test_adamw8bit_keeps_kolors_sized_lora_moments_in_one_byte() -> None:
 
 def test_reference_switches_posterior_mean_and_target_time_ids(tmp_path: Path) -> None:
     """``latent: mean`` trains on the posterior mean and ``time_ids: target`` on (res, res, 0, 0, res, res),
-    as DiffSynth's trainer does; the random draws (t, noise) stay those of the defaults."""
+    as DiffSynth's trainer does; the random draws (t, noise) stay those of the tuned switches."""
     from kolors_job.embeddings import LatentEntry, PromptEmbeds
 
     items = [ImageItem(tmp_path / "a.png", "二次元", 100, 80)]
@@ -382,7 +387,8 @@ def test_reference_switches_posterior_mean_and_target_time_ids(tmp_path: Path) -
         )
 
     default, ref = batch(), batch(latent="mean", time_ids="target")
-    assert TrainSpec().latent == "sample" and TrainSpec().time_ids == "crop"
+    assert (TrainSpec().latent, TrainSpec().time_ids) == ("mean", "target")  # the reference's are the defaults
+    assert (SPEC.latent, SPEC.time_ids) == ("sample", "crop")
     assert default.time_ids.tolist() == [[80, 100, 3, 5, 64, 64]] and ref.time_ids.tolist() == [[64, 64, 0, 0, 64, 64]]
     assert torch.equal(ref.latents[0], entry.mean * 0.13025) and not torch.equal(default.latents, ref.latents)
     assert torch.equal(default.noise, ref.noise) and torch.equal(default.timesteps, ref.timesteps)
