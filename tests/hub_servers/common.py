@@ -277,7 +277,9 @@ class HubServer(LoopbackServer):
 H = TypeVar("H", bound=HubServer)
 
 
-def add_default_repos(hub: H, root: Path, *, predictor_id: str, anime_id: str, vae_fp16_fix_id: str) -> H:
+def add_default_repos(
+    hub: H, root: Path, *, predictor_id: str, anime_id: str, vae_fp16_fix_id: str | None = None
+) -> H:
     """Serve the default artifacts (built under ``root`` if missing) under the real ids on ``hub``;
     the predictor, the dataset and the fp16-fix VAE are named differently on each hub."""
     from .artifacts import KOLORS_BOTH_ID, KOLORS_ID, PREDICTOR_CUSTOM_ID, build_default_artifacts
@@ -286,7 +288,8 @@ def add_default_repos(hub: H, root: Path, *, predictor_id: str, anime_id: str, v
     hub.add_model(KOLORS_ID, art["kolors"])
     hub.add_model(predictor_id, art["predictor"])
     hub.add_dataset(anime_id, art["anime"])
-    hub.add_model(vae_fp16_fix_id, art["vae_fp16_fix"])
+    if vae_fp16_fix_id:
+        hub.add_model(vae_fp16_fix_id, art["vae_fp16_fix"])
     hub.add_model(KOLORS_BOTH_ID, art["kolors_both"])
     hub.add_model(PREDICTOR_CUSTOM_ID, art["predictor_custom"])
     hub.artifacts = art
