@@ -236,7 +236,7 @@ def test_a_cache_too_small_is_exit_4_and_nothing_is_marked_complete(
 
 @pytest.mark.parametrize("hub_kind", ["modelscope", "hf"])
 def test_a_hub_that_stalls_mid_file_is_exit_75_within_the_deadline_and_the_partial_file_resumes(
-    request: pytest.FixtureRequest, tmp_path: Path, hub_kind: str
+    request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, hub_kind: str
 ) -> None:
     """The hub stops sending half-way through the UNet, its connection left open (ModelScope: its CDN). One
     setting bounds it on both hubs: ``KOLORS_JOB_STORAGE_READ_TIMEOUT_S`` (20 s by default; 1 s here) and the
@@ -253,6 +253,7 @@ def test_a_hub_that_stalls_mid_file_is_exit_75_within_the_deadline_and_the_parti
     spec = {"output": {"uri": str(tmp_path / "out")}, **SMALL} if hub_kind == "modelscope" else _hf_spec(tmp_path)
     cache = tmp_path / "cache"
     env = {"KOLORS_JOB_STORAGE_READ_TIMEOUT_S": "1", "KOLORS_JOB_STORAGE_DEADLINE_S": "8"}
+    monkeypatch.setattr(hub.cdn, "ttl_s", 3)  # the stalled attempt's signed URL has expired when the rerun comes
     with hub.stalled(path, size // 2):
         started = time.monotonic()
         res = _run_job(tmp_path, spec, cache=cache, extra_env=env)
@@ -275,5 +276,7 @@ def test_a_hub_that_stalls_mid_file_is_exit_75_within_the_deadline_and_the_parti
     dest, rec = fetch_model(uri, kind="pipeline", settings=settings)
     sent = hub.downloads(ids.KOLORS_ID)
     assert sent[path] == size - partial  # resumed from what the stalled attempt kept
+    lfs = [p for _, p in hub.log.requests if p.startswith("/hub-lfs/")]
+    assert lfs and all("Signature=" in p for p in lfs)  # through the CDN host, with freshly signed URLs
     assert rec.bytes_downloaded == sum(sent.values()) and rec.bytes_reused == rec.bytes_total - rec.bytes_downloaded
     assert (dest / path).read_bytes() == hub.repo("model", ids.KOLORS_ID).files[path].local.read_bytes()

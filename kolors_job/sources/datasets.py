@@ -181,8 +181,14 @@ def _choose_layout(ref: HubRef, listing: Listing, spec: DatasetSpec, settings: S
             missing = [p for p in (meta, archive) if p and p not in paths]
             if missing:
                 raise InputError(f"dataset {ref.uri}: {name}.json names {missing[0]}, which the repo does not have")
-            return _Layout("structure", [p for p in (f"{name}.json", meta, archive) if p], meta, archive)
-    return _Layout("folder", sorted(p for p in paths if posixpath.basename(p) not in _NOT_DATA))
+            files = [f"{name}.json", meta, archive] if archive else [f"{name}.json", *_data_files(paths)]
+            return _Layout("structure", sorted({p for p in files if p}), meta, archive)
+    return _Layout("folder", _data_files(paths))
+
+
+def _data_files(paths: Iterable[str]) -> list[str]:
+    """A repo's files less its card and git attributes."""
+    return sorted(p for p in paths if posixpath.basename(p) not in _NOT_DATA)
 
 
 def _structure_entry(

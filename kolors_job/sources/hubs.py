@@ -271,7 +271,12 @@ class SourceRecord:
     """When not pinned: the revision the hub's listing gave for each file (the last commit touching it)."""
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """report.json's entry; ``pinned`` and ``file_revisions`` only where they say something."""
+        out = asdict(self)
+        for key in ("pinned", "file_revisions"):
+            if out[key] is None:
+                del out[key]
+        return out
 
 
 @dataclass
@@ -327,10 +332,13 @@ class Plan:
         return out
 
     def needs(self) -> int:
-        """Bytes this plan still has to write into the cache (nothing when a complete copy is recorded)."""
-        if records.reusable(self.dest, self.files) is not None:
-            return 0
-        return sum(f.size for f in self.missing()) + self.export_bytes
+        """Bytes this plan still has to write into the cache: the missing files less what partial files
+        already hold (a resume, or another job's download under way: renamed into place, not copied), and
+        the export."""
+        fetch = 0
+        if records.reusable(self.dest, self.files) is None:
+            fetch = max(0, sum(f.size for f in self.missing()) - records.partial_bytes(self.dest))
+        return fetch + self.export_bytes
 
 
 def _dest(ref: HubRef, settings: Settings) -> Path:
@@ -425,10 +433,10 @@ def download(plan: Plan, settings: Settings) -> tuple[Path, SourceRecord]:
     if records.reusable(plan.dest, plan.files) is not None:
         log.info("%s: all %d files already in the cache (%s)", plan.ref.uri, len(plan.files), _gb(plan.bytes_total))
         return plan.dest, record
-    check_free_space([plan], settings)
     with records.exclusive(plan.dest, plan.ref.uri):
         if records.reusable(plan.dest, plan.files) is not None:  # the job we waited for downloaded it
             return plan.dest, record
+        check_free_space([plan], settings)
         records.discard(plan.dest)
         plan.dest.mkdir(parents=True, exist_ok=True)
         missing = plan.missing()
@@ -553,7 +561,8 @@ def _snapshot(ref: HubRef, repo_type: RepoType, dest: Path, paths: list[str] | N
     """The hub's own snapshot client: exactly ``paths`` (None: everything) at ``revision`` into ``dest``."""
     patterns = [_literal(p) for p in paths] if paths is not None else None
     if wrong := transport.check_in_force(settings):
-        log.warning("a hub client was imported before kolors_job.sources set its transport: %s", ", ".join(wrong))
+        log.warning("the hub clients in this process were configured at import with other values than these "
+                    "settings want (they read them once): %s", ", ".join(wrong))  # fmt: skip
     if ref.hub == "modelscope":
         from modelscope import snapshot_download
         from modelscope.hub.snapshot_download import dataset_snapshot_download

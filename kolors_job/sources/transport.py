@@ -28,6 +28,8 @@ import os
 import sys
 from collections.abc import MutableMapping
 
+from pydantic import ValidationError
+
 from kolors_job.settings import Settings
 
 __all__ = ["MODELSCOPE_RETRY_BACKOFF", "PER_FILE_TOTAL_S", "apply", "check_in_force", "client_env"]
@@ -70,7 +72,12 @@ def apply(environ: MutableMapping[str, str] | None = None, settings: Settings | 
     """Set :func:`client_env` in ``environ`` (default ``os.environ``), overriding what was there: the job
     downloads only through the transport it tests. Returns what was set."""
     env = os.environ if environ is None else environ
-    values = client_env(settings or Settings())
+    if settings is None:
+        try:
+            settings = Settings()
+        except ValidationError:  # a bad KOLORS_JOB_* value is the CLI's to report; here the defaults hold
+            settings = Settings.model_construct()
+    values = client_env(settings)
     env.update(values)
     return values
 

@@ -77,7 +77,8 @@ class HFHandler(HubHandler):
             429: "You have exceeded our rate limit of requests. Please retry later.",
         }
         message = messages.get(fault.status, "Internal Error - We're working hard to fix this as soon as possible!")
-        code = fault.error_code or {401: "GatedRepo", 403: "GatedRepo", 404: "RepoNotFound"}.get(fault.status, "")
+        missing = "EntryNotFound" if fault.where in ("file", "cdn") else "RepoNotFound"
+        code = fault.error_code or {401: "GatedRepo", 403: "GatedRepo", 404: missing}.get(fault.status, "")
         headers = {"Retry-After": str(fault.retry_after)} if fault.retry_after is not None else {}
         if code:
             return self.error(fault.status, code, message, headers)
