@@ -300,18 +300,21 @@ def resolve_models(job: Job) -> ResolvedModels:
     prefer_fp16 = job.device != "cpu" or spec.train.precision in ("bf16", "fp16")
     skip = ("vae",) if spec.model.vae else ()
     plan = plan_model(spec.model.base, kind="pipeline", settings=job.settings, prefer_fp16=prefer_fp16, skip=skip)
+    fetch_base = functools.partial(
+        fetch_model, spec.model.base, kind="pipeline", settings=job.settings, prefer_fp16=prefer_fp16, skip=skip
+    )
     if plan is not None:
         check_device(job, full_size=plan.full_size, uri=spec.model.base)
+    else:  # not a hub: a wrong path fails here, before any hub is asked
+        base, base_src = fetch_base()
+        check_device(job, full_size=is_full_size(base), uri=spec.model.base)
     vae_plan = None
     if spec.model.vae:
         vae_plan = plan_model(spec.model.vae, kind="vae", settings=job.settings, prefer_fp16=prefer_fp16)
     aesthetic_plan = plan_model(spec.score.aesthetic_model, kind="aesthetic", settings=job.settings, prefer_fp16=True)
     check_free_space([plan, vae_plan, aesthetic_plan, plan_dataset(spec.dataset, job.settings)], job.settings)
-    base, base_src = fetch_model(
-        spec.model.base, kind="pipeline", settings=job.settings, prefer_fp16=prefer_fp16, skip=skip, plan=plan
-    )
-    if plan is None:
-        check_device(job, full_size=is_full_size(base), uri=spec.model.base)
+    if plan is not None:
+        base, base_src = fetch_base(plan=plan)
     sources = [base_src]
     vae = None
     if spec.model.vae:
