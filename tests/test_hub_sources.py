@@ -288,6 +288,27 @@ def test_a_refused_file_is_its_exit_code_and_nothing_is_marked_complete(any_hub,
     assert not list((tmp_path / "cache").rglob(records.RECORD_NAME))
 
 
+def test_the_cache_disk_and_bytes_that_contradict_the_listing_are_one_line_too() -> None:
+    """The clients' own types (``modelscope_hub.errors``; ``huggingface_hub``'s size check is an ``OSError``):
+    a full disk is 75 like any local fault, a read-only one 5; bytes the hub served against its own listing
+    (the client already retried) 75."""
+    import errno
+
+    from modelscope_hub.errors import FileDownloadError, FileSizeMismatchError
+
+    from kolors_job.sources import hub_error
+
+    ref = parse_hub_uri(f"modelscope://{ms_ids.KOLORS_ID}")
+    full = hub_error(ref, FileDownloadError("1 of 2 failed", failed_files={"x": OSError(errno.ENOSPC, "No space")}))
+    assert full.exit_code == ExitCode.TEMPORARY and "No space" in str(full) and ref.uri in str(full)
+    assert hub_error(ref, PermissionError(errno.EROFS, "Read-only file system")).exit_code == ExitCode.STORAGE_DENIED
+    torn = FileDownloadError("1 of 2 failed", failed_files={"x": FileSizeMismatchError("Server announced 3 bytes")})
+    hf_torn = OSError("Consistency check failed: file should be of size 9 but has size 3 (unet.safetensors).")
+    for exc in (torn, hf_torn):
+        err = hub_error(ref, exc)
+        assert err.exit_code == ExitCode.TEMPORARY and "do not match its own listing" in str(err)
+
+
 # --------------------------------------------------------------------------------------------- free space
 
 

@@ -14,6 +14,8 @@ the cause chain, else whether the hub stopped answering:
 | 404 | 4 | no such repo, revision or file: check the id and revision |
 | 429, 5xx | 75 | retried with backoff for the storage deadline, then: retry later |
 | no answer, stall | 75 | rerun: the partial download is resumed |
+| bytes that contradict the listing | 75 | retry later (the client already retried) |
+| the cache's disk (full, read-only) | 75 / 5 | as for any local fault (``storage.local.os_error``) |
 
 429 and 5xx are retried here, around the whole call (the clients retry some of them themselves, not all:
 ``huggingface_hub`` never retries a 429, nor any error of a listing), with jittered backoff until
@@ -35,6 +37,7 @@ from kolors_job.errors import ExitCode, InputError, JobError, StorageDeniedError
 from kolors_job.redact import one_line
 from kolors_job.settings import Settings
 from kolors_job.storage.base import STOP, backoff_delay, backoff_sleep, retry_refused
+from kolors_job.storage.local import os_error
 
 if TYPE_CHECKING:
     from .hubs import HubRef
@@ -98,6 +101,22 @@ def _refused(exc: BaseException) -> bool:
     ) or _named(exc, "NewConnectionError")
 
 
+LOCAL_ERRNOS = frozenset({
+    errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EISDIR,
+    errno.ENAMETOOLONG, errno.EIO, errno.ESTALE,
+})  # fmt: skip
+"""Errors of the cache's file system (not of the network) while a client writes a download."""
+
+
+def local_error(exc: BaseException, where: str) -> JobError | None:
+    """A cache file-system fault among ``exc``'s causes as the storage layer words it (75 when it may pass:
+    a full disk; else 5), or None."""
+    for e in _causes(exc):
+        if isinstance(e, OSError) and not isinstance(e, ConnectionError | TimeoutError) and e.errno in LOCAL_ERRNOS:
+            return os_error(e, where)
+    return None
+
+
 def retryable(exc: BaseException) -> bool:
     """A 429 or 5xx, or a client that returned without every file. Not a refused connection (an endpoint
     that is down or wrong fails at once: a cached copy may serve offline), nor a stall (see the docstring)."""
@@ -111,6 +130,8 @@ def hub_error(ref: HubRef, exc: BaseException) -> JobError:
     """A hub client failure as one line naming the uri and what to do, with its exit code."""
     if isinstance(exc, JobError):
         return exc
+    if (local := local_error(exc, f"the cache copy of {ref.uri!r}")) is not None:
+        return local
     status = http_status(exc)
     hub, uri = ref.hub_name, ref.uri
     token = TOKEN_ENV[ref.hub]
@@ -136,16 +157,21 @@ def hub_error(ref: HubRef, exc: BaseException) -> JobError:
         return JobError(f"{hub} kept failing for {uri!r} (HTTP {status}): retry later", exit_code=ExitCode.TEMPORARY)
     if any(isinstance(e, IncompleteDownload) for e in _causes(exc)):
         return JobError(f"{hub}: {exc}: retry later", exit_code=ExitCode.TEMPORARY)
+    if _named(exc, "Integrity", "SizeMismatch") or any("Consistency check failed" in str(e) for e in _causes(exc)):
+        return JobError(
+            f"{hub} served bytes for {uri!r} that do not match its own listing (size or digest): retry later",
+            exit_code=ExitCode.TEMPORARY,
+        )
     if _timed_out(exc):
         return JobError(
-            f"{hub} stopped sending {uri!r} ({one_line(exc, 160)}): rerun to resume the download",
+            f"{hub} stopped sending {uri!r} ({one_line(exc)}): rerun to resume the download",
             exit_code=ExitCode.TEMPORARY,
         )
     if _refused(exc) or _named(exc, "ConnectionError", "ChunkedEncoding", "OfflineMode", "NetworkError") or getattr(
         exc, "retryable", False
     ):
         return JobError(
-            f"{hub} unreachable for {uri!r} ({one_line(exc, 160)}): retry later", exit_code=ExitCode.TEMPORARY
+            f"{hub} unreachable for {uri!r} ({one_line(exc)}): retry later", exit_code=ExitCode.TEMPORARY
         )
     return JobError(f"{hub} request for {uri!r} failed ({type(exc).__name__}): {one_line(exc)}")
 

@@ -42,7 +42,7 @@ from kolors_job.errors import ExitCode, InputError, JobError
 from kolors_job.settings import Settings
 
 from . import records, transport
-from .hub_errors import IncompleteDownload, call_hub, hub_error
+from .hub_errors import IncompleteDownload, call_hub, hub_error, local_error
 
 __all__ = [
     "FULL_SIZE_UNET_BYTES",
@@ -424,7 +424,17 @@ def check_free_space(plans: Sequence[Plan | None], settings: Settings) -> None:
 
 def download(plan: Plan, settings: Settings) -> tuple[Path, SourceRecord]:
     """Fetch what ``plan`` is missing into its directory; the record is written only once all is there
-    and verified. Jobs sharing the cache take turns per copy (``records.exclusive``)."""
+    and verified. Jobs sharing the cache take turns per copy (``records.exclusive``). A fault of the
+    cache's own disk is one line too (a full disk: 75)."""
+    try:
+        return _download(plan, settings)
+    except OSError as exc:
+        if (err := local_error(exc, f"the cache copy of {plan.ref.uri!r}")) is None:
+            raise
+        raise err from exc
+
+
+def _download(plan: Plan, settings: Settings) -> tuple[Path, SourceRecord]:
     record = SourceRecord(
         uri=plan.ref.uri, kind=plan.kind, revision=plan.ref.revision if plan.pinned else plan.branch,
         commit=plan.commit, files=len(plan.files), bytes_total=plan.bytes_total, bytes_reused=plan.bytes_total,
