@@ -4,8 +4,9 @@ Hubs (``modelscope://``, ``hf://``: ``hubs``), storage prefixes (every registere
 ``buckets``), ``tiny://`` builds and plain paths. ``models`` checks what a model directory must hold;
 ``datasets`` exports hub datasets (parquet shards, or an archive/folder with a metadata file) to images +
 ``metadata.jsonl``; ``transport`` sets the hub clients' transport (plain HTTP, the job's timeouts) before
-they are imported; ``records`` keeps cache copies complete and built by one job at a time. Loading the
-files is not done here: ``kolors_job.models`` loads models, ``kolors_job.dataset`` scans and loads images.
+they are imported; ``hub_errors`` turns a client's failure into one line and an exit code; ``records``
+keeps cache copies complete and built by one job at a time. Loading the files is not done here:
+``kolors_job.models`` loads models, ``kolors_job.dataset`` scans and loads images.
 """
 
 from __future__ import annotations

@@ -277,6 +277,16 @@ class HubHandler(ProxyHandler):
                 left -= len(chunk)
 
 
+class QuietServer(ThreadingHTTPServer):
+    """A client that gives up (a read timeout, a killed job) resets its connection: not worth a traceback."""
+
+    daemon_threads = True
+
+    def handle_error(self, request: object, client_address: object) -> None:
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)  # type: ignore[arg-type]
+
+
 @dataclass
 class Fault:
     """An injected failure: ``status`` on requests to ``where`` (``info``, ``listing``, ``file``, ``cdn``
@@ -347,8 +357,7 @@ class CdnServer:
         self.secret = uuid.uuid4().bytes
         self.access_key_id = "LTAI5tKolorsJobHubCdn"
         handler_cls = type("CdnHandler", (CdnHandler,), {"owner": self})
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), handler_cls)
-        self.server.daemon_threads = True
+        self.server = QuietServer(("127.0.0.1", 0), handler_cls)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         self._thread = threading.Thread(target=self.server.serve_forever, daemon=True, name=f"{hub.name}-cdn")
         self.signed = 0
@@ -427,8 +436,7 @@ class HubServer(LoopbackServer):
         (None: 404, as off Alibaba Cloud)."""
         self.cdn = CdnServer(self)
         handler_cls = type("Handler", (self.handler,), {"owner": self})
-        self.server = ThreadingHTTPServer(("127.0.0.1", port), handler_cls)
-        self.server.daemon_threads = True
+        self.server = QuietServer(("127.0.0.1", port), handler_cls)
         self.url = self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
         self._thread = threading.Thread(target=self.server.serve_forever, daemon=True, name=self.name)
 
