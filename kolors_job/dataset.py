@@ -59,6 +59,7 @@ __all__ = [
     "ImageItem",
     "SkipReason",
     "TimeIds",
+    "filter_drops",
     "load_image",
     "scan_dataset",
 ]
@@ -426,6 +427,18 @@ def _filter_reason(w: int, h: int, f: FilterSpec) -> str | None:
     if not _passes_aspect(w, h, f):
         return SkipReason.BAD_ASPECT
     return None
+
+
+def filter_drops(skipped: dict[str, int], f: FilterSpec) -> dict[str, dict[str, Any]]:
+    """How many images each of the manifest's filters dropped, with its setting (report.json
+    ``dataset.filters``), so a real run shows e.g. the 512-px images the 1024 size filter removes. The
+    filters run in the reference's order (size, then aspect ratio): an image failing both counts as size."""
+    low, high = f.aspect_ratio
+    return {
+        "min_size": {"setting": f"{f.min_width}x{f.min_height}", "dropped": skipped.get(SkipReason.TOO_SMALL, 0)},
+        "aspect_ratio": {"setting": f"{low:g}-{high:g}", "dropped": skipped.get(SkipReason.BAD_ASPECT, 0)},
+        "max_pixels": {"setting": str(f.max_pixels), "dropped": skipped.get(SkipReason.TOO_MANY_PIXELS, 0)},
+    }
 
 
 def _passes_shape(w: int, h: int, f: FilterSpec) -> bool:

@@ -341,8 +341,11 @@ def _dataset_view(ds: Mapping[str, Any]) -> dict[str, Any] | None:
         return None
     keys = ("source", "kept", "examined", "not_examined", "captions_truncated")
     examples = ds.get("skipped_examples") or {}
+    head = {k: ds.get(k) for k in keys if ds.get(k) is not None}
+    for name, f in (ds.get("filters") or {}).items():
+        head[f"dropped by {name} ({f.get('setting')})"] = f.get("dropped")
     return {
-        "head": {k: ds.get(k) for k in keys if ds.get(k) is not None},
+        "head": head,
         "skipped": [
             {"reason": reason, "count": count, "examples": [str(e) for e in examples.get(reason, [])]}
             for reason, count in (ds.get("skipped") or {}).items()

@@ -80,6 +80,12 @@ class Source(_Section):
     bytes_downloaded: int | None = None
     bytes_reused: int | None = None
     variants: dict[str, str | None] | None = None
+    pinned: bool | None = None
+    """Every download was pinned to ``commit``; false: from the branch in ``revision`` (the hub gave no commit
+    to pin to, or would not list at it), and ``file_revisions`` says which commit each file came from."""
+    file_revisions: dict[str, str] | None = None
+    layout: str | None = None
+    """A hub dataset's layout: ``parquet``, ``structure`` (ModelScope's json + csv + archive) or ``folder``."""
 
 
 class Dataset(_Section):
@@ -93,6 +99,8 @@ class Dataset(_Section):
     skipped_examples: dict[str, list[str]] | None = None
     captions_truncated: int | None = None
     notes: dict[str, int] | None = None
+    filters: dict[str, dict[str, Any]] | None = None
+    """Per filter (``min_size``, ``aspect_ratio``, ``max_pixels``): its ``setting``, the images it ``dropped``."""
     fetched: Source | None = None
     """The hub copy's commit and bytes; the same entry is the last of ``Report.sources``."""
 

@@ -293,34 +293,52 @@ def check_device(job: Job, *, full_size: bool, uri: str) -> None:
 
 
 def resolve_models(job: Job) -> ResolvedModels:
-    """List, check and fetch the models (Kolors, the VAEs the manifest names, the aesthetic predictor); a hub
-    model is sized before it is downloaded."""
-    from kolors_job.sources import fetch_model, is_full_size, plan_model
+    """List, check and fetch the models (Kolors, the VAEs the manifest names, the aesthetic predictor); every
+    hub source (the dataset too) is sized before the first download, so a cache that cannot hold them all
+    stops before any byte travels."""
+    from kolors_job.sources import check_free_space, fetch_model, is_full_size, plan_dataset, plan_model
 
     spec = job.manifest.spec
     # A half-precision run reads fp16 weight variants; an fp32 (CPU) run prefers the plain ones.
     prefer_fp16 = job.device != "cpu" or spec.train.precision in ("bf16", "fp16")
     skip = ("vae",) if spec.model.vae else ()
     plan = plan_model(spec.model.base, kind="pipeline", settings=job.settings, prefer_fp16=prefer_fp16, skip=skip)
+    fetch_base = functools.partial(
+        fetch_model, spec.model.base, kind="pipeline", settings=job.settings, prefer_fp16=prefer_fp16, skip=skip
+    )
     if plan is not None:
         check_device(job, full_size=plan.full_size, uri=spec.model.base)
-    base, base_src = fetch_model(
-        spec.model.base, kind="pipeline", settings=job.settings, prefer_fp16=prefer_fp16, skip=skip, plan=plan
-    )
-    if plan is None:
+    else:  # not a hub: a wrong path fails here, before any hub is asked
+        base, base_src = fetch_base()
         check_device(job, full_size=is_full_size(base), uri=spec.model.base)
+    vae_plan = None
+    if spec.model.vae:
+        vae_plan = plan_model(spec.model.vae, kind="vae", settings=job.settings, prefer_fp16=prefer_fp16)
+    train_vae_plan = None
+    if spec.model.train_vae:
+        train_vae_plan = plan_model(spec.model.train_vae, kind="vae", settings=job.settings, prefer_fp16=prefer_fp16)
+    aesthetic_plan = plan_model(spec.score.aesthetic_model, kind="aesthetic", settings=job.settings, prefer_fp16=True)
+    check_free_space(
+        [plan, vae_plan, train_vae_plan, aesthetic_plan, plan_dataset(spec.dataset, job.settings)], job.settings
+    )
+    if plan is not None:
+        base, base_src = fetch_base(plan=plan)
     sources = [base_src]
     vae = None
     if spec.model.vae:
-        vae, vae_src = fetch_model(spec.model.vae, kind="vae", settings=job.settings, prefer_fp16=prefer_fp16)
+        vae, vae_src = fetch_model(
+            spec.model.vae, kind="vae", settings=job.settings, prefer_fp16=prefer_fp16, plan=vae_plan
+        )
         sources.append(vae_src)
     train_vae = None
     if spec.model.train_vae:
         train_vae, train_vae_src = fetch_model(
-            spec.model.train_vae, kind="vae", settings=job.settings, prefer_fp16=prefer_fp16
+            spec.model.train_vae, kind="vae", settings=job.settings, prefer_fp16=prefer_fp16, plan=train_vae_plan
         )
         sources.append(train_vae_src)
-    aesthetic, aesthetic_src = fetch_model(spec.score.aesthetic_model, kind="aesthetic", settings=job.settings)
+    aesthetic, aesthetic_src = fetch_model(
+        spec.score.aesthetic_model, kind="aesthetic", settings=job.settings, plan=aesthetic_plan
+    )
     sources.append(aesthetic_src)
     for src in sources:
         log.info(
@@ -337,7 +355,7 @@ def _mb(n: int) -> str:
 
 def run_dataset(job: Job) -> tuple[Any, dict[str, Any]]:
     """Fetch + scan; no surviving image is an input error (exit 4), not a crash in training."""
-    from kolors_job.dataset import scan_dataset
+    from kolors_job.dataset import filter_drops, scan_dataset
     from kolors_job.sources import fetch_dataset, source_record
 
     spec = job.manifest.spec.dataset
@@ -348,9 +366,12 @@ def run_dataset(job: Job) -> tuple[Any, dict[str, Any]]:
         exif_orientation=job.manifest.spec.train.exif_orientation,
     )
     summary = scan.report(spec.source).to_dict()
+    summary["filters"] = filter_drops(scan.skipped_counts, spec.filters)
     if (record := source_record(root, since=started)) is not None:
         summary["fetched"] = record  # commit and bytes, as report.json's sources has them for models
-    log.info("dataset: %d kept, skipped %s", scan.kept, summary["skipped"] or "none", extra={"kept": scan.kept})
+    dropped = "; ".join(f"{f['dropped']} by {name} ({f['setting']})" for name, f in summary["filters"].items())
+    log.info("dataset: %d kept; filters dropped %s; skipped %s", scan.kept, dropped, summary["skipped"] or "none",
+             extra={"kept": scan.kept})  # fmt: skip
     if not scan.items:
         raise InputError(
             f"dataset {redact_uri(spec.source)}: no image survived the filters "

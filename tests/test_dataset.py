@@ -513,7 +513,8 @@ def test_modelscope_unreachable_is_one_line_temporary_error(tmp_path: Path) -> N
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["code"] == 75
     assert "\n" not in result["msg"] and len(result["msg"]) < 500
-    assert result["msg"].startswith("ModelScope unreachable for 'modelscope://AI-ModelScope/lowres_anime': ")
+    assert result["msg"].startswith("ModelScope unreachable for 'modelscope://AI-ModelScope/lowres_anime' (")
+    assert result["msg"].endswith(": retry later")
     datasets = tmp_path / "cache" / "datasets"
     assert not datasets.exists() or list(datasets.iterdir()) == []  # nothing half-written left
 

@@ -98,7 +98,14 @@ def test_modelscope_listing_is_the_real_fp16_only_layout(modelscope_env) -> None
     assert {e["Path"]: e["Size"] for e in blobs} == _files(art)
     for e in blobs:
         assert e["Sha256"] == hashlib.sha256((art / e["Path"]).read_bytes()).hexdigest()
-        assert e["Revision"] == raw["LatestCommitter"]["Id"] == modelscope_env.repo("model", KOLORS_ID).commit
+    # As the recorded real listing has it: each file's Revision is the commit that last touched it; only the
+    # files of the head commit (here README.md and .gitattributes) carry the repo's commit, LatestCommitter.Id
+    head = modelscope_env.repo("model", KOLORS_ID).commit
+    assert raw["LatestCommitter"]["Id"] == head and head.startswith(raw["LatestCommitter"]["ShortId"])
+    revisions = {e["Path"]: e["Revision"] for e in blobs}
+    assert {p for p, r in revisions.items() if r == head} == {"README.md", ".gitattributes"}
+    assert revisions["unet/diffusion_pytorch_model.fp16.safetensors"] != revisions["vae/config.json"]
+    assert len(set(revisions.values())) > 3
 
 
 def test_modelscope_snapshot_of_fp16_files_fetches_exactly_those_and_loads(modelscope_env, tmp_path) -> None:

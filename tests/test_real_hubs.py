@@ -72,7 +72,11 @@ def test_default_manifest_on_the_modelscope_emulator(modelscope_env, tmp_path: P
     sources = {s["uri"]: s for s in report["sources"]}
     base = sources[f"modelscope://{ms_ids.KOLORS_ID}"]
     assert base["bytes_downloaded"] == sum(expected.values()) == base["bytes_total"]
-    assert base["commit"] == hub.repo("model", ms_ids.KOLORS_ID).commit
+    # the listing gives each file the last commit that touched it (the real shape); the job records the repo's
+    # commit, pinned: every file was requested at it
+    kolors = hub.repo("model", ms_ids.KOLORS_ID)
+    assert len({kolors.file_commit(p)[0] for p in expected}) > 1
+    assert (base["commit"], base["pinned"], base.get("file_revisions")) == (kolors.commit, True, None)
     assert base["variants"] == {"unet": "fp16", "vae": "fp16", "text_encoder": "fp16"}
     # the predictor from its pickle, with the processor files and nothing else
     predictor = hub.downloads(ms_ids.PREDICTOR_ID)
@@ -83,9 +87,14 @@ def test_default_manifest_on_the_modelscope_emulator(modelscope_env, tmp_path: P
         "README.md", "data/train-00000-of-00002.parquet", "data/train-00001-of-00002.parquet",
     ]
     assert report["dataset"]["kept"] == 3
+    filters = report["dataset"]["filters"]  # what each filter dropped, plainly: the 512 px image, the 2 odd shapes
+    assert {k: (v["setting"], v["dropped"]) for k, v in filters.items()} == {
+        "min_size": ("1024x1024", 1), "aspect_ratio": ("0.5-2", 2), "max_pixels": ("64000000", 0),
+    }
+    assert "dropped by min_size (1024x1024)" in (tmp_path / "out" / "kolors-lora-story" / "report.html").read_text()
     anime = hub.repo("dataset", ms_ids.ANIME_ID)
     dataset_src = sources[f"modelscope://{ms_ids.ANIME_ID}"]
-    assert dataset_src["commit"] == anime.commit
+    assert (dataset_src["commit"], dataset_src["pinned"], dataset_src["layout"]) == (anime.commit, True, "parquet")
     assert dataset_src["bytes_downloaded"] == sum(hub.downloads(ms_ids.ANIME_ID).values())
     assert len(report["story"]["frames"]) == 8 and all(0.0 <= f["score"] <= 10.0 for f in report["story"]["frames"])
     # the reference recipe's training VAE: the one file DiffSynth's download_models fetches, + its config
@@ -249,33 +258,57 @@ def test_a_cache_too_small_is_exit_4_and_nothing_is_marked_complete(
     res = _run_job(tmp_path, {"output": {"uri": str(tmp_path / "out")}, **SMALL}, cache=cache, extra_env=env)
     assert res.returncode == ExitCode.INVALID_INPUT, res.stderr[-3000:]
     last = res.stderr.strip().splitlines()[-1]
-    assert last.startswith(f"error: pipeline model 'modelscope://{ms_ids.KOLORS_ID}' needs "), last
+    assert last.startswith(f"error: the cache {cache} needs "), last
+    for what in (f"pipeline 'modelscope://{ms_ids.KOLORS_ID}'", f"dataset 'modelscope://{ms_ids.ANIME_ID}'"):
+        assert what in last, last  # every source, the dataset included, before any download
     assert "free" in last and "KOLORS_JOB_CACHE_DIR" in last
     assert modelscope_env.downloads(ms_ids.KOLORS_ID) == {}
     assert not list(cache.rglob(".kolors_job_source.json"))
 
 
-def test_a_hub_that_hangs_mid_file_is_temporary_and_the_rerun_resumes(hf_env, tmp_path: Path) -> None:
-    """The hub stops sending half-way through the UNet, its connection left open. The client's read timeout
-    (``HF_HUB_DOWNLOAD_TIMEOUT``, 10 s by default; 1 s here) and its resume retries bound the wait: exit 75
-    with one line naming the source, nothing marked complete; the next attempt finishes the download."""
-    hub = hf_env
+@pytest.mark.parametrize("hub_kind", ["modelscope", "hf"])
+def test_a_hub_that_stalls_mid_file_is_exit_75_within_the_deadline_and_the_partial_file_resumes(
+    request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, hub_kind: str
+) -> None:
+    """The hub stops sending half-way through the UNet, its connection left open (ModelScope: its CDN). One
+    setting bounds it on both hubs: ``KOLORS_JOB_STORAGE_READ_TIMEOUT_S`` (20 s by default; 1 s here) and the
+    storage deadline (240 s; 8 s here) → exit 75 with one line naming the source, nothing marked complete,
+    the partial file kept. The next attempt resumes it (here at the source level: the rest of the job is
+    what ``test_default_manifest_on_the_modelscope_emulator`` runs) and counts only the bytes it received."""
+    from kolors_job.settings import Settings
+    from kolors_job.sources import fetch_model, records
+
+    hub = request.getfixturevalue("modelscope_env" if hub_kind == "modelscope" else "hf_env")
+    ids = ms_ids if hub_kind == "modelscope" else hf_ids
     path = "unet/diffusion_pytorch_model.fp16.safetensors"
-    size = (hub.artifacts["kolors"] / path).stat().st_size
-    spec = _hf_spec(tmp_path)
+    size = hub.repo("model", ids.KOLORS_ID).files[path].size
+    spec = {"output": {"uri": str(tmp_path / "out")}, **SMALL} if hub_kind == "modelscope" else _hf_spec(tmp_path)
     cache = tmp_path / "cache"
+    env = {"KOLORS_JOB_STORAGE_READ_TIMEOUT_S": "1", "KOLORS_JOB_STORAGE_DEADLINE_S": "8"}
+    monkeypatch.setattr(hub.cdn, "ttl_s", 3)  # the stalled attempt's signed URL has expired when the rerun comes
     with hub.stalled(path, size // 2):
         started = time.monotonic()
-        res = _run_job(tmp_path, spec, cache=cache, extra_env={"HF_HUB_DOWNLOAD_TIMEOUT": "1"})
+        res = _run_job(tmp_path, spec, cache=cache, extra_env=env)
         took = time.monotonic() - started
     assert res.returncode == ExitCode.TEMPORARY, res.stderr[-3000:]
     last = res.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: ") and f"hf://{hf_ids.KOLORS_ID}" in last, last
-    print(f"\nhung hub: exit {res.returncode} after {took:.0f} s: {last}")
-    assert took < 120, took
-    assert not [p for p in cache.rglob(".kolors_job_source.json") if "Kolors" in str(p)]
+    uri = f"{hub_kind}://{ids.KOLORS_ID}"
+    assert last.startswith("error: ") and uri in last and "stopped sending" in last and "resume" in last, last
+    print(f"\nstalled {hub_kind}: exit {res.returncode} after {took:.0f} s: {last}")
+    assert took < 8 + 60, took  # the deadline plus the job's start-up on a busy 2-core box
+    assert not list(cache.rglob(records.RECORD_NAME))
+    partial = records.partial_bytes(next(cache.glob("hub/*/Kwai-Kolors/Kolors-diffusers/default")))
+    # ModelScope's client writes what arrives (1 MB reads): the partial file holds every byte sent. Hugging
+    # Face's writes in 10 MB chunks, so of this 2.6 MB UNet it kept nothing (of a 5 GB one, all but < 10 MB).
+    assert partial == (size // 2 if hub_kind == "modelscope" else 0)
     assert not (tmp_path / "out" / "kolors-lora-story" / "_SUCCESS").exists()
 
-    res = _run_job(tmp_path, spec, cache=cache)
-    assert res.returncode == ExitCode.OK, res.stderr[-3000:]
-    _assert_story(tmp_path / "out" / "kolors-lora-story")
+    hub.reset_downloads()
+    settings = Settings(cache_dir=cache)
+    dest, rec = fetch_model(uri, kind="pipeline", settings=settings)
+    sent = hub.downloads(ids.KOLORS_ID)
+    assert sent[path] == size - partial  # resumed from what the stalled attempt kept
+    lfs = [p for _, p in hub.log.requests if p.startswith("/hub-lfs/")]
+    assert lfs and all("Signature=" in p for p in lfs)  # through the CDN host, with freshly signed URLs
+    assert rec.bytes_downloaded == sum(sent.values()) and rec.bytes_reused == rec.bytes_total - rec.bytes_downloaded
+    assert (dest / path).read_bytes() == hub.repo("model", ids.KOLORS_ID).files[path].local.read_bytes()

@@ -2,14 +2,18 @@
 
 Hubs (``modelscope://``, ``hf://``: ``hubs``), storage prefixes (every registered storage backend:
 ``buckets``), ``tiny://`` builds and plain paths. ``models`` checks what a model directory must hold;
-``datasets`` exports hub parquet to images + ``metadata.jsonl``. Loading the files is not done here:
+``datasets`` exports hub datasets (parquet shards, or an archive/folder with a metadata file) to images +
+``metadata.jsonl``; ``transport`` sets the hub clients' transport (plain HTTP, the job's timeouts) before
+they are imported; ``hub_errors`` turns a client's failure into one line and an exit code; ``records``
+keeps cache copies complete and built by one job at a time. Loading the files is not done here:
 ``kolors_job.models`` loads models, ``kolors_job.dataset`` scans and loads images.
 """
 
 from __future__ import annotations
 
+from . import transport  # noqa: F401 - first: sets the hub clients' environment before any imports them
 from .buckets import SKIPPED_KEYS_FILE, copy_dataset_prefix, copy_model_prefix
-from .datasets import DATASET_RECORD, export_rows, fetch_dataset, source_record
+from .datasets import DATASET_RECORD, export_rows, fetch_dataset, plan_dataset, source_record
 from .hubs import (
     CLIP_PROCESSOR_FILES,
     DIFFUSERS_WEIGHTS,
@@ -17,16 +21,19 @@ from .hubs import (
     HUB_SCHEMES,
     TRANSFORMERS_WEIGHTS,
     HubRef,
+    Listing,
     ModelKind,
     Plan,
     RemoteFile,
     SourceRecord,
+    check_free_space,
     check_hub_uri,
     choose_weights,
     download,
     download_dataset_files,
     hub_error,
     list_dataset_repo,
+    list_repo,
     local_variant,
     parse_hub_uri,
     plan_hub_model,
@@ -45,10 +52,12 @@ __all__ = [
     "TINY_SCHEME",
     "TRANSFORMERS_WEIGHTS",
     "HubRef",
+    "Listing",
     "ModelKind",
     "Plan",
     "RemoteFile",
     "SourceRecord",
+    "check_free_space",
     "check_hub_uri",
     "choose_weights",
     "copy_dataset_prefix",
@@ -61,8 +70,10 @@ __all__ = [
     "hub_error",
     "is_full_size",
     "list_dataset_repo",
+    "list_repo",
     "local_variant",
     "parse_hub_uri",
+    "plan_dataset",
     "plan_hub_model",
     "plan_model",
     "resolve_model",

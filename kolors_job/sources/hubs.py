@@ -13,8 +13,15 @@ resolved in two steps:
    can refuse a full-size model on a machine without a GPU *before* 17 GB travel.
 2. ``download``: checks the cache's free space against the bytes still missing, downloads with the
    hub's own client (``modelscope.snapshot_download`` / ``huggingface_hub.snapshot_download`` with
-   ``allow_patterns`` = the chosen files), and writes a completion record last. The clients verify
-   sizes and digests per file; the record is what lets a later job reuse the copy offline.
+   ``allow_patterns`` = the chosen files) at the listed commit, one job at a time per copy, verifies every
+   file against the listing's digests and writes a completion record last (``records``); that record is
+   what lets a later job reuse the copy without the hub, offline included.
+
+**One commit per source.** The listing's repo commit (Hugging Face: ``sha``; ModelScope: the listing's
+``LatestCommitter.Id`` — each file's own ``Revision`` there is the last commit that touched *it*) is
+recorded and every download is pinned to it, so the files of one job all come from one commit even if
+the branch moves meanwhile. Where ModelScope names no commit, or refuses to list at it, the job downloads
+from the branch and says so: ``pinned: false``, the branch, and the per-file revisions it got.
 
 ``choose_weights`` is shared with the loader (``models.load_kolors_components``), so the variant
 picked from a remote listing and the one read from the local copy are the same decision.
@@ -22,32 +29,37 @@ picked from a remote listing and the one read from the local copy are the same d
 
 from __future__ import annotations
 
-import json
 import logging
+import math
 import re
 import shutil
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from kolors_job.errors import ExitCode, InputError, JobError, StorageDeniedError
-from kolors_job.redact import one_line
+from kolors_job.errors import ExitCode, InputError, JobError
 from kolors_job.settings import Settings
-from kolors_job.storage.atomic import atomic_target
+
+from . import records, transport
+from .hub_errors import IncompleteDownload, call_hub, hub_error, local_error
 
 __all__ = [
     "FULL_SIZE_UNET_BYTES",
     "HUB_SCHEMES",
     "HubRef",
+    "Listing",
     "Plan",
     "RemoteFile",
     "SourceRecord",
+    "check_free_space",
     "check_hub_uri",
     "choose_weights",
     "download",
     "download_dataset_files",
+    "hub_error",
     "list_dataset_repo",
+    "list_repo",
     "local_variant",
     "local_weights",
     "parse_hub_uri",
@@ -59,13 +71,15 @@ log = logging.getLogger(__name__)
 
 Hub = Literal["modelscope", "hf"]
 ModelKind = Literal["pipeline", "vae", "aesthetic"]
+RepoType = Literal["model", "dataset"]
 
 HUB_SCHEMES: tuple[Hub, ...] = ("modelscope", "hf")
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
 _REVISION = re.compile(r"^[\w.\-/]+$")
+_COMMIT = re.compile(r"^[0-9a-f]{40}$")
 
-RECORD_NAME = ".kolors_job_source.json"
-"""Written last into a downloaded copy: the files it holds and the commit they came from."""
+RECORD_NAME = records.RECORD_NAME
+DEFAULT_BRANCH: dict[str, str] = {"modelscope": "master", "hf": "main"}
 
 FULL_SIZE_UNET_BYTES = 1 << 30
 """A UNet weight file at least this large is a real model (Kolors fp16: 5.16 GB; the tiny one: KB)."""
@@ -130,6 +144,10 @@ def parse_hub_uri(uri: str) -> HubRef | None:
 class RemoteFile:
     path: str
     size: int
+    sha256: str | None = None
+    """The content's sha256, when the listing gives it (ModelScope: every file; Hugging Face: LFS files)."""
+    oid: str | None = None
+    """Hugging Face's git blob id of a file not in LFS (sha1 of ``blob <size>\\0`` + the bytes)."""
 
 
 def choose_weights(
@@ -236,33 +254,68 @@ class SourceRecord:
     uri: str
     kind: str
     revision: str | None = None
-    """The requested branch/tag/commit (None: the hub's default branch)."""
+    """The requested branch/tag/commit (None: the hub's default branch); the branch downloaded from when
+    ``pinned`` is false."""
     commit: str | None = None
-    """The commit the files came from, when the hub names one."""
+    """The repo commit the files came from, when the hub names one."""
     files: int = 0
     bytes_total: int = 0
     bytes_downloaded: int = 0
+    """Bytes this job received (a resumed file counts only its remainder)."""
     bytes_reused: int = 0
+    """The rest: files already in the cache, and the part of a file an earlier attempt received."""
     variants: dict[str, str | None] = field(default_factory=dict)
+    pinned: bool | None = None
+    """Every download was pinned to ``commit`` (None: not a hub source)."""
+    file_revisions: dict[str, str] | None = None
+    """When not pinned: the revision the hub's listing gave for each file (the last commit touching it)."""
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """report.json's entry; ``pinned`` and ``file_revisions`` only where they say something."""
+        out = asdict(self)
+        for key in ("pinned", "file_revisions"):
+            if out[key] is None:
+                del out[key]
+        return out
+
+
+@dataclass
+class Listing:
+    """A hub repo's files as listed, and the one commit they were listed at."""
+
+    files: list[RemoteFile]
+    commit: str | None
+    pinned: bool
+    """Downloads can be pinned to ``commit`` (the hub listed the repo at it)."""
+    branch: str
+    """The branch/tag listed (the requested revision, else the hub's default branch)."""
+    file_revisions: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
 class Plan:
-    """One hub model, listed and selected, not yet downloaded."""
+    """One hub repo's chosen files, listed and selected, not yet downloaded."""
 
     ref: HubRef
-    kind: ModelKind
+    kind: ModelKind | Literal["dataset"]
     files: list[RemoteFile]
     variants: dict[str, str | None]
     commit: str | None
     dest: Path
+    pinned: bool = True
+    branch: str | None = None
+    file_revisions: dict[str, str] = field(default_factory=dict)
+    export_bytes: int = 0
+    """Bytes the job will write beside the download (a dataset's export), counted in the free-space check."""
 
     @property
     def bytes_total(self) -> int:
         return sum(f.size for f in self.files)
+
+    @property
+    def revision(self) -> str | None:
+        """What the client downloads at: the commit when pinned, else the branch."""
+        return self.commit if self.pinned and self.commit else (self.branch or self.ref.revision)
 
     @property
     def full_size(self) -> bool:
@@ -270,7 +323,7 @@ class Plan:
         return sum(f.size for f in self.files if f.path.startswith("unet/")) >= FULL_SIZE_UNET_BYTES
 
     def missing(self) -> list[RemoteFile]:
-        """Files not yet in ``dest`` at their listed size (the hub clients re-check digests too)."""
+        """Files not yet in ``dest`` at their listed size (digests are checked once the download ends)."""
         out = []
         for f in self.files:
             local = self.dest / f.path
@@ -278,10 +331,31 @@ class Plan:
                 out.append(f)
         return out
 
+    def needs(self) -> int:
+        """Bytes this plan still has to write into the cache: the missing files less what partial files
+        already hold (a resume, or another job's download under way: renamed into place, not copied), and
+        the export."""
+        fetch = 0
+        if records.reusable(self.dest, self.files) is None:
+            fetch = max(0, sum(f.size for f in self.missing()) - records.partial_bytes(self.dest))
+        return fetch + self.export_bytes
+
 
 def _dest(ref: HubRef, settings: Settings) -> Path:
     owner, name = ref.repo_id.split("/", 1)
     return Path(settings.cache_dir) / "hub" / ref.hub / owner / name / (ref.revision or "default").replace("/", "--")
+
+
+def plan_from_listing(
+    ref: HubRef, kind: ModelKind | Literal["dataset"], listing: Listing, paths: Iterable[str], dest: Path,
+    *, variants: dict[str, str | None] | None = None, export_bytes: int = 0,
+) -> Plan:
+    """A plan for ``paths`` of ``listing`` (shared by models and datasets)."""
+    by_path = {f.path: f for f in listing.files}
+    chosen = sorted(set(paths))
+    revisions = {} if listing.pinned else {p: listing.file_revisions[p] for p in chosen if p in listing.file_revisions}
+    return Plan(ref, kind, [by_path[p] for p in chosen], variants or {}, listing.commit, dest, listing.pinned,
+                listing.branch, revisions, export_bytes)  # fmt: skip
 
 
 def plan_hub_model(
@@ -294,20 +368,26 @@ def plan_hub_model(
     """
     dest = _dest(ref, settings)
     try:
-        listing, commit = (_modelscope_listing if ref.hub == "modelscope" else _hf_listing)(ref, settings)
+        listing = list_repo(ref, settings, "model")
     except JobError as err:
-        cached = _read_record(dest)
+        cached = records.read(dest)
         if err.exit_code != ExitCode.TEMPORARY or cached is None:
             raise
         log.warning("%s unreachable; using the copy a previous job downloaded: %s", ref.hub_name, err)
-        listing = [RemoteFile(p, s) for p, s in cached["sizes"].items()]
-        commit = cached.get("commit")
-    sizes = {f.path: f.size for f in listing}
+        listing = _listing_from_record(ref, cached)
+    sizes = {f.path: f.size for f in listing.files}
     try:
         paths, variants = select_files(kind, sizes, prefer_fp16=prefer_fp16, skip=skip)
     except InputError as err:
         raise InputError(f"{kind} model {ref.uri!r}: {err}") from None
-    return Plan(ref, kind, [RemoteFile(p, sizes[p]) for p in paths], variants, commit, dest)
+    return plan_from_listing(ref, kind, listing, paths, dest, variants=variants)
+
+
+def _listing_from_record(ref: HubRef, data: dict[str, Any]) -> Listing:
+    files = [RemoteFile(p, int(e["size"]), e.get("sha256"), e.get("oid")) for p, e in data["files"].items()]
+    branch = data.get("branch") or ref.revision or DEFAULT_BRANCH[ref.hub]
+    return Listing(files, data.get("commit"), bool(data.get("pinned", True)), branch,
+                   dict(data.get("file_revisions") or {}))  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------- download
@@ -320,68 +400,93 @@ def _free_bytes(path: Path) -> int:
     return shutil.disk_usage(probe).free
 
 
-def download(plan: Plan, settings: Settings) -> tuple[Path, SourceRecord]:
-    """Fetch what ``plan`` is missing into its directory; the record is written only once all is there."""
-    missing = plan.missing()
-    need = sum(f.size for f in missing)
-    record = SourceRecord(
-        uri=plan.ref.uri,
-        kind=plan.kind,
-        revision=plan.ref.revision,
-        commit=plan.commit,
-        files=len(plan.files),
-        bytes_total=plan.bytes_total,
-        bytes_downloaded=need,
-        bytes_reused=plan.bytes_total - need,
-        variants=plan.variants,
-    )
-    if not missing:
-        log.info("%s: all %d files already in the cache (%s)", plan.ref.uri, len(plan.files), _gb(plan.bytes_total))
-        _write_record(plan)
-        return plan.dest, record
+def check_free_space(plans: Sequence[Plan | None], settings: Settings) -> None:
+    """Refuse (exit 4, one line) when the cache cannot hold what ``plans`` still need, plus the reserve.
+
+    Called once for every source of a job before the first download, so a job never downloads 17 GB of
+    model only to find no room for the dataset; :func:`download` repeats it for its own plan.
+    """
+    by_dest = {p.dest: p for p in plans if p is not None}
+    needs = [(p, p.needs()) for p in by_dest.values()]
+    need = sum(n for _, n in needs)
+    if not need:
+        return
     reserve = settings.cache_reserve_mb << 20
-    free = _free_bytes(plan.dest)
+    free = _free_bytes(next(iter(by_dest)))
     if free < need + reserve:
+        what = ", ".join(f"{p.kind} {p.ref.uri!r} {_gb(n)}" for p, n in needs if n)
         raise InputError(
-            f"{plan.kind} model {plan.ref.uri!r} needs {_gb(need)} more in the cache {settings.cache_dir} "
-            f"(+{_gb(reserve)} reserve) but only {_gb(free)} is free: mount a larger cache volume "
-            "(KOLORS_JOB_CACHE_DIR) or pre-stage the weights in a bucket"
+            f"the cache {settings.cache_dir} needs {_gb(need)} more ({what}; +{_gb(reserve)} reserve) but only "
+            f"{_gb(free)} is free: mount a larger cache volume (KOLORS_JOB_CACHE_DIR) or pre-stage the "
+            "weights in a bucket"
         )
-    (plan.dest / RECORD_NAME).unlink(missing_ok=True)  # from here until the end the copy is incomplete
-    plan.dest.mkdir(parents=True, exist_ok=True)
-    log.info(
-        "downloading %d of %d files of %s (%s) into %s",
-        len(missing), len(plan.files), plan.ref.uri, _gb(need), plan.dest,
-    )
-    _snapshot(plan.ref, "model", plan.dest, [f.path for f in plan.files], plan.commit or plan.ref.revision, settings)
-    still = plan.missing()
-    if still:
-        raise JobError(
-            f"{plan.ref.uri!r}: the download ended without {still[0].path} at its listed size",
-            exit_code=ExitCode.TEMPORARY,
-        )
-    _write_record(plan)
+
+
+def download(plan: Plan, settings: Settings) -> tuple[Path, SourceRecord]:
+    """Fetch what ``plan`` is missing into its directory; the record is written only once all is there
+    and verified. Jobs sharing the cache take turns per copy (``records.exclusive``). A fault of the
+    cache's own disk is one line too (a full disk: 75)."""
+    try:
+        return _download(plan, settings)
+    except OSError as exc:
+        if (err := local_error(exc, f"the cache copy of {plan.ref.uri!r}")) is None:
+            raise
+        raise err from exc
+
+
+def _download(plan: Plan, settings: Settings) -> tuple[Path, SourceRecord]:
+    record = SourceRecord(
+        uri=plan.ref.uri, kind=plan.kind, revision=plan.ref.revision if plan.pinned else plan.branch,
+        commit=plan.commit, files=len(plan.files), bytes_total=plan.bytes_total, bytes_reused=plan.bytes_total,
+        variants=plan.variants, pinned=plan.pinned, file_revisions=None if plan.pinned else plan.file_revisions,
+    )  # fmt: skip
+    if records.reusable(plan.dest, plan.files) is not None:
+        log.info("%s: all %d files already in the cache (%s)", plan.ref.uri, len(plan.files), _gb(plan.bytes_total))
+        return plan.dest, record
+    with records.exclusive(plan.dest, plan.ref.uri):
+        if records.reusable(plan.dest, plan.files) is not None:  # the job we waited for downloaded it
+            return plan.dest, record
+        check_free_space([plan], settings)
+        records.discard(plan.dest)
+        plan.dest.mkdir(parents=True, exist_ok=True)
+        missing = plan.missing()
+        resumed = records.partial_bytes(plan.dest)
+        before = records.identities(plan.dest, plan.files)
+        log.info(
+            "downloading %d of %d files of %s (%s%s) into %s at %s%s", len(missing), len(plan.files), plan.ref.uri,
+            _gb(sum(f.size for f in missing)), f", {_gb(resumed)} of it resumed" if resumed else "", plan.dest,
+            plan.revision, "" if plan.pinned else " (unpinned: the hub gave no commit to pin to)",
+        )  # fmt: skip
+        call_hub(plan.ref, "download", lambda: _snapshot_complete(plan, settings), settings)
+        bad = records.verify(plan.dest, plan.files)
+        if bad:
+            for path in bad:
+                (plan.dest / path).unlink(missing_ok=True)
+            more = f" (and {len(bad) - 1} more files)" if len(bad) > 1 else ""
+            raise JobError(
+                f"{plan.ref.uri!r}: {bad[0]}{more} did not match the hub's listing and was deleted: rerun to "
+                "download it again", exit_code=ExitCode.TEMPORARY,
+            )
+        records.write(plan.dest, plan.files, {
+            "uri": plan.ref.uri, "commit": plan.commit, "pinned": plan.pinned, "branch": plan.branch,
+            "file_revisions": plan.file_revisions,
+        })  # fmt: skip
+        written = records.identities(plan.dest, plan.files)
+    # bytes received: the files the client (re)wrote, less what it resumed from earlier partial files
+    rewritten = sum(f.size for f in plan.files if written.get(f.path) != before.get(f.path))
+    record.bytes_downloaded = max(0, rewritten - resumed)
+    record.bytes_reused = plan.bytes_total - record.bytes_downloaded
     return plan.dest, record
 
 
-def _write_record(plan: Plan) -> None:
-    data = {"uri": plan.ref.uri, "commit": plan.commit, "sizes": {f.path: f.size for f in plan.files}}
-    with atomic_target(plan.dest / RECORD_NAME) as tmp:
-        tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
-
-
-def _read_record(dest: Path) -> dict[str, Any] | None:
-    """The completion record, if every file it lists is present at its size."""
-    try:
-        data = json.loads((dest / RECORD_NAME).read_text())
-        sizes = {str(k): int(v) for k, v in data["sizes"].items()}
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return None
-    for path, size in sizes.items():
-        local = dest / path
-        if not (local.is_file() and local.stat().st_size == size):
-            return None
-    return {"commit": data.get("commit"), "sizes": sizes}
+def _snapshot_complete(plan: Plan, settings: Settings) -> None:
+    repo_type: RepoType = "dataset" if plan.kind == "dataset" else "model"
+    _snapshot(plan.ref, repo_type, plan.dest, [f.path for f in plan.files], plan.revision, settings)
+    still = plan.missing()
+    if still:
+        raise IncompleteDownload(
+            f"the download of {plan.ref.uri!r} ended without {still[0].path} at its listed size"
+        )
 
 
 def _gb(n: int) -> str:
@@ -391,105 +496,119 @@ def _gb(n: int) -> str:
 # --------------------------------------------------------------------------------------------- hubs
 
 
-def hub_error(ref: HubRef, exc: BaseException) -> JobError:
-    """A hub client failure as one line naming the uri, with the exit code a retry policy needs."""
-    if isinstance(exc, JobError):
-        return exc
-    detail = one_line(exc)
-    name = type(exc).__name__
-    chain = [exc, exc.__cause__, exc.__context__]
-    status = next((getattr(getattr(e, "response", None), "status_code", None) for e in chain if e is not None), None)
-    if any(isinstance(e, ConnectionError | TimeoutError) for e in chain if e is not None) or name in (
-        "ConnectionError", "ConnectTimeout", "ReadTimeout", "Timeout", "ChunkedEncodingError", "OfflineModeIsEnabled",
-    ) or getattr(exc, "retryable", False) or (isinstance(status, int) and (status >= 500 or status == 429)):
-        return JobError(f"{ref.hub_name} unreachable for {ref.uri!r}: {detail}", exit_code=ExitCode.TEMPORARY)
-    if "Gated" in name or "Permission" in name or "Authentication" in name or status in (401, 403):
-        return StorageDeniedError(f"{ref.hub_name} denied {ref.uri!r}: {detail}")
-    if "NotExist" in name or "NotFound" in name or "InvalidParameter" in name or status == 404:
-        return InputError(f"{ref.hub_name} has no {ref.uri!r}: {detail}")
-    return JobError(f"{ref.hub_name} request for {ref.uri!r} failed ({name}): {detail}")
+def list_repo(ref: HubRef, settings: Settings, repo_type: RepoType) -> Listing:
+    """``ref``'s files (path, size, digest) and the commit they were listed at (see the module docstring)."""
+    if ref.hub == "modelscope":
+        return _modelscope_listing(ref, settings, repo_type)
+    return call_hub(ref, "listing", lambda: _hf_listing(ref, settings, repo_type), settings)
 
 
-def _modelscope_listing(
-    ref: HubRef, settings: Settings, repo_type: Literal["model", "dataset"] = "model"
-) -> tuple[list[RemoteFile], str | None]:
-    """The repo's files with sizes, and the commit they were read at.
+def _modelscope_listing(ref: HubRef, settings: Settings, repo_type: RepoType = "model") -> Listing:
+    """The repo's files at its head commit, and that commit.
 
-    The raw listing (``modelscope_hub``'s ``list_repo_files``, what ``snapshot_download`` walks) is read
-    rather than ``HubApi.get_model_files``, which keeps only ``Path``/``Size`` and so loses the file type
-    and the per-file ``Revision`` (the commit id)."""
+    ModelScope gives no repo commit per file: each file's ``Revision`` is the last commit that changed it.
+    The repo's head is the listing's ``LatestCommitter.Id``. The files are then listed *at* that commit —
+    which both confirms the hub accepts it as a revision and keeps the file table and the commit from
+    disagreeing if the branch moves in between. No commit, or a commit the hub will not list at: the
+    branch's listing, unpinned.
+    """
     from modelscope_hub import HubApi
 
-    try:
-        api = HubApi(endpoint=settings.modelscope_endpoint)
-        raw = api.legacy.list_repo_files(ref.repo_id, repo_type, revision=ref.revision or "master")
-    except Exception as exc:  # the client raises many types: classify by what a retry can fix
-        raise hub_error(ref, exc) from exc
+    api = HubApi(endpoint=settings.modelscope_endpoint)
+    branch = ref.revision or DEFAULT_BRANCH["modelscope"]
+    asked_commit = ref.revision if ref.revision and _COMMIT.match(ref.revision) else None
+    commit = asked_commit or call_hub(ref, "listing", lambda: _modelscope_head(api, ref, repo_type, branch), settings)
+    raw = None
+    if commit:
+        try:
+            raw = call_hub(ref, "listing", lambda: api.legacy.list_repo_files(ref.repo_id, repo_type, commit), settings)
+        except InputError as err:
+            if asked_commit:
+                raise
+            log.warning("ModelScope will not list %s at its commit %s (%s): downloading from %s, unpinned",
+                        ref.uri, commit, err, branch)  # fmt: skip
+    pinned = raw is not None
+    if raw is None:
+        raw = call_hub(ref, "listing", lambda: api.legacy.list_repo_files(ref.repo_id, repo_type, branch), settings)
     blobs = [f for f in raw if f.get("Path") and (f.get("Type") or "blob") != "tree"]
-    files = [RemoteFile(str(f["Path"]), int(f.get("Size") or 0)) for f in blobs]
-    # one commit for every file is the repo's resolved revision: recorded, and the download is pinned to it
-    commits = {str(f.get("Revision") or "") for f in blobs}
-    commit = commits.pop() if len(commits) == 1 else None
-    return files, commit if commit and re.fullmatch(r"[0-9a-f]{7,64}", commit) else None
+    files = [RemoteFile(str(f["Path"]), int(f.get("Size") or 0), str(f.get("Sha256") or "").lower() or None)
+             for f in blobs]  # fmt: skip
+    revisions = {str(f["Path"]): str(f.get("Revision") or "") for f in blobs if f.get("Revision")}
+    return Listing(files, commit, pinned, branch, revisions)
+
+
+def _modelscope_head(api: Any, ref: HubRef, repo_type: RepoType, branch: str) -> str | None:
+    """The repo's head commit at ``branch``: the listing's ``Data.LatestCommitter.Id`` (one page, one level).
+
+    ``modelscope_hub``'s public listing keeps only ``Data.Files``, so this one request goes through the
+    client's transport (its auth, timeouts and typed errors) and reads the envelope itself."""
+    segment, route = ("datasets", "tree") if repo_type == "dataset" else ("models", "files")
+    params = {"Revision": branch, "Recursive": "False"}
+    if repo_type == "dataset":
+        params.update(PageNumber="1", PageSize="1")
+    resp = api.legacy._request("GET", f"{segment}/{ref.repo_id}/repo/{route}", params=params, single_attempt=True)
+    data = resp.json().get("Data") or {}
+    latest = data.get("LatestCommitter") if isinstance(data, dict) else None
+    commit = str((latest or {}).get("Id") or "").lower()
+    return commit if _COMMIT.match(commit) else None
 
 
 def list_dataset_repo(ref: HubRef, settings: Settings) -> tuple[list[RemoteFile], str | None]:
-    """A hub dataset repo's files (path, size) and the commit they were listed at."""
-    if ref.hub == "modelscope":
-        return _modelscope_listing(ref, settings, "dataset")
-    try:
-        from huggingface_hub import HfApi
-
-        info = HfApi(endpoint=settings.hf_endpoint).dataset_info(
-            ref.repo_id, revision=ref.revision, files_metadata=True
-        )
-        return [RemoteFile(s.rfilename, int(s.size or 0)) for s in info.siblings or []], info.sha
-    except Exception as exc:
-        raise hub_error(ref, exc) from exc
+    """A hub dataset repo's files (path, size) and the commit they were listed at (see :func:`list_repo`)."""
+    listing = list_repo(ref, settings, "dataset")
+    return listing.files, listing.commit
 
 
 def download_dataset_files(ref: HubRef, dest: Path, paths: list[str] | None, commit: str | None,
                            settings: Settings) -> None:
     """Fetch ``paths`` (None: the whole repo) of a hub dataset at ``commit`` into ``dest``."""
-    _snapshot(ref, "dataset", dest, paths, commit or ref.revision, settings)
+    call_hub(ref, "download", lambda: _snapshot(ref, "dataset", dest, paths, commit or ref.revision, settings),
+             settings)  # fmt: skip
 
 
-def _snapshot(ref: HubRef, repo_type: Literal["model", "dataset"], dest: Path, paths: list[str] | None,
+def _snapshot(ref: HubRef, repo_type: RepoType, dest: Path, paths: list[str] | None,
               revision: str | None, settings: Settings) -> None:
     """The hub's own snapshot client: exactly ``paths`` (None: everything) at ``revision`` into ``dest``."""
     patterns = [_literal(p) for p in paths] if paths is not None else None
-    try:
-        if ref.hub == "modelscope":
-            from modelscope import snapshot_download
-            from modelscope.hub.snapshot_download import dataset_snapshot_download
+    if wrong := transport.check_in_force(settings):
+        log.warning("the hub clients in this process were configured at import with other values than these "
+                    "settings want (they read them once): %s", ", ".join(wrong))  # fmt: skip
+    if ref.hub == "modelscope":
+        from modelscope import snapshot_download
+        from modelscope.hub.snapshot_download import dataset_snapshot_download
 
-            (dataset_snapshot_download if repo_type == "dataset" else snapshot_download)(
-                ref.repo_id, revision=revision, local_dir=str(dest), allow_patterns=patterns,
-                max_workers=settings.download_workers, endpoint=settings.modelscope_endpoint,
-            )
-        else:
-            from huggingface_hub import snapshot_download
+        (dataset_snapshot_download if repo_type == "dataset" else snapshot_download)(
+            ref.repo_id, revision=revision, local_dir=str(dest), allow_patterns=patterns,
+            max_workers=settings.download_workers, endpoint=settings.modelscope_endpoint,
+        )
+    else:
+        from huggingface_hub import constants, snapshot_download
 
-            snapshot_download(
-                ref.repo_id, repo_type=repo_type, revision=revision, local_dir=str(dest), allow_patterns=patterns,
-                endpoint=settings.hf_endpoint, max_workers=settings.download_workers,
-            )
-    except Exception as exc:
-        raise hub_error(ref, exc) from exc
+        constants.HF_HUB_DISABLE_XET = True  # read at call time: the one transport tested (see transport)
+        snapshot_download(
+            ref.repo_id, repo_type=repo_type, revision=revision, local_dir=str(dest), allow_patterns=patterns,
+            endpoint=settings.hf_endpoint, max_workers=settings.download_workers,
+            etag_timeout=_read_timeout(settings),
+        )
 
 
-def _hf_listing(ref: HubRef, settings: Settings) -> tuple[list[RemoteFile], str | None]:
+def _read_timeout(settings: Settings) -> int:
+    return max(1, math.ceil(settings.storage_read_timeout_s))
+
+
+def _hf_listing(ref: HubRef, settings: Settings, repo_type: RepoType = "model") -> Listing:
     from huggingface_hub import HfApi
 
-    try:
-        info = HfApi(endpoint=settings.hf_endpoint).model_info(ref.repo_id, revision=ref.revision, files_metadata=True)
-    except Exception as exc:
-        raise hub_error(ref, exc) from exc
-    files = [RemoteFile(s.rfilename, int(s.size or 0)) for s in info.siblings or []]
-    return files, info.sha
+    api = HfApi(endpoint=settings.hf_endpoint)
+    info_of = api.dataset_info if repo_type == "dataset" else api.model_info
+    info = info_of(ref.repo_id, revision=ref.revision, files_metadata=True, timeout=_read_timeout(settings))
+    files = [
+        RemoteFile(s.rfilename, int(s.size or 0), s.lfs.sha256 if s.lfs else None, None if s.lfs else s.blob_id)
+        for s in info.siblings or []
+    ]
+    return Listing(files, info.sha, bool(info.sha), ref.revision or DEFAULT_BRANCH["hf"])
 
 
 def _literal(path: str) -> str:
     """A glob matching exactly ``path`` (file names may hold ``[``)."""
     return "".join(f"[{c}]" if c in "*?[" else c for c in path) if any(c in "*?[" for c in path) else path
-

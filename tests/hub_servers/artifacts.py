@@ -33,19 +33,24 @@ from pathlib import Path
 from kolors_job.tiny import build_tiny_aesthetic_predictor, build_tiny_kolors
 
 __all__ = [
+    "ANIME_FOLDER_ID",
     "ANIME_IMAGES",
+    "ANIME_NATIVE_ID",
     "KOLORS_BOTH_ID",
     "KOLORS_FP16_LOADER_FILES",
     "KOLORS_ID",
     "PREDICTOR_CUSTOM_ID",
     "VAE_FP16_FIX_FILES",
     "VAE_FP16_FIX_LAYOUT",
+    "anime_text",
     "build_default_artifacts",
     "fp16_loader_files",
     "write_aesthetic_predictor",
     "write_kolors_both_variants",
     "write_kolors_diffusers",
     "write_lowres_anime",
+    "write_lowres_anime_folder",
+    "write_lowres_anime_native",
     "write_sdxl_vae_fp16_fix",
 ]
 
@@ -258,6 +263,10 @@ KOLORS_BOTH_ID = "kolors-job-tests/Kolors-diffusers-fp32-and-fp16"
 """Not a real repo: Kolors with fp32 plain-named AND fp16 variant weights, for variant-choice tests."""
 PREDICTOR_CUSTOM_ID = "kolors-job-tests/aesthetics-predictor-custom-code"
 """Not a real repo: the predictor as its 2024 revisions ship it (custom code + auto_map)."""
+ANIME_NATIVE_ID = "kolors-job-tests/lowres_anime_native"
+"""Not a real repo: lowres_anime's rows in ModelScope's native layout (:func:`write_lowres_anime_native`)."""
+ANIME_FOLDER_ID = "kolors-job-tests/lowres_anime_folder"
+"""Not a real repo: lowres_anime's rows as an image folder + metadata file (:func:`write_lowres_anime_folder`)."""
 """Repo ids both hubs serve under the same name."""
 
 KOLORS_FP16_LOADER_FILES = [
@@ -294,6 +303,11 @@ ANIME_IMAGES: list[tuple[str, tuple[int, int], bool]] = [
 ]
 """(name, (width, height), kept by the default filters: min side 1024, aspect 0.5-2.0)."""
 
+
+def anime_text(name: str) -> str:
+    """The ``text`` column's caption for an :data:`ANIME_IMAGES` row (the mirror's second column)."""
+    return f"二次元，{name.replace('_', ' ')}"
+
 ANIME_README = """\
 ---
 size_categories:
@@ -305,6 +319,8 @@ dataset_info:
   features:
   - name: image
     dtype: image
+  - name: text
+    dtype: string
   splits:
   - name: train
     num_examples: {n}
@@ -330,12 +346,16 @@ def write_lowres_anime(dest: Path) -> Path:
     repos; the source is https://huggingface.co/datasets/lowres/anime, whose card declares one feature
     ``image`` (dtype ``image``), ``configs: [{config_name: default, data_files: [{split: train, path:
     data/train-*}, ...]}]`` and whose ``data/`` holds ``train-00000-of-00002.parquet`` (405 MB) and
-    ``train-00001-of-00002.parquet`` (337 MB) plus per-character splits (``miku-*``, ``aiohto-*``...).
+    ``train-00001-of-00002.parquet`` (337 MB, 1454 rows in all, columns ``image`` and ``text``) plus
+    per-character splits (``miku-*``, ``aiohto-*``...).
     What is inferred (the ModelScope listing itself could not be read): the mirror keeps those files.
     So this writes ``README.md`` with that card and ``data/train-0000{0,1}-of-00002.parquet`` whose
-    ``image`` column is the ``datasets`` Image struct ``{bytes, path}`` (what ``push_to_hub`` writes),
-    plus a ``data/miku-00000-of-00001.parquet`` split a loader must not fetch for ``split='train'``.
-    The images are :data:`ANIME_IMAGES`: three the default filters keep, three they reject.
+    ``image`` column is the ``datasets`` Image struct ``{bytes, path}`` (what ``push_to_hub`` writes) and
+    whose ``text`` column is a caption (:func:`anime_text`), plus a ``data/miku-00000-of-00001.parquet``
+    split a loader must not fetch for ``split='train'``.
+    The images are :data:`ANIME_IMAGES`: three the default filters keep, three they reject. The other
+    layouts a ModelScope dataset repo may have for the same rows: :func:`write_lowres_anime_native`,
+    :func:`write_lowres_anime_folder`.
     """
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -344,15 +364,19 @@ def write_lowres_anime(dest: Path) -> Path:
     data = dest / "data"
     data.mkdir(parents=True, exist_ok=True)
     image_type = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
-    features = {"info": {"features": {"image": {"_type": "Image"}}}}
-    schema = pa.schema([pa.field("image", image_type)], metadata={"huggingface": json.dumps(features)})
+    features = {"info": {"features": {"image": {"_type": "Image"}, "text": {"dtype": "string", "_type": "Value"}}}}
+    schema = pa.schema(
+        [pa.field("image", image_type), pa.field("text", pa.string())], metadata={"huggingface": json.dumps(features)}
+    )
 
     def write(path: Path, rows: list[tuple[str, tuple[int, int], bool]], colour_seed: int) -> None:
         records = [
             {"bytes": _png(size, ((40 * i + colour_seed) % 256, 90, 160), seed=i), "path": f"{name}.png"}
             for i, (name, size, _) in enumerate(rows)
         ]
-        pq.write_table(pa.table({"image": pa.array(records, type=image_type)}, schema=schema), path)
+        texts = [anime_text(name) for name, _, _ in rows]
+        table = pa.table({"image": pa.array(records, type=image_type), "text": pa.array(texts)}, schema=schema)
+        pq.write_table(table, path)
 
     write(data / "train-00000-of-00002.parquet", ANIME_IMAGES[:3], 0)
     write(data / "train-00001-of-00002.parquet", ANIME_IMAGES[3:], 120)
@@ -402,6 +426,68 @@ def write_sdxl_vae_fp16_fix(dest: Path) -> Path:
     return dest
 
 
+def _anime_pngs() -> list[tuple[str, bytes]]:
+    """The :data:`ANIME_IMAGES` rows as PNG files (the parquet writer's pixels, shard by shard)."""
+    out = []
+    for rows, seed in ((ANIME_IMAGES[:3], 0), (ANIME_IMAGES[3:], 120)):
+        out += [(name, _png(size, ((40 * i + seed) % 256, 90, 160), seed=i)) for i, (name, size, _) in enumerate(rows)]
+    return out
+
+
+def write_lowres_anime_native(dest: Path) -> Path:
+    """The same rows in ModelScope's native dataset layout (a stand-in repo, not a real id).
+
+    ``modelscope.msdatasets.meta.data_meta_manager.parse_dataset_structure`` reads ``<dataset name>.json``:
+    subset → split → ``{"meta": <csv>, "file": <zip>}`` (the shape ``dataset_utils.get_target_dataset_structure``
+    documents: ``{"default": {"train": {"meta": "my_train.csv", "file": "pictures.zip"}}}``); the csv's
+    ``image:FILE`` cells name files inside the zip, which ``MsDataset`` downloads and extracts
+    (``dataset_cls/dataset.py``: ``if k.endswith(':FILE'): ... dl_manager.download_and_extract(v)``), and a
+    ``text`` column carries the caption. Here: ``lowres_anime_native.json``, ``train.csv`` and ``train.zip``
+    (members ``train/<name>.png``), plus a ``test`` split the job must not fetch.
+    """
+    import csv
+    import zipfile
+
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    structure = {"default": {"train": {"meta": "train.csv", "file": "train.zip"},
+                             "test": {"meta": "test.csv", "file": "test.zip"}}}  # fmt: skip
+    (dest / "lowres_anime_native.json").write_text(json.dumps(structure, indent=2))
+    for split, rows in (("train", _anime_pngs()), ("test", [("miku_64", _png((64, 64), (200, 90, 160), seed=9))])):
+        with zipfile.ZipFile(dest / f"{split}.zip", "w", zipfile.ZIP_STORED) as zf:
+            for name, data in rows:
+                zf.writestr(f"{split}/{name}.png", data)
+        with open(dest / f"{split}.csv", "w", newline="", encoding="utf-8") as f:
+            writer = csv.writer(f)
+            writer.writerow(["image:FILE", "text"])
+            writer.writerows([f"{split}/{name}.png", anime_text(name)] for name, _ in rows)
+    (dest / "README.md").write_text("# lowres anime (tiny test copy, ModelScope native layout)\n")
+    (dest / ".gitattributes").write_text(GITATTRIBUTES)
+    return dest
+
+
+def write_lowres_anime_folder(dest: Path) -> Path:
+    """The same rows as an image folder with a metadata file (a stand-in repo, not a real id): the
+    ``imagefolder`` convention ``datasets`` documents (``train/metadata.csv`` with ``file_name`` and a caption
+    column beside the images), the images packed in ``train/images.zip``."""
+    import csv
+    import zipfile
+
+    dest = Path(dest)
+    (dest / "train").mkdir(parents=True, exist_ok=True)
+    rows = _anime_pngs()
+    with zipfile.ZipFile(dest / "train" / "images.zip", "w", zipfile.ZIP_STORED) as zf:
+        for name, data in rows:
+            zf.writestr(f"{name}.png", data)
+    with open(dest / "train" / "metadata.csv", "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["file_name", "text"])
+        writer.writerows([f"{name}.png", anime_text(name)] for name, _ in rows)
+    (dest / "README.md").write_text("# lowres anime (tiny test copy, image folder layout)\n")
+    (dest / ".gitattributes").write_text(GITATTRIBUTES)
+    return dest
+
+
 def build_default_artifacts(root: Path) -> dict[str, Path]:
     """Every artifact the emulators serve by default, under ``root`` (skips those already complete)."""
     root = Path(root)
@@ -412,6 +498,8 @@ def build_default_artifacts(root: Path) -> dict[str, Path]:
         "predictor_custom": lambda d: write_aesthetic_predictor(d, custom_code=True),
         "anime": write_lowres_anime,
         "vae_fp16_fix": write_sdxl_vae_fp16_fix,
+        "anime_native": write_lowres_anime_native,
+        "anime_folder": write_lowres_anime_folder,
     }
     out: dict[str, Path] = {}
     for name, write in writers.items():

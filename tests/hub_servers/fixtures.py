@@ -1,11 +1,14 @@
 """Hub emulator fixtures, registered in ``tests/conftest.py``; everything on 127.0.0.1.
 
 - ``hub_artifacts`` (session): the tiny artifacts in the real layouts, built once (~8 s):
-  ``{"kolors", "kolors_both", "predictor", "predictor_custom", "anime"}`` -> directory.
+  ``{"kolors", "kolors_both", "predictor", "predictor_custom", "anime", "anime_native", "anime_folder"}``
+  -> directory.
 - ``modelscope_hub`` / ``hf_hub`` (session): running emulators (:class:`ModelScopeHub`, :class:`HFHub`)
   with ``.url``, ``.downloads(repo_id) -> {path: bytes}``, ``.reset_downloads()``, ``.artifacts``
-  (the dirs above), ``.repo(repo_type, repo_id)`` (``.commit``, ``.files`` with size/sha256) and
-  ``.env`` (the variables a child process needs to use the emulator).
+  (the dirs above), ``.repo(repo_type, repo_id)`` (``.commit``, ``.files`` with size/sha256,
+  ``.file_commit(path)``), ``.env`` (the variables a child process needs to use the emulator),
+  ``.cdn`` (the second host LFS downloads are redirected to), ``.failing(status, where, ...)`` (injected
+  errors), ``.stalled(path, at)`` (a body that stops sending) and ``.region`` (what the region probe finds).
 - ``modelscope_env`` / ``hf_env`` (per test): the same hub, with downloads reset, the endpoint variables
   set in this process and the client caches (``MODELSCOPE_CACHE``, ``HF_HOME``) in the test's tmp dir.
   Both also route every non-loopback HTTP(S) request to a dead proxy (``HTTP(S)_PROXY`` =

@@ -10,14 +10,23 @@ Routes (read from ``huggingface_hub/hf_api.py``, ``file_download.py``, ``_snapsh
   (``type`` file/directory, ``path``, ``size``, ``oid``, ``lfs``); one page, no ``Link`` header.
 - ``POST /api/{t}/{owner}/{name}/paths-info/{rev}``: ``get_paths_info`` (form field ``paths``).
 - ``HEAD|GET /[datasets/]{owner}/{name}/resolve/{rev}/{path}``: like the real hub, a small (non-LFS)
-  file answers 200 with ``ETag`` (git blob sha1) and ``X-Repo-Commit``; an LFS file answers 302 to an
-  absolute "CDN" URL on this same server (``/cdn-lfs/...``) with ``X-Linked-Etag`` (its sha256),
+  file answers 200 with ``ETag`` (git blob sha1) and ``X-Repo-Commit``; an LFS file answers 302 to a
+  presigned URL on a **second loopback host** (:class:`~tests.hub_servers.common.CdnServer`, standing in
+  for ``cdn-lfs.hf.co`` / ``cas-bridge.xethub.hf.co``) with ``X-Linked-Etag`` (its sha256),
   ``X-Linked-Size`` and ``X-Repo-Commit``, which is what ``hf_hub_download`` reads from the HEAD.
-  No ``X-Xet-*`` headers, so the client never tries the Xet protocol.
-- ``GET /cdn-lfs/{t}/{owner}/{name}/{sha256}``: the LFS bytes, Range supported.
+- **Xet, as the real repos are now stored**: an LFS file's resolve answer also carries ``X-Xet-Hash``,
+  ``X-Xet-Refresh-Route`` and a ``Link: <…/xet-read-token/{commit}>; rel="xet-auth"`` header — the names
+  ``huggingface_hub.constants`` declares and ``huggingface_hub.utils._xet.parse_xet_file_data_from_response``
+  reads. A client with ``hf_xet`` installed and Xet not disabled then asks the refresh route for a CAS token
+  and speaks the Xet protocol, which this emulator does not: the token route answers 404, so such a download
+  fails at once. With ``HF_HUB_DISABLE_XET=1`` (what the job sets) the client follows the resolve URL's
+  redirect and downloads over plain HTTP, as the real hub also serves Xet-stored files.
 - Errors as the hub sends them: 404 with ``X-Error-Code`` ``RepoNotFound`` / ``RevisionNotFound`` /
   ``EntryNotFound`` and ``{"error": ...}``, which ``huggingface_hub`` raises as ``RepositoryNotFoundError``,
-  ``RevisionNotFoundError``, ``EntryNotFoundError``.
+  ``RevisionNotFoundError``, ``EntryNotFoundError``. Injected failures (``HubServer.failing``) use the same
+  shape: 401/403 with ``X-Error-Code: GatedRepo`` (``GatedRepoError``) or ``RepoNotFound`` (a private repo
+  seen without a token: ``RepositoryNotFoundError``), 429 with ``Retry-After``, 5xx (``HfHubHTTPError``),
+  as ``huggingface_hub.utils._http.hf_raise_for_status`` tells them apart.
 
 Revisions accepted: ``main`` and the repo's commit id. ``GET /`` answers 200 (readiness probe).
 
@@ -40,12 +49,12 @@ from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 try:
     from .artifacts import KOLORS_BOTH_ID, KOLORS_ID, PREDICTOR_CUSTOM_ID  # noqa: F401 - tests import the ids per hub
-    from .common import HubHandler, HubServer, Repo, RepoFile, add_default_repos, serve_main
+    from .common import Fault, HubHandler, HubServer, Repo, RepoFile, add_default_repos, serve_main
 except ImportError:  # run as a script
     import sys
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-    from tests.hub_servers.common import HubHandler, HubServer, Repo, RepoFile, add_default_repos, serve_main
+    from tests.hub_servers.common import Fault, HubHandler, HubServer, Repo, RepoFile, add_default_repos, serve_main
 
 PREDICTOR_ID = "shunk031/aesthetics-predictor-v2-sac-logos-ava1-l14-linearMSE"
 ANIME_ID = "lowres/anime"
@@ -58,8 +67,23 @@ POINTER_SIZE = 134  # bytes of a git-lfs pointer file for a 64-hex oid and a siz
 class HFHandler(HubHandler):
     owner: HFHub
 
-    def error(self, status: int, code: str, message: str) -> None:
-        self.send_json(status, {"error": message}, {"X-Error-Code": code, "X-Error-Message": message})
+    def error(self, status: int, code: str, message: str, headers: dict[str, str] | None = None) -> None:
+        self.send_json(status, {"error": message}, {"X-Error-Code": code, "X-Error-Message": message, **(headers or {})})
+
+    def send_fault(self, fault: Fault) -> None:
+        messages = {
+            401: "Access to this repo is restricted. You must be authenticated to access it.",
+            403: "Access to this repo is restricted and you are not in the authorized list.",
+            404: "Repository not found",
+            429: "You have exceeded our rate limit of requests. Please retry later.",
+        }
+        message = messages.get(fault.status, "Internal Error - We're working hard to fix this as soon as possible!")
+        missing = "EntryNotFound" if fault.where in ("file", "cdn") else "RepoNotFound"
+        code = fault.error_code or {401: "GatedRepo", 403: "GatedRepo", 404: missing}.get(fault.status, "")
+        headers = {"Retry-After": str(fault.retry_after)} if fault.retry_after is not None else {}
+        if code:
+            return self.error(fault.status, code, message, headers)
+        self.send_json(fault.status, {"error": message}, headers)
 
     def route(self) -> None:
         url = urlsplit(self.path)
@@ -69,12 +93,6 @@ class HFHandler(HubHandler):
             return self.send_bytes(200, b"hugging face hub emulator ready\n")
         if parts[0] == "api" and len(parts) >= 4 and parts[1] in ("models", "datasets"):
             return self.api(parts[1][:-1], parts[2:], query)
-        if parts[0] == "cdn-lfs" and len(parts) == 5:
-            repo = self.owner.repo(parts[1][:-1], f"{parts[2]}/{parts[3]}")
-            f = next((f for f in repo.files.values() if f.sha256 == parts[4]), None) if repo else None
-            if f is None:
-                return self.error(404, "EntryNotFound", "LFS object not found")
-            return self.send_file(repo, f, {"ETag": f'"{f.sha256}"'})
         repo_type = "model"
         if parts[0] == "datasets":
             repo_type, parts = "dataset", parts[1:]
@@ -95,6 +113,10 @@ class HFHandler(HubHandler):
 
     def api(self, repo_type: str, rest: list[str], query: dict[str, str]) -> None:
         repo_id, tail = f"{rest[0]}/{rest[1]}", rest[2:]
+        if tail and tail[0] == "xet-read-token":  # Xet's CAS token: not emulated (see the module docstring)
+            return self.error(404, "EntryNotFound", "Xet storage is not emulated: set HF_HUB_DISABLE_XET=1")
+        if self.failed("info" if not tail or tail[0] == "revision" else "listing"):
+            return None
         if not tail or tail[0] == "revision":
             revision = "/".join(tail[1:]) if tail else "main"
             if repo := self.find(repo_type, repo_id, revision):
@@ -120,6 +142,8 @@ class HFHandler(HubHandler):
         self.error(404, "EntryNotFound", f"no route /api/{repo_type}s/{repo_id}/{'/'.join(tail)}")
 
     def resolve(self, repo_type: str, repo_id: str, revision: str, path: str) -> None:
+        if self.failed("file", path):
+            return
         repo = self.find(repo_type, repo_id, revision)
         if repo is None:
             return
@@ -128,14 +152,20 @@ class HFHandler(HubHandler):
             return self.error(404, "EntryNotFound", f"{path} does not exist on {revision}")
         headers = {"X-Repo-Commit": repo.commit}
         if f.lfs:
-            segment = f"{repo_type}s/{repo_id}"
-            location = f"{self.owner.url}/cdn-lfs/{segment}/{f.sha256}?filename={quote(f.path.rsplit('/', 1)[-1])}"
+            name = quote(f.path.rsplit("/", 1)[-1])
+            location = self.owner.cdn.sign(repo, f, {"response-content-disposition": f"inline; filename*=UTF-8''{name}"})
+            token_route = f"/api/{repo_type}s/{repo_id}/xet-read-token/{repo.commit}"
+            xet_hash = hashlib.sha256(b"xet\0" + bytes.fromhex(f.sha256)).hexdigest()  # Xet's merkle hash stand-in
             self.send_response(302)
             for k, v in {
                 **headers,
                 "ETag": f'"{f.git_oid}"',
                 "X-Linked-Etag": f'"{f.sha256}"',
                 "X-Linked-Size": str(f.size),
+                "X-Xet-Hash": xet_hash,
+                "X-Xet-Refresh-Route": token_route,
+                "Link": f'<{self.owner.url}{token_route}>; rel="xet-auth", '
+                f'<{self.owner.cdn.url}/reconstruction/{xet_hash}>; rel="xet-reconstruction-info"',
                 "Location": location,
                 "Content-Length": "0",
             }.items():
