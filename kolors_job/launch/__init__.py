@@ -58,6 +58,7 @@ def _cmd_render_dlc(args: argparse.Namespace) -> int:
             image=args.image,
             nproc_per_node=args.nproc_per_node,
             overrides=args.set,
+            region=args.region,
         )
     except (dlc.DlcSpecError, OSError) as e:
         print(f"kolors-job render dlc: {e}", file=sys.stderr)
