@@ -15,6 +15,7 @@ and the entrypoint exits with that instead of 75.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import re
 import shlex
@@ -25,6 +26,7 @@ from typing import Any
 import yaml
 
 from kolors_job.errors import ExitCode
+from kolors_job.launch.regions import ENDPOINT_ENVS, internal_endpoint
 from kolors_job.launch.torchrun import GRACE_ENV, shutdown_timeout
 
 APP = "kolors-job"
@@ -40,6 +42,7 @@ RETRYABLE_EXIT_CODE = 128 + int(ExitCode.TEMPORARY)  # 203: retryable under Kube
 PERMANENT_EXIT_CODES = [
     int(c)
     for c in (
+        ExitCode.INTERNAL,  # a bug: the same input fails the same way again
         ExitCode.INVALID_MANIFEST,
         ExitCode.QUALITY_GATE,
         ExitCode.INVALID_INPUT,
@@ -98,7 +101,13 @@ class RenderOptions:
     memory: str | None = None
     """Pod memory request = limit; ``None`` computes it from the ranks per pod (:func:`memory_for`)."""
     oss_endpoint: str | None = None
-    """``KOLORS_JOB_OSS_ENDPOINT`` in the pod; required when the manifest or output is ``oss://``."""
+    """``KOLORS_JOB_OSS_ENDPOINT`` in the pod; an ``oss://`` manifest or output needs it or ``oss_region``."""
+    oss_region: str | None = None
+    """The cluster's Alibaba Cloud region (ACK): the pod gets ``https://oss-<region>-internal.aliyuncs.com``
+    unless ``oss_endpoint`` is given."""
+    scratch_size: str = "20Gi"
+    """The pod's ``/tmp`` scratch (frames, checkpoints before upload, the LoRA): the emptyDir's ``sizeLimit``
+    and the container's ``ephemeral-storage`` request, so the scheduler picks a node with that much disk."""
     attempt: str | None = None
     """Suffix of the workload's name: each submit of a job id is a new Job (a failed Job is immutable, so
     re-applying the same name would change nothing); the job id, and so the resume, stays the same."""
@@ -127,12 +136,17 @@ class RenderOptions:
     def resolved_memory(self) -> str:
         return self.memory or memory_for(self.gpus, self.shm_size)
 
+    @property
+    def resolved_oss_endpoint(self) -> str | None:
+        """``oss_endpoint``, else the internal endpoint of ``oss_region``."""
+        return self.oss_endpoint or (internal_endpoint(self.oss_region) if self.oss_region else None)
 
-def _gib(quantity: str) -> float:
+
+def _gib(quantity: str, *, flag: str = "--shm-size") -> float:
     """A Kubernetes memory quantity (``16Gi``, ``512Mi``, ``1Ti``, ``64G``) in GiB."""
     m = re.fullmatch(r"(\d+(?:\.\d+)?)([KMGTP]i?|)", quantity.strip())
     if not m:
-        raise ValueError(f"--shm-size {quantity!r}: not a memory quantity like 16Gi")
+        raise ValueError(f"{flag} {quantity!r}: not a quantity like 16Gi")
     number, unit = float(m.group(1)), m.group(2)
     powers = {"": 0, "K": 1, "M": 2, "G": 3, "T": 4, "P": 5}
     base = 1024 if unit.endswith("i") else 1000
@@ -207,8 +221,8 @@ def _env(opts: RenderOptions, *, retryable_code: int | None) -> list[dict[str, A
         # What torchrun derives the ranks' SIGTERM→SIGKILL window from (its default is 30 s).
         {"name": GRACE_ENV, "value": str(opts.termination_grace_seconds)},
     ]
-    if opts.oss_endpoint:
-        env.append({"name": "KOLORS_JOB_OSS_ENDPOINT", "value": opts.oss_endpoint})
+    if endpoint := opts.resolved_oss_endpoint:
+        env.append({"name": "KOLORS_JOB_OSS_ENDPOINT", "value": endpoint})
     if retryable_code is not None:
         env.append({"name": "KOLORS_JOB_RETRYABLE_EXIT_CODE", "value": str(retryable_code)})
     env += [{"name": k, "value": v} for k, v in sorted(opts.extra_env.items())]
@@ -227,23 +241,63 @@ def _container(
         c["envFrom"] = [{"secretRef": {"name": opts.secret}}]
     if name == PYTORCH_CONTAINER:
         c["ports"] = [{"name": "pytorchjob-port", "containerPort": PYTORCH_PORT, "protocol": "TCP"}]
+    c["resources"] = resources(opts)
+    c["volumeMounts"] = volume_mounts()
+    c["securityContext"] = copy.deepcopy(CONTAINER_SECURITY_CONTEXT)
+    return c
+
+
+def resources(opts: RenderOptions) -> dict[str, Any]:
+    """Requests and limits of one pod (node): CPU, memory (request = limit), GPUs, scratch disk."""
     memory = opts.resolved_memory
-    c["resources"] = {
-        "requests": {"cpu": opts.cpu, "memory": memory, "nvidia.com/gpu": str(opts.gpus)},
+    return {
+        "requests": {
+            "cpu": opts.cpu,
+            "memory": memory,
+            "nvidia.com/gpu": str(opts.gpus),
+            "ephemeral-storage": opts.scratch_size,
+        },
         "limits": {"memory": memory, "nvidia.com/gpu": str(opts.gpus)},
     }
-    c["volumeMounts"] = [
+
+
+def volume_mounts() -> list[dict[str, Any]]:
+    return [
         {"name": "cache", "mountPath": CACHE_MOUNT},
         {"name": "dshm", "mountPath": SHM_MOUNT},
         {"name": "tmp", "mountPath": TMP_MOUNT},
         {"name": "home", "mountPath": HOME_MOUNT},
     ]
-    c["securityContext"] = {
-        "allowPrivilegeEscalation": False,
-        "readOnlyRootFilesystem": True,
-        "capabilities": {"drop": ["ALL"]},
-    }
-    return c
+
+
+def volumes(opts: RenderOptions) -> list[dict[str, Any]]:
+    cache: dict[str, Any] = (
+        {"name": "cache", "persistentVolumeClaim": {"claimName": opts.cache_pvc}}
+        if opts.cache_pvc
+        else {"name": "cache", "emptyDir": {}}
+    )
+    return [
+        cache,
+        # /dev/shm is 64 MB by default: too small for DataLoader workers and NCCL.
+        {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": opts.shm_size}},
+        {"name": "tmp", "emptyDir": {"sizeLimit": opts.scratch_size}},
+        {"name": "home", "emptyDir": {}},
+    ]
+
+
+CONTAINER_SECURITY_CONTEXT: dict[str, Any] = {
+    "allowPrivilegeEscalation": False,
+    "readOnlyRootFilesystem": True,
+    "capabilities": {"drop": ["ALL"]},
+}
+POD_SECURITY_CONTEXT: dict[str, Any] = {
+    "runAsNonRoot": True,
+    "runAsUser": RUN_AS,
+    "runAsGroup": RUN_AS,
+    "fsGroup": RUN_AS,
+    "fsGroupChangePolicy": "OnRootMismatch",
+    "seccompProfile": {"type": "RuntimeDefault"},
+}
 
 
 def _pod_spec(opts: RenderOptions, container: dict[str, Any], *, restart_policy: str | None) -> dict[str, Any]:
@@ -261,27 +315,9 @@ def _pod_spec(opts: RenderOptions, container: dict[str, Any], *, restart_policy:
     spec["tolerations"] = [dict(t) for t in opts.tolerations]
     if opts.image_pull_secret:
         spec["imagePullSecrets"] = [{"name": opts.image_pull_secret}]
-    spec["securityContext"] = {
-        "runAsNonRoot": True,
-        "runAsUser": RUN_AS,
-        "runAsGroup": RUN_AS,
-        "fsGroup": RUN_AS,
-        "fsGroupChangePolicy": "OnRootMismatch",
-        "seccompProfile": {"type": "RuntimeDefault"},
-    }
+    spec["securityContext"] = copy.deepcopy(POD_SECURITY_CONTEXT)
     spec["containers"] = [container]
-    cache: dict[str, Any] = (
-        {"name": "cache", "persistentVolumeClaim": {"claimName": opts.cache_pvc}}
-        if opts.cache_pvc
-        else {"name": "cache", "emptyDir": {}}
-    )
-    spec["volumes"] = [
-        cache,
-        # /dev/shm is 64 MB by default: too small for DataLoader workers and NCCL.
-        {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": opts.shm_size}},
-        {"name": "tmp", "emptyDir": {}},
-        {"name": "home", "emptyDir": {}},
-    ]
+    spec["volumes"] = volumes(opts)
     return spec
 
 
@@ -421,17 +457,27 @@ def render_namespace(opts: RenderOptions) -> dict[str, Any] | None:
     return {"apiVersion": "v1", "kind": "Namespace", "metadata": meta}
 
 
-def render(opts: RenderOptions) -> list[dict[str, Any]]:
-    """All objects for one run, in apply order (Namespace, ServiceAccount and PVC before the workload)."""
+def check_options(opts: RenderOptions) -> None:
+    """What every rendered kind needs: a ValueError naming the flag when it cannot run as asked."""
     if opts.gpus < 1 or opts.nodes < 1:
         raise ValueError("--gpus and --nodes must be >= 1")
-    if oss_uris(opts) and not opts.oss_endpoint and not (
-        {"KOLORS_JOB_OSS_ENDPOINT", "OSS_ENDPOINT", "KOLORS_JOB_OSS_REGION"} & set(opts.extra_env)
-    ):
+    if opts.oss_region:
+        try:
+            internal_endpoint(opts.oss_region)
+        except ValueError as e:
+            raise ValueError(f"--oss-region: {e}") from None
+    _gib(opts.scratch_size, flag="--scratch-size")
+    _gib(opts.shm_size)
+    if oss_uris(opts) and not opts.resolved_oss_endpoint and not (set(ENDPOINT_ENVS) & set(opts.extra_env)):
         raise ValueError(
-            f"--oss-endpoint: {oss_uris(opts)[0]} needs an OSS endpoint in the pod "
-            "(e.g. https://oss-cn-hangzhou-internal.aliyuncs.com); without one the job exits 5 at start"
+            f"--oss-region: {oss_uris(opts)[0]} needs an OSS endpoint in the pod: --oss-region REGION (the "
+            "cluster's, e.g. cn-beijing: its internal endpoint) or --oss-endpoint URL; without one the job exits 5"
         )
+
+
+def render(opts: RenderOptions) -> list[dict[str, Any]]:
+    """All objects for one run, in apply order (Namespace, ServiceAccount and PVC before the workload)."""
+    check_options(opts)
     kind = opts.resolved_kind
     if kind not in ("job", "pytorchjob"):
         raise ValueError(f"unknown kind {opts.kind!r}; use auto, job or pytorchjob")
@@ -461,16 +507,24 @@ EXAMPLES: dict[str, list[str]] = {
         f"--job-id example --image {EXAMPLE_IMAGE} --manifest-uri s3://BUCKET/kolors-jobs/example/manifest.yaml"
         " --namespace kolors --irsa-role-arn arn:aws:iam::123456789012:role/kolors-job --create-cache-pvc 200Gi"
     ),
+    "ack-job.yaml": shlex.split(
+        "--job-id example-ack --image registry-vpc.cn-beijing.aliyuncs.com/NAMESPACE/kolors-job:TAG"
+        " --manifest-uri oss://BUCKET/kolors-jobs/example-ack/manifest.yaml --namespace kolors"
+        " --rrsa-role-name kolors-job --oss-region cn-beijing"
+        " --node-selector aliyun.accelerator/nvidia_name=NVIDIA-A10 --toleration gpu-pool=a10:NoSchedule"
+        " --create-cache-pvc 200Gi --storage-class alicloud-disk-topology-alltype"
+    ),
+    # Outside Alibaba Cloud with static keys: the bucket region's *public* endpoint, given explicitly.
     "job-secret-4gpu.yaml": shlex.split(
         f"--job-id example-4gpu --image {EXAMPLE_IMAGE}"
         " --manifest-uri oss://BUCKET/kolors-jobs/example-4gpu/manifest.yaml --namespace kolors --gpus 4"
-        " --oss-endpoint https://oss-cn-hangzhou-internal.aliyuncs.com"
+        " --oss-endpoint https://oss-cn-hangzhou.aliyuncs.com"
         " --secret kolors-job-storage --node-selector nvidia.com/gpu.product=NVIDIA-A100-SXM4-80GB"
     ),
     "pytorchjob.yaml": shlex.split(
         f"--job-id example-2x8 --image {EXAMPLE_IMAGE}"
         " --manifest-uri oss://BUCKET/kolors-jobs/example-2x8/manifest.yaml --namespace kolors"
-        " --oss-endpoint https://oss-cn-hangzhou-internal.aliyuncs.com"
+        " --oss-region cn-hangzhou"
         " --nodes 2 --gpus 8 --cpu 64 --rrsa-role-name kolors-job"
         " --create-cache-pvc 500Gi --storage-class alibabacloud-cnfs-nas"
     ),

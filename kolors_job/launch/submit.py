@@ -497,7 +497,11 @@ def add_k8s_arguments(p: argparse.ArgumentParser, *, require_image: bool) -> Non
     g.add_argument("--memory", default=d.memory, help=(
         f"pod memory (default {k8s_mod.HOST_MEMORY_BASE_GIB}Gi + {k8s_mod.HOST_MEMORY_PER_RANK_GIB}Gi per GPU"
         " + --shm-size)"))
-    g.add_argument("--oss-endpoint", help="KOLORS_JOB_OSS_ENDPOINT in the pod; needed for oss:// URIs")
+    g.add_argument("--oss-region", help="the cluster's region (ACK, e.g. cn-beijing): its internal OSS endpoint "
+                   "in the pod, for oss:// URIs")  # fmt: skip
+    g.add_argument("--oss-endpoint", help="KOLORS_JOB_OSS_ENDPOINT in the pod (wins over --oss-region)")
+    g.add_argument("--scratch-size", default=d.scratch_size,
+                   help="pod scratch disk: emptyDir sizeLimit, ephemeral-storage request (%(default)s)")  # fmt: skip
     g.add_argument("--node-selector", type=_kv, action="append", default=[], metavar="KEY=VALUE")
     g.add_argument("--toleration", type=_toleration, action="append", default=None, metavar="KEY[=VALUE]:EFFECT",
                    help="replaces the default nvidia.com/gpu:NoSchedule toleration")  # fmt: skip
@@ -531,6 +535,8 @@ def options_from_namespace(
         create_cache_pvc=ns.create_cache_pvc or None,
         create_namespace=ns.create_namespace,
         oss_endpoint=ns.oss_endpoint,
+        oss_region=ns.oss_region,
+        scratch_size=ns.scratch_size,
         attempt=attempt,
         storage_class=ns.storage_class,
         shm_size=ns.shm_size,
