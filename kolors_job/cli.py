@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import re
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from kolors_job import __version__
 from kolors_job.errors import ExitCode, JobError, ManifestError
@@ -26,9 +28,11 @@ def prose(doc: str) -> str:
 
 
 def _print_error(err: JobError) -> None:
+    from kolors_job.log import say
+
     problems = err.problems if isinstance(err, ManifestError) else [str(err)]
     for line in problems:
-        print(scrub(line), file=sys.stderr)
+        say(scrub(line), logging.ERROR, exit_code=int(err.exit_code))
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -96,24 +100,30 @@ def cmd_run(args: argparse.Namespace) -> int:
         allow_cpu=args.allow_cpu or settings.allow_cpu,
     )
     outcome = run_job(job)
-    if outcome.exit_code != ExitCode.OK and outcome.message:
-        print(f"error: {outcome.message}", file=sys.stderr)
-    else:
-        print(f"{outcome.state}: {outcome.output_uri}", file=sys.stderr)
+    _say_outcome(outcome, f"{outcome.state}: {outcome.output_uri}")
     return outcome.exit_code
 
 
+def _say_outcome(outcome: Any, ok_line: str) -> None:
+    """The run's last line: ``error: …`` (or the success line); a JSON record in JSON mode."""
+    from kolors_job.log import say
+
+    fields = {"state": outcome.state, "exit_code": int(outcome.exit_code), "output": outcome.output_uri}
+    if outcome.exit_code != ExitCode.OK and outcome.message:
+        say(f"error: {outcome.message}", logging.ERROR, **fields)
+    else:
+        say(ok_line, logging.INFO, **fields)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
-    from kolors_job.demo import demo_manifest
+    from kolors_job.demo import demo_manifest, resumes
     from kolors_job.runner import Job, run_job
 
     settings = _settings_and_logging(args)
     manifest = demo_manifest(settings, output=args.output)
-    outcome = run_job(Job(manifest, settings=settings, force=True))
-    if outcome.exit_code == ExitCode.OK:
-        print(f"demo finished: open {outcome.output_uri}report.html", file=sys.stderr)
-    else:
-        print(f"error: {outcome.message}", file=sys.stderr)
+    # An interrupted demo resumes (what its Ctrl-C message promises); a finished or foreign one starts over.
+    outcome = run_job(Job(manifest, settings=settings, force=not resumes(manifest, settings)))
+    _say_outcome(outcome, f"demo finished: open {outcome.output_uri}report.html")
     return outcome.exit_code
 
 
@@ -170,6 +180,8 @@ def _map_exit(code: int) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from kolors_job.log import restore_stderr, say
+
     args = build_parser().parse_args(argv)
     try:
         code = args.func(args)
@@ -177,8 +189,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         _print_error(e)
         code = e.exit_code
     except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
+        say("error: interrupted", logging.ERROR, exit_code=int(ExitCode.TEMPORARY))
         code = ExitCode.TEMPORARY
+    finally:
+        restore_stderr()  # JSON mode's stand-in for sys.stderr ends with the command (in-process callers)
     return _map_exit(int(code))
 
 

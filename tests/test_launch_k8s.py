@@ -243,7 +243,7 @@ def test_every_oss_spec_carries_its_endpoint_and_render_refuses_one_without(
             env = {e["name"]: e["value"] for e in c["env"]}
             if env["KOLORS_JOB_MANIFEST_URI"].startswith("oss://"):
                 assert env["KOLORS_JOB_OSS_ENDPOINT"].startswith("https://oss-"), fname
-    with pytest.raises(ValueError, match="--oss-region REGION .* or --oss-endpoint URL"):
+    with pytest.raises(ValueError, match=r"--oss-region REGION .* or --oss-endpoint URL"):
         k8s.render(opts(manifest_uri="oss://b/m.yaml"))
     with pytest.raises(ValueError, match="--oss-region"):
         k8s.render(opts(output="oss://b/out/"))
