@@ -38,12 +38,15 @@ def _print_error(err: JobError) -> None:
 def cmd_validate(args: argparse.Namespace) -> int:
     from kolors_job.manifest import load_manifest
 
-    manifest = load_manifest(args.manifest)
+    if args.manifest and args.manifest_opt and args.manifest != args.manifest_opt:
+        raise ManifestError("validate: give the manifest once (MANIFEST or --manifest), not two different ones")
+    manifest = load_manifest(args.manifest or args.manifest_opt)
     print(manifest.to_yaml(), end="")
     print(f"# job id: {args.job_id or manifest.job_id}  digest: {manifest.digest()[:16]}", file=sys.stderr)
     for field, uri in oss_fields_without_endpoint(manifest.model_dump(mode="json")):
-        print(f"# note: {field}: {uri} needs an OSS endpoint where the job runs (KOLORS_JOB_OSS_ENDPOINT, "
-              "`render k8s --oss-endpoint`, DLC Envs); none is set here", file=sys.stderr)  # fmt: skip
+        print(f"# note: {field}: {uri} needs an OSS endpoint where the job runs (KOLORS_JOB_OSS_ENDPOINT; "
+              "`render k8s --oss-region` or `submit dlc --region` set it); none is set here",
+              file=sys.stderr)  # fmt: skip
     return ExitCode.OK
 
 
@@ -127,18 +130,29 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return outcome.exit_code
 
 
+def _add_log_format(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--log-format",
+        choices=["auto", "json", "text"],
+        help="json: one JSON object per stderr line, whichever library wrote it; text: readable lines and "
+        "progress bars; auto (default, $KOLORS_JOB_LOG_FORMAT): text on a terminal, else json",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="kolors-job",
         description="Job manifest in; Kolors LoRA, an 8-frame story, aesthetic scores and a report out.",
-        epilog="Every expected failure prints one line and exits with a distinct code: 2 invalid manifest, "
-        "3 quality gate, 4 invalid input, 5 storage denied, 6 output conflict, 75 retry (resumes).",
+        epilog="Every expected failure prints one line and exits with a distinct code: 1 internal error (a bug), "
+        "2 invalid manifest, 3 quality gate, 4 invalid input, 5 storage denied, 6 output conflict, "
+        "7 the platform cannot start the job (submit), 75 retry (resumes).",
     )
     p.add_argument("--version", action="version", version=f"kolors-job {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
     v = sub.add_parser("validate", help="check a manifest and print it fully resolved")
     v.add_argument("manifest", nargs="?", help="path, file://, s3:// or oss:// (default: $KOLORS_JOB_MANIFEST[_URI])")
+    v.add_argument("--manifest", dest="manifest_opt", metavar="MANIFEST", help="the same, as `run` takes it")
     v.add_argument("--job-id")
     v.set_defaults(func=cmd_validate)
 
@@ -154,12 +168,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--allow-cpu", action="store_true",
         help="run a full-size model on the CPU when no GPU is usable (hours; without it the job stops, exit 4)",
     )
-    r.add_argument("--log-format", choices=["auto", "json", "text"])
+    _add_log_format(r)
     r.set_defaults(func=cmd_run)
 
     d = sub.add_parser("demo", help="the whole job on CPU with a tiny random Kolors (seconds)")
     d.add_argument("--output", default="demo-output", help="output dir or URI (default: ./demo-output)")
-    d.add_argument("--log-format", choices=["auto", "json", "text"])
+    _add_log_format(d)
     d.set_defaults(func=cmd_demo)
 
     try:
@@ -180,7 +194,7 @@ def _map_exit(code: int) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from kolors_job.log import restore_stderr, say
+    from kolors_job.log import json_mode, restore_stderr, say
 
     args = build_parser().parse_args(argv)
     try:
@@ -191,6 +205,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         say("error: interrupted", logging.ERROR, exit_code=int(ExitCode.TEMPORARY))
         code = ExitCode.TEMPORARY
+    except Exception as e:  # a bug outside the runner's own handling: in JSON mode its traceback is JSON too
+        if not json_mode():
+            raise
+        logging.getLogger("kolors_job.cli").exception("internal error: %s", scrub(f"{type(e).__name__}: {e}"),
+                                                      extra={"exit_code": int(ExitCode.INTERNAL)})  # fmt: skip
+        code = ExitCode.INTERNAL
     finally:
         restore_stderr()  # JSON mode's stand-in for sys.stderr ends with the command (in-process callers)
     return _map_exit(int(code))

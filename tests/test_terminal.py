@@ -6,6 +6,7 @@ JSON lines, which the end-to-end tests read.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import fcntl
 import io
@@ -239,3 +240,70 @@ def test_the_offline_hub_run_logs_only_json_and_text_mode_no_none(tmp_path: Path
         else:
             assert not re.search(r"=None\b", res.stderr), res.stderr
             assert res.stderr.strip().splitlines()[-1].startswith("error: ModelScope unreachable")
+
+
+# ------------------------------------------------------------------------------------ small CLI promises
+
+
+def test_top_level_help_lists_every_exit_code_and_run_options_all_have_help() -> None:
+    from kolors_job.errors import ExitCode
+
+    text = " ".join(_help().split())
+    for code in ExitCode:
+        if code != ExitCode.OK:
+            assert re.search(rf"\b{int(code)} [a-z]", text), (int(code), text)
+    parser = build_parser()
+    subs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    for name in ("run", "demo"):
+        for action in subs[name]._actions:
+            assert action.help, f"{name} {action.option_strings}: no help"
+
+
+def test_validate_takes_the_manifest_as_run_does(capsys: pytest.CaptureFixture[str]) -> None:
+    from kolors_job.cli import main
+
+    minimal = str(ROOT / "examples" / "minimal.yaml")
+    assert main(["validate", minimal]) == 0
+    positional = capsys.readouterr().out
+    assert main(["validate", "--manifest", minimal]) == 0
+    assert capsys.readouterr().out == positional and positional.startswith("apiVersion:")
+    assert main(["validate", minimal, "--manifest", str(ROOT / "examples" / "16gb.yaml")]) == 2
+    assert "give the manifest once" in capsys.readouterr().err
+
+
+def test_an_interrupted_demo_resumes_and_any_other_starts_over(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, shared_cache: Path
+) -> None:
+    """Ctrl-C in ``demo`` says "rerun to resume": so a rerun of an interrupted demo resumes (no --force),
+    while a finished one, or one of another manifest, starts over."""
+    from kolors_job import runner
+    from kolors_job.cli import main
+    from kolors_job.demo import demo_manifest
+    from kolors_job.settings import Settings
+
+    monkeypatch.setenv("KOLORS_JOB_CACHE_DIR", str(shared_cache))
+    out = tmp_path / "demo-out"
+    manifest = demo_manifest(Settings(), output=str(out))
+    forced: list[bool] = []
+
+    def fake_run(job: runner.Job) -> runner.JobOutcome:
+        forced.append(job.force)
+        return runner.JobOutcome(job.job_id, job.output_uri, runner.ExitCode.OK, "succeeded")
+
+    monkeypatch.setattr(runner, "run_job", fake_run)
+    status = out / manifest.job_id / "status.json"
+    status.parent.mkdir(parents=True)
+    try:
+        for state, digest, expect_force in [("interrupted", manifest.digest(), False),
+                                            ("succeeded", manifest.digest(), True),
+                                            ("interrupted", "another-manifest", True)]:  # fmt: skip
+            status.write_text(json.dumps({"state": state, "manifest_digest": digest}))
+            assert main(["demo", "--output", str(out), "--log-format", "text"]) == 0
+            assert forced[-1] is expect_force, (state, digest)
+        status.unlink()
+        assert main(["demo", "--output", str(out), "--log-format", "text"]) == 0 and forced[-1] is True
+    finally:
+        root = logging.getLogger()
+        for h in [h for h in root.handlers if getattr(h, "_kolors_job", False)]:
+            root.removeHandler(h)
+        logging.captureWarnings(False)
