@@ -589,6 +589,70 @@ def test_example_workflow_pins_actions_uses_oidc_and_valid_submit_flags() -> Non
     assert submits == 2
 
 
+# The current major of every action the example uses, its newest release tag and the inputs its action.yml
+# documents there (read from each action's repository at that tag, 2026-12; ``runs.using`` noted: node24 for all
+# but the Aliyun action, whose newest release, v1.0.7, still says node20).
+CURRENT_ACTIONS: dict[str, tuple[str, set[str]]] = {
+    "actions/checkout": ("v7.0.1", {"repository", "ref", "token", "ssh-key", "persist-credentials", "path",
+                                    "clean", "filter", "sparse-checkout", "fetch-depth", "fetch-tags", "lfs",
+                                    "submodules", "set-safe-directory", "github-server-url"}),
+    "actions/setup-python": ("v7.0.0", {"python-version", "python-version-file", "cache", "architecture",
+                                        "check-latest", "token", "cache-dependency-path", "update-environment",
+                                        "allow-prereleases", "freethreaded", "pip-version"}),
+    "docker/setup-buildx-action": ("v4.3.0", {"version", "driver", "driver-opts", "buildkitd-flags", "platforms",
+                                              "use", "endpoint", "cleanup", "name"}),
+    "docker/login-action": ("v4.1.0", {"registry", "username", "password", "ecr", "logout", "scope"}),
+    "docker/build-push-action": ("v7.3.0", {"context", "file", "push", "tags", "cache-from", "cache-to", "labels",
+                                            "build-args", "platforms", "load", "outputs", "provenance", "sbom"}),
+    "aliyun/configure-aliyun-credentials-action": ("v1.0.7", {"oidc-provider-arn", "role-to-assume", "audience",
+                                                              "role-session-expiration", "role-session-name",
+                                                              "role-chaining"}),
+    "aws-actions/configure-aws-credentials": ("v6.2.3", {"aws-region", "role-to-assume", "role-duration-seconds",
+                                                         "role-session-name", "audience", "web-identity-token-file"}),
+}  # fmt: skip
+"""Only the inputs the example may use are listed for the larger actions (all of them exist at that tag)."""
+
+
+def test_example_workflow_uses_each_actions_current_major_and_documented_inputs() -> None:
+    path = Path(__file__).resolve().parents[1] / "examples" / "ci" / "github-actions.yml"
+    wf = yaml.safe_load(path.read_text(encoding="utf-8"))
+    used = set()
+    for job in wf["jobs"].values():
+        for step in job["steps"]:
+            if "uses" not in step:
+                continue
+            action, _, ref = step["uses"].partition("@")
+            assert action in CURRENT_ACTIONS, f"{action}: record its current major here"
+            tag, inputs = CURRENT_ACTIONS[action]
+            assert ref == tag, f"{action}@{ref}: the current release is {tag}"
+            assert set(step.get("with") or {}) <= inputs, (action, set(step["with"]) - inputs)
+            used.add(action)
+    assert used == set(CURRENT_ACTIONS)
+
+
+def test_the_example_dlc_job_gets_its_regions_internal_endpoint(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The issue: examples/ci never gave the DLC job its region's endpoint (the job read Hangzhou's). The CI step's
+    ALIBABA_CLOUD_REGION_ID is submit's default --region, which now sets the job's endpoint."""
+    from kolors_job.launch import dlc
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "ci" / "github-actions.yml"
+    (step,) = [s for s in yaml.safe_load(path.read_text(encoding="utf-8"))["jobs"]["dlc"]["steps"]
+               if s.get("run", "").startswith("kolors-job submit dlc")]  # fmt: skip
+    assert step["env"]["ALIBABA_CLOUD_REGION_ID"] == "${{ vars.ALIYUN_REGION }}"
+    for region in ("cn-beijing", "ap-southeast-1"):
+        monkeypatch.setenv("ALIBABA_CLOUD_REGION_ID", region)
+        p = argparse.ArgumentParser(prog="kolors-job")
+        register_cli(p.add_subparsers(dest="command", required=True))
+        values = {"vars.DLC_CACHE_URI": f"oss://cache.oss-{region}-internal.aliyuncs.com/kolors-job-cache/",
+                  "vars.PAI_WORKSPACE_ID": "42", "vars.DLC_JOB_ROLE_ARN": "acs:ram::1:role/k"}  # fmt: skip
+        run = re.sub(r"\$\{\{ *([^} ]*) *\}\}", lambda m, v=values: v.get(m.group(1), "X"), step["run"])
+        ns = p.parse_args(shlex.split(run.replace('"$MANIFEST"', "m.yaml").replace('"$JOB_ID"', "ci-1"))[1:])
+        request = dlc.build_request(dlc.load_spec(Path(__file__).resolve().parents[1] / ns.spec),
+                                    manifest_uri="oss://bkt/jobs/ci-1/manifest.yaml", job_id="ci-1", image=ns.image,
+                                    overrides=ns.set, region=ns.region).to_map()  # fmt: skip
+        assert request["Envs"]["KOLORS_JOB_OSS_ENDPOINT"] == f"https://oss-{region}-internal.aliyuncs.com"
+
+
 @pytest.mark.parametrize(
     ("status", "code", "expected"),
     [(403, "Forbidden.RAM", 5), (503, "ServiceUnavailable", 75), (400, "InvalidParameter.EcsSpec", 1)],
