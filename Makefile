@@ -21,7 +21,7 @@ PYTEST_ARGS ?=
 .PHONY: help install demo test test-slow lint run image k8s-examples bench-cpu lock schema clean
 
 help:
-	@echo "make demo      the whole job on CPU with a tiny random Kolors (seconds)"
+	@echo "make demo      the whole job on CPU with a tiny random Kolors (about a minute on 2 cores)"
 	@echo "make test      the test suite (installs the pinned set into $(VENV) first)"
 	@echo "make lint      ruff + hadolint"
 	@echo "make run       build the image and run a manifest on the local GPU (MANIFEST=path or MANIFEST_URI=uri)"

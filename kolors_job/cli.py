@@ -171,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_log_format(r)
     r.set_defaults(func=cmd_run)
 
-    d = sub.add_parser("demo", help="the whole job on CPU with a tiny random Kolors (seconds)")
+    d = sub.add_parser("demo", help="the whole job on CPU with a tiny random Kolors (about a minute on 2 cores)")
     d.add_argument("--output", default="demo-output", help="output dir or URI (default: ./demo-output)")
     _add_log_format(d)
     d.set_defaults(func=cmd_demo)
