@@ -182,7 +182,7 @@ class JsonStderr(io.TextIOBase):
         if text.lstrip().startswith("{"):
             try:
                 if isinstance(json.loads(text), dict):
-                    self.target.write(text.strip() + "\n")
+                    self.target.write(scrub(text.strip()) + "\n")
                     return
             except ValueError:
                 pass
