@@ -383,9 +383,9 @@ class Spec(_Strict):
     output: OutputSpec
     """Where the job writes its outputs, and in which LoRA formats."""
     device: Literal["auto", "cuda", "cpu"] = "auto"
-    """``auto``: the GPU when CUDA is usable — a full-size (any non-``tiny://`` hub or bucket) model without one
-    stops before any network call (exit 4) unless ``--allow-cpu``; ``cpu``: run on the CPU on purpose (hours for a full-size job);
-    ``cuda``: require a GPU."""
+    """``auto``: the GPU when CUDA is usable — a full-size model (any hub or bucket one but ``tiny://``) without
+    one stops before any network call (exit 4) unless ``--allow-cpu``; ``cpu``: run on the CPU on purpose (hours
+    for a full-size job); ``cuda``: require a GPU."""
 
     @model_validator(mode="after")
     def _validation_frames(self) -> Spec:
