@@ -213,6 +213,9 @@ class JsonStderr(io.TextIOBase):
     def encoding(self) -> str:  # type: ignore[override]
         return getattr(self.target, "encoding", "utf-8")
 
+    def __getattr__(self, name: str) -> Any:  # ``buffer``, ``reconfigure``…: the real stream's
+        return getattr(self.target, name)
+
 
 def restore_stderr() -> None:
     """Put the real ``sys.stderr`` back (flushing a last partial line), if JSON mode replaced it."""

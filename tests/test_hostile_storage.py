@@ -69,7 +69,7 @@ def test_run_output_override_is_validated_like_the_manifest(tmp_path, capsys) ->
     manifest.write_text(json.dumps({"spec": {"output": {"uri": str(tmp_path / "out")}}}))
     code = main(["run", "--manifest", str(manifest), "--output", f"s3://u:{PASSWORD}@Bad_Bucket/x/"])
     err = capsys.readouterr().err
-    assert code == 2 and err.startswith("--output: ") and "credentials" in err and PASSWORD not in err, err
+    assert code == 2 and last_message(err).startswith("--output: ") and "credentials" in err and PASSWORD not in err, err
 
 
 @pytest.mark.parametrize("uri", [f"s3://AKIDUSER:{PASSWORD}@bucket/m.yaml", "oss://Bad_Bucket/m.yaml",

@@ -20,6 +20,7 @@ import pytest
 import yaml
 
 from kolors_job.errors import ExitCode
+from tests.cli_lines import last_message
 from tests.hub_servers import hf_hub as hf_ids
 from tests.hub_servers import modelscope_hub as ms_ids
 from tests.hub_servers.artifacts import fp16_loader_files
@@ -216,7 +217,7 @@ def test_a_cache_too_small_is_exit_4_and_nothing_is_marked_complete(
         cache, env = tmp_path / "cache", {"KOLORS_JOB_CACHE_RESERVE_MB": str(10**9)}
     res = _run_job(tmp_path, {"output": {"uri": str(tmp_path / "out")}, **SMALL}, cache=cache, extra_env=env)
     assert res.returncode == ExitCode.INVALID_INPUT, res.stderr[-3000:]
-    last = res.stderr.strip().splitlines()[-1]
+    last = last_message(res.stderr)  # the CLI's last line (a JSON record off a terminal)
     assert last.startswith(f"error: pipeline model 'modelscope://{ms_ids.KOLORS_ID}' needs "), last
     assert "free" in last and "KOLORS_JOB_CACHE_DIR" in last
     assert modelscope_env.downloads(ms_ids.KOLORS_ID) == {}
@@ -237,7 +238,7 @@ def test_a_hub_that_hangs_mid_file_is_temporary_and_the_rerun_resumes(hf_env, tm
         res = _run_job(tmp_path, spec, cache=cache, extra_env={"HF_HUB_DOWNLOAD_TIMEOUT": "1"})
         took = time.monotonic() - started
     assert res.returncode == ExitCode.TEMPORARY, res.stderr[-3000:]
-    last = res.stderr.strip().splitlines()[-1]
+    last = last_message(res.stderr)  # the CLI's last line (a JSON record off a terminal)
     assert last.startswith("error: ") and f"hf://{hf_ids.KOLORS_ID}" in last, last
     print(f"\nhung hub: exit {res.returncode} after {took:.0f} s: {last}")
     assert took < 120, took

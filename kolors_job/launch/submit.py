@@ -561,7 +561,9 @@ def add_dlc_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--set", action="append", default=[], metavar="PATH=VALUE",
                    help="override a spec field, e.g. WorkspaceId=123 or JobSpecs.0.PodCount=2")  # fmt: skip
     g.add_argument("--nproc-per-node", type=int, default=1, help="processes (GPUs) per DLC node")
-    g.add_argument("--region", default=alibaba_cloud_region(), help="default $ALIBABA_CLOUD_REGION_ID")
+    g.add_argument("--region", default=alibaba_cloud_region(),
+                   help="the job's region: DLC's API endpoint, <REGION> in the spec and the job's internal OSS "
+                   "endpoint (default $ALIBABA_CLOUD_REGION_ID)")  # fmt: skip
     g.add_argument("--endpoint", default=os.environ.get("KOLORS_JOB_DLC_ENDPOINT"),
                    help="default pai-dlc.<region>.aliyuncs.com")  # fmt: skip
 
