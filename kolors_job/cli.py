@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import re
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from kolors_job import __version__
 from kolors_job.errors import ExitCode, JobError, ManifestError
@@ -26,20 +28,25 @@ def prose(doc: str) -> str:
 
 
 def _print_error(err: JobError) -> None:
+    from kolors_job.log import say
+
     problems = err.problems if isinstance(err, ManifestError) else [str(err)]
     for line in problems:
-        print(scrub(line), file=sys.stderr)
+        say(scrub(line), logging.ERROR, exit_code=int(err.exit_code))
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
     from kolors_job.manifest import load_manifest
 
-    manifest = load_manifest(args.manifest)
+    if args.manifest and args.manifest_opt and args.manifest != args.manifest_opt:
+        raise ManifestError("validate: give the manifest once (MANIFEST or --manifest), not two different ones")
+    manifest = load_manifest(args.manifest or args.manifest_opt)
     print(manifest.to_yaml(), end="")
     print(f"# job id: {args.job_id or manifest.job_id}  digest: {manifest.digest()[:16]}", file=sys.stderr)
     for field, uri in oss_fields_without_endpoint(manifest.model_dump(mode="json")):
-        print(f"# note: {field}: {uri} needs an OSS endpoint where the job runs (KOLORS_JOB_OSS_ENDPOINT, "
-              "`render k8s --oss-endpoint`, DLC Envs); none is set here", file=sys.stderr)  # fmt: skip
+        print(f"# note: {field}: {uri} needs an OSS endpoint where the job runs (KOLORS_JOB_OSS_ENDPOINT; "
+              "`render k8s --oss-region` or `submit dlc --region` set it); none is set here",
+              file=sys.stderr)  # fmt: skip
     return ExitCode.OK
 
 
@@ -96,39 +103,56 @@ def cmd_run(args: argparse.Namespace) -> int:
         allow_cpu=args.allow_cpu or settings.allow_cpu,
     )
     outcome = run_job(job)
-    if outcome.exit_code != ExitCode.OK and outcome.message:
-        print(f"error: {outcome.message}", file=sys.stderr)
-    else:
-        print(f"{outcome.state}: {outcome.output_uri}", file=sys.stderr)
+    _say_outcome(outcome, f"{outcome.state}: {outcome.output_uri}")
     return outcome.exit_code
 
 
+def _say_outcome(outcome: Any, ok_line: str) -> None:
+    """The run's last line: ``error: …`` (or the success line); a JSON record in JSON mode."""
+    from kolors_job.log import say
+
+    fields = {"state": outcome.state, "exit_code": int(outcome.exit_code), "output": outcome.output_uri}
+    if outcome.exit_code != ExitCode.OK and outcome.message:
+        say(f"error: {outcome.message}", logging.ERROR, **fields)
+    else:
+        say(ok_line, logging.INFO, **fields)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
-    from kolors_job.demo import demo_manifest
+    from kolors_job.demo import demo_manifest, resumes
     from kolors_job.runner import Job, run_job
 
     settings = _settings_and_logging(args)
     manifest = demo_manifest(settings, output=args.output)
-    outcome = run_job(Job(manifest, settings=settings, force=True))
-    if outcome.exit_code == ExitCode.OK:
-        print(f"demo finished: open {outcome.output_uri}report.html", file=sys.stderr)
-    else:
-        print(f"error: {outcome.message}", file=sys.stderr)
+    # An interrupted demo resumes (what its Ctrl-C message promises); a finished or foreign one starts over.
+    outcome = run_job(Job(manifest, settings=settings, force=not resumes(manifest, settings)))
+    _say_outcome(outcome, f"demo finished: open {outcome.output_uri}report.html")
     return outcome.exit_code
+
+
+def _add_log_format(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--log-format",
+        choices=["auto", "json", "text"],
+        help="json: one JSON object per stderr line, whichever library wrote it; text: readable lines and "
+        "progress bars; auto (default, $KOLORS_JOB_LOG_FORMAT): text on a terminal, else json",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="kolors-job",
         description="Job manifest in; Kolors LoRA, an 8-frame story, aesthetic scores and a report out.",
-        epilog="Every expected failure prints one line and exits with a distinct code: 2 invalid manifest, "
-        "3 quality gate, 4 invalid input, 5 storage denied, 6 output conflict, 75 retry (resumes).",
+        epilog="Every expected failure prints one line and exits with a distinct code: 1 internal error (a bug), "
+        "2 invalid manifest, 3 quality gate, 4 invalid input, 5 storage denied, 6 output conflict, "
+        "7 the platform cannot start the job (submit), 75 retry (resumes).",
     )
     p.add_argument("--version", action="version", version=f"kolors-job {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
     v = sub.add_parser("validate", help="check a manifest and print it fully resolved")
     v.add_argument("manifest", nargs="?", help="path, file://, s3:// or oss:// (default: $KOLORS_JOB_MANIFEST[_URI])")
+    v.add_argument("--manifest", dest="manifest_opt", metavar="MANIFEST", help="the same, as `run` takes it")
     v.add_argument("--job-id")
     v.set_defaults(func=cmd_validate)
 
@@ -144,12 +168,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--allow-cpu", action="store_true",
         help="run a full-size model on the CPU when no GPU is usable (hours; without it the job stops, exit 4)",
     )
-    r.add_argument("--log-format", choices=["auto", "json", "text"])
+    _add_log_format(r)
     r.set_defaults(func=cmd_run)
 
-    d = sub.add_parser("demo", help="the whole job on CPU with a tiny random Kolors (seconds)")
+    d = sub.add_parser("demo", help="the whole job on CPU with a tiny random Kolors (about a minute on 2 cores)")
     d.add_argument("--output", default="demo-output", help="output dir or URI (default: ./demo-output)")
-    d.add_argument("--log-format", choices=["auto", "json", "text"])
+    _add_log_format(d)
     d.set_defaults(func=cmd_demo)
 
     try:
@@ -170,6 +194,8 @@ def _map_exit(code: int) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from kolors_job.log import json_mode, restore_stderr, say
+
     args = build_parser().parse_args(argv)
     try:
         code = args.func(args)
@@ -177,8 +203,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         _print_error(e)
         code = e.exit_code
     except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
+        say("error: interrupted", logging.ERROR, exit_code=int(ExitCode.TEMPORARY))
         code = ExitCode.TEMPORARY
+    except Exception as e:  # a bug outside the runner's own handling: in JSON mode its traceback is JSON too
+        if not json_mode():
+            raise
+        logging.getLogger("kolors_job.cli").exception("internal error: %s", scrub(f"{type(e).__name__}: {e}"),
+                                                      extra={"exit_code": int(ExitCode.INTERNAL)})  # fmt: skip
+        code = ExitCode.INTERNAL
+    finally:
+        restore_stderr()  # JSON mode's stand-in for sys.stderr ends with the command (in-process callers)
     return _map_exit(int(code))
 
 

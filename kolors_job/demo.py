@@ -7,6 +7,7 @@ so the images are noise-like and the scores meaningless — the report says so i
 from __future__ import annotations
 
 import io
+import json
 import math
 import random
 from collections.abc import Mapping
@@ -78,6 +79,20 @@ def tiny_job(data: Path, output: str, overrides: Mapping[str, Any] | None = None
             node = node.setdefault(part, {})
         node[leaf] = value
     return {"metadata": {"name": name}, "spec": spec}
+
+
+def resumes(manifest: Manifest, settings: Settings) -> bool:
+    """Whether the demo's output holds an interrupted run of this very manifest: then ``demo`` resumes it
+    (Ctrl-C says "rerun to resume"); any other time it starts over, so every ``make demo`` shows a whole run."""
+    from kolors_job.storage import open_store
+
+    try:
+        status = json.loads(open_store(manifest.spec.output.uri, settings).child(manifest.job_id).read_bytes(
+            "status.json"))  # fmt: skip
+    except Exception:  # none yet, unreadable, half-written: start over
+        return False
+    return isinstance(status, dict) and status.get("state") == "interrupted" and (
+        status.get("manifest_digest") == manifest.digest())  # fmt: skip
 
 
 def demo_manifest(settings: Settings, output: str = "demo-output") -> Manifest:

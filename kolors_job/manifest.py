@@ -50,7 +50,9 @@ REFERENCE_NEGATIVE = "丑陋、变形、嘈杂、模糊、低对比度"
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", str_max_length=100_000, validate_default=True)
+    model_config = ConfigDict(
+        extra="forbid", str_max_length=100_000, validate_default=True, use_attribute_docstrings=True
+    )
 
 
 def _check_uri(value: str, schemes: tuple[str, ...], *, allow_path: bool = True) -> str:
@@ -112,12 +114,15 @@ class CaptionSpec(_Strict):
 
 class FilterSpec(_Strict):
     min_width: int = Field(1024, ge=1, le=65536)
+    """Skip images narrower than this many pixels (the reference's data-juicer ``image_shape_filter``)."""
     min_height: int = Field(1024, ge=1, le=65536)
+    """Skip images shorter than this many pixels (the reference's data-juicer ``image_shape_filter``)."""
     aspect_ratio: tuple[float, float] = (0.5, 2.0)
     """Keep images whose width/height lies in [low, high] (data-juicer's image_aspect_ratio_filter)."""
     max_pixels: int = Field(64_000_000, ge=1, le=2**28)
     """Decompression-bomb cap: larger images are skipped, never decoded."""
     max_images: int | None = Field(None, ge=1)
+    """Keep at most this many images, the first that pass in sorted path order; ``null``: all."""
 
     @field_validator("aspect_ratio")
     @classmethod
@@ -131,9 +136,13 @@ class DatasetSpec(_Strict):
     source: ModelUri = "modelscope://AI-ModelScope/lowres_anime"
     """``modelscope://`` or ``hf://`` dataset id, a bucket prefix, or a local directory of images."""
     subset: str = "default"
+    """Hub dataset subset (ModelScope's ``subset_name``; the reference loads ``default``)."""
     split: str = "train"
+    """Hub dataset split whose files are fetched (the reference trains on ``train``)."""
     caption: CaptionSpec = CaptionSpec()
+    """Where each image's caption comes from."""
     filters: FilterSpec = FilterSpec()
+    """Which images are kept for training; every skipped file is counted by reason in the report."""
 
     @field_validator("source")
     @classmethod
@@ -158,16 +167,26 @@ class ValidationSpec(_Strict):
 
 class TrainSpec(_Strict):
     rank: int = Field(16, ge=1, le=1024)
+    """LoRA rank r (the reference: 16; the organisers suggest 16 for a style, 4 for a subject)."""
     alpha: float = Field(4.0, gt=0)
+    """LoRA alpha: the update is scaled by alpha / rank (the reference trains with 4)."""
     learning_rate: float = Field(1e-4, gt=0, le=1.0)
+    """AdamW learning rate (the reference: 1e-4)."""
     steps: int | None = Field(500, ge=1, le=10_000_000)
     """Optimizer steps. ``null`` trains ``epochs`` passes over the data instead."""
     epochs: int = Field(1, ge=1, le=100_000)
+    """Passes over the data when ``steps`` is ``null``."""
     batch_size: int = Field(1, ge=1, le=1024)
+    """Images per optimizer step on each process (the effective batch also multiplies by
+    ``gradient_accumulation`` and the number of DDP ranks)."""
     gradient_accumulation: int = Field(1, ge=1, le=1024)
+    """Micro-batches accumulated into one optimizer step."""
     resolution: int = Field(1024, ge=64, le=4096, multiple_of=8)
+    """Training images are resized (short side) and cropped to this square size, in pixels."""
     center_crop: bool = True
+    """Crop the centre of each resized image (the reference); ``false`` crops at a random place."""
     random_flip: bool = False
+    """Flip training images left-right at random (off in the reference)."""
     resize_filter: Literal["lanczos", "bilinear"] = "bilinear"
     """The filter that resizes a training image's short side to ``resolution``: ``bilinear`` is the
     reference's (torchvision's ``Resize(res, BILINEAR)`` on the PIL image, its long side rounded down, as
@@ -197,21 +216,29 @@ class TrainSpec(_Strict):
     gradient_checkpointing: Literal["auto", "on", "off"] = "auto"
     """``auto`` turns it on only when free GPU memory is short."""
     target_modules: list[str] = Field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"], min_length=1)
+    """The UNet attention projections that get a LoRA (the reference: q, k, v and out)."""
     init_lora_weights: Literal["default", "gaussian"] = "gaussian"
     """peft's init of LoRA A (B starts at zero either way): ``gaussian`` (std 1/rank) is what DiffSynth's Kolors
     trainer hard-coded when the notebook ran it (``add_lora_to_model``, 2024-07-26 to 2024-10-11); from then on
     to 1.1.9 its ``--init_lora_weights`` defaults to ``kaiming``, which is ``default`` here (peft's
     Kaiming-uniform)."""
     optimizer: Literal["adamw", "adamw8bit"] = "adamw"
+    """``adamw`` (torch's, the reference) or ``adamw8bit`` (bitsandbytes': both moments in one byte each)."""
     weight_decay: float = Field(1e-2, ge=0)
+    """AdamW's decoupled weight decay (torch's default 1e-2, as the reference leaves it)."""
     max_grad_norm: float | None = Field(None, gt=0)
     """Clip the gradient norm to this; ``null`` (the reference, Lightning's default) never clips. The norm is
     logged every step either way."""
     lr_scheduler: Literal["constant", "constant_with_warmup", "cosine", "linear"] = "constant"
+    """diffusers' learning-rate schedule by name; ``constant`` with ``warmup_steps`` warms up first."""
     warmup_steps: int = Field(0, ge=0)
+    """Steps over which the learning rate ramps up from 0."""
     seed: int = Field(0, ge=0, le=2**32 - 1)
+    """Seed of everything random in training (noise, timesteps, crops, flips, LoRA init)."""
     checkpoint_every: int = Field(100, ge=1)
+    """Save a checkpoint (the resume source, and a validation point) every this many steps."""
     validation: ValidationSpec = ValidationSpec()
+    """Validation frames drawn at checkpoints while training."""
     log_with: list[Literal["tensorboard", "wandb"]] = Field(default_factory=lambda: ["tensorboard"])
     """accelerate's trackers: TensorBoard event files under ``<job>/logs/tensorboard/``; ``wandb`` only when
     listed (it then needs its own credentials and network)."""
@@ -240,7 +267,9 @@ class TrainSpec(_Strict):
 
 class Frame(_Strict):
     prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
+    """What the frame shows (Chinese or English; ChatGLM reads up to 256 tokens)."""
     seed: int = Field(0, ge=0, le=2**32 - 1)
+    """Seed of this frame's starting noise (each frame has its own generator)."""
     negative_prompt: str | None = Field(None, max_length=MAX_PROMPT_CHARS)
     """Replaces the story's negative prompt for this frame."""
     negative_prompt_extra: str | None = Field(None, max_length=MAX_PROMPT_CHARS)
@@ -297,10 +326,15 @@ SamplingPrecision = Literal["auto", "fp16", "bf16", "fp32"]
 
 class StorySpec(_Strict):
     negative_prompt: str = Field(REFERENCE_NEGATIVE, max_length=MAX_PROMPT_CHARS)
+    """What every frame should not show (each frame may replace or extend it)."""
     cfg_scale: float = Field(4.0, ge=0.0, le=50.0)
+    """Classifier-free guidance scale (the reference: 4)."""
     steps: int = Field(50, ge=1, le=1000)
+    """Denoising steps per frame (the reference: 50)."""
     width: int = Field(1024, ge=64, le=4096, multiple_of=8)
+    """Frame width in pixels (a multiple of 8)."""
     height: int = Field(1024, ge=64, le=4096, multiple_of=8)
+    """Frame height in pixels (a multiple of 8)."""
     scheduler: Scheduler = "reference"
     """``reference``: DiffSynth's Kolors DDIM grid (1099, 1077, ..., 22, 0, then fully clean), as the
     reference draws; ``euler`` is Kolors-diffusers' own sampler (leading grid 1079 ... 1). See ``models.SCHEDULERS``."""
@@ -317,6 +351,7 @@ class StorySpec(_Strict):
     batch_size: int = Field(8, ge=1, le=64)
     """Frames per pipeline call; each frame keeps its own seeded generator, so batching never changes pixels."""
     compile: bool = False
+    """``torch.compile`` the UNet while drawing (CUDA only); the compile cache lives on the cache volume."""
     tiling: Literal["notebook", "lanczos"] = "notebook"
     """How ``story.jpg`` is made from the frames (4 rows of 2, resized to 1024×2048 either way): ``notebook``
     as the reference does it (each frame saved as ``N.jpg`` at PIL's default quality and read back, tiled
@@ -330,6 +365,8 @@ class StorySpec(_Strict):
 
 class ScoreSpec(_Strict):
     aesthetic_model: ModelUri = "modelscope://AI-ModelScope/aesthetics-predictor-v2-sac-logos-ava1-l14-linearMSE"
+    """The aesthetics-predictor-v2 (CLIP ViT-L/14 + linear head) that scores the frames: a hub repo,
+    a bucket prefix, a local dir or ``tiny://aesthetic``."""
     threshold: float = Field(6.0, ge=0.0, le=10.0)
     """The challenge rejects a story whose mean aesthetic score is below this."""
     gate: bool = True
@@ -351,7 +388,9 @@ class OutputSpec(_Strict):
     job_id: str | None = Field(None, pattern=JOB_ID_PATTERN)
     """Defaults to ``metadata.name``; the CLI's ``--job-id`` overrides both."""
     lora_formats: list[LoraFormat] = Field(default_factory=lambda: list(default_format_names()), min_length=1)
+    """LoRA file formats written to ``lora/`` (each registered export format; all by default)."""
     keep_checkpoints: int = Field(2, ge=1, le=1000)
+    """Checkpoints kept in the output store; older ones are pruned, never the selected one."""
     modelscope_repo: str | None = Field(None, pattern=r"^[\w.-]+/[\w.-]+$")
     """Push the LoRA to this ModelScope model repo when the quality gate passes (token from the env)."""
 
@@ -368,15 +407,21 @@ class Spec(_Strict):
     turn, the fp16-fix VAE for encoding, notebook tiling); ``tuned``: kolors-job's own choices for those
     switches (README: "Differences from the reference"). A switch the manifest sets keeps its value."""
     model: ModelSpec = ModelSpec()
+    """The base Kolors model (and an optional VAE)."""
     dataset: DatasetSpec = DatasetSpec()
+    """The training images, their captions and filters."""
     train: TrainSpec = TrainSpec()
+    """The LoRA training recipe."""
     story: StorySpec = StorySpec()
+    """The story frames and how they are drawn."""
     score: ScoreSpec = ScoreSpec()
+    """The aesthetic scoring and the quality gate."""
     output: OutputSpec
+    """Where the job writes its outputs, and in which LoRA formats."""
     device: Literal["auto", "cuda", "cpu"] = "auto"
-    """``auto``: the GPU when CUDA is usable — a full-size model without one stops before any download
-    (exit 4) unless ``--allow-cpu``; ``cpu``: run on the CPU on purpose (hours for a full-size job);
-    ``cuda``: require a GPU."""
+    """``auto``: the GPU when CUDA is usable — a full-size model (any hub or bucket one but ``tiny://``) without
+    one stops before any network call (exit 4) unless ``--allow-cpu``; ``cpu``: run on the CPU on purpose (hours
+    for a full-size job); ``cuda``: require a GPU."""
 
     @model_validator(mode="before")
     @classmethod
@@ -397,13 +442,19 @@ class Metadata(_Strict):
     name: str = Field("kolors-lora-story", pattern=JOB_ID_PATTERN)
     """Lower-case DNS-label-like name; the default job id, so reruns find their own output."""
     labels: dict[str, Annotated[str, Field(max_length=256)]] = Field(default_factory=dict, max_length=64)
+    """Free-form ``key: value`` notes (e.g. who asked for the job); kept in ``manifest.resolved.yaml`` and
+    report.json, not part of the manifest digest."""
 
 
 class Manifest(_Strict):
     apiVersion: Literal["kolors-job/v1"] = API_VERSION  # noqa: N815 - Kubernetes-style field names
+    """Manifest format version: always ``kolors-job/v1``."""
     kind: Literal["LoraStoryJob"] = KIND
+    """Always ``LoraStoryJob``."""
     metadata: Metadata = Metadata()
+    """The job's name (its default job id) and free-form labels."""
     spec: Spec
+    """What to train, draw, score and where to write it; only ``spec.output.uri`` is required."""
 
     @property
     def job_id(self) -> str:

@@ -279,24 +279,50 @@ class ResolvedModels:
 
 
 def check_device(job: Job, *, full_size: bool, uri: str) -> None:
-    """Stop before any large download when the job would land on a device that cannot run it."""
+    """Stop when the job would land on a device that cannot run it (see :func:`check_device_first`)."""
     from kolors_job.device import cuda_problem
 
     if job.device.startswith("cuda"):
         if problem := cuda_problem():
             raise InputError(f"spec.device is cuda but {problem}")
     elif full_size and job.manifest.spec.device == "auto" and not job.allow_cpu:
+        what = "is a full-size Kolors" if _local_model_dir(uri) else "is a hub or bucket model (full-size unless tiny://)"
         raise InputError(
-            f"model {redact_uri(uri)!r} is a full-size Kolors and {cuda_problem() or 'no GPU is in use'}; "
+            f"model {redact_uri(uri)!r} {what} and {cuda_problem() or 'no GPU is in use'}; "
             "a CPU would take hours (spec.device: cpu, --allow-cpu or KOLORS_JOB_ALLOW_CPU=1 runs it there anyway)"
         )
+
+
+def _local_model_dir(uri: str) -> Path | None:
+    """The path a plain-path or ``file://`` model names (looked at without any network); None otherwise."""
+    from kolors_job.storage import scheme_of
+
+    scheme = scheme_of(uri)
+    if scheme == "file":
+        uri = uri.removeprefix("file://")
+    elif scheme:
+        return None
+    return Path(uri).expanduser()
+
+
+def check_device_first(job: Job) -> None:
+    """The device check, before any network call (the output store, a hub listing): a job on a machine
+    without a usable GPU learns it in its first second, not after minutes of hub retries on a node that
+    has no network either. A ``tiny://`` model always runs; a local one is judged by its UNet's bytes; a hub
+    or bucket model cannot be sized without the network, so it counts as full-size."""
+    from kolors_job.sources import is_full_size
+
+    uri = job.manifest.spec.model.base
+    local = _local_model_dir(uri)
+    full_size = not uri.startswith("tiny://") and (local is None or is_full_size(local))
+    check_device(job, full_size=full_size, uri=uri)
 
 
 def resolve_models(job: Job) -> ResolvedModels:
     """List, check and fetch the models (Kolors, the VAEs the manifest names, the aesthetic predictor); every
     hub source (the dataset too) is sized before the first download, so a cache that cannot hold them all
-    stops before any byte travels."""
-    from kolors_job.sources import check_free_space, fetch_model, is_full_size, plan_dataset, plan_model
+    stops before any byte travels. The device was checked before this (``check_device_first``)."""
+    from kolors_job.sources import check_free_space, fetch_model, plan_dataset, plan_model
 
     spec = job.manifest.spec
     # A half-precision run reads fp16 weight variants; an fp32 (CPU) run prefers the plain ones.
@@ -306,11 +332,8 @@ def resolve_models(job: Job) -> ResolvedModels:
     fetch_base = functools.partial(
         fetch_model, spec.model.base, kind="pipeline", settings=job.settings, prefer_fp16=prefer_fp16, skip=skip
     )
-    if plan is not None:
-        check_device(job, full_size=plan.full_size, uri=spec.model.base)
-    else:  # not a hub: a wrong path fails here, before any hub is asked
+    if plan is None:  # not a hub: a wrong path fails here, before any hub is asked
         base, base_src = fetch_base()
-        check_device(job, full_size=is_full_size(base), uri=spec.model.base)
     vae_plan = None
     if spec.model.vae:
         vae_plan = plan_model(spec.model.vae, kind="vae", settings=job.settings, prefer_fp16=prefer_fp16)
@@ -629,6 +652,7 @@ def _safe_finish(job: Job, state: str, code: ExitCode, message: str) -> None:
 
 def _run(job: Job) -> JobOutcome:
     log.info("job %s → %s", job.job_id, job.output_uri, extra={"manifest_digest": job.digest})
+    check_device_first(job)  # before the first network call: nothing is read or written on a wrong node
     # Nothing is written before this check: a finished run or another manifest's run stays untouched.
     # A finished run of this manifest is seen without claiming anything: a no-op rerun writes nothing.
     finished = _already_finished(job)

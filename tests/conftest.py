@@ -15,6 +15,9 @@ os.environ["ALIBABA_CLOUD_ECS_METADATA_DISABLED"] = "true"
 os.environ["ALIBABA_CLOUD_CLI_PROFILE_DISABLED"] = "true"
 os.environ["AWS_EC2_METADATA_DISABLED"] = "true"
 os.environ.setdefault("MODELSCOPE_ENDPOINT", "http://127.0.0.1:9")  # discard port: hub calls fail fast
+# The tests' hub and bucket models are tiny ones served from loopback, run on this CPU: a job refuses a
+# non-tiny:// model without a GPU before any network call unless allowed (the refusal's own tests unset it).
+os.environ.setdefault("KOLORS_JOB_ALLOW_CPU", "1")
 # The hub clients' transport, as in a job (plain HTTP, the job's timeouts): set before any test imports a client,
 # since both read it at import (kolors_job/sources/transport.py); subprocesses inherit it.
 import kolors_job.sources  # noqa: F401

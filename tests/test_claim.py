@@ -14,6 +14,7 @@ import pytest
 from kolors_job.claim import ClaimHeldError, OutputClaim
 from kolors_job.errors import ExitCode, OutputConflictError
 from kolors_job.storage import open_store
+from tests.cli_lines import last_message
 
 
 @pytest.fixture(params=["file", "s3", "oss"])
@@ -192,7 +193,7 @@ def test_concurrent_runs_never_mix_a_prefix_nor_exit_1(backend, tmp_path, shared
     codes = [code for code, _ in results]
     assert sorted(codes) == [0, 6], results
     loser_err = results[codes.index(6)][1]
-    assert "Traceback" not in loser_err and loser_err.strip().splitlines()[-1].startswith("error: "), loser_err
+    assert "Traceback" not in loser_err and last_message(loser_err).startswith("error: "), loser_err
     winner = Manifest.model_validate(docs[codes.index(0)]).digest()
     assert _prefix_digests(store) == {winner}
     # rerunning the loser is a conflict again, never "skipped" with the other manifest's model

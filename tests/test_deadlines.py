@@ -23,6 +23,7 @@ from kolors_job.errors import ExitCode, StorageTemporaryError
 from kolors_job.settings import Settings
 from kolors_job.storage import base as storage_base
 from kolors_job.storage import open_store
+from tests.cli_lines import last_message
 
 
 @pytest.fixture
@@ -130,4 +131,4 @@ def test_sigterm_while_storage_hangs_exits_75_within_30s(silent_endpoint, tmp_pa
     rest = proc.stderr.read()
     assert code == ExitCode.TEMPORARY == 75, rest
     assert elapsed < 30, elapsed
-    assert "Traceback" not in rest and rest.strip().splitlines()[-1].startswith("error: "), rest
+    assert "Traceback" not in rest and last_message(rest).startswith("error: "), rest

@@ -23,6 +23,7 @@ from kolors_job.redact import scrub
 from kolors_job.sources import fetch_dataset
 from kolors_job.storage import open_store
 from kolors_job.storage.local import LocalStore, os_error
+from tests.cli_lines import last_message
 
 PASSWORD = "hunter2-Kolors-Pw"
 
@@ -68,7 +69,7 @@ def test_run_output_override_is_validated_like_the_manifest(tmp_path, capsys) ->
     manifest.write_text(json.dumps({"spec": {"output": {"uri": str(tmp_path / "out")}}}))
     code = main(["run", "--manifest", str(manifest), "--output", f"s3://u:{PASSWORD}@Bad_Bucket/x/"])
     err = capsys.readouterr().err
-    assert code == 2 and err.startswith("--output: ") and "credentials" in err and PASSWORD not in err, err
+    assert code == 2 and last_message(err).startswith("--output: ") and "credentials" in err and PASSWORD not in err, err
 
 
 @pytest.mark.parametrize("uri", [f"s3://AKIDUSER:{PASSWORD}@bucket/m.yaml", "oss://Bad_Bucket/m.yaml",
@@ -192,7 +193,7 @@ def test_output_below_a_regular_file_is_exit_5_in_one_line(job_cli_env, shared_c
     proc = _cli(["run", "--manifest", str(_manifest(shared_cache, tmp_path, str(tmp_path / "a-file" / "out")))],
                 job_cli_env)
     assert proc.returncode == ExitCode.STORAGE_DENIED == 5, proc.stderr[-2000:]
-    assert "Traceback" not in proc.stderr and proc.stderr.strip().splitlines()[-1].startswith("error: write ")
+    assert "Traceback" not in proc.stderr and last_message(proc.stderr).startswith("error: write ")
 
 
 def test_output_disk_full_is_exit_75_in_one_line(job_cli_env, shared_cache, tmp_path) -> None:
@@ -208,7 +209,7 @@ def test_output_disk_full_is_exit_75_in_one_line(job_cli_env, shared_cache, tmp_
     proc = subprocess.run(["unshare", "-rm", "sh", "-c", script], env=job_cli_env, capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == ExitCode.TEMPORARY == 75, proc.stderr[-2000:]
-    last = proc.stderr.strip().splitlines()[-1]
+    last = last_message(proc.stderr)
     assert "Traceback" not in proc.stderr and last.startswith("error: ") and "No space left" in last, last
 
 

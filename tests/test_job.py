@@ -198,8 +198,9 @@ def test_cli_run_prints_one_line_errors(job_env: Path, tmp_path: Path) -> None:
     res = subprocess.run([sys.executable, "-m", "kolors_job", "run", "--manifest", str(bad)],
                          capture_output=True, text=True, timeout=300, env=env)
     assert res.returncode == ExitCode.INVALID_INPUT, res.stderr
-    last = res.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: ") and "/does/not/exist" in last
+    records = [json.loads(line) for line in res.stderr.strip().splitlines()]  # JSON logs (job_env): every line
+    last = records[-1]
+    assert last["msg"].startswith("error: ") and "/does/not/exist" in last["msg"] and last["exit_code"] == 4
     assert "Traceback" not in res.stderr
 
 
@@ -224,6 +225,8 @@ def test_full_size_job_without_a_gpu_is_refused_at_once(
     (weights,) = (big / "unet").glob("*.safetensors")
     os.truncate(weights, FULL_SIZE_UNET_BYTES)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.delenv("KOLORS_JOB_ALLOW_CPU", raising=False)
+    monkeypatch.setenv("KOLORS_JOB_LOG_FORMAT", "text")
     m = tmp_path / "m.yaml"
     m.write_text(f"spec: {{output: {{uri: '{tmp_path}/out'}}, model: {{base: '{big}'}}}}")
     try:
@@ -234,11 +237,47 @@ def test_full_size_job_without_a_gpu_is_refused_at_once(
     (line,) = capsys.readouterr().err.strip().splitlines()[-1:]
     assert line.startswith(f"error: model '{big}' is a full-size Kolors and "), line
     assert "KOLORS_JOB_ALLOW_CPU=1" in line and "docker --gpus" in line
-    # stopped in the models stage: only the job's own status and resolved manifest were written
-    out = tmp_path / "out" / "kolors-lora-story"
-    assert sorted(p.name for p in out.iterdir()) == ["_claim", "manifest.resolved.yaml", "status.json"]
-    status = json.loads((out / "status.json").read_text())
-    assert (status["state"], status["stage"], status["exit_code"]) == ("failed", "models", 4)
+    # stopped before the output was touched: nothing written, no claim taken
+    assert not (tmp_path / "out").exists()
+
+
+def test_no_gpu_is_found_before_any_network_call(tmp_path: Path) -> None:
+    """A CPU node without network: exit 4 "no GPU" in its first seconds, not exit 75 after minutes of hub and
+    storage retries. The hub and the output bucket are one loopback listener that counts connections: none."""
+    import socket
+    import threading
+    import time
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    connections: list[object] = []
+
+    def accept() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            connections.append(conn)
+
+    threading.Thread(target=accept, daemon=True).start()
+    url = f"http://127.0.0.1:{listener.getsockname()[1]}"
+    m = tmp_path / "m.yaml"
+    m.write_text("spec: {output: {uri: 's3://kolors-out/runs/'}}")  # every source at its hub default
+    env = {k: v for k, v in os.environ.items() if k != "KOLORS_JOB_ALLOW_CPU"}
+    env.update(MODELSCOPE_ENDPOINT=url, KOLORS_JOB_S3_ENDPOINT_URL=url, CUDA_VISIBLE_DEVICES="",
+               KOLORS_JOB_LOG_FORMAT="json", AWS_ACCESS_KEY_ID="x", AWS_SECRET_ACCESS_KEY="y")  # fmt: skip
+    started = time.monotonic()
+    try:
+        res = subprocess.run([sys.executable, "-m", "kolors_job", "run", "--manifest", str(m)],
+                             capture_output=True, text=True, timeout=300, env=env)  # fmt: skip
+    finally:
+        listener.close()
+    assert res.returncode == ExitCode.INVALID_INPUT, res.stderr[-3000:]
+    last = json.loads(res.stderr.strip().splitlines()[-1])
+    assert last["exit_code"] == 4 and last["msg"].startswith(
+        "error: model 'modelscope://Kwai-Kolors/Kolors-diffusers' is a hub or bucket model"), last
+    assert connections == [], "the hub or the bucket was contacted before the device check"
+    assert time.monotonic() - started < 60
 
 
 def test_compile_caches_default_to_the_cache_volume(job_env: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -115,14 +115,77 @@ def test_multi_gpu_and_multi_node_commands_and_exit_code_policy(spec: dict[str, 
 
 
 def test_oss_job_without_an_endpoint_is_refused_and_resource_memory_follows_the_ranks(spec: dict[str, Any]) -> None:
-    del spec["Envs"]["KOLORS_JOB_OSS_ENDPOINT"]
+    assert "KOLORS_JOB_OSS_ENDPOINT" not in spec["Envs"], "the endpoint follows the job's region, not the spec"
+    no_region = ["WorkspaceId=1", "DataSources.0.Uri=oss://c.oss-cn-hangzhou.aliyuncs.com/x/", FILLED[2]]
     with pytest.raises(dlc.DlcSpecError, match=r"^Envs\.KOLORS_JOB_OSS_ENDPOINT: oss://b/jobs/j1/manifest.yaml"):
-        build(spec)
+        build(spec, overrides=no_region)  # a public mount endpoint says where the bucket is, not the job
     assert build(spec, manifest_uri="s3://b/m.yaml").to_map()["Envs"]["KOLORS_JOB_GRACE_SECONDS"] == "120"
     spec["JobSpecs"][0].pop("EcsSpec")
     spec["JobSpecs"][0]["ResourceConfig"] = {"CPU": "32", "GPU": "4", "SharedMemory": "16Gi"}
     m = build(spec, manifest_uri="s3://b/m.yaml", nproc_per_node=4).to_map()
     assert m["JobSpecs"][0]["ResourceConfig"]["Memory"] == k8s.memory_for(4, "16Gi")
+
+
+# ------------------------------------------------------------------------------- region → OSS endpoint
+
+REGIONS = ["cn-beijing", "cn-shanghai", "ap-southeast-1"]
+
+
+@pytest.mark.parametrize("region", REGIONS)
+def test_the_oss_endpoint_and_the_cache_mount_follow_the_region(spec: dict[str, Any], region: str) -> None:
+    """--region (ALIBABA_CLOUD_REGION_ID) gives the job its region's internal endpoint and fills <REGION>."""
+    public = "DataSources.0.Uri=oss://c.oss-cn-hangzhou.aliyuncs.com/x/"  # a public endpoint mounts from anywhere
+    m = build(spec, region=region, overrides=["WorkspaceId=1", FILLED[2], public]).to_map()
+    assert m["Envs"]["KOLORS_JOB_OSS_ENDPOINT"] == f"https://oss-{region}-internal.aliyuncs.com"
+    # the spec's own cache mount, with only the bucket filled in: in the job's region too
+    mount = f"DataSources.0.Uri=oss://cache-{region}.oss-<REGION>-internal.aliyuncs.com/c/"
+    m = build(spec, region=region, overrides=["WorkspaceId=1", FILLED[2], mount]).to_map()
+    assert m["DataSources"][0]["Uri"] == f"oss://cache-{region}.oss-{region}-internal.aliyuncs.com/c/"
+    # no --region: the region of an internal mount (DLC mounts only its own region's) is the job's
+    mount = f"DataSources.0.Uri=oss://cache.oss-{region}-internal.aliyuncs.com/c/"
+    m = build(spec, overrides=["WorkspaceId=1", FILLED[2], mount]).to_map()
+    assert m["Envs"]["KOLORS_JOB_OSS_ENDPOINT"] == f"https://oss-{region}-internal.aliyuncs.com"
+
+
+def test_an_explicit_endpoint_wins_and_a_mount_in_another_region_is_refused(spec: dict[str, Any]) -> None:
+    explicit = "Envs.KOLORS_JOB_OSS_ENDPOINT=https://oss-cn-beijing.aliyuncs.com"
+    m = build(spec, region="cn-shanghai", overrides=[*FILLED[:1], FILLED[2], explicit,
+                                                     "DataSources.0.Uri=oss://c.oss-cn-shanghai-internal.aliyuncs.com/x/"]).to_map()  # fmt: skip
+    assert m["Envs"]["KOLORS_JOB_OSS_ENDPOINT"] == "https://oss-cn-beijing.aliyuncs.com"
+    with pytest.raises(dlc.DlcSpecError, match=r"^DataSources\[0\]\.Uri: .*cn-hangzhou but the job runs in cn-beijing"):
+        build(spec, region="cn-beijing")  # FILLED mounts a Hangzhou-internal bucket
+    with pytest.raises(dlc.DlcSpecError, match=r"<REGION>.*--region fills <REGION>"):
+        build(spec, overrides=["WorkspaceId=1", FILLED[2]])  # neither a region nor a filled mount
+    with pytest.raises(dlc.DlcSpecError, match=r"^--region: 'Beijing' is not"):
+        build(spec, region="Beijing")
+
+
+def test_render_dlc_outside_hangzhou_shows_that_regions_endpoint(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The issue's reproduction: a Beijing job rendered the Hangzhou endpoint, silently."""
+    import argparse
+
+    from kolors_job.launch import register_cli
+
+    for var in ("ALIBABA_CLOUD_REGION_ID", "ALIBABACLOUD_REGION_ID"):
+        monkeypatch.delenv(var, raising=False)
+    p = argparse.ArgumentParser(prog="kolors-job")
+    register_cli(p.add_subparsers(dest="command", required=True))
+    argv = ["render", "dlc", "--spec", str(SPEC), "--manifest-uri", "oss://bj-bucket/j/m.yaml", "--job-id", "j1",
+            "--image", "X", "--region", "cn-beijing", "--set", "WorkspaceId=1", "--set", FILLED[2],
+            "--set", "DataSources.0.Uri=oss://bj-cache.oss-cn-beijing-internal.aliyuncs.com/c/"]  # fmt: skip
+    ns = p.parse_args(argv)
+    assert ns.func(ns) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["Envs"]["KOLORS_JOB_OSS_ENDPOINT"] == "https://oss-cn-beijing-internal.aliyuncs.com"
+    assert "hangzhou" not in json.dumps(out)
+    monkeypatch.setenv("ALIBABA_CLOUD_REGION_ID", "ap-southeast-1")  # the default --region
+    p = argparse.ArgumentParser(prog="kolors-job")
+    register_cli(p.add_subparsers(dest="command", required=True))
+    ns = p.parse_args([a for a in argv if a not in ("--region", "cn-beijing")])
+    assert ns.func(ns) == 2, "a Beijing mount for a Singapore job is refused"
+    assert "cn-beijing but the job runs in ap-southeast-1" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------- loopback DLC API

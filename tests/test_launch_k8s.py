@@ -127,7 +127,7 @@ def test_job_encodes_the_exit_code_contract() -> None:
         "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}],
     }
     by_action = {r["action"]: r for r in rules[1:]}
-    assert by_action["FailJob"]["onExitCodes"]["values"] == [2, 3, 4, 5, 6]
+    assert by_action["FailJob"]["onExitCodes"]["values"] == [1, 2, 3, 4, 5, 6], "a bug (1) is not retried either"
     assert by_action["Count"]["onExitCodes"]["values"] == [int(ExitCode.TEMPORARY)]
     assert {r["onExitCodes"]["containerName"] for r in rules[1:]} == {pod["containers"][0]["name"]}
     for key in ("backoffLimit", "activeDeadlineSeconds", "ttlSecondsAfterFinished"):
@@ -243,18 +243,71 @@ def test_every_oss_spec_carries_its_endpoint_and_render_refuses_one_without(
             env = {e["name"]: e["value"] for e in c["env"]}
             if env["KOLORS_JOB_MANIFEST_URI"].startswith("oss://"):
                 assert env["KOLORS_JOB_OSS_ENDPOINT"].startswith("https://oss-"), fname
-    with pytest.raises(ValueError, match="--oss-endpoint"):
+    with pytest.raises(ValueError, match=r"--oss-region REGION .* or --oss-endpoint URL"):
         k8s.render(opts(manifest_uri="oss://b/m.yaml"))
-    with pytest.raises(ValueError, match="--oss-endpoint"):
+    with pytest.raises(ValueError, match="--oss-region"):
         k8s.render(opts(output="oss://b/out/"))
     assert k8s.render(opts(manifest_uri="oss://b/m.yaml", extra_env={"OSS_ENDPOINT": "https://oss-x.aliyuncs.com"}))
     argv = ["render", "k8s", "--manifest-uri", "oss://b/m.yaml", "--image", "img:1", "--job-id", "o-1"]
     assert run_cli(argv) == int(ExitCode.INVALID_MANIFEST)
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("kolors-job render k8s: --oss-endpoint: oss://b/m.yaml")
+    assert len(err) == 1 and err[0].startswith("kolors-job render k8s: --oss-region: oss://b/m.yaml")
     assert run_cli([*argv, "--oss-endpoint", "https://oss-cn-beijing.aliyuncs.com"]) == 0
     (c,) = _containers([k8s.workload(list(yaml.safe_load_all(capsys.readouterr().out)))])
     assert {"name": "KOLORS_JOB_OSS_ENDPOINT", "value": "https://oss-cn-beijing.aliyuncs.com"} in c["env"]
+
+
+@pytest.mark.parametrize("region", ["cn-beijing", "cn-shanghai", "ap-southeast-1"])
+def test_the_pods_oss_endpoint_follows_the_clusters_region(region: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """ACK in any region: --oss-region gives the pod that region's internal endpoint; --oss-endpoint wins."""
+    argv = ["render", "k8s", "--manifest-uri", "oss://b/m.yaml", "--image", "img:1", "--job-id", "r-1",
+            "--oss-region", region]  # fmt: skip
+    for extra, want in (([], f"https://oss-{region}-internal.aliyuncs.com"),
+                        (["--oss-endpoint", "https://oss-eu-central-1.aliyuncs.com"],
+                         "https://oss-eu-central-1.aliyuncs.com")):  # fmt: skip
+        assert run_cli([*argv, *extra]) == 0
+        docs = list(yaml.safe_load_all(capsys.readouterr().out))
+        (c,) = _containers([k8s.workload(docs)])
+        assert {e["name"]: e["value"] for e in c["env"]}["KOLORS_JOB_OSS_ENDPOINT"] == want
+    assert run_cli([*argv[:-1], "Beijing"]) == int(ExitCode.INVALID_MANIFEST)
+    assert "--oss-region: region 'Beijing' is not" in capsys.readouterr().err
+
+
+def test_scratch_has_an_ephemeral_storage_request_and_a_size_limit() -> None:
+    """/tmp scratch holds frames, checkpoints before upload and the LoRA: a node must have that much disk,
+    and a runaway scratch is bounded (the kubelet evicts the pod past sizeLimit)."""
+    for doc in (k8s.render_job(opts()), k8s.render_pytorchjob(opts(nodes=2, scratch_size="50Gi"))):
+        for tpl in pod_templates(doc):
+            c = tpl["spec"]["containers"][0]
+            tmp = next(m["name"] for m in c["volumeMounts"] if m["mountPath"] == "/tmp")
+            (vol,) = [v for v in tpl["spec"]["volumes"] if v["name"] == tmp]
+            assert vol["emptyDir"]["sizeLimit"] == c["resources"]["requests"]["ephemeral-storage"]
+            assert vol["emptyDir"]["sizeLimit"] in ("20Gi", "50Gi")
+    with pytest.raises(ValueError, match="--scratch-size"):
+        k8s.render(opts(scratch_size="big"))
+
+
+def test_the_ack_example_uses_rrsa_the_regions_endpoint_and_the_gpu_pools_taint() -> None:
+    """k8s/ack-job.yaml, beside the EKS one (job.yaml, IRSA): keyless OSS through RRSA (annotated
+    ServiceAccount + the injection label on the namespace), the internal endpoint of the cluster's region, the
+    GPU node pool's taint tolerated and its GPU model selected, ACR in-VPC image, an ACK disk StorageClass."""
+    docs = list(yaml.safe_load_all((ROOT / "k8s" / "ack-job.yaml").read_text(encoding="utf-8")))
+    by_kind = {d["kind"]: d for d in docs}
+    assert by_kind["Namespace"]["metadata"]["labels"]["pod-identity.alibabacloud.com/injection"] == "on"
+    sa = by_kind["ServiceAccount"]
+    assert sa["metadata"]["annotations"] == {"pod-identity.alibabacloud.com/role-name": "kolors-job"}
+    pod = by_kind["Job"]["spec"]["template"]["spec"]
+    assert pod["serviceAccountName"] == sa["metadata"]["name"]
+    assert pod["tolerations"] == [{"key": "gpu-pool", "operator": "Equal", "value": "a10", "effect": "NoSchedule"}]
+    assert pod["nodeSelector"] == {"aliyun.accelerator/nvidia_name": "NVIDIA-A10"}
+    c = pod["containers"][0]
+    env = {e["name"]: e["value"] for e in c["env"]}
+    assert env["KOLORS_JOB_OSS_ENDPOINT"] == "https://oss-cn-beijing-internal.aliyuncs.com"
+    assert c["image"].startswith("registry-vpc.cn-beijing.aliyuncs.com/")
+    assert "envFrom" not in c, "no static keys: RRSA"
+    assert by_kind["PersistentVolumeClaim"]["spec"]["storageClassName"] == "alicloud-disk-topology-alltype"
+    eks = {d["kind"]: d for d in yaml.safe_load_all((ROOT / "k8s" / "job.yaml").read_text(encoding="utf-8"))}
+    assert "eks.amazonaws.com/role-arn" in eks["ServiceAccount"]["metadata"]["annotations"]
 
 
 def test_validate_notes_oss_uris_without_an_endpoint(

@@ -125,7 +125,7 @@ def test_success_uploads_the_manifest_and_reports_scores(
         success=True,
     )
     assert run_cli(submit_args(manifest, bucket, "ok-1", "--no-start")) == 0
-    out = capsys.readouterr().out
+    out = capsys.readouterr().err
     assert open_store(f"{bucket}/jobs/ok-1").read_bytes("manifest.yaml") == manifest.read_bytes()
     for i, s in enumerate(SCORES, 1):
         assert f"images/{i:02d}.png  {s:.3f}" in out
@@ -148,7 +148,7 @@ def test_job_failure_returns_the_jobs_exit_code(
         },
     )
     assert run_cli(submit_args(manifest, bucket, "bad-1", "--no-start")) == int(ExitCode.INVALID_INPUT)
-    out = capsys.readouterr().out
+    out = capsys.readouterr().err
     assert "job failed (exit 4): InputError: no images left after filters" in out
     assert "no report.json" in out
 
@@ -167,7 +167,7 @@ def test_quality_gate_failure_exits_3_with_the_scores(
         rep=report(False, 6.5),
     )
     assert run_cli(submit_args(manifest, bucket, "gate-1", "--no-start")) == int(ExitCode.QUALITY_GATE)
-    out = capsys.readouterr().out
+    out = capsys.readouterr().err
     assert f"mean {MEAN:.3f} vs threshold 6.500: FAILED" in out and "images/08.png  6.200" in out
     # A job run with the gate off still succeeds, but CI is told the story would be rejected.
     plant(f"{bucket}/out/gate-2", status={"state": "succeeded"}, rep=report(False, 6.5), success=True)
@@ -179,7 +179,7 @@ def test_timeout_exits_75(manifest: Path, bucket: str, capsys: pytest.CaptureFix
     t0 = time.monotonic()
     rc = run_cli([*submit_args(manifest, bucket, "slow-1", "--no-start"), "--timeout", "0.5"])
     assert rc == int(ExitCode.TEMPORARY) and time.monotonic() - t0 < 10
-    out = capsys.readouterr().out
+    out = capsys.readouterr().err
     assert "state running, stage train, step 40/500" in out and "timed out" in out
 
 
@@ -198,7 +198,7 @@ def test_waits_for_outputs_that_arrive_later(manifest: Path, bucket: str, capsys
         assert run_cli(submit_args(manifest, bucket, "later-1", "--no-start")) == 0
     finally:
         t.join()
-    out = capsys.readouterr().out
+    out = capsys.readouterr().err
     assert out.index("state running, stage story") < out.index("result: succeeded")
 
 
@@ -220,11 +220,40 @@ def test_k8s_without_kubectl_prints_the_yaml_and_waits(
     finish_when_started(monkeypatch, "_start_k8s", f"{bucket}/out/k-1")
     argv = submit_args(manifest, bucket, "k-1", "--kubectl", "", "--image", "reg/kj:1", "--gpus", "2")
     assert run_cli(argv) == 0
-    out = capsys.readouterr().out
-    docs = list(yaml.safe_load_all(out[out.index("apiVersion: batch/v1") : out.index("kubectl (disabled)")]))
-    env = {e["name"]: e["value"] for e in docs[0]["spec"]["template"]["spec"]["containers"][0]["env"]}
+    captured = capsys.readouterr()
+    docs = list(yaml.safe_load_all(captured.out))  # stdout: the objects and nothing else
+    assert [d["kind"] for d in docs] == ["PersistentVolumeClaim", "Job"]
+    env = {e["name"]: e["value"] for e in docs[-1]["spec"]["template"]["spec"]["containers"][0]["env"]}
     assert env["KOLORS_JOB_MANIFEST_URI"] == f"{bucket}/jobs/k-1/manifest.yaml"
+    assert "apply it yourself; waiting for its outputs" in captured.err and "result: succeeded" in captured.err
     assert run_cli(submit_args(manifest, bucket, "k-2", "--kubectl", "")) == int(ExitCode.INVALID_MANIFEST)
+
+
+@pytest.mark.parametrize("manifest_uri", ["local", "s3://unreachable-bucket/jobs/dry-1/manifest.yaml"])
+def test_k8s_dry_run_pipes_into_kubectl_and_never_touches_storage(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, manifest_uri: str
+) -> None:
+    """``submit k8s --kubectl '' --no-wait | kubectl apply -f -``: stdout is only the objects, each valid
+    against the Kubernetes schema (strict: an unknown field fails), the notes are on stderr, and neither
+    the manifest's nor the output's bucket is contacted (its S3 endpoint refuses connections)."""
+    import kubernetes_validate
+
+    if manifest_uri == "local":
+        manifest_uri = str(tmp_path / "job.yaml")
+        Path(manifest_uri).write_text(yaml.safe_dump({"spec": {"output": {"uri": "s3://unreachable-bucket/out/"}}}))
+    env = {**os.environ, "KOLORS_JOB_S3_ENDPOINT_URL": "http://127.0.0.1:9", "KOLORS_JOB_STORAGE_DEADLINE_S": "20"}
+    argv = [sys.executable, "-m", "kolors_job", "submit", "k8s", "--manifest-uri", manifest_uri, "--job-id", "dry-1",
+            "--image", "reg/kj:1", "--namespace", "kolors", "--kubectl", "", "--no-wait"]  # fmt: skip
+    started = time.monotonic()
+    res = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=120, check=False)
+    assert res.returncode == 0, res.stderr
+    assert time.monotonic() - started < 20, "no storage deadline was waited out"
+    docs = list(yaml.safe_load_all(res.stdout))
+    assert [d["kind"] for d in docs] == ["Namespace", "PersistentVolumeClaim", "Job"]
+    for doc in docs:
+        kubernetes_validate.validate(doc, kubernetes_validate.utils.latest_version(), strict=True)
+    assert "job id    dry-1" in res.stderr and "apply it yourself" in res.stderr
+    assert "waiting" not in res.stderr, "--no-wait never waits"
 
 
 def test_fresh_job_id_and_manifest_checks(
@@ -241,7 +270,7 @@ def test_fresh_job_id_and_manifest_checks(
         "--no-wait",
     ]
     assert run_cli(argv) == 0
-    job_id = capsys.readouterr().out.split("job id", 1)[1].split()[0]
+    job_id = capsys.readouterr().err.split("job id", 1)[1].split()[0]
     assert job_id.startswith("ci-story-") and submit.JOB_ID_RE.match(job_id)
     assert open_store(f"{bucket}/jobs/{job_id}").exists("manifest.yaml")
     # Same id, same manifest: fine (a rerun resumes). Same id, another manifest: refused.
@@ -300,7 +329,7 @@ def test_local_target_runs_the_job_and_ignores_a_previous_attempts_status(
     plant(f"{bucket}/out/loc-1", status={"state": "failed", "exit_code": 75})
     _fake_local(monkeypatch, f"{bucket}/out", "ok")
     assert run_cli(submit_args(manifest, bucket, "loc-1", target="local")) == 0
-    out = capsys.readouterr().out
+    out = capsys.readouterr().err
     assert "started: local process" in out and "result: succeeded (exit 0)" in out
 
 
@@ -309,7 +338,7 @@ def test_local_target_that_dies_without_a_final_status(
 ) -> None:
     _fake_local(monkeypatch, f"{bucket}/out", "crash")
     assert run_cli(submit_args(manifest, bucket, "loc-2", target="local")) == int(ExitCode.TEMPORARY)
-    assert "ended without a final status.json" in capsys.readouterr().out
+    assert "ended without a final status.json" in capsys.readouterr().err
 
 
 def test_a_retryable_failure_is_not_final_while_the_scheduler_runs(
@@ -317,7 +346,7 @@ def test_a_retryable_failure_is_not_final_while_the_scheduler_runs(
 ) -> None:
     _fake_local(monkeypatch, f"{bucket}/out", "retry")
     assert run_cli(submit_args(manifest, bucket, "loc-3", target="local")) == 0
-    out = capsys.readouterr().out
+    out = capsys.readouterr().err
     assert "state failed" in out and "result: succeeded (exit 0)" in out
 
 
@@ -340,13 +369,23 @@ def test_local_command_runs_kolors_job_run() -> None:
 
 
 class _FakeDlc(BaseHTTPRequestHandler):
-    created: ClassVar[list[dict[str, Any]]] = []
-    statuses: ClassVar[list[str]] = []
-    fail: ClassVar[tuple[int, str] | None] = None
+    """The DLC OpenAPI's two calls submit makes, as the pinned SDK sends them (ROA JSON: POST /api/v1/jobs,
+    GET /api/v1/jobs/<id>). ``statuses``: what each GetJob answers, the last one repeated — a Status, a
+    ``(Status, ReasonCode)`` pair, or an HTTP error status (404: the job was deleted, 403, 503)."""
 
-    def _reply(self, obj: dict[str, Any]) -> None:
+    created: ClassVar[list[dict[str, Any]]] = []
+    statuses: ClassVar[list[str | tuple[str, str] | int]] = []
+    fail: ClassVar[tuple[int, str] | None] = None
+    gets: ClassVar[int] = 0
+    ERRORS: ClassVar[dict[int, tuple[str, str]]] = {
+        404: ("100400027", "The job dlcjob1 does not exist"),
+        403: ("Forbidden.RAM", "kolors-test-secret is not allowed to GetJob"),
+        503: ("ServiceUnavailable", "The request has failed due to a temporary failure of the server."),
+    }
+
+    def _reply(self, obj: dict[str, Any], status: int = 200) -> None:
         body = json.dumps(obj).encode()
-        self.send_response(200)
+        self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
@@ -366,8 +405,15 @@ class _FakeDlc(BaseHTTPRequestHandler):
         self._reply({"JobId": "dlcjob1", "RequestId": "r"})
 
     def do_GET(self) -> None:
-        st = type(self).statuses
-        self._reply({"JobId": "dlcjob1", "Status": st.pop(0) if len(st) > 1 else st[0], "RequestId": "r"})
+        cls, st = type(self), type(self).statuses
+        cls.gets += 1
+        answer = st.pop(0) if len(st) > 1 else st[0]
+        if isinstance(answer, int):
+            code, message = cls.ERRORS[answer]
+            self._reply({"Code": code, "Message": message, "RequestId": "r"}, status=answer)
+            return
+        status, reason = answer if isinstance(answer, tuple) else (answer, "")
+        self._reply({"JobId": "dlcjob1", "Status": status, "ReasonCode": reason, "RequestId": "r"})
 
     def log_message(self, *args: Any) -> None:
         pass
@@ -377,7 +423,9 @@ class _FakeDlc(BaseHTTPRequestHandler):
 def dlc_endpoint(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     monkeypatch.setenv("ALIBABA_CLOUD_ACCESS_KEY_ID", "kolors-test-ak")
     monkeypatch.setenv("ALIBABA_CLOUD_ACCESS_KEY_SECRET", "kolors-test-secret")
-    _FakeDlc.created, _FakeDlc.statuses, _FakeDlc.fail = [], ["Running"], None
+    for var in ("ALIBABA_CLOUD_REGION_ID", "ALIBABACLOUD_REGION_ID"):
+        monkeypatch.delenv(var, raising=False)  # the job's region comes from the spec's mount here
+    _FakeDlc.created, _FakeDlc.statuses, _FakeDlc.fail, _FakeDlc.gets = [], ["Running"], None, 0
     server = ThreadingHTTPServer(("127.0.0.1", 0), _FakeDlc)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     yield f"http://127.0.0.1:{server.server_address[1]}"
@@ -410,20 +458,109 @@ def test_dlc_target_creates_the_job_and_reports(
     (body,) = _FakeDlc.created
     assert body["Envs"]["KOLORS_JOB_MANIFEST_URI"] == f"{bucket}/jobs/dlc-1/manifest.yaml"
     assert body["UserCommand"] == "python /app/entrypoint.py run --job-id dlc-1" and body["WorkspaceId"] == "42"
-    assert "started: PAI-DLC job dlcjob1" in capsys.readouterr().out
+    assert "started: PAI-DLC job dlcjob1" in capsys.readouterr().err
 
 
-def test_dlc_job_that_fails_before_writing_outputs(
+def _dlc_argv(manifest: Path, bucket: str, job_id: str, endpoint: str) -> list[str]:
+    return submit_args(manifest, bucket, job_id, "--endpoint", endpoint, "--image", "reg/kj:1", *DLC_SETS, target="dlc")
+
+
+def plant_after_start(monkeypatch: pytest.MonkeyPatch, root: str, **outputs: Any) -> None:
+    """Play a job that got as far as writing ``outputs`` once submit created it."""
+    original = submit._start_dlc
+
+    def start(*args: Any) -> Any:
+        probe = original(*args)
+        plant(root, **outputs)
+        return probe
+
+    monkeypatch.setattr(submit, "_start_dlc", start)
+
+
+@pytest.mark.parametrize(
+    ("statuses", "outputs", "code", "says"),
+    [
+        # Failed before the job wrote anything: it never started (image, quota, node) — Kubernetes gives 7 too
+        (["Queuing", ("Failed", "JobFailed.ImagePullFailed")], {}, 7,
+         "the job could not start: PAI-DLC job dlcjob1 Failed: JobFailed.ImagePullFailed — it wrote no status.json"),
+        (["EnvPreparing", "FailedReserving"], {}, 7, "could not start: PAI-DLC job dlcjob1 FailedReserving"),
+        # Failed mid-run without a final status (killed: OOM, node lost): retryable, a rerun resumes
+        (["Running", "Failed"], {"status": {"state": "running", "stage": "train"}}, 75,
+         "ended without a final status.json/_SUCCESS (PAI-DLC job dlcjob1 Failed)"),
+        # the job's own final status wins over the platform's word
+        (["Running", "Failed"], {"status": {"state": "failed", "exit_code": 4, "error": "no images"}}, 4,
+         "job failed (exit 4): no images"),
+        (["Running", "Failed"], {"status": {"state": "interrupted", "exit_code": 75}}, 75, "Failed"),
+        # stopped by a person or JobMaxRunningTimeMinutes: resume with the same job id
+        (["Running", ("Stopped", "JobStoppedByUser")], {}, 75,
+         "PAI-DLC job dlcjob1 Stopped: JobStoppedByUser; submit again with the same --job-id to resume"),
+        (["Running", "Stopping", "Stopped"], {"status": {"state": "running"}}, 75, "Stopped"),
+        # Succeeded: the outputs decide; none at all would be a bug
+        (["Running", "SucceededReserving"], {"status": {"state": "succeeded"}, "rep": report(True), "success": True},
+         0, "result: succeeded (exit 0)"),
+        (["Running", "Succeeded"], {"status": {"state": "succeeded"}, "rep": report(False), "success": True},
+         3, "FAILED"),
+        (["Succeeded"], {}, 1, "ended without a final status.json/_SUCCESS (PAI-DLC job dlcjob1 Succeeded)"),
+    ],
+)
+def test_every_dlc_end_maps_to_a_documented_exit_code(
+    manifest: Path, bucket: str, dlc_endpoint: str, capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch, statuses: list[Any], outputs: dict[str, Any], code: int, says: str,
+) -> None:
+    _FakeDlc.statuses = list(statuses)  # the server pops from its copy
+    job_id = f"dlc-end-{len(statuses)}-{code}-{abs(hash(says)) % 10_000}"
+    if outputs:
+        plant_after_start(monkeypatch, f"{bucket}/out/{job_id}", **outputs)
+    assert run_cli(_dlc_argv(manifest, bucket, job_id, dlc_endpoint)) == code
+    err = capsys.readouterr().err
+    assert says in err, err
+    if not outputs:  # with none, every state GetJob answered is shown once, as it changes
+        first = statuses[0] if isinstance(statuses[0], str) else statuses[0][0]
+        assert err.splitlines().count(f"PAI-DLC job dlcjob1 {first}") == 1, err
+
+
+def test_a_deleted_dlc_job_ends_at_once_with_its_id(
     manifest: Path, bucket: str, dlc_endpoint: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    _FakeDlc.statuses = ["Queuing", "Failed"]
-    argv = submit_args(
-        manifest, bucket, "dlc-2", "--endpoint", dlc_endpoint, "--image", "reg/kj:1", *DLC_SETS, target="dlc"
-    )
-    assert run_cli(argv) == 1
-    assert "ended without a final status.json/_SUCCESS (DLC Failed)" in capsys.readouterr().out
-    # A spec with placeholders left is refused before anything is created.
-    _FakeDlc.created.clear()
+    """GetJob 404 (deleted in the console): exit 75 after two answers, not seven retries and the 6 h timeout."""
+    from kolors_job.launch.watch import DLC_GONE_AFTER
+
+    _FakeDlc.statuses = ["Running", 404]
+    started = time.monotonic()
+    argv = [*_dlc_argv(manifest, bucket, "dlc-gone", dlc_endpoint), "--timeout", "3600"]
+    assert run_cli(argv) == int(ExitCode.TEMPORARY)
+    assert time.monotonic() - started < 30
+    assert _FakeDlc.gets == 1 + DLC_GONE_AFTER
+    assert DLC_GONE_AFTER * submit_parser_default("poll") < 60, "under a minute at the default poll interval"
+    err = capsys.readouterr().err
+    assert "PAI-DLC job dlcjob1 no longer exists (deleted?): 100400027: The job dlcjob1 does not exist" in err
+    assert err.count("GetJob failed, will retry") == 1 and "result: failed (exit 75)" in err
+
+
+def test_dlc_getjob_denied_is_5_and_a_flaky_getjob_is_retried(
+    manifest: Path, bucket: str, dlc_endpoint: str, capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    _FakeDlc.statuses = ["Running", 403]
+    assert run_cli(_dlc_argv(manifest, bucket, "dlc-denied", dlc_endpoint)) == int(ExitCode.STORAGE_DENIED)
+    err = capsys.readouterr().err
+    assert "GetJob denied: Forbidden.RAM" in err and "kolors-test-secret" not in err
+    _FakeDlc.statuses, _FakeDlc.gets = [503, 503, 503, "Running", "Succeeded"], 0
+    plant_after_start(monkeypatch, f"{bucket}/out/dlc-flaky", status={"state": "succeeded"}, rep=report(True),
+                      success=False)  # fmt: skip
+    assert run_cli(_dlc_argv(manifest, bucket, "dlc-flaky", dlc_endpoint)) == 1  # Succeeded, no _SUCCESS: a bug
+    err = capsys.readouterr().err
+    assert err.count("GetJob failed, will retry: ServiceUnavailable") == 1, "the same error is shown once"
+    assert _FakeDlc.gets >= 5
+
+
+def submit_parser_default(dest: str) -> Any:
+    p = argparse.ArgumentParser(prog="kolors-job")
+    register_cli(p.add_subparsers(dest="command", required=True))
+    return p.parse_args(["submit", "dlc", "--manifest-uri", "x"]).__dict__[dest]
+
+
+def test_a_dlc_spec_with_placeholders_left_creates_nothing(manifest: Path, bucket: str, dlc_endpoint: str) -> None:
     argv = submit_args(manifest, bucket, "dlc-3", "--endpoint", dlc_endpoint, "--image", "reg/kj:1", target="dlc")
     assert run_cli(argv) == int(ExitCode.INVALID_MANIFEST) and not _FakeDlc.created
 
@@ -450,6 +587,70 @@ def test_example_workflow_pins_actions_uses_oidc_and_valid_submit_flags() -> Non
                 ns = p.parse_args(argv)  # every flag the example uses exists
                 assert ns.target in ("dlc", "k8s") and ns.job_id == "X" and ns.timeout > 3600
     assert submits == 2
+
+
+# The current major of every action the example uses, its newest release tag and the inputs its action.yml
+# documents there (read from each action's repository at that tag, 2026-12; ``runs.using`` noted: node24 for all
+# but the Aliyun action, whose newest release, v1.0.7, still says node20).
+CURRENT_ACTIONS: dict[str, tuple[str, set[str]]] = {
+    "actions/checkout": ("v7.0.1", {"repository", "ref", "token", "ssh-key", "persist-credentials", "path",
+                                    "clean", "filter", "sparse-checkout", "fetch-depth", "fetch-tags", "lfs",
+                                    "submodules", "set-safe-directory", "github-server-url"}),
+    "actions/setup-python": ("v7.0.0", {"python-version", "python-version-file", "cache", "architecture",
+                                        "check-latest", "token", "cache-dependency-path", "update-environment",
+                                        "allow-prereleases", "freethreaded", "pip-version"}),
+    "docker/setup-buildx-action": ("v4.3.0", {"version", "driver", "driver-opts", "buildkitd-flags", "platforms",
+                                              "use", "endpoint", "cleanup", "name"}),
+    "docker/login-action": ("v4.1.0", {"registry", "username", "password", "ecr", "logout", "scope"}),
+    "docker/build-push-action": ("v7.3.0", {"context", "file", "push", "tags", "cache-from", "cache-to", "labels",
+                                            "build-args", "platforms", "load", "outputs", "provenance", "sbom"}),
+    "aliyun/configure-aliyun-credentials-action": ("v1.0.7", {"oidc-provider-arn", "role-to-assume", "audience",
+                                                              "role-session-expiration", "role-session-name",
+                                                              "role-chaining"}),
+    "aws-actions/configure-aws-credentials": ("v6.2.3", {"aws-region", "role-to-assume", "role-duration-seconds",
+                                                         "role-session-name", "audience", "web-identity-token-file"}),
+}  # fmt: skip
+"""Only the inputs the example may use are listed for the larger actions (all of them exist at that tag)."""
+
+
+def test_example_workflow_uses_each_actions_current_major_and_documented_inputs() -> None:
+    path = Path(__file__).resolve().parents[1] / "examples" / "ci" / "github-actions.yml"
+    wf = yaml.safe_load(path.read_text(encoding="utf-8"))
+    used = set()
+    for job in wf["jobs"].values():
+        for step in job["steps"]:
+            if "uses" not in step:
+                continue
+            action, _, ref = step["uses"].partition("@")
+            assert action in CURRENT_ACTIONS, f"{action}: record its current major here"
+            tag, inputs = CURRENT_ACTIONS[action]
+            assert ref == tag, f"{action}@{ref}: the current release is {tag}"
+            assert set(step.get("with") or {}) <= inputs, (action, set(step["with"]) - inputs)
+            used.add(action)
+    assert used == set(CURRENT_ACTIONS)
+
+
+def test_the_example_dlc_job_gets_its_regions_internal_endpoint(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The issue: examples/ci never gave the DLC job its region's endpoint (the job read Hangzhou's). The CI step's
+    ALIBABA_CLOUD_REGION_ID is submit's default --region, which now sets the job's endpoint."""
+    from kolors_job.launch import dlc
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "ci" / "github-actions.yml"
+    (step,) = [s for s in yaml.safe_load(path.read_text(encoding="utf-8"))["jobs"]["dlc"]["steps"]
+               if s.get("run", "").startswith("kolors-job submit dlc")]  # fmt: skip
+    assert step["env"]["ALIBABA_CLOUD_REGION_ID"] == "${{ vars.ALIYUN_REGION }}"
+    for region in ("cn-beijing", "ap-southeast-1"):
+        monkeypatch.setenv("ALIBABA_CLOUD_REGION_ID", region)
+        p = argparse.ArgumentParser(prog="kolors-job")
+        register_cli(p.add_subparsers(dest="command", required=True))
+        values = {"vars.DLC_CACHE_URI": f"oss://cache.oss-{region}-internal.aliyuncs.com/kolors-job-cache/",
+                  "vars.PAI_WORKSPACE_ID": "42", "vars.DLC_JOB_ROLE_ARN": "acs:ram::1:role/k"}  # fmt: skip
+        run = re.sub(r"\$\{\{ *([^} ]*) *\}\}", lambda m, v=values: v.get(m.group(1), "X"), step["run"])
+        ns = p.parse_args(shlex.split(run.replace('"$MANIFEST"', "m.yaml").replace('"$JOB_ID"', "ci-1"))[1:])
+        request = dlc.build_request(dlc.load_spec(Path(__file__).resolve().parents[1] / ns.spec),
+                                    manifest_uri="oss://bkt/jobs/ci-1/manifest.yaml", job_id="ci-1", image=ns.image,
+                                    overrides=ns.set, region=ns.region).to_map()  # fmt: skip
+        assert request["Envs"]["KOLORS_JOB_OSS_ENDPOINT"] == f"https://oss-{region}-internal.aliyuncs.com"
 
 
 @pytest.mark.parametrize(
@@ -624,7 +825,7 @@ def test_k8s_pod_that_cannot_start_fails_fast_with_the_reason(
     started = time.monotonic()
     assert run_cli(_k8s_argv(manifest, bucket, "k-bad", kubectl)) == int(ExitCode.NOT_STARTED)
     assert time.monotonic() - started < 30
-    out = capsys.readouterr().out
+    out = capsys.readouterr().err
     assert "the job could not start: pod kolors-k-pod: " in out and reason in out
     (applied,) = kubectl.state["applied"]
     assert [d["kind"] for d in applied] == ["Job"], "an existing Namespace/PVC is not re-applied"
@@ -641,7 +842,7 @@ def test_k8s_unschedulable_pod_gets_start_timeout_then_exit_7(
     started = time.monotonic()
     assert run_cli(_k8s_argv(manifest, bucket, "k-full", kubectl, "--start-timeout", "1")) == 7
     assert 1 <= time.monotonic() - started < 30, "waits --start-timeout for capacity, then gives up"
-    out = capsys.readouterr().out
+    out = capsys.readouterr().err
     assert "Unschedulable for" in out and "Insufficient nvidia.com/gpu" in out
     # The first run applies the Namespace and PVC it needs (none exists in this cluster).
     assert [d["kind"] for d in kubectl.state["applied"][0]] == ["Namespace", "PersistentVolumeClaim", "Job"]
@@ -653,7 +854,7 @@ def test_k8s_missing_secret_volume_event_fails_fast(
     event = {"reason": "FailedMount", "message": 'MountVolume.SetUp failed for volume "creds": secret "x" not found'}
     kubectl.set(pods=[_pod()], events={"kolors-k-pod": [event]})
     assert run_cli(_k8s_argv(manifest, bucket, "k-mount", kubectl)) == 7
-    assert 'FailedMount: MountVolume.SetUp failed for volume "creds": secret "x" not found' in capsys.readouterr().out
+    assert 'FailedMount: MountVolume.SetUp failed for volume "creds": secret "x" not found' in capsys.readouterr().err
 
 
 def test_k8s_rerun_after_a_failed_job_applies_a_new_attempt_and_attaches_to_a_running_one(
@@ -678,7 +879,7 @@ def test_k8s_rerun_after_a_failed_job_applies_a_new_attempt_and_attaches_to_a_ru
     finish_when_started(monkeypatch, "_start_k8s", f"{bucket}/out/k-run")
     assert run_cli(_k8s_argv(manifest, bucket, "k-run", kubectl)) == 0
     assert "applied" not in kubectl.state
-    assert "attaching to Job kolors-k-run-bbbbbb, still running for this job id" in capsys.readouterr().out
+    assert "attaching to Job kolors-k-run-bbbbbb, still running for this job id" in capsys.readouterr().err
 
 
 def test_example_workflow_names_the_image_in_lower_case() -> None:

@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -13,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kolors_job.errors import ExitCode, ManifestError
-from kolors_job.manifest import MAX_MANIFEST_BYTES, Manifest, json_schema, load_manifest, parse_manifest
+from kolors_job.manifest import MAX_MANIFEST_BYTES, Frame, Manifest, json_schema, load_manifest, parse_manifest
 
 MINIMAL = "spec:\n  output:\n    uri: /tmp/kolors-out\n"
 
@@ -257,3 +258,43 @@ def test_16gb_example_differs_from_the_reference_only_in_memory_settings() -> No
             small["spec"][section][k] = ref["spec"][section][k]
     small["metadata"]["name"] = ref["metadata"]["name"]
     assert small == ref
+
+
+def _properties(schema: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """Every property of the schema and of each model in ``$defs``, as ``(Model.field, property)``."""
+    found = [(f"Manifest.{k}", v) for k, v in schema.get("properties", {}).items()]
+    for name, model in schema.get("$defs", {}).items():
+        found += [(f"{name}.{k}", v) for k, v in (model.get("properties") or {}).items()]
+    return found
+
+
+def test_every_schema_property_is_described() -> None:
+    """``kolors-job schema`` is the manifest's reference for editors and CI linting: no field without a word."""
+    props = _properties(json_schema())
+    assert len(props) > 80
+    bare = [name for name, prop in props if not (prop.get("description") or "").strip()]
+    assert bare == [], f"{len(bare)} of {len(props)} properties have no description: {bare}"
+    described = dict(props)
+    assert "(the reference: 16" in described["TrainSpec.rank"]["description"]  # the docstring, not a placeholder
+
+
+def test_reference_example_is_every_default_generated_from_the_model() -> None:
+    """examples/reference.yaml ("every field with its default") is exactly what the model resolves minimal.yaml to:
+    no field missing (it lacked train.validation, log_with, select and spec.device), none stale."""
+    root = Path(__file__).resolve().parents[1] / "examples"
+    expected = load_manifest(str(root / "minimal.yaml"))
+    text = (root / "reference.yaml").read_text(encoding="utf-8")
+    body = "\n".join(line for line in text.splitlines() if not line.startswith("#")) + "\n"
+    assert body == expected.to_yaml(), "examples/reference.yaml is stale: run `make reference`"
+    assert yaml.safe_load(text) == expected.model_dump(mode="json")
+    leaves = {path for path, _ in _leaf_paths(yaml.safe_load(text))}
+    for path in ("spec.train.validation.every", "spec.train.log_with", "spec.train.select", "spec.device"):
+        assert path in leaves, path
+    for frame in yaml.safe_load(text)["spec"]["story"]["frames"]:  # a list of Frame objects: each one whole
+        assert set(frame) == set(Frame.model_fields)
+
+
+def _leaf_paths(node: Any, path: str = "") -> list[tuple[str, Any]]:
+    if isinstance(node, dict) and node:
+        return [hit for k, v in node.items() for hit in _leaf_paths(v, f"{path}.{k}" if path else k)]
+    return [(path, node)]

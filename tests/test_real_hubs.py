@@ -20,6 +20,7 @@ import pytest
 import yaml
 
 from kolors_job.errors import ExitCode
+from tests.cli_lines import last_message
 from tests.hub_servers import hf_hub as hf_ids
 from tests.hub_servers import modelscope_hub as ms_ids
 from tests.hub_servers.artifacts import VAE_FP16_FIX_FILES, fp16_loader_files
@@ -257,7 +258,7 @@ def test_a_cache_too_small_is_exit_4_and_nothing_is_marked_complete(
         cache, env = tmp_path / "cache", {"KOLORS_JOB_CACHE_RESERVE_MB": str(10**9)}
     res = _run_job(tmp_path, {"output": {"uri": str(tmp_path / "out")}, **SMALL}, cache=cache, extra_env=env)
     assert res.returncode == ExitCode.INVALID_INPUT, res.stderr[-3000:]
-    last = res.stderr.strip().splitlines()[-1]
+    last = last_message(res.stderr)  # the CLI's last line (a JSON record off a terminal)
     assert last.startswith(f"error: the cache {cache} needs "), last
     for what in (f"pipeline 'modelscope://{ms_ids.KOLORS_ID}'", f"dataset 'modelscope://{ms_ids.ANIME_ID}'"):
         assert what in last, last  # every source, the dataset included, before any download
@@ -291,7 +292,7 @@ def test_a_hub_that_stalls_mid_file_is_exit_75_within_the_deadline_and_the_parti
         res = _run_job(tmp_path, spec, cache=cache, extra_env=env)
         took = time.monotonic() - started
     assert res.returncode == ExitCode.TEMPORARY, res.stderr[-3000:]
-    last = res.stderr.strip().splitlines()[-1]
+    last = last_message(res.stderr)  # the CLI's last line (a JSON record off a terminal)
     uri = f"{hub_kind}://{ids.KOLORS_ID}"
     assert last.startswith("error: ") and uri in last and "stopped sending" in last and "resume" in last, last
     print(f"\nstalled {hub_kind}: exit {res.returncode} after {took:.0f} s: {last}")

@@ -20,10 +20,18 @@ from urllib.parse import urlsplit
 import yaml
 
 from kolors_job.launch.k8s import RETRYABLE_EXIT_CODE, memory_for
+from kolors_job.launch.regions import ENDPOINT_ENVS, REGION_RE, endpoint_region, internal_endpoint
 from kolors_job.launch.torchrun import DEFAULT_GRACE_SECONDS, GRACE_ENV, shutdown_timeout
 from kolors_job.settings import alibaba_cloud_keys
 
-TERMINAL_STATES = ("Succeeded", "Failed", "Stopped")
+SUCCEEDED_STATES = ("Succeeded", "SucceededReserving")
+FAILED_STATES = ("Failed", "FailedReserving")
+STOPPED_STATES = ("Stopped",)
+TERMINAL_STATES = SUCCEEDED_STATES + FAILED_STATES + STOPPED_STATES
+"""GetJob ``Status`` values after which the job's process is gone (SDK 1.11 lists Creating, Queuing, Bidding,
+EnvPreparing, SanityChecking, Running, Restarting, Stopping, SucceededReserving, FailedReserving, Succeeded,
+Failed, Stopped; the ``…Reserving`` ones keep the finished job's nodes for a while, the process has exited)."""
+REGION_PLACEHOLDER = "<REGION>"
 _PLACEHOLDER = re.compile(r"<[A-Z][A-Z0-9_]*>")
 _DISPLAY_NAME_OK = re.compile(r"[^A-Za-z0-9_.-]+")
 ENTRYPOINT = "/app/entrypoint.py"
@@ -112,6 +120,48 @@ def user_command(
     )
 
 
+def _fill(node: Any, placeholder: str, value: str) -> Any:
+    if isinstance(node, dict):
+        return {k: _fill(v, placeholder, value) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_fill(v, placeholder, value) for v in node]
+    return node.replace(placeholder, value) if isinstance(node, str) else node
+
+
+def oss_endpoint_env(
+    data: dict[str, Any], envs: dict[str, str], *, region: str | None, uris: list[str | None]
+) -> dict[str, str]:
+    """``{"KOLORS_JOB_OSS_ENDPOINT": …}`` for the region the job runs in; ``{}`` when Envs name one already.
+
+    The region is ``region`` (``--region``), else the one an internal ``DataSources[].Uri`` mount names
+    (``oss://bkt.oss-cn-beijing-internal.aliyuncs.com/…``: DLC mounts only same-region internal endpoints).
+    A mount in another region than ``region`` is refused: DLC could not mount it.
+    """
+    sources = data.get("DataSources") or []
+    mounts = [(i, str(ds.get("Uri") or "")) for i, ds in enumerate(sources) if isinstance(ds, dict)]
+    mount_regions = [(i, uri, found[0]) for i, uri in mounts if (found := endpoint_region(uri)) and found[1]]
+    if region:
+        for i, uri, where in mount_regions:
+            if where != region:
+                raise DlcSpecError(
+                    f"DataSources[{i}].Uri: {uri} is an internal endpoint of {where} but the job runs in {region} "
+                    f"(--region): use oss://<bucket>.oss-{region}-internal.aliyuncs.com/… or --region {where}"
+                )
+    if set(ENDPOINT_ENVS) & set(envs):
+        return {}  # explicit: the spec or --set Envs.… wins
+    where = region or (mount_regions[0][2] if mount_regions else None)
+    if where:
+        return {"KOLORS_JOB_OSS_ENDPOINT": internal_endpoint(where)}
+    oss = [u for u in uris if u and u.startswith("oss://")]
+    if oss:
+        raise DlcSpecError(
+            f"Envs.KOLORS_JOB_OSS_ENDPOINT: {oss[0]} needs an OSS endpoint in the job: pass --region "
+            "(or set ALIBABA_CLOUD_REGION_ID) for the region's internal endpoint, or "
+            "--set Envs.KOLORS_JOB_OSS_ENDPOINT=https://oss-<region>-internal.aliyuncs.com"
+        )
+    return {}
+
+
 def build_request(
     spec: dict[str, Any],
     *,
@@ -121,8 +171,15 @@ def build_request(
     image: str | None = None,
     nproc_per_node: int = 1,
     overrides: list[str] | None = None,
+    region: str | None = None,
 ) -> Any:
-    """The CreateJobRequest ``submit dlc`` sends: spec + this run's manifest, job id, image, command."""
+    """The CreateJobRequest ``submit dlc`` sends: spec + this run's manifest, job id, image, command.
+
+    ``region`` (the job's, ``--region``) fills the spec's ``<REGION>`` placeholders and, unless the
+    spec's Envs name an OSS endpoint already, gives the job its region's internal OSS endpoint.
+    """
+    if region and not REGION_RE.match(region):
+        raise DlcSpecError(f"--region: {region!r} is not an Alibaba Cloud region id like cn-beijing or ap-southeast-1")
     data = copy.deepcopy(spec)
     for item in overrides or []:
         key, sep, raw = item.partition("=")
@@ -132,6 +189,8 @@ def build_request(
             set_path(data, key, raw)
         except (KeyError, IndexError, ValueError, TypeError) as e:
             raise DlcSpecError(f"--set {item!r}: no such place in the spec ({e})") from None
+    if region:
+        data = _fill(data, REGION_PLACEHOLDER, region)
     specs = data.get("JobSpecs") or []
     if not specs:
         raise DlcSpecError("spec: JobSpecs is required (one Worker spec with Image and PodCount)")
@@ -144,12 +203,6 @@ def build_request(
     envs["KOLORS_JOB_MANIFEST_URI"] = manifest_uri
     if any(js.get("RestartPolicy") == "ExitCode" for js in specs):
         envs["KOLORS_JOB_RETRYABLE_EXIT_CODE"] = str(RETRYABLE_EXIT_CODE)
-    oss = [u for u in (manifest_uri, output) if u and u.startswith("oss://")]
-    if oss and not ({"KOLORS_JOB_OSS_ENDPOINT", "OSS_ENDPOINT", "KOLORS_JOB_OSS_REGION"} & set(envs)):
-        raise DlcSpecError(
-            f"Envs.KOLORS_JOB_OSS_ENDPOINT: {oss[0]} needs an OSS endpoint in the job; set it in the spec "
-            "or pass --set Envs.KOLORS_JOB_OSS_ENDPOINT=https://oss-<region>-internal.aliyuncs.com"
-        )
     grace = int((data.get("Settings") or {}).get("TerminationGracePeriodSeconds") or DEFAULT_GRACE_SECONDS)
     envs[GRACE_ENV] = str(grace)
     data["Envs"] = envs
@@ -167,7 +220,9 @@ def build_request(
             "spec still has placeholders "
             + ", ".join(leftovers)
             + ": fill them in pai/job.yaml or pass --set PATH=VALUE"
+            + (" (--region fills <REGION>)" if REGION_PLACEHOLDER in leftovers else "")
         )
+    envs.update(oss_endpoint_env(data, envs, region=region, uris=[manifest_uri, output]))
     return to_request(data)
 
 
@@ -214,6 +269,31 @@ def create_job(client: Any, request: Any) -> str:
     if not job_id:
         raise RuntimeError(f"CreateJob returned no JobId (request id {getattr(resp.body, 'request_id', '?')})")
     return str(job_id)
+
+
+_NOT_FOUND = re.compile(r"NotExist|NotFound|not exist|not found|EntityNotExist", re.I)
+_DENIED = re.compile(r"Forbidden|NoPermission|Unauthorized|InvalidAccessKey|SignatureDoesNotMatch|Security", re.I)
+
+
+def api_error(e: Exception) -> tuple[str, str]:
+    """``(code, message)`` of an SDK exception (TeaException/ClientException carry both), scrubbed."""
+    from kolors_job.redact import scrub
+
+    code = str(getattr(e, "code", "") or type(e).__name__)
+    data = getattr(e, "data", None)
+    message = (data.get("Message") if isinstance(data, dict) else None) or getattr(e, "message", "") or str(e)
+    return code, scrub(str(message))[:300]
+
+
+def error_kind(e: Exception) -> str:
+    """``gone`` (the job does not exist: HTTP 404 or a not-exist code), ``denied`` (403/RAM), else ``other``."""
+    status = getattr(e, "status_code", None) or getattr(e, "statusCode", None)
+    code, message = api_error(e)
+    if status == 404 or _NOT_FOUND.search(code) or _NOT_FOUND.search(message):
+        return "gone"
+    if status in (401, 403) or _DENIED.search(code):
+        return "denied"
+    return "other"
 
 
 def job_state(client: Any, dlc_job_id: str) -> tuple[str, str]:

@@ -3,12 +3,17 @@
 The job's own outputs are the source of truth for how it went (``status.json``, ``report.json``,
 ``_SUCCESS`` under ``<output>/<job id>/``), whatever ran it: the same wait loop serves Kubernetes,
 PAI-DLC and a local subprocess, and the platform is only asked whether the job is *over* (so a pod
-that never started, or a DLC job stopped by hand, does not leave CI waiting until the timeout).
+that never started, or a DLC job stopped by hand or deleted, does not leave CI waiting until the timeout).
 
 Exit codes: 0 passed · 3 quality gate failed · the job's own code (or 1) when it failed · 2 invalid
-manifest · 5 storage denied · 6 the job id's manifest differs · 7 the platform cannot start the job's
-pods (image pull, missing Secret or volume, unschedulable past --start-timeout) · 75 timed out (the
-job may still finish).
+manifest · 5 storage (or DLC) access denied · 6 the job id's manifest differs · 7 the platform cannot
+start the job (Kubernetes: image pull, missing Secret or volume, unschedulable past --start-timeout;
+PAI-DLC: Failed before the job wrote anything) · 75 timed out (the job may still finish), or the job
+was stopped, deleted or killed without a final status (a rerun with the same --job-id resumes).
+
+stdout carries only objects (``--kubectl ''`` prints the YAML there, for ``| kubectl apply -f -``);
+every note, status line and score goes to stderr. ``--no-wait`` starts the job and returns: it never
+reads the job's outputs, and with ``--manifest-uri`` reads nothing at all.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ from kolors_job.cli import prose
 from kolors_job.errors import ExitCode, JobError, ManifestError, StorageNotFoundError, StorageTemporaryError
 from kolors_job.launch import dlc as dlc_mod
 from kolors_job.launch import k8s as k8s_mod
-from kolors_job.launch.watch import Kubectl, PlatformState, Probe, active_attempt, k8s_probe
+from kolors_job.launch.watch import Kubectl, PlatformState, Probe, active_attempt, dlc_probe, k8s_probe
 from kolors_job.redact import redact_uri, scrub
 from kolors_job.settings import alibaba_cloud_region
 
@@ -86,7 +91,8 @@ def _exists(store: Any, key: str) -> bool:
 
 
 def _say(msg: str, out: IO[str] | None = None) -> None:
-    print(msg, file=out or sys.stdout, flush=True)
+    """A note for the person reading the CI log: stderr, so stdout holds only objects (a dry-run's YAML)."""
+    print(msg, file=out or sys.stderr, flush=True)
 
 
 # ------------------------------------------------------------------------------------------ report
@@ -179,14 +185,15 @@ def wait_for_outputs(
     deadline = time.monotonic() + timeout
     last_line = None
     platform_done: PlatformState | None = None
+    fresh = False  # whether this attempt has written a status.json yet
     while True:
         try:
             if _exists(store, "_SUCCESS"):
                 return _finish(store, success=True, status=_read_json(store, "status.json"), out=out)
             status = _read_json(store, "status.json")
-            fresh = status is not None and (
+            fresh = fresh or (status is not None and (
                 stale_status is None or json.dumps(status, sort_keys=True).encode() != stale_status
-            )
+            ))
             if status and fresh:
                 line = _status_line(status)
                 if line != last_line:
@@ -203,11 +210,14 @@ def wait_for_outputs(
         if platform_done is not None:
             # The platform finished and one more look at the outputs found nothing terminal.
             detail = f" ({platform_done.detail})" if platform_done.detail else ""
-            if platform_done.exit_code == ExitCode.NOT_STARTED:
-                _say(f"the job could not start: {platform_done.detail}", out)
+            code = platform_done.exit_code if platform_done.exit_code not in (None, 0) else _job_code(status)
+            if platform_done.silent_exit_code is not None and not fresh:
+                code = platform_done.silent_exit_code
+            if code == ExitCode.NOT_STARTED:
+                silent = " — it wrote no status.json" if platform_done.silent_exit_code is not None else ""
+                _say(f"the job could not start: {platform_done.detail}{silent}", out)
             else:
                 _say(f"the job ended without a final status.json/_SUCCESS{detail}", out)
-            code = platform_done.exit_code if platform_done.exit_code not in (None, 0) else _job_code(status)
             return Outcome(code, "failed", status, _read_json(store, "report.json"))
         if probe is not None:
             state = probe()
@@ -281,8 +291,10 @@ def _start_k8s(args: argparse.Namespace, manifest_uri: str, job_id: str) -> Prob
         raise JobError(str(e), exit_code=ExitCode.INVALID_MANIFEST) from None
     kubectl = shutil.which(args.kubectl) if args.kubectl else None
     if not kubectl:
-        _say(k8s_mod.to_yaml(docs))
-        _say(f"kubectl ({args.kubectl or 'disabled'}) not found: apply the YAML above yourself; waiting for outputs")
+        sys.stdout.write(k8s_mod.to_yaml(docs))  # the objects alone: `… | kubectl apply -f -`
+        sys.stdout.flush()
+        then = "; waiting for its outputs" if args.wait else ""
+        _say(f"kubectl ({args.kubectl or 'disabled'}) not found: the YAML is on stdout, apply it yourself{then}")
         return None
     kube = Kubectl(kubectl, opts.namespace)
     w = k8s_mod.workload(docs)
@@ -329,6 +341,7 @@ def _start_dlc(args: argparse.Namespace, manifest_uri: str, job_id: str) -> Prob
         image=args.image,
         nproc_per_node=args.nproc_per_node,
         overrides=args.set,
+        region=args.region,
     )
     client = dlc_mod.make_client(region=args.region, endpoint=args.endpoint)
     try:
@@ -336,18 +349,7 @@ def _start_dlc(args: argparse.Namespace, manifest_uri: str, job_id: str) -> Prob
     except Exception as e:  # the SDK raises TeaException/ClientException/requests errors
         raise dlc_error(e) from None
     _say(f"started: PAI-DLC job {dlc_job}")
-
-    def probe() -> PlatformState | None:
-        try:
-            status, reason = dlc_mod.job_state(client, dlc_job)
-        except Exception as e:  # a flaky poll must not end the wait
-            _say(f"GetJob failed, will retry: {type(e).__name__}")
-            return None
-        if status not in dlc_mod.TERMINAL_STATES:
-            return None
-        return PlatformState(True, 0 if status == "Succeeded" else None, f"DLC {status} {reason}".strip())
-
-    return probe
+    return dlc_probe(client, dlc_job, say=_say)
 
 
 # ------------------------------------------------------------------------------------------ command
@@ -397,18 +399,26 @@ def _submit(args: argparse.Namespace) -> int:
                        exit_code=ExitCode.INVALID_MANIFEST)  # fmt: skip
     if args.target == "k8s" and not args.no_start and not args.image:
         raise JobError("submit k8s: --image is required to start the job", exit_code=ExitCode.INVALID_MANIFEST)
-    raw, manifest = _load_manifest(args.manifest or args.manifest_uri)
-    job_id = args.job_id or fresh_job_id(manifest.metadata.name)
+    # --no-wait with --manifest-uri reads nothing (like `render`): the job checks its manifest when it runs.
+    reads_manifest = bool(args.manifest) or args.wait
+    raw, manifest = _load_manifest(args.manifest or args.manifest_uri) if reads_manifest else (b"", None)
+    job_id = args.job_id or fresh_job_id(manifest.metadata.name if manifest else "kolors")
     if not JOB_ID_RE.match(job_id):
         raise JobError(f"--job-id {job_id!r}: use lower-case letters, digits, '.', '_', '-' (max 63)",
                        exit_code=ExitCode.INVALID_MANIFEST)  # fmt: skip
     manifest_uri = _upload_manifest(args.bucket, job_id, raw) if args.manifest else args.manifest_uri
-    output_root = args.output or manifest.spec.output.uri
-    out_store = _store(join_uri(output_root, job_id))
+    output_root = args.output or (manifest.spec.output.uri if manifest else None)
     _say(f"job id    {job_id}")
     _say(f"manifest  {redact_uri(manifest_uri)}")
-    _say(f"outputs   {redact_uri(join_uri(output_root, job_id))}/")
+    if output_root:
+        _say(f"outputs   {redact_uri(join_uri(output_root, job_id))}/")
+    if not args.wait:  # start (or only upload) and return: the job's outputs are neither read nor awaited
+        if not args.no_start:
+            _start(args, manifest_uri, job_id)
+        return int(ExitCode.OK)
 
+    assert output_root is not None
+    out_store = _store(join_uri(output_root, job_id))
     probe: Probe | None = None
     stop: Callable[[float], None] | None = None
     stale: bytes | None = None
@@ -418,16 +428,9 @@ def _submit(args: argparse.Namespace) -> int:
         else:
             prior = _read_json(out_store, "status.json")
             stale = json.dumps(prior, sort_keys=True).encode() if prior else None
-            if args.target == "local":
-                probe, stop = _start_local(args, manifest_uri, job_id)
-            elif args.target == "k8s":
-                probe = _start_k8s(args, manifest_uri, job_id)
-            else:
-                probe = _start_dlc(args, manifest_uri, job_id)
+            probe, stop = _start(args, manifest_uri, job_id)
     else:
         _say("not starting the job (--no-start); waiting for its outputs")
-    if not args.wait:
-        return int(ExitCode.OK)
     _say(f"waiting up to {args.timeout:.0f} s")
     outcome = wait_for_outputs(out_store, timeout=args.timeout, poll=args.poll, probe=probe, stale_status=stale)
     if stop is not None:
@@ -435,6 +438,17 @@ def _submit(args: argparse.Namespace) -> int:
     _say(f"result: {outcome.result} (exit {outcome.exit_code})")
     _step_summary(job_id, outcome)
     return outcome.exit_code
+
+
+def _start(
+    args: argparse.Namespace, manifest_uri: str, job_id: str
+) -> tuple[Probe | None, Callable[[float], None] | None]:
+    """Start the job on ``args.target``: its probe, and (local only) how to stop it."""
+    if args.target == "local":
+        return _start_local(args, manifest_uri, job_id)
+    if args.target == "k8s":
+        return _start_k8s(args, manifest_uri, job_id), None
+    return _start_dlc(args, manifest_uri, job_id), None
 
 
 # ------------------------------------------------------------------------------------------ argparse
@@ -483,7 +497,11 @@ def add_k8s_arguments(p: argparse.ArgumentParser, *, require_image: bool) -> Non
     g.add_argument("--memory", default=d.memory, help=(
         f"pod memory (default {k8s_mod.HOST_MEMORY_BASE_GIB}Gi + {k8s_mod.HOST_MEMORY_PER_RANK_GIB}Gi per GPU"
         " + --shm-size)"))
-    g.add_argument("--oss-endpoint", help="KOLORS_JOB_OSS_ENDPOINT in the pod; needed for oss:// URIs")
+    g.add_argument("--oss-region", help="the cluster's region (ACK, e.g. cn-beijing): its internal OSS endpoint "
+                   "in the pod, for oss:// URIs")  # fmt: skip
+    g.add_argument("--oss-endpoint", help="KOLORS_JOB_OSS_ENDPOINT in the pod (wins over --oss-region)")
+    g.add_argument("--scratch-size", default=d.scratch_size,
+                   help="pod scratch disk: emptyDir sizeLimit, ephemeral-storage request (%(default)s)")  # fmt: skip
     g.add_argument("--node-selector", type=_kv, action="append", default=[], metavar="KEY=VALUE")
     g.add_argument("--toleration", type=_toleration, action="append", default=None, metavar="KEY[=VALUE]:EFFECT",
                    help="replaces the default nvidia.com/gpu:NoSchedule toleration")  # fmt: skip
@@ -517,6 +535,8 @@ def options_from_namespace(
         create_cache_pvc=ns.create_cache_pvc or None,
         create_namespace=ns.create_namespace,
         oss_endpoint=ns.oss_endpoint,
+        oss_region=ns.oss_region,
+        scratch_size=ns.scratch_size,
         attempt=attempt,
         storage_class=ns.storage_class,
         shm_size=ns.shm_size,
@@ -541,7 +561,9 @@ def add_dlc_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--set", action="append", default=[], metavar="PATH=VALUE",
                    help="override a spec field, e.g. WorkspaceId=123 or JobSpecs.0.PodCount=2")  # fmt: skip
     g.add_argument("--nproc-per-node", type=int, default=1, help="processes (GPUs) per DLC node")
-    g.add_argument("--region", default=alibaba_cloud_region(), help="default $ALIBABA_CLOUD_REGION_ID")
+    g.add_argument("--region", default=alibaba_cloud_region(),
+                   help="the job's region: DLC's API endpoint, <REGION> in the spec and the job's internal OSS "
+                   "endpoint (default $ALIBABA_CLOUD_REGION_ID)")  # fmt: skip
     g.add_argument("--endpoint", default=os.environ.get("KOLORS_JOB_DLC_ENDPOINT"),
                    help="default pai-dlc.<region>.aliyuncs.com")  # fmt: skip
 
@@ -563,7 +585,8 @@ def add_submit_parser(subparsers: argparse._SubParsersAction) -> None:  # type: 
     p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, help="seconds to wait (default 6 h)")
     p.add_argument("--poll", type=float, default=15.0, help="seconds between status checks")
     p.add_argument("--no-start", action="store_true", help="only upload and wait (the job is started elsewhere)")
-    p.add_argument("--wait", action=argparse.BooleanOptionalAction, default=True, help="wait for the job to end")
+    p.add_argument("--wait", action=argparse.BooleanOptionalAction, default=True,
+                   help="wait for the job to end (--no-wait: start it, return; its outputs are not read)")  # fmt: skip
     p.add_argument("--kubectl", default="kubectl", help="kubectl binary for k8s ('' prints the YAML instead)")
     p.add_argument("--start-timeout", type=float, default=DEFAULT_START_TIMEOUT,
                    help="k8s: seconds a pod may stay unschedulable before submit gives up (exit 7)")  # fmt: skip

@@ -3,7 +3,14 @@
 ``submit`` waits on the job's own outputs; a probe only answers whether the job is *over* (its
 process or pods gone for good) or cannot start (an image that cannot be pulled, a missing Secret or
 volume, a pod unschedulable past the start timeout), so CI does not wait until its timeout for a job
-that never ran. The Kubernetes side reads pods and events through ``kubectl``.
+that never ran. The Kubernetes side reads pods and events through ``kubectl``; PAI-DLC's through GetJob.
+
+PAI-DLC's ends, as exit codes (the job's own status.json wins whenever it holds a final state):
+Succeeded → the outputs decide (0, 3, or 1 when they hold nothing final); Failed before any status.json
+→ 7 (the job never started: image, quota, node, its first second); Failed later without a final
+status → 75 (killed mid-run: out of memory, node lost; a rerun resumes); Stopped (by a person, the
+running-time limit) → 75; the job deleted (GetJob: does not exist) → 75 within two polls; GetJob
+denied → 5.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from kolors_job.errors import ExitCode, JobError
+from kolors_job.launch import dlc as dlc_mod
 from kolors_job.launch import k8s as k8s_mod
 
 # Container states that do not heal by waiting: the pod would sit there (holding its GPU) until the
@@ -29,11 +37,17 @@ FATAL_WAITING = ("ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull", "C
 
 @dataclass
 class PlatformState:
-    """What the scheduler says: ``done`` once the job's process/pods are gone for good."""
+    """What the scheduler says: ``done`` once the job's process/pods are gone for good.
+
+    ``exit_code`` is what submit exits with when the job's outputs hold no final state (None or 0: the
+    outputs' own code, else 1); ``silent_exit_code``, when set, replaces it if this attempt wrote no
+    status.json at all (the job never got as far as its first write).
+    """
 
     done: bool
     exit_code: int | None = None
     detail: str = ""
+    silent_exit_code: int | None = None
 
 
 Probe = Callable[[], "PlatformState | None"]
@@ -72,7 +86,7 @@ class Kubectl:
 
     def apply(self, text: str) -> None:
         r = subprocess.run(self._cmd("apply", "-f", "-"), input=text, capture_output=True, text=True, check=False)
-        sys.stdout.write(r.stdout)
+        sys.stderr.write(r.stdout)  # "job.batch/… created": a note, like every other line submit prints
         if r.returncode != 0:
             sys.stderr.write(r.stderr)
             raise JobError(f"kubectl apply failed with exit {r.returncode}")
@@ -167,3 +181,47 @@ def active_attempt(kube: Kubectl, kind: str, job_id_label: str) -> str | None:
         if _finished(obj) is None:
             return str((obj.get("metadata") or {}).get("name"))
     return None
+
+
+DLC_GONE_AFTER = 2
+"""Consecutive "does not exist" answers that mean the DLC job was deleted (one may be a lagging read)."""
+
+
+def dlc_probe(client: Any, dlc_job_id: str, *, say: Callable[[str], None]) -> Probe:
+    """A probe that polls GetJob and maps every terminal DLC state (and a deleted job) to an exit code."""
+    seen: dict[str, Any] = {"status": None, "error": None, "gone": 0, "denied": 0}
+    job = f"PAI-DLC job {dlc_job_id}"
+
+    def probe() -> PlatformState | None:
+        try:
+            status, reason = dlc_mod.job_state(client, dlc_job_id)
+        except Exception as e:  # the SDK raises TeaException/ClientException/requests errors
+            kind = dlc_mod.error_kind(e)
+            code, message = dlc_mod.api_error(e)
+            for k in ("gone", "denied"):
+                seen[k] = seen[k] + 1 if kind == k else 0
+            if seen["gone"] >= DLC_GONE_AFTER:
+                return PlatformState(True, int(ExitCode.TEMPORARY), f"{job} no longer exists (deleted?): "
+                                     f"{code}: {message}; submit again with the same --job-id to resume")  # fmt: skip
+            if seen["denied"] >= DLC_GONE_AFTER:
+                return PlatformState(True, int(ExitCode.STORAGE_DENIED), f"{job}: GetJob denied: {code}: {message}")
+            line = f"{job}: GetJob failed, will retry: {code}: {message}"
+            if line != seen["error"]:
+                say(line)
+            seen["error"] = line
+            return None
+        seen.update(gone=0, denied=0, error=None)
+        detail = f"{job} {status}" + (f": {reason}" if reason else "")
+        if status != seen["status"]:
+            say(detail)
+        seen["status"] = status
+        if status in dlc_mod.SUCCEEDED_STATES:
+            return PlatformState(True, 0, detail)
+        if status in dlc_mod.FAILED_STATES:
+            return PlatformState(True, int(ExitCode.TEMPORARY), detail, silent_exit_code=int(ExitCode.NOT_STARTED))
+        if status in dlc_mod.STOPPED_STATES:
+            resume = "; submit again with the same --job-id to resume"
+            return PlatformState(True, int(ExitCode.TEMPORARY), detail + resume)
+        return None
+
+    return probe
