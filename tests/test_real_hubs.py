@@ -183,7 +183,7 @@ def test_the_training_vae_goes_through_the_hub_path_and_its_free_space_check(mod
     uri = ModelSpec().train_vae
     assert uri == f"modelscope://{ms_ids.VAE_FP16_FIX_ID}"
     full = Settings(cache_dir=tmp_path / "full", cache_reserve_mb=10**9)
-    with pytest.raises(InputError, match=rf"^vae model '{uri}' needs .* free"):
+    with pytest.raises(InputError, match=rf"^the cache .* needs .*\(vae '{uri}' .*free"):
         fetch_model(uri, kind="vae", settings=full)
     assert modelscope_env.downloads(ms_ids.VAE_FP16_FIX_ID) == {}
     path, record = fetch_model(uri, kind="vae", settings=Settings(cache_dir=tmp_path / "cache"))
