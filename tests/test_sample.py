@@ -177,6 +177,31 @@ def test_a_bucket_as_the_loras_source_and_as_the_output(
     assert {k: a.read_bytes(k) for k in a.list()} == before
 
 
+def test_an_oss_output(
+    finished_tiny_job: Path, storage_env: Settings, oss_bucket_uri: str, shared_cache: Path, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    """oss:// through the OSS proxy (oss2 on loopback): the files, created only if absent, and a second sample
+    into the same prefix refused."""
+    from kolors_job.storage import open_store
+
+    for var, value in {"CACHE_DIR": shared_cache, "WORK_DIR": tmp_path / "work", "LOG_FORMAT": "json",
+                       "OSS_ENDPOINT": storage_env.oss_endpoint, "OSS_REGION": storage_env.oss_region}.items():  # fmt: skip
+        monkeypatch.setenv(f"KOLORS_JOB_{var}", str(value))
+    out = oss_bucket_uri + "samples/x/"
+    assert sample(str(finished_tiny_job), "二次元，一只猫", "--output", out) == ExitCode.OK
+    store = open_store(out, Settings())
+    assert store.list() == ["grid.png", "images/01-lora0.5.png", "prompts.json"]
+    assert pixels(store.read_bytes("images/01-lora0.5.png")).shape == (64, 64, 3)
+    assert json.loads(store.read_bytes("prompts.json"))["grid"] == {
+        "image": "grid.png", "rows": 1, "cols": 1, "size": [64, 64], "cell": [64, 64],
+    }  # fmt: skip
+    capsys.readouterr()
+    assert sample(str(finished_tiny_job), "二次元，一只狗", "--output", out) == ExitCode.OUTPUT_CONFLICT
+    (line,) = errors(capsys)
+    assert "already holds 3 file(s)" in line
+
+
 def _bad_prompts(tmp: Path, text: str) -> str:
     path = tmp / "bad.yaml"
     path.write_text(text, encoding="utf-8")
