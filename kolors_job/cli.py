@@ -1,4 +1,4 @@
-"""``kolors-job``: validate / run / schema / demo (+ render / submit from :mod:`kolors_job.launch`).
+"""``kolors-job``: validate / run / schema / demo / sample (+ render / submit from :mod:`kolors_job.launch`).
 
 Every expected failure prints one line (``error: …`` or ``field.path: …``), never a traceback,
 and exits with the code of :class:`kolors_job.errors.ExitCode`.
@@ -175,6 +175,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--output", default="demo-output", help="output dir or URI (default: ./demo-output)")
     _add_log_format(d)
     d.set_defaults(func=cmd_demo)
+
+    from kolors_job.sample import register_cli as register_sample
+
+    register_sample(sub)
 
     try:
         from kolors_job.launch import register_cli

@@ -38,7 +38,7 @@ def _help(*argv: str) -> str:
     return buf.getvalue()
 
 
-@pytest.mark.parametrize("argv", [(), ("submit",), ("render", "k8s"), ("run",), ("demo",)])
+@pytest.mark.parametrize("argv", [(), ("submit",), ("render", "k8s"), ("run",), ("demo",), ("sample",)])
 def test_help_is_prose_without_docstring_markup(argv: tuple[str, ...]) -> None:
     text = _help(*argv)
     assert text.startswith("usage: kolors-job") and not MARKUP.search(text), text
