@@ -349,7 +349,9 @@ class StorySpec(_Strict):
     best_of: int = Field(1, ge=1, le=16)
     """Candidates per frame; the highest aesthetic score is kept, the rest go to images/candidates/."""
     batch_size: int = Field(8, ge=1, le=64)
-    """Frames per pipeline call; each frame keeps its own seeded generator, so batching never changes pixels."""
+    """Frames per pipeline call. Each frame keeps its own seeded generator, so a frame's noise never depends on
+    the batch; its pixels may still differ by a colour level when drawn in another batch size (float sums in
+    another order), which is why ``kolors-job sample`` redraws a story in the story's batch."""
     compile: bool = False
     """``torch.compile`` the UNet while drawing (CUDA only); the compile cache lives on the cache volume."""
     tiling: Literal["notebook", "lanczos"] = "notebook"
