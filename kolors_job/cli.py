@@ -15,6 +15,8 @@ from collections.abc import Sequence
 
 from kolors_job import __version__
 from kolors_job.errors import ExitCode, JobError, ManifestError
+from kolors_job.plan.cli import add_card_args, check_fits
+from kolors_job.plan.cli import register_cli as register_plan
 from kolors_job.redact import scrub
 
 _RST_ROLE = re.compile(r":[a-z]+:`~?([^`]+)`")
@@ -35,6 +37,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from kolors_job.manifest import load_manifest
 
     manifest = load_manifest(args.manifest)
+    check_fits(manifest, args)  # with --gpu/--gpu-memory: exit 2 when the job cannot fit that card
     print(manifest.to_yaml(), end="")
     print(f"# job id: {args.job_id or manifest.job_id}  digest: {manifest.digest()[:16]}", file=sys.stderr)
     for field, uri in oss_fields_without_endpoint(manifest.model_dump(mode="json")):
@@ -130,7 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
     v = sub.add_parser("validate", help="check a manifest and print it fully resolved")
     v.add_argument("manifest", nargs="?", help="path, file://, s3:// or oss:// (default: $KOLORS_JOB_MANIFEST[_URI])")
     v.add_argument("--job-id")
+    add_card_args(v, required=False)
     v.set_defaults(func=cmd_validate)
+    register_plan(sub)
 
     s = sub.add_parser("schema", help="print the manifest's JSON Schema")
     s.set_defaults(func=cmd_schema)
