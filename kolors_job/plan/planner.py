@@ -360,7 +360,7 @@ def _stages(spec: Spec, card: Card, c: Choices, results: Results, only: tuple[st
         state = results.get(step).start  # UNet + LoRA + AdamW state stay on the device
         draw = results.get(Denoise(n_val, story.height, story.width, weights, "training", train.rank,
                                    tuple(train.target_modules), autocast=c.precision))  # fmt: skip
-        dec = results.get(VaeDecode(1, story.height, story.width, "fp32", True, c.vae_tiling))
+        dec = results.get(VaeDecode(n_val, story.height, story.width, "fp32", True))  # sliced, never tiled
         n_points = max(1, -(-(train.steps or 1) // train.validation_every))
         pngs = int(n_points * len(train.validation.frames) * story.width * story.height * PNG_BYTES_PER_PIXEL)
         add("validation", f"{n_val} frame(s) per call with the UNet being trained, VAE fp32 decodes one at a time",
