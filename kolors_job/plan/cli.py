@@ -33,11 +33,14 @@ def card_of(args: argparse.Namespace) -> Card | None:
 
 
 def _plan(manifest: Any, card: Card) -> Any:
+    from kolors_job.log import setup_logging
     from kolors_job.plan.planner import plan_job
     from kolors_job.plan.table import Results, cache_file
     from kolors_job.settings import Settings
 
-    return plan_job(manifest, card, Results(cache_file(Settings().cache_dir)))
+    settings = Settings()
+    setup_logging(settings.log_format, settings.log_level)  # "simulating …" lines while a new configuration runs
+    return plan_job(manifest, card, Results(cache_file(settings.cache_dir)))
 
 
 def check_fits(manifest: Any, args: argparse.Namespace) -> None:

@@ -370,9 +370,9 @@ def _stages(spec: Spec, card: Card, c: Choices, results: Results, only: tuple[st
     te_story = sp if c.text_encoder == "cuda" else "bf16"
     if need("story.encode"):
         enc = results.get(TextEncode(1, te_story)).peak if c.text_encoder == "cuda" else 0
-        unet_cpu = count("unet") * STORED_BYTES[sp]
+        host_copies = count("unet") * STORED_BYTES[sp] + (count("text_encoder") * 2 if c.text_encoder == "cpu" else 0)
         add("story.encode", f"ChatGLM3 {te_story} on {c.text_encoder}; the UNet waits on the host with the LoRA "
-            "merged", enc + scorer, te_files + unet_cpu + count("vae") * STORED_BYTES[sp])  # fmt: skip
+            "merged", enc + scorer, te_files + host_copies + count("vae") * STORED_BYTES[sp])  # fmt: skip
 
     lora_mode = "fused" if sp in ("fp16", "fp32") else "branch"
     denoise = Denoise(c.story_batch_size, story.height, story.width, sp, lora_mode, train.rank,

@@ -144,7 +144,8 @@ def _module_tensors(module: torch.nn.Module) -> list[torch.Tensor]:
 
 @dataclass(frozen=True)
 class Count(Sim):
-    """Parameter count of a part (``unet``, ``vae``, ``text_encoder``, ``aesthetic``) or of the UNet's LoRA."""
+    """Parameter count of a part (``unet``, ``vae``, ``text_encoder``, ``aesthetic``) or of the UNet's LoRA, kept in
+    the table like a measurement (``Result.peak`` holds the count): building ChatGLM even on meta takes seconds."""
 
     kind: ClassVar[str] = "count"
     part: str

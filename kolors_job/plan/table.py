@@ -1,9 +1,11 @@
 """Simulation results by key: the shipped table, then this machine's cache, else simulated now (and cached).
 
 A simulation of a full-size training step takes ~30 s on 2 CPU cores (a whole-model compile ~3 min), so results
-are kept: ``table.json`` beside this module holds every configuration the reference job and ``examples/`` ask
-for on the listed cards (``python -m kolors_job.plan.table --refresh`` rewrites it; ``tests/test_plan.py``
-recomputes rows of it), and anything else is simulated once and kept under ``<cache dir>/plan/``.
+are kept: ``table.json`` beside this module holds every configuration the plans of the reference job,
+``examples/`` and the manifests of ``tests/test_plan.py`` ask for on the listed cards (``python -m
+kolors_job.plan.table --refresh MANIFEST...`` rewrites it from them, simulating only what it lacks;
+``tests/test_plan.py`` recomputes rows of it), and anything else is simulated once and kept under
+``<cache dir>/plan/``.
 """
 
 from __future__ import annotations
