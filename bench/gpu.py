@@ -54,6 +54,8 @@ from typing import Any
 
 import torch
 
+from bench.plan_calibration import predicted_gib
+
 GIB = float(1 << 30)
 BENCH_VERSION = 1
 
@@ -1025,6 +1027,8 @@ def run_task(ctx: Ctx, task: Task) -> None:
     if ctx.interrupted:
         entry = {"status": "interrupted", "reason": f"signal during the run; partial result: {_short(entry)}"}
     entry = {**base, **entry, "wall_s": round(time.perf_counter() - t, 2)}
+    if entry.get("peak_gib") is not None and not ctx.tiny:  # the memory planner's prediction, to check it
+        entry["predicted_peak_gib"] = predicted_gib(task.name, entry)
     if entry["status"] in ("error", "oom") and ctx.cuda:
         entry["peak_gib"] = ctx.peak_gib()
     _free(ctx, dynamo=task.compile)
@@ -1228,6 +1232,8 @@ def _table(doc: dict[str, Any]) -> str:
             notes.append(f"{r['lora_tensors']} LoRA tensors")
         if r.get("tried"):
             notes.append(f"tried {r['tried']}")
+        if r.get("predicted_peak_gib") is not None:
+            notes.append(f"planner predicted {r['predicted_peak_gib']:.2f} GiB")
         if name in REFERENCE_ANCHORS:
             notes.append(f"docs/design.md §2 anchor: {REFERENCE_ANCHORS[name]}")
         lines.append(

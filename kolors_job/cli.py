@@ -17,6 +17,8 @@ from typing import Any
 
 from kolors_job import __version__
 from kolors_job.errors import ExitCode, JobError, ManifestError
+from kolors_job.plan.cli import add_card_args, check_fits
+from kolors_job.plan.cli import register_cli as register_plan
 from kolors_job.redact import scrub
 
 _RST_ROLE = re.compile(r":[a-z]+:`~?([^`]+)`")
@@ -41,6 +43,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     if args.manifest and args.manifest_opt and args.manifest != args.manifest_opt:
         raise ManifestError("validate: give the manifest once (MANIFEST or --manifest), not two different ones")
     manifest = load_manifest(args.manifest or args.manifest_opt)
+    check_fits(manifest, args)  # with --gpu/--gpu-memory: exit 2 when the job cannot fit that card
     print(manifest.to_yaml(), end="")
     print(f"# job id: {args.job_id or manifest.job_id}  digest: {manifest.digest()[:16]}", file=sys.stderr)
     for field, uri in oss_fields_without_endpoint(manifest.model_dump(mode="json")):
@@ -154,7 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("manifest", nargs="?", help="path, file://, s3:// or oss:// (default: $KOLORS_JOB_MANIFEST[_URI])")
     v.add_argument("--manifest", dest="manifest_opt", metavar="MANIFEST", help="the same, as `run` takes it")
     v.add_argument("--job-id")
+    add_card_args(v, required=False)
     v.set_defaults(func=cmd_validate)
+    register_plan(sub)
 
     s = sub.add_parser("schema", help="print the manifest's JSON Schema")
     s.set_defaults(func=cmd_schema)

@@ -253,13 +253,17 @@ def encode_texts(
     """Every distinct prompt and negative prompt, each encoded alone exactly as the pipeline encodes a
     single prompt (so a frame's conditioning never depends on its batch), kept on the CPU.
 
-    The text encoder is moved to ``device`` (default: the UNet's), in the UNet's dtype, and left there.
+    The text encoder is moved to ``device`` (default: the UNet's), in the UNet's dtype, and left there; on a CPU
+    while the UNet is half precision for a GPU (the memory plan's choice on a small card) it computes in bf16 and
+    the embeddings are cast to the UNet's dtype.
     """
     from kolors_job.models import place
 
     dev = torch.device(device) if device else pipe.unet.device
-    place(pipe.text_encoder, dev, pipe.unet.dtype)
-    return encode_captions(pipe, [t for j in jobs for t in (j.prompt, j.negative_prompt)], device=dev)
+    half_on_cpu = dev.type == "cpu" and pipe.unet.dtype == torch.float16
+    place(pipe.text_encoder, dev, torch.bfloat16 if half_on_cpu else pipe.unet.dtype)
+    texts = [t for j in jobs for t in (j.prompt, j.negative_prompt)]
+    return encode_captions(pipe, texts, device=dev, dtype=pipe.unet.dtype if half_on_cpu else None)
 
 
 def render(
@@ -318,8 +322,12 @@ def generate_story(
     on_frame: Callable[[FrameResult], None] | None = None,
     scorer: Scorer | None = None,
     progress: bool = True,
+    text_encoder_device: str | None = None,
+    vae_tiling: bool = False,
 ) -> list[FrameResult]:
     """Draw the story's frames into ``out_dir/images/NN.png``; returns the frames drawn (not the skipped).
+
+    ``text_encoder_device`` (``cpu``: ChatGLM encodes there) and ``vae_tiling`` come from the memory plan.
 
     ``on_frame`` is called once per frame as soon as its files exist (the runner uploads them), in
     frame order within each batch. ``scorer`` is required when ``best_of > 1``; with ``best_of = 1``
@@ -336,12 +344,16 @@ def generate_story(
         return []
     dev = resolve_device(device)
     pipe = load_story_pipeline(model_dir, spec, lora_dir=lora_dir, vae_dir=vae_dir, device=dev)
-    texts = encode_texts(pipe, jobs, dev)  # ChatGLM on the GPU alone ...
+    texts = encode_texts(pipe, jobs, text_encoder_device or dev)  # ChatGLM on the GPU alone ...
     if dev.type == "cuda":  # ... and gone (12.5 GB; denoising takes embeddings) before the UNet and VAE arrive
         pipe.text_encoder = None
         gc.collect()
         torch.cuda.empty_cache()
     to_device(pipe, spec, dev)
+    if vae_tiling:
+        from kolors_job.plan.simulate import enable_tiling
+
+        enable_tiling(pipe.vae, spec.height, spec.width)
     log.info(
         "story",
         extra={

@@ -214,7 +214,7 @@ class TrainSpec(_Strict):
     """``auto``: fp16 mixed precision on CUDA (GradScaler, fp32 LoRA weights), like the reference's Lightning
     ``16-mixed``; fp32 on CPU. ``bf16`` trades the GradScaler for bf16's range."""
     gradient_checkpointing: Literal["auto", "on", "off"] = "auto"
-    """``auto`` turns it on only when free GPU memory is short."""
+    """``auto``: on only when the memory plan says the step does not fit without it (~2× slower steps)."""
     target_modules: list[str] = Field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"], min_length=1)
     """The UNet attention projections that get a LoRA (the reference: q, k, v and out)."""
     init_lora_weights: Literal["default", "gaussian"] = "gaussian"
@@ -263,6 +263,13 @@ class TrainSpec(_Strict):
         return self.checkpoint_every if every is None else every
     compile: bool = False
     """``torch.compile`` the UNet's repeated blocks (default mode); the compile cache lives on the cache volume."""
+    memory: Literal["auto", "manual"] = "auto"
+    """``auto``: the memory plan (``kolors-job plan``) of the visible card chooses gradient checkpointing (when
+    ``auto``), the micro-batch and accumulation (same effective batch), where ChatGLM encodes, the VAE's batches,
+    fp16 on a card without bf16 and the story's batch, so every stage fits 90 % of the card; a job that cannot fit
+    stops before any download (exit 4). ``manual``: the settings as written, only judged."""
+    allow_adamw8bit: bool = False
+    """Let ``memory: auto`` switch AdamW to bitsandbytes' 8-bit AdamW when nothing else makes the step fit."""
 
 
 class Frame(_Strict):

@@ -227,6 +227,9 @@ class Report(_Section):
     manifest: dict[str, Any] | None = None
     """``Manifest.resolved()``: defaults filled, credentials redacted."""
     submission: Submission | None = None
+    memory: dict[str, Any] | None = None
+    """``kolors_job.plan.Plan.to_dict()``: the card, the settings the memory plan chose and every stage's predicted
+    GPU peak, host RAM and disk (a full-size model on a GPU only)."""
 
     def to_json_dict(self) -> dict[str, Any]:
         """What report.json holds: the fields set, secrets scrubbed, non-finite floats as null."""

@@ -52,6 +52,7 @@ if TYPE_CHECKING:
     from accelerate import PartialState
 
     from kolors_job.export import LoraInfo
+    from kolors_job.plan.planner import Plan
 
 log = logging.getLogger("kolors_job.runner")
 
@@ -136,6 +137,7 @@ class Job:
         # one GPU per rank, as torchrun assigns them
         self.device = pick_device(manifest.spec.device, world=self.world, local_rank=_env_int("LOCAL_RANK", 0))
         self.progress = settings.log_format == "text" or (settings.log_format == "auto" and progress_enabled())
+        self.memory_plan: Plan | None = None  # a full-size model on a GPU: the plan check_device made
 
     # ------------------------------------------------------------------ helpers
 
@@ -291,6 +293,10 @@ def check_device(job: Job, *, full_size: bool, uri: str) -> None:
             f"model {redact_uri(uri)!r} {what} and {cuda_problem() or 'no GPU is in use'}; "
             "a CPU would take hours (spec.device: cpu, --allow-cpu or KOLORS_JOB_ALLOW_CPU=1 runs it there anyway)"
         )
+    if full_size and job.device.startswith("cuda"):  # the memory plan on this card: exit 4 when it cannot fit
+        from kolors_job.plan.runtime import plan_for_device
+
+        job.memory_plan = plan_for_device(job.manifest, job.device, job.settings.cache_dir)
 
 
 def _local_model_dir(uri: str) -> Path | None:
@@ -408,6 +414,7 @@ def run_train(job: Job, models: ResolvedModels, items: list[Any], scorer: Any = 
     """Train (or resume, or skip when ``lora/`` is already complete) and return the train summary, with the
     validation points and the selected checkpoint (:mod:`kolors_job.validation`) under their report keys."""
     from kolors_job import validation as val
+    from kolors_job.plan.runtime import story_spec, train_kwargs, train_spec
     from kolors_job.tracking import LOGS
     from kolors_job.train import train_lora
 
@@ -430,9 +437,11 @@ def run_train(job: Job, models: ResolvedModels, items: list[Any], scorer: Any = 
         job.status.progress(newest, force=True)  # not "step 0" until the next step is done
 
     spec = job.manifest.spec
+    choices = job.memory_plan.choices if job.memory_plan else None
     validator = None
     if spec.train.validation_every:
-        validator = val.Validator(spec.train, spec.story, scorer, job.work, on_point=lambda p: job.upload_dir(
+        story = story_spec(spec.story, choices)  # validation draws in the plan's story batch
+        validator = val.Validator(spec.train, story, scorer, job.work, on_point=lambda p: job.upload_dir(
             job.work / val.step_prefix(p.step), val.step_prefix(p.step) + "/"))  # fmt: skip
 
     def upload_logs() -> None:  # the event files grow: re-sent with each checkpoint and at the end
@@ -448,10 +457,10 @@ def run_train(job: Job, models: ResolvedModels, items: list[Any], scorer: Any = 
             checkpoints.prune(job.store, keep=spec.output.keep_checkpoints, protect={best} - {None})
 
     result = train_lora(
-        models.base, items, spec.train, work_dir=job.work / "train", vae_dir=models.vae,
-        train_vae_dir=models.train_vae, device=job.device,
-        resume_from=resume_from, on_checkpoint=on_checkpoint, should_stop=job.stop, progress=job.progress,
-        caption_dropout=spec.dataset.caption.dropout, validator=validator,
+        models.base, items, train_spec(spec.train, choices), work_dir=job.work / "train", vae_dir=models.vae,
+        train_vae_dir=models.train_vae, device=job.device, resume_from=resume_from, on_checkpoint=on_checkpoint,
+        should_stop=job.stop, progress=job.progress, caption_dropout=spec.dataset.caption.dropout,
+        validator=validator, **train_kwargs(choices),
     )
     upload_logs()  # the last events (tracking.end flushed them)
     if result.interrupted:
@@ -587,6 +596,8 @@ def run_report(
         versions=package_versions(),
         manifest=job.manifest.resolved(),
     )
+    if job.memory_plan is not None:
+        report.memory = job.memory_plan.to_dict()
     sub = build_submission(
         job.work,
         lora_file=list(lora_files.values()),

@@ -26,8 +26,10 @@ def run_story(job: Job, models: ResolvedModels, scorer: Any) -> list[dict[str, A
     """
     from kolors_job.generate import generate_story, sampler_record
     from kolors_job.recipe import describe
+    from kolors_job.plan.runtime import story_kwargs, story_spec
 
-    spec = job.manifest.spec.story
+    choices = job.memory_plan.choices if job.memory_plan else None
+    spec = story_spec(job.manifest.spec.story, choices)  # the memory plan's batch and precision
     n_frames = len(spec.frames)
     images_local = job.work / "images"
     images_local.mkdir(parents=True, exist_ok=True)
@@ -67,6 +69,7 @@ def run_story(job: Job, models: ResolvedModels, scorer: Any) -> list[dict[str, A
         on_frame=on_frame,
         scorer=scorer if spec.best_of > 1 else None,
         progress=job.progress,
+        **story_kwargs(choices),
     )
     if job.dist:
         _collect_frames(job, drawn, n_frames)

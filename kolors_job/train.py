@@ -226,13 +226,16 @@ def train_lora(
     progress: bool = True,
     caption_dropout: float = 0.0,
     validator: Validator | None = None,
+    latent_batch: int = 8,
+    text_encoder_device: str | None = None,
 ) -> TrainResult:
     """Train a LoRA on the UNet of the Kolors model at ``model_dir``; see the module docstring for the recipe.
 
     ``caption_dropout`` is ``spec.dataset.caption.dropout`` (it lives outside ``TrainSpec``). Under DDP
     every rank calls this with the same arguments; only rank 0 writes files and calls ``on_checkpoint``.
     ``validator`` (:mod:`kolors_job.validation`) draws and scores frames at the checkpoints it says are due.
-    Trackers (``spec.log_with``) write under ``work_dir/logs/``.
+    Trackers (``spec.log_with``) write under ``work_dir/logs/``. ``latent_batch`` (images per VAE encode) and
+    ``text_encoder_device`` (``cpu``: ChatGLM encodes there) come from the memory plan (:mod:`kolors_job.plan`).
     """
     start_time = time.monotonic()
     if not items:
@@ -263,7 +266,8 @@ def train_lora(
         Path(model_dir), items, spec, vae_dir=vae_dir, train_vae_dir=train_vae_dir, precision=precision,
         weight_dtype=weight_dtype,
         dev=dev, caption_dropout=caption_dropout, extra_texts=validator.texts() if validator else (),
-        keep_for_sampling=bool(validator and validator.every),
+        keep_for_sampling=bool(validator and validator.every), latent_batch=latent_batch,
+        text_encoder_device=text_encoder_device,
     )
 
     # 3. LoRA, optimizer, schedule, accelerate's wrapping; the resumed state on top.

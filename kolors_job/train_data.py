@@ -64,10 +64,12 @@ def build_caches(
     caption_dropout: float,
     extra_texts: Sequence[str] = (),
     keep_for_sampling: bool = False,
+    latent_batch: int = 8,
+    text_encoder_device: str | None = None,
 ) -> Caches:
     """Load, encode captions (and ``extra_texts``), cache latents; then the text encoder leaves, and the VAE
-    too unless ``keep_for_sampling`` (validation decodes with it: kept on the CPU).
-
+    too unless ``keep_for_sampling`` (validation decodes with it: kept on the CPU). ``latent_batch``: images per
+    VAE encode; ``text_encoder_device``: where ChatGLM encodes (default ``dev``; on a CPU it computes in bf16).
     ``train_vae_dir`` (``model.train_vae``) encodes the images instead of the story's VAE (``vae_dir`` or the
     model's own), and is dropped once the latents are cached."""
     from kolors_job.models import load_kolors_components, load_vae, make_pipeline, place, vae_force_upcast
@@ -83,9 +85,12 @@ def build_caches(
     pipe = make_pipeline(comps)
     captions = [it.caption for it in items] + ([""] if caption_dropout > 0 else [])
     t0 = time.monotonic()
-    place(comps.text_encoder, dev, weight_dtype)
-    prompts = encode_captions(pipe, captions, device=dev)
-    texts = encode_captions(pipe, list(extra_texts), device=dev) if extra_texts else {}
+    te_dev = torch.device(text_encoder_device) if text_encoder_device else dev
+    te_dtype = torch.bfloat16 if te_dev.type == "cpu" and dev.type != "cpu" else weight_dtype  # no fp16 CPU matmul
+    place(comps.text_encoder, te_dev, te_dtype)
+    cast = weight_dtype if te_dtype != weight_dtype else None  # embeddings in the UNet's dtype, as on the GPU
+    prompts = encode_captions(pipe, captions, device=te_dev, dtype=cast)
+    texts = encode_captions(pipe, list(extra_texts), device=te_dev, dtype=cast) if extra_texts else {}
     log.info("encoded captions", extra={"captions": len(prompts), "seconds": round(time.monotonic() - t0, 3)})
     # ChatGLM (12.5 GB in bf16) is done: free it before the VAE encodes 1024² images (16 GB cards).
     pipe.text_encoder = comps.text_encoder = None
@@ -107,6 +112,7 @@ def build_caches(
         resize_filter=spec.resize_filter,
         exif_orientation=spec.exif_orientation,
         jpeg_reencode=spec.jpeg_reencode,
+        batch_size=latent_batch,
     )
     log.info("cached latents", extra={"latents": len(latents), "seconds": round(time.monotonic() - t0, 3)})
     unet: UNet2DConditionModel = comps.unet

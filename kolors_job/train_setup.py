@@ -25,15 +25,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("kolors_job.train")
 
-GIB = 1 << 30
-
-# Design §2: full Kolors UNet, 1024², batch 1, LoRA r16, no grad-ckpt: 12.7 GiB peak, 5.2 GiB of it weights.
-_ACTIVATION_BYTES_1024 = 7.5 * GIB
-_KOLORS_UNET_PARAMS = 2.579e9
-
-
 # ------------------------------------------------------------------------------------------- decisions
-
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -60,17 +52,12 @@ def weight_dtype_for(precision: str) -> torch.dtype:
     return {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
-def activation_estimate_bytes(unet_params: int, batch_size: int, resolution: int) -> float:
-    """Rough activation memory of a LoRA step without checkpointing, scaled from the measured anchor."""
-    return (
-        _ACTIVATION_BYTES_1024 * (unet_params / _KOLORS_UNET_PARAMS) * batch_size * (resolution / 1024) ** 2
-    )
-
-
 def want_checkpointing(
     setting: str, device: torch.device, *, unet_params: int, batch_size: int, resolution: int
 ) -> bool:
-    """``auto``: off on CPU; on a GPU, on only when the activations (+20 %, +1 GiB) won't fit in free memory.
+    """``auto``: off on CPU; on a GPU, on only when the memory plan's activations of a step without it (scaled to
+    this UNet's size, +20 % +1 GiB) won't fit in free memory. A job run with ``train.memory: auto`` gets ``on`` or
+    ``off`` from its plan (:mod:`kolors_job.plan`) and never reaches this branch; direct callers (the bench) do.
 
     Checkpointing costs ~2x step time (docs/design.md §2: 1368 vs 629 ms), so it must not be on just in case.
     Call after the UNet is on the device: its weights are then already out of the free memory.
@@ -79,8 +66,10 @@ def want_checkpointing(
         return setting == "on"
     if device.type != "cuda":
         return False
+    from kolors_job.plan.runtime import step_activation_bytes
+
     free, _total = torch.cuda.mem_get_info(device)
-    need = activation_estimate_bytes(unet_params, batch_size, resolution) * 1.2 + GIB
+    need = step_activation_bytes(unet_params, batch_size, resolution) * 1.2 + (1 << 30)
     return free < need
 
 

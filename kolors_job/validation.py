@@ -177,6 +177,7 @@ def _sampling(unet: torch.nn.Module, comps: KolorsComponents, dev: torch.device,
             for m in layers:
                 m.set_scale("default", lora_scale)  # scale * alpha / r, as the story's set_adapters gives
             comps.vae.to(dev).float()  # .float(): diffusers' .to(dtype) warns on stdout about fp32 modules
+            comps.vae.enable_slicing()  # decode one frame at a time, as the story does (the memory plan counts so)
             yield
     finally:
         for m, scaling in zip(layers, saved, strict=True):
