@@ -336,7 +336,11 @@ def _stages(spec: Spec, card: Card, c: Choices, results: Results, only: tuple[st
         add("encode", f"ChatGLM3 {te_dtype} on {c.text_encoder}, 1 × 256 tokens per caption; aesthetic predictor "
             "loaded", enc + scorer, te_files + cpu_copy + count("aesthetic") * 4)  # fmt: skip
 
-    vae_dtype = "fp32" if c.precision == "fp16" and spec.model.vae is None else weights
+    # The VAE that encodes the training images: ``model.train_vae`` (the reference's sdxl-vae-fp16-fix), else the
+    # story's. A VAE the manifest names is taken as fp16-safe (that is why one names it); the model's own overflows
+    # in fp16 and encodes in fp32 (``train_data.vae_encode_dtype`` reads its ``force_upcast``).
+    named_vae = spec.model.train_vae or spec.model.vae
+    vae_dtype = "fp32" if c.precision == "fp16" and named_vae is None else weights
     if need("latents"):
         enc = results.get(VaeEncode(c.latent_batch, res, vae_dtype)).peak
         pixels = 2 * c.latent_batch * 3 * res * res * 4

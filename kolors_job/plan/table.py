@@ -2,10 +2,10 @@
 
 A simulation of a full-size training step takes ~30 s on 2 CPU cores (a whole-model compile ~3 min), so results
 are kept: ``table.json`` beside this module holds every configuration the plans of the reference job,
-``examples/`` and the manifests of ``tests/test_plan.py`` ask for on the listed cards (``python -m
-kolors_job.plan.table --refresh MANIFEST...`` rewrites it from them, simulating only what it lacks;
-``tests/test_plan.py`` recomputes rows of it), and anything else is simulated once and kept under
-``<cache dir>/plan/``.
+``examples/`` and the manifests of ``tests/test_plan.py`` (``tests/fixtures/plan/``) ask for on the listed cards
+(``python -m kolors_job.plan.table --refresh examples/minimal.yaml examples/16gb.yaml tests/fixtures/plan/*.yaml``
+rewrites it from them, simulating only what it lacks; ``tests/test_plan.py`` recomputes rows of it), and anything
+else is simulated once and kept under ``<cache dir>/plan/``.
 """
 
 from __future__ import annotations
