@@ -247,6 +247,10 @@ def claim_output(job: Job) -> None:
     )
     claim.acquire()
     job.claim = claim
+    # From here on every write and delete under the prefix goes through the claim's fence: the store
+    # refuses them once another run has taken the prefix over (a pause past the lease, a frozen node).
+    assert claim.fenced is not None
+    job.store = job.status.store = claim.fenced
     claim.start_heartbeat()
 
 
