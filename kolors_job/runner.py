@@ -369,7 +369,7 @@ def run_train(job: Job, models: ResolvedModels, items: list[Any], scorer: Any = 
         return done
 
     resume_from = None
-    if (newest := checkpoints.newest_complete(job.store)) is not None:
+    if (newest := checkpoints.newest_complete(job.store, identity=job.digest)) is not None:
         resume_from = checkpoints.step_dir(job.work, newest)
         if job.local_main:
             checkpoints.download(job.store, newest, job.work)
@@ -398,7 +398,7 @@ def run_train(job: Job, models: ResolvedModels, items: list[Any], scorer: Any = 
     result = train_lora(
         models.base, items, spec.train, work_dir=job.work / "train", vae_dir=models.vae, device=job.device,
         resume_from=resume_from, on_checkpoint=on_checkpoint, should_stop=job.stop, progress=job.progress,
-        caption_dropout=spec.dataset.caption.dropout, validator=validator,
+        caption_dropout=spec.dataset.caption.dropout, validator=validator, identity=job.digest,
     )
     upload_logs()  # the last events (tracking.end flushed them)
     if result.interrupted:

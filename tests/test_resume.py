@@ -370,3 +370,22 @@ def test_kill_after_a_validation_keeps_it_and_the_rerun_does_not_redo_it(shared_
     assert killed["validation"] == ref["validation"] and killed["selected_checkpoint"] == ref["selected_checkpoint"]
     assert lora_tensors(tmp_path / "killed" / "watch-resume" / LORA) == lora_tensors(tmp_path / "ref" / "watch-resume" / LORA)
     assert list((tmp_path / "killed" / "watch-resume" / "logs" / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_a_checkpoint_of_another_job_is_never_resumed(tmp_path, caplog):
+    """Two manifests that differ only in their story share every training setting, yet a checkpoint one of
+    them left in a prefix is passed over by the other: the job's identity is part of what each records."""
+    from kolors_job import checkpoints
+    from kolors_job.storage import open_store
+
+    store = open_store(str(tmp_path / "out"))
+    for step, job in ((2, "mine"), (4, "theirs")):
+        store.write_bytes(f"checkpoints/step-{step}/state.json", json.dumps({"fingerprint": {"job": job}}).encode())
+        store.write_bytes(f"checkpoints/step-{step}/COMPLETE", b"")
+    store.write_bytes("checkpoints/step-6/COMPLETE", b"")  # no state.json: nothing vouches for it
+    with caplog.at_level(logging.WARNING, logger="kolors_job"):
+        assert checkpoints.newest_complete(store, identity="mine") == 2
+    assert [r.getMessage() for r in caplog.records] == [
+        f"checkpoint checkpoints/step-{s} was written by another job: not resumed" for s in (6, 4)]
+    assert checkpoints.newest_complete(store, identity="nobody") is None
+    assert checkpoints.newest_complete(store) == 6
