@@ -203,7 +203,7 @@ class Report(_Section):
     device: Device | None = None
     versions: dict[str, str] | None = None
     manifest: dict[str, Any] | None = None
-    """``Manifest.resolved()``: defaults filled, credentials redacted."""
+    """``Manifest.resolved()``: defaults filled, every value as given (a manifest holding a credential is refused)."""
     submission: Submission | None = None
 
     def to_json_dict(self) -> dict[str, Any]:

@@ -389,3 +389,42 @@ def test_a_checkpoint_of_another_job_is_never_resumed(tmp_path, caplog):
         f"checkpoint checkpoints/step-{s} was written by another job: not resumed" for s in (6, 4)]
     assert checkpoints.newest_complete(store, identity="nobody") is None
     assert checkpoints.newest_complete(store) == 6
+
+
+def test_a_stopped_job_with_urls_in_its_prompts_resumes(shared_cache, tmp_path):
+    """Issue #31 (3c): a negative prompt ``blurry, a url like https://shop.example/?sale``, a caption prefix and a
+    dataset source with upper-case schemes; the job is stopped once ``manifest.resolved.yaml`` exists (exit 75,
+    "rerun to resume") and rerun: it is the same job (not exit 6, "a different manifest"), and the stored
+    manifest holds every prompt and URI byte for byte."""
+    import yaml
+
+    from kolors_job.manifest import parse_manifest
+    from kolors_job.runner import Job, run_job
+    from kolors_job.stop import StopFlag
+
+    data = build_demo_dataset(shared_cache / "demo-dataset")
+    doc = tiny_job(data, (tmp_path / "out").as_uri().replace("file://", "FILE://"), {
+        "story.negative_prompt": "blurry, a url like https://shop.example/?sale",
+        "story.frames": [{"prompt": f"二次元 {i}, see HTTPS://Example.COM/a?b&c=&d=%41#x", "seed": i} for i in range(8)],
+        "dataset.caption": {"fixed": None, "prefix": "S3://trigger?word&a=b "},
+    }, name="url-job")  # fmt: skip
+    doc["spec"]["dataset"]["source"] = "FILE://" + str(data)
+    text = json.dumps(doc, ensure_ascii=False)
+    settings = Settings(cache_dir=shared_cache, work_dir=tmp_path / "work")
+    resolved = tmp_path / "out" / "url-job" / "manifest.resolved.yaml"
+
+    class StopOncePrepared(StopFlag):  # SIGTERM landing right after the resolved manifest is written
+        def __call__(self) -> bool:
+            return resolved.is_file()
+
+    outcomes = []
+    for _ in range(2):  # the run, stopped; its rerun, stopped at the same point: never "another manifest"
+        outcomes.append(run_job(Job(parse_manifest(text), settings=settings, stop=StopOncePrepared())))
+    assert [o.exit_code for o in outcomes] == [ExitCode.TEMPORARY, ExitCode.TEMPORARY], outcomes
+    assert all("rerun to resume" in o.message for o in outcomes), outcomes
+    stored = resolved.read_bytes()
+    job = parse_manifest(text)
+    assert Manifest.model_validate(yaml.safe_load(stored)).digest() == job.digest()
+    assert yaml.safe_load(stored) == job.model_dump(mode="json")
+    for given in ("blurry, a url like https://shop.example/?sale", "?b&c=&d=%41#x", "S3://trigger?word&a=b ", "FILE://"):
+        assert given in stored.decode(), given
