@@ -30,6 +30,7 @@ __all__ = [
     "Score",
     "SelectedCheckpoint",
     "Source",
+    "Storage",
     "Story",
     "Submission",
     "Train",
@@ -176,6 +177,14 @@ class Submission(_Section):
     """``submission.check_submission``: why ``submission/`` would not be a valid entry; empty when it is."""
 
 
+class Storage(_Section):
+    """How the object store behaved for this run (up to the report)."""
+
+    retries: int | None = None
+    """Requests retried after throttling (503 SlowDown, ServerBusy), 5xx, resets or cut bodies, each after a
+    jittered exponential backoff; a retry that succeeds loses nothing."""
+
+
 class Report(_Section):
     """The whole of report.json."""
 
@@ -200,6 +209,7 @@ class Report(_Section):
     selected_checkpoint: SelectedCheckpoint | None = None
     timings: dict[str, Number] | None = None
     """Stage → seconds."""
+    storage: Storage | None = None
     device: Device | None = None
     versions: dict[str, str] | None = None
     manifest: dict[str, Any] | None = None

@@ -45,6 +45,7 @@ from kolors_job.settings import Settings
 from kolors_job.status import StatusWriter
 from kolors_job.stop import StopFlag, stop_on_signals
 from kolors_job.storage import Store, open_store
+from kolors_job.storage.base import RETRIES
 from kolors_job.storage.local import TEMPORARY_ERRNOS, os_error
 from kolors_job.story import run_story
 
@@ -130,6 +131,7 @@ class Job:
             self.work = self.work / f"node-{_env_int('GROUP_RANK', 0)}"
         self.status = StatusWriter(self.store if self.main else None, self.job_id, self.digest)
         self.timings: dict[str, float] = {}
+        self.retries_before = RETRIES.value  # the process-wide count when this run began (tests run several)
         self.owns_output = False  # set once prepare_output has checked the prefix is ours
         self.claim: OutputClaim | None = None  # rank 0's exclusive claim on the output prefix
         self.allow_cpu = allow_cpu
@@ -527,6 +529,7 @@ def run_report(
         selected_checkpoint=rm.SelectedCheckpoint.model_validate(train["selected_checkpoint"])
         if train.get("selected_checkpoint") else None,
         timings=dict(job.timings),
+        storage=rm.Storage(retries=RETRIES.value - job.retries_before),
         device=rm.Device.model_validate(device_info()),
         versions=package_versions(),
         manifest=job.manifest.resolved(),

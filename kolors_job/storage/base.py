@@ -103,6 +103,21 @@ def backoff_delay(attempt: int, base_s: float, cap_s: float) -> float:
     return random.uniform(0, min(cap_s, base_s * 2**attempt))
 
 
+class RetryCount:
+    """Storage requests retried by this process (throttling, 5xx, resets, cut bodies): report.json says how many."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.value = 0
+
+    def add(self, n: int = 1) -> None:
+        with self._lock:
+            self.value += n
+
+
+RETRIES = RetryCount()
+
+
 DENIED_CODES = frozenset(
     {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "NoSuchBucket", "InvalidBucketName"}
 )

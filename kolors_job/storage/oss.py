@@ -315,6 +315,7 @@ class OSSStore(Store):
                     attempts - 1,
                     delay,
                 )
+                base.RETRIES.add()
                 self._sleep(delay)
                 if rewind is not None:
                     rewind()

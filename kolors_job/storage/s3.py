@@ -143,6 +143,7 @@ def _bound_retries(client: BaseClient, max_attempts: int, deadline_s: float, max
             return None  # a success, a permanent error, or the attempts are used up
         started = request_dict.get("context", {}).get("kolors_started", time.monotonic())
         check_retry(f"S3 {getattr(operation, 'name', 'request')}", started, deadline_s)
+        base.RETRIES.add()
         return min(delay, max_backoff_s)
 
     events.register(f"before-call.{name}", on_call)
@@ -254,6 +255,7 @@ class S3Store(Store):
                     base.note_failure()
                 raise err from None
             log.debug("%s: retry %d/%d", where, attempt, attempts - 1)
+            base.RETRIES.add()
             backoff_sleep(base.backoff_delay(attempt, 0.05, 2.0))
         raise AssertionError("unreachable")
 
