@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
-from kolors_job import checkpoints
+from kolors_job import checkpoints, scratch
 from kolors_job.claim import CLAIM_DIR, OutputClaim
 from kolors_job.device import pick_device
 from kolors_job.errors import (
@@ -124,7 +124,7 @@ class Job:
         self.store: Store = open_store(manifest.spec.output.uri, settings).child(self.job_id)
         # Scratch is per run: two processes of one job (a rerun racing a zombie, a waiting second run)
         # never share files. A rerun resumes from the output store, never from scratch.
-        self.work = settings.resolved_work_dir / self.job_id / _run_dir_name(self.world)
+        self.run_root = self.work = settings.resolved_work_dir / self.job_id / _run_dir_name(self.world)
         if self.world > _env_int("LOCAL_WORLD_SIZE", self.world):
             # Several nodes: the work dir may be one shared volume (a ReadWriteMany cache PVC), and each
             # node's ranks write their own LoRA copy and checkpoints there. torchrun sets GROUP_RANK.
@@ -134,6 +134,7 @@ class Job:
         self.retries_before = RETRIES.value  # the process-wide count when this run began (tests run several)
         self.owns_output = False  # set once prepare_output has checked the prefix is ours
         self.claim: OutputClaim | None = None  # rank 0's exclusive claim on the output prefix
+        self.scratch_owner: scratch.ScratchOwner | None = None  # this process's record in its scratch directory
         self.allow_cpu = allow_cpu
         # one GPU per rank, as torchrun assigns them
         self.device = pick_device(manifest.spec.device, world=self.world, local_rank=_env_int("LOCAL_RANK", 0))
@@ -578,6 +579,8 @@ def run_job(job: Job) -> JobOutcome:
         finally:
             if job.claim is not None:
                 job.claim.release()
+            if job.scratch_owner is not None:
+                job.scratch_owner.close()
             if job.world == 1:  # nothing in scratch is reused by a rerun (it resumes from the output store)
                 shutil.rmtree(job.work, ignore_errors=True)
                 with contextlib.suppress(OSError):
@@ -599,6 +602,8 @@ def _safe_finish(job: Job, state: str, code: ExitCode, message: str) -> None:
 
 def _run(job: Job) -> JobOutcome:
     log.info("job %s → %s", job.job_id, job.output_uri, extra={"manifest_digest": job.digest})
+    if job.local_main:  # what killed or preempted runs left on this work volume (never a live run's)
+        scratch.sweep(job.settings.resolved_work_dir, keep=job.run_root)
     # Nothing is written before this check: a finished run or another manifest's run stays untouched.
     # A finished run of this manifest is seen without claiming anything: a no-op rerun writes nothing.
     finished = _already_finished(job)
@@ -613,6 +618,7 @@ def _run(job: Job) -> JobOutcome:
         return JobOutcome(job.job_id, job.output_uri, ExitCode.OK, "skipped", msg)
     job.owns_output = True
     job.work.mkdir(parents=True, exist_ok=True)
+    job.scratch_owner = scratch.ScratchOwner(job.run_root)
 
     with job.local_main_first():  # one download per node; its other ranks then hit the cache
         with job.stage("models"):

@@ -10,6 +10,7 @@ job reruns as a no-op unless ``--force``; another manifest's output prefix is re
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -428,3 +429,86 @@ def test_a_stopped_job_with_urls_in_its_prompts_resumes(shared_cache, tmp_path):
     assert yaml.safe_load(stored) == job.model_dump(mode="json")
     for given in ("blurry, a url like https://shop.example/?sale", "?b&c=&d=%41#x", "S3://trigger?word&a=b ", "FILE://"):
         assert given in stored.decode(), given
+
+
+def _plant_scratch(path: Path, record: dict | None, *, age_s: float = 0.0) -> Path:
+    """A scratch directory another process left on the shared work volume (with its owner record, if any)."""
+    from kolors_job.scratch import OWNER_PREFIX
+
+    path.mkdir(parents=True)
+    (path / "lora.safetensors").write_bytes(b"\0" * 64)
+    files = [path / "lora.safetensors", path]
+    if record is not None:
+        owner = path / f"{OWNER_PREFIX}{record['host']}-{record['pid']}.json"
+        owner.write_text(json.dumps(record))
+        files.insert(0, owner)
+    stamp = time.time() - age_s
+    for p in files:
+        os.utime(p, (stamp, stamp))
+    return path
+
+
+def test_sigkilled_runs_leave_no_scratch_and_live_ones_keep_theirs(shared_cache, tmp_path):
+    """Issue #31 (2): runs SIGKILLed mid-training and mid-story (no cleanup of their own) leave their scratch
+    behind; the next run removes it as it starts — and never the scratch of a process that still exists, here
+    or on another machine sharing the volume (seen through its owner record's heartbeat)."""
+    from kolors_job.scratch import LEGACY_STALE_S, STALE_S, identity
+
+    work = tmp_path / "work"
+    data = build_demo_dataset(shared_cache / "demo-dataset")
+    manifest = tmp_path / "job.json"
+    manifest.write_text(json.dumps(tiny_job(data, str(tmp_path / "out"), {
+        "train.steps": 4, "train.checkpoint_every": 2, "train.batch_size": 1, "story.steps": 1,
+        "story.batch_size": 1, "score.gate": False, "output.lora_formats": ["diffusers"],
+    }, name="killed")))  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KOLORS_JOB_")}
+    env.update(KOLORS_JOB_CACHE_DIR=str(shared_cache), KOLORS_JOB_WORK_DIR=str(work), KOLORS_JOB_LOG_FORMAT="json",
+               KOLORS_JOB_CLAIM_LEASE_S="3", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+
+    live = subprocess.Popen(["sleep", "600"])  # a live process of this machine, and one that has ended
+    ended = subprocess.Popen(["sleep", "0.1"])
+    ended_record = identity(ended.pid)
+    ended.wait()
+    here = identity()
+    others = work / "other-job"
+    keep = {
+        "live": _plant_scratch(others / f"run-{live.pid}-aaaaaa", identity(live.pid)),
+        "other-node, renewing": _plant_scratch(others / "run-77-bbbbbb", {**here, "host": "other-node", "pid": 77},
+                                               age_s=STALE_S / 10),
+        "old layout, recent": _plant_scratch(others / "run-78-cccccc", None, age_s=60),
+    }
+    gone = {
+        "ended": _plant_scratch(others / f"run-{ended.pid}-dddddd", ended_record),
+        "pid reused": _plant_scratch(others / f"run-{live.pid}-eeeeee", {**identity(live.pid), "start": "1"}),
+        "other-node, silent": _plant_scratch(others / "run-79-ffffff", {**here, "host": "other-node", "pid": 79},
+                                             age_s=STALE_S * 2),
+        "old layout, idle": _plant_scratch(others / "run-80-aaaaaa", None, age_s=LEGACY_STALE_S * 2),
+        "this machine, earlier boot": _plant_scratch(others / "run-81-aaaaaa", {**here, "pid": 81, "boot": "earlier"}),
+    }
+
+    def killed_at(what) -> set[Path]:
+        run = start(manifest, env)
+        for line in run.stdout:
+            with contextlib.suppress(ValueError):
+                if what(json.loads(line)):
+                    run.kill()  # SIGKILL: no handler runs, nothing is cleaned up
+                    break
+        assert run.wait(60) == -signal.SIGKILL
+        return set((work / "killed").iterdir())
+
+    try:
+        first = killed_at(lambda r: r.get("msg") == "step" and r.get("step") == 3)  # mid-training
+        assert len(first) == 1 and all(p.name.startswith("run-") for p in first), first  # left behind
+        second = killed_at(lambda r: r.get("msg") == "frame")  # mid-story, after resuming
+        assert len(second) == 1 and not first & second, (first, second)  # the first one's went at its start
+        last = follow(start(manifest, env))
+        assert last.rc == 0, last.text()
+        assert not (work / "killed").exists(), sorted((work / "killed").rglob("*"))
+        for name, path in keep.items():
+            assert path.is_dir(), f"the scratch of a {name} owner was removed"
+        for name, path in gone.items():
+            assert not path.exists(), f"the scratch of a {name} owner is still there"
+        assert sorted(p.name for p in others.iterdir()) == sorted(p.name for p in keep.values())
+    finally:
+        live.kill()
+        live.wait()
