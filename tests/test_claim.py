@@ -527,3 +527,37 @@ def test_runs_paused_past_their_lease_publish_nothing(backend, tmp_path, shared_
     assert "Traceback" not in "".join(said) and said[-1].startswith("error: ") and "claim" in said[-1], said
     assert json.loads(final["status.json"])["state"] == "succeeded" and "_SUCCESS" in final
     _compare_with_lone_run(final, lone_run, tensorboard_files=1)
+
+
+def test_the_loopback_stores_refuse_a_copy_whose_source_changed(s3_server, oss_server):
+    """What the fence relies on, asked of the servers directly with the SDKs: S3 ``x-amz-copy-source-if-match``
+    and OSS ``x-oss-copy-source-if-match`` fail (412) once the source was overwritten; create-only writes fail
+    on an existing key (412 / 409)."""
+    import oss2
+    from botocore.exceptions import ClientError
+
+    raw = s3_server.client()
+    bucket = s3_server.create_bucket()
+    etag = raw.put_object(Bucket=bucket, Key="stage", Body=b"data")["ETag"]
+    raw.copy_object(Bucket=bucket, Key="out", CopySource={"Bucket": bucket, "Key": "stage"}, CopySourceIfMatch=etag)
+    raw.put_object(Bucket=bucket, Key="stage", Body=b"tombstone")
+    for attempt in (
+        lambda: raw.copy_object(Bucket=bucket, Key="out", CopySource={"Bucket": bucket, "Key": "stage"},
+                                CopySourceIfMatch=etag),
+        lambda: raw.put_object(Bucket=bucket, Key="stage", Body=b"again", IfNoneMatch="*"),
+    ):
+        with pytest.raises(ClientError) as err:
+            attempt()
+        assert err.value.response["ResponseMetadata"]["HTTPStatusCode"] == 412
+    assert raw.get_object(Bucket=bucket, Key="out")["Body"].read() == b"data"
+
+    oss = oss_server.raw_bucket(oss_server.create_bucket())
+    etag = oss.put_object("stage", b"data").etag
+    oss.copy_object(oss.bucket_name, "stage", "out", headers={"x-oss-copy-source-if-match": etag})
+    oss.put_object("stage", b"tombstone")
+    with pytest.raises(oss2.exceptions.PreconditionFailed):
+        oss.copy_object(oss.bucket_name, "stage", "out", headers={"x-oss-copy-source-if-match": etag})
+    with pytest.raises(oss2.exceptions.ServerError) as err:
+        oss.put_object("stage", b"again", headers={"x-oss-forbid-overwrite": "true"})
+    assert (err.value.status, err.value.code) == (409, "FileAlreadyExists")
+    assert oss.get_object("out").read() == b"data"
