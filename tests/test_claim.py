@@ -527,6 +527,9 @@ def test_runs_paused_past_their_lease_publish_nothing(backend, tmp_path, shared_
     assert "Traceback" not in "".join(said) and said[-1].startswith("error: ") and "claim" in said[-1], said
     assert json.loads(final["status.json"])["state"] == "succeeded" and "_SUCCESS" in final
     _compare_with_lone_run(final, lone_run, tensorboard_files=1)
+    print(f"\n{backend}: A resumed after B took over: 0 of {len(before)} objects changed; B resumed after C took "
+          f"over: 0 of {len(final)} changed; C's prefix = a lone run's ({len(final)} objects, "
+          f"{len(TIME_BEARING)} time-bearing ones compared normalised)")
 
 
 def test_the_loopback_stores_refuse_a_copy_whose_source_changed(s3_server, oss_server):
