@@ -134,8 +134,9 @@ class OutputClaim:
     def _write(self, generation: int, record: ClaimRecord, *, create: bool) -> bool:
         """Create a record (plain store: the race for a generation), or rewrite ours (through the fence)."""
         data = json.dumps(asdict(record), indent=2).encode()
-        if not create and self.fenced is not None and generation == self.generation:
-            return self.fenced.write_bytes(self._key(generation), data)
+        if not create and self.fence is not None and generation == self.generation:
+            self.fence.put(self._key(generation), data, lane="claim")
+            return True
         return self.store.write_bytes(self._key(generation), data, if_absent=create)
 
     # -- acquire --------------------------------------------------------------------------------

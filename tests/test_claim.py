@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from kolors_job.claim import ClaimHeldError, OutputClaim
+from kolors_job.claim import ClaimHeldError, ClaimRecord, OutputClaim
 from kolors_job.errors import ExitCode, OutputConflictError
 from kolors_job.storage import open_store
 
@@ -279,14 +279,29 @@ def test_a_sealed_generation_writes_and_deletes_nothing(prefix_store, tmp_path, 
     assert len(errors) == 1 and isinstance(errors[0], ClaimLostError), errors
     assert errors[0].exit_code == ExitCode.TEMPORARY == 75 and "\n" not in str(errors[0])
     (tmp_path / "ckpt.bin").write_bytes(b"A's checkpoint")
-    for attempt in (
+    record = ClaimRecord(a.owner, "d", time.time(), 0.5, time.time())
+    attempts = [
         lambda: a.fenced.write_bytes("status.json", b"A: succeeded"),
         lambda: a.fenced.upload_file("checkpoints/step-4/optimizer.bin", tmp_path / "ckpt.bin"),
         lambda: a.fenced.delete("images/01.png"),
         lambda: a.fenced.child("lora").write_bytes("x.safetensors", b"A"),
-    ):
-        with pytest.raises(ClaimLostError):
-            attempt()
+        lambda: a._write(1, record, create=False),  # its claim record, as its heartbeat renews it
+    ]
+    refused: list[BaseException] = []
+
+    def attempt(fn) -> None:
+        try:
+            fn()
+        except ClaimLostError as e:
+            refused.append(e)
+
+    # all at once, from several threads (a heartbeat renews while the main thread writes): none lands
+    burst = [threading.Thread(target=attempt, args=(fn,)) for fn in attempts * 2]
+    for t in burst:
+        t.start()
+    for t in burst:
+        t.join(30)
+    assert len(refused) == len(burst)
     a.start_heartbeat()  # its heartbeat: refused too, and it says the claim is lost
     assert a.lost.wait(5) and lost and lost[0].startswith("lost the output claim")
     a.release()

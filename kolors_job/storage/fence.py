@@ -6,12 +6,12 @@ made by the store, in the request that writes. Object stores cannot condition a 
 another key, so each write goes through a per-generation *stage* the next owner can spoil:
 
 * **S3, OSS** (:class:`ObjectFence`): the data is first created at the next key of the stage,
-  ``_claim/<generation>.stage/<seq>``, create-only (``If-None-Match: *`` / ``x-oss-forbid-overwrite``),
+  ``_claim/<generation>.stage/<lane>/<seq>``, create-only (``If-None-Match: *`` / ``x-oss-forbid-overwrite``),
   then published with a server-side copy conditioned on that stage object's ETag
   (``x-amz-copy-source-if-match`` / ``x-oss-copy-source-if-match``). A run taking the claim over
   *seals* the previous generation first: it overwrites every stage object with a tombstone (their ETags
-  change, so a copy still pending fails) and creates the next stage key itself (so the old owner's next
-  create fails). Whatever the old owner does after that, the store refuses it.
+  change, so a copy still pending fails) and creates the next stage key of each lane itself (so the old
+  owner's next create fails). Whatever the old owner does after that, the store refuses it.
 * **Local directories** (:class:`DirFence`): the data is written into ``_claim/<generation>.stage/`` and
   renamed into place; a delete renames the file into the stage. Sealing renames the stage directory away
   and leaves a plain file at its name, so every later rename out of (or into) it fails in the kernel.
@@ -57,7 +57,8 @@ Source = bytes | Path
 class Fence(Protocol):
     """Writes and deletes that land only while the fence's generation is the prefix's current claim."""
 
-    def put(self, key: str, source: Source) -> None: ...
+    def put(self, key: str, source: Source, lane: str = "data") -> None:
+        """Publish ``source`` at ``key``; ``lane`` ``claim`` is for the claim's own record."""
 
     def delete(self, key: str) -> None: ...
 
@@ -96,84 +97,123 @@ class _Lost:
 # ---------------------------------------------------------------------------------------- object stores
 
 
+LANES = ("claim", "data")
+"""A generation's stage keys are ``<lane>/<seq>``: the claim's own record (heartbeats) and everything else
+each keep their own strictly sequential numbers, so a large upload never holds up a heartbeat, and a seal
+knows every key the old owner could create next (the next number of each lane)."""
+
+
+def _is_tombstone(data: bytes) -> bool:
+    return data.startswith(b'{"sealed_by"')
+
+
+class _Lane:
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.next = 1
+        self.live: dict[int, str] = {}  # stage objects still there: seq -> ETag
+        self.done: set[int] = set()  # ... of which the copy is over (removable, but for the newest)
+
+
 class ObjectFence:
-    """Stage-then-conditional-copy over a store's ``put_new`` / ``copy_if`` / ``delete_if`` primitives."""
+    """Stage-then-conditional-copy over a store's ``put_new`` / ``copy_if`` / ``delete_if`` primitives.
+
+    Stage keys of a lane are created one at a time and without gaps (a failed create is tried again under
+    the same number), so once a seal holds the number after the newest stage key of each lane, the old
+    owner can create none."""
 
     def __init__(self, store: Store, stage: str, on_lost: Callable[[str], None]) -> None:
         self.store, self.stage = store, stage.rstrip("/") + "/"
         self._lost = _Lost(on_lost)
-        self._lock = threading.Lock()
-        self._next = 1
-        self._live: dict[int, str] = {}  # stage objects still there: seq -> ETag
-        self._done: set[int] = set()  # ... of which the copy is over (may be removed, but for the newest)
+        self._lanes = {name: _Lane() for name in LANES}
 
-    def _key(self, seq: int) -> str:
-        return f"{self.stage}{seq:08d}"
+    def _key(self, lane: str, seq: int) -> str:
+        return f"{self.stage}{lane}/{seq:08d}"
 
-    def _stage(self, source: Source, what: str) -> tuple[int, str]:
-        self._lost.check()
-        with self._lock:
-            seq, self._next = self._next, self._next + 1
-        token = self.store.put_new(self._key(seq), source)
-        if token is None:  # the next owner created this key first: we are sealed
-            self._lost.lose(what)
-        with self._lock:
-            self._live[seq] = token
+    def _stage(self, lane: str, source: Source, what: str) -> tuple[int, str]:
+        state = self._lanes[lane]
+        with state.lock:
+            while True:
+                self._lost.check()
+                seq = state.next
+                token = self.store.put_new(self._key(lane, seq), source)
+                if token is not None:
+                    break
+                if self._sealed_at(lane, seq):  # the next owner created this key first
+                    self._lost.lose(what)
+                state.next = seq + 1  # a leftover of ours (a try whose answer was lost): burn the number
+            state.next = seq + 1
+            state.live[seq] = token
         return seq, token
 
-    def put(self, key: str, source: Source) -> None:
-        seq, token = self._stage(source, f"the write of {key}")
+    def _sealed_at(self, lane: str, seq: int) -> bool:
+        """Whether the stage key that exists is a seal's tombstone (else: a try of ours, with other data)."""
+        key = self._key(lane, seq)
+        try:
+            return self.store.size(key) <= 4096 and _is_tombstone(self.store.read_bytes(key))
+        except StorageError:
+            return True  # cannot tell: stop rather than write
+
+    def put(self, key: str, source: Source, lane: str = "data") -> None:
+        seq, token = self._stage(lane, source, f"the write of {key}")
         try:
             size = len(source) if isinstance(source, bytes) else source.stat().st_size
-            if not self.store.copy_if(self._key(seq), key, token, size):
+            if not self.store.copy_if(self._key(lane, seq), key, token, size):
                 self._lost.lose(f"the write of {key}")
         finally:
-            self._finish(seq)
+            self._finish(lane, seq)
 
     def check(self) -> None:
-        seq, _ = self._stage(b"", "a claim check")
-        self._finish(seq)
+        seq, _ = self._stage("data", b"", "a claim check")
+        self._finish("data", seq)
 
     def delete(self, key: str) -> None:
         self.check()
         self.store.delete(key)
 
-    def _finish(self, seq: int) -> None:
+    def _finish(self, lane: str, seq: int) -> None:
         """Remove stage objects whose copy is over, but for the newest one (the mark a seal continues after)."""
-        with self._lock:
-            self._done.add(seq)
-            newest = max(self._live, default=0)
-            victims = [(s, self._live.pop(s)) for s in sorted(self._done) if s < newest and s in self._live]
-            self._done -= {s for s, _ in victims}
+        state = self._lanes[lane]
+        with state.lock:
+            state.done.add(seq)
+            newest = max(state.live, default=0)
+            victims = [(s, state.live.pop(s)) for s in sorted(state.done) if s < newest and s in state.live]
+            state.done -= {s for s, _ in victims}
         if self._lost.reason:
             return
         for s, token in victims:
             try:
-                self.store.delete_if(self._key(s), token)
+                self.store.delete_if(self._key(lane, s), token)
             except StorageError as e:  # a leftover stage object costs bytes, not correctness
-                log.debug("could not remove stage object %s: %s", self._key(s), e)
+                log.debug("could not remove stage object %s: %s", self._key(lane, s), e)
 
     def close(self) -> None:
         if self._lost.reason:
             return
-        with self._lock:
-            victims, self._live = list(self._live.items()), {}
-        for s, token in victims:
-            with contextlib.suppress(StorageError):
-                self.store.delete_if(self._key(s), token)
+        for lane, state in self._lanes.items():
+            with state.lock:
+                victims, state.live = list(state.live.items()), {}
+            for s, token in victims:
+                with contextlib.suppress(StorageError):
+                    self.store.delete_if(self._key(lane, s), token)
 
     @classmethod
     def seal(cls, store: Store, stage: str, owner: str) -> None:
         """Make every later write of ``stage``'s owner fail at the store (see the module docstring)."""
         stage = stage.rstrip("/") + "/"
         tomb = _tombstone(owner)
-        keys = [k for k in store.list(stage) if k[len(stage) :].isdigit()]
-        for key in keys:  # spoil their ETags: a copy still pending from any of them fails
-            store.write_bytes(key, tomb)
-        seq = max((int(k[len(stage) :]) for k in keys), default=0) + 1
-        while store.put_new(f"{stage}{seq:08d}", tomb) is None:  # the old owner made it meanwhile
-            store.write_bytes(f"{stage}{seq:08d}", tomb)
+        newest: dict[str, int] = dict.fromkeys(LANES, 0)
+        for key in store.list(stage):
+            lane, _, num = key[len(stage) :].partition("/")
+            if not num.isdigit():
+                continue
+            store.write_bytes(key, tomb)  # spoil its ETag: a copy still pending from it fails
+            newest[lane] = max(newest.get(lane, 0), int(num))
+        for lane, seq in newest.items():  # hold the next number of every lane
             seq += 1
+            while store.put_new(f"{stage}{lane}/{seq:08d}", tomb) is None:  # the old owner made it meanwhile
+                store.write_bytes(f"{stage}{lane}/{seq:08d}", tomb)
+                seq += 1
 
 
 # ---------------------------------------------------------------------------------------- local directories
@@ -196,7 +236,7 @@ class DirFence:
         """A seal leaves a plain file where the stage directory was (a vanished volume leaves nothing)."""
         return self.dir.is_file() or self.dir.is_symlink()
 
-    def put(self, key: str, source: Source) -> None:
+    def put(self, key: str, source: Source, lane: str = "data") -> None:
         from .local import mapped, os_error
 
         self._lost.check()
