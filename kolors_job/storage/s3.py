@@ -178,6 +178,8 @@ class S3Store(Store):
         self.bucket, self.prefix, self.settings = bucket, prefix, settings
         self.uri = f"s3://{bucket}/{prefix}"
         self._client = client if client is not None else make_client(settings)
+        if not hasattr(self._client, "_kolors_create_only"):  # a client made elsewhere: the fence needs the hook
+            self._client._kolors_create_only = _create_only_hook(self._client)
         self._bucket_ok = False
 
     def child(self, *parts: str) -> S3Store:
