@@ -579,3 +579,22 @@ def test_the_loopback_stores_refuse_a_copy_whose_source_changed(s3_server, oss_s
         oss.put_object("stage", b"again", headers={"x-oss-forbid-overwrite": "true"})
     assert (err.value.status, err.value.code) == (409, "FileAlreadyExists")
     assert oss.get_object("out").read() == b"data"
+
+
+@pytest.mark.parametrize("kind", ["s3", "oss"])
+def test_a_stage_upload_in_parts_is_create_only_too(kind, request, storage_env, tmp_path):
+    """A large stage object goes up in parts (multipart above 8 MiB here): its completion must be create-only
+    too, or an old owner's checkpoint upload could replace the seal's tombstone and then be copied out."""
+    import os
+
+    bucket = request.getfixturevalue("s3_server" if kind == "s3" else "oss_server").create_bucket()
+    store = open_store(f"{kind}://{bucket}/p/", storage_env)
+    big = tmp_path / "big.bin"
+    big.write_bytes(os.urandom(9 * 1024 * 1024))
+    token = store.put_new("_claim/00000001.stage/data/00000001", big)
+    assert token and store.put_new("_claim/00000001.stage/data/00000001", big) == token  # our own, retried
+    store.write_bytes("_claim/00000001.stage/data/00000002", b'{"sealed_by": "B"}')
+    assert store.put_new("_claim/00000001.stage/data/00000002", big) is None  # the seal's: refused
+    assert store.read_bytes("_claim/00000001.stage/data/00000002") == b'{"sealed_by": "B"}'
+    assert store.copy_if("_claim/00000001.stage/data/00000001", "out.bin", token, big.stat().st_size)
+    assert store.read_bytes("out.bin") == big.read_bytes()
