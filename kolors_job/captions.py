@@ -49,7 +49,8 @@ class Metadata:
     notes: Counter[str] = field(default_factory=Counter)
 
     def add(self, base_rel: str, file_name: Any, text: Any) -> None:
-        if not isinstance(file_name, str) or not file_name or has_surrogates(file_name):
+        # a name that is not UTF-8 (kept as surrogate escapes) is matched by its bytes, like the file it names
+        if not isinstance(file_name, str) or not file_name:
             self.notes["metadata_rows_invalid"] += 1
             return
         if not isinstance(text, str):

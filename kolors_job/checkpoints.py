@@ -126,10 +126,21 @@ def complete_steps(store: Store) -> list[int]:
     return sorted(steps)
 
 
-def newest_complete(store: Store) -> int | None:
-    """The step to resume from: the newest complete checkpoint in the store, or None."""
-    steps = complete_steps(store)
-    return steps[-1] if steps else None
+def newest_complete(store: Store, identity: str | None = None) -> int | None:
+    """The step to resume from: the newest complete checkpoint in the store, or None. With ``identity`` (the
+    job's manifest digest), one recorded by another job is passed over, never resumed."""
+    for step in reversed(complete_steps(store)):
+        if identity is None:
+            return step
+        try:
+            state = json.loads(store.read_bytes(f"{step_key(step)}/{STATE_NAME}"))
+            recorded = state["fingerprint"].get("job")
+        except Exception:  # unreadable: not a checkpoint this job can vouch for
+            recorded = None
+        if recorded == identity:
+            return step
+        log.warning("checkpoint %s was written by another job: not resumed", step_key(step))
+    return None
 
 
 def download(store: Store, step: int, work_dir: Path) -> Path:

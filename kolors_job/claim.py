@@ -15,7 +15,12 @@ Generations are never reused (old ones stay, a few hundred bytes each), so a slo
 N+1 late finds it taken. Wall clocks of different machines must agree to well within the lease.
 
 A run whose heartbeat finds a higher generation, or that could not renew its lease before it expired,
-has lost the claim: it stops like on SIGTERM (exit 75) and writes nothing more.
+has lost the claim: it stops like on SIGTERM (exit 75). A heartbeat is only a check made earlier,
+though, and a run paused past its lease (SIGSTOP, a frozen VM) wakes up believing it owns the prefix.
+So every write and delete of the holder, its heartbeats included, goes through the generation's
+*fence* (``kolors_job.storage.fence``: the store itself refuses them), and a run taking generation
+N+1 *seals* generation N's fence before it creates N+1: from then on nothing of N's owner lands, and
+that owner stops at its next write with ClaimLostError (exit 75).
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import secrets
 import socket
 import threading
@@ -30,12 +36,22 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
-from kolors_job.errors import ExitCode, JobError, JobInterruptedError, OutputConflictError, StorageNotFoundError
+from kolors_job.errors import (
+    ClaimLostError,
+    ExitCode,
+    JobError,
+    JobInterruptedError,
+    OutputConflictError,
+    StorageNotFoundError,
+)
 from kolors_job.storage import Store
+from kolors_job.storage.fence import Fence, FencedStore
 
 log = logging.getLogger("kolors_job.claim")
 
 CLAIM_DIR = "_claim"
+_RECORD = re.compile(r"(\d+)\.json")
+"""``_claim/<generation>.json``; a generation's fence stage lives beside it in ``<generation>.stage/``."""
 
 
 def new_owner_id() -> str:
@@ -81,6 +97,9 @@ class OutputClaim:
         self.owner = owner or new_owner_id()
         self.should_stop, self.on_lost = should_stop, on_lost
         self.generation: int | None = None
+        self.fence: Fence | None = None
+        self.fenced: FencedStore | None = None
+        """The prefix as the holder writes it: every write and delete through the fence."""
         self.lost = threading.Event()
         self._stop_heartbeat = threading.Event()
         self._thread: threading.Thread | None = None
@@ -91,12 +110,16 @@ class OutputClaim:
     def _key(generation: int) -> str:
         return f"{CLAIM_DIR}/{generation:08d}.json"
 
+    @staticmethod
+    def stage(generation: int) -> str:
+        """Where generation ``generation``'s fence stages its writes (see kolors_job.storage.fence)."""
+        return f"{CLAIM_DIR}/{generation:08d}.stage"
+
     def _generations(self) -> list[int]:
         gens = []
         for key in self.store.list(f"{CLAIM_DIR}/"):
-            name = key.rsplit("/", 1)[-1].removesuffix(".json")
-            if name.isdigit():
-                gens.append(int(name))
+            if m := _RECORD.fullmatch(key[len(CLAIM_DIR) + 1 :]):
+                gens.append(int(m.group(1)))
         return sorted(gens)
 
     def _read(self, generation: int) -> ClaimRecord | None:
@@ -109,7 +132,11 @@ class OutputClaim:
             return None
 
     def _write(self, generation: int, record: ClaimRecord, *, create: bool) -> bool:
+        """Create a record (plain store: the race for a generation), or rewrite ours (through the fence)."""
         data = json.dumps(asdict(record), indent=2).encode()
+        if not create and self.fence is not None and generation == self.generation:
+            self.fence.put(self._key(generation), data, lane="claim")
+            return True
         return self.store.write_bytes(self._key(generation), data, if_absent=create)
 
     # -- acquire --------------------------------------------------------------------------------
@@ -151,11 +178,15 @@ class OutputClaim:
                         said_waiting = True
                     time.sleep(poll_s)
                     continue
+            if top:  # seal the ended generation first: whatever its owner still tries is refused by the store
+                self.store.seal_fence(self.stage(top), self.owner)
             now = time.time()
             record = ClaimRecord(self.owner, self.digest, now, self.lease_s, now)
             if self._write(top + 1, record, create=True):
                 if max(self._generations(), default=0) == top + 1:
                     self.generation, self._record = top + 1, record
+                    self.fence = self.store.open_fence(self.stage(top + 1), self._fenced)
+                    self.fenced = FencedStore(self.store, self.fence)
                     if top:
                         log.info("took over the output claim (generation %d, the previous one ended)", top)
                     return
@@ -177,6 +208,8 @@ class OutputClaim:
                 self._record.heartbeat = time.time()
                 self._write(self.generation, self._record, create=False)
                 last_ok = time.monotonic()
+            except ClaimLostError:  # the store refused the renewal: sealed by the run that took over
+                return None
             except Exception as e:  # storage trouble: keep trying until the lease would be gone
                 log.warning("could not renew the output claim: %s", e)
                 if time.monotonic() - last_ok >= self.lease_s:
@@ -184,9 +217,17 @@ class OutputClaim:
         return None
 
     def _lose(self, reason: str) -> None:
-        log.error("%s: stopping at the next step boundary (exit 75)", reason)
-        self.lost.set()
-        self.on_lost(reason)
+        """The heartbeat saw the claim gone: stop (the fence refuses whatever is written meanwhile)."""
+        if not self.lost.is_set():
+            log.warning("%s: stopping at the next step boundary (exit 75)", reason)
+            self.lost.set()
+            self.on_lost(reason)
+
+    def _fenced(self, reason: str) -> None:
+        """The store refused a write: the ClaimLostError raised with ``reason`` is the one line that says so."""
+        if not self.lost.is_set():
+            self.lost.set()
+            self.on_lost(reason)
 
     # -- release --------------------------------------------------------------------------------
     def release(self) -> None:
@@ -199,6 +240,10 @@ class OutputClaim:
         self._record.released = True
         try:
             self._write(self.generation, self._record, create=False)
+            if self.fence is not None:
+                self.fence.close()
+        except ClaimLostError:
+            pass  # taken over since our last write: nothing of ours to release
         except Exception as e:  # the lease then expires on its own
             log.warning("could not release the output claim (it expires in %.0fs): %s", self.lease_s, e)
         self.generation = None

@@ -40,7 +40,6 @@ from kolors_job.captions import (
     Metadata,
     caption_for,
     finish_caption,
-    has_surrogates,
     is_inside,
     read_metadata,
 )
@@ -94,7 +93,6 @@ class SkipReason:
     UNREADABLE = "unreadable"  # permission denied, dangling link, FIFO/device, I/O error
     NO_CAPTION = "no_caption"
     CAPTION_NOT_UTF8 = "caption_not_utf8"
-    NAME_NOT_UTF8 = "name_not_utf8"  # a file name no JSON report (nor caption file) can hold as text
     # bucket keys a local directory cannot hold (recorded by Store.download_dir at fetch time):
     UNSAFE_KEY = "unsafe_key"  # ``..``, ``.`` or empty segments
     KEY_CONFLICT = "key_conflict"  # ``x.png`` beside ``x.png/y.png``
@@ -453,7 +451,11 @@ def _passes_aspect(w: int, h: int, f: FilterSpec) -> bool:
 
 
 def _printable(rel: str) -> str:
-    """A name with undecodable bytes as ``\\xNN`` escapes: valid UTF-8 for report.json and logs."""
+    """A name with undecodable bytes as ``\\xNN`` escapes: valid UTF-8 for report.json and logs.
+
+    File names are bytes on Linux and need not be UTF-8 (Latin-1 names from old archives): such a file is
+    judged by its content like any other and, kept, opened by its own bytes (``os.walk`` hands them over as
+    surrogate escapes); only what is *shown* of its name is escaped."""
     return rel.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
@@ -489,10 +491,6 @@ def scan_dataset(
     skipped: dict[str, list[str]] = _fetch_skips(root)
     for rel in outside_dirs:
         skipped.setdefault(SkipReason.SYMLINK_OUTSIDE_ROOT, []).append(_printable(rel))
-    odd = [rel for rel in files if has_surrogates(rel)]
-    if odd:
-        skipped.setdefault(SkipReason.NAME_NOT_UTF8, []).extend(_printable(rel) for rel in odd)
-        files = [rel for rel in files if not has_surrogates(rel)]
     cap = spec.filters.max_images
     budget = _MemoryBudget(memory_budget)
     workers = workers or min(8, os.cpu_count() or 1)
@@ -513,7 +511,7 @@ def scan_dataset(
                     scan.items.append(v.item)
                     scan.captions_truncated += int(v.truncated)
                 elif v.reason is not None:
-                    skipped.setdefault(v.reason, []).append(v.rel)
+                    skipped.setdefault(v.reason, []).append(_printable(v.rel))
         rest = files[position:]
         scan.not_examined += sum(
             1 for r in rest if posixpath.splitext(r)[1].lower() not in COMPANION_EXTENSIONS

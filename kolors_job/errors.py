@@ -78,6 +78,13 @@ class StorageTemporaryError(StorageError):
     exit_code = ExitCode.TEMPORARY
 
 
+class ClaimLostError(JobError):
+    """Another run took the output prefix over (this one was paused or cut off past its lease): the store
+    refused this run's write, and it writes nothing more. A rerun resumes from what the prefix holds."""
+
+    exit_code = ExitCode.TEMPORARY
+
+
 class JobInterruptedError(JobError):
     """SIGTERM/SIGINT: state was checkpointed; a rerun resumes."""
 

@@ -20,6 +20,7 @@ from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -36,7 +37,7 @@ from kolors_job.errors import ManifestError, StorageNotFoundError
 from kolors_job.export.registry import default_format_names, format_names
 from kolors_job.models import SCHEDULERS
 from kolors_job.recipe import REFERENCE_TRAIN_VAE, RecipeName, fill_switches
-from kolors_job.redact import redact_uri
+from kolors_job.redact import holds_secret, without_query
 from kolors_job.sources import HUB_SCHEMES, check_hub_uri, source_schemes
 
 API_VERSION = "kolors-job/v1"
@@ -83,6 +84,21 @@ def _check_uri(value: str, schemes: tuple[str, ...], *, allow_path: bool = True)
 ModelUri = Annotated[str, Field(max_length=2048)]
 
 
+def _no_credentials(value: str) -> str:
+    """Free text is written into the outputs as given (resolved manifest, prompts.json, the submission):
+    one holding a credential is refused here, never masked there (masking would change the job)."""
+    if holds_secret(value):
+        raise ValueError(
+            "holds a credential (a URL with user:password@, a signed-URL or token parameter, or the value of "
+            "a secret environment variable); remove it: this text is written into the outputs as given"
+        )
+    return value
+
+
+FreeText = Annotated[str, AfterValidator(_no_credentials)]
+"""Prompts, captions, labels: any text, but no credential (see ``_no_credentials``)."""
+
+
 class ModelSpec(_Strict):
     base: ModelUri = "modelscope://Kwai-Kolors/Kolors-diffusers"
     """Kolors in diffusers layout: ``modelscope://`` or ``hf://`` repo, a bucket prefix, a local/mounted dir,
@@ -101,10 +117,10 @@ class ModelSpec(_Strict):
 
 
 class CaptionSpec(_Strict):
-    fixed: str | None = Field("二次元", max_length=MAX_PROMPT_CHARS)
+    fixed: FreeText | None = Field("二次元", max_length=MAX_PROMPT_CHARS)
     """Caption for every image (the reference uses "二次元"). ``null`` reads captions from
     ``metadata.csv`` / ``metadata.jsonl`` (``file_name,text``) or per-image ``.txt`` sidecars."""
-    prefix: str = Field("", max_length=200)
+    prefix: FreeText = Field("", max_length=200)
     """Prepended to every caption (a trigger word)."""
     max_chars: int = Field(512, ge=1, le=MAX_PROMPT_CHARS)
     """Longer captions are cut (and counted in the report); ChatGLM sees at most 256 tokens anyway."""
@@ -273,13 +289,13 @@ class TrainSpec(_Strict):
 
 
 class Frame(_Strict):
-    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
+    prompt: FreeText = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
     """What the frame shows (Chinese or English; ChatGLM reads up to 256 tokens)."""
     seed: int = Field(0, ge=0, le=2**32 - 1)
     """Seed of this frame's starting noise (each frame has its own generator)."""
-    negative_prompt: str | None = Field(None, max_length=MAX_PROMPT_CHARS)
+    negative_prompt: FreeText | None = Field(None, max_length=MAX_PROMPT_CHARS)
     """Replaces the story's negative prompt for this frame."""
-    negative_prompt_extra: str | None = Field(None, max_length=MAX_PROMPT_CHARS)
+    negative_prompt_extra: FreeText | None = Field(None, max_length=MAX_PROMPT_CHARS)
     """Appended to the story's negative prompt with "，" (the reference does this on frames 3 and 4)."""
 
 
@@ -332,7 +348,7 @@ SamplingPrecision = Literal["auto", "fp16", "bf16", "fp32"]
 
 
 class StorySpec(_Strict):
-    negative_prompt: str = Field(REFERENCE_NEGATIVE, max_length=MAX_PROMPT_CHARS)
+    negative_prompt: FreeText = Field(REFERENCE_NEGATIVE, max_length=MAX_PROMPT_CHARS)
     """What every frame should not show (each frame may replace or extend it)."""
     cfg_scale: float = Field(4.0, ge=0.0, le=50.0)
     """Classifier-free guidance scale (the reference: 4)."""
@@ -450,7 +466,7 @@ class Spec(_Strict):
 class Metadata(_Strict):
     name: str = Field("kolors-lora-story", pattern=JOB_ID_PATTERN)
     """Lower-case DNS-label-like name; the default job id, so reruns find their own output."""
-    labels: dict[str, Annotated[str, Field(max_length=256)]] = Field(default_factory=dict, max_length=64)
+    labels: dict[str, Annotated[FreeText, Field(max_length=256)]] = Field(default_factory=dict, max_length=64)
     """Free-form ``key: value`` notes (e.g. who asked for the job); kept in ``manifest.resolved.yaml`` and
     report.json, not part of the manifest digest."""
 
@@ -470,9 +486,10 @@ class Manifest(_Strict):
         return self.spec.output.job_id or self.metadata.name
 
     def resolved(self) -> dict[str, Any]:
-        """The manifest as run: defaults filled, credentials in URIs redacted."""
-        data = self.model_dump(mode="json")
-        return _redact_tree(data)
+        """The manifest as run: defaults filled, every value byte for byte as given — so the stored copy has
+        this manifest's digest and a stopped job always resumes. Nothing needs masking: URIs with
+        credentials or queries and free text holding one are refused at validation."""
+        return self.model_dump(mode="json")
 
     def digest(self) -> str:
         """Identity of the job's *work* (not its output location): same digest ⇒ same results."""
@@ -485,16 +502,6 @@ class Manifest(_Strict):
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.resolved(), allow_unicode=True, sort_keys=False)
-
-
-def _redact_tree(node: Any) -> Any:
-    if isinstance(node, dict):
-        return {k: _redact_tree(v) for k, v in node.items()}
-    if isinstance(node, list):
-        return [_redact_tree(v) for v in node]
-    if isinstance(node, str) and "://" in node:
-        return redact_uri(node)
-    return node
 
 
 # --------------------------------------------------------------------------------------------- loading
@@ -580,26 +587,30 @@ def parse_manifest(raw: bytes | str, *, source: str = "manifest") -> Manifest:
 
 
 def read_manifest_source(uri: str) -> tuple[bytes, str]:
-    """Read manifest bytes from a path, ``file://``, ``s3://`` or ``oss://`` URI."""
+    """Read manifest bytes from a path, ``file://``, ``s3://`` or ``oss://`` URI. A URI with a query (a signed
+    URL) is refused without echoing it: storage URIs have no use for one."""
     scheme = storage.scheme_of(uri)
+    shown = without_query(uri) if scheme else uri
+    if scheme and ("?" in uri or "#" in uri):
+        raise ManifestError(f"{shown}: a manifest URI must not carry a query or fragment (a signed URL is not one)")
     if not scheme or ((b := storage.backend(scheme)) is not None and b.local):
         path = Path(uri[len(f"{scheme}://") :] if scheme else uri)
         return _read_regular_file(path, uri), str(path)
     try:
         scheme, bucket, key = storage.split_uri(uri)
     except ValueError as e:
-        raise ManifestError(f"{redact_uri(uri)}: {e}") from None
+        raise ManifestError(f"{shown}: {e}") from None
     key = key.rstrip("/")  # split_uri reads the path as a prefix and adds a slash
     if not key or uri.endswith("/"):
-        raise ManifestError(f"{redact_uri(uri)}: manifest URI must be a path, file://, s3:// or oss:// object")
+        raise ManifestError(f"{shown}: manifest URI must be a path, file://, s3:// or oss:// object")
     parent, _, name = key.rpartition("/")
     store = storage.open_store(f"{scheme}://{bucket}/{parent}")
     try:
         if (size := store.size(name)) > MAX_MANIFEST_BYTES:  # a HEAD first: never read 50 MB to refuse it
-            raise ManifestError(f"{redact_uri(uri)}: {size} bytes is larger than the {MAX_MANIFEST_BYTES}-byte limit")
-        return store.read_bytes(name), redact_uri(uri)
+            raise ManifestError(f"{shown}: {size} bytes is larger than the {MAX_MANIFEST_BYTES}-byte limit")
+        return store.read_bytes(name), shown
     except StorageNotFoundError:  # a missing manifest is exit 2, wherever it was looked for
-        raise ManifestError(f"{redact_uri(uri)}: cannot read manifest: no such object") from None
+        raise ManifestError(f"{shown}: cannot read manifest: no such object") from None
 
 
 def _read_regular_file(path: Path, uri: str) -> bytes:

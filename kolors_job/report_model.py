@@ -31,6 +31,7 @@ __all__ = [
     "Score",
     "SelectedCheckpoint",
     "Source",
+    "Storage",
     "Story",
     "Submission",
     "Train",
@@ -197,6 +198,14 @@ class Submission(_Section):
     """``submission.check_submission``: why ``submission/`` would not be a valid entry; empty when it is."""
 
 
+class Storage(_Section):
+    """How the object store behaved for this run (up to the report)."""
+
+    retries: int | None = None
+    """Requests retried after throttling (503 SlowDown, ServerBusy), 5xx, resets or cut bodies, each after a
+    jittered exponential backoff; a retry that succeeds loses nothing."""
+
+
 class Report(_Section):
     """The whole of report.json."""
 
@@ -222,10 +231,11 @@ class Report(_Section):
     selected_checkpoint: SelectedCheckpoint | None = None
     timings: dict[str, Number] | None = None
     """Stage → seconds."""
+    storage: Storage | None = None
     device: Device | None = None
     versions: dict[str, str] | None = None
     manifest: dict[str, Any] | None = None
-    """``Manifest.resolved()``: defaults filled, credentials redacted."""
+    """``Manifest.resolved()``: defaults filled, every value as given (a manifest holding a credential is refused)."""
     submission: Submission | None = None
     memory: dict[str, Any] | None = None
     """``kolors_job.plan.Plan.to_dict()``: the card, the settings the memory plan chose and every stage's predicted

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
-from kolors_job import checkpoints
+from kolors_job import checkpoints, scratch
 from kolors_job.claim import CLAIM_DIR, OutputClaim
 from kolors_job.device import pick_device
 from kolors_job.errors import (
@@ -45,6 +45,7 @@ from kolors_job.settings import Settings
 from kolors_job.status import StatusWriter
 from kolors_job.stop import StopFlag, stop_on_signals
 from kolors_job.storage import Store, open_store
+from kolors_job.storage.base import RETRIES
 from kolors_job.storage.local import TEMPORARY_ERRNOS, os_error
 from kolors_job.story import run_story
 
@@ -124,15 +125,17 @@ class Job:
         self.store: Store = open_store(manifest.spec.output.uri, settings).child(self.job_id)
         # Scratch is per run: two processes of one job (a rerun racing a zombie, a waiting second run)
         # never share files. A rerun resumes from the output store, never from scratch.
-        self.work = settings.resolved_work_dir / self.job_id / _run_dir_name(self.world)
+        self.run_root = self.work = settings.resolved_work_dir / self.job_id / _run_dir_name(self.world)
         if self.world > _env_int("LOCAL_WORLD_SIZE", self.world):
             # Several nodes: the work dir may be one shared volume (a ReadWriteMany cache PVC), and each
             # node's ranks write their own LoRA copy and checkpoints there. torchrun sets GROUP_RANK.
             self.work = self.work / f"node-{_env_int('GROUP_RANK', 0)}"
         self.status = StatusWriter(self.store if self.main else None, self.job_id, self.digest)
         self.timings: dict[str, float] = {}
+        self.retries_before = RETRIES.value  # the process-wide count when this run began (tests run several)
         self.owns_output = False  # set once prepare_output has checked the prefix is ours
         self.claim: OutputClaim | None = None  # rank 0's exclusive claim on the output prefix
+        self.scratch_owner: scratch.ScratchOwner | None = None  # this process's record in its scratch directory
         self.allow_cpu = allow_cpu
         # one GPU per rank, as torchrun assigns them
         self.device = pick_device(manifest.spec.device, world=self.world, local_rank=_env_int("LOCAL_RANK", 0))
@@ -249,6 +252,10 @@ def claim_output(job: Job) -> None:
     )
     claim.acquire()
     job.claim = claim
+    # From here on every write and delete under the prefix goes through the claim's fence: the store
+    # refuses them once another run has taken the prefix over (a pause past the lease, a frozen node).
+    assert claim.fenced is not None
+    job.store = job.status.store = claim.fenced
     claim.start_heartbeat()
 
 
@@ -428,7 +435,7 @@ def run_train(job: Job, models: ResolvedModels, items: list[Any], scorer: Any = 
         return done
 
     resume_from = None
-    if (newest := checkpoints.newest_complete(job.store)) is not None:
+    if (newest := checkpoints.newest_complete(job.store, identity=job.digest)) is not None:
         resume_from = checkpoints.step_dir(job.work, newest)
         if job.local_main:
             checkpoints.download(job.store, newest, job.work)
@@ -460,7 +467,7 @@ def run_train(job: Job, models: ResolvedModels, items: list[Any], scorer: Any = 
         models.base, items, train_spec(spec.train, choices), work_dir=job.work / "train", vae_dir=models.vae,
         train_vae_dir=models.train_vae, device=job.device, resume_from=resume_from, on_checkpoint=on_checkpoint,
         should_stop=job.stop, progress=job.progress, caption_dropout=spec.dataset.caption.dropout,
-        validator=validator, **train_kwargs(choices),
+        validator=validator, identity=job.digest, **train_kwargs(choices),
     )
     upload_logs()  # the last events (tracking.end flushed them)
     if result.interrupted:
@@ -592,6 +599,7 @@ def run_report(
         if train.get("selected_checkpoint") else None,
         recipe=rm.Recipe.model_validate(describe(spec)),
         timings=dict(job.timings),
+        storage=rm.Storage(retries=RETRIES.value - job.retries_before),
         device=rm.Device.model_validate(device_info()),
         versions=package_versions(),
         manifest=job.manifest.resolved(),
@@ -642,6 +650,8 @@ def run_job(job: Job) -> JobOutcome:
         finally:
             if job.claim is not None:
                 job.claim.release()
+            if job.scratch_owner is not None:
+                job.scratch_owner.close()
             if job.world == 1:  # nothing in scratch is reused by a rerun (it resumes from the output store)
                 shutil.rmtree(job.work, ignore_errors=True)
                 with contextlib.suppress(OSError):
@@ -664,6 +674,8 @@ def _safe_finish(job: Job, state: str, code: ExitCode, message: str) -> None:
 def _run(job: Job) -> JobOutcome:
     log.info("job %s → %s", job.job_id, job.output_uri, extra={"manifest_digest": job.digest})
     check_device_first(job)  # before the first network call: nothing is read or written on a wrong node
+    if job.local_main:  # what killed or preempted runs left on this work volume (never a live run's)
+        scratch.sweep(job.settings.resolved_work_dir, keep=job.run_root)
     # Nothing is written before this check: a finished run or another manifest's run stays untouched.
     # A finished run of this manifest is seen without claiming anything: a no-op rerun writes nothing.
     finished = _already_finished(job)
@@ -678,6 +690,7 @@ def _run(job: Job) -> JobOutcome:
         return JobOutcome(job.job_id, job.output_uri, ExitCode.OK, "skipped", msg)
     job.owns_output = True
     job.work.mkdir(parents=True, exist_ok=True)
+    job.scratch_owner = scratch.ScratchOwner(job.run_root)
 
     with job.local_main_first():  # one download per node; its other ranks then hit the cache
         with job.stage("models"):

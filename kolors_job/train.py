@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import functools
 import gc
+import hashlib
 import json
 import logging
 import math
@@ -228,6 +229,7 @@ def train_lora(
     validator: Validator | None = None,
     latent_batch: int = 8,
     text_encoder_device: str | None = None,
+    identity: str = "",
 ) -> TrainResult:
     """Train a LoRA on the UNet of the Kolors model at ``model_dir``; see the module docstring for the recipe.
 
@@ -236,6 +238,8 @@ def train_lora(
     ``validator`` (:mod:`kolors_job.validation`) draws and scores frames at the checkpoints it says are due.
     Trackers (``spec.log_with``) write under ``work_dir/logs/``. ``latent_batch`` (images per VAE encode) and
     ``text_encoder_device`` (``cpu``: ChatGLM encodes there) come from the memory plan (:mod:`kolors_job.plan`).
+    ``identity`` (the job's manifest digest) goes into the fingerprint every checkpoint records, so no other
+    job's checkpoint is ever resumed.
     """
     start_time = time.monotonic()
     if not items:
@@ -252,7 +256,9 @@ def train_lora(
     dev, world = accelerator.device, accelerator.num_processes
     samples_per_step = spec.batch_size * spec.gradient_accumulation * world
     n_steps = total_steps(spec, len(items), samples_per_step)
-    fingerprint = _normalise(_fingerprint(spec, samples_per_step, len(items), caption_dropout))
+    fingerprint = _normalise(
+        {**_fingerprint(spec, samples_per_step, items, caption_dropout), "precision": precision, "job": identity}
+    )
     if resume_state is not None and resume_state.get("fingerprint") != fingerprint:
         raise ValueError(
             f"{resume_from}: checkpoint is from a different run configuration "
@@ -533,11 +539,18 @@ def save_final(run: Run, work_dir: Path, step: int, interrupted_at: Path | None)
 
 
 def _fingerprint(
-    spec: TrainSpec, samples_per_step: int, n_items: int, caption_dropout: float
+    spec: TrainSpec, samples_per_step: int, items: list[ImageItem], caption_dropout: float
 ) -> dict[str, Any]:
-    """What must match for a resumed run to continue the same run (the data order and the math)."""
+    """What must match for a resumed run to continue the same run: everything that decides the weights (the
+    math, the data and its order: each image's name, size and caption) — the caller adds the job's identity."""
+    data = hashlib.sha256()
+    for item in items:  # names as bytes: a dataset's file names need not be UTF-8
+        data.update(os.fsencode(Path(item.path).name) + b"\0" + item.caption.encode("utf-8", "surrogatepass"))
+        data.update(f"\0{item.width}x{item.height}\n".encode())
     keys = (
         "rank",
+        "batch_size",
+        "gradient_accumulation",
         "alpha",
         "learning_rate",
         "steps",
@@ -563,7 +576,8 @@ def _fingerprint(
     return {
         **{k: getattr(spec, k) for k in keys},
         "samples_per_step": samples_per_step,
-        "items": n_items,
+        "items": len(items),
+        "data": data.hexdigest(),
         "caption_dropout": caption_dropout,
     }
 

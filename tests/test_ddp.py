@@ -274,7 +274,10 @@ def test_whole_job_on_two_nodes_sharing_one_volume(job_world: JobWorld, tmp_path
     _assert_written_once(w, "nodes")
     assert _frames_by_rank(*logs) == {0: [1, 2, 3, 4], 1: [5, 6, 7, 8]}
     (group,) = (tmp_path / "shared" / "nodes").iterdir()  # this torchrun group's scratch: one per run
-    assert group.name.startswith("ddp-") and sorted(p.name for p in group.iterdir()) == ["node-0", "node-1"]
+    names = sorted(p.name for p in group.iterdir())
+    owners = [n for n in names if n.startswith(".owner-")]
+    assert group.name.startswith("ddp-") and [n for n in names if n not in owners] == ["node-0", "node-1"]
+    assert len(owners) == 2  # one record per rank: a later run removes this scratch once both processes are gone
     node1 = group / "node-1"
     assert {p.name for p in (node1 / "train" / "checkpoints").iterdir()} == {"step-2", "step-4"}
     # node 1 trained the very same LoRA: its own export is byte-identical to the one node 0 published

@@ -33,6 +33,7 @@ except ModuleNotFoundError:  # tests/ not importable as a package
     from storage_servers.fault_proxy import LEDGER, Fault, FaultProxy
 
 MiB = 1024 * 1024
+THROTTLED_SHARE, THROTTLE_PER_REQUEST = 0.3, 4
 BUDGET = 3  # storage_max_attempts in these tests: at most BUDGET - 1 failures per request are survivable
 
 # one of each survivable fault, used in rotation
@@ -297,17 +298,24 @@ def job_runs(s3_server, shared_cache, tmp_path_factory):
             storage_max_attempts=BUDGET,
         )
         runs = {}
-        for name, schedule in (("clean", None), ("faulty", "rotation"), ("outage", "outage")):
+        for name, schedule in (("clean", None), ("faulty", "rotation"), ("throttled", "throttle"), ("outage", "outage")):
             proxy.clear()
+            run_settings = settings
             if schedule == "rotation":
                 proxy.add(ROTATION, every=2, per_request=1, times=None)
+            elif schedule == "throttle":  # 30 % of all requests throttled, with the default retry budget (8 tries)
+                proxy.throttle(THROTTLED_SHARE, seed=31, per_request=THROTTLE_PER_REQUEST)
+                run_settings = settings.model_copy(update={"storage_max_attempts": Settings().storage_max_attempts})
             elif schedule == "outage":  # everything fails from the middle of the clean run's traffic on
                 proxy.fail_all(Fault("reset"), skip=runs["clean"]["requests"] // 2)
             manifest = small_manifest(shared_cache, f"s3://{bucket}/{name}/", name="job")
             n0, f0, t0 = len(proxy.requests), proxy.injected, time.monotonic()
-            outcome = run_job(Job(manifest, settings=settings))
+            outcome = run_job(Job(manifest, settings=run_settings))
+            requests = proxy.requests[n0:]
+            first_submission = next((i for i, (_, t) in enumerate(requests) if "/submission/" in t), len(requests))
             runs[name] = {
                 "outcome": outcome,
+                "faults_before_report": sum(1 for i in proxy.fault_at[f0:] if i - n0 < first_submission),
                 "requests": len(proxy.requests) - n0,
                 "faults": proxy.injected - f0,
                 "kinds": Counter(k for k, _, _ in proxy.events[f0:]),
@@ -338,6 +346,69 @@ def test_job_under_faults_gives_the_same_outputs_as_a_clean_run(job_runs):
     assert files(faulty["objects"]) == files(clean["objects"])
     assert any(k.startswith("logs/tensorboard/events.out.tfevents.") for k in faulty["objects"])
     LEDGER.record_survived(faulty["faults"])
+
+
+def test_job_under_30_percent_throttling_finishes_with_identical_outputs(job_runs):
+    """Issue #31 (4): a throttling storm — 30 % of all requests answered 503 SlowDown, 500 or reset (one request
+    at most 4 times) — and the job still finishes within the storage deadline with the clean run's LoRA, frames and
+    scores; every throttled request was retried after a jittered backoff, and report.json counts the retries."""
+    clean, throttled = job_runs["clean"], job_runs["throttled"]
+    assert throttled["outcome"].exit_code == 0, throttled["outcome"].message
+    share = throttled["faults"] / throttled["requests"]
+    assert 0.2 < share < 0.4 and set(throttled["kinds"]) == {"status", "reset"}, (share, throttled["kinds"])
+    assert _outputs(throttled["objects"]) == _outputs(clean["objects"])
+    retries = json.loads(throttled["objects"]["report.json"])["storage"]["retries"]
+    # each injected fault cost one retry; those after report.json was made (its uploads, status, _SUCCESS) are not in it
+    assert retries == throttled["faults_before_report"], (retries, throttled["faults_before_report"], throttled["faults"])
+    assert json.loads(clean["objects"]["report.json"])["storage"]["retries"] == 0
+    deadline = Settings().storage_deadline_s
+    assert throttled["seconds"] < clean["seconds"] + deadline  # no operation waited out its deadline
+    print(f"\nthrottled job: {throttled['requests']} requests, {throttled['faults']} throttled ({share:.0%}), "
+          f"{retries} retries in report.json, {throttled['seconds']:.1f}s vs {clean['seconds']:.1f}s clean")
+    LEDGER.record_survived(throttled["faults"])
+
+
+def test_backoff_is_exponential_with_full_jitter() -> None:
+    """Retries of many clients after one throttling answer must not come back in lockstep: each delay is drawn
+    uniformly below an exponentially growing cap (S3's and OSS's own loops; botocore's is wrapped to cap at 2 s)."""
+    from kolors_job.storage.base import backoff_delay
+
+    for attempt in range(1, 6):
+        cap = min(2.0, 0.05 * 2**attempt)
+        draws = [backoff_delay(attempt, 0.05, 2.0) for _ in range(400)]
+        assert all(0 <= d <= cap for d in draws)
+        assert len(set(draws)) == len(draws) and max(draws) - min(draws) > 0.8 * cap  # spread over the range
+
+
+@pytest.mark.parametrize("flavour", ["s3", "oss"])
+def test_both_loopback_stores_throttle_a_share_of_requests(flavour, storage_env, s3_server, oss_server, tmp_path):
+    """The OSS side of the storm (ServerBusy) at the storage level: a directory round trip survives it byte for
+    byte, and the retries are counted."""
+    from kolors_job.storage.base import RETRIES
+
+    upstream = s3_server.endpoint_url if flavour == "s3" else oss_server.endpoint
+    with FaultProxy(upstream, flavour=flavour) as proxy:
+        settings = storage_env.model_copy(update={
+            "s3_endpoint_url": proxy.endpoint if flavour == "s3" else storage_env.s3_endpoint_url,
+            "oss_endpoint": proxy.endpoint if flavour == "oss" else storage_env.oss_endpoint,
+            "storage_max_attempts": 8, "cache_dir": tmp_path / "cache",
+        })  # fmt: skip
+        store = _store(f"{flavour}://{s3_server.create_bucket()}/t/", settings)
+        files = {f"f{i:02d}.bin": os.urandom(1000 + i) for i in range(30)}
+        for rel, data in files.items():
+            (tmp_path / "src" / rel).parent.mkdir(parents=True, exist_ok=True)
+            (tmp_path / "src" / rel).write_bytes(data)
+        before = RETRIES.value
+        proxy.throttle(THROTTLED_SHARE, seed=7, per_request=THROTTLE_PER_REQUEST)
+        store.upload_dir(tmp_path / "src", "d/")
+        store.download_dir("d/", tmp_path / "back")
+        busy = "SlowDown" if flavour == "s3" else "ServerBusy"
+        assert any(kind == "status" for kind, _, _ in proxy.events) and proxy.injected >= 10, proxy.by_kind
+    for rel, data in files.items():
+        assert (tmp_path / "back" / rel).read_bytes() == data
+    assert RETRIES.value - before == proxy.injected
+    assert busy in repr([f.code for r in proxy.rules for f in r.faults])
+    LEDGER.record_survived(proxy.injected)
 
 
 def test_job_in_an_outage_fails_cleanly_with_exit_75(job_runs):

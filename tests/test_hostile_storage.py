@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from kolors_job.cli import main
-from kolors_job.dataset import SkipReason, scan_dataset
+from kolors_job.dataset import SkipReason, load_image, scan_dataset
 from kolors_job.errors import ExitCode, StorageDeniedError, StorageTemporaryError
 from kolors_job.manifest import DatasetSpec, FilterSpec
 from kolors_job.redact import scrub
@@ -109,18 +109,33 @@ def test_an_oversized_remote_manifest_is_refused_from_its_size_unread(s3_server,
 
 
 # -- names and keys: skipped and counted, never exit 1 ------------------------------------------
-def test_odd_local_names_are_skipped_and_the_report_stays_valid_json(tmp_path) -> None:
+def test_names_that_are_not_utf8_are_judged_by_content_and_shown_escaped(tmp_path) -> None:
+    """Issue #31's 73rd case: Latin-1 file names (an old archive). Names are bytes on Linux: a valid image is
+    kept (opened by its bytes, its caption sidecar found), a zero-byte one is ``zero_byte``, a corrupt one
+    ``corrupt``, a sidecar is never counted as an image; the report shows the names escaped, as valid JSON."""
     root = tmp_path / "data"
     root.mkdir()
-    (root / "ok.png").write_bytes(_png())
-    odd = os.fsencode(root) + b"/caf\xe9-latin1.png"  # not UTF-8: a file copied from an old Windows share
-    with open(odd, "wb") as f:
-        f.write(_png())
-    spec = DatasetSpec(source=str(root), caption={"fixed": "x"}, filters=FilterSpec(min_width=64, min_height=64))
-    scan = scan_dataset(root, spec, workers=1)
-    assert [i.path.name for i in scan.items] == ["ok.png"]
-    assert scan.skipped == {SkipReason.NAME_NOT_UTF8: ["caf\\xe9-latin1.png"]}
+    base = os.fsencode(root) + b"/"
+    files = {
+        b"ok.png": _png(), b"ok.txt": b"plain caption",
+        b"caf\xe9-latin1.png": _png(), b"caf\xe9-latin1.txt": "caf\u00e9 au lait".encode(),  # kept + its caption
+        b"zero_\xe9.png": b"",  # judged by content: empty
+        b"broken_\xe9\xe8.png": _png()[:60], b"broken_\xe9\xe8.txt": b"cap",  # judged by content: truncated
+        b"bad_\xff\xfe.txt": b"a sidecar with a binary name",  # not an image: never counted
+    }
+    for name, data in files.items():
+        with open(base + name, "wb") as f:
+            f.write(data)
+    spec = DatasetSpec(source=str(root), caption={"fixed": None}, filters=FilterSpec(min_width=64, min_height=64))
+    scan = scan_dataset(root, spec, workers=2)
+    kept = {os.fsencode(i.path.name): i for i in scan.items}
+    assert sorted(kept) == [b"caf\xe9-latin1.png", b"ok.png"], scan.skipped
+    assert kept[b"caf\xe9-latin1.png"].caption == "café au lait"
+    assert scan.skipped == {SkipReason.ZERO_BYTE: ["zero_\\xe9.png"], SkipReason.CORRUPT: ["broken_\\xe9\\xe8.png"]}
+    assert scan.examined == 4  # the sidecars, the odd-named one included, are no images
     json.dumps(scan.report(str(root)).to_dict(), ensure_ascii=False).encode()  # what put_json does
+    tensor, _ = load_image(kept[b"caf\xe9-latin1.png"], 64, True, False)  # and training opens it
+    assert tuple(tensor.shape) == (3, 64, 64)
 
 
 def test_odd_bucket_keys_are_skipped_and_counted(s3_server, storage_env, tmp_path) -> None:

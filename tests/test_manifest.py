@@ -166,14 +166,83 @@ def test_sources_env_inline_then_uri_then_flag(tmp_path: Path) -> None:
         load_manifest(str(tmp_path / "missing.yaml"))
 
 
-def test_credentials_in_uris_are_refused_or_redacted() -> None:
+def test_credentials_in_uris_are_refused_not_echoed() -> None:
     with pytest.raises(ManifestError) as err:  # userinfo in a bucket URI: refused, and not echoed
         parse_manifest("spec: {output: {uri: 's3://AKIDSECRET:SUPERSECRETKEY@bucket/p'}}")
     assert "SUPERSECRETKEY" not in str(err.value) and "AKIDSECRET" not in str(err.value)
     assert str(err.value).startswith("spec.output.uri: s3:// URI must not carry credentials")
-    m = parse_manifest("spec: {output: {uri: 's3://bucket/p?X-Amz-Signature=abcdef'}}")
+
+
+QUERIES = [  # (field, value): a query has no use in a storage URI; a signed URL's would become part of every key
+    ("output.uri", "s3://outb/out/?token=CANARYqueryToken1"),
+    ("output.uri", "oss://outb/out?X-Amz-Signature=CANARYqueryToken1"),
+    ("output.uri", "file:///tmp/out?x=CANARYqueryToken1"),
+    ("dataset.source", "s3://data/set/?X-Oss-Signature=CANARYqueryToken1"),
+    ("model.base", "oss://models/kolors#CANARYqueryToken1"),
+    ("score.aesthetic_model", "S3://models/aesthetic?v=CANARYqueryToken1"),
+]
+
+
+@pytest.mark.parametrize(("field", "value"), QUERIES, ids=[f"{f}={v.split(':')[0]}" for f, v in QUERIES])
+def test_a_storage_uri_with_a_query_is_refused_without_echoing_it(field: str, value: str) -> None:
+    section, key = field.split(".")
+    doc = {"spec": {"output": {"uri": "/tmp/o"}, section: {key: value}}}
+    lines = problems(json.dumps(doc))
+    assert lines == [f"spec.{field}: {value.split(':')[0].lower()}:// URI must not carry a query or fragment "
+                     "('?…', '#…'): storage URIs name a bucket prefix or a path (a signed URL is not one)"]
+    assert "CANARY" not in "".join(lines)
+
+
+# Free text carrying URLs, queries and upper-case schemes: none of it is a credential, so none of it may change.
+URL_TEXT = {
+    "story.negative_prompt": "blurry, a url like https://shop.example/?sale",
+    "story.frames": [{"prompt": f"frame {i}: see HTTPS://Example.COM/a?b&c=&d=%41#x and S3://Bkt/K?v", "seed": i}
+                     for i in range(8)],
+    "dataset.caption": {"fixed": None, "prefix": "FILE://trigger?word&a=b ", "max_chars": 300},
+    "dataset.source": "FILE:///data/anime",
+    "model.base": "TINY://kolors",
+}
+
+
+def _url_manifest() -> Manifest:
+    spec: dict = {"output": {"uri": "S3://bucket/Runs/"}}
+    for dotted, value in URL_TEXT.items():
+        section, key = dotted.split(".")
+        spec.setdefault(section, {})[key] = value
+    return parse_manifest(json.dumps({"spec": spec}))
+
+
+def test_the_resolved_manifest_keeps_every_prompt_and_uri_byte_for_byte() -> None:
+    """What ``manifest.resolved.yaml`` holds reads back as the same job (its digest is the job's own), so a
+    stopped job's rerun is never taken for another manifest's (exit 6); and nothing in it was rewritten."""
+    m = _url_manifest()
     text = m.to_yaml()
-    assert "abcdef" not in text and "s3://bucket/p?X-Amz-Signature=***" in text
+    again = Manifest.model_validate(yaml.safe_load(text))
+    assert again.digest() == m.digest() and again.resolved() == m.resolved() == m.model_dump(mode="json")
+    assert "blurry, a url like https://shop.example/?sale" in text and "?b&c=&d=%41#x" in text
+    assert "FILE://trigger?word&a=b " in text and "FILE:///data/anime" in text and "S3://bucket/Runs/" in text
+
+
+@pytest.mark.parametrize("text", [
+    "a url with a password: https://user:CANARYpassword1@example.com/x",
+    "a signed url: https://bkt.s3.amazonaws.com/k?X-Amz-Algorithm=AWS4&X-Amz-Signature=CANARYsig123",
+    "percent-encoded: s3%3A%2F%2Fb%2Fk%3FX-Amz-Credential%3DCANARYcred%252F2024",
+    "an OSS signed url: https://b.oss-cn-hangzhou.aliyuncs.com/k?OSSAccessKeyId=LTAICANARY&Signature=CANARYsig",
+    "an API token: https://api.example.com/v1?access_token=CANARYtoken99",
+])
+def test_free_text_holding_a_credential_is_refused_in_one_line(text: str) -> None:
+    """Prompts are written into prompts.json and the submission as given: one holding a credential is refused."""
+    lines = problems(json.dumps({"spec": {"output": {"uri": "/o"}, "story": {"negative_prompt": text}}}))
+    assert len(lines) == 1 and lines[0].startswith("spec.story.negative_prompt: holds a credential"), lines
+    assert "CANARY" not in lines[0]
+
+
+def test_free_text_holding_a_secret_environment_value_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KOLORS_TEST_API_TOKEN", "CANARY-env-token-Zx81")
+    doc = {"spec": {"output": {"uri": "/o"}, "dataset": {"caption": {"prefix": "CANARY-env-token-Zx81 style"}}}}
+    lines = problems(json.dumps(doc))
+    assert len(lines) == 1 and lines[0].startswith("spec.dataset.caption.prefix: holds a credential"), lines
+    assert "CANARY" not in lines[0]
 
 
 def test_json_schema_is_valid_and_rejects_unknown_fields() -> None:

@@ -10,6 +10,7 @@ job reruns as a no-op unless ``--force``; another manifest's output prefix is re
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -370,3 +371,146 @@ def test_kill_after_a_validation_keeps_it_and_the_rerun_does_not_redo_it(shared_
     assert killed["validation"] == ref["validation"] and killed["selected_checkpoint"] == ref["selected_checkpoint"]
     assert lora_tensors(tmp_path / "killed" / "watch-resume" / LORA) == lora_tensors(tmp_path / "ref" / "watch-resume" / LORA)
     assert list((tmp_path / "killed" / "watch-resume" / "logs" / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_a_checkpoint_of_another_job_is_never_resumed(tmp_path, caplog):
+    """Two manifests that differ only in their story share every training setting, yet a checkpoint one of
+    them left in a prefix is passed over by the other: the job's identity is part of what each records."""
+    from kolors_job import checkpoints
+    from kolors_job.storage import open_store
+
+    store = open_store(str(tmp_path / "out"))
+    for step, job in ((2, "mine"), (4, "theirs")):
+        store.write_bytes(f"checkpoints/step-{step}/state.json", json.dumps({"fingerprint": {"job": job}}).encode())
+        store.write_bytes(f"checkpoints/step-{step}/COMPLETE", b"")
+    store.write_bytes("checkpoints/step-6/COMPLETE", b"")  # no state.json: nothing vouches for it
+    with caplog.at_level(logging.WARNING, logger="kolors_job"):
+        assert checkpoints.newest_complete(store, identity="mine") == 2
+    assert [r.getMessage() for r in caplog.records] == [
+        f"checkpoint checkpoints/step-{s} was written by another job: not resumed" for s in (6, 4)]
+    assert checkpoints.newest_complete(store, identity="nobody") is None
+    assert checkpoints.newest_complete(store) == 6
+
+
+def test_a_stopped_job_with_urls_in_its_prompts_resumes(shared_cache, tmp_path):
+    """Issue #31 (3c): a negative prompt ``blurry, a url like https://shop.example/?sale``, a caption prefix and a
+    dataset source with upper-case schemes; the job is stopped once ``manifest.resolved.yaml`` exists (exit 75,
+    "rerun to resume") and rerun: it is the same job (not exit 6, "a different manifest"), and the stored
+    manifest holds every prompt and URI byte for byte."""
+    import yaml
+
+    from kolors_job.manifest import parse_manifest
+    from kolors_job.runner import Job, run_job
+    from kolors_job.stop import StopFlag
+
+    data = build_demo_dataset(shared_cache / "demo-dataset")
+    doc = tiny_job(data, (tmp_path / "out").as_uri().replace("file://", "FILE://"), {
+        "story.negative_prompt": "blurry, a url like https://shop.example/?sale",
+        "story.frames": [{"prompt": f"二次元 {i}, see HTTPS://Example.COM/a?b&c=&d=%41#x", "seed": i} for i in range(8)],
+        "dataset.caption": {"fixed": None, "prefix": "S3://trigger?word&a=b "},
+    }, name="url-job")  # fmt: skip
+    doc["spec"]["dataset"]["source"] = "FILE://" + str(data)
+    text = json.dumps(doc, ensure_ascii=False)
+    settings = Settings(cache_dir=shared_cache, work_dir=tmp_path / "work")
+    resolved = tmp_path / "out" / "url-job" / "manifest.resolved.yaml"
+
+    class StopOncePrepared(StopFlag):  # SIGTERM landing right after the resolved manifest is written
+        def __call__(self) -> bool:
+            return resolved.is_file()
+
+    outcomes = []
+    for _ in range(2):  # the run, stopped; its rerun, stopped at the same point: never "another manifest"
+        outcomes.append(run_job(Job(parse_manifest(text), settings=settings, stop=StopOncePrepared())))
+    assert [o.exit_code for o in outcomes] == [ExitCode.TEMPORARY, ExitCode.TEMPORARY], outcomes
+    assert all("rerun to resume" in o.message for o in outcomes), outcomes
+    stored = resolved.read_bytes()
+    job = parse_manifest(text)
+    assert Manifest.model_validate(yaml.safe_load(stored)).digest() == job.digest()
+    assert yaml.safe_load(stored) == job.model_dump(mode="json")
+    for given in ("blurry, a url like https://shop.example/?sale", "?b&c=&d=%41#x", "S3://trigger?word&a=b ", "FILE://"):
+        assert given in stored.decode(), given
+
+
+def _plant_scratch(path: Path, record: dict | None, *, age_s: float = 0.0) -> Path:
+    """A scratch directory another process left on the shared work volume (with its owner record, if any)."""
+    from kolors_job.scratch import OWNER_PREFIX
+
+    path.mkdir(parents=True)
+    (path / "lora.safetensors").write_bytes(b"\0" * 64)
+    files = [path / "lora.safetensors", path]
+    if record is not None:
+        owner = path / f"{OWNER_PREFIX}{record['host']}-{record['pid']}.json"
+        owner.write_text(json.dumps(record))
+        files.insert(0, owner)
+    stamp = time.time() - age_s
+    for p in files:
+        os.utime(p, (stamp, stamp))
+    return path
+
+
+def test_sigkilled_runs_leave_no_scratch_and_live_ones_keep_theirs(shared_cache, tmp_path):
+    """Issue #31 (2): runs SIGKILLed mid-training and mid-story (no cleanup of their own) leave their scratch
+    behind; the next run removes it as it starts — and never the scratch of a process that still exists, here
+    or on another machine sharing the volume (seen through its owner record's heartbeat)."""
+    from kolors_job.scratch import LEGACY_STALE_S, STALE_S, identity
+
+    work = tmp_path / "work"
+    data = build_demo_dataset(shared_cache / "demo-dataset")
+    manifest = tmp_path / "job.json"
+    manifest.write_text(json.dumps(tiny_job(data, str(tmp_path / "out"), {
+        "train.steps": 4, "train.checkpoint_every": 2, "train.batch_size": 1, "story.steps": 1,
+        "story.batch_size": 1, "score.gate": False, "output.lora_formats": ["diffusers"],
+    }, name="killed")))  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KOLORS_JOB_")}
+    env.update(KOLORS_JOB_CACHE_DIR=str(shared_cache), KOLORS_JOB_WORK_DIR=str(work), KOLORS_JOB_LOG_FORMAT="json",
+               KOLORS_JOB_CLAIM_LEASE_S="3", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+
+    live = subprocess.Popen(["sleep", "600"])  # a live process of this machine, and one that has ended
+    ended = subprocess.Popen(["sleep", "0.1"])
+    ended_record = identity(ended.pid)
+    ended.wait()
+    here = identity()
+    others = work / "other-job"
+    keep = {
+        "live": _plant_scratch(others / f"run-{live.pid}-aaaaaa", identity(live.pid)),
+        "other-node, renewing": _plant_scratch(others / "run-77-bbbbbb", {**here, "host": "other-node", "pid": 77},
+                                               age_s=STALE_S / 10),
+        "old layout, recent": _plant_scratch(others / "run-78-cccccc", None, age_s=60),
+    }
+    gone = {
+        "ended": _plant_scratch(others / f"run-{ended.pid}-dddddd", ended_record),
+        "pid reused": _plant_scratch(others / f"run-{live.pid}-eeeeee", {**identity(live.pid), "start": "1"}),
+        "other-node, silent": _plant_scratch(others / "run-79-ffffff", {**here, "host": "other-node", "pid": 79},
+                                             age_s=STALE_S * 2),
+        "old layout, idle": _plant_scratch(others / "run-80-aaaaaa", None, age_s=LEGACY_STALE_S * 2),
+        "this machine, earlier boot": _plant_scratch(others / "run-81-aaaaaa", {**here, "pid": 81, "boot": "earlier"}),
+    }
+
+    def killed_at(what) -> set[Path]:
+        run = start(manifest, env)
+        for line in run.stdout:
+            with contextlib.suppress(ValueError):
+                if what(json.loads(line)):
+                    run.kill()  # SIGKILL: no handler runs, nothing is cleaned up
+                    break
+        assert run.wait(60) == -signal.SIGKILL
+        return set((work / "killed").iterdir())
+
+    try:
+        first = killed_at(lambda r: r.get("msg") == "step" and r.get("step") == 3)  # mid-training
+        assert len(first) == 1 and all(p.name.startswith("run-") for p in first), first  # left behind
+        second = killed_at(lambda r: r.get("msg") == "frame")  # mid-story, after resuming
+        assert len(second) == 1 and not first & second, (first, second)  # the first one's went at its start
+        last = follow(start(manifest, env))
+        assert last.rc == 0, last.text()
+        assert not (work / "killed").exists(), sorted((work / "killed").rglob("*"))
+        for name, path in keep.items():
+            assert path.is_dir(), f"the scratch of a {name} owner was removed"
+        for name, path in gone.items():
+            assert not path.exists(), f"the scratch of a {name} owner is still there"
+        assert sorted(p.name for p in others.iterdir()) == sorted(p.name for p in keep.values())
+        print(f"\nscratch: 2 SIGKILLed runs' directories removed by the next run's start; {len(gone)} planted "
+              f"dead owners' removed, {len(keep)} live ones' kept")
+    finally:
+        live.kill()
+        live.wait()

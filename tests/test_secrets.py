@@ -37,9 +37,10 @@ ENDPOINT_PASSWORD = "kolors-endpoint-pw-Ud7Rq"
 
 
 def variants(secret: str) -> list[bytes]:
-    """The secret as it could appear: raw, URL-quoted, base64, JSON-escaped."""
+    """The secret as it could appear: raw, URL-quoted (once and twice), base64, JSON-escaped."""
     raw = secret.encode()
-    return [raw, quote(secret, safe="").encode(), base64.b64encode(raw), json.dumps(secret)[1:-1].encode()]
+    once = quote(secret, safe="")
+    return [raw, once.encode(), quote(once, safe="").encode(), base64.b64encode(raw), json.dumps(secret)[1:-1].encode()]
 
 
 def assert_clean(blob: bytes, where: str, secrets: list[str]) -> None:
@@ -48,12 +49,17 @@ def assert_clean(blob: bytes, where: str, secrets: list[str]) -> None:
             assert form not in blob, f"secret {secret[:6]}… found in {where}"
 
 
+URL_PROMPT = "二次元, a poster reading HTTPS://Shop.Example/?sale&page=2#top"
+"""Not a credential: it must reach prompts.json and the submission byte for byte."""
+
+
 def _manifest(cache_dir: Path, output: str, name: str) -> str:
     data = build_demo_dataset(cache_dir / "demo-dataset")
     return json.dumps(tiny_job(data, output, {
         "train.steps": 4, "train.batch_size": 1, "train.checkpoint_every": 2, "story.steps": 2,
         "story.batch_size": 8, "score.gate": False, "output.lora_formats": ["diffusers"],
-    }, name=name))
+        "story.negative_prompt": URL_PROMPT,
+    }, name=name), ensure_ascii=False)
 
 
 def _secret_env(shared_cache: Path, tmp_path: Path, endpoint: str) -> dict[str, str]:
@@ -111,8 +117,14 @@ def test_whole_job_leaks_no_secret_into_outputs_or_log(s3_server, shared_cache, 
     assert "jobs/secret-job/_SUCCESS" in keys and "jobs/secret-job/report.json" in keys
     assert any(k.endswith(".safetensors") for k in keys) and any(k.startswith("jobs/secret-job/images/") for k in keys)
     for key in keys:
+        assert_clean(key.encode(), f"the object key {key}", ALL_SECRETS)
         assert_clean(raw.get_object(Bucket=bucket, Key=key)["Body"].read(), key, ALL_SECRETS)
     assert_clean(log, "the job's stdout/stderr", ALL_SECRETS)
+    # what is not a secret is not touched: the URL in the negative prompt, as given, in every file that names it
+    body = {k: raw.get_object(Bucket=bucket, Key=k)["Body"].read().decode("utf-8", "replace") for k in keys}
+    assert json.loads(body["jobs/secret-job/prompts.json"])["negative_prompt"] == URL_PROMPT
+    assert URL_PROMPT in body["jobs/secret-job/manifest.resolved.yaml"]
+    assert URL_PROMPT in body["jobs/secret-job/submission/prompts.txt"]
     # the local work dir is not an output, but it is on the cache volume: no secrets there either
     for path in (tmp_path / "work").rglob("*"):
         if path.is_file() and path.stat().st_size < 50 * 2**20:
@@ -205,3 +217,81 @@ def test_aliyun_cli_env_names_are_credentials_and_are_scrubbed(monkeypatch: pyte
         "LTAIkolorsCliKey01", "kolors-cli-secret-Rk2Vb", "kolors-cli-token-Pz4Qw")
     line = scrub("denied for LTAIkolorsCliKey01 with kolors-cli-secret-Rk2Vb / kolors-cli-token-Pz4Qw")
     assert line == "denied for *** with *** / ***"
+
+
+# -- signed URLs and tokens: refused where they have no use, masked wherever text leaves the process --------
+CANARY = "CANARYsig7Qp2Zx9"
+
+
+@pytest.mark.parametrize("args", [
+    ["validate", f"s3://outb/m.yaml?X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Signature={CANARY}"],
+    ["run", "--manifest", f"oss://outb/jobs/m.yaml?OSSAccessKeyId=LTAIx&Signature={CANARY}"],
+    ["run", "--manifest", "{manifest}", "--output", f"s3://outb/out/?token={CANARY}"],
+    ["validate", "{prompt_manifest}"],
+    ["run", "--manifest", "{prompt_manifest}"],
+], ids=["validate-signed-manifest-uri", "run-signed-manifest-uri", "run-output-with-token", "validate-prompt-url",
+        "run-prompt-url"])
+def test_a_signed_url_is_refused_in_one_line_and_its_canary_is_nowhere(args, cli_env, tmp_path, capfd):
+    """Issue #31 (3d): with the storage endpoint down, a manifest URI or an output with a signed query, and a
+    prompt holding a URL with a password or signature, are refused at once (exit 2) in one line naming the field,
+    and the canary is in no form in the output (raw, percent-encoded once or twice, base64, JSON) — nor in any
+    file written (nothing is)."""
+    from kolors_job.cli import main
+
+    base = json.loads(_manifest(cli_env, str(tmp_path / "out"), "canary-job"))
+    manifest = tmp_path / "m.json"
+    manifest.write_text(json.dumps(base))
+    with_prompt = json.loads(json.dumps(base))
+    with_prompt["spec"]["story"]["frames"] = [
+        {"prompt": f"frame {i}: https://kj:{CANARY}@cdn.example/x.png?X-Amz-Signature={CANARY}", "seed": i}
+        for i in range(8)]
+    prompt_manifest = tmp_path / "p.json"
+    prompt_manifest.write_text(json.dumps(with_prompt))
+    argv = [a.format(manifest=manifest, prompt_manifest=prompt_manifest) for a in args]
+    capfd.readouterr()
+    code = main(argv)
+    out, err = capfd.readouterr()
+    assert code == 2, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) in (1, 8) and "Traceback" not in err, err  # 8 frames: one line per field
+    assert all("query" in line or "credential" in line for line in lines), lines
+    assert_clean((out + err).encode(), "the refusal", [CANARY])
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.fixture
+def cli_env(shared_cache, tmp_path, monkeypatch):
+    """The env of a job whose S3 and OSS endpoints are down (a closed port): any request would fail loudly."""
+    port = _closed_port()
+    for k in list(os.environ):
+        if k.startswith(("AWS_", "OSS_", "KOLORS_JOB_")):
+            monkeypatch.delenv(k)
+    for k, v in {**_secret_env(shared_cache, tmp_path, f"http://127.0.0.1:{port}"),
+                 "KOLORS_JOB_OSS_ENDPOINT": f"http://127.0.0.1:{port}", "KOLORS_JOB_OSS_REGION": "cn-hangzhou",
+                 "KOLORS_JOB_STORAGE_DEADLINE_S": "5"}.items():
+        monkeypatch.setenv(k, v)
+    yield shared_cache
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        if getattr(h, "_kolors_job", False):
+            root.removeHandler(h)
+
+
+@pytest.mark.parametrize(("line", "masked"), [
+    ("PUT s3://outb/m.yaml%3FX-Amz-Signature%3D{c}%26X-Amz-Date%3D2026: AccessDenied",
+     "PUT s3://outb/m.yaml%3FX-Amz-Signature%3D***%26X-Amz-Date%3D2026: AccessDenied"),
+    ("GET http://127.0.0.1:9/outb/m.yaml%253FX-Amz-Credential%253D{c}%2526a%253Db failed",
+     "GET http://127.0.0.1:9/outb/m.yaml%253FX-Amz-Credential%253D***%2526a%253Db failed"),
+    ("https://b.oss-cn-hangzhou.aliyuncs.com/k?OSSAccessKeyId=LTAI5t&Expires=1&Signature={c}",
+     "https://b.oss-cn-hangzhou.aliyuncs.com/k?OSSAccessKeyId=***&Expires=1&Signature=***"),
+    ("redirected to HTTPS://kj:{c}@mirror.example/repo?token={c}&sale",
+     "redirected to HTTPS://***@mirror.example/repo?token=***&sale"),
+    ('botocore: {{"url": "https://x/y?x-amz-security-token={c}&X-Amz-Expires=3600"}}',
+     'botocore: {{"url": "https://x/y?x-amz-security-token=***&X-Amz-Expires=3600"}}'),
+])
+def test_signed_url_parameters_are_masked_in_every_form(line: str, masked: str) -> None:
+    """What an SDK's error text carries (a key with its signed query percent-encoded into the path, once or twice)
+    is masked by the one scrub every sink goes through; every other byte of the line is kept."""
+    from kolors_job.redact import scrub
+
+    assert scrub(line.format(c=CANARY)) == masked.format()

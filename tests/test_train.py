@@ -7,6 +7,7 @@ and a third resumes it, and both must reproduce the straight run bit for bit.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -297,6 +298,15 @@ def test_refuses_incomplete_or_foreign_checkpoint(
             tiny_model, items, SPEC, work_dir=tmp_path, device="cpu", progress=False, resume_from=broken
         )
     (broken / COMPLETE_NAME).write_text("step 3\n")
+    # another job's checkpoint (its manifest digest, recorded in the fingerprint) is never resumed
+    with pytest.raises(ValueError, match="different run configuration"):
+        train_lora(tiny_model, items, SPEC, work_dir=tmp_path, device="cpu", progress=False,
+                   caption_dropout=DROPOUT, resume_from=broken, identity="another-job")
+    # nor one of the same job whose data changed under it (another caption decides other weights)
+    relabelled = [*items[:-1], dataclasses.replace(items[-1], caption=items[-1].caption + " (edited)")]
+    with pytest.raises(ValueError, match="different run configuration"):
+        train_lora(tiny_model, relabelled, SPEC, work_dir=tmp_path, device="cpu", progress=False,
+                   caption_dropout=DROPOUT, resume_from=broken)
     other = SPEC.model_copy(update={"learning_rate": 5e-4})
     with pytest.raises(ValueError, match="different run configuration"):
         train_lora(

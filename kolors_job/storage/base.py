@@ -6,6 +6,7 @@ text helpers, directory transfers and key safety live here once, so every backen
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import posixpath
 import random
@@ -26,7 +27,11 @@ from kolors_job.errors import (
 from kolors_job.redact import scrub
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from kolors_job.settings import Settings
+
+    from .fence import Fence
 
 
 COMPLETION_MARKERS = frozenset({"COMPLETE", "_SUCCESS"})
@@ -96,6 +101,21 @@ def retry_refused(where: str, started: float, deadline_s: float) -> StorageTempo
 def backoff_delay(attempt: int, base_s: float, cap_s: float) -> float:
     """Exponential backoff with full jitter: uniform in [0, min(cap, base * 2**attempt)]."""
     return random.uniform(0, min(cap_s, base_s * 2**attempt))
+
+
+class RetryCount:
+    """Storage requests retried by this process (throttling, 5xx, resets, cut bodies): report.json says how many."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.value = 0
+
+    def add(self, n: int = 1) -> None:
+        with self._lock:
+            self.value += n
+
+
+RETRIES = RetryCount()
 
 
 DENIED_CODES = frozenset(
@@ -245,6 +265,50 @@ class Store(ABC):
 
     def local_path(self) -> Path | None:
         return None
+
+    # -- fencing (storage/fence.py) -------------------------------------------------------------
+    # The defaults below are built from the methods above: right for a single process, but checked by
+    # us, not by the store. A backend whose service has conditional copies overrides all three.
+
+    def put_new(self, key: str, source: bytes | Path) -> str | None:
+        """Create ``key`` only if it does not exist; return a token naming this version of it (an ETag), or
+        None when the key exists with other content (the same content: an earlier try of ours, whose answer
+        was lost, so its token is returned)."""
+        data = source if isinstance(source, bytes) else Path(source).read_bytes()
+        token = hashlib.sha256(data).hexdigest()
+        if self.write_bytes(key, data, if_absent=True):
+            return token
+        try:
+            return token if hashlib.sha256(self.read_bytes(key)).hexdigest() == token else None
+        except StorageNotFoundError:
+            return None
+
+    def copy_if(self, src: str, dst: str, token: str, size: int) -> bool:
+        """Copy ``src`` to ``dst`` only if ``src`` is still the version ``token`` names; False if not (or gone)."""
+        try:
+            data = self.read_bytes(src)
+        except StorageNotFoundError:
+            return False
+        if hashlib.sha256(data).hexdigest() != token:
+            return False
+        self.write_bytes(dst, data)
+        return True
+
+    def delete_if(self, key: str, token: str) -> None:
+        """Delete ``key`` if it is still the version ``token`` names (where the store can check that)."""
+        self.delete(key)
+
+    def open_fence(self, stage: str, on_lost: Callable[[str], None]) -> Fence:
+        """The fence of the claim generation whose stage is ``stage`` (a key prefix under this store)."""
+        from .fence import ObjectFence
+
+        return ObjectFence(self, stage, on_lost)
+
+    def seal_fence(self, stage: str, owner: str) -> None:
+        """Make every later fenced write of ``stage``'s generation fail (a takeover does this first)."""
+        from .fence import ObjectFence
+
+        ObjectFence.seal(self, stage, owner)
 
     def read_text(self, key: str) -> str:
         return self.read_bytes(key).decode("utf-8")

@@ -6,9 +6,10 @@ import errno
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from kolors_job.errors import (
     StorageDeniedError,
@@ -20,6 +21,9 @@ from kolors_job.settings import Settings
 
 from .atomic import TMP_MARKER, atomic_target, file_mode
 from .base import Store, check_key, child_prefix
+
+if TYPE_CHECKING:
+    from .fence import Fence
 
 TEMPORARY_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EAGAIN, errno.ESTALE, errno.ETIMEDOUT})
 """Faults that may pass (space freed, a network filesystem back): exit 75, a rerun resumes."""
@@ -35,7 +39,8 @@ def os_error(exc: OSError, where: str) -> StorageError:
 
 
 @contextmanager
-def _mapped(where: str) -> Iterator[None]:
+def mapped(where: str) -> Iterator[None]:
+    """Local OSError → the StorageError of :func:`os_error` (not-found and our own errors pass through)."""
     try:
         yield
     except (StorageError, FileNotFoundError):
@@ -54,8 +59,19 @@ class LocalStore(Store):
         """``file://`` URIs have no bucket: the prefix is the absolute directory."""
         return cls(prefix)
 
-    def _path(self, key: str) -> Path:
+    def path_of(self, key: str) -> Path:
+        """The file ``key`` names (checked: it never leaves the root)."""
         return self.root.joinpath(*check_key(key).split("/"))
+
+    def open_fence(self, stage: str, on_lost: Callable[[str], None]) -> Fence:
+        from .fence import DirFence
+
+        return DirFence(self, stage, on_lost)
+
+    def seal_fence(self, stage: str, owner: str) -> None:
+        from .fence import DirFence
+
+        DirFence.seal(self, stage, owner)
 
     def child(self, *parts: str) -> LocalStore:
         sub = child_prefix(*parts)
@@ -66,16 +82,16 @@ class LocalStore(Store):
 
     def read_bytes(self, key: str) -> bytes:
         try:
-            return self._path(key).read_bytes()
+            return self.path_of(key).read_bytes()
         except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
             raise StorageNotFoundError(f"not found: {self.uri}{key}") from None
 
     def write_bytes(self, key: str, data: bytes, *, if_absent: bool = False) -> bool:
-        with _mapped(f"write {self.uri}{key}"):
+        with mapped(f"write {self.uri}{key}"):
             return self._write_bytes(key, data, if_absent=if_absent)
 
     def _write_bytes(self, key: str, data: bytes, *, if_absent: bool) -> bool:
-        path = self._path(key)
+        path = self.path_of(key)
         if not if_absent:
             with atomic_target(path) as tmp:
                 tmp.write_bytes(data)
@@ -104,24 +120,24 @@ class LocalStore(Store):
             os.unlink(tmp)
 
     def upload_file(self, key: str, path: Path) -> None:
-        with _mapped(f"upload {self.uri}{key}"), atomic_target(self._path(key)) as tmp:
+        with mapped(f"upload {self.uri}{key}"), atomic_target(self.path_of(key)) as tmp:
             shutil.copyfile(path, tmp)
 
     def download_file(self, key: str, path: Path) -> None:
-        src = self._path(key)
+        src = self.path_of(key)
         if not src.is_file():
             raise StorageNotFoundError(f"not found: {self.uri}{key}")
-        with _mapped(f"download {self.uri}{key} to {path}"), atomic_target(Path(path)) as tmp:
+        with mapped(f"download {self.uri}{key} to {path}"), atomic_target(Path(path)) as tmp:
             shutil.copyfile(src, tmp)
 
     def size(self, key: str) -> int:
-        path = self._path(key)
+        path = self.path_of(key)
         if not path.is_file():
             raise StorageNotFoundError(f"not found: {self.uri}{key}")
         return path.stat().st_size
 
     def exists(self, key: str) -> bool:
-        return self._path(key).is_file()
+        return self.path_of(key).is_file()
 
     def list(self, prefix: str = "") -> list[str]:
         # Walk only the deepest directory the prefix names, then filter by plain string prefix
@@ -144,7 +160,7 @@ class LocalStore(Store):
         return sorted(keys)
 
     def delete(self, key: str) -> None:
-        path = self._path(key)
+        path = self.path_of(key)
         try:
             path.unlink()
         except FileNotFoundError:
@@ -153,7 +169,10 @@ class LocalStore(Store):
             raise StorageError(f"cannot delete {self.uri}{key}: it is a directory") from None
         except OSError as e:
             raise os_error(e, f"delete {self.uri}{key}") from None
-        # like an object store, no empty "folders" stay behind (pruned checkpoints/step-N/)
+        self.remove_empty_parents(path)
+
+    def remove_empty_parents(self, path: Path) -> None:
+        """Like an object store, no empty "folders" stay behind (pruned checkpoints/step-N/)."""
         parent = path.parent
         while parent != self.root and parent.is_relative_to(self.root):
             try:

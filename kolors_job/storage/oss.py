@@ -40,7 +40,7 @@ import urllib3
 from oss2 import exceptions as oss_exc
 from oss2.credentials import Credentials, CredentialsProvider, StaticCredentialsProvider
 
-from kolors_job.errors import StorageDeniedError, StorageError, StorageTemporaryError
+from kolors_job.errors import StorageDeniedError, StorageError, StorageNotFoundError, StorageTemporaryError
 from kolors_job.settings import ALIBABA_CLOUD_KEY_ENV, Settings
 
 from . import base
@@ -51,6 +51,11 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 MiB = 1024 * 1024
 DLC_CREDENTIALS_FILE = Path("/mnt/.alibabacloud/credentials")
+
+FORBID_OVERWRITE = "x-oss-forbid-overwrite"
+COPY_LIMIT = 1024 * MiB
+"""The largest object one CopyObject copies on OSS; larger ones are copied in parts."""
+COPY_PART = 256 * MiB
 
 DENIED_CODES = base.DENIED_CODES | {"SecurityTokenExpired", "InvalidSecurityToken", "UserDisable"}
 TEMPORARY_CODES = base.TEMPORARY_CODES | {"TooManyRequests", "InvalidDigest"}
@@ -157,6 +162,19 @@ def make_bucket(name: str, settings: Settings, provider: CredentialsProvider | N
     return oss2.Bucket(auth, endpoint, name, connect_timeout=timeout, enable_crc=True, region=region)
 
 
+def _exists(exc: oss_exc.ServerError) -> bool:
+    """``x-oss-forbid-overwrite`` found the key taken."""
+    return exc.status == 409 and exc.code == "FileAlreadyExists"
+
+
+def _file_crc(path: Path) -> int:
+    crc = oss2.utils.Crc64()
+    with open(path, "rb") as f:
+        while block := f.read(8 * MiB):
+            crc.update(block)
+    return crc.crc
+
+
 # -- errors and retries ------------------------------------------------------------------------
 def is_transient(exc: oss_exc.OssError) -> bool:
     if isinstance(exc, (oss_exc.RequestError, oss_exc.InconsistentError)):
@@ -180,8 +198,9 @@ class _RetryingBucket:
         {"init_multipart_upload", "upload_part", "complete_multipart_upload", "list_parts", "put_object"}
     )
 
-    def __init__(self, store: OSSStore, key: str) -> None:
+    def __init__(self, store: OSSStore, key: str, *, create_only: bool = False) -> None:
         self._store, self._key, self._bucket = store, key, store._bucket
+        self._create_only = create_only
 
     def __getattr__(self, name: str):
         attr = getattr(self._bucket, name)
@@ -189,6 +208,9 @@ class _RetryingBucket:
             return attr
 
         def call(*args, **kwargs):
+            if self._create_only and name in ("put_object", "complete_multipart_upload"):
+                # resumable_upload passes no such header to the completion: create-only must hold there too
+                kwargs["headers"] = {**(kwargs.get("headers") or {}), FORBID_OVERWRITE: "true"}
             data = kwargs.get("data", args[3] if name == "upload_part" and len(args) > 3 else None)
             if name == "put_object":
                 data = kwargs.get("data", args[1] if len(args) > 1 else None)
@@ -293,6 +315,7 @@ class OSSStore(Store):
                     attempts - 1,
                     delay,
                 )
+                base.RETRIES.add()
                 self._sleep(delay)
                 if rewind is not None:
                     rewind()
@@ -321,17 +344,20 @@ class OSSStore(Store):
 
     def write_bytes(self, key: str, data: bytes, *, if_absent: bool = False) -> bool:
         """oss2 checks the CRC64 the server returns; ``if_absent`` is ``x-oss-forbid-overwrite``."""
-        full = self._key(key)
-        headers = {"x-oss-forbid-overwrite": "true"} if if_absent else None
+        return self._put(key, data, if_absent=if_absent) is not None
 
-        def put() -> bool:
+    def _put(self, key: str, data: bytes, *, if_absent: bool) -> str | None:
+        """The new object's ETag; None when ``if_absent`` found the key taken."""
+        full = self._key(key)
+        headers = {FORBID_OVERWRITE: "true"} if if_absent else None
+
+        def put() -> str | None:
             try:
-                self._bucket.put_object(full, data, headers=headers)
+                return str(self._bucket.put_object(full, data, headers=headers).etag)
             except oss_exc.ServerError as exc:
-                if if_absent and exc.status == 409 and exc.code == "FileAlreadyExists":
-                    return False
+                if if_absent and _exists(exc):
+                    return None
                 raise
-            return True
 
         return self._call("write", key, put)
 
@@ -344,16 +370,21 @@ class OSSStore(Store):
         checkpoint (and abort the upload) after a CRC failure, and compare the whole object's
         CRC64 with the local file's after every upload.
         """
-        full, path = self._key(key), Path(path)
+        self._upload(key, Path(path))
+
+    def _upload(self, key: str, path: Path, *, create_only: bool = False) -> str | None:
+        """Upload and check; the object's ETag, or None when ``create_only`` found the key taken."""
+        full = self._key(key)
         store = oss2.ResumableStore(root=str(self.settings.cache_dir), dir="oss-checkpoints")
 
-        def attempt() -> None:
+        def attempt() -> str | None:
             try:
                 oss2.resumable_upload(
-                    _RetryingBucket(self, key),
+                    _RetryingBucket(self, key, create_only=create_only),
                     full,
                     str(path),
                     store=store,
+                    headers={FORBID_OVERWRITE: "true"} if create_only else None,
                     multipart_threshold=self.settings.multipart_threshold_mb * MiB,
                     part_size=self.settings.multipart_chunk_mb * MiB,
                     num_threads=4,
@@ -361,20 +392,70 @@ class OSSStore(Store):
             except oss_exc.InconsistentError:
                 self._drop_checkpoint(store, full, path)
                 raise
-            server_crc = self._bucket.head_object(full).server_crc
-            if server_crc is not None:
-                local = oss2.utils.Crc64()
-                with open(path, "rb") as f:
-                    while block := f.read(8 * MiB):
-                        local.update(block)
-                oss2.utils.check_crc("upload", local.crc, server_crc, None)
+            except oss_exc.ServerError as exc:
+                if create_only and _exists(exc):
+                    self._drop_checkpoint(store, full, path)
+                    return None
+                raise
+            head = self._bucket.head_object(full)
+            if head.server_crc is not None:
+                oss2.utils.check_crc("upload", _file_crc(path), head.server_crc, None)
+            return str(head.etag)
 
-        self._call("upload", key, attempt)
+        return self._call("upload", key, attempt)
+
+    # -- fencing primitives (storage/fence.py) --------------------------------------------------
+    def put_new(self, key: str, source: bytes | Path) -> str | None:
+        if isinstance(source, bytes):
+            etag = self._put(key, source, if_absent=True)
+        else:
+            etag = self._upload(key, Path(source), create_only=True)
+        if etag is not None:
+            return etag
+        # taken: by an earlier try of ours whose answer was lost, or by the next owner's seal
+        full = self._key(key)
+        try:
+            head = self._call("head", key, lambda: self._bucket.head_object(full))
+        except StorageNotFoundError:
+            return None
+        crc = oss2.utils.Crc64()
+        if isinstance(source, bytes):
+            crc.update(source)
+        ours = crc.crc if isinstance(source, bytes) else _file_crc(Path(source))
+        return str(head.etag) if head.server_crc is not None and int(head.server_crc) == ours else None
+
+    def copy_if(self, src: str, dst: str, token: str, size: int) -> bool:
+        """``x-oss-copy-source-if-match``: the store refuses the copy once ``src`` was overwritten."""
+        full_src, full_dst = self._key(src), self._key(dst)
+        cond = {"x-oss-copy-source-if-match": token}
+
+        def copy() -> bool:
+            try:
+                if size <= COPY_LIMIT:
+                    self._bucket.copy_object(self.bucket_name, full_src, full_dst, headers=cond)
+                else:  # parts: each part copy is conditioned, the completion cannot be
+                    upload_id = self._bucket.init_multipart_upload(full_dst).upload_id
+                    parts = []
+                    for n, start in enumerate(range(0, size, COPY_PART), start=1):
+                        end = min(start + COPY_PART, size) - 1
+                        result = self._bucket.upload_part_copy(
+                            self.bucket_name, full_src, (start, end), full_dst, upload_id, n, headers=cond
+                        )
+                        parts.append(oss2.models.PartInfo(n, result.etag))
+                    self._bucket.complete_multipart_upload(full_dst, upload_id, parts)
+            except oss_exc.ServerError as exc:
+                if exc.status in (404, 412) and exc.code != "NoSuchBucket":
+                    return False
+                raise
+            return True
+
+        return self._call("copy", dst, copy)
 
     def _drop_checkpoint(self, store: oss2.ResumableStore, full: str, path: Path) -> None:
         store_key = store.make_store_key(self._bucket.bucket_name, full, os.path.abspath(path))
         record = store.get(store_key)
-        store.delete(store_key)
+        with contextlib.suppress(FileNotFoundError):  # a small file goes up in one request: no checkpoint
+            store.delete(store_key)
         if record and record.get("upload_id"):
             with contextlib.suppress(oss_exc.OssError):  # best effort: a lifecycle rule cleans up the rest
                 self._bucket.abort_multipart_upload(full, record["upload_id"])

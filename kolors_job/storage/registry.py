@@ -99,8 +99,9 @@ def check_bucket_uri(scheme: str, rest: str) -> None:
     Caught here, at validation, because later they go wrong in worse ways: ``user:pass@bucket`` reaches
     the SDK's error text (and from there logs and status.json), an invalid bucket name fails as a
     retryable connection error (S3) or an SDK traceback (OSS), and ``..`` names another prefix.
-    The problem is described, never echoed: the text may hold a password.
+    The problem is described, never echoed: the text may hold a password or a signature.
     """
+    _no_query(scheme, rest)
     bucket, _, path = rest.partition("/")
     if "@" in bucket:
         raise ValueError(
@@ -118,6 +119,16 @@ def check_bucket_uri(scheme: str, rest: str) -> None:
         raise ValueError(f"{scheme}:// URI path must not contain backslashes or control characters")
 
 
+def _no_query(scheme: str, rest: str) -> None:
+    """A storage URI names a prefix or an object: a query (``?X-Amz-Signature=…``: a signed URL) or a fragment
+    has no use there, and kept it would become part of every key written (and of every error printed)."""
+    if "?" in rest or "#" in rest:
+        raise ValueError(
+            f"{scheme}:// URI must not carry a query or fragment ('?…', '#…'): storage URIs name a bucket "
+            "prefix or a path (a signed URL is not one)"
+        )
+
+
 def check_uri(scheme: str, rest: str) -> None:
     """Raise ValueError unless ``<scheme>://<rest>`` is a well-formed URI of the registered ``scheme``:
     a local one names no host, a bucket one passes ``check_bucket_uri``."""
@@ -125,6 +136,7 @@ def check_uri(scheme: str, rest: str) -> None:
     if b is None:
         raise ValueError(f"unsupported storage URI scheme {scheme!r}")
     if b.local:
+        _no_query(scheme, rest)
         if rest.split("/", 1)[0] not in ("", "localhost"):
             raise ValueError(f"{scheme}:// URI must not name a host (use {scheme}:///absolute/path)")
     else:

@@ -93,7 +93,34 @@ def make_client(settings: Settings) -> BaseClient:
         "s3", endpoint_url=settings.s3_endpoint_url or None, region_name=settings.s3_region, config=config
     )
     _bound_retries(client, settings.storage_max_attempts, settings.storage_deadline_s)
+    client._kolors_create_only = _create_only_hook(client)  # type: ignore[attr-defined]
     return client
+
+
+def _create_only_hook(client: BaseClient) -> set[str]:
+    """Full keys being created create-only: s3transfer's PutObject / CompleteMultipartUpload for them get
+    ``If-None-Match: *`` (its upload arguments have no such option). Returns the shared set."""
+    keys: set[str] = set()
+
+    def add(params: dict, **_: object) -> None:
+        if params.get("Key") in keys:
+            params["IfNoneMatch"] = "*"
+
+    for op in ("PutObject", "CompleteMultipartUpload"):
+        client.meta.events.register(f"before-parameter-build.s3.{op}", add)
+    return keys
+
+
+def _status(exc: ClientError) -> int:
+    return int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
+
+
+COPY_LIMIT = 5 * 1024 * MiB
+"""The largest object one CopyObject copies; larger ones are copied in parts."""
+
+
+class _Exists(Exception):  # noqa: N818 - a signal, not an error: a create-only request found the key
+    """A create-only request found the key taken (HTTP 412)."""
 
 
 def _bound_retries(client: BaseClient, max_attempts: int, deadline_s: float, max_backoff_s: float = 2.0) -> None:
@@ -116,6 +143,7 @@ def _bound_retries(client: BaseClient, max_attempts: int, deadline_s: float, max
             return None  # a success, a permanent error, or the attempts are used up
         started = request_dict.get("context", {}).get("kolors_started", time.monotonic())
         check_retry(f"S3 {getattr(operation, 'name', 'request')}", started, deadline_s)
+        base.RETRIES.add()
         return min(delay, max_backoff_s)
 
     events.register(f"before-call.{name}", on_call)
@@ -150,6 +178,8 @@ class S3Store(Store):
         self.bucket, self.prefix, self.settings = bucket, prefix, settings
         self.uri = f"s3://{bucket}/{prefix}"
         self._client = client if client is not None else make_client(settings)
+        if not hasattr(self._client, "_kolors_create_only"):  # a client made elsewhere: the fence needs the hook
+            self._client._kolors_create_only = _create_only_hook(self._client)
         self._bucket_ok = False
 
     def child(self, *parts: str) -> S3Store:
@@ -227,6 +257,7 @@ class S3Store(Store):
                     base.note_failure()
                 raise err from None
             log.debug("%s: retry %d/%d", where, attempt, attempts - 1)
+            base.RETRIES.add()
             backoff_sleep(base.backoff_delay(attempt, 0.05, 2.0))
         raise AssertionError("unreachable")
 
@@ -256,10 +287,14 @@ class S3Store(Store):
 
     def write_bytes(self, key: str, data: bytes, *, if_absent: bool = False) -> bool:
         """Content-MD5 lets the server reject a corrupted body; ``if_absent`` is If-None-Match: *."""
+        return self._put(key, data, if_absent=if_absent) is not None
+
+    def _put(self, key: str, data: bytes, *, if_absent: bool) -> str | None:
+        """The new object's ETag; None when ``if_absent`` found the key taken."""
         md5 = _md5(data)
         extra = {"IfNoneMatch": "*"} if if_absent else {}
 
-        def put() -> bool:
+        def put() -> str | None:
             try:
                 resp = self._client.put_object(
                     Bucket=self.bucket,
@@ -269,12 +304,12 @@ class S3Store(Store):
                     **extra,
                 )
             except ClientError as exc:
-                if if_absent and exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 412:
-                    return False
+                if if_absent and _status(exc) == 412:
+                    return None
                 raise
             if (etag := _plain_md5_etag(resp)) is not None:
                 self._verify("write", key, md5.hexdigest(), etag)
-            return True
+            return resp.get("ETag") or f'"{md5.hexdigest()}"'
 
         return self._call("write", key, put)
 
@@ -291,12 +326,21 @@ class S3Store(Store):
         Afterwards the object's ETag is checked against the one computed locally (MD5, or MD5 of
         part MD5s) when the server reports that form, which catches corruption moto/S3 let through.
         """
-        full, path = self._key(key), Path(path)
+        self._upload(key, Path(path))
+
+    def _upload(self, key: str, path: Path) -> str:
+        """Upload and verify; the object's ETag. Raises _Exists when a create-only upload found the key."""
+        full = self._key(key)
         cfg = self._transfer_config()
 
-        def upload() -> None:
-            with create_transfer_manager(self._client, cfg) as manager:
-                manager.upload(str(path), self.bucket, full).result()
+        def upload() -> str:
+            try:
+                with create_transfer_manager(self._client, cfg) as manager:
+                    manager.upload(str(path), self.bucket, full).result()
+            except ClientError as exc:
+                if _status(exc) == 412:
+                    raise _Exists from None
+                raise
             head = self._client.head_object(Bucket=self.bucket, Key=full)
             m = _MD5_ETAG.match(head.get("ETag", ""))
             sse = head.get("ServerSideEncryption", "").startswith("aws:kms") or head.get("SSECustomerAlgorithm")
@@ -304,8 +348,72 @@ class S3Store(Store):
                 expected = file_etag(path, path.stat().st_size, cfg.multipart_threshold, cfg.multipart_chunksize)
                 if m.group(2) is None or expected.endswith(f"-{m.group(2)}"):
                     self._verify("upload", key, expected, head["ETag"])
+            return str(head.get("ETag", ""))
 
-        self._call("upload", key, upload)
+        return self._call("upload", key, upload)
+
+    # -- fencing primitives (storage/fence.py) --------------------------------------------------
+    def put_new(self, key: str, source: bytes | Path) -> str | None:
+        if isinstance(source, bytes):
+            if (etag := self._put(key, source, if_absent=True)) is not None:
+                return etag
+            expected = _md5(source).hexdigest()
+        else:
+            path, full = Path(source), self._key(key)
+            create_only: set[str] = self._client._kolors_create_only  # type: ignore[attr-defined]
+            create_only.add(full)
+            try:
+                return self._upload(key, path)
+            except _Exists:
+                pass
+            finally:
+                create_only.discard(full)
+            cfg = self._transfer_config()
+            expected = file_etag(path, path.stat().st_size, cfg.multipart_threshold, cfg.multipart_chunksize)
+        try:  # taken: by an earlier try of ours whose answer was lost, or by the next owner's seal
+            head = self._call("head", key, lambda: self._client.head_object(Bucket=self.bucket, Key=self._key(key)))
+        except StorageNotFoundError:
+            return None
+        etag = str(head.get("ETag", ""))
+        return etag if etag.strip('"') == expected else None
+
+    def copy_if(self, src: str, dst: str, token: str, size: int) -> bool:
+        """``x-amz-copy-source-if-match``: the store refuses the copy once ``src`` was overwritten."""
+        source = {"Bucket": self.bucket, "Key": self._key(src)}
+        full = self._key(dst)
+
+        def copy() -> bool:
+            try:
+                if size <= COPY_LIMIT:
+                    self._client.copy_object(Bucket=self.bucket, Key=full, CopySource=source, CopySourceIfMatch=token)
+                else:  # parts: each part copy is conditioned, the completion cannot be
+                    with create_transfer_manager(self._client, self._transfer_config()) as manager:
+                        manager.copy(source, self.bucket, full, extra_args={"CopySourceIfMatch": token}).result()
+            except ClientError as exc:
+                code = str(exc.response.get("Error", {}).get("Code", ""))
+                if _status(exc) == 412 or code in ("PreconditionFailed", "NoSuchKey"):
+                    return False
+                raise
+            return True
+
+        return self._call("copy", dst, copy)
+
+    def delete_if(self, key: str, token: str) -> None:
+        """``If-Match`` on DELETE (S3 since 2025): a stage object someone else has overwritten stays."""
+        full = self._key(key)
+
+        def delete() -> None:
+            try:
+                self._client.delete_object(Bucket=self.bucket, Key=full, IfMatch=token)
+            except ClientError as exc:
+                if _status(exc) in (404, 412):
+                    return
+                if _status(exc) == 501:  # a server without conditional deletes
+                    self._client.delete_object(Bucket=self.bucket, Key=full)
+                    return
+                raise
+
+        self._call("delete", key, delete)
 
     def download_file(self, key: str, path: Path) -> None:
         full = self._key(key)

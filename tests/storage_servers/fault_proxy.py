@@ -12,7 +12,9 @@ Every request is forwarded to the upstream server unless a scheduled fault match
 
 Faults are scheduled as rules (:meth:`FaultProxy.add`): which requests they match (method, a
 regex on the path+query, and/or a predicate), when (``skip`` the first N matches, then hit
-``every`` k-th one, at most ``times`` times — ``None`` means forever). Rules are tried in order;
+``every`` k-th one — or a random ``share`` of them, drawn from a seeded generator — at most ``times``
+times — ``None`` means forever). :meth:`FaultProxy.throttle` is a throttling storm: a share of all
+requests answered 503 ``SlowDown`` (S3) / ``ServerBusy`` (OSS), 500 ``InternalError`` or reset. Rules are tried in order;
 the first one that fires wins. Every injected fault is counted (``injected``, ``by_kind``) and
 logged in ``events``; every request seen is in ``requests``. Module-wide totals live in
 :data:`LEDGER`, which the test session prints at its end.
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import base64
 import http.client
+import random
 import re
 import socket
 import struct
@@ -115,6 +118,9 @@ class Rule:
     every: int = 1
     times: int | None = 1
     per_request: int | None = None
+    share: float | None = None
+    """Instead of ``every``: each matching request is hit with this probability (``rng``)."""
+    rng: random.Random = field(default_factory=lambda: random.Random(0))
     seen: int = 0
     fired: int = 0
     fired_for: Counter = field(default_factory=Counter)
@@ -136,6 +142,8 @@ class Rule:
         n = self.seen - self.skip
         if n <= 0 or (n - 1) % self.every:
             return None
+        if self.share is not None and self.rng.random() >= self.share:
+            return None
         fault = self.faults[self.fired % len(self.faults)]
         self.fired += 1
         self.fired_for[identity] += 1
@@ -156,6 +164,7 @@ class FaultProxy(LoopbackServer):
         self.rules: list[Rule] = []
         self.requests: list[tuple[str, str]] = []
         self.events: list[tuple[str, str, str]] = []  # (fault kind, method, target)
+        self.fault_at: list[int] = []  # for each event, the index of its request in ``requests``
         self.responses: list[tuple[str, str, int]] = []  # (method, target, upstream status) forwarded
         self.by_kind: Counter = Counter()
         self.lock = threading.Lock()
@@ -173,16 +182,31 @@ class FaultProxy(LoopbackServer):
         every: int = 1,
         times: int | None = 1,
         per_request: int | None = None,
+        share: float | None = None,
+        seed: int = 0,
         **fault_args,
     ) -> Rule:
         """Schedule a fault (or a rotation of faults); see :class:`Rule` for when it fires."""
         if isinstance(fault, str):
             fault = Fault(fault, **fault_args)
         faults = list(fault) if isinstance(fault, list) else [fault]
-        rule = Rule(faults, method, re.compile(path) if path else None, when, skip, max(1, every), times, per_request)
+        rule = Rule(faults, method, re.compile(path) if path else None, when, skip, max(1, every), times, per_request,
+                    share, random.Random(seed))  # fmt: skip
         with self.lock:
             self.rules.append(rule)
         return rule
+
+    def throttle(self, share: float, *, seed: int = 0, per_request: int | None = None) -> Rule:
+        """A throttling storm: ``share`` of all requests (seeded) get the service's throttling answer — 503
+        ``SlowDown`` (S3) or ``ServerBusy`` (OSS) — a 500 or a connection reset, in rotation; with
+        ``per_request``, no one request more often than that."""
+        busy = "SlowDown" if self.flavour == "s3" else "ServerBusy"
+        faults = [
+            Fault("status", status=503, code=busy, message="Please reduce your request rate (injected)"),
+            Fault("status", status=500, code="InternalError", message="We encountered an internal error (injected)"),
+            Fault("reset"),
+        ]
+        return self.add(faults, times=None, share=share, seed=seed, per_request=per_request)
 
     def fail_all(self, fault: Fault | str = "status", **kwargs) -> Rule:
         """From now on every request fails (an outage)."""
@@ -203,6 +227,7 @@ class FaultProxy(LoopbackServer):
                 if rule.matches(method, target) and (fault := rule.take((method, target, range_header))):
                     self.by_kind[fault.kind] += 1
                     self.events.append((fault.kind, method, target))
+                    self.fault_at.append(len(self.requests) - 1)
                     self.ledger.record_injection(fault.kind)
                     return fault
         return None

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import subprocess
+import threading
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -86,12 +87,60 @@ class OSSServer:
         self.proxy.fail_next = self.proxy.corrupt_gets = self.proxy.corrupt_puts = 0
 
 
+def honour_copy_source_if_match() -> None:
+    """Teach moto the half of S3's conditional copy it lacks: ``x-amz-copy-source-if-match``.
+
+    moto 5.2 checks ``x-amz-copy-source-if-none-match`` on CopyObject but ignores ``...-if-match``, which
+    S3, radosgw and OSS (``x-oss-copy-source-if-match``) all honour and the output fence relies on
+    (kolors_job/storage/fence.py). Its object requests are also made atomic (one lock around each), so a
+    condition checked here still holds when the copy is made — as on a real store. Idempotent.
+    """
+    from urllib.parse import parse_qs, unquote, urlparse
+
+    from moto.s3 import responses
+    from moto.s3.exceptions import PreconditionFailed
+
+    cls = responses.S3Response
+    if getattr(cls, "_kolors_copy_if_match", False):
+        return
+    lock = threading.RLock()
+    key_response, copy_object, upload_part_copy = cls._key_response, cls.copy_object, cls.upload_part_copy
+
+    def check(self) -> None:
+        want = self.headers.get("x-amz-copy-source-if-match")
+        if want is None:
+            return
+        source = urlparse(self.headers.get("x-amz-copy-source", ""))
+        bucket, _, key = unquote(source.path).lstrip("/").partition("/")
+        version = parse_qs(source.query).get("versionId", [None])[0]
+        found = self.backend.get_object(bucket, key, version_id=version)
+        if found is not None and found.etag.strip('"') != want.strip('"'):
+            raise PreconditionFailed("x-amz-copy-source-If-Match")
+
+    def locked_key_response(self, *args, **kwargs):
+        with lock:
+            return key_response(self, *args, **kwargs)
+
+    def checked_copy(self, *args, **kwargs):
+        check(self)
+        return copy_object(self, *args, **kwargs)
+
+    def checked_part_copy(self, *args, **kwargs):
+        check(self)
+        return upload_part_copy(self, *args, **kwargs)
+
+    cls._key_response, cls.copy_object, cls.upload_part_copy = locked_key_response, checked_copy, checked_part_copy
+    cls._kolors_copy_if_match = True
+
+
 @pytest.fixture(scope="session")
 def s3_server():
-    """moto's S3 on 127.0.0.1; sets dummy AWS credentials in the env for the session."""
+    """moto's S3 on 127.0.0.1 (conditional copies honoured: ``honour_copy_source_if_match``); sets dummy
+    AWS credentials in the env for the session."""
     from moto.server import ThreadedMotoServer
 
     logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    honour_copy_source_if_match()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
