@@ -239,6 +239,19 @@ def test_dora_exports_to_diffusers_which_applies_its_formula(
     x = torch.randn(3, w.shape[1])
     with torch.no_grad():
         torch.testing.assert_close(layer(x), x @ want_w.T, rtol=1e-4, atol=1e-5)
+    # the story's path: the LoRA at the story's scale, as a peft branch (CPU) or fused into the weights (CUDA)
+    from kolors_job.generate import apply_lora
+
+    outs = []
+    for fuse in (False, True):
+        story = KolorsPipeline.from_pretrained(tiny_model)
+        apply_lora(story, tmp_path, 0.5, fuse=fuse)
+        with torch.no_grad():
+            outs.append(story.unet.get_submodule(module)(x))
+    adapted = w + 0.5 * (2.0 / 4) * b @ a
+    torch.testing.assert_close(outs[0], x @ (m[:, None] * adapted / adapted.norm(dim=1, keepdim=True)).T,
+                               rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-4, atol=1e-5)
 
 
 def test_ema_is_the_exported_lora_and_follows_emamodels_warmup(dora_ema: dict[str, Any]) -> None:
