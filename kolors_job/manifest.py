@@ -138,7 +138,8 @@ class DatasetSpec(_Strict):
     filters: FilterSpec = FilterSpec()
     repeats: int = Field(1, ge=1, le=10_000)
     """How many times each of this dataset's images counts when samples are drawn (kohya's ``num_repeats``):
-    an image of a dataset with ``repeats: 3`` is drawn three times as often as one with ``repeats: 1``."""
+    an image of a dataset with ``repeats: 3`` is drawn three times as often as one with ``repeats: 1``, and
+    an epoch (``train.steps: null``) holds it three times."""
     buckets: bool = False
     """Aspect-ratio buckets (SDXL's): instead of a ``resolution``² centre crop, each image is resized to
     cover, and cropped to, its nearest bucket — a size of about ``resolution``² pixels in 64-px steps whose
