@@ -295,3 +295,17 @@ def test_dora_with_ema_resumes_bit_for_bit(
     assert second.losses == full.losses and second.lora_sha256 == full.lora_sha256
     assert (second.lora_dir / LORA_WEIGHT_NAME).read_bytes() == (full.lora_dir / LORA_WEIGHT_NAME).read_bytes()
     assert math.isfinite(second.losses[-1])
+
+
+def test_the_model_card_lists_the_options_that_are_on() -> None:
+    """The card's settings table and each exported file's ``kolors_job.extra`` name the options a run used;
+    a run without any (the reference, the demo) gets nothing, so its files stay byte for byte what they were."""
+    from kolors_job.runner import _option_notes
+
+    assert _option_notes(TrainSpec()) == {}
+    on = TrainSpec(optimizer="prodigy", loss_weighting="min_snr", snr_gamma=3, noise_offset=0.05, dora=True,
+                   ema=True, ema_decay=0.999)
+    assert _option_notes(on) == {
+        "optimizer": "prodigy", "loss weighting": "min-SNR, gamma 3", "noise offset": "0.05", "DoRA": "yes",
+        "EMA": "decay 0.999 (the exported weights)",
+    }
