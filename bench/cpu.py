@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
 
         data = build_demo_dataset(settings.cache_dir / "demo-dataset")
         t = time.perf_counter()
-        scan = scan_dataset(data, spec.dataset, exif_orientation=spec.train.exif_orientation)
+        scan = scan_dataset(data, spec.datasets[0], exif_orientation=spec.train.exif_orientation)
         rows.append(("scan dataset", time.perf_counter() - t, f"{scan.kept} kept"))
 
         train_spec = spec.train.model_copy(update={"steps": args.steps, "checkpoint_every": 10**6})

@@ -1,9 +1,10 @@
 """Training checkpoints: the ``checkpoints/step-N/`` layout, on local disk and in the output store.
 
 A checkpoint directory holds accelerate's state (LoRA via the trainer's save hook, optimizer, lr
-schedule, every rank's RNG), ``state.json`` (step, losses, run fingerprint) and ``COMPLETE``, written
-last. Only a directory with ``COMPLETE`` counts, locally and in the store (where ``upload_dir`` sends
-completion markers last), so a job killed mid-write or mid-upload never resumes from a torn copy.
+schedule, the LoRA's EMA with ``train.ema``, every rank's RNG), ``state.json`` (step, losses, run
+fingerprint) and ``COMPLETE``, written last. Only a directory with ``COMPLETE`` counts, locally and in
+the store (where ``upload_dir`` sends completion markers last), so a job killed mid-write or mid-upload
+never resumes from a torn copy.
 """
 
 from __future__ import annotations
@@ -27,6 +28,9 @@ log = logging.getLogger("kolors_job.train")
 ROOT = "checkpoints"
 STATE_NAME = "state.json"
 COMPLETE_NAME = "COMPLETE"
+EMA_DIR = "ema"
+"""With ``train.ema``, a checkpoint's averaged LoRA (what an export of that step takes), beside the trained one
+(what a resume loads): ``checkpoints/step-N/ema/``."""
 KEEP_LOCAL_CHECKPOINTS = 2
 """Older local checkpoints are deleted once a newer one is complete (and handed to ``on_checkpoint``)."""
 
@@ -42,6 +46,11 @@ def step_dir(work_dir: Path, step: int) -> Path:
 
 
 # ------------------------------------------------------------------------------------------- local disk
+
+
+def lora_of(path: Path) -> Path:
+    """The directory holding checkpoint ``path``'s exportable LoRA: its EMA's when it has one."""
+    return path / EMA_DIR if (path / EMA_DIR).is_dir() else path
 
 
 def check_checkpoint(path: Path) -> dict[str, Any]:

@@ -164,6 +164,13 @@ class ImageItem:
     caption: str
     width: int
     height: int
+    bucket: tuple[int, int] | None = None
+    """``dataset.buckets``: the ``(width, height)`` this image trains at (:mod:`kolors_job.aspect_buckets`);
+    ``None``: the square ``resolution``² crop."""
+    repeats: int = 1
+    """``dataset.repeats``: how many times it counts when samples are drawn."""
+    dataset: int = 0
+    """Which of the manifest's datasets it came from (its index in ``spec.dataset``'s list)."""
 
 
 @dataclass(frozen=True)
@@ -582,6 +589,19 @@ def resized_size(width: int, height: int, resolution: int, resize_filter: str) -
     return max(resolution, round(width * scale)), max(resolution, round(height * scale))
 
 
+def cover_size(width: int, height: int, target_w: int, target_h: int, resize_filter: str) -> tuple[int, int]:
+    """(w, h) once the image is scaled to just cover ``target_w × target_h`` (a bucket): the side that is
+    relatively shorter becomes the target's, the other is rounded down (``bilinear``, as :func:`resized_size`)
+    or to the nearest pixel, never below the target. For a square target this is :func:`resized_size`."""
+    if width * target_h >= height * target_w:  # relatively wider: the heights match
+        other = width * target_h / height
+        new_w = int(other) if resize_filter == "bilinear" else round(other)
+        return max(target_w, new_w), target_h
+    other = height * target_w / width
+    new_h = int(other) if resize_filter == "bilinear" else round(other)
+    return target_w, max(target_h, new_h)
+
+
 def reencode_jpeg(img: Image.Image, times: int) -> Image.Image:
     """The reference's data step: ``convert("RGB")``, then ``times`` saves as JPEG at PIL's default quality,
     each read back (the notebook saves ``N.jpg`` from the dataset, then its filtered copy from that file)."""
@@ -615,7 +635,8 @@ def load_image(
     crop (``round((H - res) / 2)``) or a random crop drawn from ``rng``; time ids =
     ``(orig_h, orig_w, crop_top, crop_left, res, res)``. ``resize_filter``: ``lanczos`` or ``bilinear`` (the
     reference's: see :func:`resized_size`). ``jpeg_reencode`` > 0 first puts the pixels through the
-    reference's JPEG data step (:func:`reencode_jpeg`) instead of :func:`_to_rgb8`.
+    reference's JPEG data step (:func:`reencode_jpeg`) instead of :func:`_to_rgb8`. An item with a ``bucket``
+    is scaled to cover that size instead (:func:`cover_size`) and cropped to it, the same way.
     """
     import numpy as np
     import torch
@@ -630,22 +651,27 @@ def load_image(
         img = src.transpose(_TRANSPOSE_FOR_ORIENTATION[orientation]) if orientation != 1 else src.copy()
     img = reencode_jpeg(img, jpeg_reencode) if jpeg_reencode else _to_rgb8(img)
     orig_w, orig_h = img.size
-    new_w, new_h = resized_size(orig_w, orig_h, resolution, resize_filter)
+    if item.bucket is None:
+        target_w = target_h = resolution
+        new_w, new_h = resized_size(orig_w, orig_h, resolution, resize_filter)
+    else:
+        target_w, target_h = item.bucket
+        new_w, new_h = cover_size(orig_w, orig_h, target_w, target_h, resize_filter)
     if (new_w, new_h) != (orig_w, orig_h):
         img = img.resize((new_w, new_h), _RESIZE_FILTERS[resize_filter])
     if flip:
         img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     if center_crop:
-        top = max(0, round((new_h - resolution) / 2.0))
-        left = max(0, round((new_w - resolution) / 2.0))
+        top = max(0, round((new_h - target_h) / 2.0))
+        left = max(0, round((new_w - target_w) / 2.0))
     else:
-        top = _randint(rng, new_h - resolution)
-        left = _randint(rng, new_w - resolution)
-    img = img.crop((left, top, left + resolution, top + resolution))
+        top = _randint(rng, new_h - target_h)
+        left = _randint(rng, new_w - target_w)
+    img = img.crop((left, top, left + target_w, top + target_h))
     # Not torchvision's transforms.v2: on a PIL image its Resize/crop/flip are these same PIL calls, but
     # PILToTensor+ToDtype(scale=True)+Normalize(0.5, 0.5) differs from x/127.5 - 1 (DiffSynth's tensor, which
     # the oracle test compares against) by 1 ulp on about 4 in 10 values, so every trained LoRA would change.
     arr = np.asarray(img, dtype=np.uint8).copy()
     tensor = torch.from_numpy(arr).permute(2, 0, 1).to(torch.float32).div_(127.5).sub_(1.0)
-    time_ids = TimeIds(orig_h, orig_w, top, left, resolution, resolution)
+    time_ids = TimeIds(orig_h, orig_w, top, left, target_h, target_w)
     return tensor.contiguous(), time_ids.as_tuple()

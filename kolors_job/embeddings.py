@@ -111,7 +111,9 @@ def cache_latents(
 
     With a random crop the crop is drawn once per image (seeded by ``seed`` and the item's index) and
     then fixed for the whole run: that is the price of caching. Both flips are cached when
-    ``random_flip`` is on, so flipping stays a per-sample choice at train time.
+    ``random_flip`` is on, so flipping stays a per-sample choice at train time. Items of different sizes
+    (``dataset.buckets``) are encoded in chunks of one size each; with one size the chunks are as they always
+    were (the VAE's batch may round differently, so they must not move).
     """
     from kolors_job.dataset import load_image
 
@@ -128,7 +130,10 @@ def cache_latents(
         return pixel, tuple(int(v) for v in time_ids)
 
     out: dict[tuple[int, bool], LatentEntry] = {}
-    chunks = [jobs[k : k + batch_size] for k in range(0, len(jobs), batch_size)]
+    by_size: dict[tuple[int, int] | None, list[tuple[int, bool]]] = {}
+    for job in jobs:
+        by_size.setdefault(items[job[0]].bucket, []).append(job)
+    chunks = [group[k : k + batch_size] for group in by_size.values() for k in range(0, len(group), batch_size)]
     # Decoding + LANCZOS-resizing big images dominates; PIL releases the GIL, so threads load the next
     # chunk while the VAE encodes this one (at most two chunks of pixels in memory).
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:

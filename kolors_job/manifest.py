@@ -23,9 +23,11 @@ from pydantic import (
     AfterValidator,
     BaseModel,
     ConfigDict,
+    Discriminator,
     Field,
     GetPydanticSchema,
     PlainValidator,
+    Tag,
     ValidationError,
     field_validator,
     model_validator,
@@ -34,7 +36,7 @@ from pydantic_core import PydanticCustomError
 
 from kolors_job import storage
 from kolors_job.errors import ManifestError, StorageNotFoundError
-from kolors_job.export.registry import default_format_names, format_names
+from kolors_job.export.registry import default_format_names, dora_refusal, format_names
 from kolors_job.models import SCHEDULERS
 from kolors_job.recipe import REFERENCE_TRAIN_VAE, RecipeName, fill_switches
 from kolors_job.redact import holds_secret, without_query
@@ -159,12 +161,41 @@ class DatasetSpec(_Strict):
     """Where each image's caption comes from."""
     filters: FilterSpec = FilterSpec()
     """Which images are kept for training; every skipped file is counted by reason in the report."""
+    repeats: int = Field(1, ge=1, le=10_000)
+    """How many times each of this dataset's images counts when samples are drawn (kohya's ``num_repeats``):
+    an image of a dataset with ``repeats: 3`` is drawn three times as often as one with ``repeats: 1``, and
+    an epoch (``train.steps: null``) holds it three times."""
+    buckets: bool = False
+    """Aspect-ratio buckets (SDXL's): instead of a ``resolution``² centre crop, each image is resized to
+    cover, and cropped to, its nearest bucket — a size of about ``resolution``² pixels in 64-px steps whose
+    aspect ratio lies within ``filters.aspect_ratio`` — and conditioned on its original size and crop
+    offset; every batch holds one bucket's images. ``false`` (the reference): the square crop."""
 
     @field_validator("source")
     @classmethod
     def _uri(cls, v: str) -> str:
         return _check_uri(v, source_schemes())
 
+
+def _dataset_kind(value: Any) -> str | None:
+    if isinstance(value, (list, tuple)):
+        return DATASET_LIST_TAG
+    return DATASET_TAG if isinstance(value, (dict, DatasetSpec)) else None
+
+
+DATASET_TAG, DATASET_LIST_TAG = "one-dataset", "dataset-list"
+"""The union's tags (pydantic puts them in error locations; ``format_validation_error`` leaves them out)."""
+
+Datasets = Annotated[
+    Annotated[DatasetSpec, Tag(DATASET_TAG)]
+    | Annotated[Annotated[list[DatasetSpec], Field(min_length=1, max_length=64)], Tag(DATASET_LIST_TAG)],
+    Discriminator(
+        _dataset_kind, custom_error_type="dataset_type",
+        custom_error_message="must be a mapping (one dataset) or a list of them",
+    ),
+]
+"""One dataset (a mapping, as always), or a list of them, each with its own source, filters, captions,
+``repeats`` and ``buckets``."""
 
 Precision = Literal["auto", "bf16", "fp16", "fp32"]
 
@@ -238,10 +269,33 @@ class TrainSpec(_Strict):
     trainer hard-coded when the notebook ran it (``add_lora_to_model``, 2024-07-26 to 2024-10-11); from then on
     to 1.1.9 its ``--init_lora_weights`` defaults to ``kaiming``, which is ``default`` here (peft's
     Kaiming-uniform)."""
-    optimizer: Literal["adamw", "adamw8bit"] = "adamw"
-    """``adamw`` (torch's, the reference) or ``adamw8bit`` (bitsandbytes': both moments in one byte each)."""
+    optimizer: Literal["adamw", "adamw8bit", "prodigy"] = "adamw"
+    """``adamw`` (the reference; fused on CUDA), ``adamw8bit`` (bitsandbytes: 8-bit moments, a quarter of
+    AdamW's optimizer memory) or ``prodigy`` (``prodigyopt``: Adam with a step size it estimates itself;
+    ``learning_rate`` then scales that estimate, so set it to about 1.0)."""
     weight_decay: float = Field(1e-2, ge=0)
     """AdamW's decoupled weight decay (torch's default 1e-2, as the reference leaves it)."""
+    loss_weighting: Literal["none", "min_snr"] = "none"
+    """``none``: the plain mean squared error (the reference). ``min_snr``: Min-SNR-γ weighting (Hang et al.
+    2023) as diffusers' trainers compute it: each sample's error times min(SNR(t), γ) / SNR(t) (÷ (SNR(t) + 1)
+    for a v-prediction model), the SNR from the model's own noise schedule (``diffusers.training_utils.
+    compute_snr``), so the many low-noise timesteps no longer dominate the gradient."""
+    snr_gamma: float = Field(5.0, gt=0, le=1000)
+    """γ of ``loss_weighting: min_snr`` (5 is the paper's and diffusers' recommendation); unused otherwise."""
+    noise_offset: float = Field(0.0, ge=0, le=1.0)
+    """Adds this times a per-sample, per-channel N(0, 1) constant to the training noise (diffusers'
+    ``--noise_offset``), so the LoRA can learn images darker or brighter on average than the base model
+    draws; 0 (the reference) adds nothing and draws nothing."""
+    dora: bool = False
+    """Train a DoRA (peft's ``use_dora``: a learned per-output-row magnitude on top of the low-rank
+    direction) instead of a plain LoRA. Only the ``diffusers`` LoRA file can carry it; asking for another
+    format in ``output.lora_formats`` is refused, and the default formats shrink to those that can."""
+    ema: bool = False
+    """Keep an exponential moving average of the LoRA weights (diffusers' ``EMAModel``); the exported LoRA,
+    the story and validation frames use the average, checkpoints carry it, and resume continues it."""
+    ema_decay: float = Field(0.9999, gt=0, lt=1)
+    """The EMA's decay cap; as ``EMAModel`` does, step ``n`` uses min(decay, (1 + n) / (10 + n)), so a
+    short LoRA run averages over its recent steps rather than staying at the initial weights."""
     max_grad_norm: float | None = Field(None, gt=0)
     """Clip the gradient norm to this; ``null`` (the reference, Lightning's default) never clips. The norm is
     logged every step either way."""
@@ -433,8 +487,9 @@ class Spec(_Strict):
     switches (README: "Differences from the reference"). A switch the manifest sets keeps its value."""
     model: ModelSpec = ModelSpec()
     """The base Kolors model (and an optional VAE)."""
-    dataset: DatasetSpec = DatasetSpec()
-    """The training images, their captions and filters."""
+    dataset: Datasets = DatasetSpec()
+    """The training images: one dataset, or a list of datasets whose kept images train together (each
+    drawn ``repeats`` times as often)."""
     train: TrainSpec = TrainSpec()
     """The LoRA training recipe."""
     story: StorySpec = StorySpec()
@@ -461,6 +516,28 @@ class Spec(_Strict):
         if self.train.validation_every and any(not 1 <= i <= n for i in self.train.validation.frames):
             raise ValueError(f"train.validation.frames: indices must be story frames 1..{n}")
         return self
+
+    @model_validator(mode="after")
+    def _dora_formats(self) -> Spec:
+        """A DoRA needs a LoRA file that carries its magnitudes: a format that cannot is refused when asked for
+        by name, and left out of the default list (the resolved manifest then shows which remain)."""
+        if not self.train.dora:
+            return self
+        refused = {name: why for name in self.output.lora_formats if (why := dora_refusal(name))}
+        if not refused:
+            return self
+        if "lora_formats" in self.output.model_fields_set:
+            name, why = next(iter(refused.items()))
+            raise ValueError(f"output.lora_formats: {name!r} cannot carry a DoRA (train.dora): {why}")
+        self.output.lora_formats = [f for f in self.output.lora_formats if f not in refused]
+        if not self.output.lora_formats:
+            raise ValueError("output.lora_formats: no default format can carry a DoRA (train.dora); name one")
+        return self
+
+    @property
+    def datasets(self) -> list[DatasetSpec]:
+        """``dataset`` as a list (one entry for the single-mapping form)."""
+        return list(self.dataset) if isinstance(self.dataset, list) else [self.dataset]
 
 
 class Metadata(_Strict):
@@ -541,7 +618,10 @@ def _loc(loc: tuple[Any, ...]) -> str:
 def format_validation_error(err: ValidationError) -> list[str]:
     lines = []
     for e in err.errors(include_url=False):
-        loc = tuple(x for x in e["loc"] if not (isinstance(x, str) and x.startswith("function-")))
+        loc = tuple(
+            x for x in e["loc"]
+            if not (isinstance(x, str) and (x.startswith("function-") or x in (DATASET_TAG, DATASET_LIST_TAG)))
+        )
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
             msg = "unknown field (check the spelling; see `kolors-job schema`)"

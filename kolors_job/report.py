@@ -339,11 +339,12 @@ def loss_curve(losses: Any, width: int = 720, height: int = 260) -> dict[str, An
 def _dataset_view(ds: Mapping[str, Any]) -> dict[str, Any] | None:
     if not ds:
         return None
-    keys = ("source", "kept", "examined", "not_examined", "captions_truncated")
+    keys = ("source", "kept", "examined", "not_examined", "captions_truncated", "repeats")
     examples = ds.get("skipped_examples") or {}
     head = {k: ds.get(k) for k in keys if ds.get(k) is not None}
     for name, f in (ds.get("filters") or {}).items():
         head[f"dropped by {name} ({f.get('setting')})"] = f.get("dropped")
+    parts = [d for d in ds.get("datasets") or [] if isinstance(d, Mapping)]
     return {
         "head": head,
         "skipped": [
@@ -351,7 +352,15 @@ def _dataset_view(ds: Mapping[str, Any]) -> dict[str, Any] | None:
             for reason, count in (ds.get("skipped") or {}).items()
         ],
         "notes": ds.get("notes") or {},
-    }
+        "buckets": ds.get("buckets") or {},
+        "datasets": [
+            {
+                "source": d.get("source"), "kept": d.get("kept"), "repeats": d.get("repeats", 1),
+                "skipped": ", ".join(f"{r} {n}" for r, n in (d.get("skipped") or {}).items()) or "none",
+            }
+            for d in parts
+        ],
+    }  # fmt: skip
 
 
 def _validation_view(points: Any, selected: Any, out_dir: Path) -> list[dict[str, Any]]:

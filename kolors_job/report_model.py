@@ -103,7 +103,15 @@ class Dataset(_Section):
     filters: dict[str, dict[str, Any]] | None = None
     """Per filter (``min_size``, ``aspect_ratio``, ``max_pixels``): its ``setting``, the images it ``dropped``."""
     fetched: Source | None = None
-    """The hub copy's commit and bytes; the same entry is the last of ``Report.sources``."""
+    """The hub copy's commit and bytes; the same entry is in ``Report.sources``."""
+    repeats: int | None = None
+    """``dataset.repeats``, when not 1."""
+    buckets: dict[str, int] | None = None
+    """With ``dataset.buckets``: kept images per training size, ``{"WxH": n}`` (width x height, by aspect
+    ratio); with several datasets, over all of them (a square-cropped image counts under ``RxR``)."""
+    datasets: list[Dataset] | None = None
+    """With several datasets (``spec.dataset`` a list): each one's own section, in the manifest's order; the
+    counts above are then their sums."""
 
 
 class Train(_Section):
@@ -119,6 +127,11 @@ class Train(_Section):
     gradient_checkpointing: bool | None = None
     samples_seen: int | None = None
     lora_sha256: str | None = None
+    """Digest of the LoRA tensors the job exports (the average's with ``train.ema``)."""
+    options: dict[str, Any] | None = None
+    """The training options in effect, on or off: ``optimizer`` (with Prodigy, ``prodigy_d``: its final
+    step-size estimate), ``loss_weighting`` (``snr_gamma`` with ``min_snr``), ``noise_offset``, ``dora``,
+    ``ema`` (``ema_decay`` when on)."""
 
 
 class Frame(_Section):

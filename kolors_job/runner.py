@@ -354,9 +354,8 @@ def resolve_models(job: Job) -> ResolvedModels:
     if spec.model.train_vae:
         train_vae_plan = plan_model(spec.model.train_vae, kind="vae", settings=job.settings, prefer_fp16=prefer_fp16)
     aesthetic_plan = plan_model(spec.score.aesthetic_model, kind="aesthetic", settings=job.settings, prefer_fp16=True)
-    check_free_space(
-        [plan, vae_plan, train_vae_plan, aesthetic_plan, plan_dataset(spec.dataset, job.settings)], job.settings
-    )
+    datasets = [plan_dataset(d, job.settings) for d in spec.datasets]
+    check_free_space([plan, vae_plan, train_vae_plan, aesthetic_plan, *datasets], job.settings)
     if plan is not None:
         base, base_src = fetch_base(plan=plan)
     sources = [base_src]
@@ -389,32 +388,81 @@ def _mb(n: int) -> str:
     return f"{n / 1e6:.1f} MB"
 
 
-def run_dataset(job: Job) -> tuple[Any, dict[str, Any]]:
-    """Fetch + scan; no surviving image is an input error (exit 4), not a crash in training."""
+def run_dataset(job: Job) -> tuple[list[Any], dict[str, Any]]:
+    """Fetch + scan each dataset; the kept images of all of them (with their dataset's ``repeats`` and, with
+    ``buckets``, their bucket) and the summary. A dataset of which no image survives is an input error (exit
+    4), not a crash in training."""
+    spec = job.manifest.spec
+    items: list[Any] = []
+    summaries: list[dict[str, Any]] = []
+    for index, dspec in enumerate(spec.datasets):
+        where = "dataset" if len(spec.datasets) == 1 else f"dataset[{index}]"
+        kept, summary = _scan_one(job, dspec, index, where)
+        items += kept
+        summaries.append(summary)
+    if len(summaries) == 1:
+        return items, summaries[0]
+    return items, _total(summaries, items, spec.train.resolution)
+
+
+def _scan_one(job: Job, dspec: Any, index: int, where: str) -> tuple[list[Any], dict[str, Any]]:
+    from dataclasses import replace
+
+    from kolors_job.aspect_buckets import assign_buckets, bucket_counts
     from kolors_job.dataset import filter_drops, scan_dataset
     from kolors_job.sources import fetch_dataset, source_record
 
-    spec = job.manifest.spec.dataset
     started = time.time()
-    root = fetch_dataset(spec, job.settings)
+    root = fetch_dataset(dspec, job.settings)
     scan = scan_dataset(
-        root, spec, memory_budget=job.settings.scan_memory_mb << 20,
+        root, dspec, memory_budget=job.settings.scan_memory_mb << 20,
         exif_orientation=job.manifest.spec.train.exif_orientation,
     )
-    summary = scan.report(spec.source).to_dict()
-    summary["filters"] = filter_drops(scan.skipped_counts, spec.filters)
+    summary = scan.report(dspec.source).to_dict()
+    summary["filters"] = filter_drops(scan.skipped_counts, dspec.filters)
     if (record := source_record(root, since=started)) is not None:
         summary["fetched"] = record  # commit and bytes, as report.json's sources has them for models
     dropped = "; ".join(f"{f['dropped']} by {name} ({f['setting']})" for name, f in summary["filters"].items())
-    log.info("dataset: %d kept; filters dropped %s; skipped %s", scan.kept, dropped, summary["skipped"] or "none",
+    log.info("%s: %d kept; filters dropped %s; skipped %s", where, scan.kept, dropped, summary["skipped"] or "none",
              extra={"kept": scan.kept})  # fmt: skip
     if not scan.items:
         raise InputError(
-            f"dataset {redact_uri(spec.source)}: no image survived the filters "
-            f"(skipped: {summary['skipped'] or 'none'}; min {spec.filters.min_width}x{spec.filters.min_height}, "
-            f"aspect {spec.filters.aspect_ratio[0]}-{spec.filters.aspect_ratio[1]})"
+            f"{where} {redact_uri(dspec.source)}: no image survived the filters "
+            f"(skipped: {summary['skipped'] or 'none'}; min {dspec.filters.min_width}x{dspec.filters.min_height}, "
+            f"aspect {dspec.filters.aspect_ratio[0]}-{dspec.filters.aspect_ratio[1]})"
         )
-    return scan, summary
+    kept = [replace(it, repeats=dspec.repeats, dataset=index) for it in scan.items]
+    if dspec.repeats != 1:
+        summary["repeats"] = dspec.repeats
+    if dspec.buckets:
+        resolution = job.manifest.spec.train.resolution
+        kept = assign_buckets(kept, resolution, dspec.filters.aspect_ratio)
+        summary["buckets"] = bucket_counts(kept, resolution)
+        log.info("%s: buckets %s", where, summary["buckets"], extra={"buckets": summary["buckets"]})
+    return kept, summary
+
+
+def _total(summaries: list[dict[str, Any]], items: list[Any], resolution: int) -> dict[str, Any]:
+    """report.json's ``dataset`` for several datasets: the sums, the images per training size, and each
+    dataset's own summary under ``datasets``."""
+    from collections import Counter
+
+    from kolors_job.aspect_buckets import bucket_counts
+
+    skipped: Counter[str] = Counter()
+    notes: Counter[str] = Counter()
+    for summary in summaries:
+        skipped.update(summary["skipped"])
+        notes.update(summary["notes"])
+    total: dict[str, Any] = {
+        key: sum(summary[key] for summary in summaries)
+        for key in ("kept", "examined", "not_examined", "captions_truncated")
+    }
+    total.update(skipped=dict(sorted(skipped.items())), notes=dict(sorted(notes.items())))
+    if any(it.bucket for it in items):
+        total["buckets"] = bucket_counts(items, resolution)
+    total["datasets"] = summaries
+    return total
 
 
 def run_train(job: Job, models: ResolvedModels, items: list[Any], scorer: Any = None) -> dict[str, Any]:
@@ -466,7 +514,7 @@ def run_train(job: Job, models: ResolvedModels, items: list[Any], scorer: Any = 
     result = train_lora(
         models.base, items, train_spec(spec.train, choices), work_dir=job.work / "train", vae_dir=models.vae,
         train_vae_dir=models.train_vae, device=job.device, resume_from=resume_from, on_checkpoint=on_checkpoint,
-        should_stop=job.stop, progress=job.progress, caption_dropout=spec.dataset.caption.dropout,
+        should_stop=job.stop, progress=job.progress, caption_dropout=[d.caption.dropout for d in spec.datasets],
         validator=validator, identity=job.digest, **train_kwargs(choices),
     )
     upload_logs()  # the last events (tracking.end flushed them)
@@ -497,7 +545,7 @@ def lora_info(job: Job, train: dict[str, Any]) -> LoraInfo:
         alpha=spec.train.alpha,
         target_modules=tuple(spec.train.target_modules),
         base_model=redact_uri(spec.model.base),
-        trigger=spec.dataset.caption.prefix or spec.dataset.caption.fixed or "",
+        trigger=spec.datasets[0].caption.prefix or spec.datasets[0].caption.fixed or "",
         name=job.job_id,
         steps=train.get("steps"),
         learning_rate=spec.train.learning_rate,
@@ -505,7 +553,20 @@ def lora_info(job: Job, train: dict[str, Any]) -> LoraInfo:
         batch_size=spec.train.batch_size,
         seed=spec.train.seed,
         precision=train.get("precision"),
+        extra=_option_notes(spec.train),
     )
+
+
+def _option_notes(train: Any) -> dict[str, str]:
+    """The training options switched on, as the model card and the files' ``kolors_job.extra`` show them."""
+    notes = {
+        "optimizer": train.optimizer if train.optimizer != "adamw" else "",
+        "loss weighting": f"min-SNR, gamma {train.snr_gamma:g}" if train.loss_weighting == "min_snr" else "",
+        "noise offset": f"{train.noise_offset:g}" if train.noise_offset else "",
+        "DoRA": "yes" if train.dora else "",
+        "EMA": f"decay {train.ema_decay:g} (the exported weights)" if train.ema else "",
+    }
+    return {k: v for k, v in notes.items() if v}
 
 
 def export_lora(job: Job, train: dict[str, Any]) -> dict[str, Any]:
@@ -565,10 +626,14 @@ def run_report(
         f["score"] = s
     score_dict = scores.to_dict()
     lora_files = {k: job.work / v for k, v in train["lora_files"].items()}
-    card = write_model_card(job.work / "lora", lora_info(job, train), score_dict, dataset, files=lora_files)
+    card_data = dict(dataset)
+    if parts := card_data.pop("datasets", None):  # several: one line each, not their whole sections
+        card_data["datasets"] = "; ".join(f"{d['source']}: {d['kept']} kept" for d in parts)
+    card = write_model_card(job.work / "lora", lora_info(job, train), score_dict, card_data, files=lora_files)
     job.upload("lora/README.md", card)
 
-    sources = models.sources + ([dataset["fetched"]] if dataset.get("fetched") else [])  # a hub dataset too
+    fetched = [d["fetched"] for d in dataset.get("datasets") or [dataset] if d.get("fetched")]  # hub datasets too
+    sources = models.sources + fetched
     # report.json has these at the top level
     lora_summary = ("lora_files", "lora_formats_skipped", "validation", "selected_checkpoint")
     fetch_images(job.store, job.work, train.get("validation") or [])  # drawn by an earlier process of a rerun
@@ -697,7 +762,7 @@ def _run(job: Job) -> JobOutcome:
             models = resolve_models(job)
 
         with job.stage("dataset"):
-            scan, dataset = run_dataset(job)
+            items, dataset = run_dataset(job)
             job.put_json(f"{STATE}/dataset.json", dataset)
 
     from kolors_job.score import AestheticScorer
@@ -707,7 +772,7 @@ def _run(job: Job) -> JobOutcome:
     scorer = AestheticScorer.load(models.aesthetic, device=job.device) if need_scorer else None
 
     with job.stage("train", total=job.manifest.spec.train.steps):
-        train = run_train(job, models, scan.items, scorer)
+        train = run_train(job, models, items, scorer)
     with job.stage("story", total=len(job.manifest.spec.story.frames)):
         frames = run_story(job, models, scorer)
 

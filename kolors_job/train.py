@@ -54,6 +54,7 @@ from kolors_job import tracking
 from kolors_job.adapter import lora_digest, save_lora
 from kolors_job.checkpoints import (
     COMPLETE_NAME,
+    EMA_DIR,
     KEEP_LOCAL_CHECKPOINTS,
     STATE_NAME,
     check_checkpoint,
@@ -66,6 +67,8 @@ from kolors_job.train_data import Batch, SampleStream, build_caches, make_batch
 from kolors_job.train_setup import (
     _reset_accelerate_state,
     add_lora,
+    ema_weights,
+    make_ema,
     make_lr_scheduler,
     make_optimizer,
     prepare,
@@ -141,11 +144,13 @@ class TrainResult:
     """Checkpoints written by this call (only the newest ``KEEP_LOCAL_CHECKPOINTS`` stay on local disk)."""
     validation: list[dict[str, Any]] = field(default_factory=list)
     """Every validation point of the run (resumed ones included), ``ValidationPoint.to_dict()``."""
+    options: dict[str, Any] = field(default_factory=dict)
+    """The training options in effect (:func:`training_options`)."""
 
     def summary(self) -> dict[str, Any]:
         """What the job records of a finished run (``_state/train.json``, report.json's ``train``)."""
         keys = ("steps", "losses", "seconds", "peak_memory_bytes", "precision", "gradient_checkpointing",
-                "samples_seen", "lora_sha256")
+                "samples_seen", "lora_sha256", "options")
         return {k: getattr(self, k) for k in keys}
 
 
@@ -170,12 +175,15 @@ class Run:
     prediction_type: str
     num_train_timesteps: int
     weight_dtype: torch.dtype
-    caption_dropout: float
+    caption_dropout: float | Sequence[float]
+    """One probability, or one per dataset (``ImageItem.dataset``)."""
     validator: Validator | None = None
     sampling: Any = None
     """``Caches.sampling``: what validation builds its pipeline from."""
     texts: dict[str, PromptEmbeds] = field(default_factory=dict)
     """Validation's prompt embeddings."""
+    ema: Any = None
+    """``train.ema``: diffusers' ``EMAModel`` over ``params``, stepped after each optimizer step."""
 
     @property
     def samples_per_step(self) -> int:
@@ -225,7 +233,7 @@ def train_lora(
     on_checkpoint: Callable[[Path, int], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
     progress: bool = True,
-    caption_dropout: float = 0.0,
+    caption_dropout: float | Sequence[float] = 0.0,
     validator: Validator | None = None,
     latent_batch: int = 8,
     text_encoder_device: str | None = None,
@@ -233,7 +241,9 @@ def train_lora(
 ) -> TrainResult:
     """Train a LoRA on the UNet of the Kolors model at ``model_dir``; see the module docstring for the recipe.
 
-    ``caption_dropout`` is ``spec.dataset.caption.dropout`` (it lives outside ``TrainSpec``). Under DDP
+    ``caption_dropout`` is ``spec.dataset.caption.dropout`` (it lives outside ``TrainSpec``), or with several
+    datasets one per dataset, indexed by ``ImageItem.dataset``. The items' ``bucket`` and ``repeats``
+    (``dataset.buckets``, ``dataset.repeats``) shape the batches (:class:`SampleStream`). Under DDP
     every rank calls this with the same arguments; only rank 0 writes files and calls ``on_checkpoint``.
     ``validator`` (:mod:`kolors_job.validation`) draws and scores frames at the checkpoints it says are due.
     Trackers (``spec.log_with``) write under ``work_dir/logs/``. ``latent_batch`` (images per VAE encode) and
@@ -255,7 +265,12 @@ def train_lora(
     )
     dev, world = accelerator.device, accelerator.num_processes
     samples_per_step = spec.batch_size * spec.gradient_accumulation * world
-    n_steps = total_steps(spec, len(items), samples_per_step)
+    caption_dropout = _dropouts(caption_dropout)
+    stream = SampleStream(
+        len(items), spec.seed, spec.data_order, repeats=[it.repeats for it in items],
+        sizes=[it.bucket or (spec.resolution, spec.resolution) for it in items], batch_size=spec.batch_size,
+    )
+    n_steps = total_steps(spec, stream.n, samples_per_step)
     fingerprint = _normalise(
         {**_fingerprint(spec, samples_per_step, items, caption_dropout), "precision": precision, "job": identity}
     )
@@ -280,15 +295,18 @@ def train_lora(
     params, use_ckpt = add_lora(caches.unet, spec, dev, dtype=weight_dtype)
     optimizer = make_optimizer(spec, params, dev)
     lr_scheduler = make_lr_scheduler(spec, optimizer, n_steps)
-    unet, optimizer = prepare(accelerator, caches.unet, optimizer, lr_scheduler, spec)
+    ema = make_ema(spec, params)
+    unet, optimizer = prepare(accelerator, caches.unet, optimizer, lr_scheduler, spec, ema)
     run = Run(
         accelerator, spec, unet, optimizer, lr_scheduler, params, caches.noise_scheduler,
-        SampleStream(len(items), spec.seed, spec.data_order), items, caches.latents, caches.prompts,
+        stream, items, caches.latents, caches.prompts,
         caches.scaling_factor, caches.prediction_type, caches.num_train_timesteps, weight_dtype, caption_dropout,
-        validator, caches.sampling, caches.texts,
+        validator, caches.sampling, caches.texts, ema,
     )
-    del caches, unet, optimizer, lr_scheduler, params
+    del caches, unet, optimizer, lr_scheduler, params, ema, stream
     start_step, losses = resume(accelerator, resume_from, resume_state)
+    if run.ema is not None:
+        run.ema.to(dev)  # accelerate loads a checkpoint's custom state on the CPU
     if validator is not None and resume_state is not None:
         validator.restore(resume_state.get("validation", []))
     tracking.start(accelerator, spec)
@@ -317,6 +335,8 @@ def train_lora(
 
     # 6. The LoRA (the same weights on every rank).
     tracking.end(accelerator)
+    if run.ema is not None:  # from here on the LoRA is the average: the final file, its digest
+        run.ema.copy_to(run.params)
     lora_dir = save_final(run, work_dir, step, checkpoints[-1] if interrupted else None)
     peak = torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None
     digest = lora_digest(accelerator.unwrap_model(run.unet))
@@ -333,6 +353,7 @@ def train_lora(
         lora_sha256=digest,
         checkpoints=checkpoints,
         validation=[p.to_dict() for p in validator.points] if validator else [],
+        options=training_options(spec, run.optimizer),
     )
     # Release everything before sampling loads its own pipeline.
     del run
@@ -390,8 +411,8 @@ def train_loop(
                 "step": step,
                 "total_steps": n_steps,
                 "samples_seen": seen,
-                "epoch": seen // len(run.items),
-                "position": seen % len(run.items),
+                "epoch": seen // run.stream.n,
+                "position": seen % run.stream.n,
                 "losses": losses,
                 "fingerprint": run_state["fingerprint"],
                 "precision": run_state["precision"],
@@ -420,7 +441,9 @@ def _validate(run: Run, step: int) -> None:
     assert validator is not None
     shared: list[Any] = [None]
     if accelerator.is_main_process:
-        point, images = validator.run(accelerator.unwrap_model(run.unet), run.sampling, run.texts, step)
+        unet = accelerator.unwrap_model(run.unet)
+        with ema_weights(run.ema, unet):  # the LoRA being trained, as it would be exported now
+            point, images = validator.run(unet, run.sampling, run.texts, step)
         tracking.log_validation(accelerator, point, images)
         shared = [point]
     if accelerator.num_processes > 1:
@@ -451,9 +474,13 @@ def train_step(run: Run, step: int) -> StepOutput:
             random_flip=spec.random_flip,
             latent=spec.latent,
             time_ids=spec.time_ids,
+            noise_offset=spec.noise_offset,
         )
         with accelerator.accumulate(run.unet):
-            loss = _loss(run.unet, run.noise_scheduler, batch, dev, run.weight_dtype, run.prediction_type)
+            loss = _loss(
+                run.unet, run.noise_scheduler, batch, dev, run.weight_dtype, run.prediction_type,
+                snr_gamma=spec.snr_gamma if spec.loss_weighting == "min_snr" else None,
+            )
             accelerator.backward(loss)
             if accelerator.sync_gradients:
                 grad_norm = _grad_norm(accelerator, run.params, spec.max_grad_norm)
@@ -462,6 +489,8 @@ def train_step(run: Run, step: int) -> StepOutput:
         step_loss += loss.detach() / spec.gradient_accumulation
     if not accelerator.sync_gradients:
         raise RuntimeError("gradient accumulation fell out of step with accelerate's counter")
+    if run.ema is not None:
+        run.ema.step(run.params)  # once per optimizer step, after it
     run.lr_scheduler.step()
     loss_value = float(accelerator.reduce(step_loss, reduction="mean"))
     return StepOutput(loss=loss_value, grad_norm=grad_norm, lr=run.lr_scheduler.get_last_lr()[0])
@@ -474,7 +503,11 @@ def _loss(
     dev: torch.device,
     weight_dtype: torch.dtype,
     prediction_type: str,
+    *,
+    snr_gamma: float | None = None,
 ) -> torch.Tensor:
+    """The denoising loss of one micro-batch: the mean squared error (the reference), or with ``snr_gamma``
+    each sample's mean error weighted by :func:`min_snr_weights` before the batch mean."""
     latents = batch.latents.to(dev)
     noise = batch.noise.to(dev)
     timesteps = batch.timesteps.to(dev)
@@ -492,7 +525,23 @@ def _loss(
     target = (
         noise if prediction_type == "epsilon" else noise_scheduler.get_velocity(latents, noise, timesteps)
     )
-    return F.mse_loss(pred.float(), target.float(), reduction="mean")
+    if snr_gamma is None:
+        return F.mse_loss(pred.float(), target.float(), reduction="mean")
+    per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=list(range(1, pred.ndim)))
+    return (per_sample * min_snr_weights(noise_scheduler, timesteps, snr_gamma, prediction_type)).mean()
+
+
+def min_snr_weights(
+    noise_scheduler: Any, timesteps: torch.Tensor, gamma: float, prediction_type: str
+) -> torch.Tensor:
+    """Min-SNR-γ's per-sample weights as diffusers' ``train_text_to_image_lora_sdxl.py`` computes them:
+    min(SNR(t), γ) / SNR(t) for an epsilon model, / (SNR(t) + 1) for v-prediction; SNR(t) from the model's
+    own schedule by ``diffusers.training_utils.compute_snr``."""
+    from diffusers.training_utils import compute_snr
+
+    snr = compute_snr(noise_scheduler, timesteps)
+    clipped = torch.stack([snr, gamma * torch.ones_like(snr)], dim=1).min(dim=1)[0]
+    return clipped / (snr if prediction_type == "epsilon" else snr + 1)
 
 
 def _agreed_stop(accelerator: Accelerator, should_stop: Callable[[], bool] | None) -> bool:
@@ -523,14 +572,15 @@ def _progress_bar(total: int, done: int, *, enabled: bool) -> Any:
 
 def save_final(run: Run, work_dir: Path, step: int, interrupted_at: Path | None) -> Path:
     """The final LoRA, written once per node (the story reads it on each); an interrupted run's LoRA
-    is its last checkpoint, which holds the same files."""
+    is its last checkpoint, which holds the same files (with ``train.ema``, the average in its ``ema/``)."""
     accelerator = run.accelerator
     lora_dir = work_dir / "lora"
     if interrupted_at is not None:
-        lora_dir = interrupted_at
+        lora_dir = interrupted_at / EMA_DIR if run.ema is not None else interrupted_at
     elif accelerator.is_local_main_process:
         shutil.rmtree(lora_dir, ignore_errors=True)
-        save_lora(accelerator.unwrap_model(run.unet), lora_dir, run.spec, extra={"steps": step})
+        extra = {"steps": step, **({"ema": True} if run.ema is not None else {})}
+        save_lora(accelerator.unwrap_model(run.unet), lora_dir, run.spec, extra=extra)
     accelerator.wait_for_everyone()
     return lora_dir
 
@@ -538,11 +588,32 @@ def save_final(run: Run, work_dir: Path, step: int, interrupted_at: Path | None)
 # ------------------------------------------------------------------------------------------- run identity
 
 
+def training_options(spec: TrainSpec, optimizer: torch.optim.Optimizer | None = None) -> dict[str, Any]:
+    """The training options of the run, on or off (report.json ``train.options``): the optimizer (with
+    Prodigy, its final step-size estimate ``d``), the loss weighting (γ with ``min_snr``), the noise offset,
+    DoRA, the EMA (its decay cap when on)."""
+    out: dict[str, Any] = {"optimizer": spec.optimizer, "loss_weighting": spec.loss_weighting}
+    if spec.loss_weighting == "min_snr":
+        out["snr_gamma"] = spec.snr_gamma
+    out.update(noise_offset=spec.noise_offset, dora=spec.dora, ema=spec.ema)
+    if spec.ema:
+        out["ema_decay"] = spec.ema_decay
+    if spec.optimizer == "prodigy" and optimizer is not None:
+        out["prodigy_d"] = float(optimizer.param_groups[0]["d"])
+    return out
+
+
+_OPTION_KEYS = ("loss_weighting", "snr_gamma", "noise_offset", "dora", "ema", "ema_decay")
+"""Training options added after the fingerprint's first keys: they count only when set away from their
+defaults, so a run without them keeps the fingerprint it had (and its checkpoints stay resumable)."""
+
+
 def _fingerprint(
-    spec: TrainSpec, samples_per_step: int, items: list[ImageItem], caption_dropout: float
+    spec: TrainSpec, samples_per_step: int, items: Sequence[ImageItem], caption_dropout: float | list[float]
 ) -> dict[str, Any]:
     """What must match for a resumed run to continue the same run: everything that decides the weights (the
-    math, the data and its order: each image's name, size and caption) — the caller adds the job's identity."""
+    math, the data and its order: each image's name, size and caption) — the caller adds the job's identity.
+    The datasets' buckets and repeats count only where used, for the same reason as ``_OPTION_KEYS``."""
     data = hashlib.sha256()
     for item in items:  # names as bytes: a dataset's file names need not be UTF-8
         data.update(os.fsencode(Path(item.path).name) + b"\0" + item.caption.encode("utf-8", "surrogatepass"))
@@ -573,13 +644,29 @@ def _fingerprint(
         "warmup_steps",
         "seed",
     )
+    defaults = TrainSpec()
+    layout: dict[str, Any] = {}
+    if any(it.bucket for it in items):
+        layout["buckets"] = [list(it.bucket) if it.bucket else None for it in items]
+    if any(it.repeats != 1 for it in items):
+        layout["repeats"] = [it.repeats for it in items]
     return {
         **{k: getattr(spec, k) for k in keys},
+        **{k: getattr(spec, k) for k in _OPTION_KEYS if getattr(spec, k) != getattr(defaults, k)},
         "samples_per_step": samples_per_step,
         "items": len(items),
         "data": data.hexdigest(),
         "caption_dropout": caption_dropout,
+        **layout,
     }
+
+
+def _dropouts(caption_dropout: float | Sequence[float]) -> float | list[float]:
+    """One probability when every dataset has the same (as the fingerprint always recorded it), else the list."""
+    if isinstance(caption_dropout, (int, float)):
+        return float(caption_dropout)
+    values = [float(p) for p in caption_dropout]
+    return values[0] if len(set(values)) == 1 else values
 
 
 def _normalise(d: dict[str, Any]) -> dict[str, Any]:
@@ -595,7 +682,10 @@ def main(argv: list[str] | None = None) -> int:
 
     p = argparse.ArgumentParser(prog="python -m kolors_job.train", description=main.__doc__)
     p.add_argument("--model-dir", type=Path, required=True)
-    p.add_argument("--items-json", type=Path, required=True, help="[{path, caption, width, height}, ...]")
+    p.add_argument(
+        "--items-json", type=Path, required=True,
+        help="[{path, caption, width, height[, bucket: [w, h], repeats, dataset]}, ...]",
+    )
     p.add_argument("--spec-json", type=Path, help="TrainSpec as JSON (defaults otherwise)")
     p.add_argument("--work-dir", required=True, help="'{rank}' in it is replaced by the process rank")
     p.add_argument("--vae-dir", type=Path)
@@ -612,7 +702,14 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     spec = TrainSpec.model_validate_json(args.spec_json.read_text()) if args.spec_json else TrainSpec()
     rows = json.loads(args.items_json.read_text())
-    items = [ImageItem(Path(r["path"]), r["caption"], int(r["width"]), int(r["height"])) for r in rows]
+    items = [
+        ImageItem(
+            Path(r["path"]), r["caption"], int(r["width"]), int(r["height"]),
+            bucket=tuple(r["bucket"]) if r.get("bucket") else None, repeats=int(r.get("repeats", 1)),
+            dataset=int(r.get("dataset", 0)),
+        )
+        for r in rows
+    ]
     result = train_lora(
         args.model_dir,
         items,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import gc
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -61,7 +61,7 @@ def build_caches(
     precision: str,
     weight_dtype: torch.dtype,
     dev: torch.device,
-    caption_dropout: float,
+    caption_dropout: float | Sequence[float],
     extra_texts: Sequence[str] = (),
     keep_for_sampling: bool = False,
     latent_batch: int = 8,
@@ -83,7 +83,8 @@ def build_caches(
         vae_dtype=vae_dtype if train_vae_dir is None else weight_dtype, cast=False,
     )
     pipe = make_pipeline(comps)
-    captions = [it.caption for it in items] + ([""] if caption_dropout > 0 else [])
+    dropout = [caption_dropout] if isinstance(caption_dropout, (int, float)) else caption_dropout
+    captions = [it.caption for it in items] + ([""] if max(dropout, default=0) > 0 else [])
     t0 = time.monotonic()
     te_dev = torch.device(text_encoder_device) if text_encoder_device else dev
     te_dtype = torch.bfloat16 if te_dev.type == "cpu" and dev.type != "cpu" else weight_dtype  # no fp16 CPU matmul
@@ -171,25 +172,81 @@ class SampleStream:
     sample ``g`` is an independent uniform draw from ``seed(seed, g)``, with replacement, as DiffSynth's
     dataset picks ``randint(0, n)`` per item. A DDP rank takes the indices of its slice of each step. Nothing
     depends on what ran before, which is what makes resume and DDP splits bit-reproducible.
+
+    ``repeats`` (``dataset.repeats``, per item) puts item ``i`` ``repeats[i]`` times into what is drawn from
+    (``n`` counts the copies). ``sizes`` (per item, its training size: ``dataset.buckets``) with ``batch_size``
+    > 1 and several sizes makes every batch — samples ``b·B .. b·B + B - 1`` — one size: with ``random``, the
+    batch's first sample is drawn as above and the others uniformly among the copies of its size; with
+    ``shuffle``, each epoch's permutation is split by size into runs of ``B`` (a size's last run filled from
+    its start), the runs in the order their first sample has in the permutation. One size, or ``B`` = 1,
+    is the plain stream, sample for sample.
     """
 
-    def __init__(self, n_items: int, seed: int, order: str = "shuffle") -> None:
+    def __init__(
+        self,
+        n_items: int,
+        seed: int,
+        order: str = "shuffle",
+        *,
+        repeats: Sequence[int] | None = None,
+        sizes: Sequence[Hashable] | None = None,
+        batch_size: int = 1,
+    ) -> None:
         if order not in ("shuffle", "random"):
             raise ValueError(f"unknown data order {order!r}")
-        self.n = n_items
+        self.pool = [i for i in range(n_items) for _ in range(repeats[i] if repeats else 1)]
+        self.n = len(self.pool)
         self.seed = seed
         self.order = order
+        self.batch_size = batch_size
+        keys = [sizes[i] for i in self.pool] if sizes is not None else []
+        self.keys = keys if batch_size > 1 and len(set(keys)) > 1 else None
+        self.members: dict[Hashable, list[int]] = {}
+        for pos, key in enumerate(self.keys or []):
+            self.members.setdefault(key, []).append(pos)
+        self.batches_per_epoch = sum(-(-len(m) // batch_size) for m in self.members.values())
         self._perms: dict[int, list[int]] = {}
+        self._batches: dict[int, list[list[int]]] = {}
 
     def item(self, g: int) -> int:
+        return self.pool[self._position(g) if self.keys is None else self._bucketed(g)]
+
+    def _position(self, g: int) -> int:
+        """Sample ``g``'s position in ``pool``, ignoring sizes."""
         if self.order == "random":
             gen = torch.Generator().manual_seed(mix_seed(self.seed, "item", g))
             return int(torch.randint(0, self.n, (), generator=gen))
         epoch, pos = divmod(g, self.n)
+        return self._perm(epoch)[pos]
+
+    def _perm(self, epoch: int) -> list[int]:
         if epoch not in self._perms:
             gen = torch.Generator().manual_seed(mix_seed(self.seed, "epoch", epoch))
             self._perms = {epoch: torch.randperm(self.n, generator=gen).tolist()}  # keep one epoch
-        return self._perms[epoch][pos]
+        return self._perms[epoch]
+
+    def _bucketed(self, g: int) -> int:
+        assert self.keys is not None
+        b, j = divmod(g, self.batch_size)
+        if self.order == "random":
+            first = self._position(b * self.batch_size)
+            if j == 0:
+                return first
+            members = self.members[self.keys[first]]
+            gen = torch.Generator().manual_seed(mix_seed(self.seed, "item", g))
+            return members[int(torch.randint(0, len(members), (), generator=gen))]
+        epoch, k = divmod(b, self.batches_per_epoch)
+        if epoch not in self._batches:
+            runs: dict[Hashable, list[int]] = {}
+            for pos in self._perm(epoch):
+                runs.setdefault(self.keys[pos], []).append(pos)
+            batches = []
+            for run in runs.values():
+                for start in range(0, len(run), self.batch_size):
+                    batches.append([run[(start + i) % len(run)] for i in range(self.batch_size)])
+            order = {pos: rank for rank, pos in enumerate(self._perm(epoch))}
+            self._batches = {epoch: sorted(batches, key=lambda batch: order[batch[0]])}  # keep one epoch
+        return self._batches[epoch][k][j]
 
     def generator(self, g: int) -> torch.Generator:
         return torch.Generator().manual_seed(mix_seed(self.seed, "sample", g))
@@ -217,33 +274,43 @@ def make_batch(
     *,
     num_train_timesteps: int,
     scaling_factor: float,
-    caption_dropout: float,
+    caption_dropout: float | Sequence[float],
     random_flip: bool,
     latent: str = "sample",
     time_ids: str = "crop",
+    noise_offset: float = 0.0,
 ) -> Batch:
-    """Assemble samples on the CPU. Draw order per sample is fixed (dropout, flip, t, latent eps, noise).
+    """Assemble samples on the CPU. Draw order per sample is fixed (dropout, flip, t, latent eps, noise, then
+    the noise offset's per-channel draw only when ``noise_offset`` is set: each sample has its own generator,
+    so a draw added last changes none before it).
 
-    ``latent`` / ``time_ids``: ``TrainSpec``'s switches (``mean`` / ``target`` are the reference's choices)."""
+    ``latent`` / ``time_ids``: ``TrainSpec``'s switches (``mean`` / ``target`` are the reference's choices); an
+    item with a ``bucket`` always gets its original size and crop offset (SDXL's bucketed conditioning).
+    ``noise_offset``: ``train.noise_offset``, ``noise + offset · N(0, 1)`` per channel, constant over the image.
+    ``caption_dropout``: one probability, or one per dataset (``ImageItem.dataset``)."""
     lat, noise, ts, emb, pooled, tids, caps, idx, flips = [], [], [], [], [], [], [], [], []
     for g in indices:
         i = stream.item(g)
         gen = stream.generator(g)
         u_drop, u_flip = torch.rand((2,), generator=gen).tolist()  # always drawn: fixed stream layout
-        drop = u_drop < caption_dropout
+        p_drop = caption_dropout if isinstance(caption_dropout, (int, float)) else caption_dropout[items[i].dataset]
+        drop = u_drop < p_drop
         flip = random_flip and u_flip < 0.5
         t = torch.randint(0, num_train_timesteps, (), generator=gen)
         entry = latents[(i, flip)]
         eps = torch.randn(entry.mean.shape, generator=gen)  # drawn either way: a fixed stream layout
         lat.append((entry.mean if latent == "mean" else entry.sample(eps)) * scaling_factor)
-        noise.append(torch.randn(entry.mean.shape, generator=gen))
+        eps_noise = torch.randn(entry.mean.shape, generator=gen)
+        if noise_offset:
+            eps_noise = eps_noise + noise_offset * torch.randn((entry.mean.shape[0], 1, 1), generator=gen)
+        noise.append(eps_noise)
         ts.append(t)
         caption = "" if drop else items[i].caption
         caps.append(caption)
         emb.append(prompts[caption].embeds)
         pooled.append(prompts[caption].pooled)
         target = entry.time_ids[4:]  # (h, w) of the training crop
-        tid = entry.time_ids if time_ids == "crop" else (*target, 0, 0, *target)
+        tid = entry.time_ids if time_ids == "crop" or items[i].bucket else (*target, 0, 0, *target)
         tids.append(torch.tensor(tid, dtype=torch.float32))
         idx.append(i)
         flips.append(flip)

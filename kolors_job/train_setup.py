@@ -7,14 +7,17 @@ choices it measures (channels-last, fused AdamW, gradient checkpointing, compile
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from kolors_job.adapter import load_lora_into, save_lora
+from kolors_job.checkpoints import EMA_DIR
 from kolors_job.errors import ManifestError
 from kolors_job.models import place
 
@@ -137,6 +140,7 @@ def add_lora(
             lora_alpha=spec.alpha,
             init_lora_weights=True if spec.init_lora_weights == "default" else "gaussian",
             target_modules=list(spec.target_modules),
+            **({"use_dora": True} if spec.dora else {}),  # a plain LoRA's config stays as it always was
         )
     )
     cast_training_params(unet, dtype=torch.float32)
@@ -162,7 +166,9 @@ def add_lora(
 def make_optimizer(
     spec: TrainSpec, params: list[torch.nn.Parameter], dev: torch.device, *, fused: bool | None = None
 ) -> torch.optim.Optimizer:
-    """AdamW (fused on CUDA unless ``fused`` says otherwise), or bitsandbytes' 8-bit AdamW."""
+    """AdamW (fused on CUDA unless ``fused`` says otherwise), bitsandbytes' 8-bit AdamW, or Prodigy."""
+    if spec.optimizer == "prodigy":
+        return _prodigy(spec, params)
     if spec.optimizer == "adamw8bit":
         try:
             import bitsandbytes as bnb
@@ -178,6 +184,32 @@ def make_optimizer(
         weight_decay=spec.weight_decay,
         fused=True if use_fused else None,
     )
+
+
+def _prodigy(spec: TrainSpec, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    """``prodigyopt.Prodigy`` at its defaults (Adam betas, d0 1e-6, decoupled weight decay), ``learning_rate``
+    scaling its own step-size estimate. Its constructor prints to stdout, which here is the JSON log stream."""
+    import contextlib
+    import io
+
+    try:
+        from prodigyopt import Prodigy
+    except ImportError:
+        raise ManifestError(
+            "spec.train.optimizer: prodigy needs prodigyopt, which is not installed; use adamw"
+        ) from None
+    with contextlib.redirect_stdout(io.StringIO()):
+        return Prodigy(params, lr=spec.learning_rate, weight_decay=spec.weight_decay)
+
+
+def make_ema(spec: TrainSpec, params: list[torch.nn.Parameter]) -> Any:
+    """diffusers' ``EMAModel`` over the LoRA parameters (``train.ema``), or None. Its decay warms up as
+    min(``ema_decay``, (1 + n) / (10 + n)) at update ``n``; its state goes into every checkpoint."""
+    if not spec.ema:
+        return None
+    from diffusers.training_utils import EMAModel
+
+    return EMAModel(params, decay=spec.ema_decay, foreach=True)  # a few fused kernels, not 3 per LoRA tensor
 
 
 def make_lr_scheduler(spec: TrainSpec, optimizer: torch.optim.Optimizer, n_steps: int) -> Any:
@@ -198,15 +230,21 @@ def prepare(
     optimizer: torch.optim.Optimizer,
     lr_scheduler: Any,
     spec: TrainSpec,
+    ema: Any = None,
 ) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
-    """accelerate's wrapping, with checkpoint hooks that save and load the LoRA alone."""
+    """accelerate's wrapping, with checkpoint hooks that save and load the LoRA alone (and, with ``ema``, the
+    averaged LoRA beside it in ``ema/``, what an export of that checkpoint takes)."""
     from diffusers.training_utils import cast_training_params
 
     def save_hook(models: list[Any], weights: list[Any], output_dir: str) -> None:
         # Only the LoRA goes into a checkpoint: accelerate would otherwise write the whole 5 GB UNet.
         if accelerator.is_main_process:
             for model in models:
-                save_lora(accelerator.unwrap_model(model), Path(output_dir), spec)
+                unet = accelerator.unwrap_model(model)
+                save_lora(unet, Path(output_dir), spec)
+                if ema is not None:
+                    with ema_weights(ema, unet):
+                        save_lora(unet, Path(output_dir) / EMA_DIR, spec, extra={"ema": True})
         weights.clear()
 
     def load_hook(models: list[Any], input_dir: str) -> None:
@@ -220,7 +258,25 @@ def prepare(
     unet, optimizer = accelerator.prepare(unet, optimizer)
     # Not passed to prepare(): accelerate would step it once per process per step under DDP.
     accelerator.register_for_checkpointing(lr_scheduler)
+    if ema is not None:
+        accelerator.register_for_checkpointing(ema)  # its shadow weights and update count resume with the run
     return unet, optimizer
+
+
+@contextlib.contextmanager
+def ema_weights(ema: Any, unet: torch.nn.Module) -> Iterator[None]:
+    """The LoRA parameters hold the EMA's averages inside the block, their trained values again after
+    (``EMAModel.store``/``copy_to``/``restore``: exact copies, so training continues bit for bit)."""
+    if ema is None:
+        yield
+        return
+    params = [p for p in unet.parameters() if p.requires_grad]
+    ema.store(params)
+    ema.copy_to(params)
+    try:
+        yield
+    finally:
+        ema.restore(params)
 
 
 def resume(

@@ -215,8 +215,9 @@ def select_checkpoint(points: Sequence[dict[str, Any]], select: str, last_step: 
 
 
 def use_checkpoint_lora(lora_dir: Path, store: Store, train_dir: Path, step: int) -> None:
-    """Make ``lora_dir`` the LoRA of checkpoint ``step`` (its weights file as written, its config with
-    ``steps``): the local copy when still complete on disk, else the store's (pruning keeps it there)."""
+    """Make ``lora_dir`` the LoRA of checkpoint ``step`` (its weights file as written, the average's with
+    ``train.ema``; its config with ``steps``): the local copy when still complete on disk, else the store's
+    (pruning keeps it there)."""
     import json
     import shutil
 
@@ -227,6 +228,7 @@ def use_checkpoint_lora(lora_dir: Path, store: Store, train_dir: Path, step: int
     if not (ckpt / checkpoints.COMPLETE_NAME).is_file():
         ckpt = checkpoints.download(store, step, train_dir)
     checkpoints.check_checkpoint(ckpt)
+    ckpt = checkpoints.lora_of(ckpt)  # train.ema: the average, as the last step's export is
     shutil.copyfile(ckpt / LORA_WEIGHT_NAME, lora_dir / LORA_WEIGHT_NAME)
     config = json.loads((ckpt / LORA_CONFIG_NAME).read_text())
     (lora_dir / LORA_CONFIG_NAME).write_text(json.dumps({**config, "steps": step}, indent=2, sort_keys=True) + "\n")

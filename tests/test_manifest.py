@@ -367,3 +367,68 @@ def _leaf_paths(node: Any, path: str = "") -> list[tuple[str, Any]]:
     if isinstance(node, dict) and node:
         return [hit for k, v in node.items() for hit in _leaf_paths(v, f"{path}.{k}" if path else k)]
     return [(path, node)]
+
+
+def test_dataset_may_be_one_mapping_or_a_list_of_them() -> None:
+    """One dataset stays the mapping it always was (the default manifest resolves as before, with the two new
+    fields filled); a list gives each dataset its own source, filters, captions, repeats and buckets."""
+    one = parse_manifest(MINIMAL)
+    assert isinstance(one.resolved()["spec"]["dataset"], dict)
+    assert [d.source for d in one.spec.datasets] == ["modelscope://AI-ModelScope/lowres_anime"]
+    assert (one.spec.dataset.repeats, one.spec.dataset.buckets) == (1, False)  # off in the reference recipe
+    two = parse_manifest(
+        "spec: {output: {uri: /o}, dataset: [{source: /a, repeats: 3, buckets: true},"
+        " {source: /b, caption: {fixed: null}, filters: {min_width: 512, min_height: 512}}]}"
+    )
+    a, b = two.spec.datasets
+    assert (a.source, a.repeats, a.buckets, a.filters.min_width) == ("/a", 3, True, 1024)
+    assert (b.source, b.repeats, b.caption.fixed, b.filters.min_width) == ("/b", 1, None, 512)
+    assert parse_manifest(two.to_yaml()).digest() == two.digest()  # the resolved list round-trips
+    assert two.digest() != one.digest()
+    assert problems("spec: {output: {uri: /o}, dataset: [{source: /a}, {source: /b, repets: 2}]}") == [
+        "spec.dataset[1].repets: unknown field (check the spelling; see `kolors-job schema`)"
+    ]
+    assert problems("spec: {output: {uri: /o}, dataset: {sorce: /a}}") == [
+        "spec.dataset.sorce: unknown field (check the spelling; see `kolors-job schema`)"
+    ]
+    assert problems("spec: {output: {uri: /o}, dataset: 3}") == [
+        "spec.dataset: must be a mapping (one dataset) or a list of them"
+    ]
+    assert problems("spec: {output: {uri: /o}, dataset: []}") == [
+        "spec.dataset: List should have at least 1 item after validation, not 0"
+    ]
+
+
+def test_training_options_are_off_by_default_and_validated() -> None:
+    t = parse_manifest(MINIMAL).spec.train
+    assert (t.loss_weighting, t.noise_offset, t.dora, t.optimizer, t.ema) == ("none", 0.0, False, "adamw", False)
+    on = parse_manifest(
+        "spec: {output: {uri: /o}, train: {loss_weighting: min_snr, snr_gamma: 1, noise_offset: 0.05,"
+        " optimizer: prodigy, learning_rate: 1.0, ema: true, ema_decay: 0.999}}"
+    ).spec.train
+    assert (on.loss_weighting, on.snr_gamma, on.noise_offset, on.optimizer, on.ema_decay) == (
+        "min_snr", 1.0, 0.05, "prodigy", 0.999
+    )
+    assert problems("spec: {output: {uri: /o}, train: {loss_weighting: snr}}") == [
+        "spec.train.loss_weighting: Input should be 'none' or 'min_snr'"
+    ]
+    assert problems("spec: {output: {uri: /o}, train: {ema_decay: 1}}") == [
+        "spec.train.ema_decay: Input should be less than 1"
+    ]
+
+
+def test_dora_is_refused_for_formats_that_cannot_carry_it(tmp_path: Path) -> None:
+    """kohya's ``dora_scale`` is read two incompatible ways and DiffSynth drops magnitudes: named, they are
+    exit 2 with the reason; left to the default, only the diffusers file remains."""
+    default = parse_manifest("spec: {output: {uri: /o}, train: {dora: true}}")
+    assert default.spec.output.lora_formats == ["diffusers"]
+    assert parse_manifest(default.to_yaml()).digest() == default.digest()
+    bad = tmp_path / "dora.yaml"
+    bad.write_text("spec: {output: {uri: /o, lora_formats: [diffusers, kohya]}, train: {dora: true}}")
+    err = subprocess.run([sys.executable, "-m", "kolors_job", "validate", str(bad)], capture_output=True, text=True)
+    assert err.returncode == 2
+    (line,) = err.stderr.splitlines()
+    assert line.startswith("spec: output.lora_formats: 'kohya' cannot carry a DoRA (train.dora): ")
+    assert "dora_scale" in line and "ComfyUI" in line and "diffusers" in line
+    (ds,) = problems("spec: {output: {uri: /o, lora_formats: [diffsynth]}, train: {dora: true}}")
+    assert "'diffsynth' cannot carry a DoRA" in ds and "strict=False" in ds

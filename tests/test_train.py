@@ -105,9 +105,9 @@ def straight(
         batches.append(real_make_batch(*args, **kwargs))
         return batches[-1]
 
-    def loss(unet: Any, noise_scheduler: Any, *args: Any) -> torch.Tensor:
+    def loss(unet: Any, noise_scheduler: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
         schedulers.append(noise_scheduler)
-        return real_loss(unet, noise_scheduler, *args)
+        return real_loss(unet, noise_scheduler, *args, **kwargs)
 
     handler = _Records()
     logger = logging.getLogger("kolors_job.train")

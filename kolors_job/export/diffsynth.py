@@ -49,6 +49,13 @@ FULL_SIZE_ONLY = "the base UNet is not the full-size Kolors architecture (e.g. t
 """Why a LoRA of another UNet size gets no DiffSynth file (report.json ``lora_formats_skipped``)."""
 
 
+DIFFSYNTH_DORA = (
+    "DiffSynth 1.1.9 loads a LoRA as plain A/B pairs (the reference injects `LoraConfig` without `use_dora` and "
+    "loads with strict=False; `ModelManager.load_lora` merges B·A), so it would silently drop the magnitudes"
+)
+"""Why ``train.dora`` gets no DiffSynth file."""
+
+
 def _default_unet_config() -> dict[str, Any]:
     from kolors_job.kolors_configs import KOLORS_UNET_CONFIG
 
@@ -274,5 +281,6 @@ register(
         order=30,
         card_rows=_card_rows,
         skip_reason=needs_full_size_kolors,
+        dora=DIFFSYNTH_DORA,
     )
 )

@@ -18,6 +18,15 @@ if TYPE_CHECKING:
 __all__ = ["export_kohya", "kohya_file_name", "kohya_state_dict"]
 
 
+KOHYA_DORA = (
+    "its readers disagree on what `dora_scale` means: ComfyUI (comfy/weight_adapter/base.py, weight_decompose) "
+    "wants it shaped [out, 1] and divides by the base weight's row norms, diffusers loads it as peft's [out] "
+    "magnitude and divides by the adapted weight's, so no one file reproduces the trained DoRA in both; "
+    "use the diffusers file"
+)
+"""Why ``train.dora`` gets no kohya file (sd-scripts' own ``networks.lora`` has no DoRA at all)."""
+
+
 def kohya_state_dict(
     modules: Mapping[str, tuple[torch.Tensor, torch.Tensor]], tensor_scale: float
 ) -> dict[str, torch.Tensor]:
@@ -112,6 +121,7 @@ register(
         file_names=lambda info: {"kohya": kohya_file_name(info)},
         write=_write,
         order=20,
+        dora=KOHYA_DORA,
         card_rows=lambda info, load_alpha: {
             "kohya": ("ComfyUI / WebUI (kohya keys)", f"`.alpha` = {fmt(info.alpha)} per module")
         },

@@ -35,6 +35,7 @@ __all__ = [
     "canonical_safetensors",
     "file_metadata",
     "load_lora_file",
+    "lora_magnitudes",
     "lora_modules",
     "resolve_info",
     "save_lora",
@@ -171,8 +172,26 @@ def lora_modules(
     attention-processor and kohya keys, by running diffusers' own converters
     (``_convert_non_diffusers_lora_to_diffusers``, ``convert_unet_state_dict_to_peft``) so we read
     exactly what ``load_lora_weights`` would; and DiffSynth keys (``blocks.7....lora_A.default.weight``,
-    what the seed baseline trains), mapped back through DiffSynth's converter table.
+    what the seed baseline trains), mapped back through DiffSynth's converter table. A DoRA's magnitude
+    vectors are not A/B pairs: :func:`lora_magnitudes` reads them.
     """
+    modules, _magnitudes, alpha = _lora_parts(state_dict)
+    return modules, alpha
+
+
+def lora_magnitudes(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``{diffusers UNet module path: DoRA magnitude [out]}`` (peft's ``lora_magnitude_vector``, diffusers'
+    reading of a kohya ``dora_scale``); empty for a plain LoRA."""
+    return _lora_parts(state_dict)[1]
+
+
+_MAGNITUDE_KEY = re.compile(r"^(?P<module>.+?)\.lora_magnitude_vector(?:\.[^.]+)*$")
+
+
+def _lora_parts(
+    state_dict: Mapping[str, torch.Tensor],
+) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict[str, torch.Tensor], float | None]:
+    """``(modules, DoRA magnitudes, α found in the keys)``: see :func:`lora_modules`."""
     from diffusers.utils.state_dict_utils import convert_unet_state_dict_to_peft
 
     sd = dict(state_dict)
@@ -193,9 +212,13 @@ def lora_modules(
     peft = convert_unet_state_dict_to_peft(sd)
 
     halves: dict[str, dict[str, torch.Tensor]] = collections.defaultdict(dict)
+    magnitudes: dict[str, torch.Tensor] = {}
     for key, tensor in peft.items():
         for prefix in ("base_model.model.", "unet."):
             key = key.removeprefix(prefix)
+        if mag := _MAGNITUDE_KEY.match(key):
+            magnitudes[mag["module"]] = tensor
+            continue
         m = _PEFT_KEY.match(key)
         if m is None:
             raise ValueError(f"not a LoRA weight key: {key!r}")
@@ -205,10 +228,11 @@ def lora_modules(
         from kolors_job.export.diffsynth import diffsynth_module_map
 
         inverse = {ds: du for du, ds in diffsynth_module_map().items()}
-        unknown = sorted(set(halves) - set(inverse))
+        unknown = sorted((set(halves) | set(magnitudes)) - set(inverse))
         if unknown:
             raise ValueError(f"LoRA module {unknown[0]!r} is not a module of DiffSynth's Kolors UNet")
         halves = {inverse[name]: ab for name, ab in halves.items()}
+        magnitudes = {inverse[name]: m for name, m in magnitudes.items()}
     foreign = sorted(name for name in halves if not _DIFFUSERS_UNET_MODULE.match(name))
     if foreign:
         raise ValueError(f"LoRA module {foreign[0]!r} is not a diffusers UNet module path")
@@ -220,7 +244,10 @@ def lora_modules(
         if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
             raise ValueError(f"LoRA module {module!r}: A {tuple(a.shape)} and B {tuple(b.shape)} do not pair")
         modules[module] = (a, b)
-    return modules, kohya_alpha
+    stray = sorted(set(magnitudes) - set(modules))
+    if stray:
+        raise ValueError(f"DoRA magnitude of {stray[0]!r} has no LoRA A/B pair")
+    return modules, dict(sorted(magnitudes.items())), kohya_alpha
 
 
 def uniform_rank(modules: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> int:

@@ -8,7 +8,15 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from kolors_job.export.lora_io import LORA_WEIGHT_NAME, LoraInfo, file_metadata, resolve_info, save_lora, scaled
+from kolors_job.export.lora_io import (
+    LORA_WEIGHT_NAME,
+    LoraInfo,
+    file_metadata,
+    lora_magnitudes,
+    resolve_info,
+    save_lora,
+    scaled,
+)
 from kolors_job.export.registry import ExportFormat, ExportSource, register
 
 if TYPE_CHECKING:
@@ -18,13 +26,19 @@ __all__ = ["diffusers_state_dict", "export_diffusers"]
 
 
 def diffusers_state_dict(
-    modules: Mapping[str, tuple[torch.Tensor, torch.Tensor]], tensor_scale: float
+    modules: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
+    tensor_scale: float,
+    magnitudes: Mapping[str, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """The keys ``KolorsPipeline.save_lora_weights`` writes, with α/r baked into B."""
+    """The keys ``KolorsPipeline.save_lora_weights`` writes, with α/r baked into B; a DoRA's magnitudes as
+    ``unet.<module>.lora_magnitude_vector``, the key from which diffusers' ``get_peft_kwargs`` turns on
+    ``use_dora`` (DoRA normalises ``W + s·B A``, so baking ``s`` into B keeps it exact)."""
     out: dict[str, torch.Tensor] = {}
     for module, (a, b) in modules.items():
         out[f"unet.{module}.lora.down.weight"] = scaled(a, 1.0)
         out[f"unet.{module}.lora.up.weight"] = scaled(b, tensor_scale)
+    for module, m in (magnitudes or {}).items():
+        out[f"unet.{module}.lora_magnitude_vector"] = scaled(m, 1.0)
     return out
 
 
@@ -46,8 +60,10 @@ def export_diffusers(
     file back never scales twice. Returns the file path.
     """
     info, modules, tensor_scale = resolve_info(info, state_dict, metadata)
-    tensors = diffusers_state_dict(modules, tensor_scale)
-    meta = file_metadata(info, "diffusers", alpha_baked="true", baked_scale=repr(tensor_scale))
+    magnitudes = lora_magnitudes(state_dict)
+    tensors = diffusers_state_dict(modules, tensor_scale, magnitudes)
+    extra = {"dora": "true"} if magnitudes else {}
+    meta = file_metadata(info, "diffusers", alpha_baked="true", baked_scale=repr(tensor_scale), **extra)
     return save_lora(tensors, Path(out_dir) / LORA_WEIGHT_NAME, meta)
 
 
@@ -62,6 +78,7 @@ register(
         file_names=lambda info: {"diffusers": LORA_WEIGHT_NAME},
         write=_write,
         order=10,
+        dora=None,  # diffusers' loader reads lora_magnitude_vector and builds peft's DoRA layers
         card_rows=lambda info, load_alpha: {
             "diffusers": ("diffusers `load_lora_weights`", "α/r baked into the up weights: load at scale 1")
         },

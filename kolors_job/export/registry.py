@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from kolors_job.export.lora_io import LoraInfo, load_lora_file, lora_modules
+from kolors_job.export.lora_io import LoraInfo, load_lora_file, lora_magnitudes, lora_modules
 
 if TYPE_CHECKING:
     import torch
@@ -23,6 +23,7 @@ __all__ = [
     "ExportSource",
     "applicable_formats",
     "default_format_names",
+    "dora_refusal",
     "format_names",
     "get_format",
     "register",
@@ -57,6 +58,9 @@ class ExportFormat:
     """``{file key: (what reads it, how α is handled)}`` for the card's Files table, given info and load α."""
     skip_reason: Callable[[Modules], str | None] | None = None
     """Why this LoRA cannot be written in this format (``None``: it can), e.g. DiffSynth's fixed UNet size."""
+    dora: str | None = "its writer does not say it can carry DoRA magnitudes"
+    """Why this format cannot hold a DoRA (``train.dora``), or ``None`` when it can: the manifest refuses a
+    DoRA job that names a format with a reason, and ``applicable_formats`` skips it for a DoRA LoRA."""
     default: bool = True
     """In the manifest's default ``output.lora_formats``."""
     order: int = 100
@@ -96,6 +100,12 @@ def default_format_names() -> tuple[str, ...]:
     return tuple(name for name in format_names() if _FORMATS[name].default)
 
 
+def dora_refusal(name: str) -> str | None:
+    """Why format ``name`` cannot carry a DoRA (``None``: it can; an unknown name is left to its own check)."""
+    fmt = _FORMATS.get(name)
+    return None if fmt is None else fmt.dora
+
+
 def applicable_formats(
     requested: Iterable[str],
     lora: str | os.PathLike[str] | Mapping[str, torch.Tensor] | Modules,
@@ -109,7 +119,11 @@ def applicable_formats(
     modules: Modules | None = None
     keep: list[str] = []
     skipped: dict[str, str] = {}
+    dora = any(fmt.dora for fmt in formats) and _is_dora(lora)
     for fmt in formats:
+        if dora and fmt.dora:
+            skipped[fmt.name] = f"a DoRA: {fmt.dora}"
+            continue
         if fmt.skip_reason is not None:
             if modules is None:
                 modules = _modules(lora)
@@ -119,6 +133,15 @@ def applicable_formats(
                 continue
         keep.append(fmt.name)
     return keep, skipped
+
+
+def _is_dora(lora: str | os.PathLike[str] | Mapping[str, object]) -> bool:
+    """Does the LoRA carry DoRA magnitudes (a module map of ``(A, B)`` pairs never does)?"""
+    if not isinstance(lora, Mapping):
+        return bool(lora_magnitudes(load_lora_file(lora)[0]))
+    if all(isinstance(v, tuple) for v in lora.values()):
+        return False
+    return bool(lora_magnitudes(lora))  # type: ignore[arg-type]
 
 
 def _modules(lora: str | os.PathLike[str] | Mapping[str, object]) -> Modules:

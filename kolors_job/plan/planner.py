@@ -324,7 +324,8 @@ def _stages(spec: Spec, card: Card, c: Choices, results: Results, only: tuple[st
         stages.append(Stage(name, what, gpu, PROCESS_HOST + host, disk, card.budget))
 
     if need("download"):
-        dataset = DATASET_DISK.get(spec.dataset.source, 0)
+        sizes = [DATASET_DISK.get(d.source, 0) for d in spec.datasets]
+        dataset = sum(sizes) if all(sizes) else 0
         files = te_files + unet_files + vae_files + count("aesthetic") * 4
         what = "model files + aesthetic predictor + dataset into the cache"
         add("download", what + ("" if dataset else " (dataset size not known)"), 0, 0, files + dataset)
