@@ -23,14 +23,16 @@ from kolors_job.plan.planner import plan_job
 from kolors_job.plan.simulate import Denoise, TextEncode, VaeDecode, lora_step
 from kolors_job.plan.table import SHIPPED, Results
 from kolors_job.tiny import TINY_UNET_CONFIG
+from tests.cli_lines import last_message
 
 ROOT = Path(__file__).resolve().parents[1]
 REFERENCE = ROOT / "examples" / "minimal.yaml"
-BATCH8_NO_CKPT = """
-spec:
-  train: {batch_size: 8, gradient_checkpointing: "off"}
-  output: {uri: /tmp/out}
-"""
+PLANNED = ROOT / "tests" / "fixtures" / "plan"
+"""The manifests these tests plan, beside the reference job and ``examples/``: ``kolors_job/plan/table.json``
+answers all of them (``python -m kolors_job.plan.table --refresh``, see that module)."""
+BATCH8_NO_CKPT = (PLANNED / "batch8-no-ckpt.yaml").read_text()
+TUNED = (PLANNED / "tuned.yaml").read_text()
+TUNED_MANUAL = (PLANNED / "tuned-manual.yaml").read_text()
 
 
 def _manifest(text: str = "spec: {output: {uri: /tmp/out}}"):
@@ -188,8 +190,18 @@ def test_the_reference_job_fits_16_and_24_gb_cards(card: str) -> None:
     assert c.batch_size * c.gradient_accumulation == 1 and c.precision == "fp16"
     # a 24 GB card trains without checkpointing (2× faster steps); a 16 GB card needs it
     assert c.gradient_checkpointing == (card == "t4")
-    # eight 1024² images through the fp32 VAE at once need 20 GiB: no 24 GB card holds that beside the rest
-    assert c.latent_batch == 4
+    # the reference encodes with sdxl-vae-fp16-fix in fp16: eight 1024² images at once fit either card
+    assert c.latent_batch == 8
+
+
+@pytest.mark.parametrize("card", ["t4", "a10"])
+def test_recipe_tuned_encodes_in_fp32_four_images_at_a_time(card: str) -> None:
+    """``recipe: tuned`` encodes with the model's own VAE, in fp32 in an fp16 run (it overflows in fp16): eight
+    1024² images at once need 20 GiB, which no 24 GB card holds beside the rest."""
+    plan = plan_job(_manifest(TUNED), CARDS[card], _shipped())
+    assert plan.fits, plan.problem()
+    latents = next(s for s in plan.stages if s.name == "latents")
+    assert "VAE fp32" in latents.what and plan.choices.latent_batch == 4
 
 
 def test_auto_keeps_the_effective_batch_and_says_what_it_changed() -> None:
@@ -226,7 +238,7 @@ def test_a_12_gib_card_encodes_on_the_cpu() -> None:
 
 
 def test_manual_mode_only_judges() -> None:
-    m = _manifest("spec: {train: {memory: manual}, output: {uri: /tmp/o}}")
+    m = _manifest(TUNED_MANUAL)
     plan = plan_job(m, CARDS["a10"], _shipped())
     assert plan.choices.latent_batch == 8  # as the code does it without a plan
     assert plan.short is not None and plan.short.name == "latents"
@@ -254,7 +266,7 @@ def test_plan_and_validate_refuse_what_cannot_fit(tmp_path: Path) -> None:
     for command in ("plan", "validate"):
         out = _cli(command, str(manifest), "--gpu", "t4")
         assert out.returncode == ExitCode.INVALID_MANIFEST, out.stderr
-        last = out.stderr.strip().splitlines()[-1]
+        last = last_message(out.stderr)  # the CLI's last line (a JSON record off a terminal)
         assert last.startswith("spec: stage train (") and "short by" in last and "T4" in last
 
 
@@ -275,7 +287,7 @@ def test_run_time_plan_stops_with_exit_4_on_a_card_too_small(monkeypatch: pytest
     """The card this process sees (its free memory too): a job that cannot fit stops with exit 4 (manual settings
     here, so the test needs no new simulation); the message names the stage that misses by the most."""
     monkeypatch.setattr(runtime, "visible_card", lambda _i: Card("Tiny-8G", 8 * GIB, bf16=True, free=7 * GIB))
-    m = _manifest("spec: {train: {memory: manual}, output: {uri: /tmp/o}}")
+    m = _manifest(TUNED_MANUAL)
     with pytest.raises(InputError) as err:
         runtime.plan_for_device(m, "cuda", tmp_path)
     assert err.value.exit_code == ExitCode.INVALID_INPUT

@@ -37,8 +37,20 @@ def sample(*argv: str) -> int:
 
 
 def errors(capsys: pytest.CaptureFixture[str]) -> list[str]:
-    """What the command printed to stderr for a person (the JSON log lines are the machines')."""
-    return [line for line in capsys.readouterr().err.splitlines() if line.strip() and not line.startswith("{")]
+    """What the command said to a person on stderr: its CLI lines (off a terminal each is a JSON record of the
+    ``kolors_job.cli`` logger; a plain line in text mode), not the stages' log records."""
+    out = []
+    for line in capsys.readouterr().err.splitlines():
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            out.append(line)
+            continue
+        if isinstance(record, dict) and record.get("logger") == "kolors_job.cli":
+            out.append(str(record.get("msg", "")))
+    return out
 
 
 def test_the_story_redrawn_from_its_prompts_json_is_byte_identical(
