@@ -517,7 +517,8 @@ def test_runs_paused_past_their_lease_publish_nothing(backend, tmp_path, shared_
     after = _snapshot(store)
     assert own_stage(after, 1) == own_stage(before, 1), "run A changed the prefix after it was resumed"
     said = a.lines[n:]
-    assert "Traceback" not in "".join(said) and said[-1].startswith("error: ") and "claim" in said[-1], said
+    last = last_message("".join(said))  # the CLI's last line (a JSON record off a terminal)
+    assert "Traceback" not in "".join(said) and last.startswith("error: ") and "claim" in last, said
     # what B wrote so far is what a lone run writes (A's step-2 checkpoint is pruned, its events file stays)
     assert json.loads(after["status.json"])["state"] == "running"  # B's, paused
     partial = {k: v for k, v in after.items() if not k.startswith(("_claim/", "logs/")) and k != "status.json"}
@@ -540,7 +541,8 @@ def test_runs_paused_past_their_lease_publish_nothing(backend, tmp_path, shared_
     assert b.wait(120) == 75, b.tail()
     assert own_stage(_snapshot(store), 2) == own_stage(final, 2), "run B changed the prefix after it was resumed"
     said = b.lines[n:]
-    assert "Traceback" not in "".join(said) and said[-1].startswith("error: ") and "claim" in said[-1], said
+    last = last_message("".join(said))  # the CLI's last line (a JSON record off a terminal)
+    assert "Traceback" not in "".join(said) and last.startswith("error: ") and "claim" in last, said
     assert json.loads(final["status.json"])["state"] == "succeeded" and "_SUCCESS" in final
     _compare_with_lone_run(final, lone_run, tensorboard_files=1)
     print(f"\n{backend}: A resumed after B took over: 0 of {len(before)} objects changed; B resumed after C took "
