@@ -248,8 +248,12 @@ def load_sweep(path_or_uri: str) -> LoadedSweep:
     raw, source = read_manifest_source(path_or_uri)
     sweep = parse_sweep(raw, source=source)
     ref = sweep.spec.manifest
-    if "://" not in ref and not Path(ref).is_absolute() and "://" not in path_or_uri:
-        ref = str(Path(path_or_uri).parent / ref)
+    if "://" not in ref and not Path(ref).is_absolute():  # relative to the sweep file, wherever that is
+        scheme, sep, rest = path_or_uri.partition("://")
+        if sep and scheme != "file":
+            ref = f"{scheme}://{rest.rsplit('/', 1)[0]}/{ref}"
+        else:
+            ref = str(Path(rest if sep else path_or_uri).parent / ref)
     try:
         manifest_raw, manifest_source = read_manifest_source(ref)
     except ManifestError as e:
