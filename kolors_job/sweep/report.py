@@ -307,8 +307,8 @@ def param_plot(name: str, trials: list[Trial], width: int = 360, height: int = 2
     y0, y1 = (min(ys), max(ys)) if ys else (0.0, 1.0)  # type: ignore[type-var]
     if y1 == y0:
         y0, y1 = y0 - 0.5, y1 + 0.5  # type: ignore[operator]
-    pad = (x1 - x0) * 0.06
-    x0, x1 = x0 - pad, x1 + pad
+    pad, ypad = (x1 - x0) * 0.06, (y1 - y0) * 0.08  # type: ignore[operator]
+    x0, x1, y0, y1 = x0 - pad, x1 + pad, y0 - ypad, y1 + ypad  # type: ignore[operator]
     points = [
         {"x": round(left + (x - x0) / (x1 - x0) * pw, 1), "y": round(top + (1 - (y - y0) / (y1 - y0)) * ph, 1),
          "ok": t.state == "succeeded", "label": f"{t.name}: {name}={t.params[name]}, objective {y:.4f}"}
