@@ -20,6 +20,7 @@ from kolors_job.errors import ExitCode, JobError, ManifestError
 from kolors_job.plan.cli import add_card_args, check_fits
 from kolors_job.plan.cli import register_cli as register_plan
 from kolors_job.redact import scrub
+from kolors_job.sweep import cli as sweep_cli
 
 _RST_ROLE = re.compile(r":[a-z]+:`~?([^`]+)`")
 
@@ -94,18 +95,22 @@ def _settings_and_logging(args: argparse.Namespace):
 def cmd_run(args: argparse.Namespace) -> int:
     from kolors_job.manifest import load_manifest
     from kolors_job.runner import Job, run_job
+    from kolors_job.sweep import trial
 
     settings = _settings_and_logging(args)
-    manifest = load_manifest(args.manifest)
+    run = trial.prepare(args, load_manifest(args.manifest))  # --set, --trial, metric sinks
     job = Job(
-        manifest,
+        run.manifest,
         settings=settings,
-        job_id=args.job_id or os.environ.get("KOLORS_JOB_ID") or None,
+        job_id=run.job_id or args.job_id or os.environ.get("KOLORS_JOB_ID") or None,
         output_uri=args.output,
         force=args.force,
         allow_cpu=args.allow_cpu or settings.allow_cpu,
     )
+    if run.metrics is not None:
+        job.observers.append(run.metrics)
     outcome = run_job(job)
+    trial.finish(run.metrics, job, outcome)
     _say_outcome(outcome, f"{outcome.state}: {outcome.output_uri}")
     return outcome.exit_code
 
@@ -174,6 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="run a full-size model on the CPU when no GPU is usable (hours; without it the job stops, exit 4)",
     )
     _add_log_format(r)
+    sweep_cli.add_run_arguments(r)  # --set, --trial, --objective, metric lines (sweep trials)
     r.set_defaults(func=cmd_run)
 
     d = sub.add_parser("demo", help="the whole job on CPU with a tiny random Kolors (about a minute on 2 cores)")
@@ -191,6 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
         pass
     else:
         register_cli(sub)
+    sweep_cli.add_sweep_parser(sub)
     return p
 
 

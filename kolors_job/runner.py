@@ -141,6 +141,8 @@ class Job:
         self.device = pick_device(manifest.spec.device, world=self.world, local_rank=_env_int("LOCAL_RANK", 0))
         self.progress = settings.log_format == "text" or (settings.log_format == "auto" and progress_enabled())
         self.memory_plan: Plan | None = None  # a full-size model on a GPU: the plan check_device made
+        self.observers: list[Any] = []
+        """Told each validation point (``validation_point(dict)``): a sweep trial's metric lines."""
 
     # ------------------------------------------------------------------ helpers
 
@@ -496,8 +498,13 @@ def run_train(job: Job, models: ResolvedModels, items: list[Any], scorer: Any = 
     validator = None
     if spec.train.validation_every:
         story = story_spec(spec.story, choices)  # validation draws in the plan's story batch
-        validator = val.Validator(spec.train, story, scorer, job.work, on_point=lambda p: job.upload_dir(
-            job.work / val.step_prefix(p.step), val.step_prefix(p.step) + "/"))  # fmt: skip
+
+        def on_point(p: val.ValidationPoint) -> None:
+            job.upload_dir(job.work / val.step_prefix(p.step), val.step_prefix(p.step) + "/")
+            for observer in job.observers:
+                observer.validation_point(p.to_dict())
+
+        validator = val.Validator(spec.train, story, scorer, job.work, on_point=on_point)
 
     def upload_logs() -> None:  # the event files grow: re-sent with each checkpoint and at the end
         if (job.work / "train" / LOGS).is_dir():

@@ -104,13 +104,15 @@ def _standalone_render_parser(target: str) -> argparse.ArgumentParser:
 
 
 def register_cli(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    """Add ``render {k8s,trainjob,dlc}`` and ``submit {k8s,dlc,local}`` to the ``kolors-job`` parser."""
-    from kolors_job.launch import submit
+    """Add ``render {k8s,trainjob,dlc,katib,pai-automl}`` and ``submit {k8s,dlc,local,katib,pai-automl}``."""
+    from kolors_job.launch import katib, pai_automl, submit
 
     render = subparsers.add_parser("render", help="print what a launch would submit, without submitting it")
     rsub = render.add_subparsers(dest="render_target", required=True)
     _add_render_objects(rsub, "k8s")
     _add_render_objects(rsub, "trainjob")
+    katib.add_render_parser(rsub)  # a sweep as a Katib Experiment
+    pai_automl.add_render_parser(rsub)  # a sweep as a PAI AutoML HPO experiment
     d = rsub.add_parser("dlc", help="print the PAI-DLC CreateJob request for one run as JSON")
     d.add_argument("--manifest-uri", required=True)
     d.add_argument("--job-id")

@@ -58,19 +58,24 @@ def prune(node: Any) -> Any:
     return node
 
 
-def _diff(want: Any, got: Any, path: str = "") -> list[str]:
+def _diff(want: Any, got: Any, path: str = "", what: str = "the SDK's CreateJobRequest") -> list[str]:
     if isinstance(want, dict) and isinstance(got, dict):
         problems = []
         for k, v in want.items():
             p = f"{path}.{k}" if path else str(k)
             if k not in got:
-                problems.append(f"{p}: unknown to the SDK's CreateJobRequest (dropped)")
+                problems.append(f"{p}: unknown to {what} (dropped)")
             else:
-                problems += _diff(v, got[k], p)
+                problems += _diff(v, got[k], p, what)
         return problems
     if isinstance(want, list) and isinstance(got, list) and len(want) == len(got):
-        return [p for i, (a, b) in enumerate(zip(want, got, strict=True)) for p in _diff(a, b, f"{path}[{i}]")]
+        return [p for i, (a, b) in enumerate(zip(want, got, strict=True)) for p in _diff(a, b, f"{path}[{i}]", what)]
     return [] if want == got else [f"{path}: {want!r} became {got!r}"]
+
+
+def model_diff(want: Any, got: Any, *, what: str) -> list[str]:
+    """What an SDK model's ``to_map``/``to_dict`` (``got``) lost or changed of the data it read (``want``)."""
+    return _diff(prune(want), prune(got), what=what)
 
 
 def to_request(spec: dict[str, Any]) -> Any:

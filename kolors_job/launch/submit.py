@@ -44,6 +44,7 @@ RETRYABLE = (int(ExitCode.TEMPORARY), k8s_mod.RETRYABLE_EXIT_CODE)
 DEFAULT_TIMEOUT = 6 * 3600
 LOCAL_EXIT_GRACE = 120  # seconds a finished local job gets to exit before it is stopped
 DEFAULT_START_TIMEOUT = 900  # seconds a pod may stay unschedulable (a cluster autoscaler may add a node)
+SWEEP_TARGETS = ("katib", "pai-automl")
 @dataclass
 class Outcome:
     exit_code: int
@@ -376,6 +377,10 @@ def _upload_manifest(bucket: str, job_id: str, raw: bytes) -> str:
 
 def cmd_submit(args: argparse.Namespace) -> int:
     """Handler of ``kolors-job submit``; returns the process exit code."""
+    if args.target in SWEEP_TARGETS:  # a sweep: the engine runs the trials (launch/katib.py, pai_automl.py)
+        from kolors_job.launch import katib, pai_automl
+
+        return {"katib": katib.cmd_submit, "pai-automl": pai_automl.cmd_submit}[args.target](args)
     try:
         return _submit(args)
     except ManifestError as e:
@@ -575,7 +580,8 @@ def add_submit_parser(subparsers: argparse._SubParsersAction) -> None:  # type: 
         description=prose(__doc__ or ""),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("target", choices=("k8s", "dlc", "local"))
+    p.add_argument("target", choices=("k8s", "dlc", "local", *SWEEP_TARGETS),
+                   help="k8s, dlc, local: one job; katib, pai-automl: a sweep (--sweep FILE)")  # fmt: skip
     src = p.add_argument_group("manifest")
     src.add_argument("--manifest", help="manifest file (or URI) to upload under --bucket")
     src.add_argument("--bucket", help="where the manifest goes: <bucket>/<job-id>/manifest.yaml")
@@ -592,4 +598,10 @@ def add_submit_parser(subparsers: argparse._SubParsersAction) -> None:  # type: 
                    help="k8s: seconds a pod may stay unschedulable before submit gives up (exit 7)")  # fmt: skip
     add_k8s_arguments(p, require_image=False)
     add_dlc_arguments(p)
+    g = p.add_argument_group("sweeps (katib, pai-automl)")
+    g.add_argument("--sweep", help="the sweep file (examples/sweep.yaml); trials go to <output>/<sweep name>/")
+    g.add_argument("--collector", choices=("file", "stdout"), default="file",
+                   help="katib: Katib's metrics collector (File: JSON lines, default; StdOut: name=value lines)")
+    g.add_argument("--automl-spec", default="pai/automl.yaml", help="pai-automl: the CreateHpoExperiment spec")
+    g.add_argument("--cache-dataset", metavar="ID", help="pai-automl: the PAI dataset mounted at /cache")
     p.set_defaults(func=cmd_submit)
