@@ -13,7 +13,7 @@ a GPU. Why it looks like this:
 * "The reference" is what the seed baseline runs: DiffSynth 1.1.9's ``SDXLUNet(is_kolors=True)``, fp16 weights,
   peft LoRA r16/α4 on ``to_q,to_k,to_v,to_out`` (fp32), Lightning ``16-mixed`` (autocast fp16 + GradScaler),
   AdamW lr 1e-4, gradient checkpointing on; sampling runs CFG as two batch-1 passes with the LoRA unmerged.
-* "Ours" goes through the job's own functions: ``kolors_job.train``'s set-up steps and ``train_step`` (what
+* "Ours" goes through the job's own functions: ``kolors_job.train.loop``'s set-up steps and ``train_step`` (what
   ``train_lora``'s loop calls), and ``train_lora``/``generate_story`` themselves on a model written in diffusers
   layout. Compile always uses the default mode (max-autotune's compile time never pays back here)
   and the compile seconds are reported, because compile time is job time.
@@ -145,15 +145,15 @@ class Ctx:
 
     @property
     def unet_cfg(self) -> dict[str, Any]:
-        from kolors_job.kolors_configs import KOLORS_UNET_CONFIG
-        from kolors_job.tiny import TINY_UNET_CONFIG
+        from kolors_job.models.configs import KOLORS_UNET_CONFIG
+        from kolors_job.models.tiny import TINY_UNET_CONFIG
 
         return TINY_UNET_CONFIG if self.tiny else KOLORS_UNET_CONFIG
 
     @property
     def vae_cfg(self) -> dict[str, Any]:
-        from kolors_job.kolors_configs import KOLORS_VAE_CONFIG
-        from kolors_job.tiny import TINY_VAE_CONFIG
+        from kolors_job.models.configs import KOLORS_VAE_CONFIG
+        from kolors_job.models.tiny import TINY_VAE_CONFIG
 
         return TINY_VAE_CONFIG if self.tiny else KOLORS_VAE_CONFIG
 
@@ -317,7 +317,7 @@ def load_diffsynth_sdxl_unet() -> type[torch.nn.Module]:
     ``import diffsynth`` imports every pipeline (modelscope, imageio, controlnets, ...) and fails under
     transformers 5; ``models/sdxl_unet.py`` itself needs only torch and einops. Its folder is mounted as a
     private package so the relative imports resolve and nothing named ``diffsynth`` enters ``sys.modules``
-    (``kolors_job.tiny.chatglm_tokenizer_dir`` finds the package with ``find_spec`` and must see the real one).
+    (``kolors_job.models.tiny.chatglm_tokenizer_dir`` finds the package with ``find_spec`` and must see the real one).
     """
     loaded = sys.modules.get("diffsynth.models.sdxl_unet")
     if loaded is not None:
@@ -452,8 +452,8 @@ def m_ref_lora_injection(ctx: Ctx) -> dict[str, Any]:
     from diffusers import UNet2DConditionModel
     from peft import LoraConfig, inject_adapter_in_model
 
-    from kolors_job.kolors_configs import KOLORS_UNET_CONFIG
-    from kolors_job.manifest import TrainSpec
+    from kolors_job.manifest.spec import TrainSpec
+    from kolors_job.models.configs import KOLORS_UNET_CONFIG
 
     sdxl_unet = load_diffsynth_sdxl_unet()
     t = time.perf_counter()
@@ -506,11 +506,11 @@ def m_ours_train(
     ``build_caches``. Variants override what the trainer decides (channels-last, fused AdamW, ckpt, compile)."""
     from diffusers import DDPMScheduler
 
-    from kolors_job import train as kt
-    from kolors_job.dataset import ImageItem
-    from kolors_job.embeddings import LatentEntry, PromptEmbeds
-    from kolors_job.kolors_configs import KOLORS_SCHEDULER_CONFIG
-    from kolors_job.manifest import TrainSpec
+    from kolors_job.data.scan import ImageItem
+    from kolors_job.manifest.spec import TrainSpec
+    from kolors_job.models.configs import KOLORS_SCHEDULER_CONFIG
+    from kolors_job.train import loop as kt
+    from kolors_job.train.latents import LatentEntry, PromptEmbeds
 
     if compile_blocks and not ctx.cuda:
         raise CannotRunError("compile: CUDA only (train_lora ignores spec.train.compile on the CPU)")
@@ -777,8 +777,8 @@ def m_job_write_model(ctx: Ctx) -> dict[str, Any]:
     saves the tiny one (real tokenizer files and scheduler config verbatim), published with ``atomic_dir`` so a
     second run on the same warm machine reuses it.
     """
+    from kolors_job.models.tiny import build_tiny_kolors
     from kolors_job.storage.atomic import COMPLETE_MARKER, atomic_dir
-    from kolors_job.tiny import build_tiny_kolors
 
     if ctx.tiny:
         t = time.perf_counter()
@@ -801,8 +801,8 @@ def m_job_write_model(ctx: Ctx) -> dict[str, Any]:
     def write(out: Path) -> None:
         from diffusers import KolorsPipeline
 
-        from kolors_job.kolors_configs import KOLORS_SCHEDULER_CONFIG
-        from kolors_job.tiny import build_full_size_kolors_random, chatglm_tokenizer_dir
+        from kolors_job.models.configs import KOLORS_SCHEDULER_CONFIG
+        from kolors_job.models.tiny import build_full_size_kolors_random, chatglm_tokenizer_dir
 
         t = time.perf_counter()
         unet, vae, text_encoder, tokenizer, scheduler = build_full_size_kolors_random(ctx.dev, torch.bfloat16)
@@ -832,7 +832,7 @@ def _dataset(ctx: Ctx) -> list[Any]:
     import numpy as np
     from PIL import Image
 
-    from kolors_job.dataset import ImageItem
+    from kolors_job.data.scan import ImageItem
 
     root = ctx.work_dir / f"dataset-{ctx.res}-{ctx.args.images}"
     root.mkdir(parents=True, exist_ok=True)
@@ -849,8 +849,8 @@ def _dataset(ctx: Ctx) -> list[Any]:
 
 def m_job_train(ctx: Ctx) -> dict[str, Any]:
     """``train_lora`` itself on the written model: load, encode captions, cache latents, N steps, save the LoRA."""
-    from kolors_job.manifest import TrainSpec
-    from kolors_job.train import train_lora
+    from kolors_job.manifest.spec import TrainSpec
+    from kolors_job.train.loop import train_lora
 
     model_dir = ctx.shared.get("model_dir")
     if model_dir is None:
@@ -860,7 +860,7 @@ def m_job_train(ctx: Ctx) -> dict[str, Any]:
     work = ctx.work_dir / "job-train"
     shutil.rmtree(work, ignore_errors=True)
     ctx.reset_peak()
-    with _capture("kolors_job.train") as logs, _HostPeak() as host:
+    with _capture("kolors_job.train.loop") as logs, _HostPeak() as host:
         t = time.perf_counter()
         result = train_lora(model_dir, items, spec, work_dir=work, device=str(ctx.dev), progress=False)
         wall = time.perf_counter() - t
@@ -894,8 +894,8 @@ def m_job_train(ctx: Ctx) -> dict[str, Any]:
 def m_job_story(ctx: Ctx, *, compile_story: bool) -> dict[str, Any]:
     """``generate_story`` itself: load the pipeline (+ LoRA), 8 frames × ``--story-steps`` steps in one batch of 8,
     decode, write PNGs. The wall time includes loading and, with ``compile``, compilation: that is job time."""
-    from kolors_job.generate import generate_story
-    from kolors_job.manifest import StorySpec
+    from kolors_job.manifest.spec import StorySpec
+    from kolors_job.story.pipeline import generate_story
 
     if compile_story and not ctx.cuda:
         raise CannotRunError("compile: CUDA only (generate.py ignores spec.story.compile on the CPU)")
@@ -908,7 +908,7 @@ def m_job_story(ctx: Ctx, *, compile_story: bool) -> dict[str, Any]:
     out = ctx.work_dir / ("job-story-compile" if compile_story else "job-story")
     shutil.rmtree(out, ignore_errors=True)
     ctx.reset_peak()
-    with _capture("kolors_job.generate") as logs, _HostPeak() as host:
+    with _capture("kolors_job.story.pipeline") as logs, _HostPeak() as host:
         t = time.perf_counter()
         frames = generate_story(model_dir, spec, out_dir=out, lora_dir=lora_dir, device=str(ctx.dev), progress=False)
         wall = time.perf_counter() - t

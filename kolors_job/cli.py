@@ -1,7 +1,7 @@
 """``kolors-job``: validate / run / schema / demo / sample (+ render / submit from :mod:`kolors_job.launch`).
 
 Every expected failure prints one line (``error: …`` or ``field.path: …``), never a traceback,
-and exits with the code of :class:`kolors_job.errors.ExitCode`.
+and exits with the code of :class:`kolors_job.core.errors.ExitCode`.
 """
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ from collections.abc import Sequence
 from typing import Any
 
 from kolors_job import __version__
-from kolors_job.errors import ExitCode, JobError, ManifestError
+from kolors_job.core.errors import ExitCode, JobError, ManifestError
+from kolors_job.core.redact import scrub
 from kolors_job.plan.cli import add_card_args, check_fits
 from kolors_job.plan.cli import register_cli as register_plan
-from kolors_job.redact import scrub
 from kolors_job.sweep import cli as sweep_cli
 
 _RST_ROLE = re.compile(r":[a-z]+:`~?([^`]+)`")
@@ -31,7 +31,7 @@ def prose(doc: str) -> str:
 
 
 def _print_error(err: JobError) -> None:
-    from kolors_job.log import say
+    from kolors_job.core.log import say
 
     problems = err.problems if isinstance(err, ManifestError) else [str(err)]
     for line in problems:
@@ -39,7 +39,7 @@ def _print_error(err: JobError) -> None:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from kolors_job.manifest import load_manifest
+    from kolors_job.manifest.spec import load_manifest
 
     if args.manifest and args.manifest_opt and args.manifest != args.manifest_opt:
         raise ManifestError("validate: give the manifest once (MANIFEST or --manifest), not two different ones")
@@ -56,7 +56,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def oss_fields_without_endpoint(doc: object) -> list[tuple[str, str]]:
     """``(field path, uri)`` of every ``oss://`` value in ``doc`` when this environment names no OSS endpoint."""
-    from kolors_job.settings import Settings
+    from kolors_job.core.settings import Settings
 
     settings = Settings()
     if settings.oss_endpoint or settings.oss_region or os.environ.get("OSS_ENDPOINT"):
@@ -73,15 +73,15 @@ def _oss_values(doc: object, path: str) -> list[tuple[str, str]]:
 
 
 def cmd_schema(args: argparse.Namespace) -> int:
-    from kolors_job.manifest import json_schema
+    from kolors_job.manifest.spec import json_schema
 
     print(json.dumps(json_schema(), indent=2, ensure_ascii=False))
     return ExitCode.OK
 
 
 def _settings_and_logging(args: argparse.Namespace):
-    from kolors_job.log import setup_logging
-    from kolors_job.settings import Settings
+    from kolors_job.core.log import setup_logging
+    from kolors_job.core.settings import Settings
 
     settings = Settings()
     setup_logging(args.log_format or settings.log_format, settings.log_level)
@@ -93,7 +93,7 @@ def _settings_and_logging(args: argparse.Namespace):
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from kolors_job.manifest import load_manifest
+    from kolors_job.manifest.spec import load_manifest
     from kolors_job.runner import Job, run_job
     from kolors_job.sweep import trial
 
@@ -117,7 +117,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def _say_outcome(outcome: Any, ok_line: str) -> None:
     """The run's last line: ``error: …`` (or the success line); a JSON record in JSON mode."""
-    from kolors_job.log import say
+    from kolors_job.core.log import say
 
     fields = {"state": outcome.state, "exit_code": int(outcome.exit_code), "output": outcome.output_uri}
     if outcome.exit_code != ExitCode.OK and outcome.message:
@@ -187,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_log_format(d)
     d.set_defaults(func=cmd_demo)
 
-    from kolors_job.sample import register_cli as register_sample
+    from kolors_job.sample.run import register_cli as register_sample
 
     register_sample(sub)
 
@@ -210,7 +210,7 @@ def _map_exit(code: int) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from kolors_job.log import json_mode, restore_stderr, say
+    from kolors_job.core.log import json_mode, restore_stderr, say
 
     args = build_parser().parse_args(argv)
     try:

@@ -26,10 +26,8 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
-from kolors_job import checkpoints, scratch
-from kolors_job.claim import CLAIM_DIR, OutputClaim
-from kolors_job.device import pick_device
-from kolors_job.errors import (
+from kolors_job.core.device import pick_device
+from kolors_job.core.errors import (
     ExitCode,
     InputError,
     JobError,
@@ -38,16 +36,19 @@ from kolors_job.errors import (
     OutputConflictError,
     StorageNotFoundError,
 )
-from kolors_job.log import progress_enabled
-from kolors_job.manifest import JOB_ID_PATTERN, Manifest, OutputSpec, format_validation_error
-from kolors_job.redact import redact_uri, scrub
-from kolors_job.settings import Settings
-from kolors_job.status import StatusWriter
-from kolors_job.stop import StopFlag, stop_on_signals
+from kolors_job.core.log import progress_enabled
+from kolors_job.core.redact import redact_uri, scrub
+from kolors_job.core.settings import Settings
+from kolors_job.core.stop import StopFlag, stop_on_signals
+from kolors_job.job import scratch
+from kolors_job.job.claim import CLAIM_DIR, OutputClaim
+from kolors_job.job.status import StatusWriter
+from kolors_job.manifest.spec import JOB_ID_PATTERN, Manifest, OutputSpec, format_validation_error
 from kolors_job.storage import Store, open_store
 from kolors_job.storage.base import RETRIES
 from kolors_job.storage.local import TEMPORARY_ERRNOS, os_error
-from kolors_job.story import run_story
+from kolors_job.story.stage import run_story
+from kolors_job.train import checkpoints
 
 if TYPE_CHECKING:
     from accelerate import PartialState
@@ -238,7 +239,7 @@ def _resolved_digest(raw: bytes) -> str | None:
 
 
 def claim_output(job: Job) -> None:
-    """Take the exclusive claim on the prefix (see kolors_job.claim) and keep it alive while we run."""
+    """Take the exclusive claim on the prefix (see kolors_job.job.claim) and keep it alive while we run."""
 
     def lost(reason: str) -> None:
         job.stop.signal_name = f"loss of the output claim ({reason})"
@@ -291,7 +292,7 @@ class ResolvedModels:
 
 def check_device(job: Job, *, full_size: bool, uri: str) -> None:
     """Stop when the job would land on a device that cannot run it (see :func:`check_device_first`)."""
-    from kolors_job.device import cuda_problem
+    from kolors_job.core.device import cuda_problem
 
     if job.device.startswith("cuda"):
         if problem := cuda_problem():
@@ -410,8 +411,8 @@ def run_dataset(job: Job) -> tuple[list[Any], dict[str, Any]]:
 def _scan_one(job: Job, dspec: Any, index: int, where: str) -> tuple[list[Any], dict[str, Any]]:
     from dataclasses import replace
 
-    from kolors_job.aspect_buckets import assign_buckets, bucket_counts
-    from kolors_job.dataset import filter_drops, scan_dataset
+    from kolors_job.data.buckets import assign_buckets, bucket_counts
+    from kolors_job.data.scan import filter_drops, scan_dataset
     from kolors_job.sources import fetch_dataset, source_record
 
     started = time.time()
@@ -449,7 +450,7 @@ def _total(summaries: list[dict[str, Any]], items: list[Any], resolution: int) -
     dataset's own summary under ``datasets``."""
     from collections import Counter
 
-    from kolors_job.aspect_buckets import bucket_counts
+    from kolors_job.data.buckets import bucket_counts
 
     skipped: Counter[str] = Counter()
     notes: Counter[str] = Counter()
@@ -469,11 +470,11 @@ def _total(summaries: list[dict[str, Any]], items: list[Any], resolution: int) -
 
 def run_train(job: Job, models: ResolvedModels, items: list[Any], scorer: Any = None) -> dict[str, Any]:
     """Train (or resume, or skip when ``lora/`` is already complete) and return the train summary, with the
-    validation points and the selected checkpoint (:mod:`kolors_job.validation`) under their report keys."""
-    from kolors_job import validation as val
+    validation points and the selected checkpoint (:mod:`kolors_job.train.validation`) under their report keys."""
     from kolors_job.plan.runtime import story_spec, train_kwargs, train_spec
-    from kolors_job.tracking import LOGS
-    from kolors_job.train import train_lora
+    from kolors_job.train import validation as val
+    from kolors_job.train.loop import train_lora
+    from kolors_job.train.tracking import LOGS
 
     lora_local = job.work / "lora"
     done = job.get_json(f"{STATE}/train.json")
@@ -601,7 +602,7 @@ def load_frames(job: Job, frames: list[dict[str, Any]]) -> list[Any]:
 
 
 def run_score(job: Job, scorer: Any, images: list[Any]) -> Any:
-    from kolors_job.score import score_story
+    from kolors_job.score.aesthetic import score_story
 
     return score_story(images, job.manifest.spec.score, scorer)
 
@@ -616,13 +617,13 @@ def run_report(
     scores: Any,
 ) -> dict[str, Any]:
     """story.jpg, the LoRA exports + model card, report.json/html, and the challenge submission."""
-    from kolors_job import report_model as rm
     from kolors_job.export import write_model_card
-    from kolors_job.generate import sampler_record
-    from kolors_job.recipe import describe
-    from kolors_job.report import device_info, package_versions, tile_frames, write_report
-    from kolors_job.submission import build_submission, check_submission
-    from kolors_job.validation import fetch_images
+    from kolors_job.manifest.recipe import describe
+    from kolors_job.report import model as rm
+    from kolors_job.report.html import device_info, package_versions, tile_frames, write_report
+    from kolors_job.report.submission import build_submission, check_submission
+    from kolors_job.story.pipeline import sampler_record
+    from kolors_job.train.validation import fetch_images
 
     spec = job.manifest.spec
     story_path = job.work / "story.jpg"
@@ -772,7 +773,7 @@ def _run(job: Job) -> JobOutcome:
             items, dataset = run_dataset(job)
             job.put_json(f"{STATE}/dataset.json", dataset)
 
-    from kolors_job.score import AestheticScorer
+    from kolors_job.score.aesthetic import AestheticScorer
 
     # Workers need the scorer only to pick best-of candidates; rank 0 validates and scores the story too.
     need_scorer = job.main or job.manifest.spec.story.best_of > 1

@@ -128,7 +128,7 @@ def test_summary_ratios_floors_and_goals_on_known_numbers() -> None:
 
 def test_diffsynth_unet_class_loads_without_importing_diffsynth() -> None:
     """The reference UNet must load on the device image, where ``import diffsynth`` fails (transformers 5)."""
-    from kolors_job.tiny import chatglm_tokenizer_dir
+    from kolors_job.models.tiny import chatglm_tokenizer_dir
 
     before = "diffsynth" in sys.modules
     cls = gpu.load_diffsynth_sdxl_unet()

@@ -14,15 +14,15 @@ import pytest
 import torch
 from PIL import Image
 
-from kolors_job import report_model as rm
-from kolors_job import train as train_mod
-from kolors_job.aspect_buckets import assign_buckets, bucket_counts, bucket_sizes, nearest_bucket
-from kolors_job.dataset import ImageItem, load_image
-from kolors_job.errors import InputError
+from kolors_job.core.errors import InputError
+from kolors_job.data.buckets import assign_buckets, bucket_counts, bucket_sizes, nearest_bucket
+from kolors_job.data.scan import ImageItem, load_image
 from kolors_job.export.lora_io import LORA_WEIGHT_NAME
-from kolors_job.manifest import TrainSpec, parse_manifest
-from kolors_job.tiny import build_tiny_kolors
-from kolors_job.train import SampleStream, train_lora
+from kolors_job.manifest.spec import TrainSpec, parse_manifest
+from kolors_job.models.tiny import build_tiny_kolors
+from kolors_job.report import model as rm
+from kolors_job.train import loop as train_mod
+from kolors_job.train.loop import SampleStream, train_lora
 
 KOHYA_1024 = [
     (704, 1408), (768, 1344), (768, 1280), (832, 1216), (896, 1152), (960, 1088), (1024, 1024),
@@ -198,15 +198,15 @@ def test_a_bucketed_run_resumes_bit_for_bit(
 
 
 def _job(tmp_path: Path, spec: dict[str, Any]) -> Any:
+    from kolors_job.core.settings import Settings
     from kolors_job.runner import Job
-    from kolors_job.settings import Settings
 
     manifest = parse_manifest(json.dumps({"spec": {"output": {"uri": str(tmp_path / "out")}, **spec}}))
     return Job(manifest, settings=Settings())
 
 
 def test_several_datasets_each_with_its_filters_repeats_and_buckets(job_env: Path, tmp_path: Path) -> None:
-    from kolors_job.report import render_html
+    from kolors_job.report.html import render_html
     from kolors_job.runner import run_dataset
 
     a, b = tmp_path / "a", tmp_path / "b"

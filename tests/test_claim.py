@@ -1,4 +1,4 @@
-"""The output prefix's exclusive, leased claim (kolors_job.claim) on file://, S3 and OSS.
+"""The output prefix's exclusive, leased claim (kolors_job.job.claim) on file://, S3 and OSS.
 
 Races are real: threads start together on the loopback servers and every one tries the conditional
 create; exactly one must win, whatever the interleaving.
@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from kolors_job.claim import ClaimHeldError, ClaimRecord, OutputClaim
-from kolors_job.errors import ExitCode, OutputConflictError
+from kolors_job.core.errors import ExitCode, OutputConflictError
+from kolors_job.job.claim import ClaimHeldError, ClaimRecord, OutputClaim
 from kolors_job.storage import open_store
 from tests.cli_lines import last_message
 
@@ -131,7 +131,7 @@ def _run_pair(tmp_path, shared_cache, output: str, manifests: list[dict], env_ex
     import subprocess
     import sys
 
-    from kolors_job.settings import Settings
+    from kolors_job.core.settings import Settings
     from kolors_job.sources import resolve_model
 
     for uri, kind in (("tiny://kolors", "pipeline"), ("tiny://aesthetic", "aesthetic")):  # built once, not raced
@@ -164,7 +164,7 @@ def _prefix_digests(store) -> set[str]:
 
     import yaml
 
-    from kolors_job.manifest import Manifest
+    from kolors_job.manifest.spec import Manifest
 
     digests = {Manifest.model_validate(yaml.safe_load(store.read_bytes("manifest.resolved.yaml"))).digest()}
     digests.add(json.loads(store.read_bytes("status.json"))["manifest_digest"])
@@ -174,7 +174,7 @@ def _prefix_digests(store) -> set[str]:
 
 @pytest.mark.parametrize("backend", ["file", "s3", "oss"])
 def test_concurrent_runs_never_mix_a_prefix_nor_exit_1(backend, tmp_path, shared_cache, storage_env, request):
-    from kolors_job.manifest import Manifest
+    from kolors_job.manifest.spec import Manifest
 
     if backend == "file":
         output, extra = (tmp_path / "out").as_uri(), {}
@@ -222,7 +222,7 @@ def test_a_sealed_generation_writes_and_deletes_nothing(prefix_store, tmp_path, 
     staged, the publishing step not yet made) and past its lease; run B takes the prefix over. Then A goes
     on: the pending publish, a new write, an upload, a delete and a heartbeat are all refused by the store
     (ClaimLostError, exit 75) and the prefix holds exactly what B wrote."""
-    from kolors_job.errors import ClaimLostError
+    from kolors_job.core.errors import ClaimLostError
     from kolors_job.storage import fence as fence_mod
 
     lost: list[str] = []
@@ -437,7 +437,7 @@ def _compare_with_lone_run(prefix: dict[str, bytes], lone: dict[str, bytes], *, 
 def _chain_env(tmp_path, shared_cache, backend: str, request) -> tuple[str, dict[str, str]]:
     import os
 
-    from kolors_job.settings import Settings
+    from kolors_job.core.settings import Settings
     from kolors_job.sources import resolve_model
 
     for uri, kind in (("tiny://kolors", "pipeline"), ("tiny://aesthetic", "aesthetic")):  # built once, not raced

@@ -19,10 +19,10 @@ import pytest
 import torch
 from PIL import Image
 
-from kolors_job.dataset import DatasetScan, ImageItem, SkipReason, load_image, scan_dataset
-from kolors_job.errors import InputError
-from kolors_job.manifest import CaptionSpec, DatasetSpec, FilterSpec
-from kolors_job.settings import Settings
+from kolors_job.core.errors import InputError
+from kolors_job.core.settings import Settings
+from kolors_job.data.scan import DatasetScan, ImageItem, SkipReason, load_image, scan_dataset
+from kolors_job.manifest.spec import CaptionSpec, DatasetSpec, FilterSpec
 from kolors_job.sources import export_rows, fetch_dataset
 from kolors_job.storage.atomic import COMPLETE_MARKER
 
@@ -323,7 +323,7 @@ def test_load_rgba_composites_on_white_and_cmyk_is_red(tmp_path: Path) -> None:
     ],
 )
 def test_to_rgb8_modes(make, expected) -> None:
-    from kolors_job.dataset import _to_rgb8
+    from kolors_job.data.scan import _to_rgb8
 
     out = _to_rgb8(make())
     assert out.mode == "RGB"

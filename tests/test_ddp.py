@@ -24,7 +24,7 @@ import pytest
 
 from kolors_job.demo import tiny_job
 from kolors_job.launch import k8s
-from kolors_job.train import LORA_WEIGHT_NAME
+from kolors_job.train.loop import LORA_WEIGHT_NAME
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -46,8 +46,8 @@ class JobWorld:
     """A bucket behind a recording proxy, the demo dataset, and ``torchrun -m kolors_job run`` launchers."""
 
     def __init__(self, tmp_path: Path, cache: Path, s3_server, proxy) -> None:
+        from kolors_job.core.settings import Settings
         from kolors_job.demo import build_demo_dataset
-        from kolors_job.settings import Settings
 
         self.tmp, self.proxy = tmp_path, proxy
         self.data = build_demo_dataset(tmp_path / "ds", n=6)
@@ -201,7 +201,7 @@ def test_whole_job_on_two_ranks_splits_the_story_and_writes_once(job_world: JobW
     from PIL import Image
     from safetensors.torch import load_file
 
-    from kolors_job.manifest import Manifest
+    from kolors_job.manifest.spec import Manifest
     from kolors_job.runner import Job, run_job
 
     w = job_world
@@ -344,9 +344,9 @@ def test_sigterm_to_torchrun_checkpoints_exits_75_and_the_rerun_resumes(job_worl
 def test_log_lines_carry_the_rank_only_under_ddp(monkeypatch: pytest.MonkeyPatch) -> None:
     import logging
 
-    from kolors_job.log import JsonFormatter, TextFormatter
+    from kolors_job.core.log import JsonFormatter, TextFormatter
 
-    record = logging.LogRecord("kolors_job.train", logging.INFO, __file__, 1, "step", None, None)
+    record = logging.LogRecord("kolors_job.train.loop", logging.INFO, __file__, 1, "step", None, None)
     monkeypatch.setenv("WORLD_SIZE", "1")
     monkeypatch.setenv("RANK", "0")
     assert "rank" not in json.loads(JsonFormatter().format(record))

@@ -19,8 +19,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from kolors_job.errors import ExitCode, StorageTemporaryError
-from kolors_job.settings import Settings
+from kolors_job.core.errors import ExitCode, StorageTemporaryError
+from kolors_job.core.settings import Settings
 from kolors_job.storage import base as storage_base
 from kolors_job.storage import open_store
 from tests.cli_lines import last_message

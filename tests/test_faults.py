@@ -21,10 +21,10 @@ from pathlib import Path
 
 import pytest
 
+from kolors_job.core.errors import ExitCode, StorageDeniedError, StorageTemporaryError
+from kolors_job.core.settings import Settings
 from kolors_job.demo import build_demo_dataset, tiny_job
-from kolors_job.errors import ExitCode, StorageDeniedError, StorageTemporaryError
-from kolors_job.manifest import Manifest
-from kolors_job.settings import Settings
+from kolors_job.manifest.spec import Manifest
 from kolors_job.storage import open_store, split_uri
 
 try:

@@ -15,8 +15,11 @@ import pytest
 import torch
 from PIL import Image
 
-from kolors_job.dataset import ImageItem
-from kolors_job.generate import (
+from kolors_job.data.scan import ImageItem
+from kolors_job.manifest.spec import Frame, StorySpec, TrainSpec
+from kolors_job.models.loading import reference_timesteps
+from kolors_job.models.tiny import build_tiny_kolors
+from kolors_job.story.pipeline import (
     CANDIDATE_SEED_STRIDE,
     FrameResult,
     encode_texts,
@@ -26,10 +29,7 @@ from kolors_job.generate import (
     render,
     to_device,
 )
-from kolors_job.manifest import Frame, StorySpec, TrainSpec
-from kolors_job.models import reference_timesteps
-from kolors_job.tiny import build_tiny_kolors
-from kolors_job.train import train_lora
+from kolors_job.train.loop import train_lora
 
 ROOT = Path(__file__).resolve().parents[1]
 SEEDS = (0, 1, 2, 5, 0, 1, 7, 0)  # the reference notebook's
@@ -280,7 +280,7 @@ def test_out_of_memory_halves_the_batch_and_keeps_the_pixels(
 ) -> None:
     """A card too small for the batch: the CUDA allocator's OutOfMemoryError (raised here by our own render
     for batches over 2) makes the story retry with halved batches; the frames equal the batch-1 ones."""
-    import kolors_job.generate as generate
+    import kolors_job.story.pipeline as generate
 
     real_render, tried = generate.render, []
 
@@ -306,8 +306,8 @@ def test_an_added_sampler_is_one_table_entry(tiny_model: Path, lora: Path, monke
     the frames differ from another sampler's; without the entry the manifest refuses it again."""
     from pydantic import ValidationError
 
-    from kolors_job.manifest import Manifest
-    from kolors_job.models import SCHEDULERS, Sampler
+    from kolors_job.manifest.spec import Manifest
+    from kolors_job.models.loading import SCHEDULERS, Sampler
 
     with pytest.raises(ValidationError, match="Input should be"):
         story(scheduler="heun")

@@ -16,10 +16,10 @@ import pytest
 from PIL import Image
 
 from kolors_job.cli import main
-from kolors_job.dataset import SkipReason, load_image, scan_dataset
-from kolors_job.errors import ExitCode, StorageDeniedError, StorageTemporaryError
-from kolors_job.manifest import DatasetSpec, FilterSpec
-from kolors_job.redact import scrub
+from kolors_job.core.errors import ExitCode, StorageDeniedError, StorageTemporaryError
+from kolors_job.core.redact import scrub
+from kolors_job.data.scan import SkipReason, load_image, scan_dataset
+from kolors_job.manifest.spec import DatasetSpec, FilterSpec
 from kolors_job.sources import fetch_dataset
 from kolors_job.storage import open_store
 from kolors_job.storage.local import LocalStore, os_error

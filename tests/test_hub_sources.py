@@ -24,10 +24,10 @@ from typing import Any
 import pytest
 import requests
 
-from kolors_job.dataset import filter_drops, scan_dataset
-from kolors_job.errors import ExitCode, InputError, JobError
-from kolors_job.manifest import DatasetSpec
-from kolors_job.settings import Settings
+from kolors_job.core.errors import ExitCode, InputError, JobError
+from kolors_job.core.settings import Settings
+from kolors_job.data.scan import filter_drops, scan_dataset
+from kolors_job.manifest.spec import DatasetSpec
 from kolors_job.sources import (
     check_free_space,
     fetch_dataset,
@@ -124,12 +124,12 @@ def test_hf_sources_are_pinned_to_the_repo_sha(hf_env, tmp_path: Path) -> None:
 
 
 def test_the_job_transport_is_in_force_before_any_client_is_imported() -> None:
-    """Whatever the environment says, a job process (it imports ``kolors_job.manifest`` first) runs both
+    """Whatever the environment says, a job process (it imports ``kolors_job.manifest.spec`` first) runs both
     clients with Xet off and the job's timeouts, though ``hf_xet`` is installed."""
     code = textwrap.dedent(
         """
         import importlib.util, json
-        import kolors_job.manifest
+        import kolors_job.manifest.spec
         import huggingface_hub.constants as hf, modelscope_hub.constants as ms
         from huggingface_hub.utils._runtime import is_xet_available
         from kolors_job.sources import transport

@@ -16,15 +16,15 @@ import yaml
 from PIL import Image
 from pydantic import BaseModel
 
+from kolors_job.core.errors import ExitCode
+from kolors_job.core.settings import Settings
 from kolors_job.demo import build_demo_dataset, tiny_job
-from kolors_job.errors import ExitCode
-from kolors_job.manifest import Manifest
-from kolors_job.models import reference_timesteps
-from kolors_job.recipe import SWITCHES, describe
-from kolors_job.report import tile_frames
-from kolors_job.report_model import Report
+from kolors_job.manifest.recipe import SWITCHES, describe
+from kolors_job.manifest.spec import Manifest
+from kolors_job.models.loading import reference_timesteps
+from kolors_job.report.html import tile_frames
+from kolors_job.report.model import Report
 from kolors_job.runner import Job, JobOutcome, run_job
-from kolors_job.settings import Settings
 
 CONTRACT = [
     "manifest.resolved.yaml",
@@ -215,9 +215,9 @@ def test_full_size_job_without_a_gpu_is_refused_at_once(
     import shutil
 
     from kolors_job.cli import main
-    from kolors_job.settings import Settings
+    from kolors_job.core.settings import Settings
+    from kolors_job.models.tiny import build_tiny_kolors
     from kolors_job.sources import FULL_SIZE_UNET_BYTES
-    from kolors_job.tiny import build_tiny_kolors
 
     tiny = build_tiny_kolors(Settings().cache_dir / "tiny" / "kolors-refuse-test", seed=0)
     big = tmp_path / "big-kolors"
@@ -316,7 +316,7 @@ def test_an_added_lora_format_is_accepted_by_the_manifest_and_written_by_a_job(
     from pydantic import ValidationError
 
     from kolors_job.export import ExportFormat, load_lora_file, lora_modules, register, unregister
-    from kolors_job.manifest import json_schema
+    from kolors_job.manifest.spec import json_schema
 
     overrides = {"output.lora_formats": ["diffusers", "test-peft"]}
     out = job_env / "out"

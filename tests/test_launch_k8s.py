@@ -20,7 +20,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from kolors_job.errors import ExitCode
+from kolors_job.core.errors import ExitCode
 from kolors_job.launch import k8s, register_cli, submit
 from kolors_job.launch.torchrun import exit_code_of, retryable_code
 

@@ -25,7 +25,7 @@ from typing import Any, ClassVar
 import pytest
 import yaml
 
-from kolors_job.errors import ExitCode
+from kolors_job.core.errors import ExitCode
 from kolors_job.launch import register_cli, submit
 from kolors_job.storage import open_store
 

@@ -23,7 +23,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from kolors_job.errors import ExitCode
+from kolors_job.core.errors import ExitCode
 from kolors_job.launch import k8s, register_cli, trainer
 
 ROOT = Path(__file__).resolve().parents[1]

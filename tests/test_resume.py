@@ -25,10 +25,10 @@ from pathlib import Path
 
 import pytest
 
+from kolors_job.core.errors import ExitCode
+from kolors_job.core.settings import Settings
 from kolors_job.demo import build_demo_dataset, tiny_job
-from kolors_job.errors import ExitCode
-from kolors_job.manifest import Manifest
-from kolors_job.settings import Settings
+from kolors_job.manifest.spec import Manifest
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS, EVERY, FRAMES = 12, 2, 8
@@ -376,8 +376,8 @@ def test_kill_after_a_validation_keeps_it_and_the_rerun_does_not_redo_it(shared_
 def test_a_checkpoint_of_another_job_is_never_resumed(tmp_path, caplog):
     """Two manifests that differ only in their story share every training setting, yet a checkpoint one of
     them left in a prefix is passed over by the other: the job's identity is part of what each records."""
-    from kolors_job import checkpoints
     from kolors_job.storage import open_store
+    from kolors_job.train import checkpoints
 
     store = open_store(str(tmp_path / "out"))
     for step, job in ((2, "mine"), (4, "theirs")):
@@ -399,9 +399,9 @@ def test_a_stopped_job_with_urls_in_its_prompts_resumes(shared_cache, tmp_path):
     manifest holds every prompt and URI byte for byte."""
     import yaml
 
-    from kolors_job.manifest import parse_manifest
+    from kolors_job.core.stop import StopFlag
+    from kolors_job.manifest.spec import parse_manifest
     from kolors_job.runner import Job, run_job
-    from kolors_job.stop import StopFlag
 
     data = build_demo_dataset(shared_cache / "demo-dataset")
     doc = tiny_job(data, (tmp_path / "out").as_uri().replace("file://", "FILE://"), {
@@ -433,7 +433,7 @@ def test_a_stopped_job_with_urls_in_its_prompts_resumes(shared_cache, tmp_path):
 
 def _plant_scratch(path: Path, record: dict | None, *, age_s: float = 0.0) -> Path:
     """A scratch directory another process left on the shared work volume (with its owner record, if any)."""
-    from kolors_job.scratch import OWNER_PREFIX
+    from kolors_job.job.scratch import OWNER_PREFIX
 
     path.mkdir(parents=True)
     (path / "lora.safetensors").write_bytes(b"\0" * 64)
@@ -452,7 +452,7 @@ def test_sigkilled_runs_leave_no_scratch_and_live_ones_keep_theirs(shared_cache,
     """Issue #31 (2): runs SIGKILLed mid-training and mid-story (no cleanup of their own) leave their scratch
     behind; the next run removes it as it starts — and never the scratch of a process that still exists, here
     or on another machine sharing the volume (seen through its owner record's heartbeat)."""
-    from kolors_job.scratch import LEGACY_STALE_S, STALE_S, identity
+    from kolors_job.job.scratch import LEGACY_STALE_S, STALE_S, identity
 
     work = tmp_path / "work"
     data = build_demo_dataset(shared_cache / "demo-dataset")

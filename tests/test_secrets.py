@@ -204,7 +204,7 @@ def test_container_runs_as_non_root():
 def test_aliyun_cli_env_names_are_credentials_and_are_scrubbed(monkeypatch: pytest.MonkeyPatch) -> None:
     """``ALIBABACLOUD_*`` keys (the aliyun CLI's names) sign OSS requests like ``ALIBABA_CLOUD_*`` and are
     masked wherever they would be printed."""
-    from kolors_job.redact import scrub
+    from kolors_job.core.redact import scrub
     from kolors_job.storage import oss as oss_mod
 
     for var in [v for v in os.environ if v.startswith(("OSS_ACCESS", "ALIBABA_CLOUD_", "ALIBABACLOUD_"))]:
@@ -292,6 +292,6 @@ def cli_env(shared_cache, tmp_path, monkeypatch):
 def test_signed_url_parameters_are_masked_in_every_form(line: str, masked: str) -> None:
     """What an SDK's error text carries (a key with its signed query percent-encoded into the path, once or twice)
     is masked by the one scrub every sink goes through; every other byte of the line is kept."""
-    from kolors_job.redact import scrub
+    from kolors_job.core.redact import scrub
 
     assert scrub(line.format(c=CANARY)) == masked.format()

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import pytest
 
-from kolors_job.errors import InputError
+from kolors_job.core.errors import InputError
 from kolors_job.sources import HubRef, choose_weights, parse_hub_uri, select_files
 
 KOLORS_DIFFUSERS = {

@@ -16,7 +16,7 @@ from alibabacloud_credentials.provider import StaticSTSCredentialsProvider
 from hypothesis import given
 from hypothesis import strategies as hst
 
-from kolors_job.errors import StorageDeniedError, StorageError, StorageNotFoundError, StorageTemporaryError
+from kolors_job.core.errors import StorageDeniedError, StorageError, StorageNotFoundError, StorageTemporaryError
 from kolors_job.storage import Store, is_bucket_uri, open_store, redact, split_uri
 from kolors_job.storage import oss as oss_mod
 from kolors_job.storage.base import unsafe_relative_path

@@ -17,11 +17,11 @@ from typing import Any, ClassVar
 import pytest
 
 from kolors_job import storage
+from kolors_job.core.errors import ExitCode, ManifestError, StorageNotFoundError
+from kolors_job.core.settings import Settings
 from kolors_job.demo import build_demo_dataset, tiny_job
-from kolors_job.errors import ExitCode, ManifestError, StorageNotFoundError
-from kolors_job.manifest import Manifest, parse_manifest
+from kolors_job.manifest.spec import Manifest, parse_manifest
 from kolors_job.runner import Job, run_job
-from kolors_job.settings import Settings
 from kolors_job.sources import fetch_dataset
 from kolors_job.storage.atomic import atomic_target
 from kolors_job.storage.base import Store, check_key, child_prefix

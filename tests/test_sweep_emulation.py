@@ -32,9 +32,9 @@ from typing import Any
 import pytest
 import yaml
 
+from kolors_job.core.errors import ExitCode
+from kolors_job.core.settings import Settings
 from kolors_job.demo import build_demo_dataset, tiny_job
-from kolors_job.errors import ExitCode
-from kolors_job.settings import Settings
 from kolors_job.storage import open_store
 from kolors_job.sweep.metrics import parse_weights
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from kolors_job.cli import build_parser, prose
-from kolors_job.log import setup_logging
+from kolors_job.core.log import setup_logging
 
 ROOT = Path(__file__).resolve().parents[1]
 MARKUP = re.compile(r"``|:(mod|class|func|meth|attr):`")
@@ -54,8 +54,8 @@ def _logger_run(level: str, fmt: str = "text") -> str:
         try:
             warnings.warn_explicit("The pynvml package is deprecated", FutureWarning, "torch/cuda/__init__.py", 68)
             logging.getLogger("bitsandbytes.backends.cpu.ops").warning("Failed to load CPU gemm_4bit_forward")
-            logging.getLogger("kolors_job.train").warning("stopping at step 3 on request")
-            logging.getLogger("kolors_job.train").info("step", extra={"step": 3, "loss": 0.123456789012345, "lr": 1e-4})
+            logging.getLogger("kolors_job.train.loop").warning("stopping at step 3 on request")
+            logging.getLogger("kolors_job.train.loop").info("step", extra={"step": 3, "loss": 0.123456789012345, "lr": 1e-4})
             logging.getLogger("botocore.retries").warning("retrying")
         finally:
             root = logging.getLogger()
@@ -247,7 +247,7 @@ def test_the_offline_hub_run_logs_only_json_and_text_mode_no_none(tmp_path: Path
 
 
 def test_top_level_help_lists_every_exit_code_and_run_options_all_have_help() -> None:
-    from kolors_job.errors import ExitCode
+    from kolors_job.core.errors import ExitCode
 
     text = " ".join(_help().split())
     for code in ExitCode:
@@ -279,8 +279,8 @@ def test_an_interrupted_demo_resumes_and_any_other_starts_over(
     while a finished one, or one of another manifest, starts over."""
     from kolors_job import runner
     from kolors_job.cli import main
+    from kolors_job.core.settings import Settings
     from kolors_job.demo import demo_manifest
-    from kolors_job.settings import Settings
 
     monkeypatch.setenv("KOLORS_JOB_CACHE_DIR", str(shared_cache))
     out = tmp_path / "demo-out"

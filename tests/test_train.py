@@ -21,14 +21,14 @@ import pytest
 import torch
 from PIL import Image
 
-from kolors_job import train as train_mod
-from kolors_job.dataset import ImageItem, load_image
-from kolors_job.embeddings import mix_seed
-from kolors_job.errors import ManifestError
-from kolors_job.manifest import TrainSpec
-from kolors_job.recipe import SWITCHES
-from kolors_job.tiny import build_tiny_kolors
-from kolors_job.train import (
+from kolors_job.core.errors import ManifestError
+from kolors_job.data.scan import ImageItem, load_image
+from kolors_job.manifest.recipe import SWITCHES
+from kolors_job.manifest.spec import TrainSpec
+from kolors_job.models.tiny import build_tiny_kolors
+from kolors_job.train import loop as train_mod
+from kolors_job.train.latents import mix_seed
+from kolors_job.train.loop import (
     COMPLETE_NAME,
     LORA_WEIGHT_NAME,
     TrainResult,
@@ -110,7 +110,7 @@ def straight(
         return real_loss(unet, noise_scheduler, *args, **kwargs)
 
     handler = _Records()
-    logger = logging.getLogger("kolors_job.train")
+    logger = logging.getLogger("kolors_job.train.loop")
     logger.addHandler(handler)
     old_level = logger.level
     logger.setLevel(logging.INFO)
@@ -384,7 +384,7 @@ def test_adamw8bit_keeps_kolors_sized_lora_moments_in_one_byte() -> None:
 def test_reference_switches_posterior_mean_and_target_time_ids(tmp_path: Path) -> None:
     """``latent: mean`` trains on the posterior mean and ``time_ids: target`` on (res, res, 0, 0, res, res),
     as DiffSynth's trainer does; the random draws (t, noise) stay those of the tuned switches."""
-    from kolors_job.embeddings import LatentEntry, PromptEmbeds
+    from kolors_job.train.latents import LatentEntry, PromptEmbeds
 
     items = [ImageItem(tmp_path / "a.png", "二次元", 100, 80)]
     entry = LatentEntry(mean=torch.full((4, 8, 8), 0.5), std=torch.ones(4, 8, 8), time_ids=(80, 100, 3, 5, 64, 64))

@@ -18,13 +18,13 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from kolors_job import train as train_mod
-from kolors_job.dataset import ImageItem
+from kolors_job.data.scan import ImageItem
 from kolors_job.export.lora_io import LORA_WEIGHT_NAME
-from kolors_job.kolors_configs import KOLORS_SCHEDULER_CONFIG
-from kolors_job.manifest import TrainSpec
-from kolors_job.tiny import build_tiny_kolors
-from kolors_job.train import train_lora
+from kolors_job.manifest.spec import TrainSpec
+from kolors_job.models.configs import KOLORS_SCHEDULER_CONFIG
+from kolors_job.models.tiny import build_tiny_kolors
+from kolors_job.train import loop as train_mod
+from kolors_job.train.loop import train_lora
 
 BASE = TrainSpec(
     rank=4, alpha=2.0, learning_rate=1e-3, steps=1, batch_size=1, resolution=64, seed=1, checkpoint_every=1,
@@ -240,7 +240,7 @@ def test_dora_exports_to_diffusers_which_applies_its_formula(
     with torch.no_grad():
         torch.testing.assert_close(layer(x), x @ want_w.T, rtol=1e-4, atol=1e-5)
     # the story's path: the LoRA at the story's scale, as a peft branch (CPU) or fused into the weights (CUDA)
-    from kolors_job.generate import apply_lora
+    from kolors_job.story.pipeline import apply_lora
 
     outs = []
     for fuse in (False, True):

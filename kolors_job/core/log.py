@@ -1,6 +1,6 @@
 """Structured logging: JSON lines for machines (not a TTY), readable lines for people (a TTY).
 
-Every record passes through :func:`kolors_job.redact.scrub`, so a credential that reaches a log
+Every record passes through :func:`kolors_job.core.redact.scrub`, so a credential that reaches a log
 call — ours or an SDK's — is masked before it is written anywhere.
 
 Foreign noise (Python warnings from torch/pynvml/diffusers, the warnings libraries such as bitsandbytes
@@ -30,7 +30,7 @@ import time
 from types import FrameType
 from typing import Any, TextIO
 
-from kolors_job.redact import scrub
+from kolors_job.core.redact import scrub
 
 DEMOTED_LOGGERS = ("py.warnings", "bitsandbytes", "diffusers", "transformers", "diffsynth", "modelscope", "torch",
                    "accelerate", "peft")  # fmt: skip

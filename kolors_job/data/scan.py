@@ -34,7 +34,9 @@ from typing import TYPE_CHECKING, Any
 
 from PIL import Image, ImageFile, UnidentifiedImageError
 
-from kolors_job.captions import (
+from kolors_job.core.errors import InputError
+from kolors_job.core.redact import redact_uri
+from kolors_job.data.captions import (
     BAD_UTF8,
     METADATA_NAMES,
     Metadata,
@@ -43,9 +45,7 @@ from kolors_job.captions import (
     is_inside,
     read_metadata,
 )
-from kolors_job.errors import InputError
-from kolors_job.manifest import DatasetSpec, FilterSpec
-from kolors_job.redact import redact_uri
+from kolors_job.manifest.spec import DatasetSpec, FilterSpec
 from kolors_job.sources.buckets import SKIPPED_KEYS_FILE
 
 if TYPE_CHECKING:
@@ -165,7 +165,7 @@ class ImageItem:
     width: int
     height: int
     bucket: tuple[int, int] | None = None
-    """``dataset.buckets``: the ``(width, height)`` this image trains at (:mod:`kolors_job.aspect_buckets`);
+    """``dataset.buckets``: the ``(width, height)`` this image trains at (:mod:`kolors_job.data.buckets`);
     ``None``: the square ``resolution``² crop."""
     repeats: int = 1
     """``dataset.repeats``: how many times it counts when samples are drawn."""

@@ -57,7 +57,7 @@ DIFFSYNTH_DORA = (
 
 
 def _default_unet_config() -> dict[str, Any]:
-    from kolors_job.kolors_configs import KOLORS_UNET_CONFIG
+    from kolors_job.models.configs import KOLORS_UNET_CONFIG
 
     return copy.deepcopy(KOLORS_UNET_CONFIG)
 

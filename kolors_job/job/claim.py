@@ -36,7 +36,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
-from kolors_job.errors import (
+from kolors_job.core.errors import (
     ClaimLostError,
     ExitCode,
     JobError,
@@ -47,7 +47,7 @@ from kolors_job.errors import (
 from kolors_job.storage import Store
 from kolors_job.storage.fence import Fence, FencedStore
 
-log = logging.getLogger("kolors_job.claim")
+log = logging.getLogger("kolors_job.job.claim")
 
 CLAIM_DIR = "_claim"
 _RECORD = re.compile(r"(\d+)\.json")

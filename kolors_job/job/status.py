@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from kolors_job.redact import scrub
+from kolors_job.core.redact import scrub
 from kolors_job.storage import Store
 
 TERMINAL_STATES = ("succeeded", "failed", "interrupted", "skipped")

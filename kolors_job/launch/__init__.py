@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from kolors_job.errors import ExitCode
+from kolors_job.core.errors import ExitCode
 
 
 def _renderer(target: str) -> Any:

@@ -19,10 +19,10 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from kolors_job.core.settings import alibaba_cloud_keys
 from kolors_job.launch.k8s import RETRYABLE_EXIT_CODE, memory_for
 from kolors_job.launch.regions import ENDPOINT_ENVS, REGION_RE, endpoint_region, internal_endpoint
 from kolors_job.launch.torchrun import DEFAULT_GRACE_SECONDS, GRACE_ENV, shutdown_timeout
-from kolors_job.settings import alibaba_cloud_keys
 
 SUCCEEDED_STATES = ("Succeeded", "SucceededReserving")
 FAILED_STATES = ("Failed", "FailedReserving")
@@ -282,7 +282,7 @@ _DENIED = re.compile(r"Forbidden|NoPermission|Unauthorized|InvalidAccessKey|Sign
 
 def api_error(e: Exception) -> tuple[str, str]:
     """``(code, message)`` of an SDK exception (TeaException/ClientException carry both), scrubbed."""
-    from kolors_job.redact import scrub
+    from kolors_job.core.redact import scrub
 
     code = str(getattr(e, "code", "") or type(e).__name__)
     data = getattr(e, "data", None)

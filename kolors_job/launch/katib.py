@@ -35,7 +35,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any, Literal
 
-from kolors_job.errors import ExitCode, JobError, ManifestError
+from kolors_job.core.errors import ExitCode, JobError, ManifestError
 from kolors_job.launch import k8s
 from kolors_job.sweep.metrics import METRIC_NAMES, OBJECTIVE
 from kolors_job.sweep.spec import LoadedSweep, Range, param_key

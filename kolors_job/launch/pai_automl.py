@@ -39,7 +39,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
-from kolors_job.errors import ExitCode, JobError, ManifestError
+from kolors_job.core.errors import ExitCode, JobError, ManifestError
 from kolors_job.launch import dlc
 from kolors_job.launch.regions import REGION_RE, internal_endpoint
 from kolors_job.sweep.metrics import OBJECTIVE

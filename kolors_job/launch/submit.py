@@ -32,12 +32,12 @@ from dataclasses import dataclass
 from typing import IO, Any
 
 from kolors_job.cli import prose
-from kolors_job.errors import ExitCode, JobError, ManifestError, StorageNotFoundError, StorageTemporaryError
+from kolors_job.core.errors import ExitCode, JobError, ManifestError, StorageNotFoundError, StorageTemporaryError
+from kolors_job.core.redact import redact_uri, scrub
+from kolors_job.core.settings import alibaba_cloud_region
 from kolors_job.launch import dlc as dlc_mod
 from kolors_job.launch import k8s as k8s_mod
 from kolors_job.launch.watch import Kubectl, PlatformState, Probe, active_attempt, dlc_probe, k8s_probe
-from kolors_job.redact import redact_uri, scrub
-from kolors_job.settings import alibaba_cloud_region
 
 JOB_ID_RE = re.compile(r"^[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?$")
 RETRYABLE = (int(ExitCode.TEMPORARY), k8s_mod.RETRYABLE_EXIT_CODE)
@@ -357,7 +357,7 @@ def _start_dlc(args: argparse.Namespace, manifest_uri: str, job_id: str) -> Prob
 
 
 def _load_manifest(uri: str) -> tuple[bytes, Any]:
-    from kolors_job.manifest import parse_manifest, read_manifest_source
+    from kolors_job.manifest.spec import parse_manifest, read_manifest_source
 
     raw, source = read_manifest_source(uri)
     return raw, parse_manifest(raw, source=source)

@@ -30,7 +30,7 @@ import shlex
 from pathlib import Path
 from typing import Any
 
-from kolors_job.errors import ExitCode
+from kolors_job.core.errors import ExitCode
 from kolors_job.launch import k8s
 from kolors_job.launch.torchrun import shutdown_timeout
 

@@ -3,7 +3,7 @@
 Defaults are the reference "Kolors-LoRA style story" workflow's: the challenge notebook's story and
 settings, trained as DiffSynth-Studio's Kolors trainer did when the notebook ran it (2024-08). So a manifest
 with only ``spec.output.uri`` is the notebook's job, automated. ``spec.recipe: tuned`` swaps in kolors-job's
-own choices (:mod:`kolors_job.recipe`), each still settable on its own. tests/test_reference_oracle.py checks
+own choices (:mod:`kolors_job.manifest.recipe`), each still settable on its own. tests/test_reference_oracle.py checks
 the resolved defaults against the reference's own sources (tests/reference/). Unknown fields are errors: a
 typo such as ``rnak: 4`` must fail loudly, not silently train with rank 16.
 """
@@ -35,11 +35,11 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from kolors_job import storage
-from kolors_job.errors import ManifestError, StorageNotFoundError
+from kolors_job.core.errors import ManifestError, StorageNotFoundError
+from kolors_job.core.redact import holds_secret, without_query
 from kolors_job.export.registry import default_format_names, dora_refusal, format_names
-from kolors_job.models import SCHEDULERS
-from kolors_job.recipe import REFERENCE_TRAIN_VAE, RecipeName, fill_switches
-from kolors_job.redact import holds_secret, without_query
+from kolors_job.manifest.recipe import REFERENCE_TRAIN_VAE, RecipeName, fill_switches
+from kolors_job.models.loading import SCHEDULERS
 from kolors_job.sources import HUB_SCHEMES, check_hub_uri, source_schemes
 
 API_VERSION = "kolors-job/v1"

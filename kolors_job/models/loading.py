@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from kolors_job.errors import InputError
-from kolors_job.redact import one_line
+from kolors_job.core.errors import InputError
+from kolors_job.core.redact import one_line
 from kolors_job.sources.hubs import DIFFUSERS_WEIGHTS, TRANSFORMERS_WEIGHTS, local_weights
 
 if TYPE_CHECKING:

@@ -4,7 +4,7 @@ Model hubs are unreachable from CI and the real weights are 20 GB, so tests, ``m
 ``tiny://`` URIs run the exact same loading and sampling code on models that are a few MB but
 are laid out, configured and loaded exactly like ``Kwai-Kolors/Kolors-diffusers`` and the
 aesthetics-predictor-v2. ``build_full_size_kolors_random`` gives the real architectures
-(``kolors_job.kolors_configs``) with random weights, for GPU benchmarks and export checks that only
+(``kolors_job.models.configs``) with random weights, for GPU benchmarks and export checks that only
 need shapes and FLOPs.
 """
 
@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kolors_job.kolors_configs import (
+from kolors_job.models.configs import (
     KOLORS_SCHEDULER_CONFIG,
     KOLORS_TEXT_ENCODER_CONFIG,
     KOLORS_UNET_CONFIG,

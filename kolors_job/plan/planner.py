@@ -34,7 +34,7 @@ from kolors_job.plan.simulate import (
 from kolors_job.plan.table import Results
 
 if TYPE_CHECKING:
-    from kolors_job.manifest import Manifest, Spec
+    from kolors_job.manifest.spec import Manifest, Spec
 
 __all__ = ["Choices", "Plan", "Stage", "plan_job"]
 

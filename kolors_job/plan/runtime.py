@@ -7,14 +7,14 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from kolors_job.errors import InputError
+from kolors_job.core.errors import InputError
 from kolors_job.plan.cards import GIB, visible_card
 from kolors_job.plan.planner import Choices, Plan, plan_job
 from kolors_job.plan.simulate import Count, TrainStep
 from kolors_job.plan.table import Results, cache_file
 
 if TYPE_CHECKING:
-    from kolors_job.manifest import Manifest, StorySpec, TrainSpec
+    from kolors_job.manifest.spec import Manifest, StorySpec, TrainSpec
 
 __all__ = ["plan_for_device", "step_activation_bytes", "story_kwargs", "story_spec", "train_kwargs", "train_spec"]
 
@@ -81,7 +81,7 @@ def story_spec(spec: StorySpec, choices: Choices | None) -> StorySpec:
 def step_activation_bytes(unet_params: int, batch_size: int, resolution: int) -> float:
     """What a training step without checkpointing adds to the weights (the plan's simulation of the full-size
     UNet in fp16 at this batch and resolution), scaled to a UNet of ``unet_params`` frozen parameters."""
-    from kolors_job.settings import Settings
+    from kolors_job.core.settings import Settings
 
     results = Results(cache_file(Settings().cache_dir))
     step = results.get(TrainStep(batch_size, resolution, "fp16", "fp16", checkpointing=False))

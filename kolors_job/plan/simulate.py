@@ -1,7 +1,7 @@
 """The job's GPU work at full size, run on fake tensors: each function is one stage's device work as our code does
 it, and returns the bytes live when it started and at its peak.
 
-Modules are built on the meta device from the real configs (:mod:`kolors_job.kolors_configs`), then their
+Modules are built on the meta device from the real configs (:mod:`kolors_job.models.configs`), then their
 weights become fake CPU tensors (:func:`kolors_job.plan.fake.materialize`). Each ``Sim`` is a small frozen record
 of what decides the memory (batch, size, dtypes, checkpointing...); :mod:`kolors_job.plan.table` caches its
 result under :meth:`Sim.key`.
@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F  # noqa: N812
 
-from kolors_job.kolors_configs import KOLORS_TEXT_ENCODER_CONFIG, KOLORS_UNET_CONFIG, KOLORS_VAE_CONFIG
+from kolors_job.models.configs import KOLORS_TEXT_ENCODER_CONFIG, KOLORS_UNET_CONFIG, KOLORS_VAE_CONFIG
 from kolors_job.plan.fake import LiveMemory, materialize, simulation
 
 __all__ = [
@@ -329,7 +329,7 @@ class ScoreImages(Sim):
 
 @dataclass(frozen=True)
 class TrainStep(Sim):
-    """One optimizer step of :func:`kolors_job.train.train_step` at a micro-batch of ``batch``, in the steady
+    """One optimizer step of :func:`kolors_job.train.loop.train_step` at a micro-batch of ``batch``, in the steady
     state (AdamW's moments exist; gradients are set to None after the step).
 
     ``weights``: the frozen UNet's dtype; ``mixed``: accelerate's autocast dtype (``no`` for fp32); the LoRA and

@@ -93,7 +93,7 @@ def refresh(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from kolors_job.manifest import load_manifest
+    from kolors_job.manifest.spec import load_manifest
     from kolors_job.plan.cards import CARDS
     from kolors_job.plan.planner import plan_job
 

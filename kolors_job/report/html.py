@@ -1,6 +1,6 @@
 """The run's human-facing output: the tiled story strip, report.json and a self-contained report.html.
 
-report.json is ``kolors_job.report_model.Report`` dumped; report.html is ``templates/report.html.j2``
+report.json is ``kolors_job.report.model.Report`` dumped; report.html is ``templates/report.html.j2``
 rendered from that same dump. The page is opened from buckets, e-mail attachments and air-gapped
 consoles, so it carries everything inline: frames as JPEG ``data:`` URIs, CSS in a ``<style>``, the
 loss curve as an SVG polyline; no script and no external URL (a Content-Security-Policy forbids
@@ -24,7 +24,7 @@ from typing import Any
 import jinja2
 from PIL import Image
 
-from kolors_job.report_model import Report
+from kolors_job.report.model import Report
 from kolors_job.storage.atomic import atomic_target
 
 __all__ = [

@@ -18,7 +18,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from kolors_job.redact import scrub
+from kolors_job.core.redact import scrub
 
 __all__ = [
     "Dataset",
@@ -58,7 +58,7 @@ class Model(_Section):
 
 
 class Recipe(_Section):
-    """``kolors_job.recipe.describe``: which recipe ran and every switch's value."""
+    """``kolors_job.manifest.recipe.describe``: which recipe ran and every switch's value."""
 
     name: str | None = None
     switches: dict[str, Any] | None = None
@@ -90,7 +90,7 @@ class Source(_Section):
 
 
 class Dataset(_Section):
-    """``kolors_job.dataset.DatasetReport.to_dict()``, plus ``fetched`` for a hub dataset."""
+    """``kolors_job.data.scan.DatasetReport.to_dict()``, plus ``fetched`` for a hub dataset."""
 
     source: str | None = None
     kept: int | None = None
@@ -164,7 +164,7 @@ class Story(_Section):
 
 
 class Score(_Section):
-    """``kolors_job.score.ScoreResult.to_dict()``; ``passed`` is the challenge's ``mean >= threshold``."""
+    """``kolors_job.score.aesthetic.ScoreResult.to_dict()``; ``passed`` is the challenge's ``mean >= threshold``."""
 
     per_image: list[Number] | None = None
     mean: Number | None = None
@@ -175,7 +175,7 @@ class Score(_Section):
 
 
 class ValidationPoint(_Section):
-    """``kolors_job.validation.ValidationPoint``: the validation frames drawn at one checkpoint."""
+    """``kolors_job.train.validation.ValidationPoint``: the validation frames drawn at one checkpoint."""
 
     step: int | None = None
     images: list[str] | None = None

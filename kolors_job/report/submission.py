@@ -30,8 +30,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from kolors_job.errors import ExitCode, JobError
-from kolors_job.redact import scrub
+from kolors_job.core.errors import ExitCode, JobError
+from kolors_job.core.redact import scrub
 
 __all__ = [
     "DESCRIPTION_NAME",

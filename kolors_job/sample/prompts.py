@@ -21,8 +21,9 @@ import yaml
 from pydantic import Field, ValidationError, field_validator
 
 from kolors_job import storage
-from kolors_job.errors import ManifestError, StorageNotFoundError
-from kolors_job.manifest import (
+from kolors_job.core.errors import ManifestError, StorageNotFoundError
+from kolors_job.core.redact import one_line, redact_uri
+from kolors_job.manifest.spec import (
     MAX_MANIFEST_BYTES,
     MAX_PROMPT_CHARS,
     Frame,
@@ -31,7 +32,6 @@ from kolors_job.manifest import (
     _Strict,
     format_validation_error,
 )
-from kolors_job.redact import one_line, redact_uri
 
 __all__ = [
     "MAX_PROMPTS",

@@ -4,7 +4,7 @@ The LoRA is a directory or bucket prefix holding ``pytorch_lora_weights.safetens
 prefix, whose ``manifest.resolved.yaml`` also gives the base model, VAE, recipe and story settings (sampler,
 steps, cfg, size, negative prompt, LoRA scale, precision, batch size) that every unset option takes.
 
-Drawing is the story's own path (:mod:`kolors_job.generate`: ``load_story_pipeline``, ``encode_texts``,
+Drawing is the story's own path (:mod:`kolors_job.story.pipeline`: ``load_story_pipeline``, ``encode_texts``,
 ``to_device``, ``render``, one seeded generator per image, each prompt encoded alone), so a prompt drawn at
 the story's settings is the story's frame byte for byte. "Settings" include the batch: CPU and GPU kernels
 are not batch-invariant (a frame drawn alone and in a batch of 8 differ by one level in a pixel or two), so
@@ -35,17 +35,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kolors_job.errors import ExitCode, InputError, ManifestError, OutputConflictError
+from kolors_job.core.errors import ExitCode, InputError, ManifestError, OutputConflictError
 
 if TYPE_CHECKING:
     import torch
     from PIL import Image
 
-    from kolors_job.manifest import Manifest, StorySpec
-    from kolors_job.sample_prompts import PromptsFile, SamplePrompt
-    from kolors_job.settings import Settings
+    from kolors_job.core.settings import Settings
+    from kolors_job.manifest.spec import Manifest, StorySpec
+    from kolors_job.sample.prompts import PromptsFile, SamplePrompt
 
-log = logging.getLogger("kolors_job.sample")
+log = logging.getLogger("kolors_job.sample.run")
 
 GRID = "grid.png"
 PROMPTS = "prompts.json"
@@ -101,9 +101,9 @@ class SampleRequest:
 def open_lora(uri: str, settings: Settings, scratch: Path) -> LoraSource:
     """The LoRA at ``uri`` (a dir or prefix with the diffusers file, or a job's output prefix) as a local dir;
     a bucket's file is copied into ``scratch``. A missing or unreadable LoRA is exit 4, naming ``uri``."""
+    from kolors_job.core.redact import one_line, redact_uri
     from kolors_job.export.lora_io import LORA_WEIGHT_NAME, load_lora_file, lora_modules
-    from kolors_job.manifest import parse_manifest
-    from kolors_job.redact import one_line, redact_uri
+    from kolors_job.manifest.spec import parse_manifest
     from kolors_job.storage import open_store
 
     shown = redact_uri(uri)
@@ -138,7 +138,7 @@ def parse_scales(values: Sequence[str] | None, story: StorySpec) -> list[float]:
     ``lora_scale`` bounds (one line naming the bad value, exit 2). None: the story's own scale."""
     from pydantic import ValidationError
 
-    from kolors_job.manifest import format_validation_error
+    from kolors_job.manifest.spec import format_validation_error
 
     if not values:
         return [story.lora_scale]
@@ -164,7 +164,7 @@ def story_settings(story: StorySpec, args: argparse.Namespace) -> StorySpec:
     checked by the manifest's own bounds (one line per bad option, exit 2)."""
     from pydantic import ValidationError
 
-    from kolors_job.manifest import format_validation_error
+    from kolors_job.manifest.spec import format_validation_error
 
     given = {f: getattr(args, f) for f in STORY_OPTIONS if getattr(args, f) is not None}
     try:
@@ -190,8 +190,8 @@ def _pick_device(requested: str, allow_cpu: bool, full_size: bool, base: str) ->
     would land on the CPU (hours) unless ``--allow-cpu`` or ``--device cpu``."""
     import torch
 
-    from kolors_job.device import cuda_problem, pick_device
-    from kolors_job.redact import redact_uri
+    from kolors_job.core.device import cuda_problem, pick_device
+    from kolors_job.core.redact import redact_uri
 
     if requested == "cuda" and (problem := cuda_problem()):
         raise InputError(f"device cuda (--device, or the job's spec.device) but {problem}")
@@ -249,7 +249,7 @@ def draw(
 
     import torch
 
-    from kolors_job.generate import (
+    from kolors_job.story.pipeline import (
         ADAPTER_NAME,
         ImageJob,
         encode_texts,
@@ -357,10 +357,10 @@ def run_sample(req: SampleRequest, settings: Settings, *, progress: bool = False
     """Draw, write every file into the (empty) output, and return the prompts.json record."""
     import json
 
-    from kolors_job.generate import sampler_record
-    from kolors_job.recipe import describe
-    from kolors_job.redact import redact_uri
+    from kolors_job.core.redact import redact_uri
+    from kolors_job.manifest.recipe import describe
     from kolors_job.storage import open_store
+    from kolors_job.story.pipeline import sampler_record
 
     start = time.monotonic()
     try:
@@ -380,7 +380,7 @@ def run_sample(req: SampleRequest, settings: Settings, *, progress: bool = False
     model_dir, vae_dir, dev = resolve_models(req, settings)
     scorer = None
     if req.aesthetic_model:
-        from kolors_job.score import AestheticScorer
+        from kolors_job.score.aesthetic import AestheticScorer
         from kolors_job.sources import fetch_model
 
         path, _ = fetch_model(req.aesthetic_model, kind="aesthetic", settings=settings)
@@ -441,8 +441,8 @@ def run_sample(req: SampleRequest, settings: Settings, *, progress: bool = False
 def build_request(args: argparse.Namespace, settings: Settings, scratch: Path) -> SampleRequest:
     """The command line checked in order of cost: options and prompts files first (nothing fetched yet),
     then the LoRA (and the job it names), then everything that depends on that job."""
-    from kolors_job.manifest import ModelSpec, ScoreSpec, StorySpec
-    from kolors_job.sample_prompts import command_line, load_prompts_file, resolve_prompts
+    from kolors_job.manifest.spec import ModelSpec, ScoreSpec, StorySpec
+    from kolors_job.sample.prompts import command_line, load_prompts_file, resolve_prompts
 
     cli_prompts, defaults = command_line(
         args.prompt, {"negative_prompt": args.negative, "seed": args.seed, "width": args.width, "height": args.height}
@@ -475,8 +475,8 @@ def build_request(args: argparse.Namespace, settings: Settings, scratch: Path) -
 def cmd_sample(args: argparse.Namespace) -> int:
     import sys
 
-    from kolors_job.log import progress_enabled, setup_logging
-    from kolors_job.settings import Settings
+    from kolors_job.core.log import progress_enabled, setup_logging
+    from kolors_job.core.settings import Settings
 
     settings = Settings()
     setup_logging(args.log_format or settings.log_format, settings.log_level)

@@ -24,8 +24,8 @@ from typing import Any
 import torch
 from PIL import Image
 
-from kolors_job.errors import InputError
-from kolors_job.manifest import ScoreSpec
+from kolors_job.core.errors import InputError
+from kolors_job.manifest.spec import ScoreSpec
 
 __all__ = ["AestheticScorer", "ScoreResult", "score_folder", "score_story"]
 

@@ -6,7 +6,7 @@ Hubs (``modelscope://``, ``hf://``: ``hubs``), storage prefixes (every registere
 ``metadata.jsonl``; ``transport`` sets the hub clients' transport (plain HTTP, the job's timeouts) before
 they are imported; ``hub_errors`` turns a client's failure into one line and an exit code; ``records``
 keeps cache copies complete and built by one job at a time. Loading the files is not done here:
-``kolors_job.models`` loads models, ``kolors_job.dataset`` scans and loads images.
+``kolors_job.models.loading`` loads models, ``kolors_job.data.scan`` scans and loads images.
 """
 
 from __future__ import annotations

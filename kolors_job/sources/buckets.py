@@ -8,9 +8,9 @@ import json
 import logging
 from pathlib import Path
 
-from kolors_job.errors import InputError, JobError
-from kolors_job.redact import one_line, redact_uri, scrub
-from kolors_job.settings import Settings
+from kolors_job.core.errors import InputError, JobError
+from kolors_job.core.redact import one_line, redact_uri, scrub
+from kolors_job.core.settings import Settings
 from kolors_job.storage import open_store, redact
 from kolors_job.storage.atomic import atomic_dir
 

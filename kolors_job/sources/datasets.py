@@ -25,16 +25,16 @@ from typing import TYPE_CHECKING, Any
 from PIL import Image
 
 from kolors_job import storage
-from kolors_job.errors import InputError
-from kolors_job.redact import redact_uri
-from kolors_job.settings import Settings
+from kolors_job.core.errors import InputError
+from kolors_job.core.redact import redact_uri
+from kolors_job.core.settings import Settings
 from kolors_job.storage.atomic import COMPLETE_MARKER, atomic_dir
 
 from .buckets import cache_key, copy_dataset_prefix
 from .hubs import HUB_SCHEMES, HubRef, Listing, Plan, download, list_repo, parse_hub_uri, plan_from_listing
 
 if TYPE_CHECKING:
-    from kolors_job.manifest import DatasetSpec
+    from kolors_job.manifest.spec import DatasetSpec
 
 __all__ = ["DATASET_RECORD", "export_rows", "fetch_dataset", "plan_dataset", "source_record"]
 
@@ -64,7 +64,7 @@ def _column_base(name: str) -> str:
 
 def _image_payload(value: Any) -> tuple[bytes | None, Image.Image | None, str]:
     """(original bytes, or a PIL image to re-encode, suggested extension) for one cell, else Nones."""
-    from kolors_job.dataset import IMAGE_EXTENSIONS  # the scan's notion of an image file (imported late: a cycle)
+    from kolors_job.data.scan import IMAGE_EXTENSIONS  # the scan's notion of an image file (imported late: a cycle)
 
     if isinstance(value, Image.Image):
         filename = getattr(value, "filename", "") or ""
@@ -85,7 +85,7 @@ def _image_payload(value: Any) -> tuple[bytes | None, Image.Image | None, str]:
 
 
 def _sniff_extension(data: bytes) -> str:
-    from kolors_job.dataset import _formats
+    from kolors_job.data.scan import _formats
 
     try:
         with Image.open(io.BytesIO(data), formats=_formats()) as img:

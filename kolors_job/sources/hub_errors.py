@@ -33,9 +33,9 @@ import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, TypeVar
 
-from kolors_job.errors import ExitCode, InputError, JobError, StorageDeniedError
-from kolors_job.redact import one_line
-from kolors_job.settings import Settings
+from kolors_job.core.errors import ExitCode, InputError, JobError, StorageDeniedError
+from kolors_job.core.redact import one_line
+from kolors_job.core.settings import Settings
 from kolors_job.storage.base import STOP, backoff_delay, backoff_sleep, retry_refused
 from kolors_job.storage.local import os_error
 

@@ -38,8 +38,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from kolors_job.errors import ExitCode, InputError, JobError
-from kolors_job.settings import Settings
+from kolors_job.core.errors import ExitCode, InputError, JobError
+from kolors_job.core.settings import Settings
 
 from . import records, transport
 from .hub_errors import IncompleteDownload, call_hub, hub_error, local_error

@@ -17,9 +17,9 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from kolors_job import storage
-from kolors_job.errors import InputError
-from kolors_job.redact import redact_uri
-from kolors_job.settings import Settings
+from kolors_job.core.errors import InputError
+from kolors_job.core.redact import redact_uri
+from kolors_job.core.settings import Settings
 
 from .buckets import copy_model_prefix
 from .hubs import (
@@ -133,7 +133,7 @@ def _validate(path: Path, uri: str, kind: ModelKind) -> Path:
 
 
 def _resolve_tiny(uri: str, settings: Settings) -> Path:
-    from kolors_job.tiny import TINY_BUILDER_VERSION, build_tiny_aesthetic_predictor, build_tiny_kolors
+    from kolors_job.models.tiny import TINY_BUILDER_VERSION, build_tiny_aesthetic_predictor, build_tiny_kolors
 
     name = uri.split("://", 1)[1].strip("/")
     if name not in _TINY:

@@ -31,7 +31,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kolors_job.errors import ExitCode, JobError
+from kolors_job.core.errors import ExitCode, JobError
 from kolors_job.storage import base as storage_base
 from kolors_job.storage.atomic import atomic_target
 

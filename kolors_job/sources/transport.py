@@ -2,7 +2,7 @@
 
 Both clients read their knobs from the environment once, when they are imported (``huggingface_hub.constants``,
 ``modelscope_hub.constants``), so :func:`apply` sets them in ``os.environ`` when this package is imported —
-``kolors_job.manifest`` imports it before any stage can import a client — and child processes (torchrun
+``kolors_job.manifest.spec`` imports it before any stage can import a client — and child processes (torchrun
 ranks) inherit them. :func:`check_in_force` says whether the clients loaded in this process run with them.
 
 - **Hugging Face, plain HTTP, never Xet.** ``hf_xet`` is installed (diffusers pulls it in) and the real hub
@@ -30,7 +30,7 @@ from collections.abc import MutableMapping
 
 from pydantic import ValidationError
 
-from kolors_job.settings import Settings
+from kolors_job.core.settings import Settings
 
 __all__ = ["MODELSCOPE_RETRY_BACKOFF", "PER_FILE_TOTAL_S", "apply", "check_in_force", "client_env"]
 

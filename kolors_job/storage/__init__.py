@@ -62,6 +62,6 @@ def _s3_bucket(bucket: str) -> None:
 
 
 # The order is the one error messages list them in.
-register("oss", "kolors_job.storage.oss:OSSStore", check_bucket=_oss_bucket)
-register("s3", "kolors_job.storage.s3:S3Store", check_bucket=_s3_bucket)
+register("oss", "kolors_job.storage.oss.store:OSSStore", check_bucket=_oss_bucket)
+register("s3", "kolors_job.storage.s3.store:S3Store", check_bucket=_s3_bucket)
 register("file", "kolors_job.storage.local:LocalStore", local=True)

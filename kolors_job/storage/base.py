@@ -17,19 +17,19 @@ from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from kolors_job.errors import (
+from kolors_job.core.errors import (
     ExitCode,
     StorageDeniedError,
     StorageError,
     StorageNotFoundError,
     StorageTemporaryError,
 )
-from kolors_job.redact import scrub
+from kolors_job.core.redact import scrub
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from kolors_job.settings import Settings
+    from kolors_job.core.settings import Settings
 
     from .fence import Fence
 

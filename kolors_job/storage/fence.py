@@ -1,6 +1,6 @@
 """Fenced writes: every write and delete under a job's prefix lands only while its claim generation is current.
 
-A claim (``kolors_job.claim``) is a lease: a run paused past it (SIGSTOP, a frozen VM, a long GC) wakes up
+A claim (``kolors_job.job.claim``) is a lease: a run paused past it (SIGSTOP, a frozen VM, a long GC) wakes up
 believing it still owns the prefix, and any check it made before the pause is stale. So the check must be
 made by the store, in the request that writes. Object stores cannot condition a write of one key on
 another key, so each write goes through a per-generation *stage* the next owner can spoil:
@@ -40,7 +40,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
-from kolors_job.errors import ClaimLostError, StorageError
+from kolors_job.core.errors import ClaimLostError, StorageError
 
 from .atomic import TMP_MARKER, file_mode
 from .base import Store, check_key, child_prefix, join_key

@@ -11,13 +11,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from kolors_job.errors import (
-    StorageDeniedError,
-    StorageError,
-    StorageNotFoundError,
-    StorageTemporaryError,
-)
-from kolors_job.settings import Settings
+from kolors_job.core.errors import StorageDeniedError, StorageError, StorageNotFoundError, StorageTemporaryError
+from kolors_job.core.settings import Settings
 
 from .atomic import TMP_MARKER, atomic_target, file_mode
 from .base import Store, check_key, child_prefix

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote
 
-from kolors_job.settings import Settings
+from kolors_job.core.settings import Settings
 
 from .base import Store, redact
 

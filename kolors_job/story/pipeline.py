@@ -35,18 +35,18 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
-from kolors_job.embeddings import PromptEmbeds, encode_captions
 from kolors_job.export.lora_io import LORA_WEIGHT_NAME
-from kolors_job.manifest import StorySpec
+from kolors_job.manifest.spec import StorySpec
 from kolors_job.storage.atomic import atomic_target
-from kolors_job.train import resolve_device
+from kolors_job.train.latents import PromptEmbeds, encode_captions
+from kolors_job.train.loop import resolve_device
 
 if TYPE_CHECKING:
     import numpy as np
     from diffusers import KolorsPipeline
     from PIL import Image
 
-log = logging.getLogger("kolors_job.generate")
+log = logging.getLogger("kolors_job.story.pipeline")
 
 CANDIDATE_SEED_STRIDE = 10007
 """Candidate k of a frame uses ``seed + k * 10007``: far from the small seeds stories use for other frames."""
@@ -128,7 +128,7 @@ def sampler_record(model_dir: Path, spec: StorySpec, device: str | torch.device 
     Built by the same functions the story uses, from the model's scheduler config only (no weights)."""
     from diffusers import DDPMScheduler
 
-    from kolors_job.models import make_scheduler, sampler_timesteps
+    from kolors_job.models.loading import make_scheduler, sampler_timesteps
 
     dev = resolve_device(device)
     config = DDPMScheduler.load_config(Path(model_dir), subfolder="scheduler")
@@ -178,7 +178,7 @@ def load_story_pipeline(
     into the weights when the dtype keeps it (:func:`fuses_lora`), so :func:`to_device` can fuse the q/k/v
     projections; pass the same to both.
     """
-    from kolors_job.models import load_kolors_components, make_pipeline, place
+    from kolors_job.models.loading import load_kolors_components, make_pipeline, place
 
     dev = resolve_device(device)
     dtype = sampling_dtype(dev, spec.precision)
@@ -257,7 +257,7 @@ def encode_texts(
     while the UNet is half precision for a GPU (the memory plan's choice on a small card) it computes in bf16 and
     the embeddings are cast to the UNet's dtype.
     """
-    from kolors_job.models import place
+    from kolors_job.models.loading import place
 
     dev = torch.device(device) if device else pipe.unet.device
     half_on_cpu = dev.type == "cpu" and pipe.unet.dtype == torch.float16
@@ -278,7 +278,7 @@ def render(
 
     ``texts`` (from :func:`encode_texts`) lets the text encoder leave the GPU before denoising.
     """
-    from kolors_job.models import sampler_timesteps
+    from kolors_job.models.loading import sampler_timesteps
 
     dev = pipe.unet.device
     texts = texts if texts is not None else encode_texts(pipe, jobs)

@@ -24,9 +24,9 @@ def run_story(job: Job, models: ResolvedModels, scorer: Any) -> list[dict[str, A
     Under DDP the missing frames are split between the ranks (accelerate's ``split_between_processes``);
     each rank draws its share, and rank 0 gathers the PNGs, keeps them and alone uploads them.
     """
-    from kolors_job.generate import generate_story, sampler_record
+    from kolors_job.manifest.recipe import describe
     from kolors_job.plan.runtime import story_kwargs, story_spec
-    from kolors_job.recipe import describe
+    from kolors_job.story.pipeline import generate_story, sampler_record
 
     choices = job.memory_plan.choices if job.memory_plan else None
     spec = story_spec(job.manifest.spec.story, choices)  # the memory plan's batch and precision

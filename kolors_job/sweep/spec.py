@@ -39,8 +39,8 @@ from pydantic import (
     model_validator,
 )
 
-from kolors_job.errors import ManifestError
-from kolors_job.manifest import (
+from kolors_job.core.errors import ManifestError
+from kolors_job.manifest.spec import (
     API_VERSION,
     Manifest,
     format_validation_error,
@@ -225,7 +225,7 @@ def parse_sweep(raw: bytes | str, *, source: str = "sweep") -> Sweep:
     """The sweep file's own fields, validated (one line per problem, exit 2)."""
     import yaml
 
-    from kolors_job.manifest import _NoAliasLoader  # the manifest's YAML rules: no aliases, no duplicate keys
+    from kolors_job.manifest.spec import _NoAliasLoader  # the manifest's YAML rules: no aliases, no duplicate keys
 
     text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
     try:

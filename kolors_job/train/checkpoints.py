@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 
     from kolors_job.storage import Store
 
-log = logging.getLogger("kolors_job.train")
+log = logging.getLogger("kolors_job.train.loop")
 
 ROOT = "checkpoints"
 STATE_NAME = "state.json"

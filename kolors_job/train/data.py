@@ -18,16 +18,16 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from kolors_job.embeddings import LatentEntry, PromptEmbeds, cache_latents, encode_captions, mix_seed
+from kolors_job.train.latents import LatentEntry, PromptEmbeds, cache_latents, encode_captions, mix_seed
 
 if TYPE_CHECKING:
     from diffusers import UNet2DConditionModel
 
-    from kolors_job.dataset import ImageItem
-    from kolors_job.manifest import TrainSpec
-    from kolors_job.models import KolorsComponents
+    from kolors_job.data.scan import ImageItem
+    from kolors_job.manifest.spec import TrainSpec
+    from kolors_job.models.loading import KolorsComponents
 
-log = logging.getLogger("kolors_job.train")
+log = logging.getLogger("kolors_job.train.loop")
 
 
 # ------------------------------------------------------------------------------------------- caches
@@ -72,7 +72,7 @@ def build_caches(
     VAE encode; ``text_encoder_device``: where ChatGLM encodes (default ``dev``; on a CPU it computes in bf16).
     ``train_vae_dir`` (``model.train_vae``) encodes the images instead of the story's VAE (``vae_dir`` or the
     model's own), and is dropped once the latents are cached."""
-    from kolors_job.models import load_kolors_components, load_vae, make_pipeline, place, vae_force_upcast
+    from kolors_job.models.loading import load_kolors_components, load_vae, make_pipeline, place, vae_force_upcast
 
     story_vae_dir = Path(vae_dir) if vae_dir is not None else Path(model_dir) / "vae"
     encoder_dir = Path(train_vae_dir) if train_vae_dir is not None else story_vae_dir

@@ -26,9 +26,9 @@ import torch
 if TYPE_CHECKING:
     from diffusers import AutoencoderKL, KolorsPipeline
 
-    from kolors_job.dataset import ImageItem
+    from kolors_job.data.scan import ImageItem
 
-log = logging.getLogger("kolors_job.train")
+log = logging.getLogger("kolors_job.train.loop")
 
 MAX_SEQUENCE_LENGTH = 256
 """Kolors' ChatGLM prompt length at sampling time (``KolorsPipeline.__call__``'s default)."""
@@ -115,7 +115,7 @@ def cache_latents(
     (``dataset.buckets``) are encoded in chunks of one size each; with one size the chunks are as they always
     were (the VAE's batch may round differently, so they must not move).
     """
-    from kolors_job.dataset import load_image
+    from kolors_job.data.scan import load_image
 
     device = torch.device(device)
     jobs: list[tuple[int, bool]] = [(i, f) for i in range(len(items)) for f in flips]

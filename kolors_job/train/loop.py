@@ -5,7 +5,7 @@
 1. :func:`setup_accelerator`: the precision (CPU: fp32; CUDA: fp16 with a GradScaler, like the
    reference; bf16 on request) and an ``Accelerator``; the same code then runs single-process or under
    ``torchrun``/``accelerate launch`` (DDP).
-2. :func:`~kolors_job.train_data.build_caches`: load the model, encode every distinct caption and every
+2. :func:`~kolors_job.train.data.build_caches`: load the model, encode every distinct caption and every
    image (both flips if ``random_flip``) once; then drop the text encoder and the VAE.
 3. :func:`add_lora`, :func:`make_optimizer`, :func:`make_lr_scheduler`, :func:`prepare`: a peft LoRA on
    the UNet's attention projections; AdamW + a diffusers lr schedule; accelerate's wrapping and the
@@ -16,9 +16,9 @@
    ``train.data_order``), so the run is a pure function of the
    seed and the step: resuming from a checkpoint, or splitting a batch across DDP ranks, sees exactly
    the same samples and noise.
-5. checkpoint (see :mod:`kolors_job.checkpoints`) every ``checkpoint_every`` steps, at the end, and
-   when asked to stop; before a checkpoint that is due, validation frames (:mod:`kolors_job.validation`),
-   recorded in its ``state.json``. Loss, lr and grad norm go to the trackers (:mod:`kolors_job.tracking`).
+5. checkpoint (see :mod:`kolors_job.train.checkpoints`) every ``checkpoint_every`` steps, at the end, and
+   when asked to stop; before a checkpoint that is due, validation frames (:mod:`kolors_job.train.validation`),
+   recorded in its ``state.json``. Loss, lr and grad norm go to the trackers (:mod:`kolors_job.train.tracking`).
 6. :func:`save_final`: the LoRA in diffusers format with its rank/alpha, so ``load_lora_weights``
    restores the scale.
 
@@ -50,9 +50,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F  # noqa: N812 - the conventional alias
 
-from kolors_job import tracking
-from kolors_job.adapter import lora_digest, save_lora
-from kolors_job.checkpoints import (
+from kolors_job.export.lora_io import LORA_CONFIG_NAME, LORA_WEIGHT_NAME
+from kolors_job.manifest.spec import TrainSpec
+from kolors_job.train import tracking
+from kolors_job.train.adapter import lora_digest, save_lora
+from kolors_job.train.checkpoints import (
     COMPLETE_NAME,
     EMA_DIR,
     KEEP_LOCAL_CHECKPOINTS,
@@ -60,11 +62,9 @@ from kolors_job.checkpoints import (
     check_checkpoint,
     save_checkpoint,
 )
-from kolors_job.embeddings import LatentEntry, PromptEmbeds
-from kolors_job.export.lora_io import LORA_CONFIG_NAME, LORA_WEIGHT_NAME
-from kolors_job.manifest import TrainSpec
-from kolors_job.train_data import Batch, SampleStream, build_caches, make_batch
-from kolors_job.train_setup import (
+from kolors_job.train.data import Batch, SampleStream, build_caches, make_batch
+from kolors_job.train.latents import LatentEntry, PromptEmbeds
+from kolors_job.train.setup import (
     _reset_accelerate_state,
     add_lora,
     ema_weights,
@@ -85,8 +85,8 @@ from kolors_job.train_setup import (
 if TYPE_CHECKING:
     from accelerate import Accelerator
 
-    from kolors_job.dataset import ImageItem
-    from kolors_job.validation import Validator
+    from kolors_job.data.scan import ImageItem
+    from kolors_job.train.validation import Validator
 
 __all__ = [  # what other modules and tests import from here
     "COMPLETE_NAME",
@@ -119,7 +119,7 @@ __all__ = [  # what other modules and tests import from here
     "weight_dtype_for",
 ]
 
-log = logging.getLogger("kolors_job.train")
+log = logging.getLogger("kolors_job.train.loop")
 
 
 @dataclass
@@ -245,7 +245,7 @@ def train_lora(
     datasets one per dataset, indexed by ``ImageItem.dataset``. The items' ``bucket`` and ``repeats``
     (``dataset.buckets``, ``dataset.repeats``) shape the batches (:class:`SampleStream`). Under DDP
     every rank calls this with the same arguments; only rank 0 writes files and calls ``on_checkpoint``.
-    ``validator`` (:mod:`kolors_job.validation`) draws and scores frames at the checkpoints it says are due.
+    ``validator`` (:mod:`kolors_job.train.validation`) draws and scores frames at the checkpoints it says are due.
     Trackers (``spec.log_with``) write under ``work_dir/logs/``. ``latent_batch`` (images per VAE encode) and
     ``text_encoder_device`` (``cpu``: ChatGLM encodes there) come from the memory plan (:mod:`kolors_job.plan`).
     ``identity`` (the job's manifest digest) goes into the fingerprint every checkpoint records, so no other
@@ -435,7 +435,7 @@ def _due(run: Run, step: int, n_steps: int) -> bool:
 
 
 def _validate(run: Run, step: int) -> None:
-    """Rank 0 draws and scores the validation frames (see :mod:`kolors_job.validation`) while the other ranks
+    """Rank 0 draws and scores the validation frames (see :mod:`kolors_job.train.validation`) while the other ranks
     wait; every rank then holds the same points, so every rank's checkpoint state agrees."""
     accelerator, validator = run.accelerator, run.validator
     assert validator is not None
@@ -677,10 +677,10 @@ def _normalise(d: dict[str, Any]) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m kolors_job.train`` (also under ``torchrun``): train from JSON inputs (tests, launches)."""
-    from kolors_job.dataset import ImageItem
+    """``python -m kolors_job.train.loop`` (also under ``torchrun``): train from JSON inputs (tests, launches)."""
+    from kolors_job.data.scan import ImageItem
 
-    p = argparse.ArgumentParser(prog="python -m kolors_job.train", description=main.__doc__)
+    p = argparse.ArgumentParser(prog="python -m kolors_job.train.loop", description=main.__doc__)
     p.add_argument("--model-dir", type=Path, required=True)
     p.add_argument(
         "--items-json", type=Path, required=True,

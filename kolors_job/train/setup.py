@@ -1,6 +1,6 @@
 """The trainer's set-up steps and the decisions behind them: precision, accelerator, LoRA, optimizer.
 
-Each step is a small function :func:`kolors_job.train.train_lora` calls in order; the bench
+Each step is a small function :func:`kolors_job.train.loop.train_lora` calls in order; the bench
 (``bench/gpu.py``) calls the same ones on a randomly initialised full-size UNet, overriding only the
 choices it measures (channels-last, fused AdamW, gradient checkpointing, compile).
 """
@@ -16,17 +16,17 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from kolors_job.adapter import load_lora_into, save_lora
-from kolors_job.checkpoints import EMA_DIR
-from kolors_job.errors import ManifestError
-from kolors_job.models import place
+from kolors_job.core.errors import ManifestError
+from kolors_job.models.loading import place
+from kolors_job.train.adapter import load_lora_into, save_lora
+from kolors_job.train.checkpoints import EMA_DIR
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
 
-    from kolors_job.manifest import TrainSpec
+    from kolors_job.manifest.spec import TrainSpec
 
-log = logging.getLogger("kolors_job.train")
+log = logging.getLogger("kolors_job.train.loop")
 
 # ------------------------------------------------------------------------------------------- decisions
 
@@ -89,10 +89,10 @@ def setup_accelerator(
     spec: TrainSpec, target: torch.device, precision: str, *, logs_dir: Path | None = None, resume_step: int = 0
 ) -> Accelerator:
     """The ``Accelerator`` for ``precision`` (see :func:`resolve_precision`) on ``target``; with ``logs_dir``,
-    the trackers of ``spec.log_with`` (:mod:`kolors_job.tracking`) write there."""
+    the trackers of ``spec.log_with`` (:mod:`kolors_job.train.tracking`) write there."""
     from accelerate import Accelerator
 
-    from kolors_job.tracking import trackers
+    from kolors_job.train.tracking import trackers
 
     return Accelerator(
         mixed_precision=precision,

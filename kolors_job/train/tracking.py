@@ -16,9 +16,9 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from accelerate import Accelerator
 
-    from kolors_job.manifest import TrainSpec
+    from kolors_job.manifest.spec import TrainSpec
 
-log = logging.getLogger("kolors_job.train")
+log = logging.getLogger("kolors_job.train.loop")
 
 LOGS = "logs"
 """The logs folder under a run's work dir and under the job's output prefix."""

@@ -23,7 +23,7 @@ import oss2
 import pytest
 from botocore.config import Config
 
-from kolors_job.settings import Settings
+from kolors_job.core.settings import Settings
 
 from .oss_proxy import OSSProxy
 

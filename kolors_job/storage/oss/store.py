@@ -40,12 +40,12 @@ import urllib3
 from oss2 import exceptions as oss_exc
 from oss2.credentials import Credentials, CredentialsProvider, StaticCredentialsProvider
 
-from kolors_job.errors import StorageDeniedError, StorageError, StorageNotFoundError, StorageTemporaryError
-from kolors_job.settings import ALIBABA_CLOUD_KEY_ENV, Settings
+from kolors_job.core.errors import StorageDeniedError, StorageError, StorageNotFoundError, StorageTemporaryError
+from kolors_job.core.settings import ALIBABA_CLOUD_KEY_ENV, Settings
 
-from . import base
-from .atomic import atomic_target
-from .base import Store, backoff_sleep, check_key, check_new_request, child_prefix, redact
+from .. import base
+from ..atomic import atomic_target
+from ..base import Store, backoff_sleep, check_key, check_new_request, child_prefix, redact
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -29,12 +29,12 @@ from botocore.retries import standard as standard_retries
 from s3transfer.exceptions import RetriesExceededError
 from s3transfer.utils import ChunksizeAdjuster
 
-from kolors_job.errors import StorageDeniedError, StorageError, StorageNotFoundError, StorageTemporaryError
-from kolors_job.settings import Settings
+from kolors_job.core.errors import StorageDeniedError, StorageError, StorageNotFoundError, StorageTemporaryError
+from kolors_job.core.settings import Settings
 
-from . import base
-from .atomic import atomic_target
-from .base import Store, backoff_sleep, check_key, check_new_request, check_retry, child_prefix, redact
+from .. import base
+from ..atomic import atomic_target
+from ..base import Store, backoff_sleep, check_key, check_new_request, check_retry, child_prefix, redact
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
