@@ -311,7 +311,7 @@ def check_device(job: Job, *, full_size: bool, uri: str) -> None:
 
 def _local_model_dir(uri: str) -> Path | None:
     """The path a plain-path or ``file://`` model names (looked at without any network); None otherwise."""
-    from kolors_job.storage import scheme_of
+    from kolors_job.core.uris import scheme_of
 
     scheme = scheme_of(uri)
     if scheme == "file":
@@ -326,7 +326,7 @@ def check_device_first(job: Job) -> None:
     without a usable GPU learns it in its first second, not after minutes of hub retries on a node that
     has no network either. A ``tiny://`` model always runs; a local one is judged by its UNet's bytes; a hub
     or bucket model cannot be sized without the network, so it counts as full-size."""
-    from kolors_job.sources import is_full_size
+    from kolors_job.models.weights import is_full_size
 
     uri = job.manifest.spec.model.base
     local = _local_model_dir(uri)

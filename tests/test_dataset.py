@@ -23,7 +23,8 @@ from kolors_job.core.errors import InputError
 from kolors_job.core.settings import Settings
 from kolors_job.data.scan import DatasetScan, ImageItem, SkipReason, load_image, scan_dataset
 from kolors_job.manifest.spec import CaptionSpec, DatasetSpec, FilterSpec
-from kolors_job.sources import export_rows, fetch_dataset
+from kolors_job.sources import fetch_dataset
+from kolors_job.sources.datasets import export_rows
 from kolors_job.storage.atomic import COMPLETE_MARKER
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -487,9 +488,9 @@ def test_modelscope_unreachable_is_one_line_temporary_error(tmp_path: Path) -> N
         """
         import json, sys
         from kolors_job.sources import fetch_dataset
-        from kolors_job.errors import JobError
-        from kolors_job.manifest import DatasetSpec
-        from kolors_job.settings import Settings
+        from kolors_job.core.errors import JobError
+        from kolors_job.manifest.spec import DatasetSpec
+        from kolors_job.core.settings import Settings
         try:
             fetch_dataset(DatasetSpec(), Settings())
         except JobError as e:

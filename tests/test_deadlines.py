@@ -19,9 +19,9 @@ from collections.abc import Iterator
 
 import pytest
 
+from kolors_job.core import stop as core_stop
 from kolors_job.core.errors import ExitCode, StorageTemporaryError
 from kolors_job.core.settings import Settings
-from kolors_job.storage import base as storage_base
 from kolors_job.storage import open_store
 from tests.cli_lines import last_message
 
@@ -82,7 +82,7 @@ def test_a_stop_ends_a_hung_transfer_within_one_read_timeout(scheme, op, silent_
                         storage_read_timeout_s=2.0)
     big = tmp_path / "big.bin"
     big.write_bytes(os.urandom(12 * 1024 * 1024))  # over the 8 MiB multipart threshold of storage_env
-    timer = threading.Timer(1.0, storage_base.request_stop)
+    timer = threading.Timer(1.0, core_stop.request_stop)
     timer.start()
     t0 = time.monotonic()
     try:
@@ -100,7 +100,7 @@ def test_a_stop_ends_a_hung_transfer_within_one_read_timeout(scheme, op, silent_
         assert time.monotonic() - t1 < 0.5
     finally:
         timer.cancel()
-        storage_base.clear_stop()
+        core_stop.clear_stop()
 
 
 def test_sigterm_while_storage_hangs_exits_75_within_30s(silent_endpoint, tmp_path, shared_cache):

@@ -259,8 +259,8 @@ def test_short_secret_values_mask_tokens_not_parts_of_words() -> None:
 _SCAN_PEAK = """
 import re, sys
 from pathlib import Path
-from kolors_job.dataset import scan_dataset
-from kolors_job.manifest import DatasetSpec, FilterSpec
+from kolors_job.data.scan import scan_dataset
+from kolors_job.manifest.spec import DatasetSpec, FilterSpec
 root, budget = Path(sys.argv[1]), int(sys.argv[2])
 spec = DatasetSpec(source=str(root), caption={"fixed": "x"},
                    filters=FilterSpec(min_width=64, min_height=64, max_pixels=3000 * 3000))

@@ -217,7 +217,7 @@ def test_full_size_job_without_a_gpu_is_refused_at_once(
     from kolors_job.cli import main
     from kolors_job.core.settings import Settings
     from kolors_job.models.tiny import build_tiny_kolors
-    from kolors_job.sources import FULL_SIZE_UNET_BYTES
+    from kolors_job.models.weights import FULL_SIZE_UNET_BYTES
 
     tiny = build_tiny_kolors(Settings().cache_dir / "tiny" / "kolors-refuse-test", seed=0)
     big = tmp_path / "big-kolors"

@@ -30,7 +30,7 @@ from kolors_job.data.scan import ImageItem
 from kolors_job.manifest.spec import TrainSpec
 from kolors_job.models.loading import load_kolors_components, place, stored_dtype
 from kolors_job.models.tiny import TINY_TEXT_ENCODER_CONFIG, build_tiny_kolors
-from kolors_job.sources.hubs import DIFFUSERS_WEIGHTS, TRANSFORMERS_WEIGHTS, local_weights
+from kolors_job.models.weights import DIFFUSERS_WEIGHTS, TRANSFORMERS_WEIGHTS, local_weights
 from kolors_job.train.data import build_caches
 from tests.hub_servers.artifacts import write_kolors_diffusers
 
@@ -165,7 +165,7 @@ _MEASURE = textwrap.dedent(
     """
     import gc, json, sys, torch
     from pathlib import Path
-    from kolors_job.models import load_kolors_components
+    from kolors_job.models.loading import load_kolors_components
 
     def anon() -> int:  # private (anonymous) resident bytes: what a rank holds that no other rank shares
         for line in open("/proc/self/status"):

@@ -147,7 +147,7 @@ def test_demo_on_a_terminal_shows_bars_not_warnings(tmp_path: Path, shared_cache
 LIBRARY_ZOO = '''
 import logging, sys
 logging.getLogger("early.lib").addHandler(logging.StreamHandler())  # a handler made before setup_logging
-from kolors_job.log import setup_logging
+from kolors_job.core.log import setup_logging
 setup_logging("json", "DEBUG")
 logging.getLogger("early.lib").warning("a library configured before setup")
 import transformers.utils.logging as tlog

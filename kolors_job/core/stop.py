@@ -2,7 +2,7 @@
 
 Training checkpoints and returns, the story stops after the current frame, and the job exits 75
 (temporary) so a rerun resumes. Storage retries stop too: a dying pod must not spend its grace
-period on backoff.
+period on backoff (``STOP``, which the storage layer and the hub clients read).
 """
 
 from __future__ import annotations
@@ -15,9 +15,35 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from kolors_job.storage import base as storage_base
+log = logging.getLogger(__name__)
 
-log = logging.getLogger("kolors_job.runner")
+
+class _StopState:
+    """Process-wide: the job is stopping (SIGTERM), and whether storage already failed since.
+
+    Storage retries are what keep a stopping job alive on a dead endpoint (8 tries of a read timeout
+    each), so once the job stops, failed requests are not retried; once one has failed, no new request
+    is even tried: the job exits 75 within about one read timeout of the signal. A request that works
+    still goes through, so a stop on a healthy store still uploads its checkpoint and status.
+    """
+
+    def __init__(self) -> None:
+        self.stopping = threading.Event()
+        self.failed_while_stopping = threading.Event()
+
+
+STOP = _StopState()
+
+
+def request_stop() -> None:
+    """Called from the job's SIGTERM handler."""
+    STOP.stopping.set()
+
+
+def clear_stop() -> None:
+    """The job is over (tests run several in one process)."""
+    STOP.stopping.clear()
+    STOP.failed_while_stopping.clear()
 
 
 @dataclass
@@ -42,7 +68,7 @@ def stop_on_signals(flag: StopFlag) -> Iterator[None]:
         flag.signal_name = signal.Signals(signum).name
         log.warning("received %s: finishing the current step, checkpointing, then exiting 75", flag.signal_name)
         flag.event.set()
-        storage_base.request_stop()  # failed storage requests are no longer retried
+        request_stop()  # failed storage requests are no longer retried
 
     old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
@@ -50,4 +76,4 @@ def stop_on_signals(flag: StopFlag) -> Iterator[None]:
     finally:
         for s, h in old.items():
             signal.signal(s, h)
-        storage_base.clear_stop()
+        clear_stop()

@@ -46,13 +46,12 @@ from kolors_job.data.captions import (
     read_metadata,
 )
 from kolors_job.manifest.spec import DatasetSpec, FilterSpec
-from kolors_job.sources.buckets import SKIPPED_KEYS_FILE
+from kolors_job.sources.layout import IMAGE_EXTENSIONS, SKIPPED_KEYS_FILE, image_formats
 
 if TYPE_CHECKING:
     import torch
 
 __all__ = [
-    "IMAGE_EXTENSIONS",
     "DatasetReport",
     "DatasetScan",
     "ImageItem",
@@ -63,17 +62,12 @@ __all__ = [
     "scan_dataset",
 ]
 
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
-"""Files with these extensions are training candidates (PIL sniffs the real format from the bytes)."""
 
 COMPANION_EXTENSIONS = frozenset(
     {".txt", ".csv", ".jsonl", ".json", ".md", ".yaml", ".yml", ".parquet", ".arrow", ".lock"}
 )
 """Caption sidecars, metadata and dataset cards: expected beside images, so never counted as skips."""
 
-PIL_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
-"""Decoders PIL may use (JPEG covers camera MPO files). Everything else is "not_image": PIL's EPS
-plugin runs Ghostscript and its long tail of rare formats is attack surface no photo dataset needs."""
 
 MAX_EXAMPLES = 20
 
@@ -286,10 +280,6 @@ def _pil_guard(max_pixels: int) -> Iterator[None]:
         Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES = old_pixels, old_truncated
 
 
-def _formats() -> list[str]:
-    """``PIL_FORMATS`` this Pillow build can open (``Image.open`` raises KeyError on unknown ones)."""
-    Image.init()
-    return [f for f in PIL_FORMATS if f in Image.OPEN]
 
 
 def _orientation(img: Image.Image) -> int:
@@ -387,7 +377,7 @@ def _inspect_open(
     budget: _MemoryBudget, exif: bool = True,
 ) -> _Verdict:
     f = dspec.filters
-    with Image.open(fh, formats=_formats()) as img:
+    with Image.open(fh, formats=image_formats()) as img:
         if ext not in IMAGE_EXTENSIONS:
             return _Verdict(rel, reason=SkipReason.WRONG_EXTENSION)
         w, h = img.size
@@ -644,7 +634,7 @@ def load_image(
     # PIL's global bomb limit is left alone (threads may share it) unless the scan allowed more.
     limit = Image.MAX_IMAGE_PIXELS
     guard = _pil_guard(item.width * item.height) if limit and item.width * item.height > limit else None
-    with guard or contextlib.nullcontext(), Image.open(item.path, formats=_formats()) as src:
+    with guard or contextlib.nullcontext(), Image.open(item.path, formats=image_formats()) as src:
         src.load()
         # not ImageOps.exif_transpose: a malformed EXIF must not fail
         orientation = _orientation(src) if exif_orientation else 1

@@ -45,7 +45,7 @@ from kolors_job.core.errors import (
     StorageNotFoundError,
 )
 from kolors_job.storage import Store
-from kolors_job.storage.fence import Fence, FencedStore
+from kolors_job.storage.fence import Fence, FencedStore, open_fence, seal_fence
 
 log = logging.getLogger("kolors_job.job.claim")
 
@@ -179,13 +179,13 @@ class OutputClaim:
                     time.sleep(poll_s)
                     continue
             if top:  # seal the ended generation first: whatever its owner still tries is refused by the store
-                self.store.seal_fence(self.stage(top), self.owner)
+                seal_fence(self.store, self.stage(top), self.owner)
             now = time.time()
             record = ClaimRecord(self.owner, self.digest, now, self.lease_s, now)
             if self._write(top + 1, record, create=True):
                 if max(self._generations(), default=0) == top + 1:
                     self.generation, self._record = top + 1, record
-                    self.fence = self.store.open_fence(self.stage(top + 1), self._fenced)
+                    self.fence = open_fence(self.store, self.stage(top + 1), self._fenced)
                     self.fenced = FencedStore(self.store, self.fence)
                     if top:
                         log.info("took over the output claim (generation %d, the previous one ended)", top)

@@ -37,10 +37,10 @@ from pydantic_core import PydanticCustomError
 from kolors_job import storage
 from kolors_job.core.errors import ManifestError, StorageNotFoundError
 from kolors_job.core.redact import holds_secret, without_query
+from kolors_job.core.uris import HUB_SCHEMES, TINY_SCHEME, check_hub_uri
 from kolors_job.export.registry import default_format_names, dora_refusal, format_names
 from kolors_job.manifest.recipe import REFERENCE_TRAIN_VAE, RecipeName, fill_switches
 from kolors_job.models.loading import SCHEDULERS
-from kolors_job.sources import HUB_SCHEMES, check_hub_uri, source_schemes
 
 API_VERSION = "kolors-job/v1"
 KIND = "LoraStoryJob"
@@ -58,9 +58,14 @@ class _Strict(BaseModel):
     )
 
 
+def source_schemes() -> tuple[str, ...]:
+    """Every scheme a model or dataset source may use: the hubs, each storage backend, ``tiny``."""
+    return (*HUB_SCHEMES, *storage.schemes(), TINY_SCHEME)
+
+
 def _check_uri(value: str, schemes: tuple[str, ...], *, allow_path: bool = True) -> str:
-    """``value`` if it is a local path or a well-formed URI of one of ``schemes`` (asked of ``sources``
-    and ``storage`` at validation time, so a registered backend's scheme is accepted)."""
+    """``value`` if it is a local path or a well-formed URI of one of ``schemes`` (the storage registry is
+    asked at validation time, so a registered backend's scheme is accepted)."""
     if "\x00" in value:
         raise ValueError("must not contain NUL bytes")
     if not value.strip():

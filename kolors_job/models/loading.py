@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from kolors_job.core.errors import InputError
 from kolors_job.core.redact import one_line
-from kolors_job.sources.hubs import DIFFUSERS_WEIGHTS, TRANSFORMERS_WEIGHTS, local_weights
+from kolors_job.models.weights import DIFFUSERS_WEIGHTS, TRANSFORMERS_WEIGHTS, local_weights
 
 if TYPE_CHECKING:
     import torch
@@ -119,7 +119,7 @@ _SAFETENSORS_DTYPES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "
 
 def stored_dtype(folder: Path, files: Iterable[str]) -> torch.dtype | None:
     """The one floating dtype of the safetensors among ``files`` in ``folder`` (what ``from_pretrained`` will
-    open: :func:`~kolors_job.sources.hubs.local_weights`), read from their headers, nothing loaded; None for
+    open: :func:`~kolors_job.models.weights.local_weights`), read from their headers, nothing loaded; None for
     pickles, mixed dtypes (which cannot stay mapped) and unreadable headers (the loader then says what is
     wrong with the file, as one line)."""
     import torch

@@ -68,7 +68,7 @@ class Recipe(_Section):
 
 
 class Source(_Section):
-    """``kolors_job.sources.SourceRecord`` (models) or ``dataset.source_record`` (a hub dataset copy)."""
+    """``kolors_job.sources.hubs.SourceRecord`` (models) or ``dataset.source_record`` (a hub dataset copy)."""
 
     uri: str | None = None
     kind: str | None = None

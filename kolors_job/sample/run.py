@@ -209,7 +209,8 @@ def resolve_models(req: SampleRequest, settings: Settings) -> tuple[Path, Path |
     device before any byte is downloaded."""
     import torch
 
-    from kolors_job.sources import fetch_model, is_full_size, plan_model
+    from kolors_job.models.weights import is_full_size
+    from kolors_job.sources import fetch_model, plan_model
 
     cpu_first = req.device == "cpu" or (req.device == "auto" and not torch.cuda.is_available())
     prefer_fp16 = not cpu_first or req.story.precision in ("fp16", "bf16")

@@ -28,15 +28,19 @@ from kolors_job import storage
 from kolors_job.core.errors import InputError
 from kolors_job.core.redact import redact_uri
 from kolors_job.core.settings import Settings
+from kolors_job.core.uris import HUB_SCHEMES, HubRef, parse_hub_uri
 from kolors_job.storage.atomic import COMPLETE_MARKER, atomic_dir
 
 from .buckets import cache_key, copy_dataset_prefix
-from .hubs import HUB_SCHEMES, HubRef, Listing, Plan, download, list_repo, parse_hub_uri, plan_from_listing
+from .hubs import Plan, download, plan_from_listing
+from .layout import IMAGE_EXTENSIONS, image_formats
+from .listing import Listing, list_repo
+from .records import RECORD_NAME
 
 if TYPE_CHECKING:
     from kolors_job.manifest.spec import DatasetSpec
 
-__all__ = ["DATASET_RECORD", "export_rows", "fetch_dataset", "plan_dataset", "source_record"]
+__all__ = ["export_rows", "fetch_dataset", "plan_dataset", "source_record"]
 
 
 def fetch_dataset(spec: DatasetSpec, settings: Settings) -> Path:
@@ -64,8 +68,6 @@ def _column_base(name: str) -> str:
 
 def _image_payload(value: Any) -> tuple[bytes | None, Image.Image | None, str]:
     """(original bytes, or a PIL image to re-encode, suggested extension) for one cell, else Nones."""
-    from kolors_job.data.scan import IMAGE_EXTENSIONS  # the scan's notion of an image file (imported late: a cycle)
-
     if isinstance(value, Image.Image):
         filename = getattr(value, "filename", "") or ""
         if filename and os.path.isfile(filename):
@@ -85,10 +87,8 @@ def _image_payload(value: Any) -> tuple[bytes | None, Image.Image | None, str]:
 
 
 def _sniff_extension(data: bytes) -> str:
-    from kolors_job.data.scan import _formats
-
     try:
-        with Image.open(io.BytesIO(data), formats=_formats()) as img:
+        with Image.open(io.BytesIO(data), formats=image_formats()) as img:
             fmt = (img.format or "").lower()
     except Exception:
         return ".bin"
@@ -133,7 +133,6 @@ def export_rows(rows: Iterable[Mapping[str, Any]], out: Path) -> int:
     return written
 
 
-DATASET_RECORD = ".kolors_job_source.json"
 """Written into a hub dataset's export: its ``sources`` entry (commit, pinning, bytes) and its layout."""
 
 ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz")
@@ -250,7 +249,7 @@ def _fetch_hub(spec: DatasetSpec, settings: Settings) -> Path:
         if written == 0 and layout.kind != "folder":
             raise InputError(f"dataset {ref.uri}: the {spec.split!r} {layout.kind} files hold no image")
         doc = {**record.to_dict(), "layout": layout.kind, "fetched_at": time.time()}
-        (staging / DATASET_RECORD).write_text(json.dumps(doc))
+        (staging / RECORD_NAME).write_text(json.dumps(doc))
 
     return atomic_dir(final, None, fill, replace_stale=True)
 
@@ -379,7 +378,7 @@ def source_record(root: Path, *, since: float) -> dict[str, Any] | None:
     """report.json's ``sources`` entry for a hub dataset copy: this job's downloaded bytes when it fetched
     the copy (after ``since``), else all of it reused."""
     try:
-        rec = json.loads((root / DATASET_RECORD).read_text())
+        rec = json.loads((root / RECORD_NAME).read_text())
         total = int(rec["bytes_total"])
     except (OSError, ValueError, KeyError, TypeError):
         return None

@@ -36,11 +36,12 @@ from typing import TYPE_CHECKING, TypeVar
 from kolors_job.core.errors import ExitCode, InputError, JobError, StorageDeniedError
 from kolors_job.core.redact import one_line
 from kolors_job.core.settings import Settings
-from kolors_job.storage.base import STOP, backoff_delay, backoff_sleep, retry_refused
+from kolors_job.core.stop import STOP
+from kolors_job.storage.base import backoff_delay, backoff_sleep, retry_refused
 from kolors_job.storage.local import os_error
 
 if TYPE_CHECKING:
-    from .hubs import HubRef
+    from kolors_job.core.uris import HubRef
 
 __all__ = ["IncompleteDownload", "call_hub", "http_status", "hub_error"]
 

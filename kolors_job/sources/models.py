@@ -20,22 +20,13 @@ from kolors_job import storage
 from kolors_job.core.errors import InputError
 from kolors_job.core.redact import redact_uri
 from kolors_job.core.settings import Settings
+from kolors_job.core.uris import HUB_SCHEMES, TINY_SCHEME, parse_hub_uri
+from kolors_job.manifest.spec import source_schemes
 
 from .buckets import copy_model_prefix
-from .hubs import (
-    FULL_SIZE_UNET_BYTES,
-    HUB_SCHEMES,
-    ModelKind,
-    Plan,
-    SourceRecord,
-    download,
-    parse_hub_uri,
-    plan_hub_model,
-)
+from .hubs import ModelKind, Plan, SourceRecord, download, plan_hub_model
 
-__all__ = [
-    "REQUIRED_FILES", "TINY_SCHEME", "fetch_model", "is_full_size", "plan_model", "resolve_model", "source_schemes",
-]
+__all__ = ["REQUIRED_FILES", "fetch_model", "plan_model", "resolve_model"]
 
 REQUIRED_FILES: dict[str, tuple[str, ...]] = {
     "pipeline": ("model_index.json", "unet/", "vae/", "text_encoder/", "tokenizer/", "scheduler/"),
@@ -44,13 +35,7 @@ REQUIRED_FILES: dict[str, tuple[str, ...]] = {
 }
 """What a resolved directory must hold per kind (a trailing '/' means a directory)."""
 
-TINY_SCHEME = "tiny"
 _TINY = ("kolors", "aesthetic")
-
-
-def source_schemes() -> tuple[str, ...]:
-    """Every scheme a model or dataset source may use: the hubs, each storage backend, ``tiny``."""
-    return (*HUB_SCHEMES, *storage.schemes(), TINY_SCHEME)
 
 
 def resolve_model(uri: str, *, kind: ModelKind, settings: Settings, prefer_fp16: bool = True) -> Path:
@@ -112,12 +97,6 @@ def fetch_model(
         record.files, record.bytes_total = len(sizes), sum(sizes)
         record.bytes_reused = record.bytes_total - record.bytes_downloaded
     return path, record
-
-
-def is_full_size(path: Path) -> bool:
-    """Whether a resolved pipeline dir holds a real (GPU-sized) UNet, judged by its weight bytes."""
-    unet = path / "unet"
-    return unet.is_dir() and sum(p.stat().st_size for p in unet.iterdir() if p.is_file()) >= FULL_SIZE_UNET_BYTES
 
 
 def _validate(path: Path, uri: str, kind: ModelKind) -> Path:

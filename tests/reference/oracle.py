@@ -337,7 +337,7 @@ def check_latent(m: Manifest, tmp: Path) -> None:
 def check_training_vae(m: Manifest, tmp: Path) -> None:
     """sdxl-vae-fp16-fix's ``diffusion_pytorch_model.safetensors`` from ModelScope, encoding in fp16 on the
     reference's CUDA precision."""
-    from kolors_job.sources import select_files
+    from kolors_job.sources.hubs import select_files
     from kolors_job.train.data import vae_encode_dtype
     from kolors_job.train.setup import resolve_precision, weight_dtype_for
     from tests.hub_servers.artifacts import VAE_FP16_FIX_LAYOUT
