@@ -15,7 +15,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from kolors_job import __version__
+from kolors_job import __version__, storage
 from kolors_job.core.errors import ExitCode, JobError, ManifestError
 from kolors_job.core.redact import scrub
 from kolors_job.plan.cli import add_card_args, check_fits
@@ -47,29 +47,20 @@ def cmd_validate(args: argparse.Namespace) -> int:
     check_fits(manifest, args)  # with --gpu/--gpu-memory: exit 2 when the job cannot fit that card
     print(manifest.to_yaml(), end="")
     print(f"# job id: {args.job_id or manifest.job_id}  digest: {manifest.digest()[:16]}", file=sys.stderr)
-    for field, uri in oss_fields_without_endpoint(manifest.model_dump(mode="json")):
-        print(f"# note: {field}: {uri} needs an OSS endpoint where the job runs (KOLORS_JOB_OSS_ENDPOINT; "
-              "`render k8s --oss-region` or `submit dlc --region` set it); none is set here",
-              file=sys.stderr)  # fmt: skip
+    for field, uri, problem in unready_uris(manifest.model_dump(mode="json")):
+        print(f"# note: {field}: {uri} {problem}", file=sys.stderr)
     return ExitCode.OK
 
 
-def oss_fields_without_endpoint(doc: object) -> list[tuple[str, str]]:
-    """``(field path, uri)`` of every ``oss://`` value in ``doc`` when this environment names no OSS endpoint."""
-    from kolors_job.core.settings import Settings
-
-    settings = Settings()
-    if settings.oss_endpoint or settings.oss_region or os.environ.get("OSS_ENDPOINT"):
-        return []
-    return _oss_values(doc, "")
-
-
-def _oss_values(doc: object, path: str) -> list[tuple[str, str]]:
+def unready_uris(doc: object, path: str = "") -> list[tuple[str, str, str]]:
+    """``(field path, uri, what is missing)`` of every storage URI in ``doc`` whose backend says this environment
+    lacks something to open it (OSS: an endpoint), as the storage registry tells."""
     if isinstance(doc, dict):
-        return [hit for k, v in doc.items() for hit in _oss_values(v, f"{path}.{k}" if path else str(k))]
+        return [hit for k, v in doc.items() for hit in unready_uris(v, f"{path}.{k}" if path else str(k))]
     if isinstance(doc, list):
-        return [hit for i, v in enumerate(doc) for hit in _oss_values(v, f"{path}[{i}]")]
-    return [(path, doc)] if isinstance(doc, str) and doc.startswith("oss://") else []
+        return [hit for i, v in enumerate(doc) for hit in unready_uris(v, f"{path}[{i}]")]
+    problem = storage.setup_problem(doc) if isinstance(doc, str) else None
+    return [(path, doc, problem)] if isinstance(doc, str) and problem else []
 
 
 def cmd_schema(args: argparse.Namespace) -> int:
@@ -159,7 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     v = sub.add_parser("validate", help="check a manifest and print it fully resolved")
-    v.add_argument("manifest", nargs="?", help="path, file://, s3:// or oss:// (default: $KOLORS_JOB_MANIFEST[_URI])")
+    where = f"a path or a {storage.listed_schemes()} URI (default: $KOLORS_JOB_MANIFEST[_URI])"
+    v.add_argument("manifest", nargs="?", help=where)
     v.add_argument("--manifest", dest="manifest_opt", metavar="MANIFEST", help="the same, as `run` takes it")
     v.add_argument("--job-id")
     add_card_args(v, required=False)
@@ -170,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_schema)
 
     r = sub.add_parser("run", help="run the job: train, draw the story, score, report")
-    r.add_argument("--manifest", help="path, file://, s3:// or oss:// (default: $KOLORS_JOB_MANIFEST[_URI])")
+    r.add_argument("--manifest", help=where)
     r.add_argument("--job-id", help="output goes to <output.uri>/<job id>/ (default: metadata.name)")
     r.add_argument("--output", help="override spec.output.uri")
     r.add_argument("--force", action="store_true", help="recompute even if the output has _SUCCESS")

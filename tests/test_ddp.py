@@ -26,6 +26,11 @@ from kolors_job.demo import tiny_job
 from kolors_job.launch import k8s
 from kolors_job.train.loop import LORA_WEIGHT_NAME
 
+try:
+    from tests.storage_servers.fixtures import s3_settings
+except ModuleNotFoundError:  # tests/ not importable as a package
+    from storage_servers.fixtures import s3_settings
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -65,7 +70,7 @@ class JobWorld:
         }
         self.settings = Settings(  # for runs and reads in this process, straight to the server (not counted)
             cache_dir=cache, work_dir=tmp_path / "work-here", log_format="json",
-            s3_endpoint_url=s3_server.endpoint_url, s3_region=s3_server.region, s3_addressing_style="path",
+            backends={"s3": s3_settings(s3_server.endpoint_url, s3_server.region)},
         )
 
     def manifest_file(self, name: str, batch_size: int, steps: int = 4) -> Path:

@@ -23,6 +23,11 @@ from kolors_job.core import stop as core_stop
 from kolors_job.core.errors import ExitCode, StorageTemporaryError
 from kolors_job.core.settings import Settings
 from kolors_job.storage import open_store
+
+try:
+    from tests.storage_servers.fixtures import pointed
+except ModuleNotFoundError:  # tests/ not importable as a package
+    from storage_servers.fixtures import pointed
 from tests.cli_lines import last_message
 
 
@@ -54,10 +59,8 @@ def silent_endpoint() -> Iterator[str]:
 
 
 def _dead_store(scheme: str, endpoint: str, settings: Settings, **overrides: float):
-    settings = settings.model_copy(update={
-        "s3_endpoint_url": endpoint, "oss_endpoint": endpoint, "storage_max_attempts": 8,
-        "storage_connect_timeout_s": 1.0, "storage_read_timeout_s": 1.0, **overrides,
-    })
+    settings = pointed(settings, scheme, endpoint, **{"storage_max_attempts": 8, "storage_connect_timeout_s": 1.0,
+                                                      "storage_read_timeout_s": 1.0, **overrides})
     return open_store(f"{scheme}://kolors-dead/p/", settings)
 
 

@@ -29,8 +29,10 @@ from kolors_job.storage import open_store, split_uri
 
 try:
     from tests.storage_servers.fault_proxy import LEDGER, Fault, FaultProxy
+    from tests.storage_servers.fixtures import pointed, s3_settings
 except ModuleNotFoundError:  # tests/ not importable as a package
     from storage_servers.fault_proxy import LEDGER, Fault, FaultProxy
+    from storage_servers.fixtures import pointed, s3_settings
 
 MiB = 1024 * 1024
 THROTTLED_SHARE, THROTTLE_PER_REQUEST = 0.3, 4
@@ -55,14 +57,7 @@ def faulty(request, storage_env, s3_server, oss_server, tmp_path):
     scheme = request.param
     upstream = s3_server.endpoint_url if scheme == "s3" else oss_server.endpoint
     proxy = FaultProxy(upstream, flavour=scheme).start()
-    settings = storage_env.model_copy(
-        update={
-            "s3_endpoint_url": proxy.endpoint if scheme == "s3" else storage_env.s3_endpoint_url,
-            "oss_endpoint": proxy.endpoint if scheme == "oss" else storage_env.oss_endpoint,
-            "storage_max_attempts": BUDGET,
-            "cache_dir": tmp_path / "cache",
-        }
-    )
+    settings = pointed(storage_env, scheme, proxy.endpoint, storage_max_attempts=BUDGET, cache_dir=tmp_path / "cache")
     bucket = s3_server.create_bucket()
     yield scheme, proxy, settings, f"{scheme}://{bucket}/run/", s3_server.client()
     proxy.stop()
@@ -294,8 +289,7 @@ def job_runs(s3_server, shared_cache, tmp_path_factory):
         mp.setenv("AWS_SECRET_ACCESS_KEY", s3_server.secret_key)
         settings = Settings(
             cache_dir=shared_cache, work_dir=work / "work", log_format="json",
-            s3_endpoint_url=proxy.endpoint, s3_region=s3_server.region, s3_addressing_style="path",
-            storage_max_attempts=BUDGET,
+            backends={"s3": s3_settings(proxy.endpoint, s3_server.region)}, storage_max_attempts=BUDGET,
         )
         runs = {}
         for name, schedule in (("clean", None), ("faulty", "rotation"), ("throttled", "throttle"), ("outage", "outage")):
@@ -393,11 +387,7 @@ def test_both_loopback_stores_throttle_a_share_of_requests(flavour, storage_env,
 
     upstream = s3_server.endpoint_url if flavour == "s3" else oss_server.endpoint
     with FaultProxy(upstream, flavour=flavour) as proxy:
-        settings = storage_env.model_copy(update={
-            "s3_endpoint_url": proxy.endpoint if flavour == "s3" else storage_env.s3_endpoint_url,
-            "oss_endpoint": proxy.endpoint if flavour == "oss" else storage_env.oss_endpoint,
-            "storage_max_attempts": 8, "cache_dir": tmp_path / "cache",
-        })  # fmt: skip
+        settings = pointed(storage_env, flavour, proxy.endpoint, storage_max_attempts=8, cache_dir=tmp_path / "cache")
         store = _store(f"{flavour}://{s3_server.create_bucket()}/t/", settings)
         files = {f"f{i:02d}.bin": os.urandom(1000 + i) for i in range(30)}
         for rel, data in files.items():

@@ -160,7 +160,8 @@ def test_a_bucket_as_the_loras_source_and_as_the_output(
     from kolors_job.storage import open_store
 
     for var, value in {"CACHE_DIR": shared_cache, "WORK_DIR": tmp_path / "work", "LOG_FORMAT": "json",
-                       "S3_ENDPOINT_URL": storage_env.s3_endpoint_url, "S3_REGION": storage_env.s3_region,
+                       "S3_ENDPOINT_URL": storage_env.backends["s3"].endpoint_url,
+                       "S3_REGION": storage_env.backends["s3"].region,
                        "S3_ADDRESSING_STYLE": "path"}.items():  # fmt: skip
         monkeypatch.setenv(f"KOLORS_JOB_{var}", str(value))
     settings = Settings()
@@ -198,7 +199,8 @@ def test_an_oss_output(
     from kolors_job.storage import open_store
 
     for var, value in {"CACHE_DIR": shared_cache, "WORK_DIR": tmp_path / "work", "LOG_FORMAT": "json",
-                       "OSS_ENDPOINT": storage_env.oss_endpoint, "OSS_REGION": storage_env.oss_region}.items():  # fmt: skip
+                       "OSS_ENDPOINT": storage_env.backends["oss"].endpoint,
+                       "OSS_REGION": storage_env.backends["oss"].region}.items():  # fmt: skip
         monkeypatch.setenv(f"KOLORS_JOB_{var}", str(value))
     out = oss_bucket_uri + "samples/x/"
     assert sample(str(finished_tiny_job), "二次元，一只猫", "--output", out) == ExitCode.OK

@@ -205,14 +205,14 @@ def test_aliyun_cli_env_names_are_credentials_and_are_scrubbed(monkeypatch: pyte
     """``ALIBABACLOUD_*`` keys (the aliyun CLI's names) sign OSS requests like ``ALIBABA_CLOUD_*`` and are
     masked wherever they would be printed."""
     from kolors_job.core.redact import scrub
-    from kolors_job.storage import oss as oss_mod
+    from kolors_job.storage.oss import credentials as oss_credentials
 
     for var in [v for v in os.environ if v.startswith(("OSS_ACCESS", "ALIBABA_CLOUD_", "ALIBABACLOUD_"))]:
         monkeypatch.delenv(var)
     monkeypatch.setenv("ALIBABACLOUD_ACCESS_KEY_ID", "LTAIkolorsCliKey01")
     monkeypatch.setenv("ALIBABACLOUD_ACCESS_KEY_SECRET", "kolors-cli-secret-Rk2Vb")
     monkeypatch.setenv("ALIBABACLOUD_SECURITY_TOKEN", "kolors-cli-token-Pz4Qw")
-    creds = oss_mod.credentials_provider().get_credentials()
+    creds = oss_credentials.credentials_provider().get_credentials()
     assert (creds.access_key_id, creds.access_key_secret, creds.security_token) == (
         "LTAIkolorsCliKey01", "kolors-cli-secret-Rk2Vb", "kolors-cli-token-Pz4Qw")
     line = scrub("denied for LTAIkolorsCliKey01 with kolors-cli-secret-Rk2Vb / kolors-cli-token-Pz4Qw")

@@ -1,9 +1,11 @@
 """Runtime environment (not the job): where caches live, which endpoints to use, how to log.
 
-Layered like pydantic-settings intends: defaults < ``KOLORS_JOB_*`` environment variables.
-Credentials are deliberately *not* fields here: boto3 and the Alibaba Cloud credential chain
-read them from their standard places (env, profile, IRSA/RRSA web identity, ECS RAM role,
-``/mnt/.alibabacloud/credentials``), so they never pass through our config or our logs.
+Layered like pydantic-settings intends: defaults < ``KOLORS_JOB_*`` environment variables. Each storage
+backend owns its own settings class (``storage/s3/settings.py``: ``KOLORS_JOB_S3_*``; ``storage/oss/settings.py``:
+``KOLORS_JOB_OSS_*``), read where the backend opens its client; the knobs every backend shares (attempts,
+deadline, timeouts, multipart sizes) are here. Credentials are deliberately *not* fields anywhere: boto3 and the
+Alibaba Cloud credential chain read them from their standard places (env, profile, IRSA/RRSA web identity, ECS
+RAM role, ``/mnt/.alibabacloud/credentials``), so they never pass through our config or our logs.
 """
 
 from __future__ import annotations
@@ -11,10 +13,12 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal, TypeVar
 
 from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+B = TypeVar("B", bound=BaseSettings)
 
 
 class Settings(BaseSettings):
@@ -27,13 +31,6 @@ class Settings(BaseSettings):
     log_format: Literal["auto", "json", "text"] = "auto"
     log_level: str = "INFO"
 
-    s3_endpoint_url: str | None = None
-    """Custom S3 endpoint (MinIO, R2, OSS's S3 endpoint, a local test server)."""
-    s3_region: str | None = None
-    s3_addressing_style: Literal["auto", "path", "virtual"] = "auto"
-    oss_endpoint: str | None = None
-    """e.g. ``https://oss-cn-hangzhou-internal.aliyuncs.com``; falls back to ``OSS_ENDPOINT``."""
-    oss_region: str | None = None
     storage_max_attempts: int = 8
     """Bound on retries of transient storage errors (5xx, throttling, resets), with backoff + jitter."""
     allow_cpu: bool = False
@@ -67,6 +64,14 @@ class Settings(BaseSettings):
     """Free space a hub download must leave in the cache (the dataset and compile caches live there too)."""
     download_workers: int = 4
     """Files a hub client downloads in parallel."""
+    backends: dict[str, Any] = Field(default_factory=dict, exclude=True)
+    """A storage backend's own settings given in code, by scheme (tests, an embedding program); a backend
+    absent here reads its own from the environment (:meth:`backend`)."""
+
+    def backend(self, scheme: str, cls: type[B]) -> B:
+        """The settings of the backend registered as ``scheme``: given in ``backends``, else ``cls()`` (its env)."""
+        given = self.backends.get(scheme)
+        return given if isinstance(given, cls) else cls()
 
     @property
     def resolved_work_dir(self) -> Path:
@@ -94,7 +99,3 @@ def alibaba_cloud_keys(environ: Mapping[str, str] | None = None) -> tuple[str, s
 def alibaba_cloud_region(environ: Mapping[str, str] | None = None) -> str | None:
     env = os.environ if environ is None else environ
     return next((env[n] for n in ALIBABA_CLOUD_REGION_ENV if env.get(n)), None)
-
-
-def get_settings() -> Settings:
-    return Settings()

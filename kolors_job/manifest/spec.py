@@ -37,7 +37,7 @@ from pydantic_core import PydanticCustomError
 from kolors_job import storage
 from kolors_job.core.errors import ManifestError, StorageNotFoundError
 from kolors_job.core.redact import holds_secret, without_query
-from kolors_job.core.uris import HUB_SCHEMES, TINY_SCHEME, check_hub_uri
+from kolors_job.core.uris import HUB_SCHEMES, TINY_SCHEME, check_hub_uri, scheme_of
 from kolors_job.export.registry import default_format_names, dora_refusal, format_names
 from kolors_job.manifest.recipe import REFERENCE_TRAIN_VAE, RecipeName, fill_switches
 from kolors_job.models.loading import SCHEDULERS
@@ -70,7 +70,7 @@ def _check_uri(value: str, schemes: tuple[str, ...], *, allow_path: bool = True)
         raise ValueError("must not contain NUL bytes")
     if not value.strip():
         raise ValueError("must not be empty")
-    scheme = storage.scheme_of(value)
+    scheme = scheme_of(value)
     if not scheme:
         if not allow_path:
             raise ValueError(f"must be a URI with one of the schemes {', '.join(s + '://' for s in schemes)}")
@@ -674,7 +674,7 @@ def parse_manifest(raw: bytes | str, *, source: str = "manifest") -> Manifest:
 def read_manifest_source(uri: str) -> tuple[bytes, str]:
     """Read manifest bytes from a path, ``file://``, ``s3://`` or ``oss://`` URI. A URI with a query (a signed
     URL) is refused without echoing it: storage URIs have no use for one."""
-    scheme = storage.scheme_of(uri)
+    scheme = scheme_of(uri)
     shown = without_query(uri) if scheme else uri
     if scheme and ("?" in uri or "#" in uri):
         raise ManifestError(f"{shown}: a manifest URI must not carry a query or fragment (a signed URL is not one)")
@@ -687,7 +687,7 @@ def read_manifest_source(uri: str) -> tuple[bytes, str]:
         raise ManifestError(f"{shown}: {e}") from None
     key = key.rstrip("/")  # split_uri reads the path as a prefix and adds a slash
     if not key or uri.endswith("/"):
-        raise ManifestError(f"{shown}: manifest URI must be a path, file://, s3:// or oss:// object")
+        raise ManifestError(f"{shown}: manifest URI must be a path or a {storage.listed_schemes()} object")
     parent, _, name = key.rpartition("/")
     store = storage.open_store(f"{scheme}://{bucket}/{parent}")
     try:

@@ -9,6 +9,7 @@ import json
 import sys
 from typing import Any
 
+from kolors_job import storage
 from kolors_job.core.errors import ExitCode, ManifestError
 from kolors_job.plan.cards import CARDS, Card, card_from_memory
 
@@ -90,7 +91,8 @@ def register_cli(sub: Any) -> None:
         help="GPU memory, host RAM and disk of every stage on a card, and the settings that fit (CPU only)",
         description=__doc__.splitlines()[0] if __doc__ else None,
     )
-    p.add_argument("manifest", nargs="?", help="path, file://, s3:// or oss:// (default: $KOLORS_JOB_MANIFEST[_URI])")
+    p.add_argument("manifest", nargs="?",
+                   help=f"a path or a {storage.listed_schemes()} URI (default: $KOLORS_JOB_MANIFEST[_URI])")
     add_card_args(p, required=True)
     p.add_argument("--json", action="store_true", help="the plan as report.json's memory section")
     p.set_defaults(func=cmd_plan)

@@ -494,16 +494,19 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 def register_cli(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     """Add ``sample`` to the ``kolors-job`` parser (nothing heavy is imported until it runs)."""
+    from kolors_job import storage
+
     s = subparsers.add_parser(
         "sample",
         help="draw prompts with a LoRA at one or more scales (and the base model): images, grid.png, prompts.json",
         description="Draw prompts with a LoRA (a dir or bucket prefix with pytorch_lora_weights.safetensors, or a "
         "job's output prefix, which also gives the base model, recipe and story settings) at one or more scales, "
         "the base model beside them with --compare-base. Writes images/, grid.png (rows = prompts, columns = "
-        "scales then base) and prompts.json into an empty --output (a dir, s3:// or oss://).",
+        f"scales then base) and prompts.json into an empty --output (a dir or a {storage.listed_schemes()} prefix).",
     )
     s.add_argument(
-        "lora", metavar="LORA", help="LoRA dir or prefix, or a job's output prefix (path, file://, s3://, oss://)"
+        "lora", metavar="LORA",
+        help=f"LoRA dir or prefix, or a job's output prefix (a path or a {storage.listed_schemes()} URI)",
     )
     s.add_argument("prompt", nargs="*", metavar="PROMPT", help="prompts to draw (and/or --prompts FILE)")
     s.add_argument("--prompts", action="append", metavar="FILE",
@@ -516,7 +519,8 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:  # type: ignor
         help="LoRA scale(s), one column each (default: the story's lora_scale, 0.5 for the reference)",
     )
     s.add_argument("--compare-base", action="store_true", help="add a column drawn by the base model, no LoRA")
-    s.add_argument("--output", help="an empty dir, file://, s3:// or oss:// prefix (default: ./samples/<UTC time>)")
+    s.add_argument("--output",
+                   help=f"an empty dir or {storage.listed_schemes()} prefix (default: ./samples/<UTC time>)")
     s.add_argument("--base", help="base Kolors (default: the job's model.base, else Kwai-Kolors/Kolors-diffusers)")
     s.add_argument("--vae", help="VAE override (default: the job's model.vae unless --base is given)")
     s.add_argument("--negative", help="negative prompt of the prompts that set none (default: the story's)")

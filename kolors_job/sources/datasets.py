@@ -28,7 +28,7 @@ from kolors_job import storage
 from kolors_job.core.errors import InputError
 from kolors_job.core.redact import redact_uri
 from kolors_job.core.settings import Settings
-from kolors_job.core.uris import HUB_SCHEMES, HubRef, parse_hub_uri
+from kolors_job.core.uris import HUB_SCHEMES, HubRef, parse_hub_uri, scheme_of
 from kolors_job.storage.atomic import COMPLETE_MARKER, atomic_dir
 
 from .buckets import cache_key, copy_dataset_prefix
@@ -45,7 +45,7 @@ __all__ = ["export_rows", "fetch_dataset", "plan_dataset", "source_record"]
 
 def fetch_dataset(spec: DatasetSpec, settings: Settings) -> Path:
     """Resolve ``spec.source`` to a local directory of images (+ captions) and return it."""
-    scheme = storage.scheme_of(spec.source)
+    scheme = scheme_of(spec.source)
     if not scheme:
         path = Path(spec.source).expanduser()
         if not path.is_dir():

@@ -20,7 +20,7 @@ from kolors_job import storage
 from kolors_job.core.errors import InputError
 from kolors_job.core.redact import redact_uri
 from kolors_job.core.settings import Settings
-from kolors_job.core.uris import HUB_SCHEMES, TINY_SCHEME, parse_hub_uri
+from kolors_job.core.uris import HUB_SCHEMES, TINY_SCHEME, parse_hub_uri, scheme_of
 from kolors_job.manifest.spec import source_schemes
 
 from .buckets import copy_model_prefix
@@ -72,7 +72,7 @@ def fetch_model(
     uri = uri.strip()
     if not uri:
         raise InputError(f"empty {kind} model uri")
-    scheme = storage.scheme_of(uri)
+    scheme = scheme_of(uri)
     record = SourceRecord(uri=redact_uri(uri), kind=kind)
     if scheme in HUB_SCHEMES:
         plan = plan or plan_model(uri, kind=kind, settings=settings, prefer_fp16=prefer_fp16, skip=skip)

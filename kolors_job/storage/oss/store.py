@@ -1,13 +1,6 @@
 """``oss://bucket/prefix`` stores via oss2 (Alibaba Cloud OSS), with CRC64 checks on every transfer.
 
-Credentials, first match wins (never from our config, never logged):
-  1. ``OSS_ACCESS_KEY_ID``/``OSS_ACCESS_KEY_SECRET``[/``OSS_SESSION_TOKEN``] env;
-  2. ``ALIBABA_CLOUD_ACCESS_KEY_ID``/``ALIBABA_CLOUD_ACCESS_KEY_SECRET``
-     [/``ALIBABA_CLOUD_SECURITY_TOKEN``] env, or the same as ``ALIBABACLOUD_*`` (the aliyun CLI's names);
-  3. PAI-DLC's RAM-role file ``/mnt/.alibabacloud/credentials`` (re-read when it changes);
-  4. the ``alibabacloud_credentials`` default chain (RRSA OIDC, profile files, ECS RAM role), wrapped
-     as an oss2 provider so STS tokens refresh;
-  5. anonymous (public buckets only).
+Endpoint and region: the backend's own settings (``settings.OSSSettings``); credentials: ``credentials``.
 
 Retries: oss2 itself does not retry requests, so every call goes through a bounded retry with
 exponential backoff and full jitter on transient errors (5xx, throttling, connection errors, CRC64
@@ -23,12 +16,9 @@ lifecycle rule ("delete incomplete multipart uploads after N days") removes them
 from __future__ import annotations
 
 import contextlib
-import functools
 import http.client
-import json
 import logging
 import os
-import re
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -38,19 +28,20 @@ import oss2
 import requests
 import urllib3
 from oss2 import exceptions as oss_exc
-from oss2.credentials import Credentials, CredentialsProvider, StaticCredentialsProvider
+from oss2.credentials import CredentialsProvider
 
 from kolors_job.core.errors import StorageDeniedError, StorageError, StorageNotFoundError, StorageTemporaryError
-from kolors_job.core.settings import ALIBABA_CLOUD_KEY_ENV, Settings
+from kolors_job.core.settings import Settings
 
 from .. import base
 from ..atomic import atomic_target
 from ..base import Store, backoff_sleep, check_key, check_new_request, child_prefix, redact
+from . import credentials
+from .settings import OSSSettings
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 MiB = 1024 * 1024
-DLC_CREDENTIALS_FILE = Path("/mnt/.alibabacloud/credentials")
 
 FORBID_OVERWRITE = "x-oss-forbid-overwrite"
 COPY_LIMIT = 1024 * MiB
@@ -71,85 +62,16 @@ _STREAM_ERRORS = (
 """Transport errors raised while a response body is read (outside oss2's own RequestError)."""
 
 
-# -- configuration -----------------------------------------------------------------------------
-def oss_endpoint(settings: Settings) -> str | None:
-    endpoint = settings.oss_endpoint or os.environ.get("OSS_ENDPOINT")
-    if not endpoint and settings.oss_region:
-        endpoint = f"https://oss-{settings.oss_region}.aliyuncs.com"
-    return endpoint
-
-
-def oss_region(settings: Settings, endpoint: str) -> str | None:
-    """Region for V4 signatures: configured, or read from a standard ``oss-<region>[-internal]`` host."""
-    if region := settings.oss_region or os.environ.get("OSS_REGION"):
-        return region
-    m = re.search(r"(?:^|[/.])oss-([a-z0-9-]+?)(?:-internal)?\.aliyuncs\.com", endpoint)
-    return m.group(1) if m else None
-
-
-class _DlcFileProvider(CredentialsProvider):
-    """PAI-DLC writes STS credentials for the job's RAM role to a JSON file and rotates it."""
-
-    def __init__(self, path: Path) -> None:
-        self._path, self._mtime, self._creds = path, -1.0, Credentials()
-
-    def get_credentials(self) -> Credentials:
-        try:
-            mtime = self._path.stat().st_mtime
-        except OSError:  # being rotated: keep the last good credentials
-            return self._creds
-        if mtime != self._mtime:
-            doc = json.loads(self._path.read_text())
-            self._creds = Credentials(
-                doc["AccessKeyId"], doc["AccessKeySecret"], doc.get("SecurityToken") or ""
-            )
-            self._mtime = mtime
-        return self._creds
-
-
-class _AlibabaChainProvider(CredentialsProvider):
-    """Adapts an ``alibabacloud_credentials`` client (which caches and refreshes STS) to oss2."""
-
-    def __init__(self, client) -> None:
-        self._client = client
-
-    def get_credentials(self) -> Credentials:
-        c = self._client.get_credential()
-        return Credentials(c.access_key_id, c.access_key_secret, c.security_token or "")
-
-
-@functools.cache
-def default_chain_provider() -> CredentialsProvider | None:
-    """The alibabacloud default chain, or None if it finds nothing (probed once per process)."""
-    try:
-        from alibabacloud_credentials.client import Client
-
-        client = Client()
-        client.get_credential()
-    except Exception as exc:
-        log.info("no Alibaba Cloud credentials found (%s); OSS access is anonymous", type(exc).__name__)
-        return None
-    return _AlibabaChainProvider(client)
-
-
-def credentials_provider() -> CredentialsProvider | None:
-    for ak, sk, token in (("OSS_ACCESS_KEY_ID", "OSS_ACCESS_KEY_SECRET", "OSS_SESSION_TOKEN"), *ALIBABA_CLOUD_KEY_ENV):
-        if os.environ.get(ak) and os.environ.get(sk):
-            return StaticCredentialsProvider(os.environ[ak], os.environ[sk], os.environ.get(token, ""))
-    if DLC_CREDENTIALS_FILE.is_file():
-        return _DlcFileProvider(DLC_CREDENTIALS_FILE)
-    return default_chain_provider()
-
-
 def make_bucket(name: str, settings: Settings, provider: CredentialsProvider | None = None) -> oss2.Bucket:
-    endpoint = oss_endpoint(settings)
+    own = settings.backend("oss", OSSSettings)
+    endpoint = own.resolved_endpoint()
     if not endpoint:
         raise StorageDeniedError(
             f"oss://{name}/: no OSS endpoint; set KOLORS_JOB_OSS_ENDPOINT, OSS_ENDPOINT "
             "or KOLORS_JOB_OSS_REGION"
         )
-    region = oss_region(settings, endpoint)
-    provider = provider or credentials_provider()
+    region = own.v4_region(endpoint)
+    provider = provider or credentials.credentials_provider()
     if provider is None:
         auth = oss2.AnonymousAuth()
     elif region:

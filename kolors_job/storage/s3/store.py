@@ -10,7 +10,6 @@ import base64
 import hashlib
 import http.client
 import logging
-import os
 import re
 import time
 from collections.abc import Callable
@@ -18,14 +17,9 @@ from contextlib import closing, suppress
 from pathlib import Path
 from typing import TypeVar
 
-import boto3
 import urllib3
 from boto3.s3.transfer import TransferConfig, create_transfer_manager
-from botocore import UNSIGNED
-from botocore.client import BaseClient
-from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, IncompleteReadError, ResponseStreamingError
-from botocore.retries import standard as standard_retries
 from s3transfer.exceptions import RetriesExceededError
 from s3transfer.utils import ChunksizeAdjuster
 
@@ -34,7 +28,8 @@ from kolors_job.core.settings import Settings
 
 from .. import base
 from ..atomic import atomic_target
-from ..base import Store, backoff_sleep, check_key, check_new_request, check_retry, child_prefix, redact
+from ..base import Store, backoff_sleep, check_key, check_new_request, child_prefix, redact
+from .client import create_only_hook, make_client
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -69,46 +64,8 @@ class _ChecksumMismatchError(StorageTemporaryError):
 _MD5_ETAG = re.compile(r'^"?([0-9a-f]{32})(?:-(\d+))?"?$')
 
 
-def make_client(settings: Settings) -> BaseClient:
-    """One client per store tree: clients are thread-safe and hold the connection pool."""
-    base.quiet_sdk_loggers("botocore", "boto3", "s3transfer")
-    custom_endpoint = (
-        settings.s3_endpoint_url
-        or os.environ.get("AWS_ENDPOINT_URL_S3")
-        or os.environ.get("AWS_ENDPOINT_URL")
-    )
-    session = boto3.session.Session()
-    config = Config(
-        retries={"total_max_attempts": settings.storage_max_attempts, "mode": "standard"},
-        s3={"addressing_style": settings.s3_addressing_style},
-        connect_timeout=settings.storage_connect_timeout_s,
-        read_timeout=settings.storage_read_timeout_s,
-        # Third-party S3 servers (OSS's S3 API, older MinIO/Ceph) reject botocore's default
-        # aws-chunked CRC trailers; we send Content-MD5 ourselves and verify ETags instead.
-        request_checksum_calculation="when_required" if custom_endpoint else "when_supported",
-        response_checksum_validation="when_required" if custom_endpoint else "when_supported",
-        signature_version=UNSIGNED if session.get_credentials() is None else None,
-    )
-    client = session.client(
-        "s3", endpoint_url=settings.s3_endpoint_url or None, region_name=settings.s3_region, config=config
-    )
-    _bound_retries(client, settings.storage_max_attempts, settings.storage_deadline_s)
-    client._kolors_create_only = _create_only_hook(client)  # type: ignore[attr-defined]
-    return client
 
 
-def _create_only_hook(client: BaseClient) -> set[str]:
-    """Full keys being created create-only: s3transfer's PutObject / CompleteMultipartUpload for them get
-    ``If-None-Match: *`` (its upload arguments have no such option). Returns the shared set."""
-    keys: set[str] = set()
-
-    def add(params: dict, **_: object) -> None:
-        if params.get("Key") in keys:
-            params["IfNoneMatch"] = "*"
-
-    for op in ("PutObject", "CompleteMultipartUpload"):
-        client.meta.events.register(f"before-parameter-build.s3.{op}", add)
-    return keys
 
 
 def _status(exc: ClientError) -> int:
@@ -123,31 +80,6 @@ class _Exists(Exception):  # noqa: N818 - a signal, not an error: a create-only 
     """A create-only request found the key taken (HTTP 412)."""
 
 
-def _bound_retries(client: BaseClient, max_attempts: int, deadline_s: float, max_backoff_s: float = 2.0) -> None:
-    """Wrap botocore's standard retry handler: no retry after SIGTERM or past the API call's deadline,
-    and backoff sleeps of at most ``max_backoff_s`` (botocore's go up to 20 s, slept without looking
-    at any stop flag). Also applies in s3transfer's worker threads, where our own loop cannot look.
-    """
-    events, name = client.meta.events, "s3"
-    events.unregister(f"needs-retry.{name}", unique_id=f"retry-config-{name}")
-    inner = standard_retries.register_retry_handler(client, max_attempts=max_attempts)
-    events.unregister(f"needs-retry.{name}", unique_id=f"retry-config-{name}")
-
-    def on_call(context: dict, **_: object) -> None:
-        context.setdefault("kolors_started", time.monotonic())
-        check_new_request("storage request")
-
-    def needs_retry(request_dict: dict, operation: object = None, **kwargs: object) -> float | None:
-        delay = inner.needs_retry(request_dict=request_dict, operation=operation, **kwargs)
-        if delay is None:
-            return None  # a success, a permanent error, or the attempts are used up
-        started = request_dict.get("context", {}).get("kolors_started", time.monotonic())
-        check_retry(f"S3 {getattr(operation, 'name', 'request')}", started, deadline_s)
-        base.RETRIES.add()
-        return min(delay, max_backoff_s)
-
-    events.register(f"before-call.{name}", on_call)
-    events.register(f"needs-retry.{name}", needs_retry, unique_id=f"retry-config-{name}")
 
 
 def file_etag(path: Path, size: int, threshold: int, chunk: int) -> str:
@@ -179,7 +111,7 @@ class S3Store(Store):
         self.uri = f"s3://{bucket}/{prefix}"
         self._client = client if client is not None else make_client(settings)
         if not hasattr(self._client, "_kolors_create_only"):  # a client made elsewhere: the fence needs the hook
-            self._client._kolors_create_only = _create_only_hook(self._client)
+            self._client._kolors_create_only = create_only_hook(self._client)
         self._bucket_ok = False
 
     def child(self, *parts: str) -> S3Store:
