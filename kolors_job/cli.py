@@ -25,9 +25,6 @@ from kolors_job.sweep import cli as sweep_cli
 _RST_ROLE = re.compile(r":[a-z]+:`~?([^`]+)`")
 
 
-def prose(doc: str) -> str:
-    """A docstring as ``--help`` text: reST roles and literals (``:mod:`x```, double backticks) as plain words."""
-    return _RST_ROLE.sub(r"\1", doc).replace("``", "")
 
 
 def _print_error(err: JobError) -> None:

@@ -21,8 +21,10 @@ import pytest
 import yaml
 
 from kolors_job.core.errors import ExitCode
-from kolors_job.launch import k8s, register_cli, submit
+from kolors_job.launch import k8s, register_cli
+from kolors_job.launch.outputs import fresh_job_id
 from kolors_job.launch.torchrun import exit_code_of, retryable_code
+from kolors_job.manifest.spec import JOB_ID_PATTERN
 
 ROOT = Path(__file__).resolve().parents[1]
 K8S_VERSIONS = ("1.31.0", kubernetes_validate.utils.latest_version())
@@ -227,7 +229,7 @@ def test_render_cli(capsys: pytest.CaptureFixture[str]) -> None:
     assert run_cli([*argv, "--nodes", "2", "--kind", "job"]) == int(ExitCode.INVALID_MANIFEST)
     assert run_cli(["render", "k8s", "--image", "img:1"]) == int(ExitCode.INVALID_MANIFEST)
     assert run_cli([*argv[:-2], "--job-id", "Bad Id"]) == int(ExitCode.INVALID_MANIFEST)
-    assert submit.JOB_ID_RE.match(submit.fresh_job_id("Purple Hair Girl!"))
+    assert re.fullmatch(JOB_ID_PATTERN, fresh_job_id("Purple Hair Girl!"))
 
 
 def _containers(docs: list[dict]) -> list[dict]:

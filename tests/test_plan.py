@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 REFERENCE = ROOT / "examples" / "minimal.yaml"
 PLANNED = ROOT / "tests" / "fixtures" / "plan"
 """The manifests these tests plan, beside the reference job and ``examples/``: ``kolors_job/plan/table.json``
-answers all of them (``python -m kolors_job.plan.table --refresh``, see that module)."""
+answers all of them (``python -m kolors_job.plan.refresh``, see that module)."""
 BATCH8_NO_CKPT = (PLANNED / "batch8-no-ckpt.yaml").read_text()
 TUNED = (PLANNED / "tuned.yaml").read_text()
 TUNED_MANUAL = (PLANNED / "tuned-manual.yaml").read_text()

@@ -24,8 +24,9 @@ from pathlib import Path
 
 import pytest
 
-from kolors_job.cli import build_parser, prose
+from kolors_job.cli import build_parser
 from kolors_job.core.log import setup_logging
+from kolors_job.launch.options import prose
 
 ROOT = Path(__file__).resolve().parents[1]
 MARKUP = re.compile(r"``|:(mod|class|func|meth|attr):`")

@@ -291,22 +291,22 @@ def _inline(loaded: LoadedSweep, ns: argparse.Namespace) -> str | None:
 
 
 def _options(ns: argparse.Namespace, loaded: LoadedSweep) -> k8s.RenderOptions:
-    from kolors_job.launch import submit
+    from kolors_job.launch.options import options_from_namespace
 
     if not ns.image:
         raise ManifestError("--image is required (the kolors-job image every trial runs)")
-    return submit.options_from_namespace(ns, job_id=SENTINEL, manifest_uri=ns.manifest_uri or "inline")
+    return options_from_namespace(ns, job_id=SENTINEL, manifest_uri=ns.manifest_uri or "inline")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from kolors_job.launch import submit
+    from kolors_job.launch.options import add_k8s_arguments
 
     p.add_argument("--sweep", help="the sweep file (examples/sweep.yaml)")
     p.add_argument("--manifest-uri", help="where trials read the manifest; default: the sweep's manifest, inline")
     p.add_argument("--output", help="overrides the manifest's spec.output.uri (trials go to <output>/<sweep>/)")
     p.add_argument("--collector", choices=("file", "stdout"), default="file",
                    help="Katib's metrics collector: File (JSON lines, default) or StdOut (name=value lines)")
-    submit.add_k8s_arguments(p, require_image=False)
+    add_k8s_arguments(p, require_image=False)
 
 
 def _cmd_render(ns: argparse.Namespace) -> int:
