@@ -509,8 +509,9 @@ def m_ours_train(
     from kolors_job.data.scan import ImageItem
     from kolors_job.manifest.spec import TrainSpec
     from kolors_job.models.configs import KOLORS_SCHEDULER_CONFIG
+    from kolors_job.models.prompts import PromptEmbeds
     from kolors_job.train import loop as kt
-    from kolors_job.train.latents import LatentEntry, PromptEmbeds
+    from kolors_job.train.latents import LatentEntry
 
     if compile_blocks and not ctx.cuda:
         raise CannotRunError("compile: CUDA only (train_lora ignores spec.train.compile on the CPU)")
@@ -895,7 +896,7 @@ def m_job_story(ctx: Ctx, *, compile_story: bool) -> dict[str, Any]:
     """``generate_story`` itself: load the pipeline (+ LoRA), 8 frames × ``--story-steps`` steps in one batch of 8,
     decode, write PNGs. The wall time includes loading and, with ``compile``, compilation: that is job time."""
     from kolors_job.manifest.spec import StorySpec
-    from kolors_job.story.pipeline import generate_story
+    from kolors_job.story.draw import generate_story
 
     if compile_story and not ctx.cuda:
         raise CannotRunError("compile: CUDA only (generate.py ignores spec.story.compile on the CPU)")
@@ -908,7 +909,7 @@ def m_job_story(ctx: Ctx, *, compile_story: bool) -> dict[str, Any]:
     out = ctx.work_dir / ("job-story-compile" if compile_story else "job-story")
     shutil.rmtree(out, ignore_errors=True)
     ctx.reset_peak()
-    with _capture("kolors_job.story.pipeline") as logs, _HostPeak() as host:
+    with _capture("kolors_job.render.pipeline") as logs, _HostPeak() as host:
         t = time.perf_counter()
         frames = generate_story(model_dir, spec, out_dir=out, lora_dir=lora_dir, device=str(ctx.dev), progress=False)
         wall = time.perf_counter() - t

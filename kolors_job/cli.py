@@ -82,11 +82,13 @@ def _settings_and_logging(args: argparse.Namespace):
 
 def cmd_run(args: argparse.Namespace) -> int:
     from kolors_job.manifest.spec import load_manifest
-    from kolors_job.runner import Job, run_job
     from kolors_job.sweep import trial
 
     settings = _settings_and_logging(args)
     run = trial.prepare(args, load_manifest(args.manifest))  # --set, --trial, metric sinks
+    from kolors_job.job.context import Job  # the stages (torch) only after logging is set up and the manifest read
+    from kolors_job.runner import run_job
+
     job = Job(
         run.manifest,
         settings=settings,
@@ -116,9 +118,11 @@ def _say_outcome(outcome: Any, ok_line: str) -> None:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from kolors_job.demo import demo_manifest, resumes
-    from kolors_job.runner import Job, run_job
 
     settings = _settings_and_logging(args)
+    from kolors_job.job.context import Job  # the stages (torch) only after logging is set up
+    from kolors_job.runner import run_job
+
     manifest = demo_manifest(settings, output=args.output)
     # An interrupted demo resumes (what its Ctrl-C message promises); a finished or foreign one starts over.
     outcome = run_job(Job(manifest, settings=settings, force=not resumes(manifest, settings)))

@@ -73,8 +73,9 @@ def finished_tiny_job(shared_cache: Path, tmp_path_factory: pytest.TempPathFacto
     of 8, fp32 on the CPU — with fewer steps; a learning rate high enough that the LoRA visibly moves pixels."""
     from kolors_job.core.settings import Settings
     from kolors_job.demo import build_demo_dataset, tiny_job
+    from kolors_job.job.context import Job
     from kolors_job.manifest.spec import Manifest
-    from kolors_job.runner import Job, run_job
+    from kolors_job.runner import run_job
 
     root = tmp_path_factory.mktemp("finished-tiny-job")
     data = build_demo_dataset(root / "data", n=6)

@@ -199,15 +199,15 @@ def test_a_bucketed_run_resumes_bit_for_bit(
 
 def _job(tmp_path: Path, spec: dict[str, Any]) -> Any:
     from kolors_job.core.settings import Settings
-    from kolors_job.runner import Job
+    from kolors_job.job.context import Job
 
     manifest = parse_manifest(json.dumps({"spec": {"output": {"uri": str(tmp_path / "out")}, **spec}}))
     return Job(manifest, settings=Settings())
 
 
 def test_several_datasets_each_with_its_filters_repeats_and_buckets(job_env: Path, tmp_path: Path) -> None:
+    from kolors_job.data.stage import run_dataset
     from kolors_job.report.html import render_html
-    from kolors_job.runner import run_dataset
 
     a, b = tmp_path / "a", tmp_path / "b"
     a.mkdir(), b.mkdir()
@@ -224,7 +224,8 @@ def test_several_datasets_each_with_its_filters_repeats_and_buckets(job_env: Pat
              "filters": {"min_width": 64, "min_height": 64}},
         ],
     })  # fmt: skip
-    items, summary = run_dataset(job)
+    scanned = run_dataset(job)
+    items, summary = scanned.items, scanned.summary
     assert [(it.path.name, it.dataset, it.repeats, it.bucket, it.caption) for it in items] == [
         ("wide.png", 0, 3, (256, 128), "二次元"),
         ("tall.png", 1, 1, None, "tall 高"),
@@ -241,7 +242,8 @@ def test_several_datasets_each_with_its_filters_repeats_and_buckets(job_env: Pat
     # one dataset: report.json's dataset section keeps its single-dataset shape
     one = _job(tmp_path, {"train": {"resolution": 192}, "dataset": {
         "source": str(b), "buckets": True, "filters": {"min_width": 64, "min_height": 64}}})
-    items, summary = run_dataset(one)
+    scanned = run_dataset(one)
+    items, summary = scanned.items, scanned.summary
     assert "datasets" not in summary and summary["source"] == str(b) and summary["buckets"] == {"128x256": 1}
 
     # a dataset of which nothing survives is named

@@ -206,8 +206,9 @@ def test_whole_job_on_two_ranks_splits_the_story_and_writes_once(job_world: JobW
     from PIL import Image
     from safetensors.torch import load_file
 
+    from kolors_job.job.context import Job
     from kolors_job.manifest.spec import Manifest
-    from kolors_job.runner import Job, run_job
+    from kolors_job.runner import run_job
 
     w = job_world
     log = tmp_path / "torchrun.log"

@@ -278,7 +278,8 @@ def _outputs(objects: dict[str, bytes]) -> dict[str, object]:
 @pytest.fixture(scope="module")
 def job_runs(s3_server, shared_cache, tmp_path_factory):
     """Runs the small job three times on s3:// behind one fault proxy: clean, under faults, outage."""
-    from kolors_job.runner import Job, run_job
+    from kolors_job.job.context import Job
+    from kolors_job.runner import run_job
 
     work = tmp_path_factory.mktemp("fault-jobs")
     proxy = FaultProxy(s3_server.endpoint_url, flavour="s3").start()

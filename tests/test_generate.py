@@ -19,16 +19,8 @@ from kolors_job.data.scan import ImageItem
 from kolors_job.manifest.spec import Frame, StorySpec, TrainSpec
 from kolors_job.models.loading import reference_timesteps
 from kolors_job.models.tiny import build_tiny_kolors
-from kolors_job.story.pipeline import (
-    CANDIDATE_SEED_STRIDE,
-    FrameResult,
-    encode_texts,
-    generate_story,
-    load_story_pipeline,
-    plan_jobs,
-    render,
-    to_device,
-)
+from kolors_job.story.draw import CANDIDATE_SEED_STRIDE, FrameResult, generate_story, plan_jobs
+from kolors_job.render.pipeline import encode_texts, load_story_pipeline, render, to_device
 from kolors_job.train.loop import train_lora
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -280,7 +272,7 @@ def test_out_of_memory_halves_the_batch_and_keeps_the_pixels(
 ) -> None:
     """A card too small for the batch: the CUDA allocator's OutOfMemoryError (raised here by our own render
     for batches over 2) makes the story retry with halved batches; the frames equal the batch-1 ones."""
-    import kolors_job.story.pipeline as generate
+    import kolors_job.render.pipeline as generate
 
     real_render, tried = generate.render, []
 

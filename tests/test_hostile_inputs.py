@@ -192,7 +192,7 @@ def test_hostile_job_id_is_refused_and_writes_nothing_outside(tmp_path, monkeypa
 
 
 def test_absolute_job_id_keeps_the_work_dir_inside(tmp_path) -> None:
-    from kolors_job.runner import Job
+    from kolors_job.job.context import Job
 
     manifest = parse_manifest(f"spec: {{output: {{uri: '{tmp_path}/out'}}}}")
     settings = Settings(cache_dir=tmp_path / "cache", work_dir=tmp_path / "work")

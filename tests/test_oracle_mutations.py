@@ -45,7 +45,7 @@ def _both(*edits: Edit) -> Edit:
 
 
 def _fp32_sampling_on_cuda(mp: pytest.MonkeyPatch) -> None:
-    from kolors_job.story import pipeline as generate
+    from kolors_job.render import pipeline as generate
 
     original = generate.sampling_dtype
     mp.setattr(generate, "sampling_dtype", lambda dev, precision="auto": torch.float32 if dev.type == "cuda"

@@ -316,7 +316,7 @@ def test_chatglm_on_the_cpu_beside_a_half_precision_unet(shared_cache: Path) -> 
     back in the UNet's dtype, within bf16 rounding of an fp32 encode."""
     from kolors_job.models.loading import load_kolors_components, make_pipeline, place
     from kolors_job.models.tiny import build_tiny_kolors
-    from kolors_job.story.pipeline import ImageJob, encode_texts
+    from kolors_job.render.pipeline import ImageJob, encode_texts
 
     model = build_tiny_kolors(shared_cache / "tiny-kolors", seed=0)
     pipe = make_pipeline(load_kolors_components(model, dtype=torch.float32))

@@ -29,17 +29,17 @@ import yaml
 from kolors_job.manifest.spec import Manifest, StorySpec
 from kolors_job.models.loading import make_scheduler, sampler_timesteps
 from kolors_job.models.tiny import TINY_TEXT_ENCODER_CONFIG, build_tiny_kolors
-from kolors_job.story.pipeline import (
+from kolors_job.render.pipeline import (
     ADAPTER_NAME,
     apply_lora,
     encode_texts,
     fuses_lora,
     load_story_pipeline,
-    plan_jobs,
     render,
     sampler_record,
     sampling_dtype,
 )
+from kolors_job.story.draw import plan_jobs
 from kolors_job.train.loop import LORA_WEIGHT_NAME
 from tests.reference import oracle
 from tests.reference.oracle import ref
@@ -315,8 +315,9 @@ def test_the_training_latent_is_diffsynths_vae_encoder_output(tmp_path: Path) ->
 
     from kolors_job.data.scan import ImageItem, load_image
     from kolors_job.models.configs import KOLORS_VAE_CONFIG
+    from kolors_job.models.prompts import PromptEmbeds
     from kolors_job.train.data import SampleStream, make_batch
-    from kolors_job.train.latents import PromptEmbeds, cache_latents
+    from kolors_job.train.latents import cache_latents
 
     torch.manual_seed(0)
     vae = AutoencoderKL(**KOLORS_VAE_CONFIG).eval()
@@ -451,7 +452,7 @@ def test_fused_lora_keeps_its_effect_in_fp16_not_in_bf16(tiny_model: Path, small
 def _unet_output(tiny_model: Path, lora: Path | None, precision: str, fused: bool) -> torch.Tensor:
     """One UNet call of the story pipeline as built for ``precision``/``fused`` (fused: LoRA merged, q/k/v
     fused, channels-last — the CUDA default path), on fixed random inputs."""
-    from kolors_job.story.pipeline import to_device
+    from kolors_job.render.pipeline import to_device
 
     spec = _small(DEFAULT.spec.story).model_copy(update={"precision": precision})
     pipe = load_story_pipeline(tiny_model, spec, lora_dir=lora, device="cpu", fused=fused)

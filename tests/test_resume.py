@@ -254,7 +254,8 @@ def test_kill_in_the_story_keeps_finished_frames(resume_runs):
 
 
 def _noop_rerun(resume_runs, caplog):
-    from kolors_job.runner import Job, run_job
+    from kolors_job.job.context import Job
+    from kolors_job.runner import run_job
 
     out = resume_runs["out"]
     assert (out / "_SUCCESS").is_file()
@@ -285,7 +286,8 @@ def test_finished_job_status_stays_succeeded_after_a_no_op_rerun(resume_runs, ca
 def test_force_recomputes_instead_of_skipping(resume_runs, tmp_path):
     """--force must not stop at _SUCCESS: it clears the prefix and runs the (here: changed) manifest.
     The new manifest names a missing model, so the forced run stops cheaply at the models stage."""
-    from kolors_job.runner import Job, run_job
+    from kolors_job.job.context import Job
+    from kolors_job.runner import run_job
 
     out = resume_runs["out"]
     assert (out / "_SUCCESS").is_file()
@@ -301,7 +303,8 @@ def test_force_recomputes_instead_of_skipping(resume_runs, tmp_path):
 
 
 def _conflict(resume_runs, tmp_path):
-    from kolors_job.runner import Job, run_job
+    from kolors_job.job.context import Job
+    from kolors_job.runner import run_job
 
     out = tmp_path / "shared-prefix"
     mine = Manifest.model_validate(manifest_dict(resume_runs["shared_cache"], out))
@@ -400,8 +403,9 @@ def test_a_stopped_job_with_urls_in_its_prompts_resumes(shared_cache, tmp_path):
     import yaml
 
     from kolors_job.core.stop import StopFlag
+    from kolors_job.job.context import Job
     from kolors_job.manifest.spec import parse_manifest
-    from kolors_job.runner import Job, run_job
+    from kolors_job.runner import run_job
 
     data = build_demo_dataset(shared_cache / "demo-dataset")
     doc = tiny_job(data, (tmp_path / "out").as_uri().replace("file://", "FILE://"), {

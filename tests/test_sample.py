@@ -134,7 +134,7 @@ def test_grid_scales_base_sizes_and_scores(finished_tiny_job: Path, job_env: Pat
         assert np.abs(img[r, "lora1"] - img[r, "base"]).max() > 2  # the LoRA moves pixels ...
         assert np.abs(img[r, "lora1"] - img[r, "base"]).mean() > np.abs(img[r, "lora0.5"] - img[r, "base"]).mean()
     # aesthetic scores: the predictor's own number for each written image
-    from kolors_job.score.aesthetic import AestheticScorer
+    from kolors_job.models.aesthetic import AestheticScorer
     from kolors_job.sources import fetch_model
 
     scorer = AestheticScorer.load(fetch_model("tiny://aesthetic", kind="aesthetic", settings=Settings())[0])
@@ -334,10 +334,10 @@ def test_the_fused_path_loads_the_lora_again_at_each_scale(finished_tiny_job: Pa
     LoRA cannot be rescaled in place — and the base column is the model without it."""
     import torch
 
+    from kolors_job.render.pipeline import ImageJob, load_story_pipeline, render, to_device
     from kolors_job.sample.prompts import SamplePrompt
     from kolors_job.sample.run import Column, draw
     from kolors_job.sources import fetch_model
-    from kolors_job.story.pipeline import ImageJob, load_story_pipeline, render, to_device
 
     model = fetch_model("tiny://kolors", kind="pipeline", settings=Settings(cache_dir=shared_cache))[0]
     lora = finished_tiny_job / "lora"

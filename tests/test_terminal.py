@@ -280,17 +280,19 @@ def test_an_interrupted_demo_resumes_and_any_other_starts_over(
     while a finished one, or one of another manifest, starts over."""
     from kolors_job import runner
     from kolors_job.cli import main
+    from kolors_job.core.errors import ExitCode
     from kolors_job.core.settings import Settings
     from kolors_job.demo import demo_manifest
+    from kolors_job.job.context import Job
 
     monkeypatch.setenv("KOLORS_JOB_CACHE_DIR", str(shared_cache))
     out = tmp_path / "demo-out"
     manifest = demo_manifest(Settings(), output=str(out))
     forced: list[bool] = []
 
-    def fake_run(job: runner.Job) -> runner.JobOutcome:
+    def fake_run(job: Job) -> runner.JobOutcome:
         forced.append(job.force)
-        return runner.JobOutcome(job.job_id, job.output_uri, runner.ExitCode.OK, "succeeded")
+        return runner.JobOutcome(job.job_id, job.output_uri, ExitCode.OK, "succeeded")
 
     monkeypatch.setattr(runner, "run_job", fake_run)
     status = out / manifest.job_id / "status.json"

@@ -384,7 +384,8 @@ def test_adamw8bit_keeps_kolors_sized_lora_moments_in_one_byte() -> None:
 def test_reference_switches_posterior_mean_and_target_time_ids(tmp_path: Path) -> None:
     """``latent: mean`` trains on the posterior mean and ``time_ids: target`` on (res, res, 0, 0, res, res),
     as DiffSynth's trainer does; the random draws (t, noise) stay those of the tuned switches."""
-    from kolors_job.train.latents import LatentEntry, PromptEmbeds
+    from kolors_job.models.prompts import PromptEmbeds
+    from kolors_job.train.latents import LatentEntry
 
     items = [ImageItem(tmp_path / "a.png", "二次元", 100, 80)]
     entry = LatentEntry(mean=torch.full((4, 8, 8), 0.5), std=torch.ones(4, 8, 8), time_ids=(80, 100, 3, 5, 64, 64))

@@ -240,7 +240,7 @@ def test_dora_exports_to_diffusers_which_applies_its_formula(
     with torch.no_grad():
         torch.testing.assert_close(layer(x), x @ want_w.T, rtol=1e-4, atol=1e-5)
     # the story's path: the LoRA at the story's scale, as a peft branch (CPU) or fused into the weights (CUDA)
-    from kolors_job.story.pipeline import apply_lora
+    from kolors_job.render.pipeline import apply_lora
 
     outs = []
     for fuse in (False, True):
@@ -300,7 +300,7 @@ def test_dora_with_ema_resumes_bit_for_bit(
 def test_the_model_card_lists_the_options_that_are_on() -> None:
     """The card's settings table and each exported file's ``kolors_job.extra`` name the options a run used;
     a run without any (the reference, the demo) gets nothing, so its files stay byte for byte what they were."""
-    from kolors_job.runner import _option_notes
+    from kolors_job.train.export import _option_notes
 
     assert _option_notes(TrainSpec()) == {}
     on = TrainSpec(optimizer="prodigy", loss_weighting="min_snr", snr_gamma=3, noise_offset=0.05, dora=True,

@@ -7,7 +7,12 @@ a person needs to fix it, instead of silently grinding on.
 
 from __future__ import annotations
 
-__all__ = ["cuda_problem", "pick_device"]
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["cuda_problem", "pick_device", "resolve_device"]
 
 
 def _driver_version() -> str | None:
@@ -55,3 +60,12 @@ def pick_device(requested: str, *, world: int = 1, local_rank: int = 0) -> str:
     if requested == "cuda" or torch.cuda.is_available():
         return f"cuda:{local_rank}" if world > 1 else "cuda"
     return "cpu"
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``device`` as a ``torch.device``; None: CUDA when it is available, else the CPU."""
+    import torch
+
+    if device:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -275,3 +275,10 @@ def make_pipeline(components: KolorsComponents, scheduler_name: str | None = Non
         scheduler=scheduler,
         force_zeros_for_empty_prompt=components.force_zeros_for_empty_prompt,
     )
+
+
+def enable_tiling(vae: Any, height: int, width: int) -> None:
+    """diffusers tiles only above the config's sample size (1024 for Kolors): tiles of half the image."""
+    vae.enable_tiling()
+    vae.tile_sample_min_size = max(256, min(height, width) // 2)
+    vae.tile_latent_min_size = vae.tile_sample_min_size // 8

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 
 from kolors_job.models.configs import KOLORS_TEXT_ENCODER_CONFIG, KOLORS_UNET_CONFIG, KOLORS_VAE_CONFIG
+from kolors_job.models.loading import enable_tiling
 from kolors_job.plan.fake import LiveMemory, materialize, simulation
 
 __all__ = [
@@ -247,11 +248,6 @@ class VaeDecode(Sim):
         return Result(start, mem.peak)
 
 
-def enable_tiling(vae: Any, height: int, width: int) -> None:
-    """diffusers tiles only above the config's sample size (1024 for Kolors): tiles of half the image."""
-    vae.enable_tiling()
-    vae.tile_sample_min_size = max(256, min(height, width) // 2)
-    vae.tile_latent_min_size = vae.tile_sample_min_size // 8
 
 
 @dataclass(frozen=True)

@@ -164,7 +164,7 @@ class Story(_Section):
 
 
 class Score(_Section):
-    """``kolors_job.score.aesthetic.ScoreResult.to_dict()``; ``passed`` is the challenge's ``mean >= threshold``."""
+    """``kolors_job.score.challenge.ScoreResult.to_dict()``; ``passed`` is the challenge's ``mean >= threshold``."""
 
     per_image: list[Number] | None = None
     mean: Number | None = None

@@ -4,7 +4,7 @@ The LoRA is a directory or bucket prefix holding ``pytorch_lora_weights.safetens
 prefix, whose ``manifest.resolved.yaml`` also gives the base model, VAE, recipe and story settings (sampler,
 steps, cfg, size, negative prompt, LoRA scale, precision, batch size) that every unset option takes.
 
-Drawing is the story's own path (:mod:`kolors_job.story.pipeline`: ``load_story_pipeline``, ``encode_texts``,
+Drawing is the story's own path (:mod:`kolors_job.render.pipeline`: ``load_story_pipeline``, ``encode_texts``,
 ``to_device``, ``render``, one seeded generator per image, each prompt encoded alone), so a prompt drawn at
 the story's settings is the story's frame byte for byte. "Settings" include the batch: CPU and GPU kernels
 are not batch-invariant (a frame drawn alone and in a batch of 8 differ by one level in a pixel or two), so
@@ -250,7 +250,7 @@ def draw(
 
     import torch
 
-    from kolors_job.story.pipeline import (
+    from kolors_job.render.pipeline import (
         ADAPTER_NAME,
         ImageJob,
         encode_texts,
@@ -360,8 +360,8 @@ def run_sample(req: SampleRequest, settings: Settings, *, progress: bool = False
 
     from kolors_job.core.redact import redact_uri
     from kolors_job.manifest.recipe import describe
+    from kolors_job.render.pipeline import sampler_record
     from kolors_job.storage import open_store
-    from kolors_job.story.pipeline import sampler_record
 
     start = time.monotonic()
     try:
@@ -381,7 +381,7 @@ def run_sample(req: SampleRequest, settings: Settings, *, progress: bool = False
     model_dir, vae_dir, dev = resolve_models(req, settings)
     scorer = None
     if req.aesthetic_model:
-        from kolors_job.score.aesthetic import AestheticScorer
+        from kolors_job.models.aesthetic import AestheticScorer
         from kolors_job.sources import fetch_model
 
         path, _ = fetch_model(req.aesthetic_model, kind="aesthetic", settings=settings)

@@ -1,33 +1,56 @@
-"""The story stage: draw the frames not yet in the output, upload each as soon as it exists.
+"""The ``story`` stage: draw the frames not yet in the output with the exported LoRA, upload each as soon as
+it exists, and write ``prompts.json``.
 
 A rerun redraws nothing already uploaded; under DDP the missing frames are split between the ranks
-and rank 0 gathers, keeps and alone uploads every PNG. The runner decides when this runs.
+and rank 0 gathers, keeps and alone uploads every PNG.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from kolors_job.manifest.recipe import describe
+from kolors_job.plan.runtime import story_kwargs, story_spec
+from kolors_job.render.pipeline import sampler_record
 from kolors_job.storage.atomic import atomic_target
+from kolors_job.story.draw import generate_story
 
 if TYPE_CHECKING:
-    from kolors_job.runner import Job, ResolvedModels
+    from kolors_job.job.context import Job
+    from kolors_job.models.aesthetic import AestheticScorer
+    from kolors_job.sources.stage import ResolvedModels
+    from kolors_job.train.export import Exported
 
-log = logging.getLogger("kolors_job.runner")
+__all__ = ["DrawnStory", "StoryInput", "run_story"]
+
+log = logging.getLogger(__name__)
 
 
-def run_story(job: Job, models: ResolvedModels, scorer: Any) -> list[dict[str, Any]]:
+@dataclass(frozen=True)
+class StoryInput:
+    models: ResolvedModels
+    export: Exported
+    """The story draws with the exported LoRA (``<work>/lora``), as the output publishes it."""
+    scorer: AestheticScorer | None
+    """Picks the best of ``story.best_of`` candidates (None when each frame is drawn once)."""
+
+
+@dataclass
+class DrawnStory:
+    frames: list[dict[str, Any]]
+    """``prompts.json``'s frames (index, image, prompt, negative prompt, seed); empty on DDP workers."""
+
+
+def run_story(job: Job, given: StoryInput) -> DrawnStory:
     """Generate the frames not yet in the output; upload each as soon as it exists.
 
     Under DDP the missing frames are split between the ranks (accelerate's ``split_between_processes``);
     each rank draws its share, and rank 0 gathers the PNGs, keeps them and alone uploads them.
     """
-    from kolors_job.manifest.recipe import describe
-    from kolors_job.plan.runtime import story_kwargs, story_spec
-    from kolors_job.story.pipeline import generate_story, sampler_record
-
+    models, scorer = given.models, given.scorer
     choices = job.memory_plan.choices if job.memory_plan else None
     spec = story_spec(job.manifest.spec.story, choices)  # the memory plan's batch and precision
     n_frames = len(spec.frames)
@@ -74,7 +97,7 @@ def run_story(job: Job, models: ResolvedModels, scorer: Any) -> list[dict[str, A
     if job.dist:
         _collect_frames(job, drawn, n_frames)
     if not job.main:
-        return []
+        return DrawnStory([])
     prompts = {
         "recipe": describe(job.manifest.spec),
         "negative_prompt": spec.negative_prompt,
@@ -101,7 +124,7 @@ def run_story(job: Job, models: ResolvedModels, scorer: Any) -> list[dict[str, A
     }
     (job.work / "prompts.json").write_text(json.dumps(prompts, ensure_ascii=False, indent=2))
     job.upload("prompts.json", job.work / "prompts.json")
-    return prompts["frames"]
+    return DrawnStory(prompts["frames"])
 
 
 def _collect_frames(job: Job, drawn: list[Any], n_frames: int) -> None:

@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from kolors_job.train.latents import LatentEntry, PromptEmbeds, cache_latents, encode_captions, mix_seed
+from kolors_job.models.prompts import PromptEmbeds, encode_captions
+from kolors_job.train.latents import LatentEntry, cache_latents, mix_seed
 
 if TYPE_CHECKING:
     from diffusers import UNet2DConditionModel

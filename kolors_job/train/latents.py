@@ -16,7 +16,7 @@ import hashlib
 import logging
 import os
 import random
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -24,14 +24,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 if TYPE_CHECKING:
-    from diffusers import AutoencoderKL, KolorsPipeline
+    from diffusers import AutoencoderKL
 
     from kolors_job.data.scan import ImageItem
 
 log = logging.getLogger("kolors_job.train.loop")
 
-MAX_SEQUENCE_LENGTH = 256
-"""Kolors' ChatGLM prompt length at sampling time (``KolorsPipeline.__call__``'s default)."""
 
 
 def mix_seed(*parts: object) -> int:
@@ -40,42 +38,8 @@ def mix_seed(*parts: object) -> int:
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
-@dataclass(frozen=True)
-class PromptEmbeds:
-    """One caption's conditioning, batch dim removed: ``embeds`` [seq, hidden], ``pooled`` [hidden]."""
-
-    embeds: torch.Tensor
-    pooled: torch.Tensor
 
 
-@torch.no_grad()
-def encode_captions(
-    pipe: KolorsPipeline,
-    captions: Iterable[str],
-    *,
-    device: torch.device | str,
-    dtype: torch.dtype | None = None,
-    max_sequence_length: int = MAX_SEQUENCE_LENGTH,
-) -> dict[str, PromptEmbeds]:
-    """Encode each distinct caption (``""`` included: empty prompts are *encoded*, never zeroed).
-
-    One caption per call, exactly like a direct ``encode_prompt(caption)``, so the tensors equal it bit
-    for bit (a batched call may round differently). Results go to the CPU (in ``dtype`` if given).
-    """
-    out: dict[str, PromptEmbeds] = {}
-    for caption in dict.fromkeys(captions):
-        embeds, _, pooled, _ = pipe.encode_prompt(
-            caption,
-            device=torch.device(device),
-            num_images_per_prompt=1,
-            do_classifier_free_guidance=False,
-            max_sequence_length=max_sequence_length,
-        )
-        out[caption] = PromptEmbeds(
-            embeds=embeds[0].to("cpu", dtype or embeds.dtype),
-            pooled=pooled[0].to("cpu", dtype or pooled.dtype),
-        )
-    return out
 
 
 @dataclass(frozen=True)

@@ -50,8 +50,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F  # noqa: N812 - the conventional alias
 
+from kolors_job.core.device import resolve_device
 from kolors_job.export.lora_io import LORA_CONFIG_NAME, LORA_WEIGHT_NAME
 from kolors_job.manifest.spec import TrainSpec
+from kolors_job.models.prompts import PromptEmbeds
 from kolors_job.train import tracking
 from kolors_job.train.adapter import lora_digest, save_lora
 from kolors_job.train.checkpoints import (
@@ -63,7 +65,7 @@ from kolors_job.train.checkpoints import (
     save_checkpoint,
 )
 from kolors_job.train.data import Batch, SampleStream, build_caches, make_batch
-from kolors_job.train.latents import LatentEntry, PromptEmbeds
+from kolors_job.train.latents import LatentEntry
 from kolors_job.train.setup import (
     _reset_accelerate_state,
     add_lora,
@@ -72,7 +74,6 @@ from kolors_job.train.setup import (
     make_lr_scheduler,
     make_optimizer,
     prepare,
-    resolve_device,
     resolve_precision,
     resume,
     seed_and_tune,

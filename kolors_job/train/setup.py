@@ -31,12 +31,6 @@ log = logging.getLogger("kolors_job.train.loop")
 # ------------------------------------------------------------------------------------------- decisions
 
 
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    if device:
-        return torch.device(device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def resolve_precision(requested: str, device: torch.device) -> str:
     """accelerate's ``mixed_precision`` for ``spec.precision``: CPU fp32; GPU fp16 mixed (the reference's
     Lightning ``16-mixed``: fp16 weights and autocast, fp32 LoRA, GradScaler) unless bf16 is asked for."""

@@ -1,11 +1,11 @@
 """Watching the LoRA learn: at checkpoints, draw a few story frames with the LoRA so far and score them.
 
-Each validation frame is drawn through the story's own sampling code (:func:`kolors_job.story.pipeline.render`:
+Each validation frame is drawn through the story's own sampling code (:func:`kolors_job.render.pipeline.render`:
 the story's sampler, cfg, size, negative prompt and LoRA scale, the frame's seed in its own
 ``torch.Generator``) with ``train.validation.steps`` steps, by the UNet being trained — no second copy of
 the model. Its prompt embeddings are computed once by the trainer's cache step, before ChatGLM leaves
 (:func:`texts`). The frames are scored with the story's aesthetic predictor (loaded once by the runner)
-and the style coherence of :func:`kolors_job.score.aesthetic.pairwise_consistency`.
+and the style coherence of :func:`kolors_job.models.aesthetic.pairwise_consistency`.
 
 Validation must not change training: it runs under ``no_grad`` in eval mode, inside
 ``torch.random.fork_rng`` (the training RNG state, which checkpoints carry, is untouched), and puts the
@@ -32,15 +32,15 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from kolors_job.manifest.spec import StorySpec, TrainSpec
-from kolors_job.score.aesthetic import pairwise_consistency
+from kolors_job.models.aesthetic import pairwise_consistency
+from kolors_job.render.pipeline import ImageJob, render
 from kolors_job.storage.atomic import atomic_target
-from kolors_job.story.pipeline import ImageJob, render
 
 if TYPE_CHECKING:
+    from kolors_job.models.aesthetic import AestheticScorer
     from kolors_job.models.loading import KolorsComponents
-    from kolors_job.score.aesthetic import AestheticScorer
+    from kolors_job.models.prompts import PromptEmbeds
     from kolors_job.storage import Store
-    from kolors_job.train.latents import PromptEmbeds
 
 log = logging.getLogger("kolors_job.train.loop")
 

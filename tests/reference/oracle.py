@@ -70,7 +70,7 @@ def check_story_sampling_call(m: Manifest, tmp: Path) -> None:
 
 def check_sampling_dtype(m: Manifest, tmp: Path) -> None:
     """On CUDA the story samples in the reference's ``ModelManager(torch_dtype=...)``."""
-    from kolors_job.story import pipeline as generate
+    from kolors_job.render import pipeline as generate
 
     assert generate.sampling_dtype(torch.device("cuda"), m.spec.story.precision) == getattr(
         torch, ref("story.sampling_dtype")
@@ -296,8 +296,9 @@ def check_schedule(m: Manifest, tmp: Path) -> None:
 
 def _batch(m: Manifest) -> Any:
     from kolors_job.data.scan import ImageItem
+    from kolors_job.models.prompts import PromptEmbeds
     from kolors_job.train.data import SampleStream, make_batch
-    from kolors_job.train.latents import LatentEntry, PromptEmbeds
+    from kolors_job.train.latents import LatentEntry
 
     t = m.spec.train
     lat = t.resolution // 8

@@ -1,23 +1,22 @@
-"""Aesthetic scoring exactly as the challenge computes it, plus a style-consistency number.
+"""The aesthetics-predictor-v2 (CLIP ViT-L/14 + a linear head), loaded once and scoring as the challenge does.
 
 The challenge's seed code (docs/design.md §7) scores each image with::
 
     inputs = processor(images=image, return_tensors="pt")
     score = predictor(**inputs).logits[0][0]     # AestheticsPredictorV2Linear, float32
 
-and rejects a story whose mean is under 6. The quality gate must reproduce that number, not an
-approximation of it, so ``AestheticScorer.score`` runs the same processor and model one image at a
-time by default (batching changes GEMM shapes and can move the last digits). The predictor is a
-``CLIPVisionModelWithProjection``: its forward already returns the L2-normalised CLIP image
-embedding it scores (``hidden_states``), which gives the style-consistency metric for free.
+The quality gate must reproduce that number, not an approximation of it, so ``AestheticScorer.score`` runs
+the same processor and model one image at a time by default (batching changes GEMM shapes and can move the
+last digits). The predictor is a ``CLIPVisionModelWithProjection``: its forward already returns the
+L2-normalised CLIP image embedding it scores (``hidden_states``), which gives the style-consistency metric
+(``pairwise_consistency``) for free.
 """
 
 from __future__ import annotations
 
 import itertools
-import os
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +24,8 @@ import torch
 from PIL import Image
 
 from kolors_job.core.errors import InputError
-from kolors_job.manifest.spec import ScoreSpec
 
-__all__ = ["AestheticScorer", "ScoreResult", "score_folder", "score_story"]
+__all__ = ["AestheticScorer", "pairwise_consistency"]
 
 
 @dataclass
@@ -97,21 +95,6 @@ class AestheticScorer:
         return self.score_and_embed(images, batch_size)[1]
 
 
-@dataclass
-class ScoreResult:
-    """The score section of report.json; ``passed`` is the challenge's rule ``mean >= threshold``."""
-
-    per_image: list[float]
-    mean: float
-    threshold: float
-    passed: bool
-    consistency: float | None
-    """Mean pairwise cosine similarity of the frames' CLIP embeddings (style coherence); None for < 2."""
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
 def pairwise_consistency(embeddings: torch.Tensor) -> float | None:
     """Mean cosine similarity over all unordered pairs of rows (rows are normalised here again)."""
     n = embeddings.shape[0]
@@ -121,45 +104,3 @@ def pairwise_consistency(embeddings: torch.Tensor) -> float | None:
     sims = e @ e.T
     pairs = [float(sims[i, j]) for i, j in itertools.combinations(range(n), 2)]
     return sum(pairs) / len(pairs)
-
-
-def score_story(images: Sequence[Image.Image], spec: ScoreSpec, scorer: AestheticScorer) -> ScoreResult:
-    """Score the story frames as the challenge does and add the style-consistency number.
-
-    The mean is ``sum / len`` of Python floats, exactly as the challenge's ``evaluate`` computes it,
-    so a mean sitting on the threshold compares the same way here as there.
-    """
-    per_image, embeds = scorer.score_and_embed(images, batch_size=1)
-    mean = sum(per_image) / len(per_image) if per_image else 0.0
-    return ScoreResult(
-        per_image=per_image,
-        mean=mean,
-        threshold=spec.threshold,
-        passed=bool(per_image) and mean >= spec.threshold,
-        consistency=pairwise_consistency(embeds),
-    )
-
-
-def score_folder(folder: Path | str, scorer: AestheticScorer) -> float:
-    """The challenge's ``evaluate(folder)``: mean score of every file in ``folder`` (not recursive).
-
-    Like the original, every regular file counts (so keep only the story images there) and an empty
-    folder scores 0. A file that is not an image raises InputError naming it (the original crashes).
-    """
-    folder = Path(folder)
-    scores: list[float] = []
-    for name in sorted(os.listdir(folder)):
-        path = folder / name
-        if not path.is_file():
-            continue
-        try:
-            image = Image.open(path)
-        except (OSError, SyntaxError) as e:
-            raise InputError(
-                f"{path}: not an image ({type(e).__name__}); evaluate() would crash on it"
-            ) from None
-        with image:
-            scores.append(scorer.score([image])[0])
-    if not scores:
-        return 0
-    return sum(scores) / len(scores)

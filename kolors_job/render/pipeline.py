@@ -1,4 +1,6 @@
-"""The story stage: draw each frame with Kolors + the trained LoRA, reproducibly, in batches.
+"""Drawing with Kolors and a LoRA, reproducibly: the pipeline (loaded once, the LoRA applied), every prompt
+encoded alone, and one call per batch. The story (:mod:`kolors_job.story.draw`), the validation frames and
+``kolors-job sample`` all draw through here, so a frame drawn at the story's settings is the story's frame.
 
 Reproducibility rules (why the code looks like this):
 
@@ -17,58 +19,29 @@ Reproducibility rules (why the code looks like this):
   (``fuse_qkv_projections`` copies the base q/k/v weights into one matrix and would silently bypass an
   unfused peft LoRA on q/k/v, so it is skipped while one remains); on the CPU (tests, demo) it stays a
   peft adapter, so ``lora_scale = 0`` is the base model bit for bit. Both agree to float rounding (tested).
-
-Frames in ``skip`` are already in the output and are not drawn again. With ``best_of = N`` each frame
-draws N candidates (seeds ``seed + k * 10007``), the scorer picks the best for ``images/NN.png`` and
-the others go to ``images/candidates/NN-<seed>.png``.
 """
 
 from __future__ import annotations
 
-import gc
 import logging
-import time
-from collections.abc import Callable, Collection, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import torch
 
+from kolors_job.core.device import resolve_device
 from kolors_job.export.lora_io import LORA_WEIGHT_NAME
 from kolors_job.manifest.spec import StorySpec
-from kolors_job.storage.atomic import atomic_target
-from kolors_job.train.latents import PromptEmbeds, encode_captions
-from kolors_job.train.loop import resolve_device
+from kolors_job.models.prompts import PromptEmbeds, encode_captions
 
 if TYPE_CHECKING:
-    import numpy as np
     from diffusers import KolorsPipeline
-    from PIL import Image
 
-log = logging.getLogger("kolors_job.story.pipeline")
+log = logging.getLogger(__name__)
 
-CANDIDATE_SEED_STRIDE = 10007
-"""Candidate k of a frame uses ``seed + k * 10007``: far from the small seeds stories use for other frames."""
 ADAPTER_NAME = "story"
-
-
-class Scorer(Protocol):
-    def score(self, images: Sequence[Image.Image]) -> list[float]: ...
-
-
-@dataclass
-class FrameResult:
-    index: int
-    """1-based frame number (``images/NN.png``)."""
-    prompt: str
-    negative_prompt: str
-    seed: int
-    """Seed of the kept image (the frame's seed unless a best-of candidate won)."""
-    path: Path
-    candidates: list[tuple[int, Path, float | None]] = field(default_factory=list)
-    """The *rejected* best-of candidates ``(seed, path under images/candidates/, score)``."""
-    score: float | None = None
 
 
 @dataclass(frozen=True)
@@ -82,18 +55,6 @@ class ImageJob:
     seed: int
 
 
-def plan_jobs(spec: StorySpec, skip: Collection[int] = frozenset()) -> list[ImageJob]:
-    jobs = []
-    for index, frame in enumerate(spec.frames, start=1):
-        if index in skip:
-            continue
-        for k in range(spec.best_of):
-            jobs.append(
-                ImageJob(
-                    index, k, frame.prompt, spec.negative_for(frame), frame.seed + k * CANDIDATE_SEED_STRIDE
-                )
-            )
-    return jobs
 
 
 _DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -301,160 +262,3 @@ def render(
         output_type=output_type,
     )
     return list(out.images)
-
-
-def _save_png(image: Image.Image, path: Path) -> Path:
-    """Write then rename: an interrupted run never leaves a truncated PNG that looks like a finished frame."""
-    with atomic_target(path) as tmp:
-        image.save(tmp, format="PNG")
-    return path
-
-
-def generate_story(
-    model_dir: Path,
-    spec: StorySpec,
-    *,
-    out_dir: Path,
-    lora_dir: Path | None,
-    vae_dir: Path | None = None,
-    device: str | None = None,
-    skip: Collection[int] = frozenset(),
-    on_frame: Callable[[FrameResult], None] | None = None,
-    scorer: Scorer | None = None,
-    progress: bool = True,
-    text_encoder_device: str | None = None,
-    vae_tiling: bool = False,
-) -> list[FrameResult]:
-    """Draw the story's frames into ``out_dir/images/NN.png``; returns the frames drawn (not the skipped).
-
-    ``text_encoder_device`` (``cpu``: ChatGLM encodes there) and ``vae_tiling`` come from the memory plan.
-
-    ``on_frame`` is called once per frame as soon as its files exist (the runner uploads them), in
-    frame order within each batch. ``scorer`` is required when ``best_of > 1``; with ``best_of = 1``
-    it is optional and only fills ``score``.
-    """
-    if spec.best_of > 1 and scorer is None:
-        raise ValueError("spec.story.best_of > 1 needs an aesthetic scorer to pick the best candidate")
-    start = time.monotonic()
-    out_dir = Path(out_dir)
-    images_dir = out_dir / "images"
-    jobs = plan_jobs(spec, skip)
-    if not jobs:
-        log.info("story: every frame already exists; nothing to draw")
-        return []
-    dev = resolve_device(device)
-    pipe = load_story_pipeline(model_dir, spec, lora_dir=lora_dir, vae_dir=vae_dir, device=dev)
-    texts = encode_texts(pipe, jobs, text_encoder_device or dev)  # ChatGLM on the GPU alone ...
-    if dev.type == "cuda":  # ... and gone (12.5 GB; denoising takes embeddings) before the UNet and VAE arrive
-        pipe.text_encoder = None
-        gc.collect()
-        torch.cuda.empty_cache()
-    to_device(pipe, spec, dev)
-    if vae_tiling:
-        from kolors_job.plan.simulate import enable_tiling
-
-        enable_tiling(pipe.vae, spec.height, spec.width)
-    log.info(
-        "story",
-        extra={
-            "frames": len({j.index for j in jobs}),
-            "images": len(jobs),
-            "batch_size": spec.batch_size,
-            "device": str(pipe.unet.device),
-            "dtype": str(pipe.unet.dtype),
-            "lora": str(lora_dir),
-        },
-    )
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(jobs), desc="story", unit="img", dynamic_ncols=True)
-        # Under it, the pipeline's own bar: the denoising steps of the batch being drawn (minutes on an A10).
-        pipe.set_progress_bar_config(disable=False, leave=False, desc="denoise", dynamic_ncols=True)
-
-    results: list[FrameResult] = []
-    pending: dict[int, list[tuple[ImageJob, Image.Image]]] = {}
-    try:
-        done, size = 0, spec.batch_size
-        while done < len(jobs):
-            batch = jobs[done : done + size]
-            t0 = time.monotonic()
-            try:
-                images = render(pipe, batch, spec, texts=texts)
-            except torch.OutOfMemoryError:
-                if size == 1:
-                    raise
-                # A smaller card than the batch was sized for: halve it and redraw. Each image has its own
-                # generator, so the pixels do not depend on the batch size (to float rounding).
-                size = max(1, size // 2)
-                log.warning("story: out of GPU memory; retrying with batches of %d", size, extra={"batch_size": size})
-                gc.collect()
-                torch.cuda.empty_cache()
-                continue
-            done += len(batch)
-            log.info("batch", extra={"images": len(batch), "seconds": round(time.monotonic() - t0, 3)})
-            if bar is not None:
-                bar.update(len(batch))
-            for job, image in zip(batch, images, strict=True):
-                pending.setdefault(job.index, []).append((job, image))
-            for index in sorted(pending):
-                if len(pending[index]) == spec.best_of:
-                    result = _finish_frame(pending.pop(index), images_dir, scorer)
-                    results.append(result)
-                    log.info(
-                        "frame",
-                        extra={
-                            "index": result.index,
-                            "seed": result.seed,
-                            "score": result.score,
-                            "path": str(result.path),
-                        },
-                    )
-                    if on_frame is not None:
-                        on_frame(result)
-    finally:
-        if bar is not None:
-            bar.close()
-        del pipe
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-    log.info("story done", extra={"frames": len(results), "seconds": round(time.monotonic() - start, 3)})
-    return results
-
-
-def _finish_frame(
-    candidates: list[tuple[ImageJob, Image.Image]], images_dir: Path, scorer: Scorer | None
-) -> FrameResult:
-    """Score, keep the argmax (first on ties: the frame's own seed) as NN.png, the rest as candidates."""
-    candidates.sort(key=lambda c: c[0].k)
-    scores: list[float | None] = (
-        [float(s) for s in scorer.score([im for _, im in candidates])]
-        if scorer is not None
-        else [None] * len(candidates)
-    )
-    best = max(range(len(candidates)), key=lambda i: (scores[i] if scores[i] is not None else 0.0, -i))
-    job, image = candidates[best]
-    path = _save_png(image, images_dir / f"{job.index:02d}.png")
-    rejected = []
-    for i, (cand, cand_image) in enumerate(candidates):
-        if i != best:
-            p = _save_png(cand_image, images_dir / "candidates" / f"{cand.index:02d}-{cand.seed}.png")
-            rejected.append((cand.seed, p, scores[i]))
-    return FrameResult(
-        index=job.index,
-        prompt=job.prompt,
-        negative_prompt=job.negative_prompt,
-        seed=job.seed,
-        path=path,
-        candidates=rejected,
-        score=scores[best],
-    )
-
-
-def as_array(images: Sequence[Image.Image]) -> np.ndarray:
-    """Stack PIL frames into one uint8 array (tests compare frames with ``np.array_equal``)."""
-    import numpy as np
-
-    return np.stack([np.asarray(im.convert("RGB")) for im in images])
