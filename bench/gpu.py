@@ -452,7 +452,7 @@ def m_ref_lora_injection(ctx: Ctx) -> dict[str, Any]:
     from diffusers import UNet2DConditionModel
     from peft import LoraConfig, inject_adapter_in_model
 
-    from kolors_job.manifest.spec import TrainSpec
+    from kolors_job.manifest.train import TrainSpec
     from kolors_job.models.configs import KOLORS_UNET_CONFIG
 
     sdxl_unet = load_diffsynth_sdxl_unet()
@@ -507,7 +507,7 @@ def m_ours_train(
     from diffusers import DDPMScheduler
 
     from kolors_job.data.scan import ImageItem
-    from kolors_job.manifest.spec import TrainSpec
+    from kolors_job.manifest.train import TrainSpec
     from kolors_job.models.configs import KOLORS_SCHEDULER_CONFIG
     from kolors_job.models.prompts import PromptEmbeds
     from kolors_job.train import loop as kt
@@ -850,7 +850,7 @@ def _dataset(ctx: Ctx) -> list[Any]:
 
 def m_job_train(ctx: Ctx) -> dict[str, Any]:
     """``train_lora`` itself on the written model: load, encode captions, cache latents, N steps, save the LoRA."""
-    from kolors_job.manifest.spec import TrainSpec
+    from kolors_job.manifest.train import TrainSpec
     from kolors_job.train.loop import train_lora
 
     model_dir = ctx.shared.get("model_dir")
@@ -895,7 +895,7 @@ def m_job_train(ctx: Ctx) -> dict[str, Any]:
 def m_job_story(ctx: Ctx, *, compile_story: bool) -> dict[str, Any]:
     """``generate_story`` itself: load the pipeline (+ LoRA), 8 frames × ``--story-steps`` steps in one batch of 8,
     decode, write PNGs. The wall time includes loading and, with ``compile``, compilation: that is job time."""
-    from kolors_job.manifest.spec import StorySpec
+    from kolors_job.manifest.story import StorySpec
     from kolors_job.story.draw import generate_story
 
     if compile_story and not ctx.cuda:

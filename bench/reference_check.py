@@ -27,7 +27,8 @@ from typing import Any
 
 import torch
 
-from kolors_job.manifest.spec import StorySpec, TrainSpec
+from kolors_job.manifest.story import StorySpec
+from kolors_job.manifest.train import TrainSpec
 from kolors_job.models.configs import KOLORS_UNET_CONFIG
 from kolors_job.models.loading import load_kolors_components, make_pipeline
 from kolors_job.models.tiny import build_tiny_kolors

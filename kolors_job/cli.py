@@ -36,7 +36,7 @@ def _print_error(err: JobError) -> None:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from kolors_job.manifest.spec import load_manifest
+    from kolors_job.manifest.load import load_manifest
 
     if args.manifest and args.manifest_opt and args.manifest != args.manifest_opt:
         raise ManifestError("validate: give the manifest once (MANIFEST or --manifest), not two different ones")
@@ -61,7 +61,7 @@ def unready_uris(doc: object, path: str = "") -> list[tuple[str, str, str]]:
 
 
 def cmd_schema(args: argparse.Namespace) -> int:
-    from kolors_job.manifest.spec import json_schema
+    from kolors_job.manifest.load import json_schema
 
     print(json.dumps(json_schema(), indent=2, ensure_ascii=False))
     return ExitCode.OK
@@ -81,7 +81,7 @@ def _settings_and_logging(args: argparse.Namespace):
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from kolors_job.manifest.spec import load_manifest
+    from kolors_job.manifest.load import load_manifest
     from kolors_job.sweep import trial
 
     settings = _settings_and_logging(args)

@@ -18,7 +18,8 @@ from kolors_job.core.errors import InputError
 from kolors_job.data.buckets import assign_buckets, bucket_counts, bucket_sizes, nearest_bucket
 from kolors_job.data.scan import ImageItem, load_image
 from kolors_job.export.lora_io import LORA_WEIGHT_NAME
-from kolors_job.manifest.spec import TrainSpec, parse_manifest
+from kolors_job.manifest.load import parse_manifest
+from kolors_job.manifest.train import TrainSpec
 from kolors_job.models.tiny import build_tiny_kolors
 from kolors_job.report import model as rm
 from kolors_job.train import loop as train_mod

@@ -22,7 +22,7 @@ from PIL import Image
 from kolors_job.core.errors import InputError
 from kolors_job.core.settings import Settings
 from kolors_job.data.scan import DatasetScan, ImageItem, SkipReason, load_image, scan_dataset
-from kolors_job.manifest.spec import CaptionSpec, DatasetSpec, FilterSpec
+from kolors_job.manifest.dataset import CaptionSpec, DatasetSpec, FilterSpec
 from kolors_job.sources import fetch_dataset
 from kolors_job.sources.datasets import export_rows
 from kolors_job.storage.atomic import COMPLETE_MARKER
@@ -489,7 +489,7 @@ def test_modelscope_unreachable_is_one_line_temporary_error(tmp_path: Path) -> N
         import json, sys
         from kolors_job.sources import fetch_dataset
         from kolors_job.core.errors import JobError
-        from kolors_job.manifest.spec import DatasetSpec
+        from kolors_job.manifest.dataset import DatasetSpec
         from kolors_job.core.settings import Settings
         try:
             fetch_dataset(DatasetSpec(), Settings())

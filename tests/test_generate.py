@@ -16,11 +16,12 @@ import torch
 from PIL import Image
 
 from kolors_job.data.scan import ImageItem
-from kolors_job.manifest.spec import Frame, StorySpec, TrainSpec
-from kolors_job.models.loading import reference_timesteps
+from kolors_job.manifest.story import Frame, StorySpec
+from kolors_job.manifest.train import TrainSpec
+from kolors_job.models.schedulers import reference_timesteps
 from kolors_job.models.tiny import build_tiny_kolors
-from kolors_job.story.draw import CANDIDATE_SEED_STRIDE, FrameResult, generate_story, plan_jobs
 from kolors_job.render.pipeline import encode_texts, load_story_pipeline, render, to_device
+from kolors_job.story.draw import CANDIDATE_SEED_STRIDE, FrameResult, generate_story, plan_jobs
 from kolors_job.train.loop import train_lora
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -299,7 +300,7 @@ def test_an_added_sampler_is_one_table_entry(tiny_model: Path, lora: Path, monke
     from pydantic import ValidationError
 
     from kolors_job.manifest.spec import Manifest
-    from kolors_job.models.loading import SCHEDULERS, Sampler
+    from kolors_job.models.schedulers import SCHEDULERS, Sampler
 
     with pytest.raises(ValidationError, match="Input should be"):
         story(scheduler="heun")

@@ -32,7 +32,8 @@ from PIL import Image
 from kolors_job.core.errors import ExitCode, JobError, ManifestError, StorageError
 from kolors_job.core.settings import Settings
 from kolors_job.data.scan import SkipReason, scan_dataset
-from kolors_job.manifest.spec import DatasetSpec, FilterSpec, load_manifest, parse_manifest
+from kolors_job.manifest.dataset import DatasetSpec, FilterSpec
+from kolors_job.manifest.load import load_manifest, parse_manifest
 from kolors_job.sources import fetch_dataset
 from kolors_job.storage import split_uri
 

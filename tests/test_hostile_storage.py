@@ -19,7 +19,7 @@ from kolors_job.cli import main
 from kolors_job.core.errors import ExitCode, StorageDeniedError, StorageTemporaryError
 from kolors_job.core.redact import scrub
 from kolors_job.data.scan import SkipReason, load_image, scan_dataset
-from kolors_job.manifest.spec import DatasetSpec, FilterSpec
+from kolors_job.manifest.dataset import DatasetSpec, FilterSpec
 from kolors_job.sources import fetch_dataset
 from kolors_job.storage import open_store
 from kolors_job.storage.local import LocalStore, os_error
@@ -260,7 +260,7 @@ _SCAN_PEAK = """
 import re, sys
 from pathlib import Path
 from kolors_job.data.scan import scan_dataset
-from kolors_job.manifest.spec import DatasetSpec, FilterSpec
+from kolors_job.manifest.dataset import DatasetSpec, FilterSpec
 root, budget = Path(sys.argv[1]), int(sys.argv[2])
 spec = DatasetSpec(source=str(root), caption={"fixed": "x"},
                    filters=FilterSpec(min_width=64, min_height=64, max_pixels=3000 * 3000))

@@ -28,7 +28,7 @@ from kolors_job.core.errors import ExitCode, InputError, JobError
 from kolors_job.core.settings import Settings
 from kolors_job.core.uris import parse_hub_uri
 from kolors_job.data.scan import filter_drops, scan_dataset
-from kolors_job.manifest.spec import DatasetSpec
+from kolors_job.manifest.dataset import DatasetSpec
 from kolors_job.sources import (
     check_free_space,
     fetch_dataset,

@@ -22,7 +22,7 @@ from kolors_job.demo import build_demo_dataset, tiny_job
 from kolors_job.job.context import Job
 from kolors_job.manifest.recipe import SWITCHES, describe
 from kolors_job.manifest.spec import Manifest
-from kolors_job.models.loading import reference_timesteps
+from kolors_job.models.schedulers import reference_timesteps
 from kolors_job.report.html import tile_frames
 from kolors_job.report.model import Report
 from kolors_job.runner import STAGES, JobOutcome, run_job
@@ -317,7 +317,7 @@ def test_an_added_lora_format_is_accepted_by_the_manifest_and_written_by_a_job(
     from pydantic import ValidationError
 
     from kolors_job.export import ExportFormat, load_lora_file, lora_modules, register, unregister
-    from kolors_job.manifest.spec import json_schema
+    from kolors_job.manifest.load import json_schema
 
     overrides = {"output.lora_formats": ["diffusers", "test-peft"]}
     out = job_env / "out"

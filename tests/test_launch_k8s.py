@@ -24,7 +24,7 @@ from kolors_job.core.errors import ExitCode
 from kolors_job.launch import k8s, register_cli
 from kolors_job.launch.outputs import fresh_job_id
 from kolors_job.launch.torchrun import exit_code_of, retryable_code
-from kolors_job.manifest.spec import JOB_ID_PATTERN
+from kolors_job.manifest.fields import JOB_ID_PATTERN
 
 ROOT = Path(__file__).resolve().parents[1]
 K8S_VERSIONS = ("1.31.0", kubernetes_validate.utils.latest_version())

@@ -27,7 +27,7 @@ import yaml
 
 from kolors_job.core.errors import ExitCode
 from kolors_job.launch import register_cli, submit
-from kolors_job.manifest.spec import JOB_ID_PATTERN
+from kolors_job.manifest.fields import JOB_ID_PATTERN
 from kolors_job.storage import open_store
 
 SCORES = [6.41, 6.12, 5.98, 6.33, 6.05, 6.27, 6.5, 6.2]

@@ -27,7 +27,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from kolors_job.data.scan import ImageItem
-from kolors_job.manifest.spec import TrainSpec
+from kolors_job.manifest.train import TrainSpec
 from kolors_job.models.loading import load_kolors_components, place, stored_dtype
 from kolors_job.models.tiny import TINY_TEXT_ENCODER_CONFIG, build_tiny_kolors
 from kolors_job.models.weights import DIFFUSERS_WEIGHTS, TRANSFORMERS_WEIGHTS, local_weights

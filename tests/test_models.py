@@ -12,8 +12,9 @@ import torch
 
 from kolors_job.core.errors import ExitCode, InputError, JobError
 from kolors_job.core.settings import Settings
-from kolors_job.manifest.spec import StorySpec
-from kolors_job.models.loading import SCHEDULERS, KolorsComponents, load_kolors_components, make_pipeline
+from kolors_job.manifest.story import StorySpec
+from kolors_job.models.loading import KolorsComponents, load_kolors_components, make_pipeline
+from kolors_job.models.schedulers import SCHEDULERS
 from kolors_job.models.tiny import build_tiny_kolors
 from kolors_job.sources import resolve_model
 from kolors_job.storage.atomic import COMPLETE_MARKER

@@ -15,7 +15,7 @@ import torch
 
 from bench import plan_calibration as calib
 from kolors_job.core.errors import ExitCode, InputError
-from kolors_job.manifest.spec import parse_manifest
+from kolors_job.manifest.load import parse_manifest
 from kolors_job.models.tiny import TINY_UNET_CONFIG
 from kolors_job.plan import runtime
 from kolors_job.plan.cards import CARDS, GIB, Card
@@ -331,7 +331,7 @@ def test_chatglm_on_the_cpu_beside_a_half_precision_unet(shared_cache: Path) -> 
 
 
 def test_readme_which_card_table_is_the_plans() -> None:
-    from kolors_job.manifest.spec import load_manifest
+    from kolors_job.manifest.load import load_manifest
     from kolors_job.plan.planner import cards_table
 
     cards = [CARDS[c] for c in ("t4", "a10", "a100-40g", "a100-80g")]

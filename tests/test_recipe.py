@@ -9,8 +9,11 @@ from __future__ import annotations
 import pytest
 
 from kolors_job.data.scan import resized_size
+from kolors_job.manifest.load import parse_manifest
 from kolors_job.manifest.recipe import SWITCHES, describe, recipe_value, switch_values
-from kolors_job.manifest.spec import Manifest, ModelSpec, StorySpec, TrainSpec, parse_manifest
+from kolors_job.manifest.spec import Manifest, ModelSpec
+from kolors_job.manifest.story import StorySpec
+from kolors_job.manifest.train import TrainSpec
 from kolors_job.train.data import SampleStream
 
 OUT = "  output: {uri: file:///tmp/out/}\n"

@@ -26,8 +26,9 @@ import pytest
 import torch
 import yaml
 
-from kolors_job.manifest.spec import Manifest, StorySpec
-from kolors_job.models.loading import make_scheduler, sampler_timesteps
+from kolors_job.manifest.spec import Manifest
+from kolors_job.manifest.story import StorySpec
+from kolors_job.models.schedulers import make_scheduler, sampler_timesteps
 from kolors_job.models.tiny import TINY_TEXT_ENCODER_CONFIG, build_tiny_kolors
 from kolors_job.render.pipeline import (
     ADAPTER_NAME,

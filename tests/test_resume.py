@@ -404,7 +404,7 @@ def test_a_stopped_job_with_urls_in_its_prompts_resumes(shared_cache, tmp_path):
 
     from kolors_job.core.stop import StopFlag
     from kolors_job.job.context import Job
-    from kolors_job.manifest.spec import parse_manifest
+    from kolors_job.manifest.load import parse_manifest
     from kolors_job.runner import run_job
 
     data = build_demo_dataset(shared_cache / "demo-dataset")

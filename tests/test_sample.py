@@ -21,7 +21,7 @@ from PIL import Image
 from kolors_job.cli import main
 from kolors_job.core.errors import ExitCode
 from kolors_job.core.settings import Settings
-from kolors_job.manifest.spec import StorySpec
+from kolors_job.manifest.story import StorySpec
 from kolors_job.sample.prompts import PromptDefaults, command_line, parse_prompts_file, resolve_prompts
 
 ROOT = Path(__file__).resolve().parents[1]

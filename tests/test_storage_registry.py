@@ -25,7 +25,8 @@ from kolors_job.core.errors import ExitCode, ManifestError, StorageNotFoundError
 from kolors_job.core.settings import Settings
 from kolors_job.demo import build_demo_dataset, tiny_job
 from kolors_job.job.context import Job
-from kolors_job.manifest.spec import Manifest, parse_manifest
+from kolors_job.manifest.load import parse_manifest
+from kolors_job.manifest.spec import Manifest
 from kolors_job.runner import run_job
 from kolors_job.sources import fetch_dataset
 from kolors_job.storage.atomic import atomic_target

@@ -180,7 +180,7 @@ def test_trial_names_become_job_ids() -> None:
     assert upper != lower and upper.startswith("sx5o9q8-mf99w4-")  # PAI's mixed case: two trials, two jobs
     import re
 
-    from kolors_job.manifest.spec import JOB_ID_PATTERN
+    from kolors_job.manifest.fields import JOB_ID_PATTERN
 
     assert re.fullmatch(JOB_ID_PATTERN, upper)
     with pytest.raises(ManifestError):

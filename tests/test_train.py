@@ -24,7 +24,7 @@ from PIL import Image
 from kolors_job.core.errors import ManifestError
 from kolors_job.data.scan import ImageItem, load_image
 from kolors_job.manifest.recipe import SWITCHES
-from kolors_job.manifest.spec import TrainSpec
+from kolors_job.manifest.train import TrainSpec
 from kolors_job.models.tiny import build_tiny_kolors
 from kolors_job.train import loop as train_mod
 from kolors_job.train.latents import mix_seed

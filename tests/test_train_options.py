@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 
 from kolors_job.data.scan import ImageItem
 from kolors_job.export.lora_io import LORA_WEIGHT_NAME
-from kolors_job.manifest.spec import TrainSpec
+from kolors_job.manifest.train import TrainSpec
 from kolors_job.models.configs import KOLORS_SCHEDULER_CONFIG
 from kolors_job.models.tiny import build_tiny_kolors
 from kolors_job.train import loop as train_mod

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kolors_job.manifest.spec import CaptionSpec
+from kolors_job.manifest.dataset import CaptionSpec
 
 __all__ = ["BAD_UTF8", "METADATA_NAMES", "Metadata", "caption_for", "finish_caption", "read_metadata"]
 

@@ -45,7 +45,7 @@ from kolors_job.data.captions import (
     is_inside,
     read_metadata,
 )
-from kolors_job.manifest.spec import DatasetSpec, FilterSpec
+from kolors_job.manifest.dataset import DatasetSpec, FilterSpec
 from kolors_job.sources.layout import IMAGE_EXTENSIONS, SKIPPED_KEYS_FILE, image_formats
 
 if TYPE_CHECKING:

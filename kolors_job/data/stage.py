@@ -18,7 +18,7 @@ from kolors_job.sources import fetch_dataset, source_record
 if TYPE_CHECKING:
     from kolors_job.data.scan import ImageItem
     from kolors_job.job.context import Job
-    from kolors_job.manifest.spec import DatasetSpec
+    from kolors_job.manifest.dataset import DatasetSpec
 
 __all__ = ["ScannedDataset", "run_dataset"]
 

@@ -29,7 +29,9 @@ from kolors_job.core.redact import redact_uri
 from kolors_job.core.settings import Settings
 from kolors_job.core.stop import StopFlag
 from kolors_job.job.status import StatusWriter
-from kolors_job.manifest.spec import JOB_ID_PATTERN, Manifest, OutputSpec, format_validation_error
+from kolors_job.manifest.fields import JOB_ID_PATTERN
+from kolors_job.manifest.load import format_validation_error
+from kolors_job.manifest.spec import Manifest, OutputSpec
 from kolors_job.storage import Store, open_store
 from kolors_job.storage.base import RETRIES
 

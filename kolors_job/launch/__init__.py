@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from kolors_job.core.errors import ExitCode
-from kolors_job.manifest.spec import JOB_ID_PATTERN
+from kolors_job.manifest.fields import JOB_ID_PATTERN
 
 
 def _renderer(target: str) -> Any:

@@ -45,7 +45,7 @@ from kolors_job.launch.outputs import (
     wait_for_outputs,
 )
 from kolors_job.launch.watch import Kubectl, PlatformState, Probe, active_attempt, dlc_probe, k8s_probe
-from kolors_job.manifest.spec import JOB_ID_PATTERN
+from kolors_job.manifest.fields import JOB_ID_PATTERN
 
 DEFAULT_TIMEOUT = 6 * 3600
 LOCAL_EXIT_GRACE = 120  # seconds a finished local job gets to exit before it is stopped
@@ -183,7 +183,7 @@ def _start_dlc(args: argparse.Namespace, manifest_uri: str, job_id: str) -> Prob
 
 
 def _load_manifest(uri: str) -> tuple[bytes, Any]:
-    from kolors_job.manifest.spec import parse_manifest, read_manifest_source
+    from kolors_job.manifest.load import parse_manifest, read_manifest_source
 
     raw, source = read_manifest_source(uri)
     return raw, parse_manifest(raw, source=source)

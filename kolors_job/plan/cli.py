@@ -61,7 +61,7 @@ def _tiny(manifest: Any) -> bool:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from kolors_job.manifest.spec import load_manifest
+    from kolors_job.manifest.load import load_manifest
 
     manifest = load_manifest(args.manifest)
     card = card_of(args)

@@ -18,7 +18,7 @@ def refresh(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from kolors_job.manifest.spec import load_manifest
+    from kolors_job.manifest.load import load_manifest
     from kolors_job.plan.cards import CARDS
     from kolors_job.plan.planner import plan_job
 

@@ -14,7 +14,9 @@ from kolors_job.plan.simulate import Count, TrainStep
 from kolors_job.plan.table import Results, cache_file
 
 if TYPE_CHECKING:
-    from kolors_job.manifest.spec import Manifest, StorySpec, TrainSpec
+    from kolors_job.manifest.spec import Manifest
+    from kolors_job.manifest.story import StorySpec
+    from kolors_job.manifest.train import TrainSpec
 
 __all__ = ["plan_for_device", "step_activation_bytes", "story_kwargs", "story_spec", "train_kwargs", "train_spec"]
 

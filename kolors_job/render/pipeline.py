@@ -33,7 +33,7 @@ import torch
 
 from kolors_job.core.device import resolve_device
 from kolors_job.export.lora_io import LORA_WEIGHT_NAME
-from kolors_job.manifest.spec import StorySpec
+from kolors_job.manifest.story import StorySpec
 from kolors_job.models.prompts import PromptEmbeds, encode_captions
 
 if TYPE_CHECKING:
@@ -89,7 +89,7 @@ def sampler_record(model_dir: Path, spec: StorySpec, device: str | torch.device 
     Built by the same functions the story uses, from the model's scheduler config only (no weights)."""
     from diffusers import DDPMScheduler
 
-    from kolors_job.models.loading import make_scheduler, sampler_timesteps
+    from kolors_job.models.schedulers import make_scheduler, sampler_timesteps
 
     dev = resolve_device(device)
     config = DDPMScheduler.load_config(Path(model_dir), subfolder="scheduler")
@@ -239,7 +239,7 @@ def render(
 
     ``texts`` (from :func:`encode_texts`) lets the text encoder leave the GPU before denoising.
     """
-    from kolors_job.models.loading import sampler_timesteps
+    from kolors_job.models.schedulers import sampler_timesteps
 
     dev = pipe.unet.device
     texts = texts if texts is not None else encode_texts(pipe, jobs)

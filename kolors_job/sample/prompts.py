@@ -23,15 +23,10 @@ from pydantic import Field, ValidationError, field_validator
 from kolors_job import storage
 from kolors_job.core.errors import ManifestError, StorageNotFoundError
 from kolors_job.core.redact import one_line, redact_uri
-from kolors_job.manifest.spec import (
-    MAX_MANIFEST_BYTES,
-    MAX_PROMPT_CHARS,
-    Frame,
-    StorySpec,
-    _NoAliasLoader,
-    _Strict,
-    format_validation_error,
-)
+from kolors_job.manifest.fields import MAX_PROMPT_CHARS
+from kolors_job.manifest.load import MAX_MANIFEST_BYTES, format_validation_error
+from kolors_job.manifest.spec import _NoAliasLoader, _Strict
+from kolors_job.manifest.story import Frame, StorySpec
 
 __all__ = [
     "MAX_PROMPTS",

@@ -42,7 +42,8 @@ if TYPE_CHECKING:
     from PIL import Image
 
     from kolors_job.core.settings import Settings
-    from kolors_job.manifest.spec import Manifest, StorySpec
+    from kolors_job.manifest.spec import Manifest
+    from kolors_job.manifest.story import StorySpec
     from kolors_job.sample.prompts import PromptsFile, SamplePrompt
 
 log = logging.getLogger("kolors_job.sample.run")
@@ -103,7 +104,7 @@ def open_lora(uri: str, settings: Settings, scratch: Path) -> LoraSource:
     a bucket's file is copied into ``scratch``. A missing or unreadable LoRA is exit 4, naming ``uri``."""
     from kolors_job.core.redact import one_line, redact_uri
     from kolors_job.export.lora_io import LORA_WEIGHT_NAME, load_lora_file, lora_modules
-    from kolors_job.manifest.spec import parse_manifest
+    from kolors_job.manifest.load import parse_manifest
     from kolors_job.storage import open_store
 
     shown = redact_uri(uri)
@@ -138,7 +139,7 @@ def parse_scales(values: Sequence[str] | None, story: StorySpec) -> list[float]:
     ``lora_scale`` bounds (one line naming the bad value, exit 2). None: the story's own scale."""
     from pydantic import ValidationError
 
-    from kolors_job.manifest.spec import format_validation_error
+    from kolors_job.manifest.load import format_validation_error
 
     if not values:
         return [story.lora_scale]
@@ -164,7 +165,7 @@ def story_settings(story: StorySpec, args: argparse.Namespace) -> StorySpec:
     checked by the manifest's own bounds (one line per bad option, exit 2)."""
     from pydantic import ValidationError
 
-    from kolors_job.manifest.spec import format_validation_error
+    from kolors_job.manifest.load import format_validation_error
 
     given = {f: getattr(args, f) for f in STORY_OPTIONS if getattr(args, f) is not None}
     try:
@@ -442,7 +443,8 @@ def run_sample(req: SampleRequest, settings: Settings, *, progress: bool = False
 def build_request(args: argparse.Namespace, settings: Settings, scratch: Path) -> SampleRequest:
     """The command line checked in order of cost: options and prompts files first (nothing fetched yet),
     then the LoRA (and the job it names), then everything that depends on that job."""
-    from kolors_job.manifest.spec import ModelSpec, ScoreSpec, StorySpec
+    from kolors_job.manifest.spec import ModelSpec, ScoreSpec
+    from kolors_job.manifest.story import StorySpec
     from kolors_job.sample.prompts import command_line, load_prompts_file, resolve_prompts
 
     cli_prompts, defaults = command_line(

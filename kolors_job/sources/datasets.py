@@ -38,7 +38,7 @@ from .listing import Listing, list_repo
 from .records import RECORD_NAME
 
 if TYPE_CHECKING:
-    from kolors_job.manifest.spec import DatasetSpec
+    from kolors_job.manifest.dataset import DatasetSpec
 
 __all__ = ["export_rows", "fetch_dataset", "plan_dataset", "source_record"]
 

@@ -21,7 +21,7 @@ from kolors_job.core.errors import InputError
 from kolors_job.core.redact import redact_uri
 from kolors_job.core.settings import Settings
 from kolors_job.core.uris import HUB_SCHEMES, TINY_SCHEME, parse_hub_uri, scheme_of
-from kolors_job.manifest.spec import source_schemes
+from kolors_job.manifest.fields import source_schemes
 
 from .buckets import copy_model_prefix
 from .hubs import ModelKind, Plan, SourceRecord, download, plan_hub_model

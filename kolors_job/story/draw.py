@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Protocol
 import torch
 
 from kolors_job.core.device import resolve_device
-from kolors_job.manifest.spec import StorySpec
+from kolors_job.manifest.story import StorySpec
 from kolors_job.models.loading import enable_tiling
 from kolors_job.render.pipeline import ImageJob, encode_texts, load_story_pipeline, render, to_device
 from kolors_job.storage.atomic import atomic_target

@@ -40,13 +40,8 @@ from pydantic import (
 )
 
 from kolors_job.core.errors import ManifestError
-from kolors_job.manifest.spec import (
-    API_VERSION,
-    Manifest,
-    format_validation_error,
-    parse_manifest,
-    read_manifest_source,
-)
+from kolors_job.manifest.load import format_validation_error, parse_manifest, read_manifest_source
+from kolors_job.manifest.spec import API_VERSION, Manifest
 from kolors_job.sweep import overrides
 
 KIND = "LoraSweep"

@@ -17,7 +17,7 @@ import torch
 from kolors_job.export.lora_io import LORA_CONFIG_NAME, LORA_WEIGHT_NAME, canonical_safetensors
 
 if TYPE_CHECKING:
-    from kolors_job.manifest.spec import TrainSpec
+    from kolors_job.manifest.train import TrainSpec
 
 
 def lora_metadata(unet: torch.nn.Module) -> dict[str, Any]:

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from diffusers import UNet2DConditionModel
 
     from kolors_job.data.scan import ImageItem
-    from kolors_job.manifest.spec import TrainSpec
+    from kolors_job.manifest.train import TrainSpec
     from kolors_job.models.loading import KolorsComponents
 
 log = logging.getLogger("kolors_job.train.loop")

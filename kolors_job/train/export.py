@@ -18,7 +18,7 @@ from kolors_job.train.validation import use_checkpoint_lora
 
 if TYPE_CHECKING:
     from kolors_job.job.context import Job
-    from kolors_job.manifest.spec import TrainSpec
+    from kolors_job.manifest.train import TrainSpec
     from kolors_job.train.stage import Trained
 
 __all__ = ["ExportInput", "Exported", "lora_info", "restore_export", "run_export"]

@@ -52,7 +52,7 @@ import torch.nn.functional as F  # noqa: N812 - the conventional alias
 
 from kolors_job.core.device import resolve_device
 from kolors_job.export.lora_io import LORA_CONFIG_NAME, LORA_WEIGHT_NAME
-from kolors_job.manifest.spec import TrainSpec
+from kolors_job.manifest.train import TrainSpec
 from kolors_job.models.prompts import PromptEmbeds
 from kolors_job.train import tracking
 from kolors_job.train.adapter import lora_digest, save_lora

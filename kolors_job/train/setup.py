@@ -24,7 +24,7 @@ from kolors_job.train.checkpoints import EMA_DIR
 if TYPE_CHECKING:
     from accelerate import Accelerator
 
-    from kolors_job.manifest.spec import TrainSpec
+    from kolors_job.manifest.train import TrainSpec
 
 log = logging.getLogger("kolors_job.train.loop")
 

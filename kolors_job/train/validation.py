@@ -31,7 +31,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from kolors_job.manifest.spec import StorySpec, TrainSpec
+from kolors_job.manifest.story import StorySpec
+from kolors_job.manifest.train import TrainSpec
 from kolors_job.models.aesthetic import pairwise_consistency
 from kolors_job.render.pipeline import ImageJob, render
 from kolors_job.storage.atomic import atomic_target

@@ -23,7 +23,8 @@ import torch
 import yaml
 from PIL import Image
 
-from kolors_job.manifest.spec import Manifest, parse_manifest
+from kolors_job.manifest.load import parse_manifest
+from kolors_job.manifest.spec import Manifest
 
 FIXTURE = Path(__file__).with_name("reference.yaml")
 
@@ -82,7 +83,7 @@ def check_sampler_timesteps(m: Manifest, tmp: Path) -> None:
     from diffsynth.schedulers import EnhancedDDIMScheduler
 
     from kolors_job.models.configs import KOLORS_SCHEDULER_CONFIG
-    from kolors_job.models.loading import make_scheduler, sampler_timesteps
+    from kolors_job.models.schedulers import make_scheduler, sampler_timesteps
 
     sampler = ref("story.sampler")
     ddim = EnhancedDDIMScheduler(beta_end=sampler["beta_end"], num_train_timesteps=sampler["num_train_timesteps"])
