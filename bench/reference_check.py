@@ -33,7 +33,7 @@ from kolors_job.models.configs import KOLORS_UNET_CONFIG
 from kolors_job.models.loading import load_kolors_components, make_pipeline
 from kolors_job.models.tiny import build_tiny_kolors
 from kolors_job.render.pipeline import apply_lora, to_device
-from kolors_job.train.loop import save_lora
+from kolors_job.train.adapter import save_lora
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 

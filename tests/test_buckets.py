@@ -22,8 +22,9 @@ from kolors_job.manifest.load import parse_manifest
 from kolors_job.manifest.train import TrainSpec
 from kolors_job.models.tiny import build_tiny_kolors
 from kolors_job.report import model as rm
-from kolors_job.train import loop as train_mod
-from kolors_job.train.loop import SampleStream, train_lora
+from kolors_job.train import step as step_mod
+from kolors_job.train.data import SampleStream
+from kolors_job.train.loop import train_lora
 
 KOHYA_1024 = [
     (704, 1408), (768, 1344), (768, 1280), (832, 1216), (896, 1152), (960, 1088), (1024, 1024),
@@ -131,15 +132,15 @@ def bucketed(
     tiny_model: Path, bucketed_items: list[ImageItem], tmp_path_factory: pytest.TempPathFactory
 ) -> dict[str, Any]:
     work = tmp_path_factory.mktemp("bucketed")
-    batches: list[train_mod.Batch] = []
-    real = train_mod.make_batch
+    batches: list[step_mod.Batch] = []
+    real = step_mod.make_batch
 
-    def make_batch(*args: Any, **kwargs: Any) -> train_mod.Batch:
+    def make_batch(*args: Any, **kwargs: Any) -> step_mod.Batch:
         batches.append(real(*args, **kwargs))
         return batches[-1]
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(train_mod, "make_batch", make_batch)
+        mp.setattr(step_mod, "make_batch", make_batch)
         result = train_lora(tiny_model, bucketed_items, SPEC, work_dir=work, device="cpu", progress=False)
     return {"result": result, "batches": batches, "work": work}
 

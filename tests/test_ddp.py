@@ -23,8 +23,8 @@ from pathlib import Path
 import pytest
 
 from kolors_job.demo import tiny_job
+from kolors_job.export.lora_io import LORA_WEIGHT_NAME
 from kolors_job.launch import k8s
-from kolors_job.train.loop import LORA_WEIGHT_NAME
 
 try:
     from tests.storage_servers.fixtures import s3_settings

@@ -26,6 +26,7 @@ import pytest
 import torch
 import yaml
 
+from kolors_job.export.lora_io import LORA_WEIGHT_NAME
 from kolors_job.manifest.spec import Manifest
 from kolors_job.manifest.story import StorySpec
 from kolors_job.models.schedulers import make_scheduler, sampler_timesteps
@@ -41,7 +42,6 @@ from kolors_job.render.pipeline import (
     sampling_dtype,
 )
 from kolors_job.story.draw import plan_jobs
-from kolors_job.train.loop import LORA_WEIGHT_NAME
 from tests.reference import oracle
 from tests.reference.oracle import ref
 

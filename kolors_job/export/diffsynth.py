@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kolors_job.export.diffsynth_names import diffsynth_module_map, kolors_unet_config
-from kolors_job.export.lora_io import LoraInfo, file_metadata, log, resolve_info, save_lora, scaled
+from kolors_job.export.lora_io import LoraInfo, file_metadata, resolve_info, save_lora, scaled
 from kolors_job.export.registry import ExportFormat, ExportSource, register
 
 if TYPE_CHECKING:
@@ -37,6 +38,8 @@ __all__ = [
     "model_manager_alpha",
     "needs_full_size_kolors",
 ]
+
+log = logging.getLogger(__name__)
 
 DEFAULT_DIFFSYNTH_LOAD_ALPHA = 2.0
 """The reference notebook injects ``LoraConfig(r=16, lora_alpha=2.0)`` at sampling time (docs/design.md §7)."""

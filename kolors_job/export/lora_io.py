@@ -25,7 +25,7 @@ from kolors_job.storage.atomic import atomic_target
 if TYPE_CHECKING:
     import torch
 
-log = logging.getLogger("kolors_job.export")
+log = logging.getLogger(__name__)
 
 __all__ = [
     "DIFFUSERS_WEIGHT_NAME",

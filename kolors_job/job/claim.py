@@ -47,7 +47,7 @@ from kolors_job.core.errors import (
 from kolors_job.storage import Store
 from kolors_job.storage.fence import Fence, FencedStore, open_fence, seal_fence
 
-log = logging.getLogger("kolors_job.job.claim")
+log = logging.getLogger(__name__)
 
 CLAIM_DIR = "_claim"
 _RECORD = re.compile(r"(\d+)\.json")

@@ -27,7 +27,7 @@ import time
 import uuid
 from pathlib import Path
 
-log = logging.getLogger("kolors_job.runner")
+log = logging.getLogger(__name__)
 
 OWNER_PREFIX = ".owner-"
 HEARTBEAT_S = 60.0

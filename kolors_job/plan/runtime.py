@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 
 __all__ = ["plan_for_device", "step_activation_bytes", "story_kwargs", "story_spec", "train_kwargs", "train_spec"]
 
-log = logging.getLogger("kolors_job.plan")
+log = logging.getLogger(__name__)
 
 
 def plan_for_device(manifest: Manifest, device: str, cache_dir: Path) -> Plan | None:

@@ -325,7 +325,7 @@ class ScoreImages(Sim):
 
 @dataclass(frozen=True)
 class TrainStep(Sim):
-    """One optimizer step of :func:`kolors_job.train.loop.train_step` at a micro-batch of ``batch``, in the steady
+    """One optimizer step of :func:`kolors_job.train.step.train_step` at a micro-batch of ``batch``, in the steady
     state (AdamW's moments exist; gradients are set to None after the step).
 
     ``weights``: the frozen UNet's dtype; ``mixed``: accelerate's autocast dtype (``no`` for fp32); the LoRA and

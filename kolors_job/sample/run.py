@@ -46,7 +46,7 @@ if TYPE_CHECKING:
     from kolors_job.manifest.story import StorySpec
     from kolors_job.sample.prompts import PromptsFile, SamplePrompt
 
-log = logging.getLogger("kolors_job.sample.run")
+log = logging.getLogger(__name__)
 
 GRID = "grid.png"
 PROMPTS = "prompts.json"
@@ -247,9 +247,8 @@ def draw(
     batching, halved on a GPU out-of-memory error as the story does). Every text is encoded once, alone.
     ``fused`` (default: on CUDA) is the story's speed path: the LoRA merged at each column's scale.
     """
-    import gc
-
     import torch
+    from diffusers.training_utils import free_memory
 
     from kolors_job.render.pipeline import (
         ADAPTER_NAME,
@@ -283,9 +282,7 @@ def draw(
                 pipe.set_adapters([ADAPTER_NAME], adapter_weights=[column.scale])  # as apply_lora sets it
             else:
                 pipe = None
-                gc.collect()
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
+                free_memory()
                 pipe = load_story_pipeline(
                     model_dir, at, lora_dir=lora_dir if with_lora else None, vae_dir=vae_dir, device=device, fused=fused
                 )
@@ -294,8 +291,7 @@ def draw(
                     texts = encode_texts(pipe, jobs, device)
                 if device.type == "cuda":  # ChatGLM leaves before the UNet and VAE arrive, as in the story
                     pipe.text_encoder = None
-                    gc.collect()
-                    torch.cuda.empty_cache()
+                    free_memory()
                 to_device(pipe, at, device, fused=fused)
                 if progress:
                     pipe.set_progress_bar_config(disable=False, leave=False, desc="denoise", dynamic_ncols=True)
@@ -311,8 +307,7 @@ def draw(
                             raise
                         size = max(1, size // 2)
                         log.warning("sample: out of GPU memory; retrying with batches of %d", size)
-                        gc.collect()
-                        torch.cuda.empty_cache()
+                        free_memory()
                         continue
                     todo = todo[len(batch) :]
                     log.info("batch", extra={"column": column.label, "images": len(batch),
@@ -325,9 +320,7 @@ def draw(
         if bar is not None:
             bar.close()
         del pipe
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        free_memory()
 
 
 def make_grid(rows: Sequence[Sequence[Image.Image]]) -> Image.Image:

@@ -6,7 +6,6 @@ The pipeline itself (loading, the LoRA, prompt encoding, one batch) is :mod:`kol
 
 from __future__ import annotations
 
-import gc
 import logging
 import time
 from collections.abc import Callable, Collection, Sequence
@@ -15,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 import torch
+from diffusers.training_utils import free_memory
 
 from kolors_job.core.device import resolve_device
 from kolors_job.manifest.story import StorySpec
@@ -110,8 +110,7 @@ def generate_story(
     texts = encode_texts(pipe, jobs, text_encoder_device or dev)  # ChatGLM on the GPU alone ...
     if dev.type == "cuda":  # ... and gone (12.5 GB; denoising takes embeddings) before the UNet and VAE arrive
         pipe.text_encoder = None
-        gc.collect()
-        torch.cuda.empty_cache()
+        free_memory()
     to_device(pipe, spec, dev)
     if vae_tiling:
         enable_tiling(pipe.vae, spec.height, spec.width)
@@ -150,8 +149,7 @@ def generate_story(
                 # generator, so the pixels do not depend on the batch size (to float rounding).
                 size = max(1, size // 2)
                 log.warning("story: out of GPU memory; retrying with batches of %d", size, extra={"batch_size": size})
-                gc.collect()
-                torch.cuda.empty_cache()
+                free_memory()
                 continue
             done += len(batch)
             log.info("batch", extra={"images": len(batch), "seconds": round(time.monotonic() - t0, 3)})
@@ -178,9 +176,7 @@ def generate_story(
         if bar is not None:
             bar.close()
         del pipe
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        free_memory()
     log.info("story done", extra={"frames": len(results), "seconds": round(time.monotonic() - start, 3)})
     return results
 

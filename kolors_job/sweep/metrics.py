@@ -31,7 +31,7 @@ from typing import IO, Any
 
 from kolors_job.core.errors import ManifestError
 
-log = logging.getLogger("kolors_job.sweep")
+log = logging.getLogger(__name__)
 
 OBJECTIVE = "objective"
 METRIC_NAMES = (OBJECTIVE, "mean_aesthetic", "consistency")

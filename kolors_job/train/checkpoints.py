@@ -18,12 +18,14 @@ from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from kolors_job.train.fingerprint import VERSION as FINGERPRINT_VERSION
+
 if TYPE_CHECKING:
     from accelerate import Accelerator
 
     from kolors_job.storage import Store
 
-log = logging.getLogger("kolors_job.train.loop")
+log = logging.getLogger(__name__)
 
 ROOT = "checkpoints"
 STATE_NAME = "state.json"
@@ -137,18 +139,20 @@ def complete_steps(store: Store) -> list[int]:
 
 def newest_complete(store: Store, identity: str | None = None) -> int | None:
     """The step to resume from: the newest complete checkpoint in the store, or None. With ``identity`` (the
-    job's manifest digest), one recorded by another job is passed over, never resumed."""
+    job's manifest digest), one recorded by another job, or by a kolors-job whose fingerprints were made
+    otherwise (``fingerprint.VERSION``), is passed over, never resumed."""
     for step in reversed(complete_steps(store)):
         if identity is None:
             return step
         try:
             state = json.loads(store.read_bytes(f"{step_key(step)}/{STATE_NAME}"))
-            recorded = state["fingerprint"].get("job")
+            recorded, version = state["fingerprint"].get("job"), state["fingerprint"].get("version", 1)
         except Exception:  # unreadable: not a checkpoint this job can vouch for
-            recorded = None
-        if recorded == identity:
+            recorded, version = None, None
+        if recorded == identity and version == FINGERPRINT_VERSION:
             return step
-        log.warning("checkpoint %s was written by another job: not resumed", step_key(step))
+        why = "another job" if recorded != identity else f"kolors-job with fingerprints of version {version}"
+        log.warning("checkpoint %s was written by %s: not resumed", step_key(step), why)
     return None
 
 

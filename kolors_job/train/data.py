@@ -8,7 +8,6 @@ CPU from those caches, with every random draw a pure function of ``(seed, global
 
 from __future__ import annotations
 
-import gc
 import logging
 import time
 from collections.abc import Hashable, Sequence
@@ -17,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from diffusers.training_utils import free_memory
 
 from kolors_job.models.prompts import PromptEmbeds, encode_captions
 from kolors_job.train.latents import LatentEntry, cache_latents, mix_seed
@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from kolors_job.manifest.train import TrainSpec
     from kolors_job.models.loading import KolorsComponents
 
-log = logging.getLogger("kolors_job.train.loop")
+log = logging.getLogger(__name__)
 
 
 # ------------------------------------------------------------------------------------------- caches
@@ -96,7 +96,7 @@ def build_caches(
     log.info("encoded captions", extra={"captions": len(prompts), "seconds": round(time.monotonic() - t0, 3)})
     # ChatGLM (12.5 GB in bf16) is done: free it before the VAE encodes 1024² images (16 GB cards).
     pipe.text_encoder = comps.text_encoder = None
-    _free(dev)
+    free_memory()
     encoder = comps.vae if train_vae_dir is None else load_vae(encoder_dir, vae_dtype, cast=False)
     vae = place(encoder, dev, vae_dtype)
     scaling_factor = float(vae.config.scaling_factor)
@@ -125,7 +125,7 @@ def build_caches(
             comps.vae = vae.to("cpu")
         sampling = comps
     del pipe, vae, encoder, comps
-    _free(dev)
+    free_memory()
     prediction_type, num_train_timesteps = _check_model(unet, noise_scheduler, prompts)
     return Caches(
         unet, noise_scheduler, prompts, latents, scaling_factor, prediction_type, num_train_timesteps, texts, sampling
@@ -154,12 +154,6 @@ def _check_model(
     if prediction_type not in ("epsilon", "v_prediction"):
         raise ValueError(f"unsupported prediction_type {prediction_type!r} in the model's scheduler config")
     return prediction_type, int(noise_scheduler.config.num_train_timesteps)
-
-
-def _free(dev: torch.device) -> None:
-    gc.collect()
-    if dev.type == "cuda":
-        torch.cuda.empty_cache()
 
 
 # ------------------------------------------------------------------------------------------- data order

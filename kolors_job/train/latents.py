@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 
     from kolors_job.data.scan import ImageItem
 
-log = logging.getLogger("kolors_job.train.loop")
+log = logging.getLogger(__name__)
 
 
 

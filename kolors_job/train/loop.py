@@ -31,16 +31,10 @@ computes them (256 tokens, penultimate layer, pooled last token), no second text
 
 from __future__ import annotations
 
-import argparse
 import functools
-import gc
-import hashlib
-import json
 import logging
 import math
-import os
 import shutil
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -48,24 +42,19 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.nn.functional as F  # noqa: N812 - the conventional alias
+from diffusers.training_utils import free_memory
 
 from kolors_job.core.device import resolve_device
-from kolors_job.export.lora_io import LORA_CONFIG_NAME, LORA_WEIGHT_NAME
 from kolors_job.manifest.train import TrainSpec
-from kolors_job.models.prompts import PromptEmbeds
 from kolors_job.train import tracking
 from kolors_job.train.adapter import lora_digest, save_lora
 from kolors_job.train.checkpoints import (
-    COMPLETE_NAME,
     EMA_DIR,
-    KEEP_LOCAL_CHECKPOINTS,
-    STATE_NAME,
     check_checkpoint,
     save_checkpoint,
 )
-from kolors_job.train.data import Batch, SampleStream, build_caches, make_batch
-from kolors_job.train.latents import LatentEntry
+from kolors_job.train.data import SampleStream, build_caches
+from kolors_job.train.fingerprint import run_fingerprint
 from kolors_job.train.setup import (
     _reset_accelerate_state,
     add_lora,
@@ -79,9 +68,9 @@ from kolors_job.train.setup import (
     seed_and_tune,
     setup_accelerator,
     total_steps,
-    want_checkpointing,
     weight_dtype_for,
 )
+from kolors_job.train.step import Run, train_step
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -89,38 +78,9 @@ if TYPE_CHECKING:
     from kolors_job.data.scan import ImageItem
     from kolors_job.train.validation import Validator
 
-__all__ = [  # what other modules and tests import from here
-    "COMPLETE_NAME",
-    "KEEP_LOCAL_CHECKPOINTS",
-    "LORA_CONFIG_NAME",
-    "LORA_WEIGHT_NAME",
-    "STATE_NAME",
-    "Batch",
-    "Run",
-    "SampleStream",
-    "StepOutput",
-    "TrainResult",
-    "_reset_accelerate_state",
-    "add_lora",
-    "check_checkpoint",
-    "make_batch",
-    "make_lr_scheduler",
-    "make_optimizer",
-    "prepare",
-    "resolve_device",
-    "resolve_precision",
-    "resume",
-    "save_final",
-    "save_lora",
-    "setup_accelerator",
-    "train_loop",
-    "train_lora",
-    "train_step",
-    "want_checkpointing",
-    "weight_dtype_for",
-]
+__all__ = ["TrainResult", "save_final", "train_loop", "train_lora", "training_options"]
 
-log = logging.getLogger("kolors_job.train.loop")
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -155,49 +115,8 @@ class TrainResult:
         return {k: getattr(self, k) for k in keys}
 
 
-@dataclass
-class Run:
-    """Everything one optimizer step reads or updates: built by the setup steps, or by the bench."""
-
-    accelerator: Accelerator
-    spec: TrainSpec
-    unet: torch.nn.Module
-    """As ``accelerator.prepare`` returned it (DDP-wrapped under torchrun)."""
-    optimizer: torch.optim.Optimizer
-    lr_scheduler: Any
-    params: list[torch.nn.Parameter]
-    """The LoRA parameters (fp32), what the gradient norm is taken over."""
-    noise_scheduler: Any
-    stream: SampleStream
-    items: Sequence[ImageItem]
-    latents: dict[tuple[int, bool], LatentEntry]
-    prompts: dict[str, PromptEmbeds]
-    scaling_factor: float
-    prediction_type: str
-    num_train_timesteps: int
-    weight_dtype: torch.dtype
-    caption_dropout: float | Sequence[float]
-    """One probability, or one per dataset (``ImageItem.dataset``)."""
-    validator: Validator | None = None
-    sampling: Any = None
-    """``Caches.sampling``: what validation builds its pipeline from."""
-    texts: dict[str, PromptEmbeds] = field(default_factory=dict)
-    """Validation's prompt embeddings."""
-    ema: Any = None
-    """``train.ema``: diffusers' ``EMAModel`` over ``params``, stepped after each optimizer step."""
-
-    @property
-    def samples_per_step(self) -> int:
-        return self.spec.batch_size * self.spec.gradient_accumulation * self.accelerator.num_processes
 
 
-@dataclass
-class StepOutput:
-    loss: float
-    """Mean over the step's micro-batches and all ranks."""
-    grad_norm: float
-    lr: float
-    """The learning rate after the schedule's step (what the log shows for this step)."""
 
 
 # ------------------------------------------------------------------------------------------- the recipe
@@ -213,9 +132,7 @@ def _resets_accelerate(fn: Callable[..., TrainResult]) -> Callable[..., TrainRes
             return fn(*args, **kwargs)
         finally:
             _reset_accelerate_state()
-            gc.collect()
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
+            free_memory()
 
     return wrapper
 
@@ -272,8 +189,8 @@ def train_lora(
         sizes=[it.bucket or (spec.resolution, spec.resolution) for it in items], batch_size=spec.batch_size,
     )
     n_steps = total_steps(spec, stream.n, samples_per_step)
-    fingerprint = _normalise(
-        {**_fingerprint(spec, samples_per_step, items, caption_dropout), "precision": precision, "job": identity}
+    fingerprint = run_fingerprint(
+        spec, samples_per_step, items, caption_dropout, precision=precision, identity=identity
     )
     if resume_state is not None and resume_state.get("fingerprint") != fingerprint:
         raise ValueError(
@@ -455,94 +372,10 @@ def _validate(run: Run, step: int) -> None:
             validator.add(shared[0])
 
 
-def train_step(run: Run, step: int) -> StepOutput:
-    """Optimizer step ``step`` (1-based): ``gradient_accumulation`` micro-batches on every rank, the
-    gradient norm (clipped if asked), AdamW, the lr schedule; one host sync for the loss."""
-    spec, accelerator, dev = run.spec, run.accelerator, run.accelerator.device
-    world, rank = accelerator.num_processes, accelerator.process_index
-    step_loss, grad_norm = torch.zeros((), device=dev), math.nan
-    for micro in range(spec.gradient_accumulation):
-        base = (step - 1) * run.samples_per_step + (micro * world + rank) * spec.batch_size
-        batch = make_batch(
-            range(base, base + spec.batch_size),
-            run.stream,
-            run.items,
-            run.latents,
-            run.prompts,
-            num_train_timesteps=run.num_train_timesteps,
-            scaling_factor=run.scaling_factor,
-            caption_dropout=run.caption_dropout,
-            random_flip=spec.random_flip,
-            latent=spec.latent,
-            time_ids=spec.time_ids,
-            noise_offset=spec.noise_offset,
-        )
-        with accelerator.accumulate(run.unet):
-            loss = _loss(
-                run.unet, run.noise_scheduler, batch, dev, run.weight_dtype, run.prediction_type,
-                snr_gamma=spec.snr_gamma if spec.loss_weighting == "min_snr" else None,
-            )
-            accelerator.backward(loss)
-            if accelerator.sync_gradients:
-                grad_norm = _grad_norm(accelerator, run.params, spec.max_grad_norm)
-            run.optimizer.step()
-            run.optimizer.zero_grad(set_to_none=True)
-        step_loss += loss.detach() / spec.gradient_accumulation
-    if not accelerator.sync_gradients:
-        raise RuntimeError("gradient accumulation fell out of step with accelerate's counter")
-    if run.ema is not None:
-        run.ema.step(run.params)  # once per optimizer step, after it
-    run.lr_scheduler.step()
-    loss_value = float(accelerator.reduce(step_loss, reduction="mean"))
-    return StepOutput(loss=loss_value, grad_norm=grad_norm, lr=run.lr_scheduler.get_last_lr()[0])
 
 
-def _loss(
-    unet: torch.nn.Module,
-    noise_scheduler: Any,
-    batch: Batch,
-    dev: torch.device,
-    weight_dtype: torch.dtype,
-    prediction_type: str,
-    *,
-    snr_gamma: float | None = None,
-) -> torch.Tensor:
-    """The denoising loss of one micro-batch: the mean squared error (the reference), or with ``snr_gamma``
-    each sample's mean error weighted by :func:`min_snr_weights` before the batch mean."""
-    latents = batch.latents.to(dev)
-    noise = batch.noise.to(dev)
-    timesteps = batch.timesteps.to(dev)
-    noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-    pred = unet(
-        noisy,
-        timesteps,
-        encoder_hidden_states=batch.embeds.to(dev, weight_dtype),
-        added_cond_kwargs={
-            "text_embeds": batch.pooled.to(dev, weight_dtype),
-            "time_ids": batch.time_ids.to(dev),  # fp32: sizes like 1537 are not exact in bf16
-        },
-        return_dict=False,
-    )[0]
-    target = (
-        noise if prediction_type == "epsilon" else noise_scheduler.get_velocity(latents, noise, timesteps)
-    )
-    if snr_gamma is None:
-        return F.mse_loss(pred.float(), target.float(), reduction="mean")
-    per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=list(range(1, pred.ndim)))
-    return (per_sample * min_snr_weights(noise_scheduler, timesteps, snr_gamma, prediction_type)).mean()
 
 
-def min_snr_weights(
-    noise_scheduler: Any, timesteps: torch.Tensor, gamma: float, prediction_type: str
-) -> torch.Tensor:
-    """Min-SNR-γ's per-sample weights as diffusers' ``train_text_to_image_lora_sdxl.py`` computes them:
-    min(SNR(t), γ) / SNR(t) for an epsilon model, / (SNR(t) + 1) for v-prediction; SNR(t) from the model's
-    own schedule by ``diffusers.training_utils.compute_snr``."""
-    from diffusers.training_utils import compute_snr
-
-    snr = compute_snr(noise_scheduler, timesteps)
-    clipped = torch.stack([snr, gamma * torch.ones_like(snr)], dim=1).min(dim=1)[0]
-    return clipped / (snr if prediction_type == "epsilon" else snr + 1)
 
 
 def _agreed_stop(accelerator: Accelerator, should_stop: Callable[[], bool] | None) -> bool:
@@ -554,10 +387,6 @@ def _agreed_stop(accelerator: Accelerator, should_stop: Callable[[], bool] | Non
     return bool(accelerator.reduce(flag, reduction="sum") > 0)
 
 
-def _grad_norm(accelerator: Accelerator, params: list[torch.nn.Parameter], max_norm: float | None) -> float:
-    """The (unscaled) total gradient norm, clipped to ``max_norm`` when set. Without a limit the clip is by
-    inf, an exact no-op that still unscales fp16 gradients and measures them (the reference never clips)."""
-    return float(accelerator.clip_grad_norm_(params, max_norm if max_norm else math.inf))
 
 
 def _progress_bar(total: int, done: int, *, enabled: bool) -> Any:
@@ -604,130 +433,9 @@ def training_options(spec: TrainSpec, optimizer: torch.optim.Optimizer | None = 
     return out
 
 
-_OPTION_KEYS = ("loss_weighting", "snr_gamma", "noise_offset", "dora", "ema", "ema_decay")
-"""Training options added after the fingerprint's first keys: they count only when set away from their
-defaults, so a run without them keeps the fingerprint it had (and its checkpoints stay resumable)."""
-
-
-def _fingerprint(
-    spec: TrainSpec, samples_per_step: int, items: Sequence[ImageItem], caption_dropout: float | list[float]
-) -> dict[str, Any]:
-    """What must match for a resumed run to continue the same run: everything that decides the weights (the
-    math, the data and its order: each image's name, size and caption) — the caller adds the job's identity.
-    The datasets' buckets and repeats count only where used, for the same reason as ``_OPTION_KEYS``."""
-    data = hashlib.sha256()
-    for item in items:  # names as bytes: a dataset's file names need not be UTF-8
-        data.update(os.fsencode(Path(item.path).name) + b"\0" + item.caption.encode("utf-8", "surrogatepass"))
-        data.update(f"\0{item.width}x{item.height}\n".encode())
-    keys = (
-        "rank",
-        "batch_size",
-        "gradient_accumulation",
-        "alpha",
-        "learning_rate",
-        "steps",
-        "epochs",
-        "resolution",
-        "center_crop",
-        "random_flip",
-        "target_modules",
-        "init_lora_weights",
-        "latent",
-        "time_ids",
-        "resize_filter",
-        "data_order",
-        "exif_orientation",
-        "jpeg_reencode",
-        "optimizer",
-        "weight_decay",
-        "max_grad_norm",
-        "lr_scheduler",
-        "warmup_steps",
-        "seed",
-    )
-    defaults = TrainSpec()
-    layout: dict[str, Any] = {}
-    if any(it.bucket for it in items):
-        layout["buckets"] = [list(it.bucket) if it.bucket else None for it in items]
-    if any(it.repeats != 1 for it in items):
-        layout["repeats"] = [it.repeats for it in items]
-    return {
-        **{k: getattr(spec, k) for k in keys},
-        **{k: getattr(spec, k) for k in _OPTION_KEYS if getattr(spec, k) != getattr(defaults, k)},
-        "samples_per_step": samples_per_step,
-        "items": len(items),
-        "data": data.hexdigest(),
-        "caption_dropout": caption_dropout,
-        **layout,
-    }
-
-
 def _dropouts(caption_dropout: float | Sequence[float]) -> float | list[float]:
     """One probability when every dataset has the same (as the fingerprint always recorded it), else the list."""
     if isinstance(caption_dropout, (int, float)):
         return float(caption_dropout)
     values = [float(p) for p in caption_dropout]
     return values[0] if len(set(values)) == 1 else values
-
-
-def _normalise(d: dict[str, Any]) -> dict[str, Any]:
-    return json.loads(json.dumps(d))
-
-
-# ------------------------------------------------------------------------------------------- CLI
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m kolors_job.train.loop`` (also under ``torchrun``): train from JSON inputs (tests, launches)."""
-    from kolors_job.data.scan import ImageItem
-
-    p = argparse.ArgumentParser(prog="python -m kolors_job.train.loop", description=main.__doc__)
-    p.add_argument("--model-dir", type=Path, required=True)
-    p.add_argument(
-        "--items-json", type=Path, required=True,
-        help="[{path, caption, width, height[, bucket: [w, h], repeats, dataset]}, ...]",
-    )
-    p.add_argument("--spec-json", type=Path, help="TrainSpec as JSON (defaults otherwise)")
-    p.add_argument("--work-dir", required=True, help="'{rank}' in it is replaced by the process rank")
-    p.add_argument("--vae-dir", type=Path)
-    p.add_argument("--train-vae-dir", type=Path, help="the VAE that encodes the training images (model.train_vae)")
-    p.add_argument("--device")
-    p.add_argument("--resume-from", type=Path)
-    p.add_argument("--caption-dropout", type=float, default=0.0)
-    p.add_argument(
-        "--result-json", help="the TrainResult as JSON; rank 0 only unless the path holds '{rank}'"
-    )
-    p.add_argument("--no-progress", action="store_true")
-    args = p.parse_args(argv)
-    rank = int(os.environ.get("RANK", "0"))
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    spec = TrainSpec.model_validate_json(args.spec_json.read_text()) if args.spec_json else TrainSpec()
-    rows = json.loads(args.items_json.read_text())
-    items = [
-        ImageItem(
-            Path(r["path"]), r["caption"], int(r["width"]), int(r["height"]),
-            bucket=tuple(r["bucket"]) if r.get("bucket") else None, repeats=int(r.get("repeats", 1)),
-            dataset=int(r.get("dataset", 0)),
-        )
-        for r in rows
-    ]
-    result = train_lora(
-        args.model_dir,
-        items,
-        spec,
-        work_dir=Path(args.work_dir.format(rank=rank)),
-        vae_dir=args.vae_dir,
-        train_vae_dir=args.train_vae_dir,
-        device=args.device,
-        resume_from=args.resume_from,
-        caption_dropout=args.caption_dropout,
-        progress=not args.no_progress,
-    )
-    if args.result_json and (rank == 0 or "{rank}" in args.result_json):
-        payload = {**asdict(result), "rank": rank}
-        Path(args.result_json.format(rank=rank)).write_text(json.dumps(payload, default=str, indent=1))
-    return 75 if result.interrupted else 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 
     from kolors_job.manifest.train import TrainSpec
 
-log = logging.getLogger("kolors_job.train.loop")
+log = logging.getLogger(__name__)
 
 # ------------------------------------------------------------------------------------------- decisions
 

@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 
     from kolors_job.manifest.train import TrainSpec
 
-log = logging.getLogger("kolors_job.train.loop")
+log = logging.getLogger(__name__)
 
 LOGS = "logs"
 """The logs folder under a run's work dir and under the job's output prefix."""

@@ -43,7 +43,7 @@ if TYPE_CHECKING:
     from kolors_job.models.prompts import PromptEmbeds
     from kolors_job.storage import Store
 
-log = logging.getLogger("kolors_job.train.loop")
+log = logging.getLogger(__name__)
 
 ROOT = "validation"
 
@@ -164,26 +164,28 @@ def _sampling(unet: torch.nn.Module, comps: KolorsComponents, dev: torch.device,
 
     The VAE decodes in fp32: under mixed precision accelerate's wrapper returns the UNet's output in fp32,
     so the latents reaching the decoder are fp32 whatever the weights' dtype."""
+    from diffusers.training_utils import offload_models
     from peft.tuners.lora import LoraLayer
 
     layers = [m for m in unet.modules() if isinstance(m, LoraLayer)]
     saved = [dict(m.scaling) for m in layers]
-    vae_param = next(comps.vae.parameters())
-    vae_device, vae_dtype = vae_param.device, vae_param.dtype
+    vae_dtype = next(comps.vae.parameters()).dtype
     was_training = unet.training
     devices = [dev] if dev.type == "cuda" else []
     try:
-        with torch.random.fork_rng(devices=devices), torch.no_grad():
+        with offload_models(comps.vae, device=dev), torch.random.fork_rng(devices=devices), torch.no_grad():
             unet.eval()
             for m in layers:
                 m.set_scale("default", lora_scale)  # scale * alpha / r, as the story's set_adapters gives
-            comps.vae.to(dev).float()  # .float(): diffusers' .to(dtype) warns on stdout about fp32 modules
+            comps.vae.float()  # .float(): diffusers' .to(dtype) warns on stdout about fp32 modules
             comps.vae.enable_slicing()  # decode one frame at a time, as the story does (the memory plan counts so)
-            yield
+            try:
+                yield
+            finally:
+                comps.vae.type(vae_dtype)  # back in its dtype, then (offload_models) on its device
     finally:
         for m, scaling in zip(layers, saved, strict=True):
             m.scaling.update(scaling)
-        comps.vae.to(vae_device).type(vae_dtype)
         unet.train(was_training)
         if dev.type == "cuda":
             torch.cuda.empty_cache()
