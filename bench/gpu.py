@@ -506,7 +506,7 @@ def m_ours_train(
     ``build_caches``. Variants override what the trainer decides (channels-last, fused AdamW, ckpt, compile)."""
     from diffusers import DDPMScheduler
 
-    from kolors_job.data.scan import ImageItem
+    from kolors_job.data.images import ImageItem
     from kolors_job.manifest.train import TrainSpec
     from kolors_job.models.configs import KOLORS_SCHEDULER_CONFIG
     from kolors_job.models.prompts import PromptEmbeds
@@ -833,7 +833,7 @@ def _dataset(ctx: Ctx) -> list[Any]:
     import numpy as np
     from PIL import Image
 
-    from kolors_job.data.scan import ImageItem
+    from kolors_job.data.images import ImageItem
 
     root = ctx.work_dir / f"dataset-{ctx.res}-{ctx.args.images}"
     root.mkdir(parents=True, exist_ok=True)

@@ -22,19 +22,9 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
-from kolors_job.plan.simulate import (
-    DTYPES,
-    LOSS_SCALE,
-    SEQ,
-    Denoise,
-    Result,
-    Sim,
-    TextEncode,
-    TrainStep,
-    VaeDecode,
-    VaeEncode,
-    lora_step,
-)
+from kolors_job.plan.meta import DTYPES, SEQ, Result, Sim
+from kolors_job.plan.simulate import Denoise, TextEncode, VaeDecode, VaeEncode
+from kolors_job.plan.train_step import LOSS_SCALE, TrainStep, lora_step
 
 if TYPE_CHECKING:
     from kolors_job.plan.table import Results

@@ -180,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_log_format(d)
     d.set_defaults(func=cmd_demo)
 
-    from kolors_job.sample.run import register_cli as register_sample
+    from kolors_job.sample.cli import register_cli as register_sample
 
     register_sample(sub)
 

@@ -16,7 +16,7 @@ from PIL import Image
 
 from kolors_job.core.errors import InputError
 from kolors_job.data.buckets import assign_buckets, bucket_counts, bucket_sizes, nearest_bucket
-from kolors_job.data.scan import ImageItem, load_image
+from kolors_job.data.images import ImageItem, load_image
 from kolors_job.export.lora_io import LORA_WEIGHT_NAME
 from kolors_job.manifest.load import parse_manifest
 from kolors_job.manifest.train import TrainSpec

@@ -21,7 +21,8 @@ from PIL import Image
 
 from kolors_job.core.errors import InputError
 from kolors_job.core.settings import Settings
-from kolors_job.data.scan import DatasetScan, ImageItem, SkipReason, load_image, scan_dataset
+from kolors_job.data.images import ImageItem, load_image
+from kolors_job.data.scan import DatasetScan, SkipReason, scan_dataset
 from kolors_job.manifest.dataset import CaptionSpec, DatasetSpec, FilterSpec
 from kolors_job.sources import fetch_dataset
 from kolors_job.sources.datasets import export_rows

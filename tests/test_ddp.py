@@ -24,7 +24,7 @@ import pytest
 
 from kolors_job.demo import tiny_job
 from kolors_job.export.lora_io import LORA_WEIGHT_NAME
-from kolors_job.launch import k8s
+from kolors_job.launch import pod
 
 try:
     from tests.storage_servers.fixtures import s3_settings
@@ -225,7 +225,7 @@ def test_whole_job_on_two_ranks_splits_the_story_and_writes_once(job_world: JobW
           + ", ".join(f"rank {r}: {b / 2**20:.0f} MiB ({rss.private[r] / 2**20:.0f} MiB private)"
                       for r, b in sorted(peaks.items())))
     assert set(peaks) == {0, 1} == set(rss.private), peaks
-    assert all(0 < b < k8s.HOST_MEMORY_PER_RANK_GIB * 2**30 for b in peaks.values()), peaks
+    assert all(0 < b < pod.HOST_MEMORY_PER_RANK_GIB * 2**30 for b in peaks.values()), peaks
     assert all(0 < rss.private[r] <= peaks[r] for r in peaks), (rss.private, peaks)
 
     keys = _assert_written_once(w, "ddp")

@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from kolors_job.data.scan import ImageItem
+from kolors_job.data.images import ImageItem
 from kolors_job.manifest.story import Frame, StorySpec
 from kolors_job.manifest.train import TrainSpec
 from kolors_job.models.schedulers import reference_timesteps

@@ -18,7 +18,8 @@ from PIL import Image
 from kolors_job.cli import main
 from kolors_job.core.errors import ExitCode, StorageDeniedError, StorageTemporaryError
 from kolors_job.core.redact import scrub
-from kolors_job.data.scan import SkipReason, load_image, scan_dataset
+from kolors_job.data.images import load_image
+from kolors_job.data.scan import SkipReason, scan_dataset
 from kolors_job.manifest.dataset import DatasetSpec, FilterSpec
 from kolors_job.sources import fetch_dataset
 from kolors_job.storage import open_store

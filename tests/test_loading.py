@@ -26,7 +26,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from kolors_job.data.scan import ImageItem
+from kolors_job.data.images import ImageItem
 from kolors_job.manifest.train import TrainSpec
 from kolors_job.models.loading import load_kolors_components, place, stored_dtype
 from kolors_job.models.tiny import TINY_TEXT_ENCODER_CONFIG, build_tiny_kolors

@@ -21,8 +21,9 @@ from kolors_job.plan import runtime
 from kolors_job.plan.cards import CARDS, GIB, Card
 from kolors_job.plan.fake import LiveMemory, cuda_autocast_rules, materialize, simulation
 from kolors_job.plan.planner import plan_job
-from kolors_job.plan.simulate import Denoise, TextEncode, VaeDecode, lora_step
+from kolors_job.plan.simulate import Denoise, TextEncode, VaeDecode
 from kolors_job.plan.table import SHIPPED, Results
+from kolors_job.plan.train_step import lora_step
 from tests.cli_lines import last_message
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from kolors_job.data.scan import resized_size
+from kolors_job.data.images import resized_size
 from kolors_job.manifest.load import parse_manifest
 from kolors_job.manifest.recipe import SWITCHES, describe, recipe_value, switch_values
 from kolors_job.manifest.spec import Manifest, ModelSpec

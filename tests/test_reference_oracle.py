@@ -314,7 +314,7 @@ def test_the_training_latent_is_diffsynths_vae_encoder_output(tmp_path: Path) ->
     from diffsynth.models.sdxl_vae_encoder import SDXLVAEEncoder
     from diffusers import AutoencoderKL
 
-    from kolors_job.data.scan import ImageItem, load_image
+    from kolors_job.data.images import ImageItem, load_image
     from kolors_job.models.configs import KOLORS_VAE_CONFIG
     from kolors_job.models.prompts import PromptEmbeds
     from kolors_job.train.data import SampleStream, make_batch
@@ -349,7 +349,7 @@ def test_the_training_tensor_is_diffsynth_1_1_9_datasets_on_the_re_encoded_file(
     from diffsynth.data.simple_text_image import TextImageDataset
     from PIL import Image
 
-    from kolors_job.data.scan import ImageItem, load_image
+    from kolors_job.data.images import ImageItem, load_image
 
     rng = np.random.default_rng(0)
     src = tmp_path / "a.png"

@@ -336,7 +336,8 @@ def test_the_fused_path_loads_the_lora_again_at_each_scale(finished_tiny_job: Pa
 
     from kolors_job.render.pipeline import ImageJob, load_story_pipeline, render, to_device
     from kolors_job.sample.prompts import SamplePrompt
-    from kolors_job.sample.run import Column, draw
+    from kolors_job.sample.request import Column
+    from kolors_job.sample.run import draw
     from kolors_job.sources import fetch_model
 
     model = fetch_model("tiny://kolors", kind="pipeline", settings=Settings(cache_dir=shared_cache))[0]

@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 
 from kolors_job.core.errors import ManifestError
-from kolors_job.data.scan import ImageItem, load_image
+from kolors_job.data.images import ImageItem, load_image
 from kolors_job.export.lora_io import LORA_WEIGHT_NAME
 from kolors_job.manifest.recipe import SWITCHES
 from kolors_job.manifest.train import TrainSpec

@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from kolors_job.data.scan import ImageItem
+from kolors_job.data.images import ImageItem
 from kolors_job.export.lora_io import LORA_WEIGHT_NAME
 from kolors_job.manifest.train import TrainSpec
 from kolors_job.models.configs import KOLORS_SCHEDULER_CONFIG

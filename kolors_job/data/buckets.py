@@ -17,7 +17,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from kolors_job.data.scan import ImageItem
+    from kolors_job.data.images import ImageItem
 
 __all__ = ["STEP", "assign_buckets", "bucket_counts", "bucket_name", "bucket_sizes", "nearest_bucket"]
 

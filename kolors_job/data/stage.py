@@ -16,7 +16,7 @@ from kolors_job.data.scan import filter_drops, scan_dataset
 from kolors_job.sources import fetch_dataset, source_record
 
 if TYPE_CHECKING:
-    from kolors_job.data.scan import ImageItem
+    from kolors_job.data.images import ImageItem
     from kolors_job.job.context import Job
     from kolors_job.manifest.dataset import DatasetSpec
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from kolors_job.core.errors import ExitCode
+from kolors_job.launch import pod
 from kolors_job.manifest.fields import JOB_ID_PATTERN
 
 
@@ -34,7 +35,7 @@ def _cmd_render_objects(args: argparse.Namespace) -> int:
     if args.write_examples:
         parser = _standalone_render_parser(target)
 
-        def from_argv(argv: list[str]) -> k8s.RenderOptions:
+        def from_argv(argv: list[str]) -> pod.RenderOptions:
             ns = parser.parse_args(argv)
             return options.options_from_namespace(ns, job_id=ns.job_id, manifest_uri=ns.manifest_uri)
 

@@ -22,7 +22,8 @@ import yaml
 from kolors_job.core.errors import ExitCode, JobError
 from kolors_job.core.redact import scrub
 from kolors_job.core.settings import alibaba_cloud_keys
-from kolors_job.launch.k8s import RETRYABLE_EXIT_CODE, memory_for
+from kolors_job.launch.k8s import RETRYABLE_EXIT_CODE
+from kolors_job.launch.pod import memory_for
 from kolors_job.launch.regions import ENDPOINT_ENVS, REGION_RE, endpoint_region, internal_endpoint
 from kolors_job.launch.torchrun import DEFAULT_GRACE_SECONDS, GRACE_ENV, shutdown_timeout
 

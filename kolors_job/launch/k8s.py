@@ -15,29 +15,20 @@ and the entrypoint exits with that instead of 75.
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import re
 import shlex
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from kolors_job.core.errors import ExitCode
+from kolors_job.launch import pod
 from kolors_job.launch.regions import ENDPOINT_ENVS, internal_endpoint
-from kolors_job.launch.torchrun import GRACE_ENV, shutdown_timeout
+from kolors_job.launch.torchrun import shutdown_timeout
 
 APP = "kolors-job"
-CONTAINER = "kolors-job"  # the Job's container; a PyTorchJob's must be "pytorch"
-PYTORCH_CONTAINER = "pytorch"
-PYTORCH_PORT = 23456
-CACHE_MOUNT = "/cache"
-SHM_MOUNT = "/dev/shm"  # noqa: S108 - a mount point in the pod, not a temp file of ours
-TMP_MOUNT = "/tmp"  # noqa: S108 - an emptyDir, because the root filesystem is read-only
-HOME_MOUNT = "/home/kolors"
-RUN_AS = 1000
 RETRYABLE_EXIT_CODE = 128 + int(ExitCode.TEMPORARY)  # 203: retryable under Kubeflow's ExitCode policy
 PERMANENT_EXIT_CODES = [
     int(c)
@@ -50,115 +41,18 @@ PERMANENT_EXIT_CODES = [
         ExitCode.OUTPUT_CONFLICT,
     )
 ]
-DEFAULT_TOLERATIONS: tuple[dict[str, str], ...] = (
-    {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"},
-)
 _NAME_MAX = 48  # leaves room for "-worker-NN" (PyTorchJob pods/services must be 63-char DNS labels)
-HOST_MEMORY_PER_RANK_GIB = 10
-"""Private host RAM one rank needs at its peak: its CUDA context, the Python heap, the caption and latent
-caches, and in a bf16 story the UNet cast on the host before the LoRA is applied (5.2 GB; an fp32 story's
-10.3 GB is over this figure). The weights themselves are not in it: ranks map the safetensors and each
-module is cast on its way to the GPU (``models.load_kolors_components(cast=False)`` + ``models.place``;
-tests/test_loading.py measures it). The memory limit is ``HOST_MEMORY_BASE_GIB + ranks x this + /dev/shm``
-(an in-memory emptyDir counts)."""
-HOST_MEMORY_BASE_GIB = 24
-"""Once per pod: the launcher and DataLoader workers (6) and one page-cached copy of the fp16 weight files
-(UNet 5.2 GB + ChatGLM 12.5 GB), which every rank maps and the pod's memory limit is charged for once."""
 ATTEMPT_LABEL = "kolors-job/attempt"
 JOB_ID_LABEL = "kolors-job/job-id"
 
 
-@dataclass(frozen=True)
-class RenderOptions:
-    """Everything that varies between clusters or runs; defaults suit one H100/A100-class node."""
-
-    job_id: str
-    image: str
-    manifest_uri: str
-    output: str | None = None
-    """Overrides the manifest's ``spec.output.uri`` (``run --output``)."""
-    gpus: int = 1
-    """GPUs per node (pod)."""
-    nodes: int = 1
-    """More than one renders a PyTorchJob (Master + nodes-1 Workers)."""
-    kind: str = "auto"
-    """``auto`` (Job for one node, PyTorchJob for more), ``job`` or ``pytorchjob``."""
-    namespace: str | None = None
-    service_account: str | None = "kolors-job"
-    irsa_role_arn: str | None = None
-    """EKS IRSA: also render the ServiceAccount annotated with this IAM role."""
-    rrsa_role_name: str | None = None
-    """ACK RRSA: also render the ServiceAccount annotated with this RAM role."""
-    secret: str | None = None
-    """A Secret whose keys become env vars (static credentials); prefer IRSA/RRSA."""
-    cache_pvc: str | None = "kolors-job-cache"
-    """PVC mounted at /cache (models, datasets, compile caches); ``None`` uses an emptyDir. Multi-node needs RWX."""
-    create_cache_pvc: str | None = "200Gi"
-    """A size: also render the cache PVC the pods mount (``None``: it must exist already)."""
-    storage_class: str | None = None
-    shm_size: str = "16Gi"
-    cpu: str = "8"
-    memory: str | None = None
-    """Pod memory request = limit; ``None`` computes it from the ranks per pod (:func:`memory_for`)."""
-    oss_endpoint: str | None = None
-    """``KOLORS_JOB_OSS_ENDPOINT`` in the pod; an ``oss://`` manifest or output needs it or ``oss_region``."""
-    oss_region: str | None = None
-    """The cluster's Alibaba Cloud region (ACK): the pod gets ``https://oss-<region>-internal.aliyuncs.com``
-    unless ``oss_endpoint`` is given."""
-    scratch_size: str = "20Gi"
-    """The pod's ``/tmp`` scratch (frames, checkpoints before upload, the LoRA): the emptyDir's ``sizeLimit``
-    and the container's ``ephemeral-storage`` request, so the scheduler picks a node with that much disk."""
-    attempt: str | None = None
-    """Suffix of the workload's name: each submit of a job id is a new Job (a failed Job is immutable, so
-    re-applying the same name would change nothing); the job id, and so the resume, stays the same."""
-    create_namespace: bool = True
-    """Also render ``namespace`` as a Namespace object (when one is given)."""
-    node_selector: dict[str, str] = field(default_factory=dict)
-    tolerations: tuple[dict[str, str], ...] = DEFAULT_TOLERATIONS
-    priority_class: str | None = None
-    queue: str | None = None
-    """Kueue LocalQueue name (adds ``kueue.x-k8s.io/queue-name``)."""
-    image_pull_secret: str | None = None
-    active_deadline_seconds: int = 6 * 3600
-    ttl_seconds_after_finished: int = 7 * 24 * 3600
-    backoff_limit: int = 3
-    termination_grace_seconds: int = 120
-    """SIGTERM → checkpoint → exit 75 must fit in here before SIGKILL."""
-    extra_env: dict[str, str] = field(default_factory=dict)
-
-    @property
-    def resolved_kind(self) -> str:
-        if self.kind == "auto":
-            return "pytorchjob" if self.nodes > 1 else "job"
-        return self.kind
-
-    @property
-    def resolved_memory(self) -> str:
-        return self.memory or memory_for(self.gpus, self.shm_size)
-
-    @property
-    def resolved_oss_endpoint(self) -> str | None:
-        """``oss_endpoint``, else the internal endpoint of ``oss_region``."""
-        return self.oss_endpoint or (internal_endpoint(self.oss_region) if self.oss_region else None)
 
 
-def _gib(quantity: str, *, flag: str = "--shm-size") -> float:
-    """A Kubernetes memory quantity (``16Gi``, ``512Mi``, ``1Ti``, ``64G``) in GiB."""
-    m = re.fullmatch(r"(\d+(?:\.\d+)?)([KMGTP]i?|)", quantity.strip())
-    if not m:
-        raise ValueError(f"{flag} {quantity!r}: not a quantity like 16Gi")
-    number, unit = float(m.group(1)), m.group(2)
-    powers = {"": 0, "K": 1, "M": 2, "G": 3, "T": 4, "P": 5}
-    base = 1024 if unit.endswith("i") else 1000
-    return number * base ** powers[unit.rstrip("i")] / 1024**3
 
 
-def memory_for(ranks: int, shm_size: str = "16Gi") -> str:
-    """The pod's memory limit for ``ranks`` processes: base + per-rank peak + the in-memory /dev/shm."""
-    return f"{HOST_MEMORY_BASE_GIB + ranks * HOST_MEMORY_PER_RANK_GIB + int(-(-_gib(shm_size) // 1))}Gi"
 
 
-def workload_name(opts: RenderOptions) -> str:
+def workload_name(opts: pod.RenderOptions) -> str:
     """The Job/PyTorchJob name: ``kolors-<id>``, plus ``-<attempt>`` for a submitted attempt."""
     if not opts.attempt:
         return k8s_name(opts.job_id)
@@ -166,7 +60,7 @@ def workload_name(opts: RenderOptions) -> str:
     return f"{k8s_name(opts.job_id, max_len=_NAME_MAX - len(suffix) - 1)}-{suffix}"
 
 
-def oss_uris(opts: RenderOptions) -> list[str]:
+def oss_uris(opts: pod.RenderOptions) -> list[str]:
     return [u for u in (opts.manifest_uri, opts.output) if u and u.startswith("oss://")]
 
 
@@ -185,7 +79,7 @@ def job_id_label(job_id: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]", "-", job_id)[:63].strip("-._") or "job"
 
 
-def _labels(opts: RenderOptions) -> dict[str, str]:
+def _labels(opts: pod.RenderOptions) -> dict[str, str]:
     value = job_id_label(opts.job_id)
     labels = {"app.kubernetes.io/name": APP, "app.kubernetes.io/instance": value, JOB_ID_LABEL: value}
     if opts.attempt:
@@ -195,7 +89,7 @@ def _labels(opts: RenderOptions) -> dict[str, str]:
     return labels
 
 
-def _metadata(opts: RenderOptions, name: str) -> dict[str, Any]:
+def _metadata(opts: pod.RenderOptions, name: str) -> dict[str, Any]:
     meta: dict[str, Any] = {"name": name}
     if opts.namespace:
         meta["namespace"] = opts.namespace
@@ -203,125 +97,23 @@ def _metadata(opts: RenderOptions, name: str) -> dict[str, Any]:
     return meta
 
 
-def _run_args(opts: RenderOptions) -> list[str]:
-    args = ["run", "--job-id", opts.job_id]
-    if opts.output:
-        args += ["--output", opts.output]
-    return args
 
 
-def _env(opts: RenderOptions, *, retryable_code: int | None) -> list[dict[str, Any]]:
-    env: list[dict[str, Any]] = [
-        {"name": "KOLORS_JOB_MANIFEST_URI", "value": opts.manifest_uri},
-        {"name": "KOLORS_JOB_CACHE_DIR", "value": CACHE_MOUNT},
-        # Scratch (frames, checkpoints before upload) on the pod's own emptyDir, not the shared cache
-        # volume: resume reads the output store, never this directory.
-        {"name": "KOLORS_JOB_WORK_DIR", "value": f"{TMP_MOUNT}/kolors-job-work"},
-        {"name": "KOLORS_JOB_LOG_FORMAT", "value": "json"},
-        # What torchrun derives the ranks' SIGTERM→SIGKILL window from (its default is 30 s).
-        {"name": GRACE_ENV, "value": str(opts.termination_grace_seconds)},
-    ]
-    if endpoint := opts.resolved_oss_endpoint:
-        env.append({"name": "KOLORS_JOB_OSS_ENDPOINT", "value": endpoint})
-    if retryable_code is not None:
-        env.append({"name": "KOLORS_JOB_RETRYABLE_EXIT_CODE", "value": str(retryable_code)})
-    env += [{"name": k, "value": v} for k, v in sorted(opts.extra_env.items())]
-    return env
 
 
-def _container(
-    opts: RenderOptions, *, name: str, command: list[str] | None, args: list[str], retryable_code: int | None
-) -> dict[str, Any]:
-    c: dict[str, Any] = {"name": name, "image": opts.image, "imagePullPolicy": "IfNotPresent"}
-    if command:
-        c["command"] = command
-    c["args"] = args
-    c["env"] = _env(opts, retryable_code=retryable_code)
-    if opts.secret:
-        c["envFrom"] = [{"secretRef": {"name": opts.secret}}]
-    if name == PYTORCH_CONTAINER:
-        c["ports"] = [{"name": "pytorchjob-port", "containerPort": PYTORCH_PORT, "protocol": "TCP"}]
-    c["resources"] = resources(opts)
-    c["volumeMounts"] = volume_mounts()
-    c["securityContext"] = copy.deepcopy(CONTAINER_SECURITY_CONTEXT)
-    return c
 
 
-def resources(opts: RenderOptions) -> dict[str, Any]:
-    """Requests and limits of one pod (node): CPU, memory (request = limit), GPUs, scratch disk."""
-    memory = opts.resolved_memory
-    return {
-        "requests": {
-            "cpu": opts.cpu,
-            "memory": memory,
-            "nvidia.com/gpu": str(opts.gpus),
-            "ephemeral-storage": opts.scratch_size,
-        },
-        "limits": {"memory": memory, "nvidia.com/gpu": str(opts.gpus)},
-    }
 
 
-def volume_mounts() -> list[dict[str, Any]]:
-    return [
-        {"name": "cache", "mountPath": CACHE_MOUNT},
-        {"name": "dshm", "mountPath": SHM_MOUNT},
-        {"name": "tmp", "mountPath": TMP_MOUNT},
-        {"name": "home", "mountPath": HOME_MOUNT},
-    ]
 
 
-def volumes(opts: RenderOptions) -> list[dict[str, Any]]:
-    cache: dict[str, Any] = (
-        {"name": "cache", "persistentVolumeClaim": {"claimName": opts.cache_pvc}}
-        if opts.cache_pvc
-        else {"name": "cache", "emptyDir": {}}
-    )
-    return [
-        cache,
-        # /dev/shm is 64 MB by default: too small for DataLoader workers and NCCL.
-        {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": opts.shm_size}},
-        {"name": "tmp", "emptyDir": {"sizeLimit": opts.scratch_size}},
-        {"name": "home", "emptyDir": {}},
-    ]
 
 
-CONTAINER_SECURITY_CONTEXT: dict[str, Any] = {
-    "allowPrivilegeEscalation": False,
-    "readOnlyRootFilesystem": True,
-    "capabilities": {"drop": ["ALL"]},
-}
-POD_SECURITY_CONTEXT: dict[str, Any] = {
-    "runAsNonRoot": True,
-    "runAsUser": RUN_AS,
-    "runAsGroup": RUN_AS,
-    "fsGroup": RUN_AS,
-    "fsGroupChangePolicy": "OnRootMismatch",
-    "seccompProfile": {"type": "RuntimeDefault"},
-}
 
 
-def _pod_spec(opts: RenderOptions, container: dict[str, Any], *, restart_policy: str | None) -> dict[str, Any]:
-    spec: dict[str, Any] = {}
-    if restart_policy:
-        spec["restartPolicy"] = restart_policy
-    if opts.service_account:
-        spec["serviceAccountName"] = opts.service_account
-    # The job never talks to the Kubernetes API; IRSA/RRSA mount their own projected tokens.
-    spec["automountServiceAccountToken"] = False
-    spec["terminationGracePeriodSeconds"] = opts.termination_grace_seconds
-    if opts.priority_class:
-        spec["priorityClassName"] = opts.priority_class
-    spec["nodeSelector"] = dict(opts.node_selector)
-    spec["tolerations"] = [dict(t) for t in opts.tolerations]
-    if opts.image_pull_secret:
-        spec["imagePullSecrets"] = [{"name": opts.image_pull_secret}]
-    spec["securityContext"] = copy.deepcopy(POD_SECURITY_CONTEXT)
-    spec["containers"] = [container]
-    spec["volumes"] = volumes(opts)
-    return spec
 
 
-def _torchrun(opts: RenderOptions, *, standalone: bool) -> list[str]:
+def _torchrun(opts: pod.RenderOptions, *, standalone: bool) -> list[str]:
     """Launcher that keeps the ranks' exit codes (plain torchrun turns every failure into 1)."""
     cmd = ["tini", "--", "python", "-m", "kolors_job.launch.torchrun"]
     cmd.append(f"--shutdown-timeout={shutdown_timeout(opts.termination_grace_seconds)}")
@@ -330,16 +122,16 @@ def _torchrun(opts: RenderOptions, *, standalone: bool) -> list[str]:
     return cmd
 
 
-def render_job(opts: RenderOptions) -> dict[str, Any]:
+def render_job(opts: pod.RenderOptions) -> dict[str, Any]:
     """A ``batch/v1`` Job: one pod, one node, 1..N GPUs (N > 1 runs torchrun --standalone)."""
     name = workload_name(opts)
     if opts.gpus > 1:
         command: list[str] | None = _torchrun(opts, standalone=True)
-        args = ["/app/entrypoint.py", *_run_args(opts)]
+        args = ["/app/entrypoint.py", *pod.run_args(opts)]
     else:
-        command, args = None, _run_args(opts)  # the image's ENTRYPOINT
-    container = _container(opts, name=CONTAINER, command=command, args=args, retryable_code=None)
-    pod = _pod_spec(opts, container, restart_policy="Never")
+        command, args = None, pod.run_args(opts)  # the image's ENTRYPOINT
+    container = pod.container(opts, name=pod.CONTAINER, command=command, args=args, retryable_code=None)
+    template = pod.pod_spec(opts, container, restart_policy="Never")
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
@@ -356,33 +148,35 @@ def render_job(opts: RenderOptions) -> dict[str, Any]:
                     {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
                     {
                         "action": "FailJob",
-                        "onExitCodes": {"containerName": CONTAINER, "operator": "In", "values": PERMANENT_EXIT_CODES},
+                        "onExitCodes": {
+                            "containerName": pod.CONTAINER, "operator": "In", "values": PERMANENT_EXIT_CODES,
+                        },
                     },
                     {
                         "action": "Count",
                         "onExitCodes": {
-                            "containerName": CONTAINER,
+                            "containerName": pod.CONTAINER,
                             "operator": "In",
                             "values": [int(ExitCode.TEMPORARY)],
                         },
                     },
                 ]
             },
-            "template": {"metadata": {"labels": _labels(opts)}, "spec": pod},
+            "template": {"metadata": {"labels": _labels(opts)}, "spec": template},
         },
     }
 
 
-def render_pytorchjob(opts: RenderOptions) -> dict[str, Any]:
+def render_pytorchjob(opts: pod.RenderOptions) -> dict[str, Any]:
     """A Kubeflow ``PyTorchJob``: Master + (nodes-1) Workers, torchrun fed by the operator's PET_* env."""
     name = workload_name(opts)
 
     def replica(count: int) -> dict[str, Any]:
-        container = _container(
+        container = pod.container(
             opts,
-            name=PYTORCH_CONTAINER,
+            name=pod.PYTORCH_CONTAINER,
             command=_torchrun(opts, standalone=False),
-            args=["/app/entrypoint.py", *_run_args(opts)],
+            args=["/app/entrypoint.py", *pod.run_args(opts)],
             retryable_code=RETRYABLE_EXIT_CODE,
         )
         return {
@@ -390,7 +184,7 @@ def render_pytorchjob(opts: RenderOptions) -> dict[str, Any]:
             "restartPolicy": "ExitCode",
             "template": {
                 "metadata": {"labels": _labels(opts)},
-                "spec": _pod_spec(opts, container, restart_policy=None),
+                "spec": pod.pod_spec(opts, container, restart_policy=None),
             },
         }
 
@@ -414,7 +208,7 @@ def render_pytorchjob(opts: RenderOptions) -> dict[str, Any]:
     }
 
 
-def render_service_account(opts: RenderOptions) -> dict[str, Any] | None:
+def render_service_account(opts: pod.RenderOptions) -> dict[str, Any] | None:
     """Keyless credentials: IRSA (EKS) / RRSA (ACK) bind a cloud role to this ServiceAccount."""
     annotations: dict[str, str] = {}
     if opts.irsa_role_arn:
@@ -431,7 +225,7 @@ def render_service_account(opts: RenderOptions) -> dict[str, Any] | None:
     return {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": meta, "automountServiceAccountToken": False}
 
 
-def render_cache_pvc(opts: RenderOptions) -> dict[str, Any] | None:
+def render_cache_pvc(opts: pod.RenderOptions) -> dict[str, Any] | None:
     if not (opts.create_cache_pvc and opts.cache_pvc):
         return None
     meta: dict[str, Any] = {"name": opts.cache_pvc}
@@ -441,14 +235,14 @@ def render_cache_pvc(opts: RenderOptions) -> dict[str, Any] | None:
     spec: dict[str, Any] = {
         # Several nodes mount the cache at once in a PyTorchJob: that needs NAS/CPFS/EFS-style RWX.
         "accessModes": ["ReadWriteMany" if opts.resolved_kind == "pytorchjob" else "ReadWriteOnce"],
-        "resources": {"requests": {"storage": opts.create_cache_pvc}},
+        "pod.resources": {"requests": {"storage": opts.create_cache_pvc}},
     }
     if opts.storage_class:
         spec["storageClassName"] = opts.storage_class
     return {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": meta, "spec": spec}
 
 
-def render_namespace(opts: RenderOptions) -> dict[str, Any] | None:
+def render_namespace(opts: pod.RenderOptions) -> dict[str, Any] | None:
     if not (opts.namespace and opts.create_namespace):
         return None
     meta: dict[str, Any] = {"name": opts.namespace, "labels": {"app.kubernetes.io/part-of": APP}}
@@ -457,7 +251,7 @@ def render_namespace(opts: RenderOptions) -> dict[str, Any] | None:
     return {"apiVersion": "v1", "kind": "Namespace", "metadata": meta}
 
 
-def check_options(opts: RenderOptions) -> None:
+def check_options(opts: pod.RenderOptions) -> None:
     """What every rendered kind needs: a ValueError naming the flag when it cannot run as asked."""
     if opts.gpus < 1 or opts.nodes < 1:
         raise ValueError("--gpus and --nodes must be >= 1")
@@ -466,8 +260,8 @@ def check_options(opts: RenderOptions) -> None:
             internal_endpoint(opts.oss_region)
         except ValueError as e:
             raise ValueError(f"--oss-region: {e}") from None
-    _gib(opts.scratch_size, flag="--scratch-size")
-    _gib(opts.shm_size)
+    pod.gib(opts.scratch_size, flag="--scratch-size")
+    pod.gib(opts.shm_size)
     if oss_uris(opts) and not opts.resolved_oss_endpoint and not (set(ENDPOINT_ENVS) & set(opts.extra_env)):
         raise ValueError(
             f"--oss-region: {oss_uris(opts)[0]} needs an OSS endpoint in the pod: --oss-region REGION (the "
@@ -475,7 +269,7 @@ def check_options(opts: RenderOptions) -> None:
         )
 
 
-def render(opts: RenderOptions) -> list[dict[str, Any]]:
+def render(opts: pod.RenderOptions) -> list[dict[str, Any]]:
     """All objects for one run, in apply order (Namespace, ServiceAccount and PVC before the workload)."""
     check_options(opts)
     kind = opts.resolved_kind
@@ -539,7 +333,7 @@ def example_header(args: list[str]) -> str:
 
 
 def write_examples(directory: Path, options_from_args: Any) -> list[Path]:
-    """Regenerate ``k8s/*.yaml``; ``options_from_args(argv) -> RenderOptions`` is the CLI's parser."""
+    """Regenerate ``k8s/*.yaml``; ``options_from_args(argv) -> pod.RenderOptions`` is the CLI's parser."""
     directory.mkdir(parents=True, exist_ok=True)
     written = []
     for fname, args in EXAMPLES.items():

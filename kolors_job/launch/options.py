@@ -1,5 +1,5 @@
 """The command-line options a launch shares (``render`` and ``submit``, single runs and sweeps alike): the
-Kubernetes pod and the PAI-DLC job, read into ``k8s.RenderOptions``; help text from docstrings."""
+Kubernetes pod and the PAI-DLC job, read into ``pod.RenderOptions``; help text from docstrings."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import os
 import re
 
 from kolors_job.core.settings import alibaba_cloud_region
-from kolors_job.launch import k8s as k8s_mod
+from kolors_job.launch import pod
 
 _RST_ROLE = re.compile(r":[a-z]+:`~?([^`]+)`")
 
@@ -35,7 +35,7 @@ def _toleration(text: str) -> dict[str, str]:
 
 
 def add_k8s_arguments(p: argparse.ArgumentParser, *, require_image: bool) -> None:
-    d = k8s_mod.RenderOptions
+    d = pod.RenderOptions
     g = p.add_argument_group("kubernetes")
     g.add_argument("--image", required=require_image, help="container image (pin a digest in production)")
     g.add_argument("--gpus", type=int, default=d.gpus, help="GPUs per node (default %(default)s)")
@@ -54,7 +54,7 @@ def add_k8s_arguments(p: argparse.ArgumentParser, *, require_image: bool) -> Non
     g.add_argument("--shm-size", default=d.shm_size)
     g.add_argument("--cpu", default=d.cpu)
     g.add_argument("--memory", default=d.memory, help=(
-        f"pod memory (default {k8s_mod.HOST_MEMORY_BASE_GIB}Gi + {k8s_mod.HOST_MEMORY_PER_RANK_GIB}Gi per GPU"
+        f"pod memory (default {pod.HOST_MEMORY_BASE_GIB}Gi + {pod.HOST_MEMORY_PER_RANK_GIB}Gi per GPU"
         " + --shm-size)"))
     g.add_argument("--oss-region", help="the cluster's region (ACK, e.g. cn-beijing): its internal OSS endpoint "
                    "in the pod, for oss:// URIs")  # fmt: skip
@@ -76,8 +76,8 @@ def add_k8s_arguments(p: argparse.ArgumentParser, *, require_image: bool) -> Non
 
 def options_from_namespace(
     ns: argparse.Namespace, *, job_id: str, manifest_uri: str, attempt: str | None = None
-) -> k8s_mod.RenderOptions:
-    return k8s_mod.RenderOptions(
+) -> pod.RenderOptions:
+    return pod.RenderOptions(
         job_id=job_id,
         image=ns.image,
         manifest_uri=manifest_uri,
@@ -102,7 +102,7 @@ def options_from_namespace(
         cpu=ns.cpu,
         memory=ns.memory or None,
         node_selector=dict(ns.node_selector),
-        tolerations=tuple(ns.toleration) if ns.toleration is not None else k8s_mod.DEFAULT_TOLERATIONS,
+        tolerations=tuple(ns.toleration) if ns.toleration is not None else pod.DEFAULT_TOLERATIONS,
         priority_class=ns.priority_class,
         queue=ns.queue,
         image_pull_secret=ns.image_pull_secret,

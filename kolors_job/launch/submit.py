@@ -194,9 +194,9 @@ def _load_manifest(uri: str) -> tuple[bytes, Any]:
 def cmd_submit(args: argparse.Namespace) -> int:
     """Handler of ``kolors-job submit``; returns the process exit code."""
     if args.target in SWEEP_TARGETS:  # a sweep: the engine runs the trials (launch/katib.py, pai_automl.py)
-        from kolors_job.launch import katib, pai_automl
+        from kolors_job.launch import katib_submit, pai_automl
 
-        return {"katib": katib.cmd_submit, "pai-automl": pai_automl.cmd_submit}[args.target](args)
+        return {"katib": katib_submit.cmd_submit, "pai-automl": pai_automl.cmd_submit}[args.target](args)
     try:
         return _submit(args)
     except ManifestError as e:

@@ -22,16 +22,9 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from kolors_job.plan.cards import GIB, Card
-from kolors_job.plan.simulate import (
-    Count,
-    Denoise,
-    ScoreImages,
-    TextEncode,
-    TrainStep,
-    VaeDecode,
-    VaeEncode,
-)
+from kolors_job.plan.simulate import Count, Denoise, ScoreImages, TextEncode, VaeDecode, VaeEncode
 from kolors_job.plan.table import Results
+from kolors_job.plan.train_step import TrainStep
 
 if TYPE_CHECKING:
     from kolors_job.manifest.spec import Manifest, Spec

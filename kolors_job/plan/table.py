@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from kolors_job.plan.simulate import Result, Sim
+from kolors_job.plan.meta import Result, Sim
 
 __all__ = ["SHIPPED", "SIM_VERSION", "Results", "cache_file", "read_results", "write_results"]
 

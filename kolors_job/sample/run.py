@@ -23,164 +23,47 @@ complete), with aesthetic scores when ``--score``.
 
 from __future__ import annotations
 
-import argparse
-import hashlib
 import io
 import logging
-import os
-import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kolors_job.core.errors import ExitCode, InputError, ManifestError, OutputConflictError
+from kolors_job.core.errors import InputError, ManifestError, OutputConflictError
+from kolors_job.sample.request import Column, SampleRequest
 
 if TYPE_CHECKING:
     import torch
     from PIL import Image
 
     from kolors_job.core.settings import Settings
-    from kolors_job.manifest.spec import Manifest
     from kolors_job.manifest.story import StorySpec
-    from kolors_job.sample.prompts import PromptsFile, SamplePrompt
+    from kolors_job.sample.prompts import SamplePrompt
 
 log = logging.getLogger(__name__)
 
 GRID = "grid.png"
 PROMPTS = "prompts.json"
-JOB_MANIFEST = "manifest.resolved.yaml"
 
 
-@dataclass(frozen=True)
-class Column:
-    """One grid column: the LoRA at ``scale``, or the base model without it (``scale=None``)."""
-
-    scale: float | None
-
-    @property
-    def label(self) -> str:
-        return "base" if self.scale is None else f"lora{self.scale:g}"
 
 
-@dataclass
-class LoraSource:
-    """Where the LoRA came from, and the job that trained it when the source is a job's output."""
-
-    uri: str
-    """As given, redacted (what logs and prompts.json show)."""
-    lora_dir: Path
-    """A local directory holding ``pytorch_lora_weights.safetensors``."""
-    sha256: str
-    manifest: Manifest | None = None
-    finished: bool | None = None
-    """For a job: whether its ``_SUCCESS`` is there (a quality-gate failure still leaves a usable LoRA)."""
 
 
-@dataclass
-class SampleRequest:
-    """Everything a sample draws, resolved and checked."""
-
-    source: LoraSource
-    base: str
-    vae: str | None
-    story: StorySpec
-    """The sampler, steps, cfg, precision and batch size (sizes and negatives are per prompt)."""
-    prompts: list[SamplePrompt]
-    columns: list[Column]
-    output: str
-    device: str = "auto"
-    allow_cpu: bool = False
-    aesthetic_model: str | None = None
-    """Score every image with this predictor; None: no scores."""
 
 
 # --------------------------------------------------------------------------------------------- inputs
 
 
-def open_lora(uri: str, settings: Settings, scratch: Path) -> LoraSource:
-    """The LoRA at ``uri`` (a dir or prefix with the diffusers file, or a job's output prefix) as a local dir;
-    a bucket's file is copied into ``scratch``. A missing or unreadable LoRA is exit 4, naming ``uri``."""
-    from kolors_job.core.redact import one_line, redact_uri
-    from kolors_job.export.lora_io import LORA_WEIGHT_NAME, load_lora_file, lora_modules
-    from kolors_job.manifest.load import parse_manifest
-    from kolors_job.storage import open_store
-
-    shown = redact_uri(uri)
-    try:
-        store = open_store(uri, settings)
-    except ValueError as e:
-        raise InputError(f"lora {shown}: {one_line(e)}") from None
-    manifest = finished = None
-    if store.exists(JOB_MANIFEST):
-        if not store.exists(f"lora/{LORA_WEIGHT_NAME}"):
-            raise InputError(f"lora {shown}: a job's output with no lora/{LORA_WEIGHT_NAME} (not exported yet?)")
-        manifest = parse_manifest(store.read_bytes(JOB_MANIFEST), source=f"{shown.rstrip('/')}/{JOB_MANIFEST}")
-        finished = store.exists("_SUCCESS")
-        store = store.child("lora")
-    elif not store.exists(LORA_WEIGHT_NAME):
-        raise InputError(f"lora {shown}: no {LORA_WEIGHT_NAME} there, and not a job's output ({JOB_MANIFEST} + lora/)")
-    local = store.local_path()
-    if local is None:
-        local = scratch / "lora"
-        store.download_file(LORA_WEIGHT_NAME, local / LORA_WEIGHT_NAME)
-    path = local / LORA_WEIGHT_NAME
-    try:  # a Kolors UNet LoRA at all? (load_lora_weights would fail later, less clearly)
-        lora_modules(load_lora_file(path)[0])
-    except Exception as e:  # safetensors, torch and our own checks each raise their own kind
-        raise InputError(f"lora {shown}: {LORA_WEIGHT_NAME} is not a usable Kolors LoRA: {one_line(e)}") from None
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    return LoraSource(shown, local, digest, manifest, finished)
 
 
-def parse_scales(values: Sequence[str] | None, story: StorySpec) -> list[float]:
-    """``--scale 0.5,1 --scale 2`` → [0.5, 1.0, 2.0] in order, duplicates dropped; each within the story's
-    ``lora_scale`` bounds (one line naming the bad value, exit 2). None: the story's own scale."""
-    from pydantic import ValidationError
-
-    from kolors_job.manifest.load import format_validation_error
-
-    if not values:
-        return [story.lora_scale]
-    scales: list[float] = []
-    for text in (t.strip() for v in values for t in v.split(",")):
-        try:
-            scale = type(story).model_validate({**story.model_dump(), "lora_scale": text}).lora_scale
-        except ValidationError as e:
-            problem = format_validation_error(e)[0].partition(": ")[2]
-            raise ManifestError(f"--scale {text!r}: {problem}") from None
-        if scale not in scales:
-            scales.append(scale)
-    return scales
 
 
-STORY_OPTIONS = {"steps": "--steps", "cfg_scale": "--cfg", "scheduler": "--scheduler", "precision": "--precision",
-                 "batch_size": "--batch-size"}  # fmt: skip
-"""Story settings the command line may change, by their option."""
 
 
-def story_settings(story: StorySpec, args: argparse.Namespace) -> StorySpec:
-    """The job's (or the reference's) story with the command line's ``--steps``, ``--cfg``, ... applied and
-    checked by the manifest's own bounds (one line per bad option, exit 2)."""
-    from pydantic import ValidationError
-
-    from kolors_job.manifest.load import format_validation_error
-
-    given = {f: getattr(args, f) for f in STORY_OPTIONS if getattr(args, f) is not None}
-    try:
-        return type(story).model_validate({**story.model_dump(), **given, "compile": False})
-    except ValidationError as e:
-        raise ManifestError(
-            [
-                f"{STORY_OPTIONS.get(line.split(':')[0], line.split(':')[0])}:{line.partition(':')[2]}"
-                for line in format_validation_error(e)
-            ]
-        ) from None
 
 
-def default_output() -> str:
-    return f"samples/{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
 
 
 # --------------------------------------------------------------------------------------------- drawing
@@ -433,105 +316,5 @@ def run_sample(req: SampleRequest, settings: Settings, *, progress: bool = False
     return record
 
 
-def build_request(args: argparse.Namespace, settings: Settings, scratch: Path) -> SampleRequest:
-    """The command line checked in order of cost: options and prompts files first (nothing fetched yet),
-    then the LoRA (and the job it names), then everything that depends on that job."""
-    from kolors_job.manifest.spec import ModelSpec, ScoreSpec
-    from kolors_job.manifest.story import StorySpec
-    from kolors_job.sample.prompts import command_line, load_prompts_file, resolve_prompts
-
-    cli_prompts, defaults = command_line(
-        args.prompt, {"negative_prompt": args.negative, "seed": args.seed, "width": args.width, "height": args.height}
-    )
-    files: list[PromptsFile] = [load_prompts_file(p) for p in args.prompts or []]
-    if not files and cli_prompts is None:
-        raise ManifestError("no prompts: give them as arguments or in --prompts FILE")
-    source = open_lora(args.lora, settings, scratch)
-    job = source.manifest.spec if source.manifest else None
-    story = story_settings(job.story if job else StorySpec(), args)
-    columns = [Column(s) for s in parse_scales(args.scale, story)] + ([Column(None)] if args.compare_base else [])
-    base = args.base or (job.model.base if job else ModelSpec().base)
-    aesthetic = None
-    if args.score or args.aesthetic_model:
-        aesthetic = args.aesthetic_model or (job.score.aesthetic_model if job else ScoreSpec().aesthetic_model)
-    return SampleRequest(
-        source=source,
-        base=base,
-        vae=args.vae or (job.model.vae if job and not args.base else None),
-        story=story,
-        prompts=resolve_prompts([*files, *([cli_prompts] if cli_prompts else [])], defaults, story),
-        columns=columns,
-        output=args.output or default_output(),
-        device=args.device or (job.device if job else "auto"),
-        allow_cpu=args.allow_cpu or settings.allow_cpu,
-        aesthetic_model=aesthetic,
-    )
 
 
-def cmd_sample(args: argparse.Namespace) -> int:
-    import sys
-
-    from kolors_job.core.log import progress_enabled, setup_logging
-    from kolors_job.core.settings import Settings
-
-    settings = Settings()
-    setup_logging(args.log_format or settings.log_format, settings.log_level)
-    work = settings.resolved_work_dir
-    work.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="sample-", dir=work) as scratch:
-        req = build_request(args, settings, Path(scratch))
-        run_sample(req, settings, progress=progress_enabled())
-    out = req.output if "://" in req.output else os.path.abspath(req.output)
-    print(f"sampled {len(req.prompts)} prompt(s) x {len(req.columns)} column(s): {out.rstrip('/')}/{GRID}",
-          file=sys.stderr)  # fmt: skip
-    return ExitCode.OK
-
-
-def register_cli(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    """Add ``sample`` to the ``kolors-job`` parser (nothing heavy is imported until it runs)."""
-    from kolors_job import storage
-
-    s = subparsers.add_parser(
-        "sample",
-        help="draw prompts with a LoRA at one or more scales (and the base model): images, grid.png, prompts.json",
-        description="Draw prompts with a LoRA (a dir or bucket prefix with pytorch_lora_weights.safetensors, or a "
-        "job's output prefix, which also gives the base model, recipe and story settings) at one or more scales, "
-        "the base model beside them with --compare-base. Writes images/, grid.png (rows = prompts, columns = "
-        f"scales then base) and prompts.json into an empty --output (a dir or a {storage.listed_schemes()} prefix).",
-    )
-    s.add_argument(
-        "lora", metavar="LORA",
-        help=f"LoRA dir or prefix, or a job's output prefix (a path or a {storage.listed_schemes()} URI)",
-    )
-    s.add_argument("prompt", nargs="*", metavar="PROMPT", help="prompts to draw (and/or --prompts FILE)")
-    s.add_argument("--prompts", action="append", metavar="FILE",
-                   help="YAML/JSON prompts file (a 'prompts' list of strings or {prompt, negative_prompt, seed, "
-                   "width, height}); a job's prompts.json redraws its story. Repeatable")  # fmt: skip
-    s.add_argument(
-        "--scale",
-        action="append",
-        metavar="S[,S...]",
-        help="LoRA scale(s), one column each (default: the story's lora_scale, 0.5 for the reference)",
-    )
-    s.add_argument("--compare-base", action="store_true", help="add a column drawn by the base model, no LoRA")
-    s.add_argument("--output",
-                   help=f"an empty dir or {storage.listed_schemes()} prefix (default: ./samples/<UTC time>)")
-    s.add_argument("--base", help="base Kolors (default: the job's model.base, else Kwai-Kolors/Kolors-diffusers)")
-    s.add_argument("--vae", help="VAE override (default: the job's model.vae unless --base is given)")
-    s.add_argument("--negative", help="negative prompt of the prompts that set none (default: the story's)")
-    s.add_argument("--seed", help="seed of the prompts that set none (default: 0)")
-    s.add_argument("--width", help="width of the prompts that set none (default: the story's)")
-    s.add_argument("--height", help="height of the prompts that set none (default: the story's)")
-    s.add_argument("--steps", help="denoising steps (default: the story's)")
-    s.add_argument("--cfg", dest="cfg_scale", help="guidance scale (default: the story's)")
-    s.add_argument("--scheduler", help="sampler: a story.scheduler name (default: the story's)")
-    s.add_argument("--precision", help="auto, fp16, bf16 or fp32 (default: the story's)")
-    s.add_argument("--batch-size", dest="batch_size",
-                   help="images per pipeline call (default: the story's; the story's frames come back byte for byte "
-                   "only at its batch size)")  # fmt: skip
-    s.add_argument("--score", action="store_true", help="score every image with the aesthetic predictor")
-    s.add_argument("--aesthetic-model", help="the predictor for --score (default: the job's score.aesthetic_model)")
-    s.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default: the job's spec.device, else auto")
-    s.add_argument("--allow-cpu", action="store_true", help="draw with a full-size model on the CPU (slow)")
-    s.add_argument("--log-format", choices=["auto", "json", "text"])
-    s.set_defaults(func=cmd_sample)

@@ -24,7 +24,7 @@ from kolors_job.train.latents import LatentEntry, cache_latents, mix_seed
 if TYPE_CHECKING:
     from diffusers import UNet2DConditionModel
 
-    from kolors_job.data.scan import ImageItem
+    from kolors_job.data.images import ImageItem
     from kolors_job.manifest.train import TrainSpec
     from kolors_job.models.loading import KolorsComponents
 

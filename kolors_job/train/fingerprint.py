@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from kolors_job.data.scan import ImageItem
+    from kolors_job.data.images import ImageItem
     from kolors_job.manifest.train import TrainSpec
 
 __all__ = ["NOT_WEIGHTS", "VERSION", "run_fingerprint"]

@@ -26,7 +26,7 @@ import torch
 if TYPE_CHECKING:
     from diffusers import AutoencoderKL
 
-    from kolors_job.data.scan import ImageItem
+    from kolors_job.data.images import ImageItem
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +79,7 @@ def cache_latents(
     (``dataset.buckets``) are encoded in chunks of one size each; with one size the chunks are as they always
     were (the VAE's batch may round differently, so they must not move).
     """
-    from kolors_job.data.scan import load_image
+    from kolors_job.data.images import load_image
 
     device = torch.device(device)
     jobs: list[tuple[int, bool]] = [(i, f) for i in range(len(items)) for f in flips]

@@ -75,7 +75,7 @@ from kolors_job.train.step import Run, train_step
 if TYPE_CHECKING:
     from accelerate import Accelerator
 
-    from kolors_job.data.scan import ImageItem
+    from kolors_job.data.images import ImageItem
     from kolors_job.train.validation import Validator
 
 __all__ = ["TrainResult", "save_final", "train_loop", "train_lora", "training_options"]

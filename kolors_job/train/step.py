@@ -24,7 +24,7 @@ from kolors_job.train.latents import LatentEntry
 if TYPE_CHECKING:
     from accelerate import Accelerator
 
-    from kolors_job.data.scan import ImageItem
+    from kolors_job.data.images import ImageItem
     from kolors_job.train.validation import Validator
 
 __all__ = ["Run", "StepOutput", "min_snr_weights", "train_step"]

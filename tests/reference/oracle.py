@@ -185,7 +185,8 @@ def reference_image(path: Path) -> Path:
 def check_training_image(m: Manifest, tmp: Path) -> None:
     """Our scan + ``load_image`` with the manifest's switches gives the tensor the reference's data step and
     dataset give (JPEG twice, no EXIF turn, bilinear with the long side floored, centre crop, resolution)."""
-    from kolors_job.data.scan import load_image, scan_dataset
+    from kolors_job.data.images import load_image
+    from kolors_job.data.scan import scan_dataset
 
     root = tmp / "data"
     root.mkdir(exist_ok=True)
@@ -296,7 +297,7 @@ def check_schedule(m: Manifest, tmp: Path) -> None:
 
 
 def _batch(m: Manifest) -> Any:
-    from kolors_job.data.scan import ImageItem
+    from kolors_job.data.images import ImageItem
     from kolors_job.models.prompts import PromptEmbeds
     from kolors_job.train.data import SampleStream, make_batch
     from kolors_job.train.latents import LatentEntry
