@@ -325,9 +325,9 @@ def test_load_rgba_composites_on_white_and_cmyk_is_red(tmp_path: Path) -> None:
     ],
 )
 def test_to_rgb8_modes(make, expected) -> None:
-    from kolors_job.data.scan import _to_rgb8
+    from kolors_job.data.images import to_rgb8
 
-    out = _to_rgb8(make())
+    out = to_rgb8(make())
     assert out.mode == "RGB"
     assert all(abs(a - b) <= 1 for a, b in zip(out.getpixel((1, 1)), expected, strict=True)), out.getpixel(
         (1, 1)

@@ -18,12 +18,13 @@ from kolors_job.core.uris import scheme_of
 from kolors_job.manifest.dataset import DATASET_LIST_TAG, DATASET_TAG
 from kolors_job.manifest.spec import Manifest
 
-__all__ = ["format_validation_error", "json_schema", "load_manifest", "parse_manifest", "read_manifest_source"]
+__all__ = ["NoAliasLoader", "format_validation_error", "json_schema", "load_manifest", "parse_manifest",
+           "read_manifest_source"]  # fmt: skip
 
 MAX_MANIFEST_BYTES = 1 << 20  # 1 MiB: a manifest is a page of YAML, not a data file
 
 
-class _NoAliasLoader(yaml.SafeLoader):
+class NoAliasLoader(yaml.SafeLoader):
     """Safe YAML without anchors/aliases: an alias bomb expands exponentially during validation."""
 
     def compose_node(self, parent: Any, index: Any) -> Any:  # type: ignore[override]
@@ -84,7 +85,7 @@ def parse_manifest(raw: bytes | str, *, source: str = "manifest") -> Manifest:
     if not text.strip():
         raise ManifestError(f"{source}: empty manifest; at least spec.output.uri is required")
     try:
-        data = yaml.load(text, Loader=_NoAliasLoader)  # noqa: S506 - a SafeLoader subclass
+        data = yaml.load(text, Loader=NoAliasLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""

@@ -23,9 +23,8 @@ from pydantic import Field, ValidationError, field_validator
 from kolors_job import storage
 from kolors_job.core.errors import ManifestError, StorageNotFoundError
 from kolors_job.core.redact import one_line, redact_uri
-from kolors_job.manifest.fields import MAX_PROMPT_CHARS
-from kolors_job.manifest.load import MAX_MANIFEST_BYTES, format_validation_error
-from kolors_job.manifest.spec import _NoAliasLoader, _Strict
+from kolors_job.manifest.fields import MAX_PROMPT_CHARS, Strict
+from kolors_job.manifest.load import MAX_MANIFEST_BYTES, NoAliasLoader, format_validation_error
 from kolors_job.manifest.story import Frame, StorySpec
 
 __all__ = [
@@ -54,7 +53,7 @@ class SamplePromptSpec(Frame):
     height: int | None = Side
 
 
-class PromptDefaults(_Strict):
+class PromptDefaults(Strict):
     """The defaults of the prompts that do not set a field: a prompts file's top level, or the command line's
     ``--negative``, ``--seed``, ``--width``, ``--height``."""
 
@@ -108,7 +107,7 @@ def parse_prompts_file(raw: bytes, source: str) -> PromptsFile:
     if len(raw) > MAX_MANIFEST_BYTES:
         raise ManifestError(f"{source}: {len(raw)} bytes is larger than the {MAX_MANIFEST_BYTES}-byte limit")
     try:
-        data = yaml.load(raw.decode("utf-8"), Loader=_NoAliasLoader)  # noqa: S506 - a SafeLoader subclass
+        data = yaml.load(raw.decode("utf-8"), Loader=NoAliasLoader)  # noqa: S506 - a SafeLoader subclass
     except UnicodeDecodeError as e:
         raise ManifestError(f"{source}: not valid UTF-8 (byte {e.start})") from None
     except ManifestError as e:  # the loader's own: aliases, duplicate keys
