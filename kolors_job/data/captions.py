@@ -114,17 +114,17 @@ def read_metadata(root: Path, root_real: str, files: list[str]) -> Metadata:
     return meta
 
 
-def finish_caption(text: str, spec: CaptionSpec) -> tuple[str, bool]:
-    caption = spec.prefix + text
-    if len(caption) > spec.max_chars:
-        return caption[: spec.max_chars], True
-    return caption, False
+def finish_caption(text: str, caption: CaptionSpec) -> tuple[str, bool]:
+    full = caption.prefix + text
+    if len(full) > caption.max_chars:
+        return full[: caption.max_chars], True
+    return full, False
 
 
-def caption_for(root: Path, root_real: str, rel: str, spec: CaptionSpec, meta: Metadata) -> Any:
+def caption_for(root: Path, root_real: str, rel: str, caption: CaptionSpec, meta: Metadata) -> Any:
     """The raw caption text, ``BAD_UTF8``, or None. Metadata wins over a ``.txt`` sidecar."""
-    if spec.fixed is not None:
-        return spec.fixed
+    if caption.fixed is not None:
+        return caption.fixed
     if rel in meta.captions:
         return meta.captions[rel]
     sidecar = root / (posixpath.splitext(rel)[0] + ".txt")

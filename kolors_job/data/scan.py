@@ -13,14 +13,10 @@ shows, with ``train.exif_orientation``; the stored size otherwise, as the refere
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import json
 import os
 import posixpath
 import stat
-import threading
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -30,6 +26,7 @@ from PIL import Image, UnidentifiedImageError
 
 from kolors_job.core.errors import InputError
 from kolors_job.core.redact import redact_uri
+from kolors_job.data.budget import DEFAULT_SCAN_MEMORY, SCAN_BYTES_PER_PIXEL, MemoryBudget
 from kolors_job.data.captions import (
     BAD_UTF8,
     METADATA_NAMES,
@@ -86,64 +83,17 @@ class SkipReason:
     NAME_TOO_LONG = "name_too_long"  # a segment over 255 bytes
 
 
-SCAN_BYTES_PER_PIXEL = 24
-"""Peak bytes per pixel while one image is decoded and test-converted (the float64 path of 16-bit
-and float images; 8-bit RGBA → composite → RGB is about 16)."""
-DEFAULT_SCAN_MEMORY = 1 << 30
-"""What the scan's decodes may hold at once, all threads together (Settings.scan_memory_mb)."""
 
 
-class _MemoryBudget:
-    """A weighted semaphore over bytes: threads decode small images side by side, while images near
-    ``max_pixels`` (a GB each) take turns, so the scan's peak stays under the budget whatever the
-    thread count. An image bigger than the whole budget runs alone."""
-
-    def __init__(self, total: int) -> None:
-        self.total, self.used = max(1, total), 0
-        self._cond = threading.Condition()
-
-    @contextlib.contextmanager
-    def hold(self, nbytes: int) -> Iterator[None]:
-        nbytes = min(nbytes, self.total)
-        with self._cond:
-            self._cond.wait_for(lambda: self.used + nbytes <= self.total)
-            self.used += nbytes
-        try:
-            yield
-        finally:
-            if nbytes >= _TRIM_ABOVE:
-                _malloc_trim()
-            with self._cond:
-                self.used -= nbytes
-                self._cond.notify_all()
 
 
-_TRIM_ABOVE = 64 << 20
 
 
-def _malloc_trim() -> None:
-    """Hand freed heap back to the OS. Pillow allocates in 16 MB blocks, under glibc's mmap threshold,
-    and every thread's malloc arena keeps what it freed: without this, threads that decoded big images
-    one after another would still each keep one image's worth of memory."""
-    global _LIBC
-    if _LIBC is None:
-        try:
-            _LIBC = ctypes.CDLL("libc.so.6")
-            _LIBC.malloc_trim  # noqa: B018 - glibc only
-        except (OSError, AttributeError):
-            _LIBC = False
-    if _LIBC:
-        _LIBC.malloc_trim(0)
-
-
-_LIBC: Any = None
-
-
-# --------------------------------------------------------------------------------------------- types
 
 
 
 
+# --------------------------------------------------------------------------------------------- types
 
 
 @dataclass
@@ -256,7 +206,7 @@ class _Verdict:
 
 
 def _inspect(
-    root: Path, root_real: str, rel: str, dspec: DatasetSpec, meta: Metadata, budget: _MemoryBudget,
+    root: Path, root_real: str, rel: str, dspec: DatasetSpec, meta: Metadata, budget: MemoryBudget,
     exif: bool = True,
 ) -> _Verdict:
     """Judge one file; returns a verdict and never raises for anything a file can contain."""
@@ -289,7 +239,7 @@ def _inspect(
 
 def _inspect_open(
     fh: Any, path: Path, rel: str, ext: str, dspec: DatasetSpec, root: Path, root_real: str, meta: Metadata,
-    budget: _MemoryBudget, exif: bool = True,
+    budget: MemoryBudget, exif: bool = True,
 ) -> _Verdict:
     f = dspec.filters
     with Image.open(fh, formats=image_formats()) as img:
@@ -381,7 +331,7 @@ def _fetch_skips(root: Path) -> dict[str, list[str]]:
 
 
 def scan_dataset(
-    root: Path, spec: DatasetSpec, *, workers: int | None = None, memory_budget: int = DEFAULT_SCAN_MEMORY,
+    root: Path, dataset: DatasetSpec, *, workers: int | None = None, memory_budget: int = DEFAULT_SCAN_MEMORY,
     exif_orientation: bool = True,
 ) -> DatasetScan:
     """Decide which files under ``root`` are training images, counting every rejection by reason.
@@ -398,21 +348,25 @@ def scan_dataset(
         raise InputError(f"dataset directory {root} does not exist")
     root_real = os.path.realpath(root)
     files, metadata_files, outside_dirs = _walk(root, root_real)
-    meta = read_metadata(root, root_real, metadata_files) if spec.caption.fixed is None else Metadata()
+    meta = read_metadata(root, root_real, metadata_files) if dataset.caption.fixed is None else Metadata()
     scan = DatasetScan(root=root, items=[])
     skipped: dict[str, list[str]] = _fetch_skips(root)
     for rel in outside_dirs:
         skipped.setdefault(SkipReason.SYMLINK_OUTSIDE_ROOT, []).append(_printable(rel))
-    cap = spec.filters.max_images
-    budget = _MemoryBudget(memory_budget)
+    cap = dataset.filters.max_images
+    budget = MemoryBudget(memory_budget)
     workers = workers or min(8, os.cpu_count() or 1)
     chunk = max(1, workers * 4)
-    with pil_guard(spec.filters.max_pixels), ThreadPoolExecutor(max_workers=workers) as pool:
+
+    def inspect(rel: str) -> _Verdict:
+        return _inspect(root, root_real, rel, dataset, meta, budget, exif_orientation)
+
+    with pil_guard(dataset.filters.max_pixels), ThreadPoolExecutor(max_workers=workers) as pool:
         position = 0
         while position < len(files) and (cap is None or scan.kept < cap):
             batch = files[position : position + chunk]
             position += len(batch)
-            for v in pool.map(lambda rel: _inspect(root, root_real, rel, spec, meta, budget, exif_orientation), batch):
+            for v in pool.map(inspect, batch):
                 if v.ignored:
                     continue
                 if cap is not None and scan.kept >= cap:

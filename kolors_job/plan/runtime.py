@@ -43,12 +43,12 @@ def plan_for_device(manifest: Manifest, device: str, cache_dir: Path) -> Plan | 
     return plan
 
 
-def train_spec(spec: TrainSpec, choices: Choices | None) -> TrainSpec:
+def train_spec(train: TrainSpec, choices: Choices | None) -> TrainSpec:
     """``spec`` with the plan's training settings (unchanged without a plan)."""
     if choices is None:
-        return spec
+        return train
     precision = {"no": "fp32"}.get(choices.precision, choices.precision)
-    return spec.model_copy(update={
+    return train.model_copy(update={
         "precision": precision,
         "gradient_checkpointing": "on" if choices.gradient_checkpointing else "off",
         "batch_size": choices.batch_size,
@@ -75,10 +75,10 @@ def _text_encoder_device(choices: Choices) -> str | None:
     return "cpu" if choices.text_encoder == "cpu" else None
 
 
-def story_spec(spec: StorySpec, choices: Choices | None) -> StorySpec:
+def story_spec(story: StorySpec, choices: Choices | None) -> StorySpec:
     if choices is None:
-        return spec
-    return spec.model_copy(update={"precision": choices.story_precision, "batch_size": choices.story_batch_size})
+        return story
+    return story.model_copy(update={"precision": choices.story_precision, "batch_size": choices.story_batch_size})
 
 
 def step_activation_bytes(unet_params: int, batch_size: int, resolution: int) -> float:

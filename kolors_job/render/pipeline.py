@@ -82,7 +82,7 @@ def fuses_lora(dev: torch.device, dtype: torch.dtype, fused: bool | None = None)
     return _fast(dev, fused) and dtype in LORA_FUSION_DTYPES
 
 
-def sampler_record(model_dir: Path, spec: StorySpec, device: str | torch.device | None = None) -> dict[str, Any]:
+def sampler_record(model_dir: Path, story: StorySpec, device: str | torch.device | None = None) -> dict[str, Any]:
     """What the story samples with (prompts.json, report.json): the sampler's name and class, the timesteps
     it visits and its last sigma, the sampling dtype and whether the LoRA is fused (and in which dtype).
 
@@ -93,17 +93,17 @@ def sampler_record(model_dir: Path, spec: StorySpec, device: str | torch.device 
 
     dev = resolve_device(device)
     config = DDPMScheduler.load_config(Path(model_dir), subfolder="scheduler")
-    scheduler = make_scheduler(spec.scheduler, config)
-    explicit = sampler_timesteps(spec.scheduler, spec.steps, config)
+    scheduler = make_scheduler(story.scheduler, config)
+    explicit = sampler_timesteps(story.scheduler, story.steps, config)
     if explicit is not None:
         scheduler.set_timesteps(timesteps=explicit)
     else:
-        scheduler.set_timesteps(spec.steps)
+        scheduler.set_timesteps(story.steps)
     sigmas = getattr(scheduler, "sigmas", None)
-    dtype = sampling_dtype(dev, spec.precision)
+    dtype = sampling_dtype(dev, story.precision)
     fused = fuses_lora(dev, dtype)
     return {
-        "name": spec.scheduler,
+        "name": story.scheduler,
         "class": type(scheduler).__name__,
         "timesteps": [_number(t) for t in scheduler.timesteps.tolist()],
         "final_sigma": None if sigmas is None else _number(sigmas[-1].item()),
@@ -123,7 +123,7 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 def load_story_pipeline(
     model_dir: Path,
-    spec: StorySpec,
+    story: StorySpec,
     *,
     lora_dir: Path | None,
     vae_dir: Path | None = None,
@@ -142,21 +142,21 @@ def load_story_pipeline(
     from kolors_job.models.loading import load_kolors_components, make_pipeline, place
 
     dev = resolve_device(device)
-    dtype = sampling_dtype(dev, spec.precision)
+    dtype = sampling_dtype(dev, story.precision)
     comps = load_kolors_components(Path(model_dir), vae_path=vae_dir, dtype=dtype, cast=False)
     # The LoRA is applied (and merged) on the CPU in the sampling dtype, so the UNet and the small VAE are cast here;
     # ChatGLM, the largest part, stays the mapped files until encode_texts casts it on its way to the GPU.
     place(comps.unet, "cpu", dtype)
     place(comps.vae, "cpu", dtype)
-    pipe = make_pipeline(comps, spec.scheduler)
+    pipe = make_pipeline(comps, story.scheduler)
     pipe.set_progress_bar_config(disable=True)
     if lora_dir is not None:
-        apply_lora(pipe, Path(lora_dir), spec.lora_scale, fuse=fuses_lora(dev, dtype, fused))
+        apply_lora(pipe, Path(lora_dir), story.lora_scale, fuse=fuses_lora(dev, dtype, fused))
     return pipe
 
 
 def to_device(
-    pipe: KolorsPipeline, spec: StorySpec, device: str | torch.device | None = None, *, fused: bool | None = None
+    pipe: KolorsPipeline, story: StorySpec, device: str | torch.device | None = None, *, fused: bool | None = None
 ) -> None:
     """UNet and VAE to ``device`` (the text encoder stays where it is), made fast there.
 
@@ -175,9 +175,9 @@ def to_device(
         if not getattr(pipe.unet, "peft_config", None):  # LoRA merged and unloaded (or none): nothing bypassed
             pipe.unet.fuse_qkv_projections()
         pipe.unet.to(memory_format=torch.channels_last)
-    if spec.compile and dev.type != "cuda":
+    if story.compile and dev.type != "cuda":
         log.info("spec.story.compile ignored on %s", dev.type)
-    elif spec.compile:
+    elif story.compile:
         # Default mode (max-autotune's compile never pays back here), and only the repeated transformer
         # blocks: compile time is job time (docs/design.md §2), and the blocks are most of the FLOPs.
         if getattr(pipe.unet, "_repeated_blocks", None):
@@ -230,7 +230,7 @@ def encode_texts(
 def render(
     pipe: KolorsPipeline,
     jobs: Sequence[ImageJob],
-    spec: StorySpec,
+    story: StorySpec,
     *,
     texts: dict[str, PromptEmbeds] | None = None,
     output_type: str = "pil",
@@ -253,11 +253,11 @@ def render(
         pooled_prompt_embeds=stack("prompt", "pooled"),
         negative_prompt_embeds=stack("negative_prompt", "embeds"),
         negative_pooled_prompt_embeds=stack("negative_prompt", "pooled"),
-        num_inference_steps=spec.steps,
-        timesteps=sampler_timesteps(spec.scheduler, spec.steps, pipe.scheduler.config),  # None: its own grid
-        guidance_scale=spec.cfg_scale,
-        width=spec.width,
-        height=spec.height,
+        num_inference_steps=story.steps,
+        timesteps=sampler_timesteps(story.scheduler, story.steps, pipe.scheduler.config),  # None: its own grid
+        guidance_scale=story.cfg_scale,
+        width=story.width,
+        height=story.height,
         generator=generators,
         output_type=output_type,
     )

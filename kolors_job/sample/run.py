@@ -113,7 +113,7 @@ def resolve_models(req: SampleRequest, settings: Settings) -> tuple[Path, Path |
 
 def draw(
     model_dir: Path,
-    spec: StorySpec,
+    story: StorySpec,
     prompts: Sequence[SamplePrompt],
     columns: Sequence[Column],
     *,
@@ -148,7 +148,7 @@ def draw(
     sizes: dict[tuple[int, int], list[int]] = {}
     for row, p in enumerate(prompts):
         sizes.setdefault((p.width, p.height), []).append(row)
-    merged = fuses_lora(device, sampling_dtype(device, spec.precision), fused)
+    merged = fuses_lora(device, sampling_dtype(device, story.precision), fused)
     texts = None
     pipe: Any = None
     pipe_has_lora = False
@@ -160,7 +160,7 @@ def draw(
     try:
         for c, column in enumerate(columns):
             with_lora = column.scale is not None
-            at = spec.model_copy(update={"lora_scale": column.scale}) if with_lora else spec
+            at = story.model_copy(update={"lora_scale": column.scale}) if with_lora else story
             if pipe is not None and pipe_has_lora and with_lora and not merged:
                 pipe.set_adapters([ADAPTER_NAME], adapter_weights=[column.scale])  # as apply_lora sets it
             else:
@@ -180,7 +180,7 @@ def draw(
                     pipe.set_progress_bar_config(disable=False, leave=False, desc="denoise", dynamic_ncols=True)
             for (width, height), rows in sizes.items():
                 sized = at.model_copy(update={"width": width, "height": height})
-                todo, size = [jobs[r] for r in rows], spec.batch_size
+                todo, size = [jobs[r] for r in rows], story.batch_size
                 while todo:
                     batch, t0 = todo[:size], time.monotonic()
                     try:

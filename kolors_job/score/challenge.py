@@ -38,7 +38,7 @@ class ScoreResult:
 
 
 
-def score_story(images: Sequence[Image.Image], spec: ScoreSpec, scorer: AestheticScorer) -> ScoreResult:
+def score_story(images: Sequence[Image.Image], score: ScoreSpec, scorer: AestheticScorer) -> ScoreResult:
     """Score the story frames as the challenge does and add the style-consistency number.
 
     The mean is ``sum / len`` of Python floats, exactly as the challenge's ``evaluate`` computes it,
@@ -49,8 +49,8 @@ def score_story(images: Sequence[Image.Image], spec: ScoreSpec, scorer: Aestheti
     return ScoreResult(
         per_image=per_image,
         mean=mean,
-        threshold=spec.threshold,
-        passed=bool(per_image) and mean >= spec.threshold,
+        threshold=score.threshold,
+        passed=bool(per_image) and mean >= score.threshold,
         consistency=pairwise_consistency(embeds),
     )
 

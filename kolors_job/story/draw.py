@@ -52,15 +52,15 @@ class FrameResult:
     score: float | None = None
 
 
-def plan_jobs(spec: StorySpec, skip: Collection[int] = frozenset()) -> list[ImageJob]:
+def plan_jobs(story: StorySpec, skip: Collection[int] = frozenset()) -> list[ImageJob]:
     jobs = []
-    for index, frame in enumerate(spec.frames, start=1):
+    for index, frame in enumerate(story.frames, start=1):
         if index in skip:
             continue
-        for k in range(spec.best_of):
+        for k in range(story.best_of):
             jobs.append(
                 ImageJob(
-                    index, k, frame.prompt, spec.negative_for(frame), frame.seed + k * CANDIDATE_SEED_STRIDE
+                    index, k, frame.prompt, story.negative_for(frame), frame.seed + k * CANDIDATE_SEED_STRIDE
                 )
             )
     return jobs
@@ -75,7 +75,7 @@ def _save_png(image: Image.Image, path: Path) -> Path:
 
 def generate_story(
     model_dir: Path,
-    spec: StorySpec,
+    story: StorySpec,
     *,
     out_dir: Path,
     lora_dir: Path | None,
@@ -96,30 +96,30 @@ def generate_story(
     frame order within each batch. ``scorer`` is required when ``best_of > 1``; with ``best_of = 1``
     it is optional and only fills ``score``.
     """
-    if spec.best_of > 1 and scorer is None:
+    if story.best_of > 1 and scorer is None:
         raise ValueError("spec.story.best_of > 1 needs an aesthetic scorer to pick the best candidate")
     start = time.monotonic()
     out_dir = Path(out_dir)
     images_dir = out_dir / "images"
-    jobs = plan_jobs(spec, skip)
+    jobs = plan_jobs(story, skip)
     if not jobs:
         log.info("story: every frame already exists; nothing to draw")
         return []
     dev = resolve_device(device)
-    pipe = load_story_pipeline(model_dir, spec, lora_dir=lora_dir, vae_dir=vae_dir, device=dev)
+    pipe = load_story_pipeline(model_dir, story, lora_dir=lora_dir, vae_dir=vae_dir, device=dev)
     texts = encode_texts(pipe, jobs, text_encoder_device or dev)  # ChatGLM on the GPU alone ...
     if dev.type == "cuda":  # ... and gone (12.5 GB; denoising takes embeddings) before the UNet and VAE arrive
         pipe.text_encoder = None
         free_memory()
-    to_device(pipe, spec, dev)
+    to_device(pipe, story, dev)
     if vae_tiling:
-        enable_tiling(pipe.vae, spec.height, spec.width)
+        enable_tiling(pipe.vae, story.height, story.width)
     log.info(
         "story",
         extra={
             "frames": len({j.index for j in jobs}),
             "images": len(jobs),
-            "batch_size": spec.batch_size,
+            "batch_size": story.batch_size,
             "device": str(pipe.unet.device),
             "dtype": str(pipe.unet.dtype),
             "lora": str(lora_dir),
@@ -136,12 +136,12 @@ def generate_story(
     results: list[FrameResult] = []
     pending: dict[int, list[tuple[ImageJob, Image.Image]]] = {}
     try:
-        done, size = 0, spec.batch_size
+        done, size = 0, story.batch_size
         while done < len(jobs):
             batch = jobs[done : done + size]
             t0 = time.monotonic()
             try:
-                images = render(pipe, batch, spec, texts=texts)
+                images = render(pipe, batch, story, texts=texts)
             except torch.OutOfMemoryError:
                 if size == 1:
                     raise
@@ -158,7 +158,7 @@ def generate_story(
             for job, image in zip(batch, images, strict=True):
                 pending.setdefault(job.index, []).append((job, image))
             for index in sorted(pending):
-                if len(pending[index]) == spec.best_of:
+                if len(pending[index]) == story.best_of:
                     result = _finish_frame(pending.pop(index), images_dir, scorer)
                     results.append(result)
                     log.info(

@@ -27,7 +27,7 @@ def lora_metadata(unet: torch.nn.Module) -> dict[str, Any]:
 
 
 def save_lora(
-    unet: torch.nn.Module, out_dir: Path, spec: TrainSpec, extra: dict[str, Any] | None = None
+    unet: torch.nn.Module, out_dir: Path, train: TrainSpec, extra: dict[str, Any] | None = None
 ) -> Path:
     """Write the diffusers-format LoRA; rank/alpha go into the header (``load_lora_weights`` reads them
     back, else it would assume alpha = rank: a 4x stronger LoRA for r16/α4) and into ``lora_config.json``."""
@@ -47,11 +47,11 @@ def save_lora(
     )
     canonical_safetensors(out_dir / LORA_WEIGHT_NAME)
     config = {
-        "rank": spec.rank,
-        "alpha": spec.alpha,
-        "scale": spec.alpha / spec.rank,
-        "target_modules": list(spec.target_modules),
-        "init_lora_weights": spec.init_lora_weights,
+        "rank": train.rank,
+        "alpha": train.alpha,
+        "scale": train.alpha / train.rank,
+        "target_modules": list(train.target_modules),
+        "init_lora_weights": train.init_lora_weights,
         "format": "diffusers",
         "tensors": len(layers),
         **(extra or {}),

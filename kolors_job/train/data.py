@@ -55,7 +55,7 @@ class Caches:
 def build_caches(
     model_dir: Path,
     items: Sequence[ImageItem],
-    spec: TrainSpec,
+    train: TrainSpec,
     *,
     vae_dir: Path | None,
     train_vae_dir: Path | None = None,
@@ -100,20 +100,20 @@ def build_caches(
     encoder = comps.vae if train_vae_dir is None else load_vae(encoder_dir, vae_dtype, cast=False)
     vae = place(encoder, dev, vae_dtype)
     scaling_factor = float(vae.config.scaling_factor)
-    flips = (False, True) if spec.random_flip else (False,)
+    flips = (False, True) if train.random_flip else (False,)
     t0 = time.monotonic()
     latents = cache_latents(
         vae,
         items,
-        resolution=spec.resolution,
-        center_crop=spec.center_crop,
+        resolution=train.resolution,
+        center_crop=train.center_crop,
         flips=flips,
-        seed=spec.seed,
+        seed=train.seed,
         device=dev,
         dtype=vae_dtype,
-        resize_filter=spec.resize_filter,
-        exif_orientation=spec.exif_orientation,
-        jpeg_reencode=spec.jpeg_reencode,
+        resize_filter=train.resize_filter,
+        exif_orientation=train.exif_orientation,
+        jpeg_reencode=train.jpeg_reencode,
         batch_size=latent_batch,
     )
     log.info("cached latents", extra={"latents": len(latents), "seconds": round(time.monotonic() - t0, 3)})

@@ -42,7 +42,7 @@ NOT_WEIGHTS: dict[str, str] = {
 
 
 def run_fingerprint(
-    spec: TrainSpec,
+    train: TrainSpec,
     samples_per_step: int,
     items: Sequence[ImageItem],
     caption_dropout: float | list[float],
@@ -60,7 +60,7 @@ def run_fingerprint(
         layout["buckets"] = [list(it.bucket) if it.bucket else None for it in items]
     if any(it.repeats != 1 for it in items):
         layout["repeats"] = [it.repeats for it in items]
-    weights = {k: v for k, v in spec.model_dump(mode="json").items() if k not in NOT_WEIGHTS}
+    weights = {k: v for k, v in train.model_dump(mode="json").items() if k not in NOT_WEIGHTS}
     fingerprint = {
         "version": VERSION,
         **weights,

@@ -141,7 +141,7 @@ def _resets_accelerate(fn: Callable[..., TrainResult]) -> Callable[..., TrainRes
 def train_lora(
     model_dir: Path,
     items: list[ImageItem],
-    spec: TrainSpec,
+    train: TrainSpec,
     *,
     work_dir: Path,
     vae_dir: Path | None = None,
@@ -164,7 +164,7 @@ def train_lora(
     (``dataset.buckets``, ``dataset.repeats``) shape the batches (:class:`SampleStream`). Under DDP
     every rank calls this with the same arguments; only rank 0 writes files and calls ``on_checkpoint``.
     ``validator`` (:mod:`kolors_job.train.validation`) draws and scores frames at the checkpoints it says are due.
-    Trackers (``spec.log_with``) write under ``work_dir/logs/``. ``latent_batch`` (images per VAE encode) and
+    Trackers (``train.log_with``) write under ``work_dir/logs/``. ``latent_batch`` (images per VAE encode) and
     ``text_encoder_device`` (``cpu``: ChatGLM encodes there) come from the memory plan (:mod:`kolors_job.plan`).
     ``identity`` (the job's manifest digest) goes into the fingerprint every checkpoint records, so no other
     job's checkpoint is ever resumed.
@@ -177,32 +177,33 @@ def train_lora(
 
     # 1. Precision, accelerator; the run's fingerprint must match the checkpoint's.
     target = resolve_device(device)
-    precision = resolve_precision(spec.precision, target)
+    precision = resolve_precision(train.precision, target)
     accelerator = setup_accelerator(
-        spec, target, precision, logs_dir=work_dir / tracking.LOGS, resume_step=int((resume_state or {}).get("step", 0))
+        train, target, precision, logs_dir=work_dir / tracking.LOGS,
+        resume_step=int((resume_state or {}).get("step", 0)),
     )
     dev, world = accelerator.device, accelerator.num_processes
-    samples_per_step = spec.batch_size * spec.gradient_accumulation * world
+    samples_per_step = train.batch_size * train.gradient_accumulation * world
     caption_dropout = _dropouts(caption_dropout)
     stream = SampleStream(
-        len(items), spec.seed, spec.data_order, repeats=[it.repeats for it in items],
-        sizes=[it.bucket or (spec.resolution, spec.resolution) for it in items], batch_size=spec.batch_size,
+        len(items), train.seed, train.data_order, repeats=[it.repeats for it in items],
+        sizes=[it.bucket or (train.resolution, train.resolution) for it in items], batch_size=train.batch_size,
     )
-    n_steps = total_steps(spec, stream.n, samples_per_step)
+    n_steps = total_steps(train, stream.n, samples_per_step)
     fingerprint = run_fingerprint(
-        spec, samples_per_step, items, caption_dropout, precision=precision, identity=identity
+        train, samples_per_step, items, caption_dropout, precision=precision, identity=identity
     )
     if resume_state is not None and resume_state.get("fingerprint") != fingerprint:
         raise ValueError(
             f"{resume_from}: checkpoint is from a different run configuration "
             f"({resume_state.get('fingerprint')} != {fingerprint}); refusing to resume"
         )
-    seed_and_tune(dev, spec.seed)
+    seed_and_tune(dev, train.seed)
 
     # 2. Caches: the text encoder and the VAE are done (and gone) before the LoRA exists.
     weight_dtype = weight_dtype_for(precision)
     caches = build_caches(
-        Path(model_dir), items, spec, vae_dir=vae_dir, train_vae_dir=train_vae_dir, precision=precision,
+        Path(model_dir), items, train, vae_dir=vae_dir, train_vae_dir=train_vae_dir, precision=precision,
         weight_dtype=weight_dtype,
         dev=dev, caption_dropout=caption_dropout, extra_texts=validator.texts() if validator else (),
         keep_for_sampling=bool(validator and validator.every), latent_batch=latent_batch,
@@ -210,13 +211,13 @@ def train_lora(
     )
 
     # 3. LoRA, optimizer, schedule, accelerate's wrapping; the resumed state on top.
-    params, use_ckpt = add_lora(caches.unet, spec, dev, dtype=weight_dtype)
-    optimizer = make_optimizer(spec, params, dev)
-    lr_scheduler = make_lr_scheduler(spec, optimizer, n_steps)
-    ema = make_ema(spec, params)
-    unet, optimizer = prepare(accelerator, caches.unet, optimizer, lr_scheduler, spec, ema)
+    params, use_ckpt = add_lora(caches.unet, train, dev, dtype=weight_dtype)
+    optimizer = make_optimizer(train, params, dev)
+    lr_scheduler = make_lr_scheduler(train, optimizer, n_steps)
+    ema = make_ema(train, params)
+    unet, optimizer = prepare(accelerator, caches.unet, optimizer, lr_scheduler, train, ema)
     run = Run(
-        accelerator, spec, unet, optimizer, lr_scheduler, params, caches.noise_scheduler,
+        accelerator, train, unet, optimizer, lr_scheduler, params, caches.noise_scheduler,
         stream, items, caches.latents, caches.prompts,
         caches.scaling_factor, caches.prediction_type, caches.num_train_timesteps, weight_dtype, caption_dropout,
         validator, caches.sampling, caches.texts, ema,
@@ -227,7 +228,7 @@ def train_lora(
         run.ema.to(dev)  # accelerate loads a checkpoint's custom state on the CPU
     if validator is not None and resume_state is not None:
         validator.restore(resume_state.get("validation", []))
-    tracking.start(accelerator, spec)
+    tracking.start(accelerator, train)
 
     # 4-5. The loop, checkpointing as it goes.
     bar = _progress_bar(n_steps, start_step, enabled=progress and accelerator.is_main_process)
@@ -238,8 +239,8 @@ def train_lora(
             "start_step": start_step,
             "images": len(items),
             "world_size": world,
-            "batch_size": spec.batch_size,
-            "gradient_accumulation": spec.gradient_accumulation,
+            "batch_size": train.batch_size,
+            "gradient_accumulation": train.gradient_accumulation,
             "precision": precision,
             "gradient_checkpointing": use_ckpt,
             "device": str(dev),
@@ -271,7 +272,7 @@ def train_lora(
         lora_sha256=digest,
         checkpoints=checkpoints,
         validation=[p.to_dict() for p in validator.points] if validator else [],
-        options=training_options(spec, run.optimizer),
+        options=training_options(train, run.optimizer),
     )
     # Release everything before sampling loads its own pipeline.
     del run
@@ -299,7 +300,7 @@ def train_loop(
     """Steps ``start_step + 1 .. n_steps``, checkpointing every ``checkpoint_every``, at the end and on
     an agreed stop; (last step, all losses, checkpoints written, interrupted). ``run_state``: what each
     ``state.json`` says of the run besides the step; ``bar``: a tqdm bar (closed here) or None."""
-    spec, accelerator = run.spec, run.accelerator
+    train, accelerator = run.train, run.accelerator
     checkpoints: list[Path] = []
     interrupted = False
     run.unet.train()
@@ -320,7 +321,7 @@ def train_loop(
             bar.update(1)
 
         stop = _agreed_stop(accelerator, should_stop)
-        if stop or step % spec.checkpoint_every == 0 or step == n_steps:
+        if stop or step % train.checkpoint_every == 0 or step == n_steps:
             # before the checkpoint, which records it; on a stop only the last (the selection needs it)
             if _due(run, step, n_steps) and (not stop or step == n_steps):
                 _validate(run, step)
@@ -410,7 +411,7 @@ def save_final(run: Run, work_dir: Path, step: int, interrupted_at: Path | None)
     elif accelerator.is_local_main_process:
         shutil.rmtree(lora_dir, ignore_errors=True)
         extra = {"steps": step, **({"ema": True} if run.ema is not None else {})}
-        save_lora(accelerator.unwrap_model(run.unet), lora_dir, run.spec, extra=extra)
+        save_lora(accelerator.unwrap_model(run.unet), lora_dir, run.train, extra=extra)
     accelerator.wait_for_everyone()
     return lora_dir
 
@@ -418,17 +419,17 @@ def save_final(run: Run, work_dir: Path, step: int, interrupted_at: Path | None)
 # ------------------------------------------------------------------------------------------- run identity
 
 
-def training_options(spec: TrainSpec, optimizer: torch.optim.Optimizer | None = None) -> dict[str, Any]:
+def training_options(train: TrainSpec, optimizer: torch.optim.Optimizer | None = None) -> dict[str, Any]:
     """The training options of the run, on or off (report.json ``train.options``): the optimizer (with
     Prodigy, its final step-size estimate ``d``), the loss weighting (γ with ``min_snr``), the noise offset,
     DoRA, the EMA (its decay cap when on)."""
-    out: dict[str, Any] = {"optimizer": spec.optimizer, "loss_weighting": spec.loss_weighting}
-    if spec.loss_weighting == "min_snr":
-        out["snr_gamma"] = spec.snr_gamma
-    out.update(noise_offset=spec.noise_offset, dora=spec.dora, ema=spec.ema)
-    if spec.ema:
-        out["ema_decay"] = spec.ema_decay
-    if spec.optimizer == "prodigy" and optimizer is not None:
+    out: dict[str, Any] = {"optimizer": train.optimizer, "loss_weighting": train.loss_weighting}
+    if train.loss_weighting == "min_snr":
+        out["snr_gamma"] = train.snr_gamma
+    out.update(noise_offset=train.noise_offset, dora=train.dora, ema=train.ema)
+    if train.ema:
+        out["ema_decay"] = train.ema_decay
+    if train.optimizer == "prodigy" and optimizer is not None:
         out["prodigy_d"] = float(optimizer.param_groups[0]["d"])
     return out
 

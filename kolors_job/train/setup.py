@@ -70,17 +70,17 @@ def want_checkpointing(
     return free < need
 
 
-def total_steps(spec: TrainSpec, n_items: int, samples_per_step: int) -> int:
-    if spec.steps is not None:
-        return spec.steps
-    return max(1, math.ceil(spec.epochs * n_items / samples_per_step))
+def total_steps(train: TrainSpec, n_items: int, samples_per_step: int) -> int:
+    if train.steps is not None:
+        return train.steps
+    return max(1, math.ceil(train.epochs * n_items / samples_per_step))
 
 
 # ------------------------------------------------------------------------------------------- setup
 
 
 def setup_accelerator(
-    spec: TrainSpec, target: torch.device, precision: str, *, logs_dir: Path | None = None, resume_step: int = 0
+    train: TrainSpec, target: torch.device, precision: str, *, logs_dir: Path | None = None, resume_step: int = 0
 ) -> Accelerator:
     """The ``Accelerator`` for ``precision`` (see :func:`resolve_precision`) on ``target``; with ``logs_dir``,
     the trackers of ``spec.log_with`` (:mod:`kolors_job.train.tracking`) write there."""
@@ -90,9 +90,9 @@ def setup_accelerator(
 
     return Accelerator(
         mixed_precision=precision,
-        gradient_accumulation_steps=spec.gradient_accumulation,
+        gradient_accumulation_steps=train.gradient_accumulation,
         cpu=target.type == "cpu",
-        log_with=trackers(spec, logs_dir, resume_step) if logs_dir is not None and spec.log_with else None,
+        log_with=trackers(train, logs_dir, resume_step) if logs_dir is not None and train.log_with else None,
         project_dir=str(logs_dir) if logs_dir is not None else None,
     )
 
@@ -111,7 +111,7 @@ def seed_and_tune(dev: torch.device, seed: int) -> None:
 
 def add_lora(
     unet: torch.nn.Module,
-    spec: TrainSpec,
+    train: TrainSpec,
     dev: torch.device,
     *,
     dtype: torch.dtype | None = None,
@@ -130,26 +130,26 @@ def add_lora(
         unet.to(memory_format=torch.channels_last)
     unet.add_adapter(
         LoraConfig(
-            r=spec.rank,
-            lora_alpha=spec.alpha,
-            init_lora_weights=True if spec.init_lora_weights == "default" else "gaussian",
-            target_modules=list(spec.target_modules),
-            **({"use_dora": True} if spec.dora else {}),  # a plain LoRA's config stays as it always was
+            r=train.rank,
+            lora_alpha=train.alpha,
+            init_lora_weights=True if train.init_lora_weights == "default" else "gaussian",
+            target_modules=list(train.target_modules),
+            **({"use_dora": True} if train.dora else {}),  # a plain LoRA's config stays as it always was
         )
     )
     cast_training_params(unet, dtype=torch.float32)
     params = [p for p in unet.parameters() if p.requires_grad]
     base_params = sum(p.numel() for p in unet.parameters()) - sum(p.numel() for p in params)
     use_ckpt = want_checkpointing(
-        spec.gradient_checkpointing,
+        train.gradient_checkpointing,
         dev,
         unet_params=base_params,
-        batch_size=spec.batch_size,
-        resolution=spec.resolution,
+        batch_size=train.batch_size,
+        resolution=train.resolution,
     )
     if use_ckpt:
         unet.enable_gradient_checkpointing()
-    if spec.compile:
+    if train.compile:
         if dev.type == "cuda":
             unet.compile_repeated_blocks()  # transformer blocks only: minutes less than the whole UNet
         else:
@@ -158,29 +158,29 @@ def add_lora(
 
 
 def make_optimizer(
-    spec: TrainSpec, params: list[torch.nn.Parameter], dev: torch.device, *, fused: bool | None = None
+    train: TrainSpec, params: list[torch.nn.Parameter], dev: torch.device, *, fused: bool | None = None
 ) -> torch.optim.Optimizer:
     """AdamW (fused on CUDA unless ``fused`` says otherwise), bitsandbytes' 8-bit AdamW, or Prodigy."""
-    if spec.optimizer == "prodigy":
-        return _prodigy(spec, params)
-    if spec.optimizer == "adamw8bit":
+    if train.optimizer == "prodigy":
+        return _prodigy(train, params)
+    if train.optimizer == "adamw8bit":
         try:
             import bitsandbytes as bnb
         except ImportError:
             raise ManifestError(
                 "spec.train.optimizer: adamw8bit needs bitsandbytes, which is not installed; use adamw"
             ) from None
-        return bnb.optim.AdamW8bit(params, lr=spec.learning_rate, weight_decay=spec.weight_decay)
+        return bnb.optim.AdamW8bit(params, lr=train.learning_rate, weight_decay=train.weight_decay)
     use_fused = dev.type == "cuda" if fused is None else fused and dev.type == "cuda"
     return torch.optim.AdamW(
         params,
-        lr=spec.learning_rate,
-        weight_decay=spec.weight_decay,
+        lr=train.learning_rate,
+        weight_decay=train.weight_decay,
         fused=True if use_fused else None,
     )
 
 
-def _prodigy(spec: TrainSpec, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+def _prodigy(train: TrainSpec, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
     """``prodigyopt.Prodigy`` at its defaults (Adam betas, d0 1e-6, decoupled weight decay), ``learning_rate``
     scaling its own step-size estimate. Its constructor prints to stdout, which here is the JSON log stream."""
     import contextlib
@@ -193,28 +193,28 @@ def _prodigy(spec: TrainSpec, params: list[torch.nn.Parameter]) -> torch.optim.O
             "spec.train.optimizer: prodigy needs prodigyopt, which is not installed; use adamw"
         ) from None
     with contextlib.redirect_stdout(io.StringIO()):
-        return Prodigy(params, lr=spec.learning_rate, weight_decay=spec.weight_decay)
+        return Prodigy(params, lr=train.learning_rate, weight_decay=train.weight_decay)
 
 
-def make_ema(spec: TrainSpec, params: list[torch.nn.Parameter]) -> Any:
+def make_ema(train: TrainSpec, params: list[torch.nn.Parameter]) -> Any:
     """diffusers' ``EMAModel`` over the LoRA parameters (``train.ema``), or None. Its decay warms up as
     min(``ema_decay``, (1 + n) / (10 + n)) at update ``n``; its state goes into every checkpoint."""
-    if not spec.ema:
+    if not train.ema:
         return None
     from diffusers.training_utils import EMAModel
 
-    return EMAModel(params, decay=spec.ema_decay, foreach=True)  # a few fused kernels, not 3 per LoRA tensor
+    return EMAModel(params, decay=train.ema_decay, foreach=True)  # a few fused kernels, not 3 per LoRA tensor
 
 
-def make_lr_scheduler(spec: TrainSpec, optimizer: torch.optim.Optimizer, n_steps: int) -> Any:
+def make_lr_scheduler(train: TrainSpec, optimizer: torch.optim.Optimizer, n_steps: int) -> Any:
     """diffusers' schedule by name; ``constant`` with warmup is ``constant_with_warmup``."""
     from diffusers.optimization import get_scheduler
 
-    schedule = spec.lr_scheduler
-    if schedule == "constant" and spec.warmup_steps:
+    schedule = train.lr_scheduler
+    if schedule == "constant" and train.warmup_steps:
         schedule = "constant_with_warmup"  # else diffusers' "constant" silently ignores the warmup
     return get_scheduler(
-        schedule, optimizer=optimizer, num_warmup_steps=spec.warmup_steps, num_training_steps=n_steps
+        schedule, optimizer=optimizer, num_warmup_steps=train.warmup_steps, num_training_steps=n_steps
     )
 
 
@@ -223,7 +223,7 @@ def prepare(
     unet: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     lr_scheduler: Any,
-    spec: TrainSpec,
+    train: TrainSpec,
     ema: Any = None,
 ) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
     """accelerate's wrapping, with checkpoint hooks that save and load the LoRA alone (and, with ``ema``, the
@@ -235,10 +235,10 @@ def prepare(
         if accelerator.is_main_process:
             for model in models:
                 unet = accelerator.unwrap_model(model)
-                save_lora(unet, Path(output_dir), spec)
+                save_lora(unet, Path(output_dir), train)
                 if ema is not None:
                     with ema_weights(ema, unet):
-                        save_lora(unet, Path(output_dir) / EMA_DIR, spec, extra={"ema": True})
+                        save_lora(unet, Path(output_dir) / EMA_DIR, train, extra={"ema": True})
         weights.clear()
 
     def load_hook(models: list[Any], input_dir: str) -> None:

@@ -35,7 +35,7 @@ class Run:
     """Everything one optimizer step reads or updates: built by the setup steps, or by the bench."""
 
     accelerator: Accelerator
-    spec: TrainSpec
+    train: TrainSpec
     unet: torch.nn.Module
     """As ``accelerator.prepare`` returned it (DDP-wrapped under torchrun)."""
     optimizer: torch.optim.Optimizer
@@ -63,7 +63,7 @@ class Run:
 
     @property
     def samples_per_step(self) -> int:
-        return self.spec.batch_size * self.spec.gradient_accumulation * self.accelerator.num_processes
+        return self.train.batch_size * self.train.gradient_accumulation * self.accelerator.num_processes
 
 
 @dataclass
@@ -78,13 +78,13 @@ class StepOutput:
 def train_step(run: Run, step: int) -> StepOutput:
     """Optimizer step ``step`` (1-based): ``gradient_accumulation`` micro-batches on every rank, the
     gradient norm (clipped if asked), AdamW, the lr schedule; one host sync for the loss."""
-    spec, accelerator, dev = run.spec, run.accelerator, run.accelerator.device
+    train, accelerator, dev = run.train, run.accelerator, run.accelerator.device
     world, rank = accelerator.num_processes, accelerator.process_index
     step_loss, grad_norm = torch.zeros((), device=dev), math.nan
-    for micro in range(spec.gradient_accumulation):
-        base = (step - 1) * run.samples_per_step + (micro * world + rank) * spec.batch_size
+    for micro in range(train.gradient_accumulation):
+        base = (step - 1) * run.samples_per_step + (micro * world + rank) * train.batch_size
         batch = make_batch(
-            range(base, base + spec.batch_size),
+            range(base, base + train.batch_size),
             run.stream,
             run.items,
             run.latents,
@@ -92,22 +92,22 @@ def train_step(run: Run, step: int) -> StepOutput:
             num_train_timesteps=run.num_train_timesteps,
             scaling_factor=run.scaling_factor,
             caption_dropout=run.caption_dropout,
-            random_flip=spec.random_flip,
-            latent=spec.latent,
-            time_ids=spec.time_ids,
-            noise_offset=spec.noise_offset,
+            random_flip=train.random_flip,
+            latent=train.latent,
+            time_ids=train.time_ids,
+            noise_offset=train.noise_offset,
         )
         with accelerator.accumulate(run.unet):
             loss = _loss(
                 run.unet, run.noise_scheduler, batch, dev, run.weight_dtype, run.prediction_type,
-                snr_gamma=spec.snr_gamma if spec.loss_weighting == "min_snr" else None,
+                snr_gamma=train.snr_gamma if train.loss_weighting == "min_snr" else None,
             )
             accelerator.backward(loss)
             if accelerator.sync_gradients:
-                grad_norm = _grad_norm(accelerator, run.params, spec.max_grad_norm)
+                grad_norm = _grad_norm(accelerator, run.params, train.max_grad_norm)
             run.optimizer.step()
             run.optimizer.zero_grad(set_to_none=True)
-        step_loss += loss.detach() / spec.gradient_accumulation
+        step_loss += loss.detach() / train.gradient_accumulation
     if not accelerator.sync_gradients:
         raise RuntimeError("gradient accumulation fell out of step with accelerate's counter")
     if run.ema is not None:

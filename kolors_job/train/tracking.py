@@ -27,7 +27,7 @@ PROJECT = "kolors-job"
 """The W&B project name."""
 
 
-def trackers(spec: TrainSpec, logs_dir: Path, resume_step: int = 0) -> list[Any]:
+def trackers(train: TrainSpec, logs_dir: Path, resume_step: int = 0) -> list[Any]:
     """``Accelerator(log_with=...)``: TensorBoard as an instance, so its run folder is ``logs/tensorboard``
     whatever the project is called (W&B's project is :data:`PROJECT`). A resumed run's events file starts
     with ``purge_step``: TensorBoard drops the killed run's events after its checkpoint, never shows them twice."""
@@ -35,16 +35,16 @@ def trackers(spec: TrainSpec, logs_dir: Path, resume_step: int = 0) -> list[Any]
 
     purge = {"purge_step": resume_step + 1} if resume_step else {}
     return [
-        TensorBoardTracker(TENSORBOARD, logs_dir, **purge) if name == TENSORBOARD else name for name in spec.log_with
+        TensorBoardTracker(TENSORBOARD, logs_dir, **purge) if name == TENSORBOARD else name for name in train.log_with
     ]
 
 
-def start(accelerator: Accelerator, spec: TrainSpec) -> None:
+def start(accelerator: Accelerator, train: TrainSpec) -> None:
     """Open the trackers (main process only, inside accelerate) with the run's scalar hyper-parameters."""
     if not accelerator.log_with:
         return
     config = {
-        k: v for k, v in spec.model_dump(mode="json").items() if isinstance(v, (int, float, str, bool))
+        k: v for k, v in train.model_dump(mode="json").items() if isinstance(v, (int, float, str, bool))
     }
     accelerator.init_trackers(PROJECT, config=config)
 
