@@ -1,5 +1,6 @@
-"""Our side of ``bench.gpu``, step by step: ``kolors_job.train``'s set-up steps and ``train_step`` on a full-size UNet
-with random weights, the story's CFG step eager, fused and compiled, the VAE decode, the device itself."""
+"""Our side of ``bench.gpu``, step by step: the trainer's set-up steps (``kolors_job.train.setup``) and
+``train_step`` on a full-size UNet with random weights, the story's CFG step eager, fused and compiled, the VAE
+decode, the device itself."""
 
 from __future__ import annotations
 

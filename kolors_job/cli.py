@@ -10,21 +10,17 @@ import argparse
 import json
 import logging
 import os
-import re
 import sys
 from collections.abc import Sequence
 from typing import Any
 
+import kolors_job.sources.transport  # noqa: F401 - first: the hub clients' environment, before any imports them
 from kolors_job import __version__, storage
 from kolors_job.core.errors import ExitCode, JobError, ManifestError
 from kolors_job.core.redact import scrub
 from kolors_job.plan.cli import add_card_args, check_fits
 from kolors_job.plan.cli import register_cli as register_plan
 from kolors_job.sweep import cli as sweep_cli
-
-_RST_ROLE = re.compile(r":[a-z]+:`~?([^`]+)`")
-
-
 
 
 def _print_error(err: JobError) -> None:

@@ -40,7 +40,7 @@ from kolors_job.sources import (
     transport,
 )
 from kolors_job.sources import hubs as hubs_module
-from kolors_job.sources.listing import list_repo
+from kolors_job.sources.hubs import list_repo
 from tests.hub_servers import hf_hub as hf_ids
 from tests.hub_servers import modelscope_hub as ms_ids
 from tests.hub_servers.artifacts import ANIME_FOLDER_ID, ANIME_IMAGES, ANIME_NATIVE_ID, anime_text, fp16_loader_files
@@ -124,12 +124,12 @@ def test_hf_sources_are_pinned_to_the_repo_sha(hf_env, tmp_path: Path) -> None:
 
 
 def test_the_job_transport_is_in_force_before_any_client_is_imported() -> None:
-    """Whatever the environment says, a job process (it imports ``kolors_job.manifest.spec`` first) runs both
+    """Whatever the environment says, a job process (the CLI, which imports the transport first) runs both
     clients with Xet off and the job's timeouts, though ``hf_xet`` is installed."""
     code = textwrap.dedent(
         """
         import importlib.util, json
-        import kolors_job.manifest.spec
+        import kolors_job.cli
         import huggingface_hub.constants as hf, modelscope_hub.constants as ms
         from huggingface_hub.utils._runtime import is_xet_available
         from kolors_job.sources import transport

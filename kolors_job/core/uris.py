@@ -9,16 +9,30 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Literal
 
 from kolors_job.core.errors import InputError
 
-__all__ = ["HUB_SCHEMES", "TINY_SCHEME", "Hub", "HubRef", "check_hub_uri", "parse_hub_uri", "scheme_of"]
+__all__ = ["HUBS", "HUB_SCHEMES", "TINY_SCHEME", "Hub", "HubRef", "check_hub_uri", "parse_hub_uri", "scheme_of"]
 
 _SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://")
 
-Hub = Literal["modelscope", "hf"]
-HUB_SCHEMES: tuple[Hub, ...] = ("modelscope", "hf")
+
+@dataclass(frozen=True)
+class Hub:
+    """What a hub is, whatever its client: how messages name it, where its client reads a token, its default branch
+    (each hub's client is ``kolors_job.sources.hubs.CLIENTS``')."""
+
+    name: str
+    token_env: str
+    default_branch: str
+
+
+HUBS: dict[str, Hub] = {
+    "modelscope": Hub("ModelScope", "MODELSCOPE_API_TOKEN", "master"),  # modelscope_hub.config
+    "hf": Hub("Hugging Face", "HF_TOKEN", "main"),  # huggingface_hub.constants
+}
+"""The hubs by URI scheme (``<scheme>://OWNER/NAME[@REVISION]``)."""
+HUB_SCHEMES: tuple[str, ...] = tuple(HUBS)
 TINY_SCHEME = "tiny"
 """``tiny://kolors``, ``tiny://aesthetic``: the tiny random models built into the cache (tests, demo)."""
 
@@ -36,7 +50,8 @@ def scheme_of(uri: str) -> str:
 class HubRef:
     """``modelscope://Owner/Name[@rev]`` or ``hf://Owner/Name[@rev]``."""
 
-    hub: Hub
+    hub: str
+    """The scheme: a key of ``HUBS``."""
     repo_id: str
     revision: str | None
 
@@ -46,7 +61,7 @@ class HubRef:
 
     @property
     def hub_name(self) -> str:
-        return "ModelScope" if self.hub == "modelscope" else "Hugging Face"
+        return HUBS[self.hub].name
 
 
 def check_hub_uri(scheme: str, rest: str) -> None:
@@ -63,4 +78,4 @@ def parse_hub_uri(uri: str) -> HubRef | None:
     repo_id, at, revision = rest.strip("/").partition("@")
     if not _REPO_ID.match(repo_id) or (at and not _REVISION.match(revision)):
         raise InputError(f"bad hub uri {uri!r}: expected {scheme.lower()}://OWNER/NAME[@REVISION]")
-    return HubRef(scheme.lower(), repo_id, revision or None)  # type: ignore[arg-type]
+    return HubRef(scheme.lower(), repo_id, revision or None)

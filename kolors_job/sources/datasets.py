@@ -32,9 +32,9 @@ from kolors_job.core.uris import HUB_SCHEMES, HubRef, parse_hub_uri, scheme_of
 from kolors_job.storage.atomic import COMPLETE_MARKER, atomic_dir
 
 from .buckets import cache_key, copy_dataset_prefix
-from .hubs import Plan, download, plan_from_listing
+from .hubs import Plan, download, list_repo, plan_from_listing
 from .layout import IMAGE_EXTENSIONS, image_formats
-from .listing import Listing, list_repo
+from .listing import Listing
 from .records import RECORD_NAME
 
 if TYPE_CHECKING:

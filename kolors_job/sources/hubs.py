@@ -34,16 +34,17 @@ import shutil
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from types import ModuleType
 from typing import Any, Literal
 
 from kolors_job.core.errors import ExitCode, InputError, JobError
 from kolors_job.core.settings import Settings
-from kolors_job.core.uris import HubRef
+from kolors_job.core.uris import HUBS, HubRef
 from kolors_job.models.weights import DIFFUSERS_WEIGHTS, FULL_SIZE_UNET_BYTES, TRANSFORMERS_WEIGHTS, choose_weights
 
-from . import records, transport
+from . import huggingface, modelscope, records, transport
 from .hub_errors import IncompleteDownload, call_hub, local_error
-from .listing import DEFAULT_BRANCH, Listing, RemoteFile, RepoType, list_repo, read_timeout
+from .listing import Listing, RemoteFile, RepoType
 
 __all__ = [
     "CLIP_PROCESSOR_FILES",
@@ -53,6 +54,8 @@ __all__ = [
     "check_free_space",
     "download",
     "download_dataset_files",
+    "list_dataset_repo",
+    "list_repo",
     "plan_from_listing",
     "plan_hub_model",
     "select_files",
@@ -78,6 +81,29 @@ CLIP_PROCESSOR_FILES = (
 
 # --------------------------------------------------------------------------------------------- selection
 
+
+
+
+CLIENTS: dict[str, ModuleType] = {"modelscope": modelscope, "hf": huggingface}
+"""Each hub's client, by scheme (``core.uris.HUBS`` has the hub's name, token variable and default branch): a module
+with ``listing(ref, settings, repo_type) -> Listing`` and ``snapshot(ref, repo_type, dest, patterns, revision,
+settings)``. A hub is its facts there, its client module here, and this line."""
+
+
+def list_repo(ref: HubRef, settings: Settings, repo_type: RepoType) -> Listing:
+    """``ref``'s files (path, size, digest) and the commit they were listed at (see the module docstring)."""
+    return CLIENTS[ref.hub].listing(ref, settings, repo_type)
+
+
+
+
+
+
+
+def list_dataset_repo(ref: HubRef, settings: Settings) -> tuple[list[RemoteFile], str | None]:
+    """A hub dataset repo's files (path, size) and the commit they were listed at (see :func:`list_repo`)."""
+    listing = list_repo(ref, settings, "dataset")
+    return listing.files, listing.commit
 
 
 
@@ -264,7 +290,7 @@ def plan_hub_model(
 
 def _listing_from_record(ref: HubRef, data: dict[str, Any]) -> Listing:
     files = [RemoteFile(p, int(e["size"]), e.get("sha256"), e.get("oid")) for p, e in data["files"].items()]
-    branch = data.get("branch") or ref.revision or DEFAULT_BRANCH[ref.hub]
+    branch = data.get("branch") or ref.revision or HUBS[ref.hub].default_branch
     return Listing(files, data.get("commit"), bool(data.get("pinned", True)), branch,
                    dict(data.get("file_revisions") or {}))  # fmt: skip
 
@@ -394,23 +420,7 @@ def _snapshot(ref: HubRef, repo_type: RepoType, dest: Path, paths: list[str] | N
     if wrong := transport.check_in_force(settings):
         log.warning("the hub clients in this process were configured at import with other values than these "
                     "settings want (they read them once): %s", ", ".join(wrong))  # fmt: skip
-    if ref.hub == "modelscope":
-        from modelscope import snapshot_download
-        from modelscope.hub.snapshot_download import dataset_snapshot_download
-
-        (dataset_snapshot_download if repo_type == "dataset" else snapshot_download)(
-            ref.repo_id, revision=revision, local_dir=str(dest), allow_patterns=patterns,
-            max_workers=settings.download_workers, endpoint=settings.modelscope_endpoint,
-        )
-    else:
-        from huggingface_hub import constants, snapshot_download
-
-        constants.HF_HUB_DISABLE_XET = True  # read at call time: the one transport tested (see transport)
-        snapshot_download(
-            ref.repo_id, repo_type=repo_type, revision=revision, local_dir=str(dest), allow_patterns=patterns,
-            endpoint=settings.hf_endpoint, max_workers=settings.download_workers,
-            etag_timeout=read_timeout(settings),
-        )
+    CLIENTS[ref.hub].snapshot(ref, repo_type, dest, patterns, revision, settings)
 
 
 
