@@ -58,8 +58,8 @@ def _capture(*names: str) -> Iterator[_LogTimes]:
 
 class _HostPeak:
     """This process's peak private (``RssAnon``) and total resident memory while the block runs, sampled every
-    20 ms. Private memory is what each DDP rank adds to its pod (``k8s.HOST_MEMORY_PER_RANK_GIB``); the rest
-    is the page-cached weight files every rank maps, counted once per pod (``k8s.HOST_MEMORY_BASE_GIB``)."""
+    20 ms. Private memory is what each DDP rank adds to its pod (``launch.pod.HOST_MEMORY_PER_RANK_GIB``); the rest
+    is the page-cached weight files every rank maps, counted once per pod (``launch.pod.HOST_MEMORY_BASE_GIB``)."""
 
     def __init__(self) -> None:
 
@@ -191,7 +191,7 @@ def m_job_train(ctx: Ctx) -> dict[str, Any]:
     work = ctx.work_dir / "job-train"
     shutil.rmtree(work, ignore_errors=True)
     ctx.reset_peak()
-    with _capture("kolors_job.train.loop") as logs, _HostPeak() as host:
+    with _capture("kolors_job.train") as logs, _HostPeak() as host:
         t = time.perf_counter()
         result = train_lora(model_dir, items, spec, work_dir=work, device=str(ctx.dev), progress=False)
         wall = time.perf_counter() - t
@@ -239,7 +239,7 @@ def m_job_story(ctx: Ctx, *, compile_story: bool) -> dict[str, Any]:
     out = ctx.work_dir / ("job-story-compile" if compile_story else "job-story")
     shutil.rmtree(out, ignore_errors=True)
     ctx.reset_peak()
-    with _capture("kolors_job.render.pipeline") as logs, _HostPeak() as host:
+    with _capture("kolors_job.story") as logs, _HostPeak() as host:
         t = time.perf_counter()
         frames = generate_story(model_dir, spec, out_dir=out, lora_dir=lora_dir, device=str(ctx.dev), progress=False)
         wall = time.perf_counter() - t

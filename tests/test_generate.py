@@ -273,9 +273,9 @@ def test_out_of_memory_halves_the_batch_and_keeps_the_pixels(
 ) -> None:
     """A card too small for the batch: the CUDA allocator's OutOfMemoryError (raised here by our own render
     for batches over 2) makes the story retry with halved batches; the frames equal the batch-1 ones."""
-    import kolors_job.render.pipeline as generate
+    import kolors_job.story.draw as draw
 
-    real_render, tried = generate.render, []
+    real_render, tried = draw.render, []
 
     def small_card(pipe: Any, jobs: Any, *args: Any, **kwargs: Any) -> Any:
         tried.append(len(jobs))
@@ -283,7 +283,7 @@ def test_out_of_memory_halves_the_batch_and_keeps_the_pixels(
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return real_render(pipe, jobs, *args, **kwargs)
 
-    monkeypatch.setattr(generate, "render", small_card)
+    monkeypatch.setattr(draw, "render", small_card)
     spec = drawn["spec"].model_copy(update={"batch_size": 8})
     results = generate_story(tiny_model, spec, out_dir=tmp_path, lora_dir=lora, device="cpu", progress=False)
     assert tried == [8, 4, 2, 2, 2, 2]

@@ -106,7 +106,7 @@ def straight(
         return real_loss(unet, noise_scheduler, *args, **kwargs)
 
     handler = _Records()
-    logger = logging.getLogger("kolors_job.train.loop")
+    logger = logging.getLogger("kolors_job.train")
     logger.addHandler(handler)
     old_level = logger.level
     logger.setLevel(logging.INFO)

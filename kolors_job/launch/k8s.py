@@ -235,7 +235,7 @@ def render_cache_pvc(opts: pod.RenderOptions) -> dict[str, Any] | None:
     spec: dict[str, Any] = {
         # Several nodes mount the cache at once in a PyTorchJob: that needs NAS/CPFS/EFS-style RWX.
         "accessModes": ["ReadWriteMany" if opts.resolved_kind == "pytorchjob" else "ReadWriteOnce"],
-        "pod.resources": {"requests": {"storage": opts.create_cache_pvc}},
+        "resources": {"requests": {"storage": opts.create_cache_pvc}},
     }
     if opts.storage_class:
         spec["storageClassName"] = opts.storage_class

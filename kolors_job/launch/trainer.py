@@ -57,25 +57,25 @@ def _pod_failure_policy() -> dict[str, Any]:
 
 
 def _runtime_spec(opts: pod.RenderOptions) -> dict[str, Any]:
-    pod: dict[str, Any] = {"restartPolicy": "Never"}
+    template: dict[str, Any] = {"restartPolicy": "Never"}
     if opts.service_account:
-        pod["serviceAccountName"] = opts.service_account
-    pod["automountServiceAccountToken"] = False
-    pod["terminationGracePeriodSeconds"] = opts.termination_grace_seconds
+        template["serviceAccountName"] = opts.service_account
+    template["automountServiceAccountToken"] = False
+    template["terminationGracePeriodSeconds"] = opts.termination_grace_seconds
     if opts.priority_class:
-        pod["priorityClassName"] = opts.priority_class
-    pod["nodeSelector"] = dict(opts.node_selector)
-    pod["tolerations"] = [dict(t) for t in opts.tolerations]
+        template["priorityClassName"] = opts.priority_class
+    template["nodeSelector"] = dict(opts.node_selector)
+    template["tolerations"] = [dict(t) for t in opts.tolerations]
     if opts.image_pull_secret:
-        pod["imagePullSecrets"] = [{"name": opts.image_pull_secret}]
-    pod["securityContext"] = copy.deepcopy(pod.POD_SECURITY_CONTEXT)
+        template["imagePullSecrets"] = [{"name": opts.image_pull_secret}]
+    template["securityContext"] = copy.deepcopy(pod.POD_SECURITY_CONTEXT)
     container: dict[str, Any] = {"name": NODE, "image": opts.image, "imagePullPolicy": "IfNotPresent"}
     if opts.secret:
         container["envFrom"] = [{"secretRef": {"name": opts.secret}}]
     container["volumeMounts"] = pod.volume_mounts()
     container["securityContext"] = copy.deepcopy(pod.CONTAINER_SECURITY_CONTEXT)
-    pod["containers"] = [container]
-    pod["volumes"] = pod.volumes(opts)
+    template["containers"] = [container]
+    template["volumes"] = pod.volumes(opts)
     node_job = {
         "name": NODE,
         "replicas": 1,  # Trainer's webhook: the trainer job has one replica; numNodes sets its pods
@@ -86,7 +86,7 @@ def _runtime_spec(opts: pod.RenderOptions) -> dict[str, Any]:
                 "activeDeadlineSeconds": opts.active_deadline_seconds,
                 "podReplacementPolicy": "Failed",
                 "podFailurePolicy": _pod_failure_policy(),
-                "template": {"metadata": {"labels": {"app.kubernetes.io/name": k8s.APP}}, "spec": pod},
+                "template": {"metadata": {"labels": {"app.kubernetes.io/name": k8s.APP}}, "spec": template},
             },
         },
     }
