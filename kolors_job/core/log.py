@@ -70,12 +70,17 @@ def _short(value: Any) -> Any:
     return f"{value:.4g}" if isinstance(value, float) else value
 
 
+def _package(name: str) -> str:
+    """A person's line names the stage's package (``train``, ``sources``, ``sample``); JSON keeps the module."""
+    return name.removeprefix("kolors_job.").split(".")[0] if name.startswith("kolors_job.") else name
+
+
 class TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         ts = time.strftime("%H:%M:%S", time.localtime(record.created))
         rank = _rank()
         extras = " ".join(f"{k}={_short(v)}" for k, v in _extras(record).items() if v is not None)
-        where = record.name.removeprefix("kolors_job.") + (f"[{rank}]" if rank is not None else "")
+        where = _package(record.name) + (f"[{rank}]" if rank is not None else "")
         line = f"{ts} {record.levelname[0]} {where}: {record.getMessage()}"
         if extras:
             line += f"  [{extras}]"
