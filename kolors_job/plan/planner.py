@@ -10,9 +10,14 @@ A stage fits when its peak is at most :attr:`Card.budget` (90 % of the card).
 bf16), ChatGLM on the GPU or (when even alone it cannot fit) the CPU, the VAE's latent-caching batch, then the
 training step — no gradient checkpointing before checkpointing (2× slower steps), the largest micro-batch that
 divides ``batch_size`` (accumulation makes up the effective batch), 8-bit AdamW only if
-``train.allow_adamw8bit`` — then the story's batch (validation draws in it too) and VAE tiling last (it changes
-pixels at tile seams). Settings the manifest pins (``gradient_checkpointing: on|off``, ``optimizer: adamw8bit``)
-are kept; ``memory: manual`` keeps them all and only judges.
+``train.allow_adamw8bit`` and only in place of ``adamw`` — then the story's batch (validation draws in it too) and
+VAE tiling last (it changes pixels at tile seams). Settings the manifest pins (``gradient_checkpointing: on|off``,
+``optimizer: adamw8bit|prodigy``) are kept; ``memory: manual`` keeps them all and only judges.
+
+The training options are the user's and are never dropped; each only changes what is simulated (see
+:class:`~kolors_job.plan.simulate.TrainStep`): ``dora``, ``ema`` and ``optimizer: prodigy`` the step (and the
+state validation keeps beside its draws), ``dataset.buckets`` the size of the step and of latent caching — the
+largest bucket (:func:`training_size`).
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
+from kolors_job.aspect_buckets import bucket_sizes
 from kolors_job.plan.cards import GIB, Card
 from kolors_job.plan.simulate import (
     Count,
@@ -36,7 +42,7 @@ from kolors_job.plan.table import Results
 if TYPE_CHECKING:
     from kolors_job.manifest import Manifest, Spec
 
-__all__ = ["Choices", "Plan", "Stage", "plan_job"]
+__all__ = ["Choices", "Plan", "Stage", "plan_job", "training_size"]
 
 PROCESS_HOST = 3 * GIB
 """Resident memory of the job's Python process with torch, CUDA and diffusers loaded, before any model."""
@@ -47,6 +53,11 @@ PNG_BYTES_PER_PIXEL = 2.0
 STORED_BYTES = {"fp16": 2, "bf16": 2, "fp32": 4}
 MIXED_WEIGHTS = {"fp16": "fp16", "bf16": "bf16", "no": "fp32"}
 """accelerate's mixed precision → the frozen weights' dtype (``train_setup.weight_dtype_for``)."""
+OPTIMIZER_BYTES = {"adamw": 8, "adamw8bit": 2, "prodigy": 16}
+"""A checkpoint's optimizer state per LoRA value: AdamW's two fp32 moments, 8-bit AdamW's two bytes, Prodigy's
+``s``, ``p0`` and two moments (``p0`` is a scalar for LoRA B, zero when the state is made: at most 16)."""
+SIM_OPTIMIZER = {"adamw": "adamw_fused", "adamw8bit": "adamw8bit", "prodigy": "prodigy"}
+"""``train.optimizer`` → the simulated one (``make_optimizer``: AdamW fused on CUDA)."""
 
 
 @dataclass(frozen=True)
@@ -217,7 +228,8 @@ def _choose(spec: Spec, card: Card, c: Choices, results: Results) -> Choices:
     c = _first(c, [replace(c, latent_batch=b) for b in (8, 4, 2, 1)], lambda x: fit(x, "latents"))
     train = spec.train
     ckpts = [False, True] if train.gradient_checkpointing == "auto" else [train.gradient_checkpointing == "on"]
-    optimizers = [train.optimizer] + (["adamw8bit"] if train.allow_adamw8bit and train.optimizer != "adamw8bit" else [])
+    # 8-bit AdamW replaces AdamW only, never Prodigy (a different optimizer the manifest chose)
+    optimizers = [train.optimizer] + (["adamw8bit"] if train.allow_adamw8bit and train.optimizer == "adamw" else [])
     total = train.batch_size * train.gradient_accumulation
 
     def step(ck: bool, b: int, o: str) -> Choices:
@@ -294,12 +306,32 @@ def _changes(spec: Spec, c: Choices) -> list[str]:
 # ------------------------------------------------------------------------------------------------ stages
 
 
+def training_size(spec: Spec) -> tuple[int, int]:
+    """The largest image (width, height) a training batch can hold: ``resolution``² from a dataset without buckets;
+    from one with ``buckets``, its bucket of the most pixels (``aspect_buckets.bucket_sizes`` within its aspect
+    filter; of equal areas the widest). Every activation of a UNet or VAE pass grows with the latent's area (the
+    sides are multiples of 64, so no level rounds), so that bucket's step and encode peak the highest; buckets of
+    one area peak alike (``test_plan``). A bucket never has more pixels than ``resolution``²."""
+    res = spec.train.resolution
+    sizes = [
+        max(bucket_sizes(res, d.filters.aspect_ratio), key=lambda s: (s[0] * s[1], s[0])) if d.buckets else (res, res)
+        for d in spec.datasets
+    ]
+    return max(sizes, key=lambda s: (s[0] * s[1], s == (res, res), s[0]))
+
+
+def _bucket(spec: Spec) -> tuple[int, ...]:
+    """The simulations' ``bucket``: empty for the square (the same simulation as without buckets)."""
+    size = training_size(spec)
+    return () if size == (spec.train.resolution,) * 2 else size
+
+
 def _train_step(spec: Spec, c: Choices) -> TrainStep:
-    """The trainer's step with these choices (``make_optimizer``: fused AdamW on CUDA)."""
-    optimizer = "adamw8bit" if c.optimizer == "adamw8bit" else "adamw_fused"
+    """The trainer's step with these choices and the manifest's training options."""
     t = spec.train
     return TrainStep(c.batch_size, t.resolution, MIXED_WEIGHTS[c.precision], c.precision, c.gradient_checkpointing,
-                     t.rank, tuple(t.target_modules), optimizer)  # fmt: skip
+                     t.rank, tuple(t.target_modules), SIM_OPTIMIZER[c.optimizer], dora=t.dora, ema=t.ema,
+                     bucket=_bucket(spec))  # fmt: skip
 
 
 def _stages(spec: Spec, card: Card, c: Choices, results: Results, only: tuple[str, ...] = ()) -> list[Stage]:
@@ -314,10 +346,13 @@ def _stages(spec: Spec, card: Card, c: Choices, results: Results, only: tuple[st
         return results.get(Count(part)).peak
 
     weights = MIXED_WEIGHTS[c.precision]
-    lora = results.get(Count("lora", train.rank, tuple(train.target_modules))).peak
+    lora = results.get(Count("lora", train.rank, tuple(train.target_modules), train.dora)).peak
     scorer = count("aesthetic") * 4  # fp32, on the device from training to the end
     te_files, unet_files, vae_files = count("text_encoder") * 2, count("unet") * 2, count("vae") * 2
     res = train.resolution
+    bucket = _bucket(spec)
+    width, height = bucket or (res, res)
+    size = f"{width}×{height} (the largest bucket)" if bucket else f"{res}²"
     stages: list[Stage] = []
 
     def add(name: str, what: str, gpu: int, host: int, disk: int = 0) -> None:
@@ -343,9 +378,9 @@ def _stages(spec: Spec, card: Card, c: Choices, results: Results, only: tuple[st
     named_vae = spec.model.train_vae or spec.model.vae
     vae_dtype = "fp32" if c.precision == "fp16" and named_vae is None else weights
     if need("latents"):
-        enc = results.get(VaeEncode(c.latent_batch, res, vae_dtype)).peak
-        pixels = 2 * c.latent_batch * 3 * res * res * 4
-        add("latents", f"VAE {vae_dtype} encodes {c.latent_batch} × {res}² at a time (+0.5 MiB host per image)",
+        enc = results.get(VaeEncode(c.latent_batch, res, vae_dtype, bucket)).peak
+        pixels = 2 * c.latent_batch * 3 * width * height * 4
+        add("latents", f"VAE {vae_dtype} encodes {c.latent_batch} × {size} at a time (+0.5 MiB host per image)",
             enc + scorer, vae_files + pixels)  # fmt: skip
 
     step = _train_step(spec, c)
@@ -354,17 +389,19 @@ def _stages(spec: Spec, card: Card, c: Choices, results: Results, only: tuple[st
     if need("train"):
         r = results.get(step)
         n_ckpt = max(1, min(spec.output.keep_checkpoints, -(-(train.steps or 1) // train.checkpoint_every)))
-        state = lora * (4 + (2 if c.optimizer == "adamw8bit" else 8))
+        # a checkpoint: the LoRA, the optimizer's state; with EMA its averaged LoRA (ema/) and EMAModel's state
+        state = lora * (4 + OPTIMIZER_BYTES[c.optimizer] + (8 if train.ema else 0))
         exports = lora * 4 * (len(spec.output.lora_formats) + 1)
-        add("train", f"UNet {weights}, LoRA r{train.rank} fp32, {c.optimizer}, micro-batch {c.batch_size} at {res}², "
+        adapter = f"{'DoRA' if train.dora else 'LoRA'} r{train.rank} fp32" + (" + its EMA" if train.ema else "")
+        add("train", f"UNet {weights}, {adapter}, {c.optimizer}, micro-batch {c.batch_size} at {size}, "
             f"checkpointing {'on' if c.gradient_checkpointing else 'off'}", r.peak + scorer, unet_files + vae_cpu,
             n_ckpt * state + exports)  # fmt: skip
 
     if validating and need("validation"):
         n_val = min(c.story_batch_size, len(train.validation.frames))
-        state = results.get(step).start  # UNet + LoRA + AdamW state stay on the device
+        state = results.get(step).start  # UNet + LoRA + optimizer state (+ EMA) stay on the device
         draw = results.get(Denoise(n_val, story.height, story.width, weights, "training", train.rank,
-                                   tuple(train.target_modules), autocast=c.precision))  # fmt: skip
+                                   tuple(train.target_modules), autocast=c.precision, dora=train.dora))  # fmt: skip
         dec = results.get(VaeDecode(n_val, story.height, story.width, "fp32", True))  # sliced, never tiled
         n_points = max(1, -(-(train.steps or 1) // train.validation_every))
         pngs = int(n_points * len(train.validation.frames) * story.width * story.height * PNG_BYTES_PER_PIXEL)
@@ -381,7 +418,8 @@ def _stages(spec: Spec, card: Card, c: Choices, results: Results, only: tuple[st
 
     lora_mode = "fused" if sp in ("fp16", "fp32") else "branch"
     denoise = Denoise(c.story_batch_size, story.height, story.width, sp, lora_mode, train.rank,
-                      tuple(train.target_modules), fuse_qkv=lora_mode == "fused")  # fmt: skip
+                      tuple(train.target_modules), fuse_qkv=lora_mode == "fused",
+                      dora=train.dora and lora_mode == "branch")  # fmt: skip
     images = len(story.frames) * story.best_of
     png = int(images * story.width * story.height * PNG_BYTES_PER_PIXEL)
     if need("story.denoise"):
