@@ -15,9 +15,10 @@ import torch
 from PIL import Image
 
 from kolors_job.core.errors import InputError
-from kolors_job.data.buckets import assign_buckets, bucket_counts, bucket_sizes, nearest_bucket
+from kolors_job.data.buckets import assign_buckets, bucket_counts
 from kolors_job.data.images import ImageItem, load_image
 from kolors_job.export.lora_io import LORA_WEIGHT_NAME
+from kolors_job.manifest.buckets import bucket_sizes, nearest_bucket
 from kolors_job.manifest.load import parse_manifest
 from kolors_job.manifest.train import TrainSpec
 from kolors_job.models.tiny import build_tiny_kolors

@@ -20,10 +20,12 @@ from kolors_job.models.tiny import TINY_UNET_CONFIG
 from kolors_job.plan import runtime
 from kolors_job.plan.cards import CARDS, GIB, Card
 from kolors_job.plan.fake import LiveMemory, cuda_autocast_rules, materialize, simulation
-from kolors_job.plan.planner import plan_job
-from kolors_job.plan.simulate import Denoise, TextEncode, VaeDecode
+from kolors_job.plan.meta import Result
+from kolors_job.plan.planner import Plan, plan_job
+from kolors_job.plan.simulate import Count, Denoise, TextEncode, VaeDecode
+from kolors_job.plan.stages import Stage, training_size
 from kolors_job.plan.table import SHIPPED, Results
-from kolors_job.plan.train_step import lora_step
+from kolors_job.plan.train_step import TrainStep, lora_step
 from tests.cli_lines import last_message
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,6 +36,7 @@ answers all of them (``python -m kolors_job.plan.refresh``, see that module)."""
 BATCH8_NO_CKPT = (PLANNED / "batch8-no-ckpt.yaml").read_text()
 TUNED = (PLANNED / "tuned.yaml").read_text()
 TUNED_MANUAL = (PLANNED / "tuned-manual.yaml").read_text()
+DORA, EMA_PRODIGY, BUCKETS = ((PLANNED / f"{n}.yaml").read_text() for n in ("dora", "ema-prodigy", "buckets"))
 
 
 def _manifest(text: str = "spec: {output: {uri: /tmp/out}}"):
@@ -88,45 +91,98 @@ def test_fake_cpu_attention_keeps_the_flash_memory_profile() -> None:
     assert mem.peak - start < 16 << 20
 
 
-def _tiny_lora_unet() -> torch.nn.Module:
+def _tiny_lora_unet(dora: bool = False) -> torch.nn.Module:
     from diffusers import UNet2DConditionModel
     from peft import LoraConfig
 
     with torch.device("meta"):
         unet = UNet2DConditionModel.from_config(copy.deepcopy(TINY_UNET_CONFIG)).requires_grad_(False)
-        unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+        unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"],
+                                    use_dora=dora))  # fmt: skip
     return unet
 
 
-def test_a_fake_step_peaks_where_the_same_step_on_real_tensors_does() -> None:
-    """The simulation's bookkeeping on fake tensors equals the same step's on real tensors (a tiny UNet with a LoRA,
-    fp32, AdamW, gradient checkpointing) but for one buffer: the CPU's ``mse_loss`` returns its 0-d mean in the
-    storage of the elementwise losses (2×4×32×32 fp32 = 32 KiB), fake mode's in a storage of its own (one block)."""
+MSE_STORAGE = 2 * 4 * 32 * 32 * 4 - 512
+"""What a real step holds more than its simulation: the CPU's ``mse_loss`` returns its 0-d mean in the storage of the
+elementwise losses (2×4×32×32 fp32 = 32 KiB), fake mode's in a storage of its own (one block)."""
+
+
+def _tiny_steps(*, dora: bool = False, optimizer: str = "adamw_foreach", ema: bool = False,
+                latent: tuple[int, int] = (32, 32), real: bool = True) -> tuple[Result | None, Result]:  # fmt: skip
+    """One training step of the tiny UNet with a LoRA (fp32, gradient checkpointing) on real tensors (None unless
+    ``real``) and the same step simulated on fake ones. The real LoRA B starts at zero, as peft's does."""
+    h, w = latent
 
     def inputs() -> dict[str, torch.Tensor]:
-        return {"x": torch.zeros(2, 4, 32, 32), "noise": torch.zeros(2, 4, 32, 32), "emb": torch.zeros(2, 8, 32),
+        return {"x": torch.zeros(2, 4, h, w), "noise": torch.zeros(2, 4, h, w), "emb": torch.zeros(2, 8, 32),
                 "pooled": torch.zeros(2, 32), "time_ids": torch.zeros(2, 6)}  # fmt: skip
 
     def forward(m: torch.nn.Module, x: dict[str, torch.Tensor]) -> torch.Tensor:
         return m(x["x"], 10, encoder_hidden_states=x["emb"],
                  added_cond_kwargs={"text_embeds": x["pooled"], "time_ids": x["time_ids"]}).sample  # fmt: skip
 
-    real = _tiny_lora_unet().to_empty(device="cpu")
-    for p in real.parameters():
-        torch.nn.init.normal_(p.data, std=0.02)
-    real.enable_gradient_checkpointing()
-    real.train()
-    measured = lora_step(real, forward, inputs, mixed="no", optimizer="adamw_foreach")
+    options = {"mixed": "no", "optimizer": optimizer, "ema": ema}
+    measured = None
+    if real:
+        model = _tiny_lora_unet(dora).to_empty(device="cpu")
+        for name, p in model.named_parameters():
+            torch.nn.init.zeros_(p.data) if "lora_B" in name else torch.nn.init.normal_(p.data, std=0.02)
+        model.enable_gradient_checkpointing()
+        model.train()
+        measured = lora_step(model, forward, inputs, **options)
 
-    fake = _tiny_lora_unet()
+    fake = _tiny_lora_unet(dora)
     with simulation():
         materialize(fake, lambda _n, t: t.dtype)
         fake.enable_gradient_checkpointing()
         fake.train()
-        simulated = lora_step(fake, forward, inputs, mixed="no", optimizer="adamw_foreach")
+        simulated = lora_step(fake, forward, inputs, **options)
+    return measured, simulated
+
+
+def test_a_fake_step_peaks_where_the_same_step_on_real_tensors_does() -> None:
+    """The simulation's bookkeeping on fake tensors equals the same step's on real tensors (a tiny UNet with a LoRA,
+    fp32, AdamW, gradient checkpointing) but for the loss's storage (:data:`MSE_STORAGE`)."""
+    measured, simulated = _tiny_steps()
     assert simulated.start == measured.start
-    assert measured.peak - simulated.peak == 2 * 4 * 32 * 32 * 4 - 512
+    assert measured.peak - simulated.peak == MSE_STORAGE
     assert simulated.transient > 1 << 20
+
+
+def test_a_fake_dora_step_peaks_where_the_real_one_does_above_a_plain_lora() -> None:
+    """``train.dora``: peft's DoRA on fake tensors peaks where it peaks on real ones, and above the plain LoRA's step
+    by exactly what the real steps show (its magnitudes, its optimizer state, the weight norms and the base output
+    its forward keeps)."""
+    lora_real, lora_fake = _tiny_steps()
+    dora_real, dora_fake = _tiny_steps(dora=True)
+    assert dora_fake.start == dora_real.start
+    assert dora_real.peak - dora_fake.peak == MSE_STORAGE
+    assert dora_fake.peak - lora_fake.peak == dora_real.peak - lora_real.peak > 0
+    assert dora_fake.transient - lora_fake.transient == dora_real.transient - lora_real.transient > 0
+
+
+@pytest.mark.parametrize(("optimizer", "ema"), [("prodigy", False), ("adamw_foreach", True), ("prodigy", True)])
+def test_prodigy_and_ema_add_their_state_as_on_real_tensors(optimizer: str, ema: bool) -> None:
+    """Prodigy (its stand-in on fake tensors, the real ``prodigyopt`` on real ones) and ``EMAModel`` add their state
+    to the step's start, and the real step and the simulation agree on it and on the peak. EMA's state is one fp32
+    copy of the LoRA; Prodigy's is AdamW's two moments + ``s`` (the LoRA again) + ``p0`` (a copy of LoRA A; a
+    scalar for the zero LoRA B), less AdamW's 0-d ``step`` tensor per parameter (Prodigy counts in an int)."""
+    base_real, _ = _tiny_steps()
+    measured, simulated = _tiny_steps(optimizer=optimizer, ema=ema)
+    assert simulated.start == measured.start
+    assert measured.peak - simulated.peak == MSE_STORAGE
+    block = 512
+    lora = [(n, -(-p.numel() * 4 // block) * block) for n, p in _tiny_lora_unet().named_parameters() if p.requires_grad]
+    copy_ = sum(size for _, size in lora)
+    prodigy = copy_ + sum(size if "lora_A" in n else block for n, size in lora) - block * len(lora)
+    assert measured.start - base_real.start == (copy_ if ema else 0) + (prodigy if optimizer == "prodigy" else 0)
+
+
+def test_a_step_peaks_by_its_latent_area() -> None:
+    """Why a bucketed plan simulates the bucket of the most pixels: a step's peak grows with the latent's area, and
+    buckets of one area (2:1 and 1:2) peak alike."""
+    peaks = {latent: _tiny_steps(latent=latent, real=False)[1].peak for latent in [(16, 32), (32, 16), (32, 32)]}
+    assert peaks[(16, 32)] == peaks[(32, 16)] < peaks[(32, 32)]
 
 
 # ------------------------------------------------------------------------------------------------ calibration
@@ -236,6 +292,82 @@ def test_a_12_gib_card_encodes_on_the_cpu() -> None:
     assert plan.fits, plan.problem()
     assert plan.choices.text_encoder == "cpu"
     assert next(s for s in plan.stages if s.name == "encode").gpu < 2 * GIB
+
+
+def _stage(plan: Plan, name: str) -> Stage:
+    return next(s for s in plan.stages if s.name == name)
+
+
+def _used(results: Results, kind: str) -> list[str]:
+    return [k for k in results.used if k.startswith(kind + "(")]
+
+
+def test_keys_without_the_training_options_are_the_first_tables() -> None:
+    """The options added to the simulations (``dora``, ``ema``, ``bucket``) enter a key only when set: a plain LoRA's
+    step keeps the key it always had (so its shipped result stays valid without re-simulating every key)."""
+    plain = TrainStep(1, 1024, "fp16", "fp16", True)
+    assert plain.key() == ("train_step(batch=1,resolution=1024,weights=fp16,mixed=fp16,checkpointing=True,rank=16,"
+                           "targets=to_q+to_k+to_v+to_out.0,optimizer=adamw_fused,compile=no)")  # fmt: skip
+    options = TrainStep(1, 1024, "fp16", "fp16", True, dora=True, ema=True, bucket=(1344, 768))
+    assert options.key() == plain.key()[:-1] + ",dora=True,ema=True,bucket=1344+768)"
+    assert plain.key() in json.loads(SHIPPED.read_text())["results"]
+
+
+@pytest.mark.parametrize("card", ["t4", "a10"])
+def test_dora_is_planned_as_a_dora(card: str) -> None:
+    """``train.dora``: the step, the validation draws and the LoRA's count are DoRA simulations, and the train
+    stage's peak is above the plain LoRA's with the same settings (by 2.5 GiB without checkpointing: the base output
+    each adapted layer keeps for its magnitude's gradient; a little with it)."""
+    results, reference = _shipped(), plan_job(_manifest(), CARDS[card], _shipped())
+    plan = plan_job(_manifest(DORA), CARDS[card], results)
+    assert plan.fits, plan.problem()
+    assert plan.choices == reference.choices
+    assert "DoRA r16" in _stage(plan, "train").what
+    assert all("dora=True" in k for k in _used(results, "train_step") + _used(results, "denoise")
+               if "lora=fused" not in k)  # fmt: skip
+    targets = ("to_q", "to_k", "to_v", "to_out.0")
+    assert results.get(Count("lora", 16, targets, dora=True)).peak > results.get(Count("lora", 16, targets)).peak
+    extra = _stage(plan, "train").gpu - _stage(reference, "train").gpu
+    assert extra > (2 * GIB if card == "a10" else 0)
+
+
+@pytest.mark.parametrize("card", ["t4", "a10"])
+def test_prodigy_and_ema_are_kept_and_their_state_is_planned(card: str) -> None:
+    """``optimizer: prodigy`` with ``allow_adamw8bit``: auto never trades Prodigy for 8-bit AdamW; Prodigy's state
+    (one LoRA more than AdamW's, plus ``p0`` of LoRA A) and the EMA's fp32 copy of the LoRA are on the device in the
+    train stage and beside the validation draws."""
+    results, reference = _shipped(), plan_job(_manifest(), CARDS[card], _shipped())
+    plan = plan_job(_manifest(EMA_PRODIGY), CARDS[card], results)
+    assert plan.fits, plan.problem()
+    assert plan.choices.optimizer == "prodigy" and not any("optimizer" in n for n in plan.notes)
+    assert plan.choices.gradient_checkpointing == reference.choices.gradient_checkpointing
+    assert all("optimizer=prodigy" in k and "ema=True" in k for k in _used(results, "train_step"))
+    lora = results.get(Count("lora", 16, ("to_q", "to_k", "to_v", "to_out.0"))).peak * 4  # fp32 bytes
+    for stage in ("train", "validation"):
+        extra = _stage(plan, stage).gpu - _stage(reference, stage).gpu
+        assert 2 * lora * 0.99 < extra < 3 * lora, stage  # EMA + s, and p0 of A less AdamW's step tensors
+
+
+def test_a_bucketed_manifest_plans_its_largest_bucket() -> None:
+    """Two bucketed datasets without a square bucket: the step and latent caching are simulated at the bucket of the
+    most pixels of either (fewer than 1024², so a lower peak than the square's); a dataset without buckets in the
+    list brings the square back."""
+    from kolors_job.manifest.buckets import bucket_sizes
+
+    m = _manifest(BUCKETS)
+    w, h = training_size(m.spec)
+    buckets = {s for d in m.spec.datasets for s in bucket_sizes(1024, d.filters.aspect_ratio)}
+    assert (w, h) in buckets and all(bw * bh <= w * h < 1024 * 1024 for bw, bh in buckets)
+    results, reference = _shipped(), plan_job(_manifest(), CARDS["a10"], _shipped())
+    plan = plan_job(m, CARDS["a10"], results)
+    assert plan.fits, plan.problem()
+    assert plan.choices == reference.choices
+    assert f"at {w}×{h} (the largest bucket)" in _stage(plan, "train").what
+    assert f"{w}×{h} (the largest bucket)" in _stage(plan, "latents").what
+    assert all(f"bucket={w}+{h}" in k for k in _used(results, "train_step") + _used(results, "vae_encode"))
+    assert _stage(plan, "train").gpu < _stage(reference, "train").gpu
+    mixed = _manifest(BUCKETS.replace("{source: /data/portrait, buckets: true,", "{source: /data/portrait,"))
+    assert training_size(mixed.spec) == (1024, 1024)
 
 
 def test_manual_mode_only_judges() -> None:

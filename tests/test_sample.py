@@ -23,6 +23,7 @@ from kolors_job.core.errors import ExitCode
 from kolors_job.core.settings import Settings
 from kolors_job.manifest.story import StorySpec
 from kolors_job.sample.prompts import PromptDefaults, command_line, parse_prompts_file, resolve_prompts
+from tests.cli_lines import messages
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -293,7 +294,7 @@ def test_the_command_in_its_own_process_prints_one_line(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, "-m", "kolors_job", "sample", str(tmp_path / "none"), "a prompt"],
                           capture_output=True, text=True, env=env, timeout=300)  # fmt: skip
     assert proc.returncode == ExitCode.INVALID_INPUT
-    assert proc.stderr.strip().splitlines() == [
+    assert messages(proc.stderr) == [  # off a terminal: one JSON record
         f"lora {tmp_path / 'none'}: no pytorch_lora_weights.safetensors there, and not a job's output "
         "(manifest.resolved.yaml + lora/)"
     ]

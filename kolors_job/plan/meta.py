@@ -52,9 +52,16 @@ class Sim:
     """One simulated piece of device work; subclasses are its inputs. ``run`` builds, runs and measures it."""
 
     kind: ClassVar[str] = ""
+    added: ClassVar[tuple[str, ...]] = ()
+    """Fields added after the table's first keys were written: in a key only when not at their default, so a key
+    without them still names the same work (a plain LoRA, AdamW, the square) and its result stays valid."""
 
     def key(self) -> str:
-        fields = ",".join(f"{f.name}={_text(getattr(self, f.name))}" for f in dataclasses.fields(self))
+        fields = ",".join(
+            f"{f.name}={_text(getattr(self, f.name))}"
+            for f in dataclasses.fields(self)
+            if f.name not in self.added or getattr(self, f.name) != f.default
+        )
         return f"{self.kind}({fields})"
 
     def run(self) -> Result:
@@ -65,8 +72,9 @@ def _text(v: Any) -> str:
     return "+".join(map(str, v)) if isinstance(v, tuple) else str(v)
 
 
-def unet_on_meta(rank: int | None = None, targets: tuple[str, ...] = ()) -> torch.nn.Module:
-    """Kolors' UNet (diffusers) with shapes only, frozen, with a peft LoRA of ``rank`` on ``targets``."""
+def unet_on_meta(rank: int | None = None, targets: tuple[str, ...] = (), dora: bool = False) -> torch.nn.Module:
+    """Kolors' UNet (diffusers) with shapes only, frozen, with a peft LoRA of ``rank`` on ``targets`` (a DoRA, as
+    ``train.setup.add_lora`` asks peft for it, with ``dora``: a magnitude vector per adapted layer)."""
     from diffusers import UNet2DConditionModel
 
     with torch.device("meta"):
@@ -75,7 +83,8 @@ def unet_on_meta(rank: int | None = None, targets: tuple[str, ...] = ()) -> torc
         if rank:
             from peft import LoraConfig
 
-            unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=list(targets)))
+            unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=list(targets),
+                                        **({"use_dora": True} if dora else {})))  # fmt: skip
     return unet
 
 

@@ -9,8 +9,9 @@ from typing import TYPE_CHECKING
 
 from kolors_job.core.errors import InputError
 from kolors_job.plan.cards import GIB, visible_card
-from kolors_job.plan.planner import Choices, Plan, plan_job
+from kolors_job.plan.planner import Plan, plan_job
 from kolors_job.plan.simulate import Count
+from kolors_job.plan.stages import Choices
 from kolors_job.plan.table import Results, cache_file
 from kolors_job.plan.train_step import TrainStep
 

@@ -62,16 +62,19 @@ __all__ = ["Count", "Denoise", "ScoreImages", "TextEncode", "VaeDecode", "VaeEnc
 @dataclass(frozen=True)
 class Count(Sim):
     """Parameter count of a part (``unet``, ``vae``, ``text_encoder``, ``aesthetic``) or of the UNet's LoRA, kept in
-    the table like a measurement (``Result.peak`` holds the count): building ChatGLM even on meta takes seconds."""
+    the table like a measurement (``Result.peak`` holds the count): building ChatGLM even on meta takes seconds.
+    ``dora``: the LoRA's count includes DoRA's magnitudes."""
 
     kind: ClassVar[str] = "count"
+    added: ClassVar[tuple[str, ...]] = ("dora",)
     part: str
     rank: int = 0
     targets: tuple[str, ...] = ()
+    dora: bool = False
 
     def run(self) -> Result:
         if self.part == "lora":
-            module = unet_on_meta(self.rank, self.targets)
+            module = unet_on_meta(self.rank, self.targets, self.dora)
             n = sum(p.numel() for p in module.parameters() if p.requires_grad)
         else:
             build = {"unet": unet_on_meta, "vae": vae_on_meta, "text_encoder": text_encoder_on_meta,
@@ -111,14 +114,18 @@ class TextEncode(Sim):
 
 @dataclass(frozen=True)
 class VaeEncode(Sim):
-    """``cache_latents``: ``vae.encode`` of ``batch`` images at ``resolution`` in ``dtype``, no grad."""
+    """``cache_latents``: ``vae.encode`` of ``batch`` images at ``resolution``² (or ``bucket``, width × height: one
+    chunk holds one bucket's images) in ``dtype``, no grad."""
 
     kind: ClassVar[str] = "vae_encode"
+    added: ClassVar[tuple[str, ...]] = ("bucket",)
     batch: int
     resolution: int
     dtype: str
+    bucket: tuple[int, ...] = ()
 
     def run(self) -> Result:
+        width, height = self.bucket or (self.resolution, self.resolution)
         vae = vae_on_meta()
         with simulation(), torch.no_grad():
             materialize(vae, weights_as(self.dtype))
@@ -126,7 +133,7 @@ class VaeEncode(Sim):
             mem.add(module_tensors(vae))
             start = mem.reset_peak()
             with mem:
-                pixels = torch.empty(self.batch, 3, self.resolution, self.resolution, dtype=DTYPES[self.dtype])
+                pixels = torch.empty(self.batch, 3, height, width, dtype=DTYPES[self.dtype])
                 dist = vae.encode(pixels).latent_dist
                 mean, std = dist.mean.float(), dist.std.float()
                 del dist, mean, std, pixels
@@ -174,9 +181,11 @@ class Denoise(Sim):
     weights in ``dtype``: the story in bf16) or ``training`` (the trainer's fp32 LoRA under ``autocast``, as
     validation draws with the UNet being trained). ``fuse_qkv``: ``fuse_qkv_projections()`` on the device, as the
     story's speed path does with the LoRA merged — diffusers keeps the separate q/k/v weights beside the fused
-    ones, so it costs weights, not just time."""
+    ones, so it costs weights, not just time. ``dora``: the LoRA (``training`` or ``branch``) is a DoRA, whose
+    forward computes each adapted layer's weight norm."""
 
     kind: ClassVar[str] = "denoise"
+    added: ClassVar[tuple[str, ...]] = ("dora",)
     images: int
     height: int
     width: int
@@ -186,9 +195,10 @@ class Denoise(Sim):
     targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
     autocast: str = "no"
     fuse_qkv: bool = False
+    dora: bool = False
 
     def run(self) -> Result:
-        unet = unet_on_meta(self.rank if self.lora != "fused" else None, self.targets)
+        unet = unet_on_meta(self.rank if self.lora != "fused" else None, self.targets, self.dora)
         trainable = "fp32" if self.lora == "training" else self.dtype
         dtype = DTYPES[self.dtype]
         n, h, w = self.images, self.height // 8, self.width // 8

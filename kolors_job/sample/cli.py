@@ -16,9 +16,7 @@ __all__ = ["cmd_sample", "register_cli"]
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    import sys
-
-    from kolors_job.core.log import progress_enabled, setup_logging
+    from kolors_job.core.log import progress_enabled, say, setup_logging
     from kolors_job.core.settings import Settings
 
     settings = Settings()
@@ -29,8 +27,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
         req = build_request(args, settings, Path(scratch))
         run_sample(req, settings, progress=progress_enabled())
     out = req.output if "://" in req.output else os.path.abspath(req.output)
-    print(f"sampled {len(req.prompts)} prompt(s) x {len(req.columns)} column(s): {out.rstrip('/')}/{GRID}",
-          file=sys.stderr)  # fmt: skip
+    say(f"sampled {len(req.prompts)} prompt(s) x {len(req.columns)} column(s): {out.rstrip('/')}/{GRID}",
+        output=out)  # the CLI's last line: a JSON record in JSON mode, as every command's
     return ExitCode.OK
 
 
