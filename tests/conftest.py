@@ -8,6 +8,11 @@ from pathlib import Path
 
 import pytest
 
+# One OpenMP/MKL thread in every process the tests start (jobs, torchrun ranks, hub runs, sweep trials), as in
+# this one (``_one_torch_thread``): tiny models' ops take microseconds, and a second thread only spin-waits —
+# a subprocess job took twice the CPU time without this. Set before torch is imported; an explicit setting wins.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", "1")
 # Never let an SDK's credential chain probe a cloud metadata service (ECS 100.100.100.200, EC2
 # 169.254.169.254) from a test: only loopback is ours. Set before any SDK is imported (the Alibaba
 # credentials package reads these at import time); subprocesses inherit them.
@@ -36,6 +41,37 @@ def _one_torch_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _one_chatglm_tokenizer_per_process() -> Iterator[None]:
+    """The ChatGLM tokenizer read once per process and set of files: its constructor builds the 65k-entry
+    vocabulary in Python (~0.2 CPU-s; every component load, pipeline and trainer in this process made one).
+    Each caller gets its own deep copy (~0.01 s), so none sees another's changes. Jobs the tests start as
+    subprocesses still read theirs as the product does."""
+    import copy
+    import hashlib
+
+    from diffusers.pipelines.kolors.tokenizer import ChatGLMTokenizer
+
+    read = ChatGLMTokenizer.from_pretrained.__func__
+    loaded: dict[tuple[str, str], ChatGLMTokenizer] = {}
+
+    def from_pretrained(cls, path, *args, **kwargs):
+        folder = Path(path) / kwargs.get("subfolder", "")
+        if cls is not ChatGLMTokenizer or args or not (folder / "tokenizer.model").is_file():
+            return read(cls, path, *args, **kwargs)
+        files = hashlib.sha256()
+        for file in sorted(p for p in folder.iterdir() if p.is_file()):
+            files.update(file.name.encode() + b"\0" + file.read_bytes())
+        key = (files.hexdigest(), repr(sorted((k, v) for k, v in kwargs.items() if k != "subfolder")))
+        if key not in loaded:
+            loaded[key] = read(cls, path, *args, **kwargs)
+        return copy.deepcopy(loaded[key])
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ChatGLMTokenizer, "from_pretrained", classmethod(from_pretrained))
+        yield
 
 
 @pytest.fixture
