@@ -102,31 +102,18 @@ def job_env(shared_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     return tmp_path
 
 
-@pytest.fixture(scope="session")
-def finished_tiny_job(shared_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One whole tiny job, run once per session for every test that only reads a finished job's output
-    (``<tmp>/out/tiny-job/``: the output contract, on a local disk). The demo's shape — default story batch
-    of 8, fp32 on the CPU — with fewer steps; a learning rate high enough that the LoRA visibly moves pixels."""
-    from kolors_job.demo import build_demo_dataset, tiny_job
-    from kolors_job.manifest import Manifest
-    from kolors_job.runner import Job, run_job
-    from kolors_job.settings import Settings
-
-    root = tmp_path_factory.mktemp("finished-tiny-job")
-    data = build_demo_dataset(root / "data", n=6)
-    doc = tiny_job(data, str(root / "out"), {"dataset.caption": {"fixed": None}, "train.steps": 4,
-                                             "train.batch_size": 2, "train.checkpoint_every": 2,
-                                             "train.learning_rate": 1e-2, "story.steps": 3})  # fmt: skip
-    outcome = run_job(Job(Manifest.model_validate(doc), settings=Settings(cache_dir=shared_cache, work_dir=root / "work")))
-    assert outcome.exit_code == 0, outcome.message
-    return root / "out" / "tiny-job"
-
-
 # Storage test servers (moto S3, OSS proxy, radosgw): tests/storage_servers/fixtures.py
 try:
     from tests.storage_servers.fixtures import *  # noqa: F403
 except ModuleNotFoundError:  # tests/ is not a package and the repo root is not on sys.path
     from storage_servers.fixtures import *  # noqa: F403
+
+# Whole-job scenarios run once per session and shared across files (the tiny S3 job, the finished tiny job):
+# tests/scenarios.py
+try:
+    from tests.scenarios import *  # noqa: F403
+except ModuleNotFoundError:
+    from scenarios import *  # noqa: F403
 
 # Hub emulators (ModelScope, Hugging Face) with the tiny models in the real layouts: tests/hub_servers/fixtures.py
 try:
