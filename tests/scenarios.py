@@ -170,6 +170,13 @@ def run_tiny_s3_job(server: S3Server, cache_dir: Path, tmp: Path) -> TinyS3Job:
     """``python -m kolors_job run`` of the shared tiny job into a fresh bucket of ``server``. On moto it goes
     through a recording proxy (no faults) with ``SECRETS`` as its credentials and a password in the endpoint URL;
     a real server (radosgw) checks signatures, so there it runs with the server's own keys, straight."""
+    from kolors_job.settings import Settings
+    from kolors_job.sources import resolve_model
+
+    # the tiny models built here, once, as every test that starts jobs does: a run that builds them itself draws
+    # from Python's global RNG, which its checkpoints record (random_states_0.pkl) — test_claim compares those bytes
+    for uri, kind in (("tiny://kolors", "pipeline"), ("tiny://aesthetic", "aesthetic")):
+        resolve_model(uri, kind=kind, settings=Settings(cache_dir=cache_dir))
     data = build_demo_dataset(tmp / "data", n=6)
     bucket = server.create_bucket()
     output = f"s3://{bucket}/runs/"
