@@ -458,27 +458,19 @@ def _chain_env(tmp_path, shared_cache, backend: str, request) -> tuple[str, dict
     return f"oss://{oss.create_bucket()}/runs/", env
 
 
-def _chain_manifest(shared_cache, output: str) -> dict:
-    from kolors_job.demo import build_demo_dataset, tiny_job
-
-    data = build_demo_dataset(shared_cache / "demo-dataset")
-    return tiny_job(data, output, {
-        "train.steps": CHAIN_STEPS, "train.checkpoint_every": CHAIN_EVERY, "train.batch_size": 1,
-        "train.learning_rate": 1e-3, "story.steps": 1, "story.batch_size": 8, "score.gate": False,
-        "output.lora_formats": ["diffusers"],
-    }, name="fenced")  # fmt: skip
+def _chain_manifest(tiny_s3_job, output: str) -> dict:
+    """The shared tiny job's manifest (tests/scenarios.py: 4 steps, a checkpoint every 2) into ``output``."""
+    spec = tiny_s3_job.doc["spec"]["train"]
+    assert (spec["steps"], spec["checkpoint_every"]) == (CHAIN_STEPS, CHAIN_EVERY)
+    return tiny_s3_job.manifest_doc(output)
 
 
 @pytest.fixture(scope="module")
-def lone_run(tmp_path_factory, shared_cache, request) -> dict[str, bytes]:
-    """The chain's job run once, alone and uninterrupted, into a local directory: what a prefix must hold."""
-    tmp = tmp_path_factory.mktemp("lone")
-    output, env = _chain_env(tmp, shared_cache, "file", request)
-    manifest = tmp / "job.json"
-    manifest.write_text(json.dumps(_chain_manifest(shared_cache, output)))
-    run = Proc(manifest, env)
-    assert run.wait() == 0, run.tail()
-    return _snapshot(open_store(output).child("fenced"))
+def lone_run(tiny_s3_job) -> dict[str, bytes]:
+    """What a prefix must hold: the chain's job run once, alone and uninterrupted — the session's shared tiny job
+    (``tiny_s3_job``, tests/scenarios.py: ``python -m kolors_job run``), its prefix as that run left it."""
+    assert tiny_s3_job.returncode == 0, tiny_s3_job.log.decode(errors="replace")[-3000:]
+    return dict(tiny_s3_job.objects)
 
 
 def _stage_keys(snap: dict[str, bytes], generation: int) -> dict[str, bytes]:
@@ -486,7 +478,8 @@ def _stage_keys(snap: dict[str, bytes], generation: int) -> dict[str, bytes]:
 
 
 @pytest.mark.parametrize("backend", ["file", "s3", "oss"])
-def test_runs_paused_past_their_lease_publish_nothing(backend, tmp_path, shared_cache, storage_env, lone_run, request):
+def test_runs_paused_past_their_lease_publish_nothing(backend, tmp_path, shared_cache, storage_env, lone_run,
+                                                     tiny_s3_job, request):
     """Issue #31's reproductions, as one chain on each store (lease 3 s):
 
     1. run A is paused (SIGSTOP) mid-training, at step 3, its step-2 checkpoint uploaded;
@@ -499,9 +492,9 @@ def test_runs_paused_past_their_lease_publish_nothing(backend, tmp_path, shared_
     6. the prefix is C's alone: byte for byte what one uninterrupted run writes.
     """
     output, env = _chain_env(tmp_path, shared_cache, backend, request)
-    store = open_store(output, storage_env).child("fenced")
+    store = open_store(output, storage_env).child(tiny_s3_job.name)
     manifest = tmp_path / "job.json"
-    manifest.write_text(json.dumps(_chain_manifest(shared_cache, output)))
+    manifest.write_text(json.dumps(_chain_manifest(tiny_s3_job, output)))
     # a resumed run of OSS may drop its own stage object in one window (no conditional DELETE there)
     own_stage = (lambda snap, gen: _stage_keys(snap, gen)) if backend == "oss" else (lambda snap, gen: snap)
 

@@ -1,6 +1,7 @@
 """Kill and resume: a preempted job loses nothing and a rerun redoes nothing that is finished.
 
-The tiny job runs on the CPU in subprocesses (``python -m kolors_job run``, JSON logs, one thread).
+The tiny job runs on the CPU in subprocesses (``python -m kolors_job run``, JSON logs, one thread); the
+uninterrupted references they are compared with run in this process (same bytes, no second start-up).
 SIGTERM at a random training step → exit 75, status "interrupted", a checkpoint; a torn newer
 checkpoint (no ``COMPLETE``) is planted and must be ignored; the rerun resumes from the last
 complete checkpoint and is killed again once story frames have been uploaded; the third run draws
@@ -107,10 +108,20 @@ def snapshot(root: Path) -> dict[str, tuple[int, int, int]]:
     }
 
 
+def reference_run(manifest: Path, cache: Path, work_dir: Path) -> tuple[int, str]:
+    """The uninterrupted run of ``manifest``, in this process (its bytes are a subprocess's: one thread both;
+    a process of its own would only add its start-up): (exit code, message)."""
+    from kolors_job.runner import Job, run_job
+
+    outcome = run_job(Job(Manifest.model_validate(json.loads(manifest.read_text())),
+                          settings=Settings(cache_dir=cache, work_dir=work_dir)))  # fmt: skip
+    return outcome.exit_code, outcome.message
+
+
 @pytest.fixture(scope="module")
 def resume_runs(shared_cache, tmp_path_factory):
-    """Reference run (in the background) ‖ run A (SIGTERM in training) → torn checkpoint → run B
-    (SIGTERM after the first frame) → run C (finishes)."""
+    """Run A (SIGTERM in training) → torn checkpoint → run B (SIGTERM after the first frame) → run C (finishes);
+    then the reference: the same manifest run uninterrupted."""
     base = tmp_path_factory.mktemp("resume")
     rng = random.Random(os.environ.get("KOLORS_TEST_SEED") or time.time_ns())
     kill_step = rng.randint(3, STEPS - 3)
@@ -122,16 +133,11 @@ def resume_runs(shared_cache, tmp_path_factory):
     manifest.write_text(json.dumps(manifest_dict(shared_cache, out)))
     ref_manifest.write_text(json.dumps(manifest_dict(shared_cache, ref_out)))
     job_env = {**env, "KOLORS_JOB_WORK_DIR": str(base / "work")}
-    # make sure the tiny models exist before two processes race to build them
+    # the tiny models built once, here, before the runs
     from kolors_job.sources import resolve_model
 
     for uri, kind in (("tiny://kolors", "pipeline"), ("tiny://aesthetic", "aesthetic")):
         resolve_model(uri, kind=kind, settings=Settings(cache_dir=shared_cache))
-
-    ref_proc = start(ref_manifest, {**env, "KOLORS_JOB_WORK_DIR": str(base / "ref-work")})
-    ref_lines: list[str] = []
-    ref_reader = threading.Thread(target=lambda: ref_lines.extend(ref_proc.stdout), daemon=True)
-    ref_reader.start()
 
     t0 = time.monotonic()
     a = follow(start(manifest, job_env), lambda r: r.get("msg") == "step" and r.get("step") == kill_step)
@@ -164,11 +170,10 @@ def resume_runs(shared_cache, tmp_path_factory):
     c = follow(start(manifest, job_env))
     c.seconds = time.monotonic() - t0
 
-    ref_rc = ref_proc.wait(timeout=300)
-    ref_reader.join(timeout=10)
+    ref_rc, ref_log = reference_run(ref_manifest, shared_cache, base / "ref-work")
     return {
         "kill_step": kill_step, "out": out / JOB, "ref_out": ref_out / JOB, "ref_rc": ref_rc,
-        "ref_log": "".join(ref_lines[-60:]), "a": a, "b": b, "c": c, "status_a": status_a, "status_b": status_b,
+        "ref_log": ref_log, "a": a, "b": b, "c": c, "status_a": status_a, "status_b": status_b,
         "status_at_resume": status_at_resume,
         "complete_a": complete_a, "after_a": after_a, "torn_step": torn_step, "frames_b": frames_b,
         "manifest": manifest, "env": job_env, "shared_cache": shared_cache, "base": base,
@@ -346,8 +351,8 @@ def test_kill_after_a_validation_keeps_it_and_the_rerun_does_not_redo_it(shared_
     env.update(KOLORS_JOB_CACHE_DIR=str(shared_cache), KOLORS_JOB_LOG_FORMAT="json", OMP_NUM_THREADS="1",
                MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1", KOLORS_JOB_WORK_DIR=str(tmp_path / "work"))
     reports = {}
-    runs: dict[str, list[Run]] = {"killed": [], "ref": []}
-    for name in runs:
+    runs: dict[str, list[Run]] = {"killed": []}
+    for name in ("killed", "ref"):
         out = tmp_path / name
         manifest = tmp_path / f"{name}.json"
         manifest.write_text(json.dumps(tiny_job(data, str(out), {
@@ -360,8 +365,11 @@ def test_kill_after_a_validation_keeps_it_and_the_rerun_does_not_redo_it(shared_
             assert a.signalled_at is not None and a.rc == ExitCode.TEMPORARY, a.text()
             runs[name].append(a)
             before = snapshot(out / "watch-resume" / "validation")
-        runs[name].append(follow(start(manifest, env)))
-        assert runs[name][-1].rc == 0, runs[name][-1].text()
+            runs[name].append(follow(start(manifest, env)))
+            assert runs[name][-1].rc == 0, runs[name][-1].text()
+        else:  # the uninterrupted reference
+            rc, message = reference_run(manifest, shared_cache, tmp_path / "ref-work")
+            assert rc == 0, message
         reports[name] = json.loads((out / "watch-resume" / "report.json").read_text())
     a, b = runs["killed"]
     assert [r["step"] for r in a.msgs("validation")] == [2, 4]

@@ -24,6 +24,7 @@ from kolors_job.core.settings import Settings
 from kolors_job.manifest.story import StorySpec
 from kolors_job.sample.prompts import PromptDefaults, command_line, parse_prompts_file, resolve_prompts
 from tests.cli_lines import messages
+from tests.scenarios import URL_PROMPT
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -116,7 +117,7 @@ def test_grid_scales_base_sizes_and_scores(finished_tiny_job: Path, job_env: Pat
     assert [(r["seed"], r["negative_prompt"], r["width"], r["height"]) for r in rows] == [
         (3, "文件里的负面提示", 64, 64),  # --seed fills what the file leaves unset
         (7, "模糊", 64, 96),  # the prompt's own fields win
-        (3, "丑陋、变形、嘈杂、模糊、低对比度", 64, 64),  # the job's story negative
+        (3, URL_PROMPT, 64, 64),  # the job's story negative (the shared job's: tests/scenarios.py)
     ]
     img = {(r, c): pixels(out / f"images/{r + 1:02d}-{c}.png") for r in range(3) for c in labels}
     assert img[1, "base"].shape == (96, 64, 3)
@@ -172,7 +173,7 @@ def test_a_bucket_as_the_loras_source_and_as_the_output(
     prompt = ["二次元，一个紫色短发小女孩", "--seed", "5", "--scale", "1", "--compare-base"]
     assert sample(job_uri, *prompt, "--output", s3_bucket_uri + "samples/a/") == ExitCode.OK
     # the lora/ prefix alone names no job: the base model and the story's size and steps come from the options
-    story = ["--base", "tiny://kolors", "--width", "64", "--height", "64", "--steps", "3"]
+    story = ["--base", "tiny://kolors", "--width", "64", "--height", "64", "--steps", "3", "--negative", URL_PROMPT]
     assert sample(lora_uri, *prompt, *story, "--output", s3_bucket_uri + "samples/b") == ExitCode.OK
     a, b = bucket.child("samples", "a"), bucket.child("samples", "b")
     assert a.list() == b.list() == ["grid.png", "images/01-base.png", "images/01-lora1.png", "prompts.json"]
