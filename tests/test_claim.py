@@ -312,6 +312,49 @@ def test_a_sealed_generation_writes_and_deletes_nothing(prefix_store, tmp_path, 
     b.release()
 
 
+def test_a_run_paused_while_staging_its_data_is_refused_with_75(tmp_path, storage_env, monkeypatch):
+    """A file:// write paused earlier than the publishing rename — while its data is copied into the
+    stage — and sealed meanwhile: the write is refused as a lost claim (75), never a store fault (5).
+
+    CI caught this on 2026-12-07: a run paused at its report stage and resumed after two takeovers set
+    its staged file's mode by path, found the stage sealed (ENOTDIR) and exited 5."""
+    from kolors_job.errors import ClaimLostError
+    from kolors_job.storage import fence as fence_mod
+
+    store = open_store(str(tmp_path / "out"), storage_env).child("job")
+    a = _claim(store, "d", lease_s=0.5)
+    a.acquire()
+    copying, resume = threading.Event(), threading.Event()
+    real_copy = fence_mod.shutil.copyfileobj
+
+    def paused_copy(src, dst, *args):
+        copying.set()
+        resume.wait(30)
+        return real_copy(src, dst, *args)
+
+    monkeypatch.setattr(fence_mod.shutil, "copyfileobj", paused_copy)
+    (tmp_path / "report.json").write_bytes(b"A's report")
+    errors: list[BaseException] = []
+
+    def upload() -> None:
+        try:
+            a.fenced.upload_file("report.json", tmp_path / "report.json")
+        except BaseException as e:  # collected for the assertion below
+            errors.append(e)
+
+    writer = threading.Thread(target=upload)
+    writer.start()
+    assert copying.wait(30)
+    time.sleep(0.6)
+    b = _claim(store, "d", lease_s=30.0)
+    b.acquire(poll_s=0.05)
+    resume.set()
+    writer.join(30)
+    assert len(errors) == 1 and isinstance(errors[0], ClaimLostError), errors
+    assert not store.exists("report.json")
+    b.release()
+
+
 # -- the fence, whole runs: pauses past the lease on file://, S3 and OSS ---------------------------
 LEASE_S = 3.0
 CHAIN_STEPS, CHAIN_EVERY = 4, 2

@@ -251,7 +251,9 @@ class DirFence:
                     else:
                         with open(source, "rb") as src:
                             shutil.copyfileobj(src, f, 8 << 20)
-                os.chmod(tmp, file_mode())
+                    # by descriptor: a seal may take the stage away from under a paused run at any
+                    # moment, and only the rename below may be the place where that shows
+                    os.fchmod(f.fileno(), file_mode())
                 final.parent.mkdir(parents=True, exist_ok=True)
                 try:
                     os.rename(tmp, final)  # the gate: fails once the stage directory is sealed
