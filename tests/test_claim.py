@@ -318,7 +318,7 @@ def test_a_run_paused_while_staging_its_data_is_refused_with_75(tmp_path, storag
 
     CI caught this on 2026-12-07: a run paused at its report stage and resumed after two takeovers set
     its staged file's mode by path, found the stage sealed (ENOTDIR) and exited 5."""
-    from kolors_job.errors import ClaimLostError
+    from kolors_job.core.errors import ClaimLostError
     from kolors_job.storage import fence as fence_mod
 
     store = open_store(str(tmp_path / "out"), storage_env).child("job")
