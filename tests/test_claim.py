@@ -407,6 +407,15 @@ class Proc:
                 assert time.monotonic() < deadline, f"never reached the pause point: {self.tail()}"
                 self.seen.wait(0.5)
             os.kill(self.proc.pid, signal.SIGSTOP)
+        # kill() returns before the run is stopped, and a request it sent just before may still be served:
+        # wait until the kernel says stopped, then give the loopback server a moment to answer what is in flight
+        # (else a snapshot taken now can miss a stage object the store records a few ms later)
+        while self.proc.poll() is None:
+            with open(f"/proc/{self.proc.pid}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] in ("T", "t"):
+                    break
+            time.sleep(0.01)
+        time.sleep(1.0)
 
     def resume(self) -> int:
         """SIGCONT; returns how many log lines were there before, for :meth:`records` of what follows."""
