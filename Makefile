@@ -94,10 +94,10 @@ k8s-examples: $(STAMP)
 bench-cpu: $(STAMP)
 	$(PY) -m bench.cpu
 
-# Re-resolve requirements.lock from pyproject.toml (needs the package indexes pip is configured with).
+# Re-resolve requirements.lock from pyproject.toml, every extra included (needs the package indexes pip is configured with).
 lock:
 	$(PYTHON) -m venv /tmp/kolors-job-lock && /tmp/kolors-job-lock/bin/pip install --quiet --upgrade pip
-	/tmp/kolors-job-lock/bin/pip install --dry-run --ignore-installed --report /tmp/kolors-job-lock.json .
+	/tmp/kolors-job-lock/bin/pip install --dry-run --ignore-installed --report /tmp/kolors-job-lock.json '.[all]'
 	$(PYTHON) scripts/write_lock.py /tmp/kolors-job-lock.json requirements.lock
 
 clean:

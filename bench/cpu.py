@@ -14,12 +14,12 @@ from pathlib import Path
 
 import torch
 
-from kolors_job.dataset import scan_dataset
+from kolors_job.core.settings import Settings
+from kolors_job.data.scan import scan_dataset
 from kolors_job.demo import DEMO_RESOLUTION, build_demo_dataset, demo_manifest
-from kolors_job.generate import generate_story
-from kolors_job.settings import Settings
 from kolors_job.sources import resolve_model
-from kolors_job.train import train_lora
+from kolors_job.story.draw import generate_story
+from kolors_job.train.loop import train_lora
 
 
 def main(argv: list[str] | None = None) -> int:

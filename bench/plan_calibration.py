@@ -22,19 +22,9 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
-from kolors_job.plan.simulate import (
-    DTYPES,
-    LOSS_SCALE,
-    SEQ,
-    Denoise,
-    Result,
-    Sim,
-    TextEncode,
-    TrainStep,
-    VaeDecode,
-    VaeEncode,
-    lora_step,
-)
+from kolors_job.plan.meta import DTYPES, SEQ, Result, Sim
+from kolors_job.plan.simulate import Denoise, TextEncode, VaeDecode, VaeEncode
+from kolors_job.plan.train_step import LOSS_SCALE, TrainStep, lora_step
 
 if TYPE_CHECKING:
     from kolors_job.plan.table import Results
@@ -48,7 +38,7 @@ REF_TARGETS = ("to_q", "to_k", "to_v", "to_out")
 
 @dataclass(frozen=True)
 class ReferenceTrainStep(Sim):
-    """The seed baseline's step (``bench.gpu.m_ref_train``): DiffSynth 1.1.9 ``SDXLUNet(is_kolors=True)``, fp16
+    """The seed baseline's step (``bench.reference.m_ref_train``): DiffSynth 1.1.9 ``SDXLUNet(is_kolors=True)``, fp16
     weights, peft LoRA r16 fp32 on ``to_q,to_k,to_v,to_out`` (``inject_adapter_in_model``), Lightning
     ``16-mixed`` (autocast fp16, GradScaler), plain AdamW (foreach on CUDA), DiffSynth's own checkpointing."""
 
@@ -60,7 +50,7 @@ class ReferenceTrainStep(Sim):
     def run(self) -> Result:
         from peft import LoraConfig, inject_adapter_in_model
 
-        from bench.gpu import load_diffsynth_sdxl_unet
+        from bench.reference import load_diffsynth_sdxl_unet
         from kolors_job.plan.fake import materialize, simulation
 
         with torch.device("meta"):

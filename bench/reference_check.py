@@ -27,12 +27,13 @@ from typing import Any
 
 import torch
 
-from kolors_job.generate import apply_lora, to_device
-from kolors_job.kolors_configs import KOLORS_UNET_CONFIG
-from kolors_job.manifest import StorySpec, TrainSpec
-from kolors_job.models import load_kolors_components, make_pipeline
-from kolors_job.tiny import build_tiny_kolors
-from kolors_job.train import save_lora
+from kolors_job.manifest.story import StorySpec
+from kolors_job.manifest.train import TrainSpec
+from kolors_job.models.configs import KOLORS_UNET_CONFIG
+from kolors_job.models.loading import load_kolors_components, make_pipeline
+from kolors_job.models.tiny import build_tiny_kolors
+from kolors_job.render.pipeline import apply_lora, to_device
+from kolors_job.train.adapter import save_lora
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 

@@ -56,7 +56,7 @@ import torch  # noqa: E402
 import diffusers, peft, pydantic, pydantic_settings, transformers  # noqa: E401,E402,F401
 # The job modules the benchmark drives: a new top-level import of a package the image lacks shows up here
 # (add its wheel to bench/fetch_wheels.sh's carry list), not as 20 failed measurements.
-import kolors_job.dataset, kolors_job.generate, kolors_job.models, kolors_job.tiny, kolors_job.train  # noqa: E401,E402,F401
+import kolors_job.data.scan, kolors_job.render.pipeline, kolors_job.models.loading, kolors_job.models.tiny, kolors_job.train.loop  # noqa: E401,E402,F401
 import bench.gpu  # noqa: E402,F401
 print("torch", torch.__version__, "cuda", torch.version.cuda, "gpu", torch.cuda.is_available(),
       "| transformers", transformers.__version__, "diffusers", diffusers.__version__, "peft", peft.__version__)

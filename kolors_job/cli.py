@@ -1,7 +1,7 @@
 """``kolors-job``: validate / run / schema / demo / sample (+ render / submit from :mod:`kolors_job.launch`).
 
 Every expected failure prints one line (``error: …`` or ``field.path: …``), never a traceback,
-and exits with the code of :class:`kolors_job.errors.ExitCode`.
+and exits with the code of :class:`kolors_job.core.errors.ExitCode`.
 """
 
 from __future__ import annotations
@@ -10,28 +10,21 @@ import argparse
 import json
 import logging
 import os
-import re
 import sys
 from collections.abc import Sequence
 from typing import Any
 
-from kolors_job import __version__
-from kolors_job.errors import ExitCode, JobError, ManifestError
+import kolors_job.sources.transport  # noqa: F401 - first: the hub clients' environment, before any imports them
+from kolors_job import __version__, storage
+from kolors_job.core.errors import ExitCode, JobError, ManifestError
+from kolors_job.core.redact import scrub
 from kolors_job.plan.cli import add_card_args, check_fits
 from kolors_job.plan.cli import register_cli as register_plan
-from kolors_job.redact import scrub
 from kolors_job.sweep import cli as sweep_cli
-
-_RST_ROLE = re.compile(r":[a-z]+:`~?([^`]+)`")
-
-
-def prose(doc: str) -> str:
-    """A docstring as ``--help`` text: reST roles and literals (``:mod:`x```, double backticks) as plain words."""
-    return _RST_ROLE.sub(r"\1", doc).replace("``", "")
 
 
 def _print_error(err: JobError) -> None:
-    from kolors_job.log import say
+    from kolors_job.core.log import say
 
     problems = err.problems if isinstance(err, ManifestError) else [str(err)]
     for line in problems:
@@ -39,7 +32,7 @@ def _print_error(err: JobError) -> None:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from kolors_job.manifest import load_manifest
+    from kolors_job.manifest.load import load_manifest
 
     if args.manifest and args.manifest_opt and args.manifest != args.manifest_opt:
         raise ManifestError("validate: give the manifest once (MANIFEST or --manifest), not two different ones")
@@ -47,41 +40,32 @@ def cmd_validate(args: argparse.Namespace) -> int:
     check_fits(manifest, args)  # with --gpu/--gpu-memory: exit 2 when the job cannot fit that card
     print(manifest.to_yaml(), end="")
     print(f"# job id: {args.job_id or manifest.job_id}  digest: {manifest.digest()[:16]}", file=sys.stderr)
-    for field, uri in oss_fields_without_endpoint(manifest.model_dump(mode="json")):
-        print(f"# note: {field}: {uri} needs an OSS endpoint where the job runs (KOLORS_JOB_OSS_ENDPOINT; "
-              "`render k8s --oss-region` or `submit dlc --region` set it); none is set here",
-              file=sys.stderr)  # fmt: skip
+    for field, uri, problem in unready_uris(manifest.model_dump(mode="json")):
+        print(f"# note: {field}: {uri} {problem}", file=sys.stderr)
     return ExitCode.OK
 
 
-def oss_fields_without_endpoint(doc: object) -> list[tuple[str, str]]:
-    """``(field path, uri)`` of every ``oss://`` value in ``doc`` when this environment names no OSS endpoint."""
-    from kolors_job.settings import Settings
-
-    settings = Settings()
-    if settings.oss_endpoint or settings.oss_region or os.environ.get("OSS_ENDPOINT"):
-        return []
-    return _oss_values(doc, "")
-
-
-def _oss_values(doc: object, path: str) -> list[tuple[str, str]]:
+def unready_uris(doc: object, path: str = "") -> list[tuple[str, str, str]]:
+    """``(field path, uri, what is missing)`` of every storage URI in ``doc`` whose backend says this environment
+    lacks something to open it (OSS: an endpoint), as the storage registry tells."""
     if isinstance(doc, dict):
-        return [hit for k, v in doc.items() for hit in _oss_values(v, f"{path}.{k}" if path else str(k))]
+        return [hit for k, v in doc.items() for hit in unready_uris(v, f"{path}.{k}" if path else str(k))]
     if isinstance(doc, list):
-        return [hit for i, v in enumerate(doc) for hit in _oss_values(v, f"{path}[{i}]")]
-    return [(path, doc)] if isinstance(doc, str) and doc.startswith("oss://") else []
+        return [hit for i, v in enumerate(doc) for hit in unready_uris(v, f"{path}[{i}]")]
+    problem = storage.setup_problem(doc) if isinstance(doc, str) else None
+    return [(path, doc, problem)] if isinstance(doc, str) and problem else []
 
 
 def cmd_schema(args: argparse.Namespace) -> int:
-    from kolors_job.manifest import json_schema
+    from kolors_job.manifest.load import json_schema
 
     print(json.dumps(json_schema(), indent=2, ensure_ascii=False))
     return ExitCode.OK
 
 
 def _settings_and_logging(args: argparse.Namespace):
-    from kolors_job.log import setup_logging
-    from kolors_job.settings import Settings
+    from kolors_job.core.log import setup_logging
+    from kolors_job.core.settings import Settings
 
     settings = Settings()
     setup_logging(args.log_format or settings.log_format, settings.log_level)
@@ -93,12 +77,14 @@ def _settings_and_logging(args: argparse.Namespace):
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from kolors_job.manifest import load_manifest
-    from kolors_job.runner import Job, run_job
+    from kolors_job.manifest.load import load_manifest
     from kolors_job.sweep import trial
 
     settings = _settings_and_logging(args)
     run = trial.prepare(args, load_manifest(args.manifest))  # --set, --trial, metric sinks
+    from kolors_job.job.context import Job  # the stages (torch) only after logging is set up and the manifest read
+    from kolors_job.runner import run_job
+
     job = Job(
         run.manifest,
         settings=settings,
@@ -117,7 +103,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def _say_outcome(outcome: Any, ok_line: str) -> None:
     """The run's last line: ``error: …`` (or the success line); a JSON record in JSON mode."""
-    from kolors_job.log import say
+    from kolors_job.core.log import say
 
     fields = {"state": outcome.state, "exit_code": int(outcome.exit_code), "output": outcome.output_uri}
     if outcome.exit_code != ExitCode.OK and outcome.message:
@@ -128,9 +114,11 @@ def _say_outcome(outcome: Any, ok_line: str) -> None:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from kolors_job.demo import demo_manifest, resumes
-    from kolors_job.runner import Job, run_job
 
     settings = _settings_and_logging(args)
+    from kolors_job.job.context import Job  # the stages (torch) only after logging is set up
+    from kolors_job.runner import run_job
+
     manifest = demo_manifest(settings, output=args.output)
     # An interrupted demo resumes (what its Ctrl-C message promises); a finished or foreign one starts over.
     outcome = run_job(Job(manifest, settings=settings, force=not resumes(manifest, settings)))
@@ -159,7 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     v = sub.add_parser("validate", help="check a manifest and print it fully resolved")
-    v.add_argument("manifest", nargs="?", help="path, file://, s3:// or oss:// (default: $KOLORS_JOB_MANIFEST[_URI])")
+    where = f"a path or a {storage.listed_schemes()} URI (default: $KOLORS_JOB_MANIFEST[_URI])"
+    v.add_argument("manifest", nargs="?", help=where)
     v.add_argument("--manifest", dest="manifest_opt", metavar="MANIFEST", help="the same, as `run` takes it")
     v.add_argument("--job-id")
     add_card_args(v, required=False)
@@ -170,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_schema)
 
     r = sub.add_parser("run", help="run the job: train, draw the story, score, report")
-    r.add_argument("--manifest", help="path, file://, s3:// or oss:// (default: $KOLORS_JOB_MANIFEST[_URI])")
+    r.add_argument("--manifest", help=where)
     r.add_argument("--job-id", help="output goes to <output.uri>/<job id>/ (default: metadata.name)")
     r.add_argument("--output", help="override spec.output.uri")
     r.add_argument("--force", action="store_true", help="recompute even if the output has _SUCCESS")
@@ -187,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_log_format(d)
     d.set_defaults(func=cmd_demo)
 
-    from kolors_job.sample import register_cli as register_sample
+    from kolors_job.sample.cli import register_cli as register_sample
 
     register_sample(sub)
 
@@ -210,7 +199,7 @@ def _map_exit(code: int) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from kolors_job.log import json_mode, restore_stderr, say
+    from kolors_job.core.log import json_mode, restore_stderr, say
 
     args = build_parser().parse_args(argv)
     try:

@@ -16,8 +16,8 @@ from typing import Any
 
 from PIL import Image, ImageDraw
 
-from kolors_job.manifest import Manifest
-from kolors_job.settings import Settings
+from kolors_job.core.settings import Settings
+from kolors_job.manifest.spec import Manifest
 
 DEMO_RESOLUTION = 64
 

@@ -8,6 +8,11 @@ from pathlib import Path
 
 import pytest
 
+# One OpenMP/MKL thread in every process the tests start (jobs, torchrun ranks, hub runs, sweep trials), as in
+# this one (``_one_torch_thread``): tiny models' ops take microseconds, and a second thread only spin-waits —
+# a subprocess job took twice the CPU time without this. Set before torch is imported; an explicit setting wins.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", "1")
 # Never let an SDK's credential chain probe a cloud metadata service (ECS 100.100.100.200, EC2
 # 169.254.169.254) from a test: only loopback is ours. Set before any SDK is imported (the Alibaba
 # credentials package reads these at import time); subprocesses inherit them.
@@ -38,6 +43,37 @@ def _one_torch_thread() -> Iterator[None]:
     torch.set_num_threads(before)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _one_chatglm_tokenizer_per_process() -> Iterator[None]:
+    """The ChatGLM tokenizer read once per process and set of files: its constructor builds the 65k-entry
+    vocabulary in Python (~0.2 CPU-s; every component load, pipeline and trainer in this process made one).
+    Each caller gets its own deep copy (~0.01 s), so none sees another's changes. Jobs the tests start as
+    subprocesses still read theirs as the product does."""
+    import copy
+    import hashlib
+
+    from diffusers.pipelines.kolors.tokenizer import ChatGLMTokenizer
+
+    read = ChatGLMTokenizer.from_pretrained.__func__
+    loaded: dict[tuple[str, str], ChatGLMTokenizer] = {}
+
+    def from_pretrained(cls, path, *args, **kwargs):
+        folder = Path(path) / kwargs.get("subfolder", "")
+        if cls is not ChatGLMTokenizer or args or not (folder / "tokenizer.model").is_file():
+            return read(cls, path, *args, **kwargs)
+        files = hashlib.sha256()
+        for file in sorted(p for p in folder.iterdir() if p.is_file()):
+            files.update(file.name.encode() + b"\0" + file.read_bytes())
+        key = (files.hexdigest(), repr(sorted((k, v) for k, v in kwargs.items() if k != "subfolder")))
+        if key not in loaded:
+            loaded[key] = read(cls, path, *args, **kwargs)
+        return copy.deepcopy(loaded[key])
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ChatGLMTokenizer, "from_pretrained", classmethod(from_pretrained))
+        yield
+
+
 @pytest.fixture
 def all_torch_threads() -> Iterator[None]:
     import torch
@@ -66,31 +102,18 @@ def job_env(shared_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     return tmp_path
 
 
-@pytest.fixture(scope="session")
-def finished_tiny_job(shared_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One whole tiny job, run once per session for every test that only reads a finished job's output
-    (``<tmp>/out/tiny-job/``: the output contract, on a local disk). The demo's shape — default story batch
-    of 8, fp32 on the CPU — with fewer steps; a learning rate high enough that the LoRA visibly moves pixels."""
-    from kolors_job.demo import build_demo_dataset, tiny_job
-    from kolors_job.manifest import Manifest
-    from kolors_job.runner import Job, run_job
-    from kolors_job.settings import Settings
-
-    root = tmp_path_factory.mktemp("finished-tiny-job")
-    data = build_demo_dataset(root / "data", n=6)
-    doc = tiny_job(data, str(root / "out"), {"dataset.caption": {"fixed": None}, "train.steps": 4,
-                                             "train.batch_size": 2, "train.checkpoint_every": 2,
-                                             "train.learning_rate": 1e-2, "story.steps": 3})  # fmt: skip
-    outcome = run_job(Job(Manifest.model_validate(doc), settings=Settings(cache_dir=shared_cache, work_dir=root / "work")))
-    assert outcome.exit_code == 0, outcome.message
-    return root / "out" / "tiny-job"
-
-
 # Storage test servers (moto S3, OSS proxy, radosgw): tests/storage_servers/fixtures.py
 try:
     from tests.storage_servers.fixtures import *  # noqa: F403
 except ModuleNotFoundError:  # tests/ is not a package and the repo root is not on sys.path
     from storage_servers.fixtures import *  # noqa: F403
+
+# Whole-job scenarios run once per session and shared across files (the tiny S3 job, the finished tiny job):
+# tests/scenarios.py
+try:
+    from tests.scenarios import *  # noqa: F403
+except ModuleNotFoundError:
+    from scenarios import *  # noqa: F403
 
 # Hub emulators (ModelScope, Hugging Face) with the tiny models in the real layouts: tests/hub_servers/fixtures.py
 try:

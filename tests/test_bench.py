@@ -18,7 +18,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench import gpu  # noqa: E402
+from bench import gpu, reference, summary  # noqa: E402
 
 CPU_OK = [
     "device_matmul",
@@ -108,7 +108,7 @@ def test_summary_ratios_floors_and_goals_on_known_numbers() -> None:
             "job_story_compile": {"status": "skipped", "reason": "budget"},
         },
     }
-    gpu.summarize(doc)
+    summary.summarize(doc)
     r = doc["results"]
     assert r["ours_train_bf16_cl_fused"]["speedup_vs_ref_as_run"] == pytest.approx(4.8)
     assert r["ours_train_bf16_cl_fused"]["speedup_vs_ref_no_ckpt"] == pytest.approx(1.6)
@@ -128,10 +128,10 @@ def test_summary_ratios_floors_and_goals_on_known_numbers() -> None:
 
 def test_diffsynth_unet_class_loads_without_importing_diffsynth() -> None:
     """The reference UNet must load on the device image, where ``import diffsynth`` fails (transformers 5)."""
-    from kolors_job.tiny import chatglm_tokenizer_dir
+    from kolors_job.models.tiny import chatglm_tokenizer_dir
 
     before = "diffsynth" in sys.modules
-    cls = gpu.load_diffsynth_sdxl_unet()
+    cls = reference.load_diffsynth_sdxl_unet()
     assert cls.__name__ == "SDXLUNet"
     assert ("diffsynth" in sys.modules) == before
     assert (chatglm_tokenizer_dir() / "tokenizer.model").is_file()

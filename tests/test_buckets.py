@@ -14,15 +14,18 @@ import pytest
 import torch
 from PIL import Image
 
-from kolors_job import report_model as rm
-from kolors_job import train as train_mod
-from kolors_job.aspect_buckets import assign_buckets, bucket_counts, bucket_sizes, nearest_bucket
-from kolors_job.dataset import ImageItem, load_image
-from kolors_job.errors import InputError
+from kolors_job.core.errors import InputError
+from kolors_job.data.buckets import assign_buckets, bucket_counts
+from kolors_job.data.images import ImageItem, load_image
 from kolors_job.export.lora_io import LORA_WEIGHT_NAME
-from kolors_job.manifest import TrainSpec, parse_manifest
-from kolors_job.tiny import build_tiny_kolors
-from kolors_job.train import SampleStream, train_lora
+from kolors_job.manifest.buckets import bucket_sizes, nearest_bucket
+from kolors_job.manifest.load import parse_manifest
+from kolors_job.manifest.train import TrainSpec
+from kolors_job.models.tiny import build_tiny_kolors
+from kolors_job.report import model as rm
+from kolors_job.train import step as step_mod
+from kolors_job.train.data import SampleStream
+from kolors_job.train.loop import train_lora
 
 KOHYA_1024 = [
     (704, 1408), (768, 1344), (768, 1280), (832, 1216), (896, 1152), (960, 1088), (1024, 1024),
@@ -130,15 +133,15 @@ def bucketed(
     tiny_model: Path, bucketed_items: list[ImageItem], tmp_path_factory: pytest.TempPathFactory
 ) -> dict[str, Any]:
     work = tmp_path_factory.mktemp("bucketed")
-    batches: list[train_mod.Batch] = []
-    real = train_mod.make_batch
+    batches: list[step_mod.Batch] = []
+    real = step_mod.make_batch
 
-    def make_batch(*args: Any, **kwargs: Any) -> train_mod.Batch:
+    def make_batch(*args: Any, **kwargs: Any) -> step_mod.Batch:
         batches.append(real(*args, **kwargs))
         return batches[-1]
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(train_mod, "make_batch", make_batch)
+        mp.setattr(step_mod, "make_batch", make_batch)
         result = train_lora(tiny_model, bucketed_items, SPEC, work_dir=work, device="cpu", progress=False)
     return {"result": result, "batches": batches, "work": work}
 
@@ -198,16 +201,16 @@ def test_a_bucketed_run_resumes_bit_for_bit(
 
 
 def _job(tmp_path: Path, spec: dict[str, Any]) -> Any:
-    from kolors_job.runner import Job
-    from kolors_job.settings import Settings
+    from kolors_job.core.settings import Settings
+    from kolors_job.job.context import Job
 
     manifest = parse_manifest(json.dumps({"spec": {"output": {"uri": str(tmp_path / "out")}, **spec}}))
     return Job(manifest, settings=Settings())
 
 
 def test_several_datasets_each_with_its_filters_repeats_and_buckets(job_env: Path, tmp_path: Path) -> None:
-    from kolors_job.report import render_html
-    from kolors_job.runner import run_dataset
+    from kolors_job.data.stage import run_dataset
+    from kolors_job.report.html import render_html
 
     a, b = tmp_path / "a", tmp_path / "b"
     a.mkdir(), b.mkdir()
@@ -224,7 +227,8 @@ def test_several_datasets_each_with_its_filters_repeats_and_buckets(job_env: Pat
              "filters": {"min_width": 64, "min_height": 64}},
         ],
     })  # fmt: skip
-    items, summary = run_dataset(job)
+    scanned = run_dataset(job)
+    items, summary = scanned.items, scanned.summary
     assert [(it.path.name, it.dataset, it.repeats, it.bucket, it.caption) for it in items] == [
         ("wide.png", 0, 3, (256, 128), "二次元"),
         ("tall.png", 1, 1, None, "tall 高"),
@@ -241,7 +245,8 @@ def test_several_datasets_each_with_its_filters_repeats_and_buckets(job_env: Pat
     # one dataset: report.json's dataset section keeps its single-dataset shape
     one = _job(tmp_path, {"train": {"resolution": 192}, "dataset": {
         "source": str(b), "buckets": True, "filters": {"min_width": 64, "min_height": 64}}})
-    items, summary = run_dataset(one)
+    scanned = run_dataset(one)
+    items, summary = scanned.items, scanned.summary
     assert "datasets" not in summary and summary["source"] == str(b) and summary["buckets"] == {"128x256": 1}
 
     # a dataset of which nothing survives is named

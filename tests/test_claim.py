@@ -1,4 +1,4 @@
-"""The output prefix's exclusive, leased claim (kolors_job.claim) on file://, S3 and OSS.
+"""The output prefix's exclusive, leased claim (kolors_job.job.claim) on file://, S3 and OSS.
 
 Races are real: threads start together on the loopback servers and every one tries the conditional
 create; exactly one must win, whatever the interleaving.
@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from kolors_job.claim import ClaimHeldError, ClaimRecord, OutputClaim
-from kolors_job.errors import ExitCode, OutputConflictError
+from kolors_job.core.errors import ExitCode, OutputConflictError
+from kolors_job.job.claim import ClaimHeldError, ClaimRecord, OutputClaim
 from kolors_job.storage import open_store
 from tests.cli_lines import last_message
 
@@ -131,7 +131,7 @@ def _run_pair(tmp_path, shared_cache, output: str, manifests: list[dict], env_ex
     import subprocess
     import sys
 
-    from kolors_job.settings import Settings
+    from kolors_job.core.settings import Settings
     from kolors_job.sources import resolve_model
 
     for uri, kind in (("tiny://kolors", "pipeline"), ("tiny://aesthetic", "aesthetic")):  # built once, not raced
@@ -164,7 +164,7 @@ def _prefix_digests(store) -> set[str]:
 
     import yaml
 
-    from kolors_job.manifest import Manifest
+    from kolors_job.manifest.spec import Manifest
 
     digests = {Manifest.model_validate(yaml.safe_load(store.read_bytes("manifest.resolved.yaml"))).digest()}
     digests.add(json.loads(store.read_bytes("status.json"))["manifest_digest"])
@@ -174,7 +174,7 @@ def _prefix_digests(store) -> set[str]:
 
 @pytest.mark.parametrize("backend", ["file", "s3", "oss"])
 def test_concurrent_runs_never_mix_a_prefix_nor_exit_1(backend, tmp_path, shared_cache, storage_env, request):
-    from kolors_job.manifest import Manifest
+    from kolors_job.manifest.spec import Manifest
 
     if backend == "file":
         output, extra = (tmp_path / "out").as_uri(), {}
@@ -222,7 +222,7 @@ def test_a_sealed_generation_writes_and_deletes_nothing(prefix_store, tmp_path, 
     staged, the publishing step not yet made) and past its lease; run B takes the prefix over. Then A goes
     on: the pending publish, a new write, an upload, a delete and a heartbeat are all refused by the store
     (ClaimLostError, exit 75) and the prefix holds exactly what B wrote."""
-    from kolors_job.errors import ClaimLostError
+    from kolors_job.core.errors import ClaimLostError
     from kolors_job.storage import fence as fence_mod
 
     lost: list[str] = []
@@ -318,7 +318,7 @@ def test_a_run_paused_while_staging_its_data_is_refused_with_75(tmp_path, storag
 
     CI caught this on 2026-12-07: a run paused at its report stage and resumed after two takeovers set
     its staged file's mode by path, found the stage sealed (ENOTDIR) and exited 5."""
-    from kolors_job.errors import ClaimLostError
+    from kolors_job.core.errors import ClaimLostError
     from kolors_job.storage import fence as fence_mod
 
     store = open_store(str(tmp_path / "out"), storage_env).child("job")
@@ -489,7 +489,7 @@ def _compare_with_lone_run(prefix: dict[str, bytes], lone: dict[str, bytes], *, 
 def _chain_env(tmp_path, shared_cache, backend: str, request) -> tuple[str, dict[str, str]]:
     import os
 
-    from kolors_job.settings import Settings
+    from kolors_job.core.settings import Settings
     from kolors_job.sources import resolve_model
 
     for uri, kind in (("tiny://kolors", "pipeline"), ("tiny://aesthetic", "aesthetic")):  # built once, not raced
@@ -510,27 +510,19 @@ def _chain_env(tmp_path, shared_cache, backend: str, request) -> tuple[str, dict
     return f"oss://{oss.create_bucket()}/runs/", env
 
 
-def _chain_manifest(shared_cache, output: str) -> dict:
-    from kolors_job.demo import build_demo_dataset, tiny_job
-
-    data = build_demo_dataset(shared_cache / "demo-dataset")
-    return tiny_job(data, output, {
-        "train.steps": CHAIN_STEPS, "train.checkpoint_every": CHAIN_EVERY, "train.batch_size": 1,
-        "train.learning_rate": 1e-3, "story.steps": 1, "story.batch_size": 8, "score.gate": False,
-        "output.lora_formats": ["diffusers"],
-    }, name="fenced")  # fmt: skip
+def _chain_manifest(tiny_s3_job, output: str) -> dict:
+    """The shared tiny job's manifest (tests/scenarios.py: 4 steps, a checkpoint every 2) into ``output``."""
+    spec = tiny_s3_job.doc["spec"]["train"]
+    assert (spec["steps"], spec["checkpoint_every"]) == (CHAIN_STEPS, CHAIN_EVERY)
+    return tiny_s3_job.manifest_doc(output)
 
 
 @pytest.fixture(scope="module")
-def lone_run(tmp_path_factory, shared_cache, request) -> dict[str, bytes]:
-    """The chain's job run once, alone and uninterrupted, into a local directory: what a prefix must hold."""
-    tmp = tmp_path_factory.mktemp("lone")
-    output, env = _chain_env(tmp, shared_cache, "file", request)
-    manifest = tmp / "job.json"
-    manifest.write_text(json.dumps(_chain_manifest(shared_cache, output)))
-    run = Proc(manifest, env)
-    assert run.wait() == 0, run.tail()
-    return _snapshot(open_store(output).child("fenced"))
+def lone_run(tiny_s3_job) -> dict[str, bytes]:
+    """What a prefix must hold: the chain's job run once, alone and uninterrupted — the session's shared tiny job
+    (``tiny_s3_job``, tests/scenarios.py: ``python -m kolors_job run``), its prefix as that run left it."""
+    assert tiny_s3_job.returncode == 0, tiny_s3_job.log.decode(errors="replace")[-3000:]
+    return dict(tiny_s3_job.objects)
 
 
 def _stage_keys(snap: dict[str, bytes], generation: int) -> dict[str, bytes]:
@@ -538,7 +530,8 @@ def _stage_keys(snap: dict[str, bytes], generation: int) -> dict[str, bytes]:
 
 
 @pytest.mark.parametrize("backend", ["file", "s3", "oss"])
-def test_runs_paused_past_their_lease_publish_nothing(backend, tmp_path, shared_cache, storage_env, lone_run, request):
+def test_runs_paused_past_their_lease_publish_nothing(backend, tmp_path, shared_cache, storage_env, lone_run,
+                                                     tiny_s3_job, request):
     """Issue #31's reproductions, as one chain on each store (lease 3 s):
 
     1. run A is paused (SIGSTOP) mid-training, at step 3, its step-2 checkpoint uploaded;
@@ -551,9 +544,9 @@ def test_runs_paused_past_their_lease_publish_nothing(backend, tmp_path, shared_
     6. the prefix is C's alone: byte for byte what one uninterrupted run writes.
     """
     output, env = _chain_env(tmp_path, shared_cache, backend, request)
-    store = open_store(output, storage_env).child("fenced")
+    store = open_store(output, storage_env).child(tiny_s3_job.name)
     manifest = tmp_path / "job.json"
-    manifest.write_text(json.dumps(_chain_manifest(shared_cache, output)))
+    manifest.write_text(json.dumps(_chain_manifest(tiny_s3_job, output)))
     # a resumed run of OSS may drop its own stage object in one window (no conditional DELETE there)
     own_stage = (lambda snap, gen: _stage_keys(snap, gen)) if backend == "oss" else (lambda snap, gen: snap)
 

@@ -19,11 +19,13 @@ import pytest
 import torch
 from PIL import Image
 
-from kolors_job.dataset import DatasetScan, ImageItem, SkipReason, load_image, scan_dataset
-from kolors_job.errors import InputError
-from kolors_job.manifest import CaptionSpec, DatasetSpec, FilterSpec
-from kolors_job.settings import Settings
-from kolors_job.sources import export_rows, fetch_dataset
+from kolors_job.core.errors import InputError
+from kolors_job.core.settings import Settings
+from kolors_job.data.images import ImageItem, load_image
+from kolors_job.data.scan import DatasetScan, SkipReason, scan_dataset
+from kolors_job.manifest.dataset import CaptionSpec, DatasetSpec, FilterSpec
+from kolors_job.sources import fetch_dataset
+from kolors_job.sources.datasets import export_rows
 from kolors_job.storage.atomic import COMPLETE_MARKER
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -323,9 +325,9 @@ def test_load_rgba_composites_on_white_and_cmyk_is_red(tmp_path: Path) -> None:
     ],
 )
 def test_to_rgb8_modes(make, expected) -> None:
-    from kolors_job.dataset import _to_rgb8
+    from kolors_job.data.images import to_rgb8
 
-    out = _to_rgb8(make())
+    out = to_rgb8(make())
     assert out.mode == "RGB"
     assert all(abs(a - b) <= 1 for a, b in zip(out.getpixel((1, 1)), expected, strict=True)), out.getpixel(
         (1, 1)
@@ -487,9 +489,9 @@ def test_modelscope_unreachable_is_one_line_temporary_error(tmp_path: Path) -> N
         """
         import json, sys
         from kolors_job.sources import fetch_dataset
-        from kolors_job.errors import JobError
-        from kolors_job.manifest import DatasetSpec
-        from kolors_job.settings import Settings
+        from kolors_job.core.errors import JobError
+        from kolors_job.manifest.dataset import DatasetSpec
+        from kolors_job.core.settings import Settings
         try:
             fetch_dataset(DatasetSpec(), Settings())
         except JobError as e:

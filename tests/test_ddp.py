@@ -22,9 +22,13 @@ from pathlib import Path
 
 import pytest
 
-from kolors_job.demo import tiny_job
-from kolors_job.launch import k8s
-from kolors_job.train import LORA_WEIGHT_NAME
+from kolors_job.export.lora_io import LORA_WEIGHT_NAME
+from kolors_job.launch import pod
+
+try:
+    from tests.storage_servers.fixtures import s3_settings
+except ModuleNotFoundError:  # tests/ not importable as a package
+    from storage_servers.fixtures import s3_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -32,25 +36,14 @@ ROOT = Path(__file__).resolve().parents[1]
 # ------------------------------------------------------------------------------ the whole job on 2 ranks
 
 
-def _job_manifest(data: Path, output: str, name: str, batch_size: int, steps: int = 4) -> dict:
-    # Kaiming-uniform A (not the reference's gaussian, std 1/rank): on the tiny model the gaussian A leaves many
-    # near-zero B gradients, whose float-noise sign flips Adam turns into whole steps (1.8e-3 against 1e-2 moved).
-    return tiny_job(data, output, {
-        "dataset.caption": {"fixed": None}, "train.steps": steps, "train.batch_size": batch_size,
-        "train.checkpoint_every": 2, "train.learning_rate": 1e-2, "train.seed": 3, "story.steps": 3,
-        "train.init_lora_weights": "default",
-    }, name=name)
-
-
 class JobWorld:
-    """A bucket behind a recording proxy, the demo dataset, and ``torchrun -m kolors_job run`` launchers."""
+    """A bucket behind a recording proxy, the shared tiny job's manifest (tests/scenarios.py) and dataset, and
+    ``torchrun -m kolors_job run`` launchers."""
 
-    def __init__(self, tmp_path: Path, cache: Path, s3_server, proxy) -> None:
-        from kolors_job.demo import build_demo_dataset
-        from kolors_job.settings import Settings
+    def __init__(self, tmp_path: Path, cache: Path, s3_server, proxy, tiny) -> None:
+        from kolors_job.core.settings import Settings
 
-        self.tmp, self.proxy = tmp_path, proxy
-        self.data = build_demo_dataset(tmp_path / "ds", n=6)
+        self.tmp, self.proxy, self.tiny = tmp_path, proxy, tiny
         self.bucket = s3_server.create_bucket()
         self.output = f"s3://{self.bucket}/runs/"
         self.env = {
@@ -65,14 +58,18 @@ class JobWorld:
         }
         self.settings = Settings(  # for runs and reads in this process, straight to the server (not counted)
             cache_dir=cache, work_dir=tmp_path / "work-here", log_format="json",
-            s3_endpoint_url=s3_server.endpoint_url, s3_region=s3_server.region, s3_addressing_style="path",
+            backends={"s3": s3_settings(s3_server.endpoint_url, s3_server.region)},
         )
 
     def manifest_file(self, name: str, batch_size: int, steps: int = 4) -> Path:
+        """The shared tiny job (4 steps of batch 2, lr 1e-2, Kaiming-uniform A: on the tiny model the reference's
+        gaussian A leaves many near-zero B gradients, whose float-noise sign flips Adam turns into whole steps,
+        1.8e-3 against 1e-2 moved) as job ``name`` with ``batch_size`` per rank."""
         import yaml
 
         path = self.tmp / f"{name}.yaml"
-        doc = _job_manifest(self.data, self.output, name, batch_size, steps)
+        doc = self.tiny.manifest_doc(self.output, name=name,
+                                     overrides={"train.batch_size": batch_size, "train.steps": steps})
         path.write_text(yaml.safe_dump(doc, allow_unicode=True))
         return path
 
@@ -98,7 +95,7 @@ class JobWorld:
 
 
 @pytest.fixture
-def job_world(tmp_path: Path, shared_cache: Path, s3_server, monkeypatch: pytest.MonkeyPatch):
+def job_world(tmp_path: Path, shared_cache: Path, s3_server, tiny_s3_job, monkeypatch: pytest.MonkeyPatch):
     try:
         from tests.storage_servers.fault_proxy import FaultProxy
     except ModuleNotFoundError:
@@ -110,7 +107,7 @@ def job_world(tmp_path: Path, shared_cache: Path, s3_server, monkeypatch: pytest
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3_server.access_key)
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3_server.secret_key)
     with FaultProxy(s3_server.endpoint_url, flavour="s3") as proxy:  # no faults: it only records requests
-        yield JobWorld(tmp_path, shared_cache, s3_server, proxy)
+        yield JobWorld(tmp_path, shared_cache, s3_server, proxy, tiny_s3_job)
 
 
 class PeakRss:
@@ -193,59 +190,52 @@ def _assert_written_once(world: JobWorld, name: str) -> set[str]:
 def test_whole_job_on_two_ranks_splits_the_story_and_writes_once(job_world: JobWorld, tmp_path: Path) -> None:
     """``torchrun --nproc_per_node=2 -m kolors_job run``: both ranks train one LoRA, each draws half of the
     frames, rank 0 alone uploads — every object is written exactly once — and the output matches a
-    1-process run with the same effective batch (frames to 2/255, the LoRA to the tolerance above)."""
+    1-process run with the same effective batch (frames to 2/255, the LoRA to the tolerance above): the session's
+    shared tiny job (``tiny_s3_job``, tests/scenarios.py), whose manifest this is with batch 1 per rank."""
     import io
 
     import numpy as np
-    import yaml
     from PIL import Image
-    from safetensors.torch import load_file
-
-    from kolors_job.manifest import Manifest
-    from kolors_job.runner import Job, run_job
+    from safetensors.torch import load
 
     w = job_world
+    one = w.tiny
+    assert one.doc["spec"]["train"]["batch_size"] == 2 and one.returncode == 0, one.log.decode(errors="replace")[-3000:]
     log = tmp_path / "torchrun.log"
     proc = w.launch(["--standalone", "--nproc_per_node=2"], w.manifest_file("ddp", 1), tmp_path / "work", log)
     rss = PeakRss(proc)
-    # meanwhile, the reference: one process, batch 2
-    one = run_job(Job(Manifest.model_validate(yaml.safe_load(w.manifest_file("one", 2).read_text())),
-                      settings=w.settings))
     _wait([proc], [log])
-    assert one.exit_code == 0, one.message
     # Each rank's own host peak (k8s sizes a pod's memory as ranks x HOST_MEMORY_PER_RANK_GIB + base + shm).
     peaks = rss.stop()
     print("\nper-rank peak RSS (2-rank CPU run, tiny model): "
           + ", ".join(f"rank {r}: {b / 2**20:.0f} MiB ({rss.private[r] / 2**20:.0f} MiB private)"
                       for r, b in sorted(peaks.items())))
     assert set(peaks) == {0, 1} == set(rss.private), peaks
-    assert all(0 < b < k8s.HOST_MEMORY_PER_RANK_GIB * 2**30 for b in peaks.values()), peaks
+    assert all(0 < b < pod.HOST_MEMORY_PER_RANK_GIB * 2**30 for b in peaks.values()), peaks
     assert all(0 < rss.private[r] <= peaks[r] for r in peaks), (rss.private, peaks)
 
     keys = _assert_written_once(w, "ddp")
     rank1_rng = {f"checkpoints/step-{n}/random_states_1.pkl" for n in (2, 4)}  # resumes rank 1 bitwise
     # event file names carry the time and the host; everything else is the same set of objects
-    assert {k.replace("ddp_", "one_") for k in keys - rank1_rng if not k.startswith("logs/")} == {
-        k for k in w.store("one").list() if not k.startswith("logs/")}  # fmt: skip
+    assert {k.replace("ddp_", f"{one.name}_") for k in keys - rank1_rng if not k.startswith("logs/")} == {
+        k for k in one.objects if not k.startswith("logs/")}  # fmt: skip
     assert _frames_by_rank(log) == {0: [1, 2, 3, 4], 1: [5, 6, 7, 8]}
     trained = {r["rank"]: r["lora_sha256"] for r in _records(log, msg="trained")}
     assert set(trained) == {0, 1} and trained[0] == trained[1]  # identical weights on both ranks
     steps = [r for r in _records(log, msg="step") if r["step"] == 1]
     assert len(steps) == 2 and steps[0]["loss"] == steps[1]["loss"]  # the mean over ranks, on each
 
-    ddp, single = w.store("ddp"), w.store("one")
+    ddp, single = w.store("ddp"), one.objects
     # rank 0 drew the validation frames while rank 1 waited at the broadcast
-    points = [json.loads(s.read_bytes("report.json"))["validation"] for s in (ddp, single)]
+    points = [json.loads(report)["validation"] for report in (ddp.read_bytes("report.json"), single["report.json"])]
     assert [p["step"] for p in points[0]] == [p["step"] for p in points[1]] == [2, 4]
     assert [r["step"] for r in _records(log, msg="validation")] == [2, 4]
     for i in range(1, 9):  # the same pictures as one process
-        a, b = (np.asarray(Image.open(io.BytesIO(s.read_bytes(f"images/{i:02d}.png"))), dtype=np.int16)
-                for s in (ddp, single))
+        a, b = (np.asarray(Image.open(io.BytesIO(data)), dtype=np.int16)
+                for data in (ddp.read_bytes(f"images/{i:02d}.png"), single[f"images/{i:02d}.png"]))
         assert np.abs(a - b).max() <= 2, i
     lora = "lora/pytorch_lora_weights.safetensors"
-    (tmp_path / "a.safetensors").write_bytes(ddp.read_bytes(lora))
-    (tmp_path / "b.safetensors").write_bytes(single.read_bytes(lora))
-    a, b = load_file(str(tmp_path / "a.safetensors")), load_file(str(tmp_path / "b.safetensors"))
+    a, b = load(ddp.read_bytes(lora)), load(single[lora])
     assert a.keys() == b.keys()
     worst = max(float((a[k] - b[k]).abs().max()) for k in a)
     assert worst < 2e-3, worst
@@ -344,9 +334,9 @@ def test_sigterm_to_torchrun_checkpoints_exits_75_and_the_rerun_resumes(job_worl
 def test_log_lines_carry_the_rank_only_under_ddp(monkeypatch: pytest.MonkeyPatch) -> None:
     import logging
 
-    from kolors_job.log import JsonFormatter, TextFormatter
+    from kolors_job.core.log import JsonFormatter, TextFormatter
 
-    record = logging.LogRecord("kolors_job.train", logging.INFO, __file__, 1, "step", None, None)
+    record = logging.LogRecord("kolors_job.train.loop", logging.INFO, __file__, 1, "step", None, None)
     monkeypatch.setenv("WORLD_SIZE", "1")
     monkeypatch.setenv("RANK", "0")
     assert "rank" not in json.loads(JsonFormatter().format(record))

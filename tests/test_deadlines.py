@@ -19,10 +19,15 @@ from collections.abc import Iterator
 
 import pytest
 
-from kolors_job.errors import ExitCode, StorageTemporaryError
-from kolors_job.settings import Settings
-from kolors_job.storage import base as storage_base
+from kolors_job.core import stop as core_stop
+from kolors_job.core.errors import ExitCode, StorageTemporaryError
+from kolors_job.core.settings import Settings
 from kolors_job.storage import open_store
+
+try:
+    from tests.storage_servers.fixtures import pointed
+except ModuleNotFoundError:  # tests/ not importable as a package
+    from storage_servers.fixtures import pointed
 from tests.cli_lines import last_message
 
 
@@ -54,10 +59,8 @@ def silent_endpoint() -> Iterator[str]:
 
 
 def _dead_store(scheme: str, endpoint: str, settings: Settings, **overrides: float):
-    settings = settings.model_copy(update={
-        "s3_endpoint_url": endpoint, "oss_endpoint": endpoint, "storage_max_attempts": 8,
-        "storage_connect_timeout_s": 1.0, "storage_read_timeout_s": 1.0, **overrides,
-    })
+    settings = pointed(settings, scheme, endpoint, **{"storage_max_attempts": 8, "storage_connect_timeout_s": 1.0,
+                                                      "storage_read_timeout_s": 1.0, **overrides})
     return open_store(f"{scheme}://kolors-dead/p/", settings)
 
 
@@ -82,7 +85,7 @@ def test_a_stop_ends_a_hung_transfer_within_one_read_timeout(scheme, op, silent_
                         storage_read_timeout_s=2.0)
     big = tmp_path / "big.bin"
     big.write_bytes(os.urandom(12 * 1024 * 1024))  # over the 8 MiB multipart threshold of storage_env
-    timer = threading.Timer(1.0, storage_base.request_stop)
+    timer = threading.Timer(1.0, core_stop.request_stop)
     timer.start()
     t0 = time.monotonic()
     try:
@@ -100,7 +103,7 @@ def test_a_stop_ends_a_hung_transfer_within_one_read_timeout(scheme, op, silent_
         assert time.monotonic() - t1 < 0.5
     finally:
         timer.cancel()
-        storage_base.clear_stop()
+        core_stop.clear_stop()
 
 
 def test_sigterm_while_storage_hangs_exits_75_within_30s(silent_endpoint, tmp_path, shared_cache):

@@ -23,8 +23,8 @@ import torch
 from safetensors import safe_open
 
 from kolors_job import export as ex
-from kolors_job.kolors_configs import KOLORS_UNET_CONFIG
-from kolors_job.tiny import TINY_UNET_CONFIG, build_tiny_kolors
+from kolors_job.models.configs import KOLORS_UNET_CONFIG
+from kolors_job.models.tiny import TINY_UNET_CONFIG, build_tiny_kolors
 
 TRAIN_RANK = 16
 TRAIN_ALPHA = 4.0  # the reference training α (docs/design.md §7): scale 0.25

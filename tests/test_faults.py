@@ -21,16 +21,17 @@ from pathlib import Path
 
 import pytest
 
-from kolors_job.demo import build_demo_dataset, tiny_job
-from kolors_job.errors import ExitCode, StorageDeniedError, StorageTemporaryError
-from kolors_job.manifest import Manifest
-from kolors_job.settings import Settings
+from kolors_job.core.errors import ExitCode, StorageDeniedError, StorageTemporaryError
+from kolors_job.core.settings import Settings
+from kolors_job.manifest.spec import Manifest
 from kolors_job.storage import open_store, split_uri
 
 try:
     from tests.storage_servers.fault_proxy import LEDGER, Fault, FaultProxy
+    from tests.storage_servers.fixtures import pointed, s3_settings
 except ModuleNotFoundError:  # tests/ not importable as a package
     from storage_servers.fault_proxy import LEDGER, Fault, FaultProxy
+    from storage_servers.fixtures import pointed, s3_settings
 
 MiB = 1024 * 1024
 THROTTLED_SHARE, THROTTLE_PER_REQUEST = 0.3, 4
@@ -55,14 +56,7 @@ def faulty(request, storage_env, s3_server, oss_server, tmp_path):
     scheme = request.param
     upstream = s3_server.endpoint_url if scheme == "s3" else oss_server.endpoint
     proxy = FaultProxy(upstream, flavour=scheme).start()
-    settings = storage_env.model_copy(
-        update={
-            "s3_endpoint_url": proxy.endpoint if scheme == "s3" else storage_env.s3_endpoint_url,
-            "oss_endpoint": proxy.endpoint if scheme == "oss" else storage_env.oss_endpoint,
-            "storage_max_attempts": BUDGET,
-            "cache_dir": tmp_path / "cache",
-        }
-    )
+    settings = pointed(storage_env, scheme, proxy.endpoint, storage_max_attempts=BUDGET, cache_dir=tmp_path / "cache")
     bucket = s3_server.create_bucket()
     yield scheme, proxy, settings, f"{scheme}://{bucket}/run/", s3_server.client()
     proxy.stop()
@@ -249,15 +243,6 @@ def test_denied_and_missing_bucket_fail_at_once_without_retries(faulty, tmp_path
 
 
 # -- job level ----------------------------------------------------------------------------------
-def small_manifest(cache_dir: Path, output: str, *, name: str = "faulty-job", steps: int = 6) -> Manifest:
-    """The demo job, smaller: 6 steps with a checkpoint every 2, 8 frames of 64² in batches of 4."""
-    data = build_demo_dataset(cache_dir / "demo-dataset")
-    return Manifest.model_validate(tiny_job(data, output, {
-        "train.steps": steps, "train.batch_size": 1, "train.learning_rate": 1e-3, "train.checkpoint_every": 2,
-        "story.steps": 2, "story.batch_size": 4, "score.gate": False, "output.lora_formats": ["diffusers"],
-    }, name=name))
-
-
 def _bucket_objects(raw, bucket: str, prefix: str) -> dict[str, bytes]:
     out = {}
     for page in raw.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
@@ -281,24 +266,29 @@ def _outputs(objects: dict[str, bytes]) -> dict[str, object]:
 
 
 @pytest.fixture(scope="module")
-def job_runs(s3_server, shared_cache, tmp_path_factory):
-    """Runs the small job three times on s3:// behind one fault proxy: clean, under faults, outage."""
-    from kolors_job.runner import Job, run_job
+def job_runs(tiny_s3_job, s3_server, shared_cache, tmp_path_factory):
+    """The shared tiny job (``tiny_s3_job``, tests/scenarios.py) is the clean run, through a recording proxy; this
+    runs it three more times on s3:// behind one fault proxy: under faults, throttled, in an outage."""
+    from kolors_job.job.context import Job
+    from kolors_job.runner import run_job
 
     work = tmp_path_factory.mktemp("fault-jobs")
     proxy = FaultProxy(s3_server.endpoint_url, flavour="s3").start()
     raw = s3_server.client()
     bucket = s3_server.create_bucket()
+    runs = {"clean": {
+        "returncode": tiny_s3_job.returncode, "log": tiny_s3_job.log.decode(errors="replace")[-3000:],
+        "requests": tiny_s3_job.requests, "faults": 0, "kinds": Counter(), "seconds": tiny_s3_job.seconds,
+        "objects": tiny_s3_job.objects,
+    }}  # fmt: skip
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("AWS_ACCESS_KEY_ID", s3_server.access_key)
         mp.setenv("AWS_SECRET_ACCESS_KEY", s3_server.secret_key)
         settings = Settings(
             cache_dir=shared_cache, work_dir=work / "work", log_format="json",
-            s3_endpoint_url=proxy.endpoint, s3_region=s3_server.region, s3_addressing_style="path",
-            storage_max_attempts=BUDGET,
+            backends={"s3": s3_settings(proxy.endpoint, s3_server.region)}, storage_max_attempts=BUDGET,
         )
-        runs = {}
-        for name, schedule in (("clean", None), ("faulty", "rotation"), ("throttled", "throttle"), ("outage", "outage")):
+        for name, schedule in (("faulty", "rotation"), ("throttled", "throttle"), ("outage", "outage")):
             proxy.clear()
             run_settings = settings
             if schedule == "rotation":
@@ -308,7 +298,7 @@ def job_runs(s3_server, shared_cache, tmp_path_factory):
                 run_settings = settings.model_copy(update={"storage_max_attempts": Settings().storage_max_attempts})
             elif schedule == "outage":  # everything fails from the middle of the clean run's traffic on
                 proxy.fail_all(Fault("reset"), skip=runs["clean"]["requests"] // 2)
-            manifest = small_manifest(shared_cache, f"s3://{bucket}/{name}/", name="job")
+            manifest = Manifest.model_validate(tiny_s3_job.manifest_doc(f"s3://{bucket}/{name}/"))
             n0, f0, t0 = len(proxy.requests), proxy.injected, time.monotonic()
             outcome = run_job(Job(manifest, settings=run_settings))
             requests = proxy.requests[n0:]
@@ -324,7 +314,7 @@ def job_runs(s3_server, shared_cache, tmp_path_factory):
                 "faults": proxy.injected - f0,
                 "kinds": Counter(k for k, _, _ in proxy.events[f0:]),
                 "seconds": time.monotonic() - t0,
-                "objects": _bucket_objects(raw, bucket, f"{name}/job/"),
+                "objects": _bucket_objects(raw, bucket, f"{name}/{manifest.job_id}/"),
             }
     proxy.stop()
     return runs
@@ -332,7 +322,7 @@ def job_runs(s3_server, shared_cache, tmp_path_factory):
 
 def test_job_under_faults_gives_the_same_outputs_as_a_clean_run(job_runs):
     clean, faulty = job_runs["clean"], job_runs["faulty"]
-    assert clean["outcome"].exit_code == 0, clean["outcome"].message
+    assert clean["returncode"] == 0, clean["log"]
     assert faulty["outcome"].exit_code == 0, faulty["outcome"].message
     assert clean["faults"] == 0 and faulty["faults"] >= 20, faulty["kinds"]
     assert set(faulty["kinds"]) >= {"reset", "drop", "status", "truncate", "reset_mid_body", "delay"}
@@ -393,11 +383,7 @@ def test_both_loopback_stores_throttle_a_share_of_requests(flavour, storage_env,
 
     upstream = s3_server.endpoint_url if flavour == "s3" else oss_server.endpoint
     with FaultProxy(upstream, flavour=flavour) as proxy:
-        settings = storage_env.model_copy(update={
-            "s3_endpoint_url": proxy.endpoint if flavour == "s3" else storage_env.s3_endpoint_url,
-            "oss_endpoint": proxy.endpoint if flavour == "oss" else storage_env.oss_endpoint,
-            "storage_max_attempts": 8, "cache_dir": tmp_path / "cache",
-        })  # fmt: skip
+        settings = pointed(storage_env, flavour, proxy.endpoint, storage_max_attempts=8, cache_dir=tmp_path / "cache")
         store = _store(f"{flavour}://{s3_server.create_bucket()}/t/", settings)
         files = {f"f{i:02d}.bin": os.urandom(1000 + i) for i in range(30)}
         for rel, data in files.items():

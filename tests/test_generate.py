@@ -15,21 +15,14 @@ import pytest
 import torch
 from PIL import Image
 
-from kolors_job.dataset import ImageItem
-from kolors_job.generate import (
-    CANDIDATE_SEED_STRIDE,
-    FrameResult,
-    encode_texts,
-    generate_story,
-    load_story_pipeline,
-    plan_jobs,
-    render,
-    to_device,
-)
-from kolors_job.manifest import Frame, StorySpec, TrainSpec
-from kolors_job.models import reference_timesteps
-from kolors_job.tiny import build_tiny_kolors
-from kolors_job.train import train_lora
+from kolors_job.data.images import ImageItem
+from kolors_job.manifest.story import Frame, StorySpec
+from kolors_job.manifest.train import TrainSpec
+from kolors_job.models.schedulers import reference_timesteps
+from kolors_job.models.tiny import build_tiny_kolors
+from kolors_job.render.pipeline import encode_texts, load_story_pipeline, render, to_device
+from kolors_job.story.draw import CANDIDATE_SEED_STRIDE, FrameResult, generate_story, plan_jobs
+from kolors_job.train.loop import train_lora
 
 ROOT = Path(__file__).resolve().parents[1]
 SEEDS = (0, 1, 2, 5, 0, 1, 7, 0)  # the reference notebook's
@@ -280,9 +273,9 @@ def test_out_of_memory_halves_the_batch_and_keeps_the_pixels(
 ) -> None:
     """A card too small for the batch: the CUDA allocator's OutOfMemoryError (raised here by our own render
     for batches over 2) makes the story retry with halved batches; the frames equal the batch-1 ones."""
-    import kolors_job.generate as generate
+    import kolors_job.story.draw as draw
 
-    real_render, tried = generate.render, []
+    real_render, tried = draw.render, []
 
     def small_card(pipe: Any, jobs: Any, *args: Any, **kwargs: Any) -> Any:
         tried.append(len(jobs))
@@ -290,7 +283,7 @@ def test_out_of_memory_halves_the_batch_and_keeps_the_pixels(
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return real_render(pipe, jobs, *args, **kwargs)
 
-    monkeypatch.setattr(generate, "render", small_card)
+    monkeypatch.setattr(draw, "render", small_card)
     spec = drawn["spec"].model_copy(update={"batch_size": 8})
     results = generate_story(tiny_model, spec, out_dir=tmp_path, lora_dir=lora, device="cpu", progress=False)
     assert tried == [8, 4, 2, 2, 2, 2]
@@ -306,8 +299,8 @@ def test_an_added_sampler_is_one_table_entry(tiny_model: Path, lora: Path, monke
     the frames differ from another sampler's; without the entry the manifest refuses it again."""
     from pydantic import ValidationError
 
-    from kolors_job.manifest import Manifest
-    from kolors_job.models import SCHEDULERS, Sampler
+    from kolors_job.manifest.spec import Manifest
+    from kolors_job.models.schedulers import SCHEDULERS, Sampler
 
     with pytest.raises(ValidationError, match="Input should be"):
         story(scheduler="heun")

@@ -29,10 +29,11 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from kolors_job.dataset import SkipReason, scan_dataset
-from kolors_job.errors import ExitCode, JobError, ManifestError, StorageError
-from kolors_job.manifest import DatasetSpec, FilterSpec, load_manifest, parse_manifest
-from kolors_job.settings import Settings
+from kolors_job.core.errors import ExitCode, JobError, ManifestError, StorageError
+from kolors_job.core.settings import Settings
+from kolors_job.data.scan import SkipReason, scan_dataset
+from kolors_job.manifest.dataset import DatasetSpec, FilterSpec
+from kolors_job.manifest.load import load_manifest, parse_manifest
 from kolors_job.sources import fetch_dataset
 from kolors_job.storage import split_uri
 
@@ -192,7 +193,7 @@ def test_hostile_job_id_is_refused_and_writes_nothing_outside(tmp_path, monkeypa
 
 
 def test_absolute_job_id_keeps_the_work_dir_inside(tmp_path) -> None:
-    from kolors_job.runner import Job
+    from kolors_job.job.context import Job
 
     manifest = parse_manifest(f"spec: {{output: {{uri: '{tmp_path}/out'}}}}")
     settings = Settings(cache_dir=tmp_path / "cache", work_dir=tmp_path / "work")

@@ -16,10 +16,11 @@ import pytest
 from PIL import Image
 
 from kolors_job.cli import main
-from kolors_job.dataset import SkipReason, load_image, scan_dataset
-from kolors_job.errors import ExitCode, StorageDeniedError, StorageTemporaryError
-from kolors_job.manifest import DatasetSpec, FilterSpec
-from kolors_job.redact import scrub
+from kolors_job.core.errors import ExitCode, StorageDeniedError, StorageTemporaryError
+from kolors_job.core.redact import scrub
+from kolors_job.data.images import load_image
+from kolors_job.data.scan import SkipReason, scan_dataset
+from kolors_job.manifest.dataset import DatasetSpec, FilterSpec
 from kolors_job.sources import fetch_dataset
 from kolors_job.storage import open_store
 from kolors_job.storage.local import LocalStore, os_error
@@ -259,8 +260,8 @@ def test_short_secret_values_mask_tokens_not_parts_of_words() -> None:
 _SCAN_PEAK = """
 import re, sys
 from pathlib import Path
-from kolors_job.dataset import scan_dataset
-from kolors_job.manifest import DatasetSpec, FilterSpec
+from kolors_job.data.scan import scan_dataset
+from kolors_job.manifest.dataset import DatasetSpec, FilterSpec
 root, budget = Path(sys.argv[1]), int(sys.argv[2])
 spec = DatasetSpec(source=str(root), caption={"fixed": "x"},
                    filters=FilterSpec(min_width=64, min_height=64, max_pixels=3000 * 3000))

@@ -24,16 +24,15 @@ from typing import Any
 import pytest
 import requests
 
-from kolors_job.dataset import filter_drops, scan_dataset
-from kolors_job.errors import ExitCode, InputError, JobError
-from kolors_job.manifest import DatasetSpec
-from kolors_job.settings import Settings
+from kolors_job.core.errors import ExitCode, InputError, JobError
+from kolors_job.core.settings import Settings
+from kolors_job.core.uris import parse_hub_uri
+from kolors_job.data.scan import filter_drops, scan_dataset
+from kolors_job.manifest.dataset import DatasetSpec
 from kolors_job.sources import (
     check_free_space,
     fetch_dataset,
     fetch_model,
-    list_repo,
-    parse_hub_uri,
     plan_dataset,
     plan_model,
     records,
@@ -41,6 +40,7 @@ from kolors_job.sources import (
     transport,
 )
 from kolors_job.sources import hubs as hubs_module
+from kolors_job.sources.hubs import list_repo
 from tests.hub_servers import hf_hub as hf_ids
 from tests.hub_servers import modelscope_hub as ms_ids
 from tests.hub_servers.artifacts import ANIME_FOLDER_ID, ANIME_IMAGES, ANIME_NATIVE_ID, anime_text, fp16_loader_files
@@ -124,12 +124,12 @@ def test_hf_sources_are_pinned_to_the_repo_sha(hf_env, tmp_path: Path) -> None:
 
 
 def test_the_job_transport_is_in_force_before_any_client_is_imported() -> None:
-    """Whatever the environment says, a job process (it imports ``kolors_job.manifest`` first) runs both
+    """Whatever the environment says, a job process (the CLI, which imports the transport first) runs both
     clients with Xet off and the job's timeouts, though ``hf_xet`` is installed."""
     code = textwrap.dedent(
         """
         import importlib.util, json
-        import kolors_job.manifest
+        import kolors_job.cli
         import huggingface_hub.constants as hf, modelscope_hub.constants as ms
         from huggingface_hub.utils._runtime import is_xet_available
         from kolors_job.sources import transport
@@ -296,7 +296,7 @@ def test_the_cache_disk_and_bytes_that_contradict_the_listing_are_one_line_too()
 
     from modelscope_hub.errors import FileDownloadError, FileSizeMismatchError
 
-    from kolors_job.sources import hub_error
+    from kolors_job.sources.hub_errors import hub_error
 
     ref = parse_hub_uri(f"modelscope://{ms_ids.KOLORS_ID}")
     full = hub_error(ref, FileDownloadError("1 of 2 failed", failed_files={"x": OSError(errno.ENOSPC, "No space")}))
@@ -363,8 +363,8 @@ CHILD = textwrap.dedent(
     """
     import json, logging, sys
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(name)s %(message)s")
-    from kolors_job.errors import JobError
-    from kolors_job.settings import Settings
+    from kolors_job.core.errors import JobError
+    from kolors_job.core.settings import Settings
     from kolors_job.sources import fetch_model, plan_model, records
     settings = Settings()
     try:

@@ -16,15 +16,16 @@ import yaml
 from PIL import Image
 from pydantic import BaseModel
 
+from kolors_job.core.errors import ExitCode
+from kolors_job.core.settings import Settings
 from kolors_job.demo import build_demo_dataset, tiny_job
-from kolors_job.errors import ExitCode
-from kolors_job.manifest import Manifest
-from kolors_job.models import reference_timesteps
-from kolors_job.recipe import SWITCHES, describe
-from kolors_job.report import tile_frames
-from kolors_job.report_model import Report
-from kolors_job.runner import Job, JobOutcome, run_job
-from kolors_job.settings import Settings
+from kolors_job.job.context import Job
+from kolors_job.manifest.recipe import SWITCHES, describe
+from kolors_job.manifest.spec import Manifest
+from kolors_job.models.schedulers import reference_timesteps
+from kolors_job.report.html import tile_frames
+from kolors_job.report.model import Report
+from kolors_job.runner import STAGES, JobOutcome, run_job
 
 CONTRACT = [
     "manifest.resolved.yaml",
@@ -69,20 +70,21 @@ def undeclared(model: BaseModel, path: str = "") -> list[str]:
     return found
 
 
-def test_job_to_s3_leaves_the_output_contract(job_env: Path, demo_data: Path, storage_env: Settings,
-                                              s3_bucket_uri: str, shared_cache: Path) -> None:
+def test_job_to_s3_leaves_the_output_contract(tiny_s3_jobs: Any, s3_backend: Any, storage_env: Settings,
+                                              job_env: Path, shared_cache: Path) -> None:
+    """The shared tiny job (``tiny_s3_job``, tests/scenarios.py: ``python -m kolors_job run`` into this S3 server)
+    left the output contract; a rerun on its prefix is a no-op and another manifest there is refused."""
     from kolors_job.storage import open_store
 
-    settings = storage_env.model_copy(update={"cache_dir": shared_cache, "work_dir": job_env / "work"})
-    outcome = run(tiny_manifest(demo_data, s3_bucket_uri + "runs/"), settings)
-    assert outcome.exit_code == ExitCode.OK, outcome.message
-    store = open_store(s3_bucket_uri + "runs/tiny-job/", settings)
-    keys = set(store.list())
+    job = tiny_s3_jobs(s3_backend)
+    assert job.returncode == ExitCode.OK, job.log.decode(errors="replace")[-3000:]
+    objects = job.objects  # the prefix as the run left it
+    keys = set(objects)
     assert set(CONTRACT) <= keys, sorted(set(CONTRACT) - keys)
-    status = json.loads(store.read_bytes("status.json"))
+    status = json.loads(objects["status.json"])
     assert status["state"] == "succeeded" and status["exit_code"] == 0
-    assert list(status["stages"]) == ["models", "dataset", "train", "story", "score", "report"]
-    report = json.loads(store.read_bytes("report.json"))
+    assert list(status["stages"]) == [s.name for s in STAGES]  # every stage of the table ran, in its order
+    report = json.loads(objects["report.json"])
     assert report["model"]["random_weights"] is True
     assert len(report["score"]["per_image"]) == 8
     assert report["score"]["mean"] == pytest.approx(sum(report["score"]["per_image"]) / 8)
@@ -91,27 +93,31 @@ def test_job_to_s3_leaves_the_output_contract(job_env: Path, demo_data: Path, st
     # report_model.Report is report.json's one definition: every key declared, and it reads back unchanged
     parsed = Report.model_validate(report)
     assert undeclared(parsed) == [] and parsed.to_json_dict() == report
-    assert json.dumps(parsed.to_json_dict(), ensure_ascii=False, indent=2) + "\n" == store.read_bytes("report.json").decode()
-    resolved = yaml.safe_load(store.read_bytes("manifest.resolved.yaml"))
+    assert json.dumps(parsed.to_json_dict(), ensure_ascii=False, indent=2) + "\n" == objects["report.json"].decode()
+    resolved = yaml.safe_load(objects["manifest.resolved.yaml"])
     assert resolved["spec"]["train"]["rank"] == 16
-    story = Image.open(io.BytesIO(store.read_bytes("story.jpg")))
+    story = Image.open(io.BytesIO(objects["story.jpg"]))
     assert story.size == (1024, 2048)  # the reference: 4 rows of 2 frames, resized to 1024x2048
     # the default recipe, recorded with every switch in report.json and prompts.json; story.jpg tiled as the
     # notebook tiles (tests/test_reference_oracle.py checks that tiling against the notebook's cell)
-    prompts = json.loads(store.read_bytes("prompts.json"))
-    assert report["recipe"] == prompts["recipe"] == describe(tiny_manifest(demo_data, "unused").spec)
+    manifest = Manifest.model_validate(job.doc)
+    prompts = json.loads(objects["prompts.json"])
+    assert report["recipe"] == prompts["recipe"] == describe(manifest.spec)
     assert report["recipe"]["name"] == "reference" and report["recipe"]["switches"]["train.jpeg_reencode"] == 2
-    frames = [Image.open(io.BytesIO(store.read_bytes(f"images/{i:02d}.png"))).convert("RGB") for i in range(1, 9)]
+    frames = [Image.open(io.BytesIO(objects[f"images/{i:02d}.png"])).convert("RGB") for i in range(1, 9)]
     buf = io.BytesIO()
     tile_frames(frames, "notebook").save(buf, format="JPEG", quality=92)
-    assert store.read_bytes("story.jpg") == buf.getvalue()
+    assert objects["story.jpg"] == buf.getvalue()
 
     # idempotent: a second run sees _SUCCESS and recomputes (and rewrites) nothing
+    settings = storage_env.model_copy(update={"cache_dir": shared_cache, "work_dir": job_env / "work"})
+    store = open_store(job.output + f"{job.name}/", settings)
     before = {k: store.read_bytes(k) for k in ("report.json", "status.json", "manifest.resolved.yaml")}
-    again = run(tiny_manifest(demo_data, s3_bucket_uri + "runs/"), settings)
+    assert before == {k: objects[k] for k in before}
+    again = run(manifest, settings)
     assert again.exit_code == ExitCode.OK and again.state == "skipped"
     # another manifest under the same job id is refused, nothing overwritten
-    other = run(tiny_manifest(demo_data, s3_bucket_uri + "runs/", **{"train.rank": 4}), settings)
+    other = run(Manifest.model_validate(job.manifest_doc(overrides={"train.rank": 4})), settings)
     assert other.exit_code == ExitCode.OUTPUT_CONFLICT
     assert "different manifest" in other.message
     assert {k: store.read_bytes(k) for k in before} == before
@@ -215,9 +221,9 @@ def test_full_size_job_without_a_gpu_is_refused_at_once(
     import shutil
 
     from kolors_job.cli import main
-    from kolors_job.settings import Settings
-    from kolors_job.sources import FULL_SIZE_UNET_BYTES
-    from kolors_job.tiny import build_tiny_kolors
+    from kolors_job.core.settings import Settings
+    from kolors_job.models.tiny import build_tiny_kolors
+    from kolors_job.models.weights import FULL_SIZE_UNET_BYTES
 
     tiny = build_tiny_kolors(Settings().cache_dir / "tiny" / "kolors-refuse-test", seed=0)
     big = tmp_path / "big-kolors"
@@ -316,7 +322,7 @@ def test_an_added_lora_format_is_accepted_by_the_manifest_and_written_by_a_job(
     from pydantic import ValidationError
 
     from kolors_job.export import ExportFormat, load_lora_file, lora_modules, register, unregister
-    from kolors_job.manifest import json_schema
+    from kolors_job.manifest.load import json_schema
 
     overrides = {"output.lora_formats": ["diffusers", "test-peft"]}
     out = job_env / "out"

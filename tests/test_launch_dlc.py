@@ -15,7 +15,7 @@ import pytest
 import yaml
 from alibabacloud_pai_dlc20201203.models import CreateJobRequest
 
-from kolors_job.launch import dlc, k8s
+from kolors_job.launch import dlc, pod
 from kolors_job.launch.k8s import RETRYABLE_EXIT_CODE
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -123,7 +123,7 @@ def test_oss_job_without_an_endpoint_is_refused_and_resource_memory_follows_the_
     spec["JobSpecs"][0].pop("EcsSpec")
     spec["JobSpecs"][0]["ResourceConfig"] = {"CPU": "32", "GPU": "4", "SharedMemory": "16Gi"}
     m = build(spec, manifest_uri="s3://b/m.yaml", nproc_per_node=4).to_map()
-    assert m["JobSpecs"][0]["ResourceConfig"]["Memory"] == k8s.memory_for(4, "16Gi")
+    assert m["JobSpecs"][0]["ResourceConfig"]["Memory"] == pod.memory_for(4, "16Gi")
 
 
 # ------------------------------------------------------------------------------- region → OSS endpoint

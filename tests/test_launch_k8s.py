@@ -20,9 +20,11 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from kolors_job.errors import ExitCode
-from kolors_job.launch import k8s, register_cli, submit
+from kolors_job.core.errors import ExitCode
+from kolors_job.launch import k8s, pod, register_cli
+from kolors_job.launch.outputs import fresh_job_id
 from kolors_job.launch.torchrun import exit_code_of, retryable_code
+from kolors_job.manifest.fields import JOB_ID_PATTERN
 
 ROOT = Path(__file__).resolve().parents[1]
 K8S_VERSIONS = ("1.31.0", kubernetes_validate.utils.latest_version())
@@ -40,14 +42,14 @@ def run_cli(argv: list[str]) -> int:
     return ns.func(ns)
 
 
-def opts(**kw: object) -> k8s.RenderOptions:
+def opts(**kw: object) -> pod.RenderOptions:
     base: dict[str, object] = {
         "job_id": "t-1",
         "image": "registry.example/kolors-job:1",
         "manifest_uri": "s3://b/m.yaml",
     }
     base.update(kw)
-    return k8s.RenderOptions(**base)  # type: ignore[arg-type]
+    return pod.RenderOptions(**base)  # type: ignore[arg-type]
 
 
 VARIANTS = {
@@ -227,7 +229,7 @@ def test_render_cli(capsys: pytest.CaptureFixture[str]) -> None:
     assert run_cli([*argv, "--nodes", "2", "--kind", "job"]) == int(ExitCode.INVALID_MANIFEST)
     assert run_cli(["render", "k8s", "--image", "img:1"]) == int(ExitCode.INVALID_MANIFEST)
     assert run_cli([*argv[:-2], "--job-id", "Bad Id"]) == int(ExitCode.INVALID_MANIFEST)
-    assert submit.JOB_ID_RE.match(submit.fresh_job_id("Purple Hair Girl!"))
+    assert re.fullmatch(JOB_ID_PATTERN, fresh_job_id("Purple Hair Girl!"))
 
 
 def _containers(docs: list[dict]) -> list[dict]:
@@ -355,14 +357,14 @@ def test_memory_limit_grows_with_the_ranks_per_pod() -> None:
     def limit(doc: dict) -> str:
         return pod_templates(doc)[0]["spec"]["containers"][0]["resources"]["limits"]["memory"]
 
-    per, base = k8s.HOST_MEMORY_PER_RANK_GIB, k8s.HOST_MEMORY_BASE_GIB
+    per, base = pod.HOST_MEMORY_PER_RANK_GIB, pod.HOST_MEMORY_BASE_GIB
     assert limit(k8s.render_job(opts())) == f"{base + per + 16}Gi"
     assert limit(k8s.render_job(opts(gpus=4))) == f"{base + 4 * per + 16}Gi"
     assert limit(k8s.render_pytorchjob(opts(nodes=2, gpus=8, shm_size="32Gi"))) == f"{base + 8 * per + 32}Gi"
-    assert k8s.memory_for(2, "512Mi") == f"{base + 2 * per + 1}Gi"
+    assert pod.memory_for(2, "512Mi") == f"{base + 2 * per + 1}Gi"
     assert limit(k8s.render_job(opts(gpus=4, memory="300Gi"))) == "300Gi"  # an explicit --memory wins
     with pytest.raises(ValueError, match="--shm-size"):
-        k8s.memory_for(1, "lots")
+        pod.memory_for(1, "lots")
 
 
 def test_namespace_and_cache_pvc_it_assumes_are_rendered() -> None:

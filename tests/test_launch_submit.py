@@ -25,8 +25,9 @@ from typing import Any, ClassVar
 import pytest
 import yaml
 
-from kolors_job.errors import ExitCode
+from kolors_job.core.errors import ExitCode
 from kolors_job.launch import register_cli, submit
+from kolors_job.manifest.fields import JOB_ID_PATTERN
 from kolors_job.storage import open_store
 
 SCORES = [6.41, 6.12, 5.98, 6.33, 6.05, 6.27, 6.5, 6.2]
@@ -271,7 +272,7 @@ def test_fresh_job_id_and_manifest_checks(
     ]
     assert run_cli(argv) == 0
     job_id = capsys.readouterr().err.split("job id", 1)[1].split()[0]
-    assert job_id.startswith("ci-story-") and submit.JOB_ID_RE.match(job_id)
+    assert job_id.startswith("ci-story-") and re.fullmatch(JOB_ID_PATTERN, job_id)
     assert open_store(f"{bucket}/jobs/{job_id}").exists("manifest.yaml")
     # Same id, same manifest: fine (a rerun resumes). Same id, another manifest: refused.
     assert run_cli([*argv, "--job-id", job_id]) == 0

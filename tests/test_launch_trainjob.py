@@ -23,18 +23,18 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from kolors_job.errors import ExitCode
-from kolors_job.launch import k8s, register_cli, trainer
+from kolors_job.core.errors import ExitCode
+from kolors_job.launch import k8s, pod, register_cli, trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "tests" / "fixtures" / "kubeflow_trainer"
 K8S_VERSION = kubernetes_validate.utils.latest_version()
 
 
-def opts(**kw: Any) -> k8s.RenderOptions:
+def opts(**kw: Any) -> pod.RenderOptions:
     base: dict[str, Any] = {"job_id": "t-1", "image": "registry.example/kolors-job:1", "manifest_uri": "s3://b/m.yaml"}
     base.update(kw)
-    return k8s.RenderOptions(**base)
+    return pod.RenderOptions(**base)
 
 
 VARIANTS = {

@@ -26,12 +26,12 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from kolors_job.dataset import ImageItem
-from kolors_job.manifest import TrainSpec
-from kolors_job.models import load_kolors_components, place, stored_dtype
-from kolors_job.sources.hubs import DIFFUSERS_WEIGHTS, TRANSFORMERS_WEIGHTS, local_weights
-from kolors_job.tiny import TINY_TEXT_ENCODER_CONFIG, build_tiny_kolors
-from kolors_job.train_data import build_caches
+from kolors_job.data.images import ImageItem
+from kolors_job.manifest.train import TrainSpec
+from kolors_job.models.loading import load_kolors_components, place, stored_dtype
+from kolors_job.models.tiny import TINY_TEXT_ENCODER_CONFIG, build_tiny_kolors
+from kolors_job.models.weights import DIFFUSERS_WEIGHTS, TRANSFORMERS_WEIGHTS, local_weights
+from kolors_job.train.data import build_caches
 from tests.hub_servers.artifacts import write_kolors_diffusers
 
 REPO = Path(__file__).resolve().parents[1]
@@ -138,7 +138,7 @@ def wide_kolors(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, int]:
     by ``write_kolors_diffusers`` (the Kwai-Kolors/Kolors-diffusers file listing, docs/design.md §5)."""
     from diffusers import UNet2DConditionModel
 
-    from kolors_job.tiny import _chatglm, _seeded
+    from kolors_job.models.tiny import _chatglm, _seeded
 
     root = tmp_path_factory.mktemp("wide")
     src = build_tiny_kolors(root / "tiny")
@@ -165,7 +165,7 @@ _MEASURE = textwrap.dedent(
     """
     import gc, json, sys, torch
     from pathlib import Path
-    from kolors_job.models import load_kolors_components
+    from kolors_job.models.loading import load_kolors_components
 
     def anon() -> int:  # private (anonymous) resident bytes: what a rank holds that no other rank shares
         for line in open("/proc/self/status"):

@@ -13,8 +13,10 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kolors_job.errors import ExitCode, ManifestError
-from kolors_job.manifest import MAX_MANIFEST_BYTES, Frame, Manifest, json_schema, load_manifest, parse_manifest
+from kolors_job.core.errors import ExitCode, ManifestError
+from kolors_job.manifest.load import MAX_MANIFEST_BYTES, json_schema, load_manifest, parse_manifest
+from kolors_job.manifest.spec import Manifest
+from kolors_job.manifest.story import Frame
 
 MINIMAL = "spec:\n  output:\n    uri: /tmp/kolors-out\n"
 

@@ -10,18 +10,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from kolors_job.errors import ExitCode, InputError, JobError
-from kolors_job.manifest import StorySpec
-from kolors_job.models import (
-    SCHEDULERS,
-    KolorsComponents,
-    load_kolors_components,
-    make_pipeline,
-)
-from kolors_job.settings import Settings
+from kolors_job.core.errors import ExitCode, InputError, JobError
+from kolors_job.core.settings import Settings
+from kolors_job.manifest.story import StorySpec
+from kolors_job.models.loading import KolorsComponents, load_kolors_components, make_pipeline
+from kolors_job.models.schedulers import SCHEDULERS
+from kolors_job.models.tiny import build_tiny_kolors
 from kolors_job.sources import resolve_model
 from kolors_job.storage.atomic import COMPLETE_MARKER
-from kolors_job.tiny import build_tiny_kolors
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-from kolors_job.manifest import Manifest
+from kolors_job.manifest.spec import Manifest
 from tests.reference import oracle
 
 Edit = Callable[[dict[str, Any]], None]
@@ -45,7 +45,7 @@ def _both(*edits: Edit) -> Edit:
 
 
 def _fp32_sampling_on_cuda(mp: pytest.MonkeyPatch) -> None:
-    from kolors_job import generate
+    from kolors_job.render import pipeline as generate
 
     original = generate.sampling_dtype
     mp.setattr(generate, "sampling_dtype", lambda dev, precision="auto": torch.float32 if dev.type == "cuda"
@@ -53,13 +53,13 @@ def _fp32_sampling_on_cuda(mp: pytest.MonkeyPatch) -> None:
 
 
 def _bicubic_for_bilinear(mp: pytest.MonkeyPatch) -> None:
-    from kolors_job import dataset
+    from kolors_job.data import scan as dataset
 
     mp.setitem(dataset._RESIZE_FILTERS, "bilinear", Image.Resampling.BICUBIC)
 
 
 def _crop_time_ids_always(mp: pytest.MonkeyPatch) -> None:
-    from kolors_job import train_data
+    from kolors_job.train import data as train_data
 
     make_batch = train_data.make_batch
     mp.setattr(train_data, "make_batch", lambda *a, **k: make_batch(*a, **{**k, "time_ids": "crop"}))
@@ -123,7 +123,7 @@ def _drifted(edit: Edit) -> Manifest:
     doc = oracle.resolved_default().model_dump(mode="json")
     edit(doc)
     if doc["spec"]["recipe"] == "tuned":  # a recipe change: its switches come back unset, as a user writes it
-        from kolors_job.recipe import SWITCHES
+        from kolors_job.manifest.recipe import SWITCHES
 
         for path in SWITCHES:
             section, field = path.split(".")

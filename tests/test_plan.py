@@ -14,22 +14,25 @@ import pytest
 import torch
 
 from bench import plan_calibration as calib
-from kolors_job.errors import ExitCode, InputError
-from kolors_job.manifest import parse_manifest
+from kolors_job.core.errors import ExitCode, InputError
+from kolors_job.manifest.load import parse_manifest
+from kolors_job.models.tiny import TINY_UNET_CONFIG
 from kolors_job.plan import runtime
 from kolors_job.plan.cards import CARDS, GIB, Card
 from kolors_job.plan.fake import LiveMemory, cuda_autocast_rules, materialize, simulation
-from kolors_job.plan.planner import Plan, Stage, plan_job, training_size
-from kolors_job.plan.simulate import Count, Denoise, Result, TextEncode, TrainStep, VaeDecode, lora_step
+from kolors_job.plan.meta import Result
+from kolors_job.plan.planner import Plan, plan_job
+from kolors_job.plan.simulate import Count, Denoise, TextEncode, VaeDecode
+from kolors_job.plan.stages import Stage, training_size
 from kolors_job.plan.table import SHIPPED, Results
-from kolors_job.tiny import TINY_UNET_CONFIG
+from kolors_job.plan.train_step import TrainStep, lora_step
 from tests.cli_lines import last_message
 
 ROOT = Path(__file__).resolve().parents[1]
 REFERENCE = ROOT / "examples" / "minimal.yaml"
 PLANNED = ROOT / "tests" / "fixtures" / "plan"
 """The manifests these tests plan, beside the reference job and ``examples/``: ``kolors_job/plan/table.json``
-answers all of them (``python -m kolors_job.plan.table --refresh``, see that module)."""
+answers all of them (``python -m kolors_job.plan.refresh``, see that module)."""
 BATCH8_NO_CKPT = (PLANNED / "batch8-no-ckpt.yaml").read_text()
 TUNED = (PLANNED / "tuned.yaml").read_text()
 TUNED_MANUAL = (PLANNED / "tuned-manual.yaml").read_text()
@@ -349,7 +352,7 @@ def test_a_bucketed_manifest_plans_its_largest_bucket() -> None:
     """Two bucketed datasets without a square bucket: the step and latent caching are simulated at the bucket of the
     most pixels of either (fewer than 1024², so a lower peak than the square's); a dataset without buckets in the
     list brings the square back."""
-    from kolors_job.aspect_buckets import bucket_sizes
+    from kolors_job.manifest.buckets import bucket_sizes
 
     m = _manifest(BUCKETS)
     w, h = training_size(m.spec)
@@ -405,7 +408,7 @@ def test_plan_json_is_the_report_section() -> None:
     assert out.returncode == 0, out.stderr
     doc = json.loads(out.stdout)
     assert doc["fits"] and doc["choices"]["gradient_checkpointing"] is False and doc["choices"]["latent_batch"] == 8
-    from kolors_job.report_model import Report
+    from kolors_job.report.model import Report
 
     assert Report(memory=doc).to_json_dict()["memory"] == doc
 
@@ -444,9 +447,9 @@ def test_run_time_plan_hands_its_settings_to_the_trainer(monkeypatch: pytest.Mon
 def test_chatglm_on_the_cpu_beside_a_half_precision_unet(shared_cache: Path) -> None:
     """The plan's ``text_encoder: cpu``: ChatGLM computes in bf16 there (no fp16 CPU matmul) and the embeddings come
     back in the UNet's dtype, within bf16 rounding of an fp32 encode."""
-    from kolors_job.generate import ImageJob, encode_texts
-    from kolors_job.models import load_kolors_components, make_pipeline, place
-    from kolors_job.tiny import build_tiny_kolors
+    from kolors_job.models.loading import load_kolors_components, make_pipeline, place
+    from kolors_job.models.tiny import build_tiny_kolors
+    from kolors_job.render.pipeline import ImageJob, encode_texts
 
     model = build_tiny_kolors(shared_cache / "tiny-kolors", seed=0)
     pipe = make_pipeline(load_kolors_components(model, dtype=torch.float32))
@@ -461,7 +464,7 @@ def test_chatglm_on_the_cpu_beside_a_half_precision_unet(shared_cache: Path) -> 
 
 
 def test_readme_which_card_table_is_the_plans() -> None:
-    from kolors_job.manifest import load_manifest
+    from kolors_job.manifest.load import load_manifest
     from kolors_job.plan.planner import cards_table
 
     cards = [CARDS[c] for c in ("t4", "a10", "a100-40g", "a100-80g")]

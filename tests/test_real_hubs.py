@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 import yaml
 
-from kolors_job.errors import ExitCode
+from kolors_job.core.errors import ExitCode
 from tests.cli_lines import last_message
 from tests.hub_servers import hf_hub as hf_ids
 from tests.hub_servers import modelscope_hub as ms_ids
@@ -174,10 +174,10 @@ def test_the_training_vae_goes_through_the_hub_path_and_its_free_space_check(mod
     """``model.train_vae``'s default is planned, size-checked and downloaded like every other hub source: a
     cache that cannot hold it stops before any byte with the same one line; otherwise exactly the config and
     ``diffusion_pytorch_model.safetensors`` arrive, and load as an fp16-safe VAE (``force_upcast: false``)."""
-    from kolors_job.errors import InputError
-    from kolors_job.manifest import ModelSpec
-    from kolors_job.models import load_vae, vae_force_upcast
-    from kolors_job.settings import Settings
+    from kolors_job.core.errors import InputError
+    from kolors_job.core.settings import Settings
+    from kolors_job.manifest.spec import ModelSpec
+    from kolors_job.models.loading import load_vae, vae_force_upcast
     from kolors_job.sources import fetch_model
 
     uri = ModelSpec().train_vae
@@ -276,7 +276,7 @@ def test_a_hub_that_stalls_mid_file_is_exit_75_within_the_deadline_and_the_parti
     storage deadline (240 s; 8 s here) → exit 75 with one line naming the source, nothing marked complete,
     the partial file kept. The next attempt resumes it (here at the source level: the rest of the job is
     what ``test_default_manifest_on_the_modelscope_emulator`` runs) and counts only the bytes it received."""
-    from kolors_job.settings import Settings
+    from kolors_job.core.settings import Settings
     from kolors_job.sources import fetch_model, records
 
     hub = request.getfixturevalue("modelscope_env" if hub_kind == "modelscope" else "hf_env")

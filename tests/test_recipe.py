@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import pytest
 
-from kolors_job.dataset import resized_size
-from kolors_job.manifest import Manifest, ModelSpec, StorySpec, TrainSpec, parse_manifest
-from kolors_job.recipe import SWITCHES, describe, recipe_value, switch_values
-from kolors_job.train_data import SampleStream
+from kolors_job.data.images import resized_size
+from kolors_job.manifest.load import parse_manifest
+from kolors_job.manifest.recipe import SWITCHES, describe, recipe_value, switch_values
+from kolors_job.manifest.spec import Manifest, ModelSpec
+from kolors_job.manifest.story import StorySpec
+from kolors_job.manifest.train import TrainSpec
+from kolors_job.train.data import SampleStream
 
 OUT = "  output: {uri: file:///tmp/out/}\n"
 
@@ -58,7 +61,7 @@ def test_the_resolved_manifest_round_trips_and_the_recipes_are_different_work() 
 
 
 def test_an_unknown_recipe_is_one_line() -> None:
-    from kolors_job.errors import ManifestError
+    from kolors_job.core.errors import ManifestError
 
     with pytest.raises(ManifestError) as e:
         _spec("  recipe: fancy\n")

@@ -26,21 +26,22 @@ import pytest
 import torch
 import yaml
 
-from kolors_job.generate import (
+from kolors_job.export.lora_io import LORA_WEIGHT_NAME
+from kolors_job.manifest.spec import Manifest
+from kolors_job.manifest.story import StorySpec
+from kolors_job.models.schedulers import make_scheduler, sampler_timesteps
+from kolors_job.models.tiny import TINY_TEXT_ENCODER_CONFIG, build_tiny_kolors
+from kolors_job.render.pipeline import (
     ADAPTER_NAME,
     apply_lora,
     encode_texts,
     fuses_lora,
     load_story_pipeline,
-    plan_jobs,
     render,
     sampler_record,
     sampling_dtype,
 )
-from kolors_job.manifest import Manifest, StorySpec
-from kolors_job.models import make_scheduler, sampler_timesteps
-from kolors_job.tiny import TINY_TEXT_ENCODER_CONFIG, build_tiny_kolors
-from kolors_job.train import LORA_WEIGHT_NAME
+from kolors_job.story.draw import plan_jobs
 from tests.reference import oracle
 from tests.reference.oracle import ref
 
@@ -313,10 +314,11 @@ def test_the_training_latent_is_diffsynths_vae_encoder_output(tmp_path: Path) ->
     from diffsynth.models.sdxl_vae_encoder import SDXLVAEEncoder
     from diffusers import AutoencoderKL
 
-    from kolors_job.dataset import ImageItem, load_image
-    from kolors_job.embeddings import PromptEmbeds, cache_latents
-    from kolors_job.kolors_configs import KOLORS_VAE_CONFIG
-    from kolors_job.train_data import SampleStream, make_batch
+    from kolors_job.data.images import ImageItem, load_image
+    from kolors_job.models.configs import KOLORS_VAE_CONFIG
+    from kolors_job.models.prompts import PromptEmbeds
+    from kolors_job.train.data import SampleStream, make_batch
+    from kolors_job.train.latents import cache_latents
 
     torch.manual_seed(0)
     vae = AutoencoderKL(**KOLORS_VAE_CONFIG).eval()
@@ -347,7 +349,7 @@ def test_the_training_tensor_is_diffsynth_1_1_9_datasets_on_the_re_encoded_file(
     from diffsynth.data.simple_text_image import TextImageDataset
     from PIL import Image
 
-    from kolors_job.dataset import ImageItem, load_image
+    from kolors_job.data.images import ImageItem, load_image
 
     rng = np.random.default_rng(0)
     src = tmp_path / "a.png"
@@ -377,7 +379,7 @@ def _write_lora(tiny_model: Path, out: Path, ratio: float) -> Path:
     from diffusers import UNet2DConditionModel
     from peft import LoraConfig
 
-    from kolors_job.adapter import save_lora
+    from kolors_job.train.adapter import save_lora
 
     train, scale = DEFAULT.spec.train, DEFAULT.spec.story.lora_scale
     unet = UNet2DConditionModel.from_pretrained(tiny_model / "unet", torch_dtype=torch.float32)
@@ -451,7 +453,7 @@ def test_fused_lora_keeps_its_effect_in_fp16_not_in_bf16(tiny_model: Path, small
 def _unet_output(tiny_model: Path, lora: Path | None, precision: str, fused: bool) -> torch.Tensor:
     """One UNet call of the story pipeline as built for ``precision``/``fused`` (fused: LoRA merged, q/k/v
     fused, channels-last — the CUDA default path), on fixed random inputs."""
-    from kolors_job.generate import to_device
+    from kolors_job.render.pipeline import to_device
 
     spec = _small(DEFAULT.spec.story).model_copy(update={"precision": precision})
     pipe = load_story_pipeline(tiny_model, spec, lora_dir=lora, device="cpu", fused=fused)

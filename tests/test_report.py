@@ -13,13 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from kolors_job.report import (
-    RANDOM_WEIGHTS_BANNER,
-    device_info,
-    package_versions,
-    tile_story,
-    write_report,
-)
+from kolors_job.report.html import RANDOM_WEIGHTS_BANNER, device_info, package_versions, tile_story, write_report
 
 COLORS = [
     (255, 0, 0),

@@ -1,6 +1,7 @@
 """Kill and resume: a preempted job loses nothing and a rerun redoes nothing that is finished.
 
-The tiny job runs on the CPU in subprocesses (``python -m kolors_job run``, JSON logs, one thread).
+The tiny job runs on the CPU in subprocesses (``python -m kolors_job run``, JSON logs, one thread); the
+uninterrupted references they are compared with run in this process (same bytes, no second start-up).
 SIGTERM at a random training step → exit 75, status "interrupted", a checkpoint; a torn newer
 checkpoint (no ``COMPLETE``) is planted and must be ignored; the rerun resumes from the last
 complete checkpoint and is killed again once story frames have been uploaded; the third run draws
@@ -25,10 +26,10 @@ from pathlib import Path
 
 import pytest
 
+from kolors_job.core.errors import ExitCode
+from kolors_job.core.settings import Settings
 from kolors_job.demo import build_demo_dataset, tiny_job
-from kolors_job.errors import ExitCode
-from kolors_job.manifest import Manifest
-from kolors_job.settings import Settings
+from kolors_job.manifest.spec import Manifest
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS, EVERY, FRAMES = 12, 2, 8
@@ -107,10 +108,20 @@ def snapshot(root: Path) -> dict[str, tuple[int, int, int]]:
     }
 
 
+def reference_run(manifest: Path, cache: Path, work_dir: Path) -> tuple[int, str]:
+    """The uninterrupted run of ``manifest``, in this process (its bytes are a subprocess's: one thread both;
+    a process of its own would only add its start-up): (exit code, message)."""
+    from kolors_job.runner import Job, run_job
+
+    outcome = run_job(Job(Manifest.model_validate(json.loads(manifest.read_text())),
+                          settings=Settings(cache_dir=cache, work_dir=work_dir)))  # fmt: skip
+    return outcome.exit_code, outcome.message
+
+
 @pytest.fixture(scope="module")
 def resume_runs(shared_cache, tmp_path_factory):
-    """Reference run (in the background) ‖ run A (SIGTERM in training) → torn checkpoint → run B
-    (SIGTERM after the first frame) → run C (finishes)."""
+    """Run A (SIGTERM in training) → torn checkpoint → run B (SIGTERM after the first frame) → run C (finishes);
+    then the reference: the same manifest run uninterrupted."""
     base = tmp_path_factory.mktemp("resume")
     rng = random.Random(os.environ.get("KOLORS_TEST_SEED") or time.time_ns())
     kill_step = rng.randint(3, STEPS - 3)
@@ -122,16 +133,11 @@ def resume_runs(shared_cache, tmp_path_factory):
     manifest.write_text(json.dumps(manifest_dict(shared_cache, out)))
     ref_manifest.write_text(json.dumps(manifest_dict(shared_cache, ref_out)))
     job_env = {**env, "KOLORS_JOB_WORK_DIR": str(base / "work")}
-    # make sure the tiny models exist before two processes race to build them
+    # the tiny models built once, here, before the runs
     from kolors_job.sources import resolve_model
 
     for uri, kind in (("tiny://kolors", "pipeline"), ("tiny://aesthetic", "aesthetic")):
         resolve_model(uri, kind=kind, settings=Settings(cache_dir=shared_cache))
-
-    ref_proc = start(ref_manifest, {**env, "KOLORS_JOB_WORK_DIR": str(base / "ref-work")})
-    ref_lines: list[str] = []
-    ref_reader = threading.Thread(target=lambda: ref_lines.extend(ref_proc.stdout), daemon=True)
-    ref_reader.start()
 
     t0 = time.monotonic()
     a = follow(start(manifest, job_env), lambda r: r.get("msg") == "step" and r.get("step") == kill_step)
@@ -164,11 +170,10 @@ def resume_runs(shared_cache, tmp_path_factory):
     c = follow(start(manifest, job_env))
     c.seconds = time.monotonic() - t0
 
-    ref_rc = ref_proc.wait(timeout=300)
-    ref_reader.join(timeout=10)
+    ref_rc, ref_log = reference_run(ref_manifest, shared_cache, base / "ref-work")
     return {
         "kill_step": kill_step, "out": out / JOB, "ref_out": ref_out / JOB, "ref_rc": ref_rc,
-        "ref_log": "".join(ref_lines[-60:]), "a": a, "b": b, "c": c, "status_a": status_a, "status_b": status_b,
+        "ref_log": ref_log, "a": a, "b": b, "c": c, "status_a": status_a, "status_b": status_b,
         "status_at_resume": status_at_resume,
         "complete_a": complete_a, "after_a": after_a, "torn_step": torn_step, "frames_b": frames_b,
         "manifest": manifest, "env": job_env, "shared_cache": shared_cache, "base": base,
@@ -254,7 +259,8 @@ def test_kill_in_the_story_keeps_finished_frames(resume_runs):
 
 
 def _noop_rerun(resume_runs, caplog):
-    from kolors_job.runner import Job, run_job
+    from kolors_job.job.context import Job
+    from kolors_job.runner import run_job
 
     out = resume_runs["out"]
     assert (out / "_SUCCESS").is_file()
@@ -285,7 +291,8 @@ def test_finished_job_status_stays_succeeded_after_a_no_op_rerun(resume_runs, ca
 def test_force_recomputes_instead_of_skipping(resume_runs, tmp_path):
     """--force must not stop at _SUCCESS: it clears the prefix and runs the (here: changed) manifest.
     The new manifest names a missing model, so the forced run stops cheaply at the models stage."""
-    from kolors_job.runner import Job, run_job
+    from kolors_job.job.context import Job
+    from kolors_job.runner import run_job
 
     out = resume_runs["out"]
     assert (out / "_SUCCESS").is_file()
@@ -301,7 +308,8 @@ def test_force_recomputes_instead_of_skipping(resume_runs, tmp_path):
 
 
 def _conflict(resume_runs, tmp_path):
-    from kolors_job.runner import Job, run_job
+    from kolors_job.job.context import Job
+    from kolors_job.runner import run_job
 
     out = tmp_path / "shared-prefix"
     mine = Manifest.model_validate(manifest_dict(resume_runs["shared_cache"], out))
@@ -343,8 +351,8 @@ def test_kill_after_a_validation_keeps_it_and_the_rerun_does_not_redo_it(shared_
     env.update(KOLORS_JOB_CACHE_DIR=str(shared_cache), KOLORS_JOB_LOG_FORMAT="json", OMP_NUM_THREADS="1",
                MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1", KOLORS_JOB_WORK_DIR=str(tmp_path / "work"))
     reports = {}
-    runs: dict[str, list[Run]] = {"killed": [], "ref": []}
-    for name in runs:
+    runs: dict[str, list[Run]] = {"killed": []}
+    for name in ("killed", "ref"):
         out = tmp_path / name
         manifest = tmp_path / f"{name}.json"
         manifest.write_text(json.dumps(tiny_job(data, str(out), {
@@ -357,8 +365,11 @@ def test_kill_after_a_validation_keeps_it_and_the_rerun_does_not_redo_it(shared_
             assert a.signalled_at is not None and a.rc == ExitCode.TEMPORARY, a.text()
             runs[name].append(a)
             before = snapshot(out / "watch-resume" / "validation")
-        runs[name].append(follow(start(manifest, env)))
-        assert runs[name][-1].rc == 0, runs[name][-1].text()
+            runs[name].append(follow(start(manifest, env)))
+            assert runs[name][-1].rc == 0, runs[name][-1].text()
+        else:  # the uninterrupted reference
+            rc, message = reference_run(manifest, shared_cache, tmp_path / "ref-work")
+            assert rc == 0, message
         reports[name] = json.loads((out / "watch-resume" / "report.json").read_text())
     a, b = runs["killed"]
     assert [r["step"] for r in a.msgs("validation")] == [2, 4]
@@ -376,8 +387,8 @@ def test_kill_after_a_validation_keeps_it_and_the_rerun_does_not_redo_it(shared_
 def test_a_checkpoint_of_another_job_is_never_resumed(tmp_path, caplog):
     """Two manifests that differ only in their story share every training setting, yet a checkpoint one of
     them left in a prefix is passed over by the other: the job's identity is part of what each records."""
-    from kolors_job import checkpoints
     from kolors_job.storage import open_store
+    from kolors_job.train import checkpoints
 
     store = open_store(str(tmp_path / "out"))
     for step, job in ((2, "mine"), (4, "theirs")):
@@ -399,9 +410,10 @@ def test_a_stopped_job_with_urls_in_its_prompts_resumes(shared_cache, tmp_path):
     manifest holds every prompt and URI byte for byte."""
     import yaml
 
-    from kolors_job.manifest import parse_manifest
-    from kolors_job.runner import Job, run_job
-    from kolors_job.stop import StopFlag
+    from kolors_job.core.stop import StopFlag
+    from kolors_job.job.context import Job
+    from kolors_job.manifest.load import parse_manifest
+    from kolors_job.runner import run_job
 
     data = build_demo_dataset(shared_cache / "demo-dataset")
     doc = tiny_job(data, (tmp_path / "out").as_uri().replace("file://", "FILE://"), {
@@ -433,7 +445,7 @@ def test_a_stopped_job_with_urls_in_its_prompts_resumes(shared_cache, tmp_path):
 
 def _plant_scratch(path: Path, record: dict | None, *, age_s: float = 0.0) -> Path:
     """A scratch directory another process left on the shared work volume (with its owner record, if any)."""
-    from kolors_job.scratch import OWNER_PREFIX
+    from kolors_job.job.scratch import OWNER_PREFIX
 
     path.mkdir(parents=True)
     (path / "lora.safetensors").write_bytes(b"\0" * 64)
@@ -452,7 +464,7 @@ def test_sigkilled_runs_leave_no_scratch_and_live_ones_keep_theirs(shared_cache,
     """Issue #31 (2): runs SIGKILLed mid-training and mid-story (no cleanup of their own) leave their scratch
     behind; the next run removes it as it starts — and never the scratch of a process that still exists, here
     or on another machine sharing the volume (seen through its owner record's heartbeat)."""
-    from kolors_job.scratch import LEGACY_STALE_S, STALE_S, identity
+    from kolors_job.job.scratch import LEGACY_STALE_S, STALE_S, identity
 
     work = tmp_path / "work"
     data = build_demo_dataset(shared_cache / "demo-dataset")

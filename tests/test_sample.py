@@ -19,11 +19,12 @@ import yaml
 from PIL import Image
 
 from kolors_job.cli import main
-from kolors_job.errors import ExitCode
-from kolors_job.manifest import StorySpec
-from kolors_job.sample_prompts import PromptDefaults, command_line, parse_prompts_file, resolve_prompts
-from kolors_job.settings import Settings
+from kolors_job.core.errors import ExitCode
+from kolors_job.core.settings import Settings
+from kolors_job.manifest.story import StorySpec
+from kolors_job.sample.prompts import PromptDefaults, command_line, parse_prompts_file, resolve_prompts
 from tests.cli_lines import messages
+from tests.scenarios import URL_PROMPT
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -116,7 +117,7 @@ def test_grid_scales_base_sizes_and_scores(finished_tiny_job: Path, job_env: Pat
     assert [(r["seed"], r["negative_prompt"], r["width"], r["height"]) for r in rows] == [
         (3, "文件里的负面提示", 64, 64),  # --seed fills what the file leaves unset
         (7, "模糊", 64, 96),  # the prompt's own fields win
-        (3, "丑陋、变形、嘈杂、模糊、低对比度", 64, 64),  # the job's story negative
+        (3, URL_PROMPT, 64, 64),  # the job's story negative (the shared job's: tests/scenarios.py)
     ]
     img = {(r, c): pixels(out / f"images/{r + 1:02d}-{c}.png") for r in range(3) for c in labels}
     assert img[1, "base"].shape == (96, 64, 3)
@@ -135,7 +136,7 @@ def test_grid_scales_base_sizes_and_scores(finished_tiny_job: Path, job_env: Pat
         assert np.abs(img[r, "lora1"] - img[r, "base"]).max() > 2  # the LoRA moves pixels ...
         assert np.abs(img[r, "lora1"] - img[r, "base"]).mean() > np.abs(img[r, "lora0.5"] - img[r, "base"]).mean()
     # aesthetic scores: the predictor's own number for each written image
-    from kolors_job.score import AestheticScorer
+    from kolors_job.models.aesthetic import AestheticScorer
     from kolors_job.sources import fetch_model
 
     scorer = AestheticScorer.load(fetch_model("tiny://aesthetic", kind="aesthetic", settings=Settings())[0])
@@ -161,7 +162,8 @@ def test_a_bucket_as_the_loras_source_and_as_the_output(
     from kolors_job.storage import open_store
 
     for var, value in {"CACHE_DIR": shared_cache, "WORK_DIR": tmp_path / "work", "LOG_FORMAT": "json",
-                       "S3_ENDPOINT_URL": storage_env.s3_endpoint_url, "S3_REGION": storage_env.s3_region,
+                       "S3_ENDPOINT_URL": storage_env.backends["s3"].endpoint_url,
+                       "S3_REGION": storage_env.backends["s3"].region,
                        "S3_ADDRESSING_STYLE": "path"}.items():  # fmt: skip
         monkeypatch.setenv(f"KOLORS_JOB_{var}", str(value))
     settings = Settings()
@@ -171,7 +173,7 @@ def test_a_bucket_as_the_loras_source_and_as_the_output(
     prompt = ["二次元，一个紫色短发小女孩", "--seed", "5", "--scale", "1", "--compare-base"]
     assert sample(job_uri, *prompt, "--output", s3_bucket_uri + "samples/a/") == ExitCode.OK
     # the lora/ prefix alone names no job: the base model and the story's size and steps come from the options
-    story = ["--base", "tiny://kolors", "--width", "64", "--height", "64", "--steps", "3"]
+    story = ["--base", "tiny://kolors", "--width", "64", "--height", "64", "--steps", "3", "--negative", URL_PROMPT]
     assert sample(lora_uri, *prompt, *story, "--output", s3_bucket_uri + "samples/b") == ExitCode.OK
     a, b = bucket.child("samples", "a"), bucket.child("samples", "b")
     assert a.list() == b.list() == ["grid.png", "images/01-base.png", "images/01-lora1.png", "prompts.json"]
@@ -199,7 +201,8 @@ def test_an_oss_output(
     from kolors_job.storage import open_store
 
     for var, value in {"CACHE_DIR": shared_cache, "WORK_DIR": tmp_path / "work", "LOG_FORMAT": "json",
-                       "OSS_ENDPOINT": storage_env.oss_endpoint, "OSS_REGION": storage_env.oss_region}.items():  # fmt: skip
+                       "OSS_ENDPOINT": storage_env.backends["oss"].endpoint,
+                       "OSS_REGION": storage_env.backends["oss"].region}.items():  # fmt: skip
         monkeypatch.setenv(f"KOLORS_JOB_{var}", str(value))
     out = oss_bucket_uri + "samples/x/"
     assert sample(str(finished_tiny_job), "二次元，一只猫", "--output", out) == ExitCode.OK
@@ -333,9 +336,10 @@ def test_the_fused_path_loads_the_lora_again_at_each_scale(finished_tiny_job: Pa
     LoRA cannot be rescaled in place — and the base column is the model without it."""
     import torch
 
-    from kolors_job.generate import ImageJob, load_story_pipeline, render, to_device
-    from kolors_job.sample import Column, draw
-    from kolors_job.sample_prompts import SamplePrompt
+    from kolors_job.render.pipeline import ImageJob, load_story_pipeline, render, to_device
+    from kolors_job.sample.prompts import SamplePrompt
+    from kolors_job.sample.request import Column
+    from kolors_job.sample.run import draw
     from kolors_job.sources import fetch_model
 
     model = fetch_model("tiny://kolors", kind="pipeline", settings=Settings(cache_dir=shared_cache))[0]

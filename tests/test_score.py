@@ -9,10 +9,11 @@ import pytest
 import torch
 from PIL import Image
 
-from kolors_job.errors import InputError
-from kolors_job.manifest import ScoreSpec
-from kolors_job.score import AestheticScorer, ScoreResult, pairwise_consistency, score_folder, score_story
-from kolors_job.tiny import build_tiny_aesthetic_predictor
+from kolors_job.core.errors import InputError
+from kolors_job.manifest.spec import ScoreSpec
+from kolors_job.models.aesthetic import AestheticScorer, pairwise_consistency
+from kolors_job.models.tiny import build_tiny_aesthetic_predictor
+from kolors_job.score.challenge import ScoreResult, score_folder, score_story
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,8 @@
 
 Known secret values go into every place credentials live (AWS key/secret/session token used by the
 moto endpoint, OSS secret, a ModelScope token, a password inside the endpoint URL). The whole tiny
-job runs as a subprocess (``python -m kolors_job run``, JSON logs at DEBUG) writing to s3://; then
+job runs as a subprocess (``python -m kolors_job run``, JSON logs at DEBUG) writing to s3:// — the session's
+shared run (``tiny_s3_job``, tests/scenarios.py, where the secrets are defined); then
 every object in the bucket and every byte of stdout+stderr is searched for each secret. Failing
 jobs (missing bucket, unreachable endpoint, wrong OSS key) must redact their error lines too.
 """
@@ -15,26 +16,17 @@ import logging
 import os
 import re
 import socket
-import subprocess
-import sys
 from pathlib import Path
 from urllib.parse import quote
 
 import pytest
 
 from kolors_job.demo import build_demo_dataset, tiny_job
+from tests.scenarios import ENDPOINT_PASSWORD, SECRETS, URL_PROMPT, TinyS3Job
+from tests.scenarios import secret_env as _secret_env
+from tests.scenarios import with_password as _with_password
 
 ROOT = Path(__file__).resolve().parents[1]
-
-SECRETS = {
-    "AWS_ACCESS_KEY_ID": "AKIAKOLORSLEAKTEST01",
-    "AWS_SECRET_ACCESS_KEY": "kolors-s3-secret-Zq81xVb7Rt",
-    "AWS_SESSION_TOKEN": "kolors-session-token-Hw3Pp0Jd",
-    "OSS_ACCESS_KEY_SECRET": "kolors-oss-secret-Ty6Qa2Lm",
-    "MODELSCOPE_API_TOKEN": "ms-kolors-token-Kp9Lm4Vx",
-}
-ENDPOINT_PASSWORD = "kolors-endpoint-pw-Ud7Rq"
-
 
 def variants(secret: str) -> list[bytes]:
     """The secret as it could appear: raw, URL-quoted (once and twice), base64, JSON-escaped."""
@@ -49,10 +41,6 @@ def assert_clean(blob: bytes, where: str, secrets: list[str]) -> None:
             assert form not in blob, f"secret {secret[:6]}… found in {where}"
 
 
-URL_PROMPT = "二次元, a poster reading HTTPS://Shop.Example/?sale&page=2#top"
-"""Not a credential: it must reach prompts.json and the submission byte for byte."""
-
-
 def _manifest(cache_dir: Path, output: str, name: str) -> str:
     data = build_demo_dataset(cache_dir / "demo-dataset")
     return json.dumps(tiny_job(data, output, {
@@ -60,34 +48,6 @@ def _manifest(cache_dir: Path, output: str, name: str) -> str:
         "story.batch_size": 8, "score.gate": False, "output.lora_formats": ["diffusers"],
         "story.negative_prompt": URL_PROMPT,
     }, name=name), ensure_ascii=False)
-
-
-def _secret_env(shared_cache: Path, tmp_path: Path, endpoint: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "OSS_", "ALIBABA_CLOUD_", "KOLORS_JOB_"))}
-    env.update(SECRETS)
-    env.update(
-        AWS_EC2_METADATA_DISABLED="true",
-        AWS_CONFIG_FILE=str(tmp_path / "no-aws-config"),
-        AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "no-aws-credentials"),
-        OSS_ACCESS_KEY_ID="LTAIkolorsLeakTestId",
-        KOLORS_JOB_CACHE_DIR=str(shared_cache),
-        KOLORS_JOB_WORK_DIR=str(tmp_path / "work"),
-        KOLORS_JOB_LOG_FORMAT="json",
-        KOLORS_JOB_LOG_LEVEL="DEBUG",
-        KOLORS_JOB_S3_ENDPOINT_URL=endpoint,
-        KOLORS_JOB_S3_ADDRESSING_STYLE="path",
-        KOLORS_JOB_S3_REGION="us-east-1",
-        KOLORS_JOB_STORAGE_MAX_ATTEMPTS="2",
-        OMP_NUM_THREADS="1",
-        MKL_NUM_THREADS="1",
-        PYTHONUNBUFFERED="1",
-    )
-    return env
-
-
-def _with_password(endpoint_url: str) -> str:
-    scheme, rest = endpoint_url.split("://", 1)
-    return f"{scheme}://kjuser:{ENDPOINT_PASSWORD}@{rest}"
 
 
 def _closed_port() -> int:
@@ -99,34 +59,30 @@ def _closed_port() -> int:
 ALL_SECRETS = [*SECRETS.values(), ENDPOINT_PASSWORD]
 
 
-def test_whole_job_leaks_no_secret_into_outputs_or_log(s3_server, shared_cache, tmp_path):
-    bucket = s3_server.create_bucket()
-    env = _secret_env(shared_cache, tmp_path, _with_password(s3_server.endpoint_url))
-    manifest = tmp_path / "job.json"
-    manifest.write_text(_manifest(shared_cache, f"s3://{bucket}/jobs/", "secret-job"))
-    proc = subprocess.run(
-        [sys.executable, "-m", "kolors_job", "run", "--manifest", str(manifest)],
-        cwd=ROOT, env=env, capture_output=True, timeout=600,
-    )
-    log = proc.stdout + proc.stderr
-    assert proc.returncode == 0, log.decode(errors="replace")[-3000:]
-    assert b'"msg": "job secret-job succeeded' in log  # the JSON log really was captured
+def test_whole_job_leaks_no_secret_into_outputs_or_log(tiny_s3_job: TinyS3Job) -> None:
+    """The shared tiny job (``tiny_s3_job``, tests/scenarios.py) ran as ``python -m kolors_job run`` with these
+    secrets as its credentials and a password in its endpoint URL, JSON logs at DEBUG: every object it wrote and
+    every byte it printed is searched."""
+    job = tiny_s3_job
+    log = job.log
+    assert job.secrets and job.returncode == 0, log.decode(errors="replace")[-3000:]
+    assert f'"msg": "job {job.name} succeeded'.encode() in log  # the JSON log really was captured
 
-    raw = s3_server.client()
-    keys = [o["Key"] for p in raw.get_paginator("list_objects_v2").paginate(Bucket=bucket) for o in p.get("Contents", ())]
-    assert "jobs/secret-job/_SUCCESS" in keys and "jobs/secret-job/report.json" in keys
-    assert any(k.endswith(".safetensors") for k in keys) and any(k.startswith("jobs/secret-job/images/") for k in keys)
+    objects = job.bucket_objects  # every object of the bucket, as the run left it
+    keys = list(objects)
+    assert f"runs/{job.name}/_SUCCESS" in keys and f"runs/{job.name}/report.json" in keys
+    assert any(k.endswith(".safetensors") for k in keys) and any(k.startswith(f"runs/{job.name}/images/") for k in keys)
     for key in keys:
         assert_clean(key.encode(), f"the object key {key}", ALL_SECRETS)
-        assert_clean(raw.get_object(Bucket=bucket, Key=key)["Body"].read(), key, ALL_SECRETS)
+        assert_clean(objects[key], key, ALL_SECRETS)
     assert_clean(log, "the job's stdout/stderr", ALL_SECRETS)
     # what is not a secret is not touched: the URL in the negative prompt, as given, in every file that names it
-    body = {k: raw.get_object(Bucket=bucket, Key=k)["Body"].read().decode("utf-8", "replace") for k in keys}
-    assert json.loads(body["jobs/secret-job/prompts.json"])["negative_prompt"] == URL_PROMPT
-    assert URL_PROMPT in body["jobs/secret-job/manifest.resolved.yaml"]
-    assert URL_PROMPT in body["jobs/secret-job/submission/prompts.txt"]
+    body = {k: v.decode("utf-8", "replace") for k, v in objects.items()}
+    assert json.loads(body[f"runs/{job.name}/prompts.json"])["negative_prompt"] == URL_PROMPT
+    assert URL_PROMPT in body[f"runs/{job.name}/manifest.resolved.yaml"]
+    assert URL_PROMPT in body[f"runs/{job.name}/submission/prompts.txt"]
     # the local work dir is not an output, but it is on the cache volume: no secrets there either
-    for path in (tmp_path / "work").rglob("*"):
+    for path in job.work_dir.rglob("*"):
         if path.is_file() and path.stat().st_size < 50 * 2**20:
             assert_clean(path.read_bytes(), str(path), ALL_SECRETS)
 
@@ -204,15 +160,15 @@ def test_container_runs_as_non_root():
 def test_aliyun_cli_env_names_are_credentials_and_are_scrubbed(monkeypatch: pytest.MonkeyPatch) -> None:
     """``ALIBABACLOUD_*`` keys (the aliyun CLI's names) sign OSS requests like ``ALIBABA_CLOUD_*`` and are
     masked wherever they would be printed."""
-    from kolors_job.redact import scrub
-    from kolors_job.storage import oss as oss_mod
+    from kolors_job.core.redact import scrub
+    from kolors_job.storage.oss import credentials as oss_credentials
 
     for var in [v for v in os.environ if v.startswith(("OSS_ACCESS", "ALIBABA_CLOUD_", "ALIBABACLOUD_"))]:
         monkeypatch.delenv(var)
     monkeypatch.setenv("ALIBABACLOUD_ACCESS_KEY_ID", "LTAIkolorsCliKey01")
     monkeypatch.setenv("ALIBABACLOUD_ACCESS_KEY_SECRET", "kolors-cli-secret-Rk2Vb")
     monkeypatch.setenv("ALIBABACLOUD_SECURITY_TOKEN", "kolors-cli-token-Pz4Qw")
-    creds = oss_mod.credentials_provider().get_credentials()
+    creds = oss_credentials.credentials_provider().get_credentials()
     assert (creds.access_key_id, creds.access_key_secret, creds.security_token) == (
         "LTAIkolorsCliKey01", "kolors-cli-secret-Rk2Vb", "kolors-cli-token-Pz4Qw")
     line = scrub("denied for LTAIkolorsCliKey01 with kolors-cli-secret-Rk2Vb / kolors-cli-token-Pz4Qw")
@@ -292,6 +248,6 @@ def cli_env(shared_cache, tmp_path, monkeypatch):
 def test_signed_url_parameters_are_masked_in_every_form(line: str, masked: str) -> None:
     """What an SDK's error text carries (a key with its signed query percent-encoded into the path, once or twice)
     is masked by the one scrub every sink goes through; every other byte of the line is kept."""
-    from kolors_job.redact import scrub
+    from kolors_job.core.redact import scrub
 
     assert scrub(line.format(c=CANARY)) == masked.format()

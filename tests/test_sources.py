@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import pytest
 
-from kolors_job.errors import InputError
-from kolors_job.sources import HubRef, choose_weights, parse_hub_uri, select_files
+from kolors_job.core.errors import InputError
+from kolors_job.core.uris import HubRef, parse_hub_uri
+from kolors_job.models.weights import choose_weights
+from kolors_job.sources.hubs import select_files
 
 KOLORS_DIFFUSERS = {
     ".gitattributes": 1519,

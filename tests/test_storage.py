@@ -16,11 +16,17 @@ from alibabacloud_credentials.provider import StaticSTSCredentialsProvider
 from hypothesis import given
 from hypothesis import strategies as hst
 
-from kolors_job.errors import StorageDeniedError, StorageError, StorageNotFoundError, StorageTemporaryError
+from kolors_job.core.errors import StorageDeniedError, StorageError, StorageNotFoundError, StorageTemporaryError
 from kolors_job.storage import Store, is_bucket_uri, open_store, redact, split_uri
-from kolors_job.storage import oss as oss_mod
 from kolors_job.storage.base import unsafe_relative_path
 from kolors_job.storage.local import LocalStore
+from kolors_job.storage.oss import credentials as oss_credentials
+from kolors_job.storage.oss import store as oss_mod
+
+try:
+    from tests.storage_servers.fixtures import pointed
+except ModuleNotFoundError:  # tests/ not importable as a package
+    from storage_servers.fixtures import pointed
 
 BACKENDS = pytest.mark.parametrize(
     ("kind", "s3_backend"),
@@ -261,7 +267,8 @@ def test_s3_wrong_secret_is_denied_radosgw(s3_bucket_uri, storage_env, monkeypat
 
 @pytest.mark.parametrize("region", ["cn-hangzhou", None], ids=["v4", "v1"])
 def test_oss_signatures_checked(oss_bucket_uri, storage_env, oss_server, monkeypatch, region):
-    settings = storage_env.model_copy(update={"oss_region": region})
+    oss = storage_env.backends["oss"].model_copy(update={"region": region})
+    settings = storage_env.model_copy(update={"backends": {**storage_env.backends, "oss": oss}})
     st = open_store(oss_bucket_uri, settings)
     assert type(st._bucket.auth) is (oss2.ProviderAuthV4 if region else oss2.ProviderAuth)
     assert st.write_bytes("ok", b"1")  # the right key signs correctly
@@ -286,7 +293,7 @@ def test_oss_sts_credentials_via_alibabacloud_chain_and_env(
     client = AlibabaCredentialsClient(
         provider=StaticSTSCredentialsProvider(access_key_id=ak, access_key_secret=sk, security_token=token)
     )
-    provider = oss_mod._AlibabaChainProvider(client)
+    provider = oss_credentials._AlibabaChainProvider(client)
     st = oss_mod.OSSStore(bucket, prefix, storage_env, oss_mod.make_bucket(bucket, storage_env, provider))
     assert st.write_bytes("sts", b"via chain") and st.read_bytes("sts") == b"via chain"
 
@@ -305,8 +312,8 @@ def test_oss_sts_credentials_via_alibabacloud_chain_and_env(
 def test_oss_anonymous_without_credentials(oss_bucket_uri, storage_env, monkeypatch):
     for var in ("OSS_ACCESS_KEY_ID", "OSS_ACCESS_KEY_SECRET"):
         monkeypatch.delenv(var)
-    monkeypatch.setattr(oss_mod, "default_chain_provider", lambda: None)  # no RRSA/ECS/profile here
-    monkeypatch.setattr(oss_mod, "DLC_CREDENTIALS_FILE", Path("/nonexistent/credentials"))
+    monkeypatch.setattr(oss_credentials, "default_chain_provider", lambda: None)  # no RRSA/ECS/profile here
+    monkeypatch.setattr(oss_credentials, "DLC_CREDENTIALS_FILE", Path("/nonexistent/credentials"))
     st = open_store(oss_bucket_uri, storage_env)
     assert isinstance(st._bucket.auth, oss2.AnonymousAuth)
     with pytest.raises(StorageDeniedError, match="AccessDenied"):
@@ -319,7 +326,7 @@ def test_oss_dlc_credentials_file_is_reread(oss_bucket_uri, storage_env, oss_ser
     creds.write_text(f'{{"AccessKeyId": "{ak}", "AccessKeySecret": "{sk}", "SecurityToken": "{token}"}}')
     for var in ("OSS_ACCESS_KEY_ID", "OSS_ACCESS_KEY_SECRET"):
         monkeypatch.delenv(var)
-    monkeypatch.setattr(oss_mod, "DLC_CREDENTIALS_FILE", creds)
+    monkeypatch.setattr(oss_credentials, "DLC_CREDENTIALS_FILE", creds)
     st = open_store(oss_bucket_uri, storage_env)
     assert st.write_bytes("dlc", b"1")
     creds.write_text(f'{{"AccessKeyId": "{ak}", "AccessKeySecret": "{sk}", "SecurityToken": "rotated-bad"}}')
@@ -337,9 +344,7 @@ def _closed_port() -> int:
 @pytest.mark.parametrize("kind", ["s3", "oss"])
 def test_unreachable_endpoint_is_temporary_and_redacted(kind, storage_env):
     endpoint = f"http://user:topsecretpw@127.0.0.1:{_closed_port()}"
-    settings = storage_env.model_copy(
-        update={"s3_endpoint_url": endpoint, "oss_endpoint": endpoint, "storage_max_attempts": 2}
-    )
+    settings = pointed(storage_env, kind, endpoint, storage_max_attempts=2)
     st = open_store(f"{kind}://bkt/p/", settings)
     if kind == "oss":
         st.retry_base_delay = 0.01

@@ -11,8 +11,8 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from kolors_job.errors import ExitCode, JobError
-from kolors_job.submission import build_submission, check_submission, push_to_modelscope
+from kolors_job.core.errors import ExitCode, JobError
+from kolors_job.report.submission import build_submission, check_submission, push_to_modelscope
 
 N_FRAMES = 8
 

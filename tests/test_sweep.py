@@ -18,8 +18,8 @@ import pytest
 import yaml
 
 from kolors_job import cli
-from kolors_job.errors import ExitCode, ManifestError
-from kolors_job.manifest import Manifest
+from kolors_job.core.errors import ExitCode, ManifestError
+from kolors_job.manifest.spec import Manifest
 from kolors_job.storage import open_store
 from kolors_job.sweep import overrides
 from kolors_job.sweep.metrics import TrialMetrics, parse_weights
@@ -180,7 +180,7 @@ def test_trial_names_become_job_ids() -> None:
     assert upper != lower and upper.startswith("sx5o9q8-mf99w4-")  # PAI's mixed case: two trials, two jobs
     import re
 
-    from kolors_job.manifest import JOB_ID_PATTERN
+    from kolors_job.manifest.fields import JOB_ID_PATTERN
 
     assert re.fullmatch(JOB_ID_PATTERN, upper)
     with pytest.raises(ManifestError):

@@ -32,11 +32,16 @@ from typing import Any
 import pytest
 import yaml
 
+from kolors_job.core.errors import ExitCode
+from kolors_job.core.settings import Settings
 from kolors_job.demo import build_demo_dataset, tiny_job
-from kolors_job.errors import ExitCode
-from kolors_job.settings import Settings
 from kolors_job.storage import open_store
 from kolors_job.sweep.metrics import parse_weights
+
+try:
+    from tests.storage_servers.fixtures import s3_settings
+except ModuleNotFoundError:  # tests/ not importable as a package
+    from storage_servers.fixtures import s3_settings
 
 try:
     from tests import katib
@@ -119,8 +124,7 @@ def sweep_run(tmp_path_factory: pytest.TempPathFactory, shared_cache: Path, s3_s
     }  # fmt: skip
     (tmp / "sweep.yaml").write_text(yaml.safe_dump(sweep), encoding="utf-8")
     storage = _storage_env(s3_server)
-    settings = Settings(cache_dir=shared_cache, s3_endpoint_url=s3_server.endpoint_url, s3_region=s3_server.region,
-                        s3_addressing_style="path")
+    settings = Settings(cache_dir=shared_cache, backends={"s3": s3_settings(s3_server.endpoint_url, s3_server.region)})
 
     # render katib, exactly as the CLI does (stdout holds only the objects)
     render = subprocess.run(

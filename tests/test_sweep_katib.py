@@ -23,7 +23,7 @@ import pytest
 import yaml
 
 from kolors_job import cli
-from kolors_job.errors import ExitCode
+from kolors_job.core.errors import ExitCode
 from kolors_job.launch import katib as katib_mod
 from kolors_job.launch import register_cli
 from kolors_job.storage import open_store

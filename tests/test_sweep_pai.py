@@ -18,7 +18,7 @@ import yaml
 from alibabacloud_paiautoml20220828.models import CreateHpoExperimentRequest
 
 from kolors_job import cli
-from kolors_job.errors import ExitCode
+from kolors_job.core.errors import ExitCode
 from kolors_job.launch import dlc, pai_automl
 from kolors_job.storage import open_store
 from kolors_job.sweep import trial

@@ -24,8 +24,9 @@ from pathlib import Path
 
 import pytest
 
-from kolors_job.cli import build_parser, prose
-from kolors_job.log import setup_logging
+from kolors_job.cli import build_parser
+from kolors_job.core.log import setup_logging
+from kolors_job.launch.options import prose
 
 ROOT = Path(__file__).resolve().parents[1]
 MARKUP = re.compile(r"``|:(mod|class|func|meth|attr):`")
@@ -54,8 +55,8 @@ def _logger_run(level: str, fmt: str = "text") -> str:
         try:
             warnings.warn_explicit("The pynvml package is deprecated", FutureWarning, "torch/cuda/__init__.py", 68)
             logging.getLogger("bitsandbytes.backends.cpu.ops").warning("Failed to load CPU gemm_4bit_forward")
-            logging.getLogger("kolors_job.train").warning("stopping at step 3 on request")
-            logging.getLogger("kolors_job.train").info("step", extra={"step": 3, "loss": 0.123456789012345, "lr": 1e-4})
+            logging.getLogger("kolors_job.train.loop").warning("stopping at step 3 on request")
+            logging.getLogger("kolors_job.train.loop").info("step", extra={"step": 3, "loss": 0.123456789012345, "lr": 1e-4})
             logging.getLogger("botocore.retries").warning("retrying")
         finally:
             root = logging.getLogger()
@@ -147,7 +148,7 @@ def test_demo_on_a_terminal_shows_bars_not_warnings(tmp_path: Path, shared_cache
 LIBRARY_ZOO = '''
 import logging, sys
 logging.getLogger("early.lib").addHandler(logging.StreamHandler())  # a handler made before setup_logging
-from kolors_job.log import setup_logging
+from kolors_job.core.log import setup_logging
 setup_logging("json", "DEBUG")
 logging.getLogger("early.lib").warning("a library configured before setup")
 import transformers.utils.logging as tlog
@@ -247,7 +248,7 @@ def test_the_offline_hub_run_logs_only_json_and_text_mode_no_none(tmp_path: Path
 
 
 def test_top_level_help_lists_every_exit_code_and_run_options_all_have_help() -> None:
-    from kolors_job.errors import ExitCode
+    from kolors_job.core.errors import ExitCode
 
     text = " ".join(_help().split())
     for code in ExitCode:
@@ -279,17 +280,19 @@ def test_an_interrupted_demo_resumes_and_any_other_starts_over(
     while a finished one, or one of another manifest, starts over."""
     from kolors_job import runner
     from kolors_job.cli import main
+    from kolors_job.core.errors import ExitCode
+    from kolors_job.core.settings import Settings
     from kolors_job.demo import demo_manifest
-    from kolors_job.settings import Settings
+    from kolors_job.job.context import Job
 
     monkeypatch.setenv("KOLORS_JOB_CACHE_DIR", str(shared_cache))
     out = tmp_path / "demo-out"
     manifest = demo_manifest(Settings(), output=str(out))
     forced: list[bool] = []
 
-    def fake_run(job: runner.Job) -> runner.JobOutcome:
+    def fake_run(job: Job) -> runner.JobOutcome:
         forced.append(job.force)
-        return runner.JobOutcome(job.job_id, job.output_uri, runner.ExitCode.OK, "succeeded")
+        return runner.JobOutcome(job.job_id, job.output_uri, ExitCode.OK, "succeeded")
 
     monkeypatch.setattr(runner, "run_job", fake_run)
     status = out / manifest.job_id / "status.json"

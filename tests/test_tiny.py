@@ -12,9 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
-from kolors_job.kolors_configs import KOLORS_FULL_SIZE_CONFIGS, KOLORS_SCHEDULER_CONFIG
-from kolors_job.storage.atomic import COMPLETE_MARKER, atomic_dir
-from kolors_job.tiny import (
+from kolors_job.models.configs import KOLORS_FULL_SIZE_CONFIGS, KOLORS_SCHEDULER_CONFIG
+from kolors_job.models.tiny import (
     AESTHETIC_BIAS,
     AESTHETIC_RADIUS,
     build_full_size_kolors_random,
@@ -22,6 +21,7 @@ from kolors_job.tiny import (
     build_tiny_kolors,
     chatglm_tokenizer_dir,
 )
+from kolors_job.storage.atomic import COMPLETE_MARKER, atomic_dir
 
 
 def _digests(root: Path) -> dict[str, str]:

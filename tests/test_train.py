@@ -21,22 +21,18 @@ import pytest
 import torch
 from PIL import Image
 
-from kolors_job import train as train_mod
-from kolors_job.dataset import ImageItem, load_image
-from kolors_job.embeddings import mix_seed
-from kolors_job.errors import ManifestError
-from kolors_job.manifest import TrainSpec
-from kolors_job.recipe import SWITCHES
-from kolors_job.tiny import build_tiny_kolors
-from kolors_job.train import (
-    COMPLETE_NAME,
-    LORA_WEIGHT_NAME,
-    TrainResult,
-    make_optimizer,
-    resolve_precision,
-    train_lora,
-    want_checkpointing,
-)
+from kolors_job.core.errors import ManifestError
+from kolors_job.data.images import ImageItem, load_image
+from kolors_job.export.lora_io import LORA_WEIGHT_NAME
+from kolors_job.manifest.recipe import SWITCHES
+from kolors_job.manifest.train import TrainSpec
+from kolors_job.models.tiny import build_tiny_kolors
+from kolors_job.train import setup as setup_mod
+from kolors_job.train import step as step_mod
+from kolors_job.train.checkpoints import COMPLETE_NAME
+from kolors_job.train.latents import mix_seed
+from kolors_job.train.loop import TrainResult, train_lora
+from kolors_job.train.setup import make_optimizer, resolve_precision, want_checkpointing
 
 DROPOUT = 0.25
 TUNED = {path.split(".")[1]: values[1] for path, values in SWITCHES.items() if path.startswith("train.")}
@@ -96,12 +92,12 @@ def straight(
 ) -> dict[str, Any]:
     """The reference run; records every batch it trains on, its checkpoints and its log records."""
     work = tmp_path_factory.mktemp("straight")
-    batches: list[train_mod.Batch] = []
+    batches: list[step_mod.Batch] = []
     schedulers: list[Any] = []
     calls: list[tuple[Path, int, bool]] = []
-    real_make_batch, real_loss = train_mod.make_batch, train_mod._loss
+    real_make_batch, real_loss = step_mod.make_batch, step_mod._loss
 
-    def make_batch(*args: Any, **kwargs: Any) -> train_mod.Batch:
+    def make_batch(*args: Any, **kwargs: Any) -> step_mod.Batch:
         batches.append(real_make_batch(*args, **kwargs))
         return batches[-1]
 
@@ -116,8 +112,8 @@ def straight(
     logger.setLevel(logging.INFO)
     try:
         with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(train_mod, "make_batch", make_batch)
-            mp.setattr(train_mod, "_loss", loss)
+            mp.setattr(step_mod, "make_batch", make_batch)
+            mp.setattr(step_mod, "_loss", loss)
             result = train_lora(
                 tiny_model,
                 items,
@@ -184,12 +180,12 @@ def test_grad_norm_is_measured_always_and_clips_only_when_asked() -> None:
         params = [torch.nn.Parameter(torch.zeros_like(g)) for g in grads]
         for p, g in zip(params, grads, strict=True):
             p.grad = g.clone()
-        assert train_mod._grad_norm(accelerator, params, None) == pytest.approx(13.0)
+        assert step_mod._grad_norm(accelerator, params, None) == pytest.approx(13.0)
         assert all(torch.equal(p.grad, g) for p, g in zip(params, grads, strict=True))
-        assert train_mod._grad_norm(accelerator, params, 1.0) == pytest.approx(13.0)
+        assert step_mod._grad_norm(accelerator, params, 1.0) == pytest.approx(13.0)
         assert float(torch.cat([p.grad for p in params]).norm()) == pytest.approx(1.0, rel=1e-5)
     finally:
-        train_mod._reset_accelerate_state()
+        setup_mod._reset_accelerate_state()
 
 
 def test_checkpoints_are_complete_and_reported(straight: dict[str, Any]) -> None:
@@ -384,15 +380,16 @@ def test_adamw8bit_keeps_kolors_sized_lora_moments_in_one_byte() -> None:
 def test_reference_switches_posterior_mean_and_target_time_ids(tmp_path: Path) -> None:
     """``latent: mean`` trains on the posterior mean and ``time_ids: target`` on (res, res, 0, 0, res, res),
     as DiffSynth's trainer does; the random draws (t, noise) stay those of the tuned switches."""
-    from kolors_job.embeddings import LatentEntry, PromptEmbeds
+    from kolors_job.models.prompts import PromptEmbeds
+    from kolors_job.train.latents import LatentEntry
 
     items = [ImageItem(tmp_path / "a.png", "二次元", 100, 80)]
     entry = LatentEntry(mean=torch.full((4, 8, 8), 0.5), std=torch.ones(4, 8, 8), time_ids=(80, 100, 3, 5, 64, 64))
     prompts = {"二次元": PromptEmbeds(embeds=torch.zeros(256, 32), pooled=torch.zeros(32))}
 
-    def batch(**switches: str) -> train_mod.Batch:
-        return train_mod.make_batch(
-            [0], train_mod.SampleStream(1, 0), items, {(0, False): entry}, prompts, num_train_timesteps=1100,
+    def batch(**switches: str) -> step_mod.Batch:
+        return step_mod.make_batch(
+            [0], step_mod.SampleStream(1, 0), items, {(0, False): entry}, prompts, num_train_timesteps=1100,
             scaling_factor=0.13025, caption_dropout=0.0, random_flip=False, **switches,
         )
 
@@ -402,3 +399,61 @@ def test_reference_switches_posterior_mean_and_target_time_ids(tmp_path: Path) -
     assert default.time_ids.tolist() == [[80, 100, 3, 5, 64, 64]] and ref.time_ids.tolist() == [[64, 64, 0, 0, 64, 64]]
     assert torch.equal(ref.latents[0], entry.mean * 0.13025) and not torch.equal(default.latents, ref.latents)
     assert torch.equal(default.noise, ref.noise) and torch.equal(default.timesteps, ref.timesteps)
+
+
+def test_the_fingerprint_counts_every_train_field_but_those_listed_as_not_deciding_the_weights() -> None:
+    """Resume is refused across fingerprints: each ``TrainSpec`` field changed alone changes it, except the ones
+    ``NOT_WEIGHTS`` names (each with its reason); and a field added to ``TrainSpec`` counts with no list to update."""
+    from typing import Literal
+
+    from kolors_job.manifest.train import ValidationSpec
+    from kolors_job.train.fingerprint import NOT_WEIGHTS, VERSION, run_fingerprint
+
+    items = [ImageItem(Path("a.png"), "二次元", 1024, 1024)]
+
+    def fingerprint(spec: TrainSpec) -> dict[str, Any]:
+        return run_fingerprint(spec, 2, items, 0.0, precision="no", identity="job")
+
+    other = {  # a different value of each field that decides the weights (model_copy: no cross-field checks)
+        "rank": 8, "alpha": 8.0, "learning_rate": 2e-4, "steps": 501, "epochs": 2, "batch_size": 2,
+        "gradient_accumulation": 2, "resolution": 512, "center_crop": False, "random_flip": True,
+        "resize_filter": "lanczos", "latent": "sample", "time_ids": "crop", "data_order": "shuffle",
+        "exif_orientation": True, "jpeg_reencode": 0, "target_modules": ["to_q"], "init_lora_weights": "default",
+        "optimizer": "prodigy", "weight_decay": 0.0, "loss_weighting": "min_snr", "snr_gamma": 1.0,
+        "noise_offset": 0.1, "dora": True, "ema": True, "ema_decay": 0.99, "max_grad_norm": 1.0,
+        "lr_scheduler": "cosine", "warmup_steps": 10, "seed": 1, "compile": True,
+    }  # fmt: skip
+    assert set(NOT_WEIGHTS) | set(other) == set(TrainSpec.model_fields), "a field neither counted nor listed"
+    assert not set(NOT_WEIGHTS) & set(other) and all(NOT_WEIGHTS.values())
+    base = fingerprint(TrainSpec())
+    assert base["version"] == VERSION and base["job"] == "job" and base["precision"] == "no"  # as resolved
+    assert not (set(NOT_WEIGHTS) - {"precision"}) & set(base)
+    for name, value in other.items():
+        assert fingerprint(TrainSpec().model_copy(update={name: value})) != base, name
+    quiet = {"precision": "bf16", "gradient_checkpointing": "on", "checkpoint_every": 7,
+             "validation": ValidationSpec(every=0), "log_with": [], "select": "best_aesthetic", "memory": "manual",
+             "allow_adamw8bit": True}  # fmt: skip
+    assert set(quiet) == set(NOT_WEIGHTS)
+    for name, value in quiet.items():
+        assert fingerprint(TrainSpec().model_copy(update={name: value})) == base, name
+
+    class Later(TrainSpec):  # a training option added after this test was written
+        timestep_bias: Literal["none", "later"] = "none"
+
+    assert fingerprint(Later())["timestep_bias"] == "none"
+    assert fingerprint(Later(timestep_bias="later")) != fingerprint(Later())
+
+
+def test_a_checkpoint_of_an_earlier_fingerprint_version_is_passed_over(tmp_path: Path) -> None:
+    """Checkpoints written before the fingerprint counted every field (version 1, no ``version`` key) are not
+    resumed: a rerun after the upgrade trains again from step 0 instead of failing on a fingerprint mismatch."""
+    from kolors_job.storage import open_store
+    from kolors_job.train.checkpoints import STATE_NAME, newest_complete, step_key
+    from kolors_job.train.fingerprint import VERSION
+
+    store = open_store(str(tmp_path))
+    for step, fingerprint in ((2, {"job": "j"}), (4, {"job": "j", "version": VERSION}), (6, {"job": "j"})):
+        store.write_text(f"{step_key(step)}/{STATE_NAME}", json.dumps({"step": step, "fingerprint": fingerprint}))
+        store.write_text(f"{step_key(step)}/{COMPLETE_NAME}", "")
+    assert newest_complete(store, identity="j") == 4
+    assert newest_complete(store, identity="another") is None

@@ -18,13 +18,14 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from kolors_job import train as train_mod
-from kolors_job.dataset import ImageItem
+from kolors_job.data.images import ImageItem
 from kolors_job.export.lora_io import LORA_WEIGHT_NAME
-from kolors_job.kolors_configs import KOLORS_SCHEDULER_CONFIG
-from kolors_job.manifest import TrainSpec
-from kolors_job.tiny import build_tiny_kolors
-from kolors_job.train import train_lora
+from kolors_job.manifest.train import TrainSpec
+from kolors_job.models.configs import KOLORS_SCHEDULER_CONFIG
+from kolors_job.models.tiny import build_tiny_kolors
+from kolors_job.train import loop as train_mod
+from kolors_job.train import step as step_mod
+from kolors_job.train.loop import train_lora
 
 BASE = TrainSpec(
     rank=4, alpha=2.0, learning_rate=1e-3, steps=1, batch_size=1, resolution=64, seed=1, checkpoint_every=1,
@@ -52,15 +53,15 @@ def items(tmp_path_factory: pytest.TempPathFactory) -> list[ImageItem]:
 
 def _train(tiny_model: Path, items: list[ImageItem], work: Path, spec: TrainSpec, **kwargs: Any) -> dict[str, Any]:
     """One ``train_lora`` call, with every batch it trained on."""
-    batches: list[train_mod.Batch] = []
-    real = train_mod.make_batch
+    batches: list[step_mod.Batch] = []
+    real = step_mod.make_batch
 
-    def make_batch(*args: Any, **kw: Any) -> train_mod.Batch:
+    def make_batch(*args: Any, **kw: Any) -> step_mod.Batch:
         batches.append(real(*args, **kw))
         return batches[-1]
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(train_mod, "make_batch", make_batch)
+        mp.setattr(step_mod, "make_batch", make_batch)
         result = train_lora(tiny_model, items, spec, work_dir=work, device="cpu", progress=False, **kwargs)
     return {"result": result, "batches": batches, "work": work}
 
@@ -100,8 +101,8 @@ def test_min_snr_weights_are_diffusers_compute_snr_on_the_kolors_schedule() -> N
     ac = np.cumprod(1 - betas)[t.numpy()]
     np.testing.assert_allclose(snr.numpy(), ac / (1 - ac), rtol=1e-4)  # the Kolors schedule, not another
     for gamma in (5.0, 1.0):
-        eps = train_mod.min_snr_weights(sched, t, gamma, "epsilon")
-        v = train_mod.min_snr_weights(sched, t, gamma, "v_prediction")
+        eps = step_mod.min_snr_weights(sched, t, gamma, "epsilon")
+        v = step_mod.min_snr_weights(sched, t, gamma, "v_prediction")
         torch.testing.assert_close(eps, torch.clamp(snr, max=gamma) / snr)
         torch.testing.assert_close(v, torch.clamp(snr, max=gamma) / (snr + 1))
     assert eps[0] < 1e-3 and eps[-1] == 1.0  # t = 0 is nearly clean (huge SNR): weighted down
@@ -134,7 +135,7 @@ def test_noise_offset_adds_a_per_channel_constant_and_changes_the_first_loss(
     flat = diff.reshape(diff.shape[0], -1)
     torch.testing.assert_close(flat, flat[:, :1].expand_as(flat), rtol=0, atol=1e-6)  # constant per channel
     # the draw is the sample generator's next N(0, 1) after the plain draws (dropout, flip, t, latent eps, noise)
-    gen = train_mod.SampleStream(len(items), BASE.seed, BASE.data_order).generator(0)
+    gen = step_mod.SampleStream(len(items), BASE.seed, BASE.data_order).generator(0)
     torch.rand((2,), generator=gen)
     torch.randint(0, 1100, (), generator=gen)
     shape = a.latents.shape[1:]
@@ -240,7 +241,7 @@ def test_dora_exports_to_diffusers_which_applies_its_formula(
     with torch.no_grad():
         torch.testing.assert_close(layer(x), x @ want_w.T, rtol=1e-4, atol=1e-5)
     # the story's path: the LoRA at the story's scale, as a peft branch (CPU) or fused into the weights (CUDA)
-    from kolors_job.generate import apply_lora
+    from kolors_job.render.pipeline import apply_lora
 
     outs = []
     for fuse in (False, True):
@@ -300,7 +301,7 @@ def test_dora_with_ema_resumes_bit_for_bit(
 def test_the_model_card_lists_the_options_that_are_on() -> None:
     """The card's settings table and each exported file's ``kolors_job.extra`` name the options a run used;
     a run without any (the reference, the demo) gets nothing, so its files stay byte for byte what they were."""
-    from kolors_job.runner import _option_notes
+    from kolors_job.train.export import _option_notes
 
     assert _option_notes(TrainSpec()) == {}
     on = TrainSpec(optimizer="prodigy", loss_weighting="min_snr", snr_gamma=3, noise_offset=0.05, dora=True,

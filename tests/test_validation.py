@@ -17,13 +17,14 @@ from typing import Any
 import pytest
 from safetensors.torch import load_file
 
+from kolors_job.core.errors import ExitCode
+from kolors_job.core.settings import Settings
 from kolors_job.demo import build_demo_dataset, tiny_job
-from kolors_job.errors import ExitCode
 from kolors_job.export import LoraInfo, export_all
-from kolors_job.manifest import Manifest
-from kolors_job.runner import Job, run_job
-from kolors_job.settings import Settings
-from kolors_job.validation import select_checkpoint
+from kolors_job.job.context import Job
+from kolors_job.manifest.spec import Manifest
+from kolors_job.runner import run_job
+from kolors_job.train.validation import select_checkpoint
 
 STEPS, EVERY = 6, 2
 LORA = "pytorch_lora_weights.safetensors"

@@ -29,12 +29,12 @@ from kolors_job.export.diffsynth import (
     DEFAULT_DIFFSYNTH_LOAD_ALPHA,
     DIFFSYNTH_TARGET_MODULES,
     diffsynth_lora_parameter_shapes,
-    diffsynth_module_map,
     diffsynth_state_dict,
     export_diffsynth,
     fits_full_size_kolors,
     model_manager_alpha,
 )
+from kolors_job.export.diffsynth_names import diffsynth_module_map
 from kolors_job.export.kohya import export_kohya, kohya_state_dict
 from kolors_job.export.lora_io import (
     DIFFUSERS_WEIGHT_NAME,

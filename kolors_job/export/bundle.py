@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -9,13 +10,15 @@ from typing import TYPE_CHECKING, Any
 
 from kolors_job.export.card import write_model_card
 from kolors_job.export.diffsynth import DEFAULT_DIFFSYNTH_LOAD_ALPHA
-from kolors_job.export.lora_io import LoraInfo, load_lora_file, log, resolve_info
+from kolors_job.export.lora_io import LoraInfo, load_lora_file, resolve_info
 from kolors_job.export.registry import ExportSource, applicable_formats, default_format_names, get_format
 
 if TYPE_CHECKING:
     import torch
 
 __all__ = ["export_all"]
+
+log = logging.getLogger(__name__)
 
 
 def export_all(

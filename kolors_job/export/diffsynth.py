@@ -11,15 +11,16 @@ DiffSynth builds only the full-size Kolors UNet, so whether a LoRA fits it is de
 
 from __future__ import annotations
 
-import copy
 import functools
 import json
+import logging
 import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kolors_job.export.lora_io import LoraInfo, file_metadata, log, resolve_info, save_lora, scaled
+from kolors_job.export.diffsynth_names import diffsynth_module_map, kolors_unet_config
+from kolors_job.export.lora_io import LoraInfo, file_metadata, resolve_info, save_lora, scaled
 from kolors_job.export.registry import ExportFormat, ExportSource, register
 
 if TYPE_CHECKING:
@@ -31,13 +32,14 @@ __all__ = [
     "FULL_SIZE_ONLY",
     "diffsynth_file_names",
     "diffsynth_lora_parameter_shapes",
-    "diffsynth_module_map",
     "diffsynth_state_dict",
     "export_diffsynth",
     "fits_full_size_kolors",
     "model_manager_alpha",
     "needs_full_size_kolors",
 ]
+
+log = logging.getLogger(__name__)
 
 DEFAULT_DIFFSYNTH_LOAD_ALPHA = 2.0
 """The reference notebook injects ``LoraConfig(r=16, lora_alpha=2.0)`` at sampling time (docs/design.md §7)."""
@@ -56,47 +58,10 @@ DIFFSYNTH_DORA = (
 """Why ``train.dora`` gets no DiffSynth file."""
 
 
-def _default_unet_config() -> dict[str, Any]:
-    from kolors_job.kolors_configs import KOLORS_UNET_CONFIG
-
-    return copy.deepcopy(KOLORS_UNET_CONFIG)
 
 
-@functools.lru_cache(maxsize=4)
-def _diffsynth_module_map_cached(unet_config_json: str) -> dict[str, str]:
-    import torch
-    from diffsynth.models.sdxl_unet import SDXLUNet
-    from diffusers import UNet2DConditionModel
-
-    with torch.device("meta"):
-        unet = UNet2DConditionModel(**json.loads(unet_config_json))
-    names = list(unet.state_dict().keys())
-    # Tag every base key with its index: the converter only renames (and squeezes proj_in/out),
-    # so the tag tells us which diffusers key each DiffSynth key came from, whatever the order.
-    tagged = {name: torch.tensor([i]) for i, name in enumerate(names)}
-    converted = SDXLUNet.state_dict_converter().from_diffusers(tagged)
-    if isinstance(converted, tuple):
-        converted = converted[0]
-    if len(converted) != len(names):
-        raise RuntimeError(f"DiffSynth's converter merged keys: {len(names)} -> {len(converted)}")
-    mapping: dict[str, str] = {}
-    for new_name, tag in converted.items():
-        old_name = names[int(tag.reshape(-1)[0])]
-        if old_name.endswith(".weight") and new_name.endswith(".weight"):
-            mapping[old_name.removesuffix(".weight")] = new_name.removesuffix(".weight")
-    return mapping
 
 
-def diffsynth_module_map(unet_config: Mapping[str, Any] | None = None) -> dict[str, str]:
-    """``{diffusers module path: DiffSynth module path}`` for every weight of the base Kolors UNet.
-
-    Derived by running DiffSynth's ``SDXLUNetStateDictConverter.from_diffusers`` over the base
-    UNet's full key list (built on the meta device: no memory). The converter numbers DiffSynth
-    blocks by counting the blocks it sees, so it must see all of them — a partial LoRA would be
-    misnumbered (docs/design.md §5).
-    """
-    cfg = dict(unet_config) if unet_config is not None else _default_unet_config()
-    return dict(_diffsynth_module_map_cached(json.dumps(cfg, sort_keys=True)))
 
 
 @functools.lru_cache(maxsize=4)
@@ -221,7 +186,7 @@ def _full_size_weight_shapes() -> dict[str, tuple[int, ...]]:
     from diffusers import UNet2DConditionModel
 
     with torch.device("meta"):
-        unet = UNet2DConditionModel(**_default_unet_config())
+        unet = UNet2DConditionModel(**kolors_unet_config())
     return {k.removesuffix(".weight"): tuple(v.shape) for k, v in unet.state_dict().items() if k.endswith(".weight")}
 
 

@@ -25,7 +25,7 @@ from kolors_job.storage.atomic import atomic_target
 if TYPE_CHECKING:
     import torch
 
-log = logging.getLogger("kolors_job.export")
+log = logging.getLogger(__name__)
 
 __all__ = [
     "DIFFUSERS_WEIGHT_NAME",
@@ -225,7 +225,7 @@ def _lora_parts(
         halves[m["module"]][m["ab"]] = tensor
     if halves and all(name.startswith("blocks.") for name in halves):
         # DiffSynth names (e.g. the reference trainer's Lightning checkpoint): invert DiffSynth's own map.
-        from kolors_job.export.diffsynth import diffsynth_module_map
+        from kolors_job.export.diffsynth_names import diffsynth_module_map
 
         inverse = {ds: du for du, ds in diffsynth_module_map().items()}
         unknown = sorted((set(halves) | set(magnitudes)) - set(inverse))

@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any
 
-from kolors_job.errors import ExitCode
+from kolors_job.core.errors import ExitCode
+from kolors_job.launch import pod
+from kolors_job.manifest.fields import JOB_ID_PATTERN
 
 
 def _renderer(target: str) -> Any:
@@ -25,16 +28,16 @@ def _renderer(target: str) -> Any:
 
 def _cmd_render_objects(args: argparse.Namespace) -> int:
     """``render k8s`` / ``render trainjob``: the objects as YAML on stdout, alone (``| kubectl apply -f -``)."""
-    from kolors_job.launch import k8s, submit
+    from kolors_job.launch import k8s, options, outputs
 
     target = args.render_target
     renderer = _renderer(target)
     if args.write_examples:
         parser = _standalone_render_parser(target)
 
-        def from_argv(argv: list[str]) -> k8s.RenderOptions:
+        def from_argv(argv: list[str]) -> pod.RenderOptions:
             ns = parser.parse_args(argv)
-            return submit.options_from_namespace(ns, job_id=ns.job_id, manifest_uri=ns.manifest_uri)
+            return options.options_from_namespace(ns, job_id=ns.job_id, manifest_uri=ns.manifest_uri)
 
         for path in renderer.write_examples(Path(args.write_examples), from_argv):
             print(path)
@@ -43,12 +46,12 @@ def _cmd_render_objects(args: argparse.Namespace) -> int:
     if missing:
         print(f"kolors-job render {target}: {' and '.join(missing)} required", file=sys.stderr)
         return int(ExitCode.INVALID_MANIFEST)
-    job_id = args.job_id or submit.fresh_job_id("kolors")
-    if not submit.JOB_ID_RE.match(job_id):
+    job_id = args.job_id or outputs.fresh_job_id("kolors")
+    if not re.fullmatch(JOB_ID_PATTERN, job_id):
         print(f"kolors-job render {target}: invalid --job-id {job_id!r}", file=sys.stderr)
         return int(ExitCode.INVALID_MANIFEST)
     try:
-        docs = renderer.render(submit.options_from_namespace(args, job_id=job_id, manifest_uri=args.manifest_uri))
+        docs = renderer.render(options.options_from_namespace(args, job_id=job_id, manifest_uri=args.manifest_uri))
     except ValueError as e:
         print(f"kolors-job render {target}: {e}", file=sys.stderr)
         return int(ExitCode.INVALID_MANIFEST)
@@ -57,9 +60,9 @@ def _cmd_render_objects(args: argparse.Namespace) -> int:
 
 
 def _cmd_render_dlc(args: argparse.Namespace) -> int:
-    from kolors_job.launch import dlc, submit
+    from kolors_job.launch import dlc, outputs
 
-    job_id = args.job_id or submit.fresh_job_id("kolors")
+    job_id = args.job_id or outputs.fresh_job_id("kolors")
     try:
         request = dlc.build_request(
             dlc.load_spec(args.spec),
@@ -86,14 +89,14 @@ RENDER_HELP = {
 
 
 def _add_render_objects(sub: argparse._SubParsersAction, target: str) -> argparse.ArgumentParser:  # type: ignore[type-arg]
-    from kolors_job.launch import submit
+    from kolors_job.launch import options
 
     p = sub.add_parser(target, help=RENDER_HELP[target])
     p.add_argument("--manifest-uri", help="where the container reads the manifest (KOLORS_JOB_MANIFEST_URI)")
     p.add_argument("--job-id", help="default: a fresh kolors-<time>-<random>")
     p.add_argument("--output", help="overrides the manifest's spec.output.uri")
     p.add_argument("--write-examples", metavar="DIR", help="regenerate the example files (k8s/) and exit")
-    submit.add_k8s_arguments(p, require_image=False)
+    options.add_k8s_arguments(p, require_image=False)
     p.set_defaults(func=_cmd_render_objects, render_target=target)
     return p
 
@@ -105,7 +108,7 @@ def _standalone_render_parser(target: str) -> argparse.ArgumentParser:
 
 def register_cli(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     """Add ``render {k8s,trainjob,dlc,katib,pai-automl}`` and ``submit {k8s,dlc,local,katib,pai-automl}``."""
-    from kolors_job.launch import katib, pai_automl, submit
+    from kolors_job.launch import katib, options, pai_automl, submit
 
     render = subparsers.add_parser("render", help="print what a launch would submit, without submitting it")
     rsub = render.add_subparsers(dest="render_target", required=True)
@@ -118,6 +121,6 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:  # type: ignor
     d.add_argument("--job-id")
     d.add_argument("--output")
     d.add_argument("--image")
-    submit.add_dlc_arguments(d)
+    options.add_dlc_arguments(d)
     d.set_defaults(func=_cmd_render_dlc)
     submit.add_submit_parser(subparsers)

@@ -19,10 +19,13 @@ from urllib.parse import urlsplit
 
 import yaml
 
-from kolors_job.launch.k8s import RETRYABLE_EXIT_CODE, memory_for
+from kolors_job.core.errors import ExitCode, JobError
+from kolors_job.core.redact import scrub
+from kolors_job.core.settings import alibaba_cloud_keys
+from kolors_job.launch.k8s import RETRYABLE_EXIT_CODE
+from kolors_job.launch.pod import memory_for
 from kolors_job.launch.regions import ENDPOINT_ENVS, REGION_RE, endpoint_region, internal_endpoint
 from kolors_job.launch.torchrun import DEFAULT_GRACE_SECONDS, GRACE_ENV, shutdown_timeout
-from kolors_job.settings import alibaba_cloud_keys
 
 SUCCEEDED_STATES = ("Succeeded", "SucceededReserving")
 FAILED_STATES = ("Failed", "FailedReserving")
@@ -282,7 +285,7 @@ _DENIED = re.compile(r"Forbidden|NoPermission|Unauthorized|InvalidAccessKey|Sign
 
 def api_error(e: Exception) -> tuple[str, str]:
     """``(code, message)`` of an SDK exception (TeaException/ClientException carry both), scrubbed."""
-    from kolors_job.redact import scrub
+    from kolors_job.core.redact import scrub
 
     code = str(getattr(e, "code", "") or type(e).__name__)
     data = getattr(e, "data", None)
@@ -331,3 +334,22 @@ def wait_job(
         if time.monotonic() >= deadline:
             return None
         time.sleep(min(poll, max(0.0, deadline - time.monotonic())))
+
+
+_DENIED = re.compile(r"Forbidden|NoPermission|Unauthorized|InvalidAccessKey|SignatureDoesNotMatch|Security", re.I)
+
+
+_RETRYABLE = re.compile(r"Throttling|ServiceUnavailable|InternalError|Timeout|Quota|Stock", re.I)
+
+
+def dlc_error(e: Exception) -> JobError:
+    """A CreateJob failure as one line with a contract exit code: 5 denied, 75 worth retrying, else 1."""
+    code = str(getattr(e, "code", "") or "")
+    message = scrub(str(getattr(e, "message", "") or e))[:500]
+    if _DENIED.search(code):
+        exit_code = ExitCode.STORAGE_DENIED
+    elif _RETRYABLE.search(code) or isinstance(e, OSError | ConnectionError | TimeoutError):
+        exit_code = ExitCode.TEMPORARY
+    else:
+        exit_code = ExitCode.INTERNAL
+    return JobError(f"PAI-DLC CreateJob failed: {code or type(e).__name__}: {message}", exit_code=exit_code)

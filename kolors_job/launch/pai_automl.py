@@ -39,7 +39,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
-from kolors_job.errors import ExitCode, JobError, ManifestError
+from kolors_job.core.errors import ExitCode, JobError, ManifestError
 from kolors_job.launch import dlc
 from kolors_job.launch.regions import REGION_RE, internal_endpoint
 from kolors_job.sweep.metrics import OBJECTIVE
@@ -245,13 +245,13 @@ def _cmd_render(ns: argparse.Namespace) -> int:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from kolors_job.launch import submit
+    from kolors_job.launch.options import add_dlc_arguments
 
     p.add_argument("--sweep", required=True, help="the sweep file (examples/sweep.yaml)")
     p.add_argument("--manifest-uri", required=True, help="the sweep's manifest, uploaded to OSS")
     p.add_argument("--output", help="overrides the manifest's spec.output.uri (an oss:// prefix)")
     p.add_argument("--image", help="the kolors-job image (ACR, in the job's region)")
-    submit.add_dlc_arguments(p)
+    add_dlc_arguments(p)
     p.add_argument("--automl-spec", default="pai/automl.yaml", help="CreateHpoExperiment spec (default %(default)s)")
     p.add_argument("--cache-dataset", metavar="ID", help="the PAI dataset mounted at /cache in every trial "
                    "(fills <CACHE_DATASET_ID>)")
@@ -309,7 +309,7 @@ def follow(client: Any, experiment_id: str, *, timeout: float, poll: float, say:
 
 def cmd_submit(ns: argparse.Namespace) -> int:
     """``submit pai-automl``: upload the manifest, create the experiment, follow it, report the best trial."""
-    from kolors_job.launch import submit
+    from kolors_job.launch.outputs import upload_manifest
     from kolors_job.sweep.report import outcome_code, sweep_report
     from kolors_job.sweep.spec import load_sweep
 
@@ -324,7 +324,7 @@ def cmd_submit(ns: argparse.Namespace) -> int:
         if not manifest_uri:
             if not ns.bucket:
                 raise ManifestError("submit pai-automl: --bucket URI (where the manifest goes) or --manifest-uri")
-            manifest_uri = submit._upload_manifest(ns.bucket, loaded.name, loaded.manifest_raw)
+            manifest_uri = upload_manifest(ns.bucket, loaded.name, loaded.manifest_raw)
         request = _request_from(ns, loaded, manifest_uri)
     except ManifestError as e:
         for p in e.problems:
@@ -344,7 +344,7 @@ def cmd_submit(ns: argparse.Namespace) -> int:
         say(f"kolors-job submit pai-automl: {e}")
         return int(ExitCode.INVALID_MANIFEST)
     except Exception as e:  # the SDK raises TeaException/ClientException/requests errors
-        err = submit.dlc_error(e)
+        err = dlc.dlc_error(e)
         say(str(err).replace("PAI-DLC CreateJob", "PAI AutoML CreateHpoExperiment"))
         return int(err.exit_code)
     experiment_id = str(body.experiment_id or "")

@@ -16,7 +16,7 @@ import os
 import signal
 import sys
 
-from kolors_job.errors import ExitCode
+from kolors_job.core.errors import ExitCode
 
 DEFAULT_GRACE_SECONDS = 120
 """The platform's SIGTERM→SIGKILL window (k8s ``terminationGracePeriodSeconds``, DLC's setting)."""
@@ -65,8 +65,8 @@ def exit_code_of(failures: dict[int, object]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from kolors_job.log import setup_logging
-    from kolors_job.settings import Settings
+    from kolors_job.core.log import setup_logging
+    from kolors_job.core.settings import Settings
 
     settings = Settings()
     setup_logging(settings.log_format, settings.log_level)  # before torch: its import-time warnings demoted

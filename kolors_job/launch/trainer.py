@@ -30,8 +30,8 @@ import shlex
 from pathlib import Path
 from typing import Any
 
-from kolors_job.errors import ExitCode
-from kolors_job.launch import k8s
+from kolors_job.core.errors import ExitCode
+from kolors_job.launch import k8s, pod
 from kolors_job.launch.torchrun import shutdown_timeout
 
 API_VERSION = "trainer.kubeflow.org/v1alpha1"
@@ -56,26 +56,26 @@ def _pod_failure_policy() -> dict[str, Any]:
     }  # fmt: skip
 
 
-def _runtime_spec(opts: k8s.RenderOptions) -> dict[str, Any]:
-    pod: dict[str, Any] = {"restartPolicy": "Never"}
+def _runtime_spec(opts: pod.RenderOptions) -> dict[str, Any]:
+    template: dict[str, Any] = {"restartPolicy": "Never"}
     if opts.service_account:
-        pod["serviceAccountName"] = opts.service_account
-    pod["automountServiceAccountToken"] = False
-    pod["terminationGracePeriodSeconds"] = opts.termination_grace_seconds
+        template["serviceAccountName"] = opts.service_account
+    template["automountServiceAccountToken"] = False
+    template["terminationGracePeriodSeconds"] = opts.termination_grace_seconds
     if opts.priority_class:
-        pod["priorityClassName"] = opts.priority_class
-    pod["nodeSelector"] = dict(opts.node_selector)
-    pod["tolerations"] = [dict(t) for t in opts.tolerations]
+        template["priorityClassName"] = opts.priority_class
+    template["nodeSelector"] = dict(opts.node_selector)
+    template["tolerations"] = [dict(t) for t in opts.tolerations]
     if opts.image_pull_secret:
-        pod["imagePullSecrets"] = [{"name": opts.image_pull_secret}]
-    pod["securityContext"] = copy.deepcopy(k8s.POD_SECURITY_CONTEXT)
+        template["imagePullSecrets"] = [{"name": opts.image_pull_secret}]
+    template["securityContext"] = copy.deepcopy(pod.POD_SECURITY_CONTEXT)
     container: dict[str, Any] = {"name": NODE, "image": opts.image, "imagePullPolicy": "IfNotPresent"}
     if opts.secret:
         container["envFrom"] = [{"secretRef": {"name": opts.secret}}]
-    container["volumeMounts"] = k8s.volume_mounts()
-    container["securityContext"] = copy.deepcopy(k8s.CONTAINER_SECURITY_CONTEXT)
-    pod["containers"] = [container]
-    pod["volumes"] = k8s.volumes(opts)
+    container["volumeMounts"] = pod.volume_mounts()
+    container["securityContext"] = copy.deepcopy(pod.CONTAINER_SECURITY_CONTEXT)
+    template["containers"] = [container]
+    template["volumes"] = pod.volumes(opts)
     node_job = {
         "name": NODE,
         "replicas": 1,  # Trainer's webhook: the trainer job has one replica; numNodes sets its pods
@@ -86,7 +86,7 @@ def _runtime_spec(opts: k8s.RenderOptions) -> dict[str, Any]:
                 "activeDeadlineSeconds": opts.active_deadline_seconds,
                 "podReplacementPolicy": "Failed",
                 "podFailurePolicy": _pod_failure_policy(),
-                "template": {"metadata": {"labels": {"app.kubernetes.io/name": k8s.APP}}, "spec": pod},
+                "template": {"metadata": {"labels": {"app.kubernetes.io/name": k8s.APP}}, "spec": template},
             },
         },
     }
@@ -114,7 +114,7 @@ def runtime_name(spec: dict[str, Any]) -> str:
     return f"kolors-torch-{digest}"
 
 
-def render_runtime(opts: k8s.RenderOptions) -> dict[str, Any]:
+def render_runtime(opts: pod.RenderOptions) -> dict[str, Any]:
     """The ``TrainingRuntime`` the TrainJob runs on (torch-distributed's shape + kolors-job's pod and policy)."""
     spec = _runtime_spec(opts)
     meta: dict[str, Any] = {"name": runtime_name(spec)}
@@ -124,9 +124,9 @@ def render_runtime(opts: k8s.RenderOptions) -> dict[str, Any]:
     return {"apiVersion": API_VERSION, "kind": "TrainingRuntime", "metadata": meta, "spec": spec}
 
 
-def render_trainjob(opts: k8s.RenderOptions, runtime: dict[str, Any]) -> dict[str, Any]:
+def render_trainjob(opts: pod.RenderOptions, runtime: dict[str, Any]) -> dict[str, Any]:
     """The ``TrainJob``: this run's image, command, env, nodes, processes and resources per node."""
-    env = k8s._env(opts, retryable_code=None)  # the same env as the batch Job's container
+    env = pod.pod_env(opts, retryable_code=None)  # the same env as the batch Job's container
     clash = sorted({e["name"] for e in env} & set(RESERVED_ENV))
     if clash:
         raise ValueError(f"--env: {', '.join(clash)} are set by Kubeflow Trainer itself")
@@ -145,17 +145,17 @@ def render_trainjob(opts: k8s.RenderOptions, runtime: dict[str, Any]) -> dict[st
             "trainer": {
                 "image": opts.image,
                 "command": command,
-                "args": ["/app/entrypoint.py", *k8s._run_args(opts)],
+                "args": ["/app/entrypoint.py", *pod.run_args(opts)],
                 "env": env,
                 "numNodes": opts.nodes,
                 "numProcPerNode": opts.gpus,
-                "resourcesPerNode": k8s.resources(opts),
+                "resourcesPerNode": pod.resources(opts),
             },
         },
     }
 
 
-def render(opts: k8s.RenderOptions) -> list[dict[str, Any]]:
+def render(opts: pod.RenderOptions) -> list[dict[str, Any]]:
     """Namespace, ServiceAccount and cache PVC (as ``render k8s``), the TrainingRuntime, the TrainJob."""
     k8s.check_options(opts)
     # Several nodes mount the cache at once: its PVC must be ReadWriteMany, as for a PyTorchJob.

@@ -25,7 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from kolors_job.errors import ExitCode, JobError
+from kolors_job.core.errors import ExitCode, JobError
 from kolors_job.launch import dlc as dlc_mod
 from kolors_job.launch import k8s as k8s_mod
 

@@ -9,7 +9,8 @@ import json
 import sys
 from typing import Any
 
-from kolors_job.errors import ExitCode, ManifestError
+from kolors_job import storage
+from kolors_job.core.errors import ExitCode, ManifestError
 from kolors_job.plan.cards import CARDS, Card, card_from_memory
 
 __all__ = ["add_card_args", "card_of", "check_fits", "register_cli"]
@@ -33,10 +34,10 @@ def card_of(args: argparse.Namespace) -> Card | None:
 
 
 def _plan(manifest: Any, card: Card) -> Any:
-    from kolors_job.log import setup_logging
+    from kolors_job.core.log import setup_logging
+    from kolors_job.core.settings import Settings
     from kolors_job.plan.planner import plan_job
     from kolors_job.plan.table import Results, cache_file
-    from kolors_job.settings import Settings
 
     settings = Settings()
     setup_logging(settings.log_format, settings.log_level)  # "simulating …" lines while a new configuration runs
@@ -60,7 +61,7 @@ def _tiny(manifest: Any) -> bool:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from kolors_job.manifest import load_manifest
+    from kolors_job.manifest.load import load_manifest
 
     manifest = load_manifest(args.manifest)
     card = card_of(args)
@@ -90,7 +91,8 @@ def register_cli(sub: Any) -> None:
         help="GPU memory, host RAM and disk of every stage on a card, and the settings that fit (CPU only)",
         description=__doc__.splitlines()[0] if __doc__ else None,
     )
-    p.add_argument("manifest", nargs="?", help="path, file://, s3:// or oss:// (default: $KOLORS_JOB_MANIFEST[_URI])")
+    p.add_argument("manifest", nargs="?",
+                   help=f"a path or a {storage.listed_schemes()} URI (default: $KOLORS_JOB_MANIFEST[_URI])")
     add_card_args(p, required=True)
     p.add_argument("--json", action="store_true", help="the plan as report.json's memory section")
     p.set_defaults(func=cmd_plan)

@@ -7,18 +7,22 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from kolors_job.errors import InputError
+from kolors_job.core.errors import InputError
 from kolors_job.plan.cards import GIB, visible_card
-from kolors_job.plan.planner import Choices, Plan, plan_job
-from kolors_job.plan.simulate import Count, TrainStep
+from kolors_job.plan.planner import Plan, plan_job
+from kolors_job.plan.simulate import Count
+from kolors_job.plan.stages import Choices
 from kolors_job.plan.table import Results, cache_file
+from kolors_job.plan.train_step import TrainStep
 
 if TYPE_CHECKING:
-    from kolors_job.manifest import Manifest, StorySpec, TrainSpec
+    from kolors_job.manifest.spec import Manifest
+    from kolors_job.manifest.story import StorySpec
+    from kolors_job.manifest.train import TrainSpec
 
 __all__ = ["plan_for_device", "step_activation_bytes", "story_kwargs", "story_spec", "train_kwargs", "train_spec"]
 
-log = logging.getLogger("kolors_job.plan")
+log = logging.getLogger(__name__)
 
 
 def plan_for_device(manifest: Manifest, device: str, cache_dir: Path) -> Plan | None:
@@ -40,12 +44,12 @@ def plan_for_device(manifest: Manifest, device: str, cache_dir: Path) -> Plan | 
     return plan
 
 
-def train_spec(spec: TrainSpec, choices: Choices | None) -> TrainSpec:
+def train_spec(train: TrainSpec, choices: Choices | None) -> TrainSpec:
     """``spec`` with the plan's training settings (unchanged without a plan)."""
     if choices is None:
-        return spec
+        return train
     precision = {"no": "fp32"}.get(choices.precision, choices.precision)
-    return spec.model_copy(update={
+    return train.model_copy(update={
         "precision": precision,
         "gradient_checkpointing": "on" if choices.gradient_checkpointing else "off",
         "batch_size": choices.batch_size,
@@ -72,16 +76,16 @@ def _text_encoder_device(choices: Choices) -> str | None:
     return "cpu" if choices.text_encoder == "cpu" else None
 
 
-def story_spec(spec: StorySpec, choices: Choices | None) -> StorySpec:
+def story_spec(story: StorySpec, choices: Choices | None) -> StorySpec:
     if choices is None:
-        return spec
-    return spec.model_copy(update={"precision": choices.story_precision, "batch_size": choices.story_batch_size})
+        return story
+    return story.model_copy(update={"precision": choices.story_precision, "batch_size": choices.story_batch_size})
 
 
 def step_activation_bytes(unet_params: int, batch_size: int, resolution: int) -> float:
     """What a training step without checkpointing adds to the weights (the plan's simulation of the full-size
     UNet in fp16 at this batch and resolution), scaled to a UNet of ``unet_params`` frozen parameters."""
-    from kolors_job.settings import Settings
+    from kolors_job.core.settings import Settings
 
     results = Results(cache_file(Settings().cache_dir))
     step = results.get(TrainStep(batch_size, resolution, "fp16", "fp16", checkpointing=False))

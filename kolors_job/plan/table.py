@@ -3,7 +3,7 @@
 A simulation of a full-size training step takes ~30 s on 2 CPU cores (a whole-model compile ~3 min), so results
 are kept: ``table.json`` beside this module holds every configuration the plans of the reference job,
 ``examples/`` and the manifests of ``tests/test_plan.py`` (``tests/fixtures/plan/``) ask for on the listed cards
-(``python -m kolors_job.plan.table --refresh examples/minimal.yaml examples/16gb.yaml tests/fixtures/plan/*.yaml``
+(``python -m kolors_job.plan.refresh examples/minimal.yaml examples/16gb.yaml tests/fixtures/plan/*.yaml``
 rewrites it from them, simulating only what it lacks; ``tests/test_plan.py`` recomputes rows of it), and anything
 else is simulated once and kept under ``<cache dir>/plan/``.
 """
@@ -13,23 +13,22 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
-from kolors_job.plan.simulate import Result, Sim
+from kolors_job.plan.meta import Result, Sim
 
-__all__ = ["SHIPPED", "SIM_VERSION", "Results"]
+__all__ = ["SHIPPED", "SIM_VERSION", "Results", "cache_file", "read_results", "write_results"]
 
 SIM_VERSION = 1
 """Bump when a simulation changes what it measures: results of another version are not reused."""
 SHIPPED = Path(__file__).with_name("table.json")
 
-log = logging.getLogger("kolors_job.plan")
+log = logging.getLogger(__name__)
 
 
-def _read(path: Path) -> dict[str, list[int]]:
+def read_results(path: Path) -> dict[str, list[int]]:
     try:
         doc = json.loads(path.read_text())
     except (OSError, ValueError):
@@ -39,7 +38,7 @@ def _read(path: Path) -> dict[str, list[int]]:
     return {k: v for k, v in doc.get("results", {}).items() if isinstance(v, list) and len(v) == 2}
 
 
-def _write(path: Path, results: dict[str, list[int]], **meta: Any) -> None:
+def write_results(path: Path, results: dict[str, list[int]], **meta: Any) -> None:
     """Atomically (a concurrent plan never reads half a file)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     doc = {"version": SIM_VERSION, **meta, "results": dict(sorted(results.items()))}
@@ -57,9 +56,9 @@ class Results:
     ``used`` lists every key asked for, in order (what ``--refresh`` ships)."""
 
     def __init__(self, cache_file: Path | None = None, *, compute: bool = True, shipped: Path | None = SHIPPED) -> None:
-        self.shipped = _read(shipped) if shipped else {}
+        self.shipped = read_results(shipped) if shipped else {}
         self.cache_file = cache_file
-        self.cached = _read(cache_file) if cache_file else {}
+        self.cached = read_results(cache_file) if cache_file else {}
         self.compute = compute
         self.computed: dict[str, list[int]] = {}
         self.used: dict[str, Sim] = {}
@@ -76,7 +75,7 @@ class Results:
             hit = self.computed[key] = [result.start, result.peak]
             if self.cache_file is not None:
                 try:
-                    _write(self.cache_file, {**_read(self.cache_file), key: hit})
+                    write_results(self.cache_file, {**read_results(self.cache_file), key: hit})
                 except OSError as e:  # a read-only cache: the result still serves this plan
                     log.warning("could not keep the simulation in %s: %s", self.cache_file, e)
         return Result(start=hit[0], peak=hit[1])
@@ -84,50 +83,3 @@ class Results:
 
 def cache_file(cache_dir: Path) -> Path:
     return cache_dir / "plan" / f"simulations-v{SIM_VERSION}.json"
-
-
-def refresh(argv: list[str] | None = None) -> int:
-    """Re-simulate what the reference job and ``examples/*.yaml`` need on every listed card; rewrite table.json."""
-    import argparse
-    import time
-
-    import torch
-
-    from kolors_job.manifest import load_manifest
-    from kolors_job.plan.cards import CARDS
-    from kolors_job.plan.planner import plan_job
-
-    p = argparse.ArgumentParser(prog="python -m kolors_job.plan.table")
-    p.add_argument("--refresh", action="store_true", required=True)
-    p.add_argument("manifests", nargs="+", help="manifests whose plans the table must answer (e.g. examples/*.yaml)")
-    args = p.parse_args(argv)
-    torch.set_num_threads(1)
-    needed = Results(shipped=None, compute=False)
-    keep = _read(SHIPPED)
-    for path in args.manifests:
-        manifest = load_manifest(path)
-        for card in CARDS.values():
-            while True:  # a plan asks for what it needs; simulate each missing key and plan again
-                try:
-                    plan_job(manifest, card, needed)
-                    break
-                except LookupError as missing:
-                    key = str(missing.args[0])
-                    sim = needed.used[key]
-                    if key in keep:
-                        needed.computed[key] = keep[key]
-                        continue
-                    t0 = time.monotonic()
-                    r = sim.run()
-                    needed.computed[key] = keep[key] = [r.start, r.peak]
-                    print(f"{key}: {r.peak / 2**30:.2f} GiB ({time.monotonic() - t0:.0f} s)", file=sys.stderr)
-    import diffusers
-
-    results = {k: keep[k] for k in needed.used if k in keep}
-    _write(SHIPPED, results, torch=torch.__version__, diffusers=diffusers.__version__)
-    print(f"{SHIPPED}: {len(results)} results", file=sys.stderr)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(refresh())

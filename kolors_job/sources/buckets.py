@@ -8,18 +8,18 @@ import json
 import logging
 from pathlib import Path
 
-from kolors_job.errors import InputError, JobError
-from kolors_job.redact import one_line, redact_uri, scrub
-from kolors_job.settings import Settings
+from kolors_job.core.errors import InputError, JobError
+from kolors_job.core.redact import one_line, redact_uri, scrub
+from kolors_job.core.settings import Settings
 from kolors_job.storage import open_store, redact
 from kolors_job.storage.atomic import atomic_dir
 
-__all__ = ["SKIPPED_KEYS_FILE", "cache_key", "copy_dataset_prefix", "copy_model_prefix"]
+from .layout import SKIPPED_KEYS_FILE
+
+__all__ = ["cache_key", "copy_dataset_prefix", "copy_model_prefix"]
 
 log = logging.getLogger(__name__)
 
-SKIPPED_KEYS_FILE = ".kolors_job_skipped_keys.json"
-"""Written into a fetched bucket dataset: the keys left out and why, for the scan's report."""
 
 
 def cache_key(*parts: str) -> str:

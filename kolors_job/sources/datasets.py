@@ -25,33 +25,37 @@ from typing import TYPE_CHECKING, Any
 from PIL import Image
 
 from kolors_job import storage
-from kolors_job.errors import InputError
-from kolors_job.redact import redact_uri
-from kolors_job.settings import Settings
+from kolors_job.core.errors import InputError
+from kolors_job.core.redact import redact_uri
+from kolors_job.core.settings import Settings
+from kolors_job.core.uris import HUB_SCHEMES, HubRef, parse_hub_uri, scheme_of
 from kolors_job.storage.atomic import COMPLETE_MARKER, atomic_dir
 
 from .buckets import cache_key, copy_dataset_prefix
-from .hubs import HUB_SCHEMES, HubRef, Listing, Plan, download, list_repo, parse_hub_uri, plan_from_listing
+from .hubs import Plan, download, list_repo, plan_from_listing
+from .layout import IMAGE_EXTENSIONS, image_formats
+from .listing import Listing
+from .records import RECORD_NAME
 
 if TYPE_CHECKING:
-    from kolors_job.manifest import DatasetSpec
+    from kolors_job.manifest.dataset import DatasetSpec
 
-__all__ = ["DATASET_RECORD", "export_rows", "fetch_dataset", "plan_dataset", "source_record"]
+__all__ = ["export_rows", "fetch_dataset", "plan_dataset", "source_record"]
 
 
-def fetch_dataset(spec: DatasetSpec, settings: Settings) -> Path:
+def fetch_dataset(dataset: DatasetSpec, settings: Settings) -> Path:
     """Resolve ``spec.source`` to a local directory of images (+ captions) and return it."""
-    scheme = storage.scheme_of(spec.source)
+    scheme = scheme_of(dataset.source)
     if not scheme:
-        path = Path(spec.source).expanduser()
+        path = Path(dataset.source).expanduser()
         if not path.is_dir():
-            raise InputError(f"dataset source {spec.source!r} is not a directory")
+            raise InputError(f"dataset source {dataset.source!r} is not a directory")
         return path
     if scheme in HUB_SCHEMES:
-        return _fetch_hub(spec, settings)
+        return _fetch_hub(dataset, settings)
     if storage.backend(scheme) is not None:
-        return copy_dataset_prefix(spec.source, settings)
-    raise InputError(f"dataset source {redact_uri(spec.source)!r}: {scheme}:// is not a dataset source")
+        return copy_dataset_prefix(dataset.source, settings)
+    raise InputError(f"dataset source {redact_uri(dataset.source)!r}: {scheme}:// is not a dataset source")
 
 
 _TEXT_COLUMNS = ("text", "caption", "prompt", "description")
@@ -64,8 +68,6 @@ def _column_base(name: str) -> str:
 
 def _image_payload(value: Any) -> tuple[bytes | None, Image.Image | None, str]:
     """(original bytes, or a PIL image to re-encode, suggested extension) for one cell, else Nones."""
-    from kolors_job.dataset import IMAGE_EXTENSIONS  # the scan's notion of an image file (imported late: a cycle)
-
     if isinstance(value, Image.Image):
         filename = getattr(value, "filename", "") or ""
         if filename and os.path.isfile(filename):
@@ -85,10 +87,8 @@ def _image_payload(value: Any) -> tuple[bytes | None, Image.Image | None, str]:
 
 
 def _sniff_extension(data: bytes) -> str:
-    from kolors_job.dataset import _formats
-
     try:
-        with Image.open(io.BytesIO(data), formats=_formats()) as img:
+        with Image.open(io.BytesIO(data), formats=image_formats()) as img:
             fmt = (img.format or "").lower()
     except Exception:
         return ".bin"
@@ -133,7 +133,6 @@ def export_rows(rows: Iterable[Mapping[str, Any]], out: Path) -> int:
     return written
 
 
-DATASET_RECORD = ".kolors_job_source.json"
 """Written into a hub dataset's export: its ``sources`` entry (commit, pinning, bytes) and its layout."""
 
 ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz")
@@ -157,7 +156,7 @@ def _raw_dest(ref: HubRef, settings: Settings) -> Path:
     return Path(settings.cache_dir) / "hub-datasets" / ref.hub / owner / name / rev
 
 
-def _choose_layout(ref: HubRef, listing: Listing, spec: DatasetSpec, settings: Settings) -> _Layout:
+def _choose_layout(ref: HubRef, listing: Listing, dataset: DatasetSpec, settings: Settings) -> _Layout:
     """Which of the layouts a dataset repo has for this split.
 
     1. **parquet shards** (``data/train-0000N-of-0000M.parquet``, what ``datasets.push_to_hub`` writes and the
@@ -170,12 +169,12 @@ def _choose_layout(ref: HubRef, listing: Listing, spec: DatasetSpec, settings: S
        ``file_name,text``, or a csv with an image-path column): the whole repo.
     """
     paths = {f.path for f in listing.files}
-    parquet = sorted(p for p in paths if p.endswith(".parquet") and _in_split(Path(p), spec))
+    parquet = sorted(p for p in paths if p.endswith(".parquet") and _in_split(Path(p), dataset))
     if parquet:
         return _Layout("parquet", parquet + (["README.md"] if "README.md" in paths else []))
     name = ref.repo_id.split("/", 1)[1]
     if f"{name}.json" in paths:
-        entry = _structure_entry(ref, listing, f"{name}.json", spec, settings)
+        entry = _structure_entry(ref, listing, f"{name}.json", dataset, settings)
         if entry is not None:
             meta, archive = entry
             missing = [p for p in (meta, archive) if p and p not in paths]
@@ -192,14 +191,14 @@ def _data_files(paths: Iterable[str]) -> list[str]:
 
 
 def _structure_entry(
-    ref: HubRef, listing: Listing, json_path: str, spec: DatasetSpec, settings: Settings
+    ref: HubRef, listing: Listing, json_path: str, dataset: DatasetSpec, settings: Settings
 ) -> tuple[str | None, str | None] | None:
     """(meta csv, archive) for the manifest's subset and split from ``<name>.json``; None if it has no such split."""
     dest = _raw_dest(ref, settings).with_name(_raw_dest(ref, settings).name + ".structure")
     root, _ = download(plan_from_listing(ref, "dataset", listing, [json_path], dest), settings)
     try:
         doc = json.loads((root / json_path).read_text(encoding="utf-8"))
-        split = (doc.get(spec.subset) or {}).get(spec.split)
+        split = (doc.get(dataset.subset) or {}).get(dataset.split)
     except (OSError, ValueError, AttributeError) as exc:
         raise InputError(f"dataset {ref.uri}: {json_path} is not a dataset structure ({exc})") from None
     if not isinstance(split, dict) or not (split.get("meta") or split.get("file")):
@@ -208,29 +207,29 @@ def _structure_entry(
     return (str(meta).lstrip("/") if meta else None), (str(archive).lstrip("/") if archive else None)
 
 
-def _dataset_plan(ref: HubRef, spec: DatasetSpec, settings: Settings) -> tuple[Plan, _Layout]:
+def _dataset_plan(ref: HubRef, dataset: DatasetSpec, settings: Settings) -> tuple[Plan, _Layout]:
     listing = list_repo(ref, settings, "dataset")
-    layout = _choose_layout(ref, listing, spec, settings)
+    layout = _choose_layout(ref, listing, dataset, settings)
     sizes = {f.path: f.size for f in listing.files}
     export = sum(sizes[p] for p in layout.paths)  # images come out at about the bytes they go in
     plan = plan_from_listing(ref, "dataset", listing, layout.paths, _raw_dest(ref, settings), export_bytes=export)
     return plan, layout
 
 
-def _export_key(ref: HubRef, spec: DatasetSpec) -> str:
-    return cache_key(ref.hub, ref.repo_id, ref.revision or "", spec.subset, spec.split)
+def _export_key(ref: HubRef, dataset: DatasetSpec) -> str:
+    return cache_key(ref.hub, ref.repo_id, ref.revision or "", dataset.subset, dataset.split)
 
 
-def plan_dataset(spec: DatasetSpec, settings: Settings) -> Plan | None:
+def plan_dataset(dataset: DatasetSpec, settings: Settings) -> Plan | None:
     """For a hub dataset not yet exported into the cache: its listed files and the bytes the export adds
     (for the job's free-space check before any download); None otherwise."""
-    ref = parse_hub_uri(spec.source)
-    if ref is None or (Path(settings.cache_dir) / "datasets" / _export_key(ref, spec) / COMPLETE_MARKER).is_file():
+    ref = parse_hub_uri(dataset.source)
+    if ref is None or (Path(settings.cache_dir) / "datasets" / _export_key(ref, dataset) / COMPLETE_MARKER).is_file():
         return None
-    return _dataset_plan(ref, spec, settings)[0]
+    return _dataset_plan(ref, dataset, settings)[0]
 
 
-def _fetch_hub(spec: DatasetSpec, settings: Settings) -> Path:
+def _fetch_hub(dataset: DatasetSpec, settings: Settings) -> Path:
     """A ModelScope or Hugging Face dataset repo, listed, fetched with the hub's own client, exported.
 
     The repo's files land in ``<cache>/hub-datasets/`` like a model's (one commit, resumable, verified,
@@ -239,18 +238,18 @@ def _fetch_hub(spec: DatasetSpec, settings: Settings) -> Path:
     ``MsDataset.load`` / ``datasets``, keeps the download to the split's bytes and the job independent of
     ``datasets``' version (modelscope 1.40.2 fails under datasets 5).
     """
-    ref = parse_hub_uri(spec.source)
+    ref = parse_hub_uri(dataset.source)
     assert ref is not None
-    final = Path(settings.cache_dir) / "datasets" / _export_key(ref, spec)
+    final = Path(settings.cache_dir) / "datasets" / _export_key(ref, dataset)
 
     def fill(staging: Path) -> None:
-        plan, layout = _dataset_plan(ref, spec, settings)
+        plan, layout = _dataset_plan(ref, dataset, settings)
         raw, record = download(plan, settings)
         written = _export(layout, raw, staging)
         if written == 0 and layout.kind != "folder":
-            raise InputError(f"dataset {ref.uri}: the {spec.split!r} {layout.kind} files hold no image")
+            raise InputError(f"dataset {ref.uri}: the {dataset.split!r} {layout.kind} files hold no image")
         doc = {**record.to_dict(), "layout": layout.kind, "fetched_at": time.time()}
-        (staging / DATASET_RECORD).write_text(json.dumps(doc))
+        (staging / RECORD_NAME).write_text(json.dumps(doc))
 
     return atomic_dir(final, None, fill, replace_stale=True)
 
@@ -379,7 +378,7 @@ def source_record(root: Path, *, since: float) -> dict[str, Any] | None:
     """report.json's ``sources`` entry for a hub dataset copy: this job's downloaded bytes when it fetched
     the copy (after ``since``), else all of it reused."""
     try:
-        rec = json.loads((root / DATASET_RECORD).read_text())
+        rec = json.loads((root / RECORD_NAME).read_text())
         total = int(rec["bytes_total"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
@@ -393,10 +392,10 @@ def source_record(root: Path, *, since: float) -> dict[str, Any] | None:
     return out
 
 
-def _in_split(rel: Path, spec: DatasetSpec) -> bool:
+def _in_split(rel: Path, dataset: DatasetSpec) -> bool:
     """Whether a parquet file belongs to the manifest's subset/split in the hub's file naming."""
     parts = [p.lower() for p in rel.parts]
-    split = spec.split.lower()
+    split = dataset.split.lower()
     if not (parts[-1].startswith(f"{split}-") or parts[-1] == f"{split}.parquet" or split in parts[:-1]):
         return False
-    return spec.subset == "default" or spec.subset.lower() in parts[:-1]
+    return dataset.subset == "default" or dataset.subset.lower() in parts[:-1]

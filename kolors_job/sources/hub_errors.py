@@ -33,14 +33,16 @@ import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, TypeVar
 
-from kolors_job.errors import ExitCode, InputError, JobError, StorageDeniedError
-from kolors_job.redact import one_line
-from kolors_job.settings import Settings
-from kolors_job.storage.base import STOP, backoff_delay, backoff_sleep, retry_refused
+from kolors_job.core.errors import ExitCode, InputError, JobError, StorageDeniedError
+from kolors_job.core.redact import one_line
+from kolors_job.core.settings import Settings
+from kolors_job.core.stop import STOP
+from kolors_job.core.uris import HUBS
+from kolors_job.storage.base import backoff_delay, backoff_sleep, retry_refused
 from kolors_job.storage.local import os_error
 
 if TYPE_CHECKING:
-    from .hubs import HubRef
+    from kolors_job.core.uris import HubRef
 
 __all__ = ["IncompleteDownload", "call_hub", "http_status", "hub_error"]
 
@@ -51,8 +53,6 @@ T = TypeVar("T")
 BACKOFF_BASE_S = 1.0
 BACKOFF_CAP_S = 8.0
 
-TOKEN_ENV = {"modelscope": "MODELSCOPE_API_TOKEN", "hf": "HF_TOKEN"}
-"""Where each client reads its token from (``modelscope_hub.config``, ``huggingface_hub.constants``)."""
 
 
 class IncompleteDownload(Exception):  # noqa: N818 - a condition, not a programming error
@@ -134,7 +134,7 @@ def hub_error(ref: HubRef, exc: BaseException) -> JobError:
         return local
     status = http_status(exc)
     hub, uri = ref.hub_name, ref.uri
-    token = TOKEN_ENV[ref.hub]
+    token = HUBS[ref.hub].token_env
     if status == 401 or (status is None and _named(exc, "Authentication")):
         if ref.hub == "hf" and _named(exc, "RepositoryNotFound"):
             return StorageDeniedError(

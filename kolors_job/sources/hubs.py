@@ -23,70 +23,49 @@ recorded and every download is pinned to it, so the files of one job all come fr
 the branch moves meanwhile. Where ModelScope names no commit, or refuses to list at it, the job downloads
 from the branch and says so: ``pinned: false``, the branch, and the per-file revisions it got.
 
-``choose_weights`` is shared with the loader (``models.load_kolors_components``), so the variant
-picked from a remote listing and the one read from the local copy are the same decision.
+``choose_weights`` (``models.weights``) is shared with the loader, so the variant picked from a remote listing
+and the one read from the local copy are the same decision; listing a repo is ``listing``'s.
 """
 
 from __future__ import annotations
 
 import logging
-import math
-import re
 import shutil
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from types import ModuleType
 from typing import Any, Literal
 
-from kolors_job.errors import ExitCode, InputError, JobError
-from kolors_job.settings import Settings
+from kolors_job.core.errors import ExitCode, InputError, JobError
+from kolors_job.core.settings import Settings
+from kolors_job.core.uris import HUBS, HubRef
+from kolors_job.models.weights import DIFFUSERS_WEIGHTS, FULL_SIZE_UNET_BYTES, TRANSFORMERS_WEIGHTS, choose_weights
 
-from . import records, transport
-from .hub_errors import IncompleteDownload, call_hub, hub_error, local_error
+from . import huggingface, modelscope, records, transport
+from .hub_errors import IncompleteDownload, call_hub, local_error
+from .listing import Listing, RemoteFile, RepoType
 
 __all__ = [
-    "FULL_SIZE_UNET_BYTES",
-    "HUB_SCHEMES",
-    "HubRef",
-    "Listing",
+    "CLIP_PROCESSOR_FILES",
+    "ModelKind",
     "Plan",
-    "RemoteFile",
     "SourceRecord",
     "check_free_space",
-    "check_hub_uri",
-    "choose_weights",
     "download",
     "download_dataset_files",
-    "hub_error",
     "list_dataset_repo",
     "list_repo",
-    "local_variant",
-    "local_weights",
-    "parse_hub_uri",
+    "plan_from_listing",
     "plan_hub_model",
     "select_files",
 ]
 
 log = logging.getLogger(__name__)
 
-Hub = Literal["modelscope", "hf"]
 ModelKind = Literal["pipeline", "vae", "aesthetic"]
-RepoType = Literal["model", "dataset"]
 
-HUB_SCHEMES: tuple[Hub, ...] = ("modelscope", "hf")
-_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
-_REVISION = re.compile(r"^[\w.\-/]+$")
-_COMMIT = re.compile(r"^[0-9a-f]{40}$")
 
-RECORD_NAME = records.RECORD_NAME
-DEFAULT_BRANCH: dict[str, str] = {"modelscope": "master", "hf": "main"}
-
-FULL_SIZE_UNET_BYTES = 1 << 30
-"""A UNet weight file at least this large is a real model (Kolors fp16: 5.16 GB; the tiny one: KB)."""
-
-DIFFUSERS_WEIGHTS = (("diffusion_pytorch_model", "safetensors"), ("diffusion_pytorch_model", "bin"))
-TRANSFORMERS_WEIGHTS = (("model", "safetensors"), ("pytorch_model", "bin"))
-"""(file stem, extension) in the order ``from_pretrained`` prefers them: safetensors before pickles."""
 
 CLIP_PROCESSOR_FILES = (
     "preprocessor_config.json",
@@ -100,95 +79,32 @@ CLIP_PROCESSOR_FILES = (
 """What ``CLIPProcessor.from_pretrained`` opens (missing optional ones are simply not listed)."""
 
 
-# --------------------------------------------------------------------------------------------- uris
-
-
-@dataclass(frozen=True)
-class HubRef:
-    """``modelscope://Owner/Name[@rev]`` or ``hf://Owner/Name[@rev]``."""
-
-    hub: Hub
-    repo_id: str
-    revision: str | None
-
-    @property
-    def uri(self) -> str:
-        return f"{self.hub}://{self.repo_id}" + (f"@{self.revision}" if self.revision else "")
-
-    @property
-    def hub_name(self) -> str:
-        return "ModelScope" if self.hub == "modelscope" else "Hugging Face"
-
-
-def check_hub_uri(scheme: str, rest: str) -> None:
-    """Raise ValueError unless ``rest`` (what follows ``modelscope://``/``hf://``) is ``OWNER/NAME[@REVISION]``."""
-    if not re.fullmatch(r"[\w.-]+/[\w.-]+(@[\w./-]+)?", rest):
-        raise ValueError(f"{scheme}:// URI must be {scheme}://OWNER/NAME[@REVISION]")
-
-
-def parse_hub_uri(uri: str) -> HubRef | None:
-    """The hub reference in ``uri``, None when it names no hub; a malformed hub URI is an InputError."""
-    scheme, sep, rest = uri.strip().partition("://")
-    if not sep or scheme.lower() not in HUB_SCHEMES:
-        return None
-    repo_id, at, revision = rest.strip("/").partition("@")
-    if not _REPO_ID.match(repo_id) or (at and not _REVISION.match(revision)):
-        raise InputError(f"bad hub uri {uri!r}: expected {scheme.lower()}://OWNER/NAME[@REVISION]")
-    return HubRef(scheme.lower(), repo_id, revision or None)  # type: ignore[arg-type]
-
-
 # --------------------------------------------------------------------------------------------- selection
 
 
-@dataclass(frozen=True)
-class RemoteFile:
-    path: str
-    size: int
-    sha256: str | None = None
-    """The content's sha256, when the listing gives it (ModelScope: every file; Hugging Face: LFS files)."""
-    oid: str | None = None
-    """Hugging Face's git blob id of a file not in LFS (sha1 of ``blob <size>\\0`` + the bytes)."""
 
 
-def choose_weights(
-    paths: Iterable[str], folder: str, names: Iterable[tuple[str, str]], *, prefer_fp16: bool
-) -> tuple[list[str], str | None]:
-    """The weight files ``from_pretrained`` will read in ``folder`` and their variant (None: plain).
-
-    Variant order follows the run: a half-precision run takes ``fp16`` files when present (half the
-    bytes, no loss), an fp32 run the plain ones; either falls back to what the repo has. A sharded
-    checkpoint is its index (``model.safetensors.index.fp16.json``) plus the shards named the way
-    transformers/diffusers name them (``model.fp16-00001-of-00003.safetensors``).
-    """
-    prefix = f"{folder.strip('/')}/" if folder.strip("/") else ""
-    present = {p[len(prefix):] for p in paths if p.startswith(prefix) and "/" not in p[len(prefix):]}
-    for variant in ("fp16", None) if prefer_fp16 else (None, "fp16"):
-        infix = f".{variant}" if variant else ""
-        for stem, ext in names:
-            single = f"{stem}{infix}.{ext}"
-            if single in present:
-                return [prefix + single], variant
-            index = f"{stem}.{ext}.index{infix}.json"
-            shard = re.compile(rf"^{re.escape(stem + infix)}-\d{{5}}-of-\d{{5}}\.{re.escape(ext)}$")
-            shards = sorted(p for p in present if shard.match(p))
-            if index in present and shards:
-                return [prefix + index, *(prefix + s for s in shards)], variant
-    return [], None
+CLIENTS: dict[str, ModuleType] = {"modelscope": modelscope, "hf": huggingface}
+"""Each hub's client, by scheme (``core.uris.HUBS`` has the hub's name, token variable and default branch): a module
+with ``listing(ref, settings, repo_type) -> Listing`` and ``snapshot(ref, repo_type, dest, patterns, revision,
+settings)``. A hub is its facts there, its client module here, and this line."""
 
 
-def local_weights(
-    folder: Path, names: Iterable[tuple[str, str]], *, prefer_fp16: bool
-) -> tuple[list[str], str | None]:
-    """``choose_weights`` over a local directory: the file names ``from_pretrained`` will open, and the
-    ``variant=`` to pass it."""
-    if not folder.is_dir():
-        return [], None
-    return choose_weights([p.name for p in folder.iterdir() if p.is_file()], "", names, prefer_fp16=prefer_fp16)
+def list_repo(ref: HubRef, settings: Settings, repo_type: RepoType) -> Listing:
+    """``ref``'s files (path, size, digest) and the commit they were listed at (see the module docstring)."""
+    return CLIENTS[ref.hub].listing(ref, settings, repo_type)
 
 
-def local_variant(folder: Path, names: Iterable[tuple[str, str]], *, prefer_fp16: bool) -> str | None:
-    """The ``variant=`` to pass to ``from_pretrained`` for a local directory (:func:`local_weights`)."""
-    return local_weights(folder, names, prefer_fp16=prefer_fp16)[1]
+
+
+
+
+
+def list_dataset_repo(ref: HubRef, settings: Settings) -> tuple[list[RemoteFile], str | None]:
+    """A hub dataset repo's files (path, size) and the commit they were listed at (see :func:`list_repo`)."""
+    listing = list_repo(ref, settings, "dataset")
+    return listing.files, listing.commit
+
 
 
 def select_files(
@@ -279,17 +195,6 @@ class SourceRecord:
         return out
 
 
-@dataclass
-class Listing:
-    """A hub repo's files as listed, and the one commit they were listed at."""
-
-    files: list[RemoteFile]
-    commit: str | None
-    pinned: bool
-    """Downloads can be pinned to ``commit`` (the hub listed the repo at it)."""
-    branch: str
-    """The branch/tag listed (the requested revision, else the hub's default branch)."""
-    file_revisions: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -385,7 +290,7 @@ def plan_hub_model(
 
 def _listing_from_record(ref: HubRef, data: dict[str, Any]) -> Listing:
     files = [RemoteFile(p, int(e["size"]), e.get("sha256"), e.get("oid")) for p, e in data["files"].items()]
-    branch = data.get("branch") or ref.revision or DEFAULT_BRANCH[ref.hub]
+    branch = data.get("branch") or ref.revision or HUBS[ref.hub].default_branch
     return Listing(files, data.get("commit"), bool(data.get("pinned", True)), branch,
                    dict(data.get("file_revisions") or {}))  # fmt: skip
 
@@ -493,70 +398,12 @@ def _gb(n: int) -> str:
     return f"{n / 1e9:.2f} GB" if n >= 10**8 else f"{n / 1e6:.1f} MB"
 
 
-# --------------------------------------------------------------------------------------------- hubs
 
 
-def list_repo(ref: HubRef, settings: Settings, repo_type: RepoType) -> Listing:
-    """``ref``'s files (path, size, digest) and the commit they were listed at (see the module docstring)."""
-    if ref.hub == "modelscope":
-        return _modelscope_listing(ref, settings, repo_type)
-    return call_hub(ref, "listing", lambda: _hf_listing(ref, settings, repo_type), settings)
 
 
-def _modelscope_listing(ref: HubRef, settings: Settings, repo_type: RepoType = "model") -> Listing:
-    """The repo's files at its head commit, and that commit.
-
-    ModelScope gives no repo commit per file: each file's ``Revision`` is the last commit that changed it.
-    The repo's head is the listing's ``LatestCommitter.Id``. The files are then listed *at* that commit —
-    which both confirms the hub accepts it as a revision and keeps the file table and the commit from
-    disagreeing if the branch moves in between. No commit, or a commit the hub will not list at: the
-    branch's listing, unpinned.
-    """
-    from modelscope_hub import HubApi
-
-    api = HubApi(endpoint=settings.modelscope_endpoint)
-    branch = ref.revision or DEFAULT_BRANCH["modelscope"]
-    asked_commit = ref.revision if ref.revision and _COMMIT.match(ref.revision) else None
-    commit = asked_commit or call_hub(ref, "listing", lambda: _modelscope_head(api, ref, repo_type, branch), settings)
-    raw = None
-    if commit:
-        try:
-            raw = call_hub(ref, "listing", lambda: api.legacy.list_repo_files(ref.repo_id, repo_type, commit), settings)
-        except InputError as err:
-            if asked_commit:
-                raise
-            log.warning("ModelScope will not list %s at its commit %s (%s): downloading from %s, unpinned",
-                        ref.uri, commit, err, branch)  # fmt: skip
-    pinned = raw is not None
-    if raw is None:
-        raw = call_hub(ref, "listing", lambda: api.legacy.list_repo_files(ref.repo_id, repo_type, branch), settings)
-    blobs = [f for f in raw if f.get("Path") and (f.get("Type") or "blob") != "tree"]
-    files = [RemoteFile(str(f["Path"]), int(f.get("Size") or 0), str(f.get("Sha256") or "").lower() or None)
-             for f in blobs]  # fmt: skip
-    revisions = {str(f["Path"]): str(f.get("Revision") or "") for f in blobs if f.get("Revision")}
-    return Listing(files, commit, pinned, branch, revisions)
 
 
-def _modelscope_head(api: Any, ref: HubRef, repo_type: RepoType, branch: str) -> str | None:
-    """The repo's head commit at ``branch``: the listing's ``Data.LatestCommitter.Id`` (one page, one level).
-
-    ``modelscope_hub``'s public listing keeps only ``Data.Files``, so this one request goes through the
-    client's transport (its auth, timeouts and typed errors) and reads the envelope itself."""
-    segment, route = ("datasets", "tree") if repo_type == "dataset" else ("models", "files")
-    params = {"Revision": branch, "Recursive": "False"}
-    if repo_type == "dataset":
-        params.update(PageNumber="1", PageSize="1")
-    resp = api.legacy._request("GET", f"{segment}/{ref.repo_id}/repo/{route}", params=params, single_attempt=True)
-    data = resp.json().get("Data") or {}
-    latest = data.get("LatestCommitter") if isinstance(data, dict) else None
-    commit = str((latest or {}).get("Id") or "").lower()
-    return commit if _COMMIT.match(commit) else None
-
-
-def list_dataset_repo(ref: HubRef, settings: Settings) -> tuple[list[RemoteFile], str | None]:
-    """A hub dataset repo's files (path, size) and the commit they were listed at (see :func:`list_repo`)."""
-    listing = list_repo(ref, settings, "dataset")
-    return listing.files, listing.commit
 
 
 def download_dataset_files(ref: HubRef, dest: Path, paths: list[str] | None, commit: str | None,
@@ -573,40 +420,11 @@ def _snapshot(ref: HubRef, repo_type: RepoType, dest: Path, paths: list[str] | N
     if wrong := transport.check_in_force(settings):
         log.warning("the hub clients in this process were configured at import with other values than these "
                     "settings want (they read them once): %s", ", ".join(wrong))  # fmt: skip
-    if ref.hub == "modelscope":
-        from modelscope import snapshot_download
-        from modelscope.hub.snapshot_download import dataset_snapshot_download
-
-        (dataset_snapshot_download if repo_type == "dataset" else snapshot_download)(
-            ref.repo_id, revision=revision, local_dir=str(dest), allow_patterns=patterns,
-            max_workers=settings.download_workers, endpoint=settings.modelscope_endpoint,
-        )
-    else:
-        from huggingface_hub import constants, snapshot_download
-
-        constants.HF_HUB_DISABLE_XET = True  # read at call time: the one transport tested (see transport)
-        snapshot_download(
-            ref.repo_id, repo_type=repo_type, revision=revision, local_dir=str(dest), allow_patterns=patterns,
-            endpoint=settings.hf_endpoint, max_workers=settings.download_workers,
-            etag_timeout=_read_timeout(settings),
-        )
+    CLIENTS[ref.hub].snapshot(ref, repo_type, dest, patterns, revision, settings)
 
 
-def _read_timeout(settings: Settings) -> int:
-    return max(1, math.ceil(settings.storage_read_timeout_s))
 
 
-def _hf_listing(ref: HubRef, settings: Settings, repo_type: RepoType = "model") -> Listing:
-    from huggingface_hub import HfApi
-
-    api = HfApi(endpoint=settings.hf_endpoint)
-    info_of = api.dataset_info if repo_type == "dataset" else api.model_info
-    info = info_of(ref.repo_id, revision=ref.revision, files_metadata=True, timeout=_read_timeout(settings))
-    files = [
-        RemoteFile(s.rfilename, int(s.size or 0), s.lfs.sha256 if s.lfs else None, None if s.lfs else s.blob_id)
-        for s in info.siblings or []
-    ]
-    return Listing(files, info.sha, bool(info.sha), ref.revision or DEFAULT_BRANCH["hf"])
 
 
 def _literal(path: str) -> str:

@@ -17,25 +17,16 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from kolors_job import storage
-from kolors_job.errors import InputError
-from kolors_job.redact import redact_uri
-from kolors_job.settings import Settings
+from kolors_job.core.errors import InputError
+from kolors_job.core.redact import redact_uri
+from kolors_job.core.settings import Settings
+from kolors_job.core.uris import HUB_SCHEMES, TINY_SCHEME, parse_hub_uri, scheme_of
+from kolors_job.manifest.fields import source_schemes
 
 from .buckets import copy_model_prefix
-from .hubs import (
-    FULL_SIZE_UNET_BYTES,
-    HUB_SCHEMES,
-    ModelKind,
-    Plan,
-    SourceRecord,
-    download,
-    parse_hub_uri,
-    plan_hub_model,
-)
+from .hubs import ModelKind, Plan, SourceRecord, download, plan_hub_model
 
-__all__ = [
-    "REQUIRED_FILES", "TINY_SCHEME", "fetch_model", "is_full_size", "plan_model", "resolve_model", "source_schemes",
-]
+__all__ = ["REQUIRED_FILES", "fetch_model", "plan_model", "resolve_model"]
 
 REQUIRED_FILES: dict[str, tuple[str, ...]] = {
     "pipeline": ("model_index.json", "unet/", "vae/", "text_encoder/", "tokenizer/", "scheduler/"),
@@ -44,13 +35,7 @@ REQUIRED_FILES: dict[str, tuple[str, ...]] = {
 }
 """What a resolved directory must hold per kind (a trailing '/' means a directory)."""
 
-TINY_SCHEME = "tiny"
 _TINY = ("kolors", "aesthetic")
-
-
-def source_schemes() -> tuple[str, ...]:
-    """Every scheme a model or dataset source may use: the hubs, each storage backend, ``tiny``."""
-    return (*HUB_SCHEMES, *storage.schemes(), TINY_SCHEME)
 
 
 def resolve_model(uri: str, *, kind: ModelKind, settings: Settings, prefer_fp16: bool = True) -> Path:
@@ -87,7 +72,7 @@ def fetch_model(
     uri = uri.strip()
     if not uri:
         raise InputError(f"empty {kind} model uri")
-    scheme = storage.scheme_of(uri)
+    scheme = scheme_of(uri)
     record = SourceRecord(uri=redact_uri(uri), kind=kind)
     if scheme in HUB_SCHEMES:
         plan = plan or plan_model(uri, kind=kind, settings=settings, prefer_fp16=prefer_fp16, skip=skip)
@@ -114,12 +99,6 @@ def fetch_model(
     return path, record
 
 
-def is_full_size(path: Path) -> bool:
-    """Whether a resolved pipeline dir holds a real (GPU-sized) UNet, judged by its weight bytes."""
-    unet = path / "unet"
-    return unet.is_dir() and sum(p.stat().st_size for p in unet.iterdir() if p.is_file()) >= FULL_SIZE_UNET_BYTES
-
-
 def _validate(path: Path, uri: str, kind: ModelKind) -> Path:
     # A standalone VAE may be given as a whole pipeline: use its vae/ subfolder.
     if kind == "vae" and not (path / "config.json").is_file() and (path / "vae" / "config.json").is_file():
@@ -133,7 +112,7 @@ def _validate(path: Path, uri: str, kind: ModelKind) -> Path:
 
 
 def _resolve_tiny(uri: str, settings: Settings) -> Path:
-    from kolors_job.tiny import TINY_BUILDER_VERSION, build_tiny_aesthetic_predictor, build_tiny_kolors
+    from kolors_job.models.tiny import TINY_BUILDER_VERSION, build_tiny_aesthetic_predictor, build_tiny_kolors
 
     name = uri.split("://", 1)[1].strip("/")
     if name not in _TINY:

@@ -31,12 +31,12 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kolors_job.errors import ExitCode, JobError
-from kolors_job.storage import base as storage_base
+from kolors_job.core.errors import ExitCode, JobError
+from kolors_job.core.stop import STOP
 from kolors_job.storage.atomic import atomic_target
 
 if TYPE_CHECKING:
-    from .hubs import RemoteFile
+    from .listing import RemoteFile
 
 __all__ = [
     "RECORD_NAME", "discard", "exclusive", "identities", "partial_bytes", "read", "reusable", "verify", "write",
@@ -173,7 +173,7 @@ def exclusive(dest: Path, what: str, *, poll_s: float = 0.5) -> Iterator[None]:
                 waited_since = time.monotonic()
                 holder = _holder(fd)
                 log.info("waiting for another job (%s) downloading %s into this cache", holder or "?", what)
-            if storage_base.STOP.stopping.wait(poll_s):
+            if STOP.stopping.wait(poll_s):
                 raise JobError(
                     f"stopped while another job downloads {what} into the cache: rerun to use its copy",
                     exit_code=ExitCode.TEMPORARY,

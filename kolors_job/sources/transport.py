@@ -1,9 +1,9 @@
 """How the hub clients talk to the hubs: one tested transport each, with the job's own timeouts.
 
 Both clients read their knobs from the environment once, when they are imported (``huggingface_hub.constants``,
-``modelscope_hub.constants``), so :func:`apply` sets them in ``os.environ`` when this package is imported —
-``kolors_job.manifest`` imports it before any stage can import a client — and child processes (torchrun
-ranks) inherit them. :func:`check_in_force` says whether the clients loaded in this process run with them.
+``modelscope_hub.constants``), so :func:`apply` sets them in ``os.environ`` when this module is imported — the CLI
+imports it before anything else, and ``kolors_job.sources`` before any of its modules — and child processes
+(torchrun ranks) inherit them. :func:`check_in_force` says whether the clients loaded in this process run with them.
 
 - **Hugging Face, plain HTTP, never Xet.** ``hf_xet`` is installed (diffusers pulls it in) and the real hub
   marks Xet-stored files with ``X-Xet-Hash`` headers, which would move those downloads to the Xet protocol:
@@ -30,7 +30,7 @@ from collections.abc import MutableMapping
 
 from pydantic import ValidationError
 
-from kolors_job.settings import Settings
+from kolors_job.core.settings import Settings
 
 __all__ = ["MODELSCOPE_RETRY_BACKOFF", "PER_FILE_TOTAL_S", "apply", "check_in_force", "client_env"]
 
@@ -106,4 +106,4 @@ def check_in_force(settings: Settings | None = None) -> list[str]:
     return wrong
 
 
-apply()  # at import: ``kolors_job.sources`` imports this module before any code path imports a hub client
+apply()  # at import: the CLI and ``kolors_job.sources`` import this module before any code path imports a hub client

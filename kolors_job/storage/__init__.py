@@ -3,27 +3,29 @@
     store = open_store("oss://bucket/jobs/", settings)
     store.child("job-1").write_text("status.json", "{}")
 
-Each scheme is one ``register`` line below (``registry``); backends are imported lazily, so a job
-writing only to local paths never imports boto3/oss2.
+Each scheme is one ``register`` line below (``registry``): its store class, its own settings class and
+bucket-name check (``<backend>/settings.py``), and the optional extra that installs its SDK. Stores are
+imported lazily, so a job writing only to local paths never imports boto3/oss2.
 """
 
 from __future__ import annotations
 
-import re
-
 from .base import Store, redact
+from .oss import settings as oss_settings
 from .registry import (
     backend,
     check_bucket_uri,
     check_uri,
     is_bucket_uri,
+    listed_schemes,
     open_store,
     register,
-    scheme_of,
     schemes,
+    setup_problem,
     split_uri,
     unregister,
 )
+from .s3 import settings as s3_settings
 
 __all__ = [
     "Store",
@@ -31,37 +33,20 @@ __all__ = [
     "check_bucket_uri",
     "check_uri",
     "is_bucket_uri",
+    "listed_schemes",
     "open_store",
     "redact",
     "register",
-    "scheme_of",
     "schemes",
+    "setup_problem",
     "split_uri",
     "unregister",
 ]
 
-_S3_BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
-_OSS_BUCKET = re.compile(r"[a-z0-9][a-z0-9-]{1,61}[a-z0-9]")
-_IPV4 = re.compile(r"\d{1,3}(\.\d{1,3}){3}")
-
-
-def _oss_bucket(bucket: str) -> None:
-    if not _OSS_BUCKET.fullmatch(bucket):
-        raise ValueError(
-            "OSS bucket names are 3-63 characters: lower-case letters, digits and '-', starting and "
-            "ending with a letter or digit"
-        )
-
-
-def _s3_bucket(bucket: str) -> None:
-    if not _S3_BUCKET.fullmatch(bucket) or ".." in bucket or _IPV4.fullmatch(bucket):
-        raise ValueError(
-            "S3 bucket names are 3-63 characters: lower-case letters, digits, '.' and '-', starting and "
-            "ending with a letter or digit, no '..', not an IP address"
-        )
-
-
-# The order is the one error messages list them in.
-register("oss", "kolors_job.storage.oss:OSSStore", check_bucket=_oss_bucket)
-register("s3", "kolors_job.storage.s3:S3Store", check_bucket=_s3_bucket)
+# One line per backend; the order is the one error messages list them in. A backend's settings module is
+# light (pydantic-settings only): its SDK is imported when a first URI of its scheme is opened.
+register("oss", "kolors_job.storage.oss.store:OSSStore", check_bucket=oss_settings.check_bucket,
+         settings=oss_settings.OSSSettings, extra="oss")  # fmt: skip
+register("s3", "kolors_job.storage.s3.store:S3Store", check_bucket=s3_settings.check_bucket,
+         settings=s3_settings.S3Settings, extra="s3")  # fmt: skip
 register("file", "kolors_job.storage.local:LocalStore", local=True)

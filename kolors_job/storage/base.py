@@ -17,21 +17,19 @@ from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from kolors_job.errors import (
+from kolors_job.core.errors import (
     ExitCode,
     StorageDeniedError,
     StorageError,
     StorageNotFoundError,
     StorageTemporaryError,
 )
-from kolors_job.redact import scrub
+from kolors_job.core.redact import scrub
+from kolors_job.core.stop import STOP
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
 
-    from kolors_job.settings import Settings
-
-    from .fence import Fence
+    from kolors_job.core.settings import Settings
 
 
 COMPLETION_MARKERS = frozenset({"COMPLETE", "_SUCCESS"})
@@ -44,34 +42,6 @@ def redact(text: str) -> str:
     """Hide ``user:password@`` in any URL inside ``text`` (endpoints may embed keys), and the values of
     secret environment variables: SDK error texts go through here before any log, error or file."""
     return scrub(_USERINFO.sub(r"\g<scheme>***@", text))
-
-
-class _StopState:
-    """Process-wide: the job is stopping (SIGTERM), and whether storage already failed since.
-
-    Storage retries are what keep a stopping job alive on a dead endpoint (8 tries of a read timeout
-    each), so once the job stops, failed requests are not retried; once one has failed, no new request
-    is even tried: the job exits 75 within about one read timeout of the signal. A request that works
-    still goes through, so a stop on a healthy store still uploads its checkpoint and status.
-    """
-
-    def __init__(self) -> None:
-        self.stopping = threading.Event()
-        self.failed_while_stopping = threading.Event()
-
-
-STOP = _StopState()
-
-
-def request_stop() -> None:
-    """Called from the job's SIGTERM handler."""
-    STOP.stopping.set()
-
-
-def clear_stop() -> None:
-    """The job is over (tests run several in one process)."""
-    STOP.stopping.clear()
-    STOP.failed_while_stopping.clear()
 
 
 def check_new_request(where: str) -> None:
@@ -266,7 +236,7 @@ class Store(ABC):
     def local_path(self) -> Path | None:
         return None
 
-    # -- fencing (storage/fence.py) -------------------------------------------------------------
+    # -- fencing (storage/fence.py builds a claim's fence from these three) -----------------------------
     # The defaults below are built from the methods above: right for a single process, but checked by
     # us, not by the store. A backend whose service has conditional copies overrides all three.
 
@@ -297,18 +267,6 @@ class Store(ABC):
     def delete_if(self, key: str, token: str) -> None:
         """Delete ``key`` if it is still the version ``token`` names (where the store can check that)."""
         self.delete(key)
-
-    def open_fence(self, stage: str, on_lost: Callable[[str], None]) -> Fence:
-        """The fence of the claim generation whose stage is ``stage`` (a key prefix under this store)."""
-        from .fence import ObjectFence
-
-        return ObjectFence(self, stage, on_lost)
-
-    def seal_fence(self, stage: str, owner: str) -> None:
-        """Make every later fenced write of ``stage``'s generation fail (a takeover does this first)."""
-        from .fence import ObjectFence
-
-        ObjectFence.seal(self, stage, owner)
 
     def read_text(self, key: str) -> str:
         return self.read_bytes(key).decode("utf-8")

@@ -1,6 +1,6 @@
 """Fenced writes: every write and delete under a job's prefix lands only while its claim generation is current.
 
-A claim (``kolors_job.claim``) is a lease: a run paused past it (SIGSTOP, a frozen VM, a long GC) wakes up
+A claim (``kolors_job.job.claim``) is a lease: a run paused past it (SIGSTOP, a frozen VM, a long GC) wakes up
 believing it still owns the prefix, and any check it made before the pause is stale. So the check must be
 made by the store, in the request that writes. Object stores cannot condition a write of one key on
 another key, so each write goes through a per-generation *stage* the next owner can spoil:
@@ -38,15 +38,13 @@ import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
-from kolors_job.errors import ClaimLostError, StorageError
+from kolors_job.core.errors import ClaimLostError, StorageError
 
 from .atomic import TMP_MARKER, file_mode
 from .base import Store, check_key, child_prefix, join_key
-
-if TYPE_CHECKING:
-    from .local import LocalStore
+from .local import LocalStore, mapped, os_error
 
 log = logging.getLogger(__name__)
 
@@ -237,8 +235,6 @@ class DirFence:
         return self.dir.is_file() or self.dir.is_symlink()
 
     def put(self, key: str, source: Source, lane: str = "data") -> None:
-        from .local import mapped, os_error
-
         self._lost.check()
         final = self.store.path_of(key)
         try:
@@ -273,8 +269,6 @@ class DirFence:
             raise
 
     def delete(self, key: str) -> None:
-        from .local import mapped, os_error
-
         self._lost.check()
         path = self.store.path_of(key)
         trash = self.dir / f".deleted{TMP_MARKER}{uuid.uuid4().hex}"
@@ -317,6 +311,23 @@ class DirFence:
 
 
 # ---------------------------------------------------------------------------------------- the store view
+
+
+def open_fence(store: Store, stage: str, on_lost: Callable[[str], None]) -> Fence:
+    """The fence of the claim generation whose stage is ``stage`` (a key prefix under ``store``): a stage
+    directory and renames on a local disk, the store's conditional requests (``Store.put_new``, ``copy_if``,
+    ``delete_if``) on an object store."""
+    if isinstance(store, LocalStore):
+        return DirFence(store, stage, on_lost)
+    return ObjectFence(store, stage, on_lost)
+
+
+def seal_fence(store: Store, stage: str, owner: str) -> None:
+    """Make every later fenced write of ``stage``'s generation fail (a takeover does this first)."""
+    if isinstance(store, LocalStore):
+        DirFence.seal(store, stage, owner)
+    else:
+        ObjectFence.seal(store, stage, owner)
 
 
 class FencedStore(Store):

@@ -6,24 +6,15 @@ import errno
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from kolors_job.errors import (
-    StorageDeniedError,
-    StorageError,
-    StorageNotFoundError,
-    StorageTemporaryError,
-)
-from kolors_job.settings import Settings
+from kolors_job.core.errors import StorageDeniedError, StorageError, StorageNotFoundError, StorageTemporaryError
+from kolors_job.core.settings import Settings
 
 from .atomic import TMP_MARKER, atomic_target, file_mode
 from .base import Store, check_key, child_prefix
-
-if TYPE_CHECKING:
-    from .fence import Fence
 
 TEMPORARY_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EAGAIN, errno.ESTALE, errno.ETIMEDOUT})
 """Faults that may pass (space freed, a network filesystem back): exit 75, a rerun resumes."""
@@ -62,16 +53,6 @@ class LocalStore(Store):
     def path_of(self, key: str) -> Path:
         """The file ``key`` names (checked: it never leaves the root)."""
         return self.root.joinpath(*check_key(key).split("/"))
-
-    def open_fence(self, stage: str, on_lost: Callable[[str], None]) -> Fence:
-        from .fence import DirFence
-
-        return DirFence(self, stage, on_lost)
-
-    def seal_fence(self, stage: str, owner: str) -> None:
-        from .fence import DirFence
-
-        DirFence.seal(self, stage, owner)
 
     def child(self, *parts: str) -> LocalStore:
         sub = child_prefix(*parts)

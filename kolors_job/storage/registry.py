@@ -1,9 +1,11 @@
 """URI schemes → storage backends, and the one parser of storage URIs.
 
-A backend registers its scheme once (``register("gs", "kolors_job.storage.gcs:GCSStore", ...)``); the
-manifest's checks, ``open_store``, model and dataset sources all ask this registry, so a new backend
-is one module plus one registration line (docs/adding-a-storage-backend.md). A backend given as a
-``"module:Class"`` string is imported on first use: a job writing to local paths never imports boto3.
+A backend registers its scheme once (``register("gs", "kolors_job.storage.gcs.store:GCSStore", ...)``):
+with its own settings class, the check of its bucket names and the optional extra that installs its SDK.
+The manifest's checks, ``open_store``, model and dataset sources and ``kolors-job validate`` all ask this
+registry, so a new backend is one package plus one registration line (docs/adding-a-storage-backend.md). A
+backend given as a ``"module:Class"`` string is imported on first use: a job writing to local paths never
+imports boto3.
 """
 
 from __future__ import annotations
@@ -15,7 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote
 
-from kolors_job.settings import Settings
+from pydantic_settings import BaseSettings
+
+from kolors_job.core.errors import ExitCode, JobError
+from kolors_job.core.settings import Settings
+from kolors_job.core.uris import scheme_of
 
 from .base import Store, redact
 
@@ -25,10 +31,11 @@ __all__ = [
     "check_bucket_uri",
     "check_uri",
     "is_bucket_uri",
+    "listed_schemes",
     "open_store",
     "register",
-    "scheme_of",
     "schemes",
+    "setup_problem",
     "split_uri",
     "unregister",
 ]
@@ -46,11 +53,26 @@ class Backend:
     """Raises ValueError for a bucket name the service refuses (checked at manifest validation)."""
     local: bool = False
     """Local paths (``file://``): no bucket, the prefix is an absolute directory."""
+    settings: type[BaseSettings] | None = None
+    """The backend's own settings class (pydantic-settings, its own ``KOLORS_JOB_<SCHEME>_*`` env); the store
+    reads it with ``settings.backend(scheme, cls)``. A ``missing()`` method on it, if any, says what this
+    environment lacks for the backend (``kolors-job validate`` prints it)."""
+    extra: str | None = None
+    """The optional dependency set (``pip install 'kolors-job[<extra>]'``) that installs the backend's SDK."""
 
     def store_class(self) -> type[Store]:
         if isinstance(self.store, str):
             module, _, name = self.store.partition(":")
-            return getattr(importlib.import_module(module), name)
+            try:
+                return getattr(importlib.import_module(module), name)
+            except ModuleNotFoundError as exc:
+                if self.extra is None or (exc.name or "").split(".")[0] == "kolors_job":
+                    raise
+                raise JobError(
+                    f"{self.scheme}:// needs {exc.name}, which is not installed here: "
+                    f"pip install 'kolors-job[{self.extra}]'",
+                    exit_code=ExitCode.INVALID_INPUT,
+                ) from None
         return self.store
 
 
@@ -58,13 +80,19 @@ _BACKENDS: dict[str, Backend] = {}
 
 
 def register(
-    scheme: str, store: str | type[Store], *, check_bucket: Callable[[str], None] | None = None, local: bool = False
+    scheme: str,
+    store: str | type[Store],
+    *,
+    check_bucket: Callable[[str], None] | None = None,
+    local: bool = False,
+    settings: type[BaseSettings] | None = None,
+    extra: str | None = None,
 ) -> None:
     """Make ``<scheme>://`` a storage URI everywhere: manifest outputs, model and dataset sources."""
     scheme = scheme.lower()
     if not _SCHEME.match(f"{scheme}://"):
         raise ValueError(f"invalid URI scheme {scheme!r}")
-    _BACKENDS[scheme] = Backend(scheme, store, check_bucket, local)
+    _BACKENDS[scheme] = Backend(scheme, store, check_bucket, local, settings, extra)
 
 
 def unregister(scheme: str) -> None:
@@ -76,14 +104,14 @@ def schemes() -> tuple[str, ...]:
     return tuple(_BACKENDS)
 
 
+def listed_schemes() -> str:
+    """The registered schemes as messages and help texts list them: ``oss://, s3:// or file://``."""
+    names = [f"{s}://" for s in _BACKENDS]
+    return " or ".join([", ".join(names[:-1]), names[-1]]) if len(names) > 1 else "".join(names)
+
+
 def backend(scheme: str) -> Backend | None:
     return _BACKENDS.get(scheme.lower())
-
-
-def scheme_of(uri: str) -> str:
-    """The lower-case scheme of ``uri`` (any scheme, registered or not); ``""`` for a plain path."""
-    m = _SCHEME.match(uri)
-    return m.group(1).lower() if m else ""
 
 
 def is_bucket_uri(uri: str) -> bool:
@@ -169,6 +197,15 @@ def split_uri(uri: str) -> tuple[str, str, str]:
     bucket, _, prefix = uri[m.end() :].partition("/")
     prefix = prefix.lstrip("/")
     return scheme, bucket, prefix if not prefix or prefix.endswith("/") else prefix + "/"
+
+
+def setup_problem(uri: str) -> str | None:
+    """What this environment lacks before ``uri`` can be opened, as its backend's settings say (the OSS
+    endpoint, say); None when nothing is missing or the backend does not tell."""
+    b = backend(scheme_of(uri))
+    if b is None or b.settings is None or not hasattr(b.settings, "missing"):
+        return None
+    return b.settings().missing()
 
 
 def open_store(uri: str, settings: Settings | None = None) -> Store:

@@ -29,9 +29,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from kolors_job.errors import ManifestError
+from kolors_job.core.errors import ManifestError
 
-log = logging.getLogger("kolors_job.sweep")
+log = logging.getLogger(__name__)
 
 OBJECTIVE = "objective"
 METRIC_NAMES = (OBJECTIVE, "mean_aesthetic", "consistency")

@@ -21,8 +21,10 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from kolors_job.errors import ManifestError
-from kolors_job.manifest import JOB_ID_PATTERN, Manifest, format_validation_error
+from kolors_job.core.errors import ManifestError
+from kolors_job.manifest.fields import JOB_ID_PATTERN
+from kolors_job.manifest.load import format_validation_error
+from kolors_job.manifest.spec import Manifest
 
 SET_LABEL = "kolors-job/set."
 """``metadata.labels`` key prefix of each ``--set`` path (labels are not part of the manifest digest)."""

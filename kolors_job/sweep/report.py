@@ -36,9 +36,9 @@ from typing import Any
 import jinja2
 import yaml
 
-from kolors_job.claim import CLAIM_DIR, ClaimRecord
-from kolors_job.errors import ExitCode, StorageNotFoundError
-from kolors_job.redact import redact_uri
+from kolors_job.core.errors import ExitCode, StorageNotFoundError
+from kolors_job.core.redact import redact_uri
+from kolors_job.job.claim import CLAIM_DIR, ClaimRecord
 from kolors_job.sweep.metrics import DEFAULT_WEIGHTS, objective
 from kolors_job.sweep.overrides import SET_LABEL, recorded
 from kolors_job.sweep.trial import OBJECTIVE_LABEL
@@ -96,7 +96,7 @@ def _json(store: Any, key: str) -> Any:
 
 
 def _claim_live(store: Any, now: float) -> tuple[bool, float | None]:
-    """Whether the trial's output claim (:mod:`kolors_job.claim`) is held by a live run; its last heartbeat."""
+    """Whether the trial's output claim (:mod:`kolors_job.job.claim`) is held by a live run; its last heartbeat."""
     gens = sorted(k for k in store.list(f"{CLAIM_DIR}/") if k.rsplit("/", 1)[-1].removesuffix(".json").isdigit())
     if not gens:
         return False, None

@@ -39,14 +39,9 @@ from pydantic import (
     model_validator,
 )
 
-from kolors_job.errors import ManifestError
-from kolors_job.manifest import (
-    API_VERSION,
-    Manifest,
-    format_validation_error,
-    parse_manifest,
-    read_manifest_source,
-)
+from kolors_job.core.errors import ManifestError
+from kolors_job.manifest.load import format_validation_error, parse_manifest, read_manifest_source
+from kolors_job.manifest.spec import API_VERSION, Manifest
 from kolors_job.sweep import overrides
 
 KIND = "LoraSweep"
@@ -225,11 +220,11 @@ def parse_sweep(raw: bytes | str, *, source: str = "sweep") -> Sweep:
     """The sweep file's own fields, validated (one line per problem, exit 2)."""
     import yaml
 
-    from kolors_job.manifest import _NoAliasLoader  # the manifest's YAML rules: no aliases, no duplicate keys
+    from kolors_job.manifest.load import NoAliasLoader  # the manifest's YAML rules: no aliases, no duplicate keys
 
     text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
     try:
-        data = yaml.load(text, Loader=_NoAliasLoader)  # noqa: S506 - a SafeLoader subclass
+        data = yaml.load(text, Loader=NoAliasLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as e:
         raise ManifestError(f"{source}: invalid YAML: {str(e).splitlines()[0]}") from None
     if not isinstance(data, dict):

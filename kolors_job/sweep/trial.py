@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kolors_job.errors import ExitCode, ManifestError
-from kolors_job.manifest import Manifest
+from kolors_job.core.errors import ExitCode, ManifestError
+from kolors_job.manifest.spec import Manifest
 from kolors_job.sweep import overrides
 from kolors_job.sweep.metrics import TrialMetrics, parse_weights
 

@@ -3,7 +3,7 @@
 A fixture saved with plain file names proved nothing about the real repos (issue 11): the real
 ``Kwai-Kolors/Kolors-diffusers`` ships only fp16-variant weights, the predictor ships a torch pickle,
 and the dataset is parquet. Each writer below says where its layout comes from. Weights come from
-``kolors_job.tiny`` (the same tiny architectures every other test uses), only re-saved.
+``kolors_job.models.tiny`` (the same tiny architectures every other test uses), only re-saved.
 
 Layout sources (public hub listings, read 2026-11):
 
@@ -30,7 +30,7 @@ import shutil
 import threading
 from pathlib import Path
 
-from kolors_job.tiny import build_tiny_aesthetic_predictor, build_tiny_kolors
+from kolors_job.models.tiny import build_tiny_aesthetic_predictor, build_tiny_kolors
 
 __all__ = [
     "ANIME_FOLDER_ID",

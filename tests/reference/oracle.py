@@ -23,7 +23,8 @@ import torch
 import yaml
 from PIL import Image
 
-from kolors_job.manifest import Manifest, parse_manifest
+from kolors_job.manifest.load import parse_manifest
+from kolors_job.manifest.spec import Manifest
 
 FIXTURE = Path(__file__).with_name("reference.yaml")
 
@@ -70,7 +71,7 @@ def check_story_sampling_call(m: Manifest, tmp: Path) -> None:
 
 def check_sampling_dtype(m: Manifest, tmp: Path) -> None:
     """On CUDA the story samples in the reference's ``ModelManager(torch_dtype=...)``."""
-    from kolors_job import generate
+    from kolors_job.render import pipeline as generate
 
     assert generate.sampling_dtype(torch.device("cuda"), m.spec.story.precision) == getattr(
         torch, ref("story.sampling_dtype")
@@ -81,8 +82,8 @@ def check_sampler_timesteps(m: Manifest, tmp: Path) -> None:
     """Our sampler visits the timesteps DiffSynth's Kolors scheduler visits for the reference's step count."""
     from diffsynth.schedulers import EnhancedDDIMScheduler
 
-    from kolors_job.kolors_configs import KOLORS_SCHEDULER_CONFIG
-    from kolors_job.models import make_scheduler, sampler_timesteps
+    from kolors_job.models.configs import KOLORS_SCHEDULER_CONFIG
+    from kolors_job.models.schedulers import make_scheduler, sampler_timesteps
 
     sampler = ref("story.sampler")
     ddim = EnhancedDDIMScheduler(beta_end=sampler["beta_end"], num_train_timesteps=sampler["num_train_timesteps"])
@@ -114,7 +115,7 @@ def check_lora_scale_at_sampling(m: Manifest, tmp: Path) -> None:
 
 def check_story_tiling(m: Manifest, tmp: Path) -> None:
     """``story.jpg``'s picture equals the notebook's cell run on the same frames."""
-    from kolors_job.report import tile_frames
+    from kolors_job.report.html import tile_frames
 
     tiling = ref("story.tiling")
     rng = np.random.default_rng(0)
@@ -184,7 +185,8 @@ def reference_image(path: Path) -> Path:
 def check_training_image(m: Manifest, tmp: Path) -> None:
     """Our scan + ``load_image`` with the manifest's switches gives the tensor the reference's data step and
     dataset give (JPEG twice, no EXIF turn, bilinear with the long side floored, centre crop, resolution)."""
-    from kolors_job.dataset import load_image, scan_dataset
+    from kolors_job.data.images import load_image
+    from kolors_job.data.scan import scan_dataset
 
     root = tmp / "data"
     root.mkdir(exist_ok=True)
@@ -204,7 +206,7 @@ def check_training_image(m: Manifest, tmp: Path) -> None:
 def check_data_order(m: Manifest, tmp: Path) -> None:
     """The reference draws an image per sample, with replacement: some run of n consecutive samples repeats
     an image (one permutation per epoch never does) and every image comes up."""
-    from kolors_job.train_data import SampleStream
+    from kolors_job.train.data import SampleStream
 
     assert ref("train.data_order") == "random"
     n = 4
@@ -234,8 +236,8 @@ def check_init(m: Manifest, tmp: Path) -> None:
     from peft import inject_adapter_in_model
     from peft.tuners.lora.config import LoraConfig  # the class itself, whatever a test patches on ``peft``
 
-    from kolors_job.tiny import TINY_UNET_CONFIG
-    from kolors_job.train_setup import add_lora
+    from kolors_job.models.tiny import TINY_UNET_CONFIG
+    from kolors_job.train.setup import add_lora
 
     lora = ref("train.lora")
     config = LoraConfig(r=lora["rank"], lora_alpha=lora["alpha"], init_lora_weights=ref("train.init_lora_weights"),
@@ -255,7 +257,7 @@ def check_init(m: Manifest, tmp: Path) -> None:
 
 def check_optimizer(m: Manifest, tmp: Path) -> None:
     """``torch.optim.AdamW(params, lr=1e-4)``: every hyperparameter as torch's AdamW defaults them."""
-    from kolors_job.train_setup import make_optimizer
+    from kolors_job.train.setup import make_optimizer
 
     assert ref("train.optimizer") == {"class": "AdamW", "arguments": "lr only"}
     ours = make_optimizer(m.spec.train, [torch.nn.Parameter(torch.zeros(2))], torch.device("cpu"))
@@ -273,7 +275,7 @@ def check_no_clipping(m: Manifest, tmp: Path) -> None:
 def check_precision(m: Manifest, tmp: Path) -> None:
     """Lightning's ``16-mixed`` is fp16 autocast with fp32 master LoRA weights and a GradScaler: accelerate's
     ``fp16`` on CUDA."""
-    from kolors_job.train_setup import resolve_precision
+    from kolors_job.train.setup import resolve_precision
 
     assert {"16-mixed": "fp16"}[ref("train.precision")] == resolve_precision(
         m.spec.train.precision, torch.device("cuda")
@@ -283,7 +285,7 @@ def check_precision(m: Manifest, tmp: Path) -> None:
 def check_schedule(m: Manifest, tmp: Path) -> None:
     """``max_epochs × steps_per_epoch`` optimizer steps of batch 1 without accumulation, whatever the data size,
     at the reference's resolution."""
-    from kolors_job.train_setup import total_steps
+    from kolors_job.train.setup import total_steps
 
     sched, t, size = ref("train.schedule"), m.spec.train, ref("train.resolution")
     per_step = t.batch_size * t.gradient_accumulation
@@ -295,9 +297,10 @@ def check_schedule(m: Manifest, tmp: Path) -> None:
 
 
 def _batch(m: Manifest) -> Any:
-    from kolors_job.dataset import ImageItem
-    from kolors_job.embeddings import LatentEntry, PromptEmbeds
-    from kolors_job.train_data import SampleStream, make_batch
+    from kolors_job.data.images import ImageItem
+    from kolors_job.models.prompts import PromptEmbeds
+    from kolors_job.train.data import SampleStream, make_batch
+    from kolors_job.train.latents import LatentEntry
 
     t = m.spec.train
     lat = t.resolution // 8
@@ -337,9 +340,9 @@ def check_latent(m: Manifest, tmp: Path) -> None:
 def check_training_vae(m: Manifest, tmp: Path) -> None:
     """sdxl-vae-fp16-fix's ``diffusion_pytorch_model.safetensors`` from ModelScope, encoding in fp16 on the
     reference's CUDA precision."""
-    from kolors_job.sources import select_files
-    from kolors_job.train_data import vae_encode_dtype
-    from kolors_job.train_setup import resolve_precision, weight_dtype_for
+    from kolors_job.sources.hubs import select_files
+    from kolors_job.train.data import vae_encode_dtype
+    from kolors_job.train.setup import resolve_precision, weight_dtype_for
     from tests.hub_servers.artifacts import VAE_FP16_FIX_LAYOUT
 
     vae = ref("train.vae")

@@ -23,7 +23,9 @@ import oss2
 import pytest
 from botocore.config import Config
 
-from kolors_job.settings import Settings
+from kolors_job.core.settings import Settings
+from kolors_job.storage.oss.settings import OSSSettings
+from kolors_job.storage.s3.settings import S3Settings
 
 from .oss_proxy import OSSProxy
 
@@ -193,6 +195,19 @@ def s3_backend(request) -> S3Server:
     return request.getfixturevalue("s3_server" if request.param == "moto" else "radosgw_server")
 
 
+def s3_settings(endpoint: str, region: str) -> S3Settings:
+    """The S3 backend's settings for a loopback server (path-style: no virtual-host buckets on 127.0.0.1)."""
+    return S3Settings(endpoint_url=endpoint, region=region, addressing_style="path")
+
+
+def pointed(settings: Settings, scheme: str, endpoint: str, **update: object) -> Settings:
+    """``settings`` with the ``scheme`` backend's endpoint replaced (a fault proxy, a dead port), and ``update``."""
+    own = settings.backends[scheme]
+    field = "endpoint_url" if scheme == "s3" else "endpoint"
+    backends = {**settings.backends, scheme: own.model_copy(update={field: endpoint})}
+    return settings.model_copy(update={"backends": backends, **update})
+
+
 def apply_storage_env(mp: pytest.MonkeyPatch, cache_dir: Path, s3: S3Server, oss: OSSServer) -> Settings:
     """Point env + Settings at the test servers, hiding any real credentials/profiles."""
     for var in list(os.environ):
@@ -208,11 +223,7 @@ def apply_storage_env(mp: pytest.MonkeyPatch, cache_dir: Path, s3: S3Server, oss
     oss.reset_faults()
     return Settings(
         cache_dir=cache_dir,
-        s3_endpoint_url=s3.endpoint_url,
-        s3_region=s3.region,
-        s3_addressing_style="path",
-        oss_endpoint=oss.endpoint,
-        oss_region=oss.region,
+        backends={"s3": s3_settings(s3.endpoint_url, s3.region), "oss": OSSSettings(endpoint=oss.endpoint, region=oss.region)},
         storage_max_attempts=3,
         multipart_threshold_mb=8,
         multipart_chunk_mb=5,

@@ -1,0 +1,1 @@
+"""The job manifest: a typed, validated description of one LoRA-story job, its two recipes, loading it."""

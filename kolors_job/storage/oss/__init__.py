@@ -1,0 +1,1 @@
+"""Alibaba Cloud OSS (oss2) behind the storage interface."""

@@ -1,0 +1,1 @@
+"""S3 (boto3) behind the storage interface."""

@@ -1,0 +1,1 @@
+"""The train stage: a Kolors LoRA trained as a recipe of named steps, checkpointed, validated, tracked."""
