@@ -53,9 +53,9 @@ def _fp32_sampling_on_cuda(mp: pytest.MonkeyPatch) -> None:
 
 
 def _bicubic_for_bilinear(mp: pytest.MonkeyPatch) -> None:
-    from kolors_job.data import scan as dataset
+    from kolors_job.data import images
 
-    mp.setitem(dataset._RESIZE_FILTERS, "bilinear", Image.Resampling.BICUBIC)
+    mp.setitem(images._RESIZE_FILTERS, "bilinear", Image.Resampling.BICUBIC)
 
 
 def _crop_time_ids_always(mp: pytest.MonkeyPatch) -> None:

@@ -390,15 +390,22 @@ def test_a_checkpoint_of_another_job_is_never_resumed(tmp_path, caplog):
     from kolors_job.storage import open_store
     from kolors_job.train import checkpoints
 
+    from kolors_job.train.fingerprint import VERSION
+
     store = open_store(str(tmp_path / "out"))
-    for step, job in ((2, "mine"), (4, "theirs")):
-        store.write_bytes(f"checkpoints/step-{step}/state.json", json.dumps({"fingerprint": {"job": job}}).encode())
+    for step, job, version in ((2, "mine", VERSION), (4, "theirs", VERSION), (5, "mine", VERSION - 1)):
+        state = {"fingerprint": {"job": job, "version": version}}
+        store.write_bytes(f"checkpoints/step-{step}/state.json", json.dumps(state).encode())
         store.write_bytes(f"checkpoints/step-{step}/COMPLETE", b"")
     store.write_bytes("checkpoints/step-6/COMPLETE", b"")  # no state.json: nothing vouches for it
     with caplog.at_level(logging.WARNING, logger="kolors_job"):
         assert checkpoints.newest_complete(store, identity="mine") == 2
     assert [r.getMessage() for r in caplog.records] == [
-        f"checkpoint checkpoints/step-{s} was written by another job: not resumed" for s in (6, 4)]
+        "checkpoint checkpoints/step-6 was written by another job: not resumed",
+        f"checkpoint checkpoints/step-5 was written by kolors-job with fingerprints of version {VERSION - 1}: "
+        "not resumed",
+        "checkpoint checkpoints/step-4 was written by another job: not resumed",
+    ]
     assert checkpoints.newest_complete(store, identity="nobody") is None
     assert checkpoints.newest_complete(store) == 6
 
