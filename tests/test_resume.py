@@ -389,7 +389,6 @@ def test_a_checkpoint_of_another_job_is_never_resumed(tmp_path, caplog):
     them left in a prefix is passed over by the other: the job's identity is part of what each records."""
     from kolors_job.storage import open_store
     from kolors_job.train import checkpoints
-
     from kolors_job.train.fingerprint import VERSION
 
     store = open_store(str(tmp_path / "out"))
