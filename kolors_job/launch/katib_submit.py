@@ -82,12 +82,10 @@ def cmd_submit(ns: argparse.Namespace) -> int:
     """``submit katib``: apply the Experiment, follow its trials, report, exit with the best trial's outcome."""
     import shutil
 
+    from kolors_job.launch.outputs import say
     from kolors_job.launch.watch import Kubectl
-    from kolors_job.sweep.report import outcome_code, sweep_report
+    from kolors_job.sweep.report import followed_outcome
     from kolors_job.sweep.spec import load_sweep
-
-    def say(msg: str) -> None:
-        print(msg, file=sys.stderr, flush=True)
 
     try:
         if not ns.sweep:
@@ -124,7 +122,4 @@ def cmd_submit(ns: argparse.Namespace) -> int:
     if not ns.wait:
         return int(ExitCode.OK)
     done = follow(kube, loaded.name, timeout=ns.timeout, poll=ns.poll, say=say)
-    result = sweep_report(prefix, weights=loaded.body.objective.weights, say=say)
-    if done is None and result.best is None:
-        return int(ExitCode.TEMPORARY)
-    return outcome_code(result)
+    return followed_outcome(prefix, done, weights=loaded.body.objective.weights, say=say)

@@ -30,7 +30,6 @@ import argparse
 import copy
 import json
 import shlex
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -309,12 +308,9 @@ def follow(client: Any, experiment_id: str, *, timeout: float, poll: float, say:
 
 def cmd_submit(ns: argparse.Namespace) -> int:
     """``submit pai-automl``: upload the manifest, create the experiment, follow it, report the best trial."""
-    from kolors_job.launch.outputs import upload_manifest
-    from kolors_job.sweep.report import outcome_code, sweep_report
+    from kolors_job.launch.outputs import say, upload_manifest
+    from kolors_job.sweep.report import followed_outcome
     from kolors_job.sweep.spec import load_sweep
-
-    def say(msg: str) -> None:
-        print(msg, file=sys.stderr, flush=True)
 
     try:
         if not ns.sweep:
@@ -355,7 +351,4 @@ def cmd_submit(ns: argparse.Namespace) -> int:
     if not ns.wait:
         return int(ExitCode.OK)
     done = follow(client, experiment_id, timeout=ns.timeout, poll=ns.poll, say=say)
-    result = sweep_report(prefix, weights=loaded.body.objective.weights, say=say)
-    if done is None and result.best is None:
-        return int(ExitCode.TEMPORARY)
-    return outcome_code(result)
+    return followed_outcome(prefix, done, weights=loaded.body.objective.weights, say=say)

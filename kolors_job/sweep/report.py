@@ -394,6 +394,17 @@ def sweep_report(uri: str, *, weights: Mapping[str, float] | None = None, publis
     return SweepResult(uri, trials, best, weights, written)
 
 
+def followed_outcome(uri: str, followed: str | None, *, weights: Mapping[str, float],
+                     say: Callable[[str], None]) -> int:  # fmt: skip
+    """``submit katib|pai-automl``'s last step, once following the sweep ended (``followed``: the platform's
+    final state, None at the timeout): report what the trials left, exit with :func:`outcome_code` — or 75 when
+    the wait timed out before any trial won."""
+    result = sweep_report(uri, weights=weights, say=say)
+    if followed is None and result.best is None:
+        return int(ExitCode.TEMPORARY)
+    return outcome_code(result)
+
+
 def outcome_code(result: SweepResult) -> int:
     """The sweep's exit code: 0 with a winner; 75 while trials still run; 3 when every finished trial fell
     under the gate; else the first failure's code (1 if it has none)."""
