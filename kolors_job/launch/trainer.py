@@ -57,25 +57,12 @@ def _pod_failure_policy() -> dict[str, Any]:
 
 
 def _runtime_spec(opts: pod.RenderOptions) -> dict[str, Any]:
-    template: dict[str, Any] = {"restartPolicy": "Never"}
-    if opts.service_account:
-        template["serviceAccountName"] = opts.service_account
-    template["automountServiceAccountToken"] = False
-    template["terminationGracePeriodSeconds"] = opts.termination_grace_seconds
-    if opts.priority_class:
-        template["priorityClassName"] = opts.priority_class
-    template["nodeSelector"] = dict(opts.node_selector)
-    template["tolerations"] = [dict(t) for t in opts.tolerations]
-    if opts.image_pull_secret:
-        template["imagePullSecrets"] = [{"name": opts.image_pull_secret}]
-    template["securityContext"] = copy.deepcopy(pod.POD_SECURITY_CONTEXT)
     container: dict[str, Any] = {"name": NODE, "image": opts.image, "imagePullPolicy": "IfNotPresent"}
     if opts.secret:
         container["envFrom"] = [{"secretRef": {"name": opts.secret}}]
     container["volumeMounts"] = pod.volume_mounts()
     container["securityContext"] = copy.deepcopy(pod.CONTAINER_SECURITY_CONTEXT)
-    template["containers"] = [container]
-    template["volumes"] = pod.volumes(opts)
+    template = pod.pod_spec(opts, container, restart_policy="Never")  # the Job's pod, as k8s renders it
     node_job = {
         "name": NODE,
         "replicas": 1,  # Trainer's webhook: the trainer job has one replica; numNodes sets its pods
