@@ -49,11 +49,14 @@ def base_unet(tiny: Path, full: bool, device: torch.device) -> torch.nn.Module:
         return UNet2DConditionModel(**copy.deepcopy(KOLORS_UNET_CONFIG))
 
 
-def write_lora(unet: torch.nn.Module, out: Path, ratio: float) -> Path:
-    """A ``TrainSpec()``-shaped LoRA whose update at the story's scale is ``ratio`` of each weight's norm."""
+def write_lora(unet: torch.nn.Module, out: Path, ratio: float, *, spec: TrainSpec | None = None,
+               scale: float | None = None) -> Path:  # fmt: skip
+    """A LoRA shaped as ``spec`` trains it (rank, alpha, targets; default ``TrainSpec()``) whose update at the
+    sampling scale ``scale`` (default the story's) is ``ratio`` of each weight's norm."""
     from peft import LoraConfig
 
-    spec, scale = TrainSpec(), StorySpec().lora_scale
+    spec = spec or TrainSpec()
+    scale = StorySpec().lora_scale if scale is None else scale
     torch.manual_seed(0)
     lora = copy.deepcopy(unet)
     lora.add_adapter(LoraConfig(r=spec.rank, lora_alpha=spec.alpha, init_lora_weights="gaussian",

@@ -373,29 +373,14 @@ def test_the_training_tensor_is_diffsynth_1_1_9_datasets_on_the_re_encoded_file(
 
 def _write_lora(tiny_model: Path, out: Path, ratio: float) -> Path:
     """A LoRA shaped as the manifest trains it (rank, alpha, targets), whose update at the manifest's sampling
-    scale is ``ratio`` of each weight's norm (a real trained LoRA's updates are small: ~1e-3)."""
-    import copy
-
+    scale is ``ratio`` of each weight's norm (a real trained LoRA's updates are small: ~1e-3): the bench's
+    reference check writes its LoRAs so."""
     from diffusers import UNet2DConditionModel
-    from peft import LoraConfig
 
-    from kolors_job.train.adapter import save_lora
+    from bench.reference_check import write_lora
 
-    train, scale = DEFAULT.spec.train, DEFAULT.spec.story.lora_scale
     unet = UNet2DConditionModel.from_pretrained(tiny_model / "unet", torch_dtype=torch.float32)
-    torch.manual_seed(0)
-    lora = copy.deepcopy(unet)
-    lora.add_adapter(LoraConfig(r=train.rank, lora_alpha=train.alpha, init_lora_weights="gaussian",
-                                target_modules=train.target_modules))
-    with torch.no_grad():
-        for module in lora.modules():
-            if "default" in getattr(module, "lora_B", {}):
-                b, a = module.lora_B["default"].weight, module.lora_A["default"].weight
-                b.normal_()
-                effective = (b @ a) * module.scaling["default"] * scale
-                b.mul_(ratio * module.base_layer.weight.norm() / effective.norm())
-    save_lora(lora, out, train)
-    return out
+    return write_lora(unet, out, ratio, spec=DEFAULT.spec.train, scale=DEFAULT.spec.story.lora_scale)
 
 
 @pytest.fixture(scope="module")
