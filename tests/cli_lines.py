@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
+import pty
+import struct
+import subprocess
+import termios
+from pathlib import Path
 
 
 def messages(stderr: str) -> list[str]:
@@ -21,3 +28,24 @@ def last_message(stderr: str) -> str:
     """The last line's message: the CLI's ``error: …`` (or success) line, in either log format."""
     lines = messages(stderr)
     return lines[-1] if lines else ""
+
+
+def run_on_terminal(argv: list[str], env: dict[str, str], cwd: str | Path) -> tuple[int, str]:
+    """Run ``argv`` with stdout and stderr on a pseudo-terminal of 40x160 (a real window, not 0x0), as a person
+    at a shell sees it; its exit code and the whole screen."""
+    controller, terminal = pty.openpty()
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 160, 0, 0))
+    proc = subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=terminal, stderr=terminal)
+    os.close(terminal)
+    chunks = []
+    while True:
+        try:
+            data = os.read(controller, 65536)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not data:
+            break
+        chunks.append(data)
+    rc = proc.wait(timeout=600)
+    os.close(controller)
+    return rc, b"".join(chunks).decode(errors="replace")

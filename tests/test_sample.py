@@ -23,7 +23,7 @@ from kolors_job.core.errors import ExitCode
 from kolors_job.core.settings import Settings
 from kolors_job.manifest.story import StorySpec
 from kolors_job.sample.prompts import PromptDefaults, command_line, parse_prompts_file, resolve_prompts
-from tests.cli_lines import messages
+from tests.cli_lines import messages, run_on_terminal
 from tests.scenarios import URL_PROMPT
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -363,33 +363,13 @@ def test_the_fused_path_loads_the_lora_again_at_each_scale(finished_tiny_job: Pa
 def test_on_a_terminal_bars_and_no_warnings(finished_tiny_job: Path, shared_cache: Path, tmp_path: Path) -> None:
     """On a TTY: the image bar and the denoising bar under it, text log lines, none of the libraries' warnings
     (as ``kolors-job demo`` shows them, tests/test_terminal.py)."""
-    import fcntl
-    import pty
-    import struct
-    import termios
-
-    controller, terminal = pty.openpty()
-    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 160, 0, 0))
     env = {**os.environ, "KOLORS_JOB_CACHE_DIR": str(shared_cache), "KOLORS_JOB_WORK_DIR": str(tmp_path / "work"),
            "OMP_NUM_THREADS": "1", "COLUMNS": "160", "PYTHONPATH": str(ROOT)}  # fmt: skip
     env.pop("KOLORS_JOB_LOG_FORMAT", None)
     env.pop("PYTHONWARNINGS", None)
     argv = [sys.executable, "-m", "kolors_job", "sample", str(finished_tiny_job), "二次元，一只猫", "二次元，海边",
             "--compare-base", "--output", str(tmp_path / "out")]  # fmt: skip
-    proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=terminal, stderr=terminal)
-    os.close(terminal)
-    chunks = []
-    while True:
-        try:
-            data = os.read(controller, 65536)
-        except OSError:  # EIO: the child closed the terminal
-            break
-        if not data:
-            break
-        chunks.append(data)
-    rc = proc.wait(timeout=600)
-    os.close(controller)
-    screen = b"".join(chunks).decode(errors="replace")
+    rc, screen = run_on_terminal(argv, env, ROOT)
     assert rc == 0, screen[-4000:]
     for noise in ("Warning", "pynvml", "gemm_4bit", "Traceback"):
         assert noise not in screen, f"{noise!r} on the screen:\n{screen[:3000]}"

@@ -8,17 +8,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import fcntl
 import io
 import json
 import logging
 import os
-import pty
 import re
-import struct
 import subprocess
 import sys
-import termios
 import warnings
 from pathlib import Path
 
@@ -27,6 +23,7 @@ import pytest
 from kolors_job.cli import build_parser
 from kolors_job.core.log import setup_logging
 from kolors_job.launch.options import prose
+from tests.cli_lines import run_on_terminal
 
 ROOT = Path(__file__).resolve().parents[1]
 MARKUP = re.compile(r"``|:(mod|class|func|meth|attr):`")
@@ -103,27 +100,11 @@ def test_text_lines_leave_out_fields_without_a_value_json_keeps_them() -> None:
 def test_demo_on_a_terminal_shows_bars_not_warnings(tmp_path: Path, shared_cache: Path) -> None:
     """``kolors-job demo`` on a TTY: a training bar with step/total, loss, lr, rate and ETA, the story's
     image bar and its denoising bar; none of torch's/pynvml's/bitsandbytes' warnings; rounded losses."""
-    controller, terminal = pty.openpty()
-    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 160, 0, 0))  # a real window, not 0x0
     env = {**os.environ, "KOLORS_JOB_CACHE_DIR": str(shared_cache), "KOLORS_JOB_WORK_DIR": str(tmp_path / "work"),
            "OMP_NUM_THREADS": "1", "COLUMNS": "160"}  # fmt: skip
     env.pop("KOLORS_JOB_LOG_FORMAT", None)
     env.pop("PYTHONWARNINGS", None)
-    proc = subprocess.Popen([sys.executable, "-m", "kolors_job", "demo", "--output", str(tmp_path / "out")],
-                            cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=terminal, stderr=terminal)  # fmt: skip
-    os.close(terminal)
-    chunks = []
-    while True:
-        try:
-            data = os.read(controller, 65536)
-        except OSError:  # EIO: the child closed the terminal
-            break
-        if not data:
-            break
-        chunks.append(data)
-    rc = proc.wait(timeout=600)
-    os.close(controller)
-    screen = b"".join(chunks).decode(errors="replace")
+    rc, screen = run_on_terminal([sys.executable, "-m", "kolors_job", "demo", "--output", str(tmp_path / "out")], env, ROOT)
     assert rc == 0, screen[-4000:]
     for noise in ("Warning", "pynvml", "gemm_4bit", "torch.jit"):
         assert noise not in screen, f"{noise!r} on the first screen:\n{screen[:3000]}"
