@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +15,7 @@ from alibabacloud_pai_dlc20201203.models import CreateJobRequest
 
 from kolors_job.launch import dlc, pod
 from kolors_job.launch.k8s import RETRYABLE_EXIT_CODE
+from tests.pai_api import FakePaiApi
 
 ROOT = Path(__file__).resolve().parents[1]
 SPEC = ROOT / "pai" / "job.yaml"
@@ -191,47 +190,20 @@ def test_render_dlc_outside_hangzhou_shows_that_regions_endpoint(
 # ------------------------------------------------------------------------------- loopback DLC API
 
 
-class FakeDlc:
+class FakeDlc(FakePaiApi):
     """Records requests; answers CreateJob with a job id and GetJob with the next queued status."""
 
     def __init__(self) -> None:
-        self.requests: list[tuple[str, str, dict[str, str], bytes]] = []
+        super().__init__()
         self.statuses = ["Queuing", "Running", "Succeeded"]
         self.job_id = "dlc1a2b3c4d"
-        fake = self
 
-        class Handler(BaseHTTPRequestHandler):
-            def _reply(self, obj: dict[str, Any]) -> None:
-                body = json.dumps(obj).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json;charset=utf-8")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
+    def on_post(self, path: str) -> dict[str, Any]:
+        return {"JobId": self.job_id, "RequestId": "req-create"}
 
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                fake.requests.append(("POST", self.path, dict(self.headers), body))
-                self._reply({"JobId": fake.job_id, "RequestId": "req-create"})
-
-            def do_GET(self) -> None:
-                fake.requests.append(("GET", self.path, dict(self.headers), b""))
-                status = fake.statuses.pop(0) if len(fake.statuses) > 1 else fake.statuses[0]
-                self._reply({"JobId": fake.job_id, "Status": status, "ReasonCode": "", "RequestId": "req-get"})
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
-
-    def __enter__(self) -> FakeDlc:
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+    def on_get(self, path: str) -> dict[str, Any]:
+        status = self.statuses.pop(0) if len(self.statuses) > 1 else self.statuses[0]
+        return {"JobId": self.job_id, "Status": status, "ReasonCode": "", "RequestId": "req-get"}
 
 
 @pytest.fixture

@@ -7,9 +7,8 @@ from __future__ import annotations
 import copy
 import json
 import shlex
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +22,7 @@ from kolors_job.launch import dlc, pai_automl
 from kolors_job.storage import open_store
 from kolors_job.sweep import trial
 from kolors_job.sweep.spec import load_sweep
+from tests.pai_api import FakePaiApi
 
 try:
     from tests.test_sweep import plant
@@ -154,52 +154,24 @@ def test_render_pai_automl_prints_the_request(capsys: pytest.CaptureFixture[str]
 # ------------------------------------------------------------------------------- loopback AutoML API
 
 
-class FakeAutoML:
+class FakeAutoML(FakePaiApi):
     """Answers CreateHpoExperiment, then GetHpoExperiment / ListHpoTrials from a queue of snapshots."""
 
     def __init__(self) -> None:
-        self.requests: list[tuple[str, str, dict[str, str], bytes]] = []
+        super().__init__()
         self.snapshots: list[tuple[str, list[dict[str, Any]]]] = []
         self.experiment_id = "sX5O9Q8"
-        fake = self
 
-        class Handler(BaseHTTPRequestHandler):
-            def _reply(self, obj: dict[str, Any]) -> None:
-                body = json.dumps(obj).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json;charset=utf-8")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
+    def on_post(self, path: str) -> dict[str, Any]:
+        return {"ExperimentId": self.experiment_id, "RequestId": "req-create"}
 
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                fake.requests.append(("POST", self.path, dict(self.headers), body))
-                self._reply({"ExperimentId": fake.experiment_id, "RequestId": "req-create"})
-
-            def do_GET(self) -> None:
-                fake.requests.append(("GET", self.path, dict(self.headers), b""))
-                status, trials = fake.snapshots[0]
-                if self.path.split("?")[0].endswith("/trials"):
-                    self._reply({"Trials": trials, "TotalCount": len(trials), "RequestId": "req-trials"})
-                else:
-                    if len(fake.snapshots) > 1:
-                        fake.snapshots.pop(0)
-                    self._reply({"ExperimentId": fake.experiment_id, "Status": status, "RequestId": "req-get"})
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
-
-    def __enter__(self) -> FakeAutoML:
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+    def on_get(self, path: str) -> dict[str, Any]:
+        status, trials = self.snapshots[0]
+        if path.split("?")[0].endswith("/trials"):
+            return {"Trials": trials, "TotalCount": len(trials), "RequestId": "req-trials"}
+        if len(self.snapshots) > 1:
+            self.snapshots.pop(0)
+        return {"ExperimentId": self.experiment_id, "Status": status, "RequestId": "req-get"}
 
 
 @pytest.fixture
