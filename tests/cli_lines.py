@@ -9,18 +9,31 @@ import pty
 import struct
 import subprocess
 import termios
+from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
+
+
+def json_record(line: str | bytes) -> dict[str, Any] | None:
+    """A log line's JSON record, or None for a line that is not one (text mode, a library's print)."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def json_records(lines: Iterable[str | bytes]) -> list[dict[str, Any]]:
+    """The JSON records among ``lines``, in order."""
+    return [r for r in map(json_record, lines) if r is not None]
 
 
 def messages(stderr: str) -> list[str]:
     """Each stderr line's message: a JSON line's ``msg``, a plain (text-mode) line as it is."""
     out = []
     for line in stderr.strip().splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:
-            record = None
-        out.append(str(record.get("msg", "")) if isinstance(record, dict) else line)
+        record = json_record(line)
+        out.append(str(record.get("msg", "")) if record is not None else line)
     return out
 
 

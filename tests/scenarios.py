@@ -30,9 +30,11 @@ import pytest
 from kolors_job.demo import build_demo_dataset, tiny_job
 
 try:
+    from tests.cli_lines import json_records
     from tests.storage_servers.fault_proxy import FaultProxy
     from tests.storage_servers.fixtures import S3Server
 except ModuleNotFoundError:  # tests/ is not a package and the repo root is not on sys.path
+    from cli_lines import json_records
     from storage_servers.fault_proxy import FaultProxy
     from storage_servers.fixtures import S3Server
 
@@ -146,15 +148,7 @@ class TinyS3Job:
         return doc
 
     def records(self) -> list[dict[str, Any]]:
-        out = []
-        for line in self.log.decode(errors="replace").splitlines():
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(record, dict):
-                out.append(record)
-        return out
+        return json_records(self.log.decode(errors="replace").splitlines())
 
 
 def _seconds(records: list[dict[str, Any]], name: str) -> float:

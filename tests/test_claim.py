@@ -16,7 +16,7 @@ import pytest
 from kolors_job.core.errors import ExitCode, OutputConflictError
 from kolors_job.job.claim import ClaimHeldError, ClaimRecord, OutputClaim
 from kolors_job.storage import open_store
-from tests.cli_lines import last_message
+from tests.cli_lines import json_records, last_message
 
 
 @pytest.fixture(params=["file", "s3", "oss"])
@@ -385,15 +385,7 @@ class Proc:
                 self.seen.notify_all()
 
     def records(self, start: int = 0) -> list[dict]:
-        out = []
-        for line in self.lines[start:]:
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(record, dict):
-                out.append(record)
-        return out
+        return json_records(self.lines[start:])
 
     def pause_at(self, what, timeout: float = 300) -> None:
         """SIGSTOP the run as soon as a log record satisfies ``what``."""

@@ -30,6 +30,7 @@ from kolors_job.core.errors import ExitCode
 from kolors_job.core.settings import Settings
 from kolors_job.demo import build_demo_dataset, tiny_job
 from kolors_job.manifest.spec import Manifest
+from tests.cli_lines import json_record
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS, EVERY, FRAMES = 12, 2, 8
@@ -77,11 +78,8 @@ def follow(proc: subprocess.Popen, kill_when=None, timeout: float = 300) -> Run:
     try:
         for line in proc.stdout:
             run.lines.append(line)
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue
-            if not isinstance(record, dict):
+            record = json_record(line)
+            if record is None:
                 continue
             run.records.append(record)
             if kill_when and run.signalled_at is None and kill_when(record):
