@@ -91,6 +91,7 @@ def run_job(job: Job) -> JobOutcome:
                 job.claim.release()
             if job.scratch_owner is not None:
                 job.scratch_owner.close()
+            job.leave_group()
             if job.world == 1:  # nothing in scratch is reused by a rerun (it resumes from the output store)
                 shutil.rmtree(job.work, ignore_errors=True)
                 with contextlib.suppress(OSError):

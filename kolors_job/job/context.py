@@ -143,6 +143,13 @@ class Job:
         if self.dist:
             self.dist.wait_for_everyone()
 
+    def leave_group(self) -> None:
+        """Leave torchrun's process group at the end of the run, if this process joined it. Left to the
+        interpreter's exit, the group's threads can abort a rank that already reported success ("terminate called
+        without an active exception", exit -6), and torchrun then stops the other ranks mid-work."""
+        if self.__dict__.get("dist") is not None:  # the cached state: never joins a group just to leave it
+            self.dist.destroy_process_group()
+
     @property
     def output_uri(self) -> str:
         return redact_uri(self.store.uri)
