@@ -122,8 +122,41 @@ except ModuleNotFoundError:
     from hub_servers.fixtures import *  # noqa: F403
 
 
+try:
+    from tests.warm_start import WarmStarter
+except ModuleNotFoundError:
+    from warm_start import WarmStarter
+
+_WARM = WarmStarter(modules=("kolors_job", "tests.warm_probe"))  # the probe: tests/test_warm_start.py
+
+
+def pytest_configure(config) -> None:
+    """Job subprocesses (``python -m kolors_job``) start as forks of a server that imported torch once
+    (tests/warm_start.py); ``KOLORS_TEST_COLD=1`` starts each one cold."""
+    if os.environ.get("KOLORS_TEST_COLD", "") in ("", "0"):
+        _WARM.install()
+
+
+def pytest_unconfigure(config) -> None:
+    _WARM.uninstall()
+
+
+@pytest.fixture
+def warm_starter() -> WarmStarter:
+    """The session's warm starter (tests/test_warm_start.py checks what it starts)."""
+    if os.environ.get("KOLORS_TEST_COLD", "") not in ("", "0"):
+        pytest.skip("KOLORS_TEST_COLD: every job process starts cold")
+    return _WARM
+
+
 def pytest_terminal_summary(terminalreporter) -> None:
-    """Fault-injection totals (tests/test_faults.py): real counts from the fault proxies."""
+    """Fault-injection totals (tests/test_faults.py): real counts from the fault proxies; how many job
+    processes started warm."""
+    if _WARM.warm or _WARM.cold or _WARM.failure:
+        differed = ", ".join(sorted(_WARM.differed)) or "-"
+        terminalreporter.write_line(f"job processes: {_WARM.warm} started warm, {_WARM.cold} cold where the environment"
+                                    f" differed ({differed}){'; ' + _WARM.failure if _WARM.failure else ''}"
+                                    " (tests/warm_start.py)")
     try:
         from tests.storage_servers.fault_proxy import LEDGER
     except ModuleNotFoundError:

@@ -1,0 +1,72 @@
+"""Job processes the suite starts warm (tests/warm_start.py) are what a cold start makes of them.
+
+The probe (tests/warm_probe.py) reports its own start as the session's warm starter makes it and as a plain
+``fork+exec`` does (``executable=`` set: the warm starter passes such a call on untouched); the two must agree
+on everything but the pid. Signals, exit statuses and tracebacks reach the test as from a child of its own.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def warm(warm_starter):
+    return warm_starter
+
+
+def _probe(arg: str, tmp_path: Path, cold: bool, **kw) -> subprocess.Popen:
+    env = {**os.environ, "KOLORS_PROBE": "probe-env", "HF_ENDPOINT": "http://127.0.0.1:1", "PYTHONUNBUFFERED": "1",
+           "PYTHONPATH": str(tmp_path)}  # fmt: skip
+    return subprocess.Popen([sys.executable, "-m", "tests.warm_probe", arg], executable=sys.executable if cold else None,
+                            cwd=ROOT, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, **kw)  # fmt: skip
+
+
+def test_a_warm_start_sees_what_a_cold_one_sees(warm, tmp_path) -> None:
+    seen = {}
+    for cold in (True, False):
+        before = warm.warm
+        proc = _probe("7", tmp_path, cold, start_new_session=True)
+        out, err = proc.communicate("to stdin\n", timeout=120)
+        assert proc.returncode == 7, err
+        assert warm.warm == before + (0 if cold else 1)  # the warm one started warm, the cold one cold
+        seen[cold] = json.loads(out)
+        assert seen[cold].pop("pid") == proc.pid  # the Popen's pid is the process that ran the module
+    assert seen[False] == seen[True]
+    assert seen[False]["parent"] == os.getpid() and seen[False]["session"]
+    assert seen[False]["env"] == "probe-env" and seen[False]["hf_endpoint"] == "http://127.0.0.1:1"
+    assert seen[False]["path"] == [str(ROOT), str(tmp_path)] and seen[False]["name"] == "__main__"
+
+
+def test_signals_exit_statuses_and_tracebacks_reach_the_test_as_from_its_own_child(warm, tmp_path) -> None:
+    before = warm.warm
+    proc = _probe("wait", tmp_path, cold=False)
+    proc.stdin.write("\n")
+    proc.stdin.flush()
+    assert json.loads(proc.stdout.readline())["pid"] == proc.pid
+    proc.send_signal(signal.SIGSTOP)
+    deadline = time.monotonic() + 30
+    while Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "T":
+        assert time.monotonic() < deadline, "SIGSTOP did not stop the job"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGCONT)
+    proc.kill()
+    assert proc.wait(timeout=30) == -signal.SIGKILL
+    proc.stdin.close(), proc.stdout.close(), proc.stderr.close()
+
+    failed = _probe("raise", tmp_path, cold=False)
+    _, err = failed.communicate("", timeout=120)
+    assert failed.returncode == 1 and "RuntimeError: the probe was asked to fail" in err.splitlines()[-1], err
+    assert err.startswith("Traceback") or "\nTraceback" in err
+    assert warm.warm == before + 2
