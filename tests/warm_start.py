@@ -42,9 +42,10 @@ PRELOAD_PACKAGES = frozenset({
 transformers, peft, accelerate, the storage SDKs, tqdm, rich and kolors_job are left to each job."""
 
 _SAME_ENV = ("PYTHON", "TORCH", "PYTORCH", "TRITON", "OMP_", "MKL_", "KMP_", "CUDA", "NVIDIA", "LC_", "LANG",
-             "NUMPY", "OPENBLAS")  # fmt: skip
-"""Environment prefixes a warm job must share with the server: read at import by the preloaded modules or by
-the interpreter's own start-up."""
+             "NUMPY", "NPY_", "OPENBLAS", "SYMPY", "NETWORKX", "FSSPEC", "TMPDIR", "TEMP", "TMP", "USER", "LOGNAME")  # fmt: skip
+"""Environment prefixes a warm job must share with the server: read at import by the preloaded modules (torch's
+compile settings, thread pools, the temporary directory and user name torch's debug directory is made of, …) or
+by the interpreter's own start-up."""
 
 _READ_LATER = frozenset({"TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR", "PYTHONUNBUFFERED", "PYTHONPATH"})
 """Of those, read only when used (the compile caches) or applied to the job here: its streams (``-u``), its
@@ -172,6 +173,8 @@ def _become_job(request: dict, fds: list[int]) -> tuple[list[str], str]:
     sys.stdin = sys.__stdin__ = stream(0, "r", errors, False)
     sys.stdout = sys.__stdout__ = stream(1, "w", errors, os.isatty(1))
     sys.stderr = sys.__stderr__ = stream(2, "w", "backslashreplace", True)
+    if "tempfile" in sys.modules:
+        sys.modules["tempfile"].tempdir = None  # found again from the job's TMPDIR at first use, as in a fresh one
     if "numpy" in sys.modules:
         sys.modules["numpy"].random.seed()  # a fresh process's global generator is seeded from the OS
     return request["argv"], request["cwd"]
