@@ -144,7 +144,7 @@ def pytest_unconfigure(config) -> None:
 @pytest.fixture
 def warm_starter() -> WarmStarter:
     """The session's warm starter (tests/test_warm_start.py checks what it starts)."""
-    if os.environ.get("KOLORS_TEST_COLD", "") not in ("", "0"):
+    if not _WARM.installed:
         pytest.skip("KOLORS_TEST_COLD: every job process starts cold")
     return _WARM
 

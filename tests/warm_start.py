@@ -51,6 +51,9 @@ _READ_LATER = frozenset({"TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR", "PYTHONU
 """Of those, read only when used (the compile caches) or applied to the job here: its streams (``-u``), its
 ``sys.path`` (``PYTHONPATH``, where it shadows no preloaded module)."""
 
+_TOPS = PRELOAD_PACKAGES | sys.stdlib_module_names
+"""The top-level names the server may have imported."""
+
 _PR_SET_CHILD_SUBREAPER = 36
 _MAX_MESSAGE = 1 << 20
 
@@ -67,13 +70,12 @@ def _pythonpath(env: dict[str, str], cwd: str) -> list[str]:
 def _shadows_preloaded(entries: list[str]) -> bool:
     """Whether a directory the job puts first on ``sys.path`` holds a module the server already imported from
     elsewhere (a fresh interpreter would import that one instead)."""
-    tops = PRELOAD_PACKAGES | sys.stdlib_module_names
     for entry in entries:
         try:
             names = os.listdir(entry)
         except OSError:
             continue
-        if any(name.removesuffix(".py") in tops for name in names):
+        if any(name.removesuffix(".py") in _TOPS for name in names):
             return True
     return False
 
@@ -92,8 +94,7 @@ def _discover_modules() -> list[str]:
         try:
             import kolors_job.runner  # noqa: F401
 
-            tops = PRELOAD_PACKAGES | sys.stdlib_module_names
-            names = [m for m in sys.modules if m.split(".")[0] in tops]
+            names = [m for m in sys.modules if m.split(".")[0] in _TOPS]
             os.write(write, json.dumps(names).encode())
         finally:
             os._exit(0)
@@ -114,7 +115,7 @@ def _serve(sock: socket.socket) -> tuple[list[str], str]:
         except Exception:  # a module that fails here fails the same way in the job
             pass
     threads = len(os.listdir("/proc/self/task"))
-    sock.send(json.dumps({"ready": threads == 1, "threads": threads, "modules": len(sys.modules)}).encode())
+    sock.send(json.dumps({"ready": threads == 1, "threads": threads}).encode())
     if threads != 1:
         sys.exit(1)  # forking a process with threads would copy their locks, held
     while True:
@@ -204,15 +205,17 @@ class WarmStarter:
         self._lock = threading.Lock()
         self._sock: socket.socket | None = None
         self._server: subprocess.Popen | None = None
-        self._failed = False
         self._env: dict[str, str] = {}
         self._cold = subprocess.Popen._execute_child
+        self.installed = False
         self.warm = self.cold = 0
         self.differed: set[str] = set()
         self.failure = ""
+        """Why the server is not (or no longer) there: every job starts cold once it is set."""
 
     def install(self) -> None:
         starter = self
+        self.installed = True
 
         def _execute_child(popen, args, executable, preexec_fn, close_fds, pass_fds, cwd, env, startupinfo,
                            creationflags, shell, p2cread, p2cwrite, c2pread, c2pwrite, errread, errwrite,
@@ -238,6 +241,7 @@ class WarmStarter:
 
     def uninstall(self) -> None:
         subprocess.Popen._execute_child = self._cold
+        self.installed = False
         with self._lock:
             if self._sock is not None:
                 self._sock.close()
@@ -271,8 +275,8 @@ class WarmStarter:
     def _fork(self, request: dict, fds: list[int]) -> int | None:
         """The job's pid, forked by the server; None where it must start cold."""
         with self._lock:
-            if self._sock is None and not self._failed:
-                self._failed = not self._start()
+            if self._sock is None and not self.failure:
+                self._start()
             if self._sock is None:
                 return None
             theirs = _env_key(request["env"])
@@ -285,29 +289,28 @@ class WarmStarter:
             except (OSError, ValueError) as e:  # the server is gone: every later job starts cold
                 self.failure = f"the fork server stopped answering ({e!r})"
                 self._sock.close()
-                self._sock, self._failed = None, True
+                self._sock = None
                 return None
 
-    def _start(self) -> bool:
-        if ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
-            return False
+    def _start(self) -> None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+            self.failure = f"this process cannot be a child subreaper ({os.strerror(ctypes.get_errno())})"
+            return
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self._env = _env_key(dict(os.environ))
-        self._server = self._cold_popen([sys.executable, __file__, "serve", str(theirs.fileno())], theirs.fileno())
+        # its own output goes nowhere: it starts inside some test, whose captured stderr it would otherwise keep
+        self._server = subprocess.Popen([sys.executable, __file__, "serve", str(theirs.fileno())],
+                                        pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL,
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)  # fmt: skip
         theirs.close()
         ready = json.loads(ours.recv(_MAX_MESSAGE) or b'{"ready": false, "threads": null}')
         if not ready["ready"]:
             self.failure = f"the fork server did not start (threads after its imports: {ready['threads']})"
             ours.close()
             self._server.wait()
-            return False
+            return
         self._sock = ours
-        return True
-
-    def _cold_popen(self, argv: list[str], fd: int) -> subprocess.Popen:
-        # its own output goes nowhere: it starts inside some test, whose captured stderr it would otherwise keep
-        return subprocess.Popen(argv, pass_fds=[fd], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL, cwd=ROOT)  # fmt: skip
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["serve"]:
