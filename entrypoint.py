@@ -2,7 +2,7 @@
 
 import sys
 
-from kolors_job.cli import main
+from kolors_job.cli import entry
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(entry())

@@ -1,5 +1,5 @@
 import sys
 
-from kolors_job.cli import main
+from kolors_job.cli import entry
 
-sys.exit(main())
+sys.exit(entry())

@@ -7,6 +7,7 @@ and exits with the code of :class:`kolors_job.core.errors.ExitCode`.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import os
@@ -85,6 +86,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from kolors_job.job.context import Job  # the stages (torch) only after logging is set up and the manifest read
     from kolors_job.runner import run_job
 
+    _freeze_imports(args)
     job = Job(
         run.manifest,
         settings=settings,
@@ -99,6 +101,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     trial.finish(run.metrics, job, outcome)
     _say_outcome(outcome, f"{outcome.state}: {outcome.output_uri}")
     return outcome.exit_code
+
+
+def _freeze_imports(args: argparse.Namespace) -> None:
+    """In a process of its own, what a job imported (torch, diffusers, transformers: ~400k objects) lives until
+    it exits: one collection, then ``gc.freeze()``, so each ``free_memory()`` between stages and checkpoints
+    walks only what the job made since (~0.3 s a walk otherwise). An in-process caller keeps its heap as it was."""
+    if getattr(args, "own_process", False):
+        gc.collect()
+        gc.freeze()
+        logging.getLogger("kolors_job.cli").debug("imports frozen", extra={"frozen_objects": gc.get_freeze_count()})
 
 
 def _say_outcome(outcome: Any, ok_line: str) -> None:
@@ -119,6 +131,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from kolors_job.job.context import Job  # the stages (torch) only after logging is set up
     from kolors_job.runner import run_job
 
+    _freeze_imports(args)
     manifest = demo_manifest(settings, output=args.output)
     # An interrupted demo resumes (what its Ctrl-C message promises); a finished or foreign one starts over.
     outcome = run_job(Job(manifest, settings=settings, force=not resumes(manifest, settings)))
@@ -198,10 +211,12 @@ def _map_exit(code: int) -> int:
     return int(code)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, *, own_process: bool = False) -> int:
+    """``own_process``: this call is the whole process (:func:`entry`), not a caller's function call."""
     from kolors_job.core.log import json_mode, restore_stderr, say
 
     args = build_parser().parse_args(argv)
+    args.own_process = own_process
     try:
         code = args.func(args)
     except JobError as e:
@@ -221,5 +236,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     return _map_exit(int(code))
 
 
+def entry() -> int:
+    """``kolors-job`` and ``python -m kolors_job``: :func:`main` as the process itself."""
+    return main(own_process=True)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(entry())

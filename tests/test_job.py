@@ -26,6 +26,7 @@ from kolors_job.models.schedulers import reference_timesteps
 from kolors_job.report.html import tile_frames
 from kolors_job.report.model import Report
 from kolors_job.runner import STAGES, JobOutcome, run_job
+from tests.cli_lines import json_records
 
 CONTRACT = [
     "manifest.resolved.yaml",
@@ -90,6 +91,9 @@ def test_job_to_s3_leaves_the_output_contract(tiny_s3_jobs: Any, s3_backend: Any
     assert report["score"]["mean"] == pytest.approx(sum(report["score"]["per_image"]) / 8)
     assert len(report["train"]["losses"]) == 4
     assert report["submission"]["problems"] == []
+    # a job process moved what it imported out of the collector's sight before its first stage (cli._freeze_imports)
+    frozen = [r for r in json_records(job.log.splitlines()) if r.get("msg") == "imports frozen"]
+    assert len(frozen) == 1 and frozen[0]["frozen_objects"] > 100_000, frozen
     # report_model.Report is report.json's one definition: every key declared, and it reads back unchanged
     parsed = Report.model_validate(report)
     assert undeclared(parsed) == [] and parsed.to_json_dict() == report

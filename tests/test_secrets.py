@@ -11,6 +11,7 @@ jobs (missing bucket, unreachable endpoint, wrong OSS key) must redact their err
 from __future__ import annotations
 
 import base64
+import gc
 import json
 import logging
 import os
@@ -101,7 +102,9 @@ def cli(shared_cache, tmp_path, monkeypatch, capfd):
         manifest = tmp_path / "job.json"
         manifest.write_text(_manifest(shared_cache, output, "failing-job"))
         capfd.readouterr()
+        frozen = gc.get_freeze_count()
         code = main(["run", "--manifest", str(manifest)])
+        assert gc.get_freeze_count() == frozen, "an in-process run leaves its caller's heap as it was"
         out, err = capfd.readouterr()
         return code, (out + err).encode()
 
