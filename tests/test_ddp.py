@@ -49,7 +49,6 @@ class JobWorld:
         self.env = {
             **os.environ,
             "OMP_NUM_THREADS": "1",
-            "PYTHONWARNINGS": "ignore",
             "KOLORS_JOB_CACHE_DIR": str(cache),
             "KOLORS_JOB_LOG_FORMAT": "json",
             "KOLORS_JOB_S3_ENDPOINT_URL": proxy.endpoint,
@@ -112,7 +111,10 @@ def job_world(tmp_path: Path, shared_cache: Path, s3_server, tiny_s3_job, monkey
 
 class PeakRss:
     """Peak resident memory (``VmHWM``) of each rank under a torchrun launcher, sampled while it runs, and
-    the peak of its private part (``RssAnon``: what the rank does not share with the others)."""
+    the peak of its private part (``RssAnon``: what the rank does not share with the others), by pid. A rank is
+    a process under the launcher that leads a session of its own (torchrun starts each worker so), not one whose
+    environment says ``RANK``: a rank the tests start warm (tests/warm_start.py) shows the environment it was
+    forked with in ``/proc/<pid>/environ``."""
 
     def __init__(self, launcher: subprocess.Popen) -> None:
         import threading
@@ -132,15 +134,15 @@ class PeakRss:
                 return
             for child in children:
                 try:
-                    rank = child.environ().get("RANK")
+                    if os.getsid(child.pid) != child.pid:
+                        continue
                     status = Path(f"/proc/{child.pid}/status").read_text()
-                except (psutil.Error, OSError):
+                except OSError:
                     continue
                 kib = {ln.split(":")[0]: int(ln.split()[1]) for ln in status.splitlines()
                        if ln.startswith(("VmHWM:", "RssAnon:"))}  # fmt: skip
-                if rank is not None and rank.isdigit():
-                    self.peaks[int(rank)] = max(self.peaks.get(int(rank), 0), kib.get("VmHWM", 0) * 1024)
-                    self.private[int(rank)] = max(self.private.get(int(rank), 0), kib.get("RssAnon", 0) * 1024)
+                self.peaks[child.pid] = max(self.peaks.get(child.pid, 0), kib.get("VmHWM", 0) * 1024)
+                self.private[child.pid] = max(self.private.get(child.pid, 0), kib.get("RssAnon", 0) * 1024)
             self._stop.wait(0.2)
 
     def stop(self) -> dict[int, int]:
@@ -208,9 +210,9 @@ def test_whole_job_on_two_ranks_splits_the_story_and_writes_once(job_world: JobW
     # Each rank's own host peak (k8s sizes a pod's memory as ranks x HOST_MEMORY_PER_RANK_GIB + base + shm).
     peaks = rss.stop()
     print("\nper-rank peak RSS (2-rank CPU run, tiny model): "
-          + ", ".join(f"rank {r}: {b / 2**20:.0f} MiB ({rss.private[r] / 2**20:.0f} MiB private)"
+          + ", ".join(f"pid {r}: {b / 2**20:.0f} MiB ({rss.private[r] / 2**20:.0f} MiB private)"
                       for r, b in sorted(peaks.items())))
-    assert set(peaks) == {0, 1} == set(rss.private), peaks
+    assert len(peaks) == 2 and set(peaks) == set(rss.private), peaks
     assert all(0 < b < pod.HOST_MEMORY_PER_RANK_GIB * 2**30 for b in peaks.values()), peaks
     assert all(0 < rss.private[r] <= peaks[r] for r in peaks), (rss.private, peaks)
 

@@ -43,6 +43,7 @@ def test_a_warm_start_sees_what_a_cold_one_sees(warm, tmp_path) -> None:
         assert warm.warm == before + (0 if cold else 1)  # the warm one started warm, the cold one cold
         seen[cold] = json.loads(out)
         assert seen[cold].pop("pid") == proc.pid  # the Popen's pid is the process that ran the module
+        assert seen[cold].pop("frozen") is not cold
     assert seen[False] == seen[True]
     assert seen[False]["parent"] == os.getpid() and seen[False]["session"]
     assert seen[False]["env"] == "probe-env" and seen[False]["hf_endpoint"] == "http://127.0.0.1:1"
@@ -70,3 +71,23 @@ def test_signals_exit_statuses_and_tracebacks_reach_the_test_as_from_its_own_chi
     assert failed.returncode == 1 and "RuntimeError: the probe was asked to fail" in err.splitlines()[-1], err
     assert err.startswith("Traceback") or "\nTraceback" in err
     assert warm.warm == before + 2
+
+
+def test_a_warm_torchrun_launcher_starts_its_workers_warm_as_its_own_children(warm, tmp_path) -> None:
+    """``python -m kolors_job.launch.torchrun`` started warm forks its workers (``python -u -m …``) from a copy of
+    itself: each is the launcher's child (torchrun waits for it and signals it), unbuffered as ``-u`` makes it, and
+    its exit code is the launcher's (kolors_job.launch.torchrun)."""
+    env = {**os.environ, "KOLORS_PROBE": "worker-env", "HF_ENDPOINT": "http://127.0.0.1:1"}
+    before = warm.warm
+    launcher = subprocess.Popen([sys.executable, "-m", "kolors_job.launch.torchrun", "--standalone",
+                                 "--nproc-per-node=2", "-m", "tests.warm_probe", "7"], cwd=ROOT, env=env,
+                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    out, err = launcher.communicate(timeout=300)
+    assert launcher.returncode == 7, err[-3000:]
+    assert warm.warm == before + 1  # the launcher; its workers it started itself
+    workers = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    assert len(workers) == 2, out
+    for seen in workers:
+        assert seen["frozen"] and seen["parent"] == launcher.pid and seen["session"]  # torchrun: a new session
+        assert seen["env"] == "worker-env" and seen["hf_endpoint"] == "http://127.0.0.1:1"
+        assert seen["stdout"][2] and seen["name"] == "__main__" and seen["path"][0] == str(ROOT)

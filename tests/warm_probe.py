@@ -1,6 +1,7 @@
 """What a process run as ``python -m tests.warm_probe CODE|wait`` sees of its own start, as one JSON line on
 stdout (tests/test_warm_start.py compares a warm start with a cold one)."""
 
+import gc
 import json
 import os
 import signal
@@ -23,6 +24,7 @@ print(json.dumps({
     "descriptors": len(os.listdir("/proc/self/fd")),  # 0, 1, 2 and the listing's own: nothing of the server's
     "umask": os.umask(0o022),
     "session": os.getsid(0) == os.getpid(),
+    "frozen": gc.get_freeze_count() > 0,  # a warm start inherits the server's imports, frozen: its one difference
 }), flush=True)  # fmt: skip
 if sys.argv[1] == "wait":
     signal.pause()

@@ -15,6 +15,11 @@ the test process is a child subreaper (``prctl(PR_SET_CHILD_SUBREAPER)``), so th
 to it. ``subprocess.Popen`` is patched at one place (``_execute_child``) for argv ``[sys.executable, "-m",
 "kolors_job[.…]", …]`` with no ``preexec_fn``/``pass_fds``/uid changes; everything else runs exactly as before.
 
+A torchrun launcher (``python -m kolors_job.launch.torchrun``) started warm starts its workers (``python -u -m
+kolors_job``) warm too: before torchrun runs, the launcher forks a copy of itself that serves its workers as the
+session's server serves the test process, and is itself their child subreaper, so torchrun's ``Popen``s, its
+signals to them and their exit codes are what they would be.
+
 ``KOLORS_TEST_COLD=1`` turns it off (every job process starts cold).
 """
 
@@ -28,6 +33,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,9 +53,15 @@ _SAME_ENV = ("PYTHON", "TORCH", "PYTORCH", "TRITON", "OMP_", "MKL_", "KMP_", "CU
 compile settings, thread pools, the temporary directory and user name torch's debug directory is made of, …) or
 by the interpreter's own start-up."""
 
-_READ_LATER = frozenset({"TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR", "PYTHONUNBUFFERED", "PYTHONPATH"})
-"""Of those, read only when used (the compile caches) or applied to the job here: its streams (``-u``), its
-``sys.path`` (``PYTHONPATH``, where it shadows no preloaded module)."""
+_READ_LATER = frozenset({"TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR", "PYTHONUNBUFFERED", "PYTHONPATH",
+                         "TORCH_NCCL_ASYNC_ERROR_HANDLING"})  # fmt: skip
+_READ_LATER_PREFIXES = ("TORCHELASTIC_",)
+"""Of those, read only when used (the compile caches; what torchrun tells its workers: run id, restart count,
+error file, …) or applied to the job here: its streams (``-u``), its ``sys.path`` (``PYTHONPATH``, where it
+shadows no preloaded module)."""
+
+LAUNCHERS = frozenset({"kolors_job.launch.torchrun"})
+"""Modules whose warm process serves its own workers (``python -u -m …``) warm."""
 
 _TOPS = PRELOAD_PACKAGES | sys.stdlib_module_names
 """The top-level names the server may have imported."""
@@ -59,7 +71,8 @@ _MAX_MESSAGE = 1 << 20
 
 
 def _env_key(env: dict[str, str]) -> dict[str, str]:
-    return {k: v for k, v in env.items() if k.startswith(_SAME_ENV) and k not in _READ_LATER}
+    return {k: v for k, v in env.items()
+            if k.startswith(_SAME_ENV) and k not in _READ_LATER and not k.startswith(_READ_LATER_PREFIXES)}
 
 
 def _pythonpath(env: dict[str, str], cwd: str) -> list[str]:
@@ -105,8 +118,9 @@ def _discover_modules() -> list[str]:
     return json.loads(data) if data else []
 
 
-def _serve(sock: socket.socket) -> tuple[list[str], str]:
-    """Answers one request per job: forks it, sends back its pid; returns (argv, cwd) in the job only."""
+def _serve(sock: socket.socket) -> dict:
+    """Imports, then answers one request per job: forks it, sends back its pid; returns its request in the job
+    only."""
     import gc
     import importlib
 
@@ -123,6 +137,11 @@ def _serve(sock: socket.socket) -> tuple[list[str], str]:
     sock.send(json.dumps({"ready": threads == 1, "threads": threads}).encode())
     if threads != 1:
         sys.exit(1)  # forking a process with threads would copy their locks, held
+    return _answer(sock)
+
+
+def _answer(sock: socket.socket) -> dict:
+    """The server's loop: one fork per request, until the other side closes."""
     while True:
         try:
             message, fds, _, _ = socket.recv_fds(sock, _MAX_MESSAGE, 3)
@@ -139,7 +158,7 @@ def _serve(sock: socket.socket) -> tuple[list[str], str]:
                 os.close(read)
                 os.close(write)
                 sock.close()
-                return _become_job(request, fds)
+                return _become_job(request, fds, os.getppid())
             os.write(write, str(job).encode())
             os._exit(0)
         os.close(write)
@@ -151,8 +170,8 @@ def _serve(sock: socket.socket) -> tuple[list[str], str]:
         sock.send(str(job_pid).encode())
 
 
-def _become_job(request: dict, fds: list[int]) -> tuple[list[str], str]:
-    """In the job: the process state a fresh ``python -m kolors_job`` would have, then its argv and cwd."""
+def _become_job(request: dict, fds: list[int], middle: int) -> dict:
+    """In the job: the process state a fresh ``python -m kolors_job`` would have; returns the request."""
     if request["new_session"]:
         os.setsid()
     elif request["process_group"] >= 0:
@@ -167,7 +186,7 @@ def _become_job(request: dict, fds: list[int]) -> tuple[list[str], str]:
     os.environ.update(request["env"])
     # the standard streams as the interpreter makes them at start-up, on the job's descriptors
     encoding, errors = sys.stdout.encoding, sys.stdout.errors
-    unbuffered = bool(request["env"].get("PYTHONUNBUFFERED"))
+    unbuffered = bool(request["env"].get("PYTHONUNBUFFERED")) or request["unbuffered"]
 
     def stream(fd: int, mode: str, errors: str, line_buffering: bool) -> io.TextIOWrapper:
         raw = io.FileIO(fd, mode, closefd=False)
@@ -183,12 +202,36 @@ def _become_job(request: dict, fds: list[int]) -> tuple[list[str], str]:
         sys.modules["tempfile"].tempdir = None  # found again from the job's TMPDIR at first use, as in a fresh one
     if "numpy" in sys.modules:
         sys.modules["numpy"].random.seed()  # a fresh process's global generator is seeded from the OS
-    return request["argv"], request["cwd"]
+    while os.getppid() == middle:  # it exits at once: from its first line, the job's parent is the Popen caller's
+        time.sleep(0.0005)
+    return request
+
+
+def _serve_workers(request: dict) -> dict | None:
+    """In a warm launcher, before it runs (one thread still): a copy of it that forks the launcher's workers,
+    the launcher their subreaper and its ``Popen`` patched to ask that copy. Returns a worker's request in each
+    worker, None in the launcher."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+        return None  # its workers start cold
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    if os.fork() == 0:
+        ours.close()
+        null = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):  # the launcher's streams stay the launcher's: a reader sees their end when it ends
+            os.dup2(null, fd)
+        return _answer(theirs)
+    theirs.close()
+    WarmStarter(tuple(request["modules"])).adopt(ours, _env_key(dict(os.environ)))
+    return None
 
 
 def _server_main() -> None:
     sock = socket.socket(fileno=int(sys.argv[2]))
-    argv, cwd = _serve(sock)
+    request = _serve(sock)
+    if request["argv"][2] in LAUNCHERS:
+        request = _serve_workers(request) or request  # in a worker of that launcher: the worker's
+    argv, cwd = request["argv"], request["cwd"]
     # Now the job, at the top of the stack, as ``python -m kolors_job …`` runs: the interpreter's normal exit
     # (atexit, thread joins, stream flushes) follows whatever kolors_job's __main__ raises.
     import runpy
@@ -244,6 +287,11 @@ class WarmStarter:
 
         subprocess.Popen._execute_child = _execute_child
 
+    def adopt(self, sock: socket.socket, env: dict[str, str]) -> None:
+        """Install, with a server already running behind ``sock`` whose import-time environment is ``env``."""
+        self._sock, self._env = sock, env
+        self.install()
+
     def uninstall(self) -> None:
         subprocess.Popen._execute_child = self._cold
         self.installed = False
@@ -264,6 +312,9 @@ class WarmStarter:
         if gids is not None or uid is not None or not isinstance(args, list | tuple):
             return None
         argv = [os.fsdecode(a) for a in args]
+        unbuffered = argv[1:2] == ["-u"]  # torchrun starts its workers so
+        if unbuffered:
+            del argv[1]
         if len(argv) < 3 or argv[:2] != [sys.executable, "-m"]:
             return None
         if not any(argv[2] == m or argv[2].startswith(m + ".") for m in self.modules):
@@ -275,7 +326,7 @@ class WarmStarter:
         if not os.path.isdir(cwd) or _shadows_preloaded([cwd, *_pythonpath(env, cwd)]):
             return None
         return {"argv": argv, "cwd": cwd, "env": env, "umask": umask, "new_session": bool(start_new_session),
-                "process_group": process_group}  # fmt: skip
+                "process_group": process_group, "unbuffered": unbuffered, "modules": self.modules}  # fmt: skip
 
     def _fork(self, request: dict, fds: list[int]) -> int | None:
         """The job's pid, forked by the server; None where it must start cold."""
