@@ -153,12 +153,13 @@ def _answer(sock: socket.socket) -> dict:
         read, write = os.pipe()
         middle = os.fork()
         if middle == 0:
+            middle = os.getpid()  # not the job's getppid(): by then it may be the subreaper already
             job = os.fork()
             if job == 0:
                 os.close(read)
                 os.close(write)
                 sock.close()
-                return _become_job(request, fds, os.getppid())
+                return _become_job(request, fds, middle)
             os.write(write, str(job).encode())
             os._exit(0)
         os.close(write)
