@@ -107,7 +107,7 @@ def _freeze_imports(args: argparse.Namespace) -> None:
     """In a process of its own, what a job imported (torch, diffusers, transformers: ~400k objects) lives until
     it exits: one collection, then ``gc.freeze()``, so each ``free_memory()`` between stages and checkpoints
     walks only what the job made since (~0.3 s a walk otherwise). An in-process caller keeps its heap as it was."""
-    if getattr(args, "own_process", False):
+    if args.own_process:
         gc.collect()
         gc.freeze()
         logging.getLogger("kolors_job.cli").debug("imports frozen", extra={"frozen_objects": gc.get_freeze_count()})

@@ -70,6 +70,14 @@ _PR_SET_CHILD_SUBREAPER = 36
 _MAX_MESSAGE = 1 << 20
 
 
+def _subreaper_refusal() -> str:
+    """Make this process the child subreaper of what it starts (orphans re-parent to it); why not, if it cannot."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+        return os.strerror(ctypes.get_errno())
+    return ""
+
+
 def _env_key(env: dict[str, str]) -> dict[str, str]:
     return {k: v for k, v in env.items()
             if k.startswith(_SAME_ENV) and k not in _READ_LATER and not k.startswith(_READ_LATER_PREFIXES)}
@@ -212,8 +220,7 @@ def _serve_workers(request: dict) -> dict | None:
     """In a warm launcher, before it runs (one thread still): a copy of it that forks the launcher's workers,
     the launcher their subreaper and its ``Popen`` patched to ask that copy. Returns a worker's request in each
     worker, None in the launcher."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+    if _subreaper_refusal():
         return None  # its workers start cold
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     if os.fork() == 0:
@@ -350,9 +357,8 @@ class WarmStarter:
                 return None
 
     def _start(self) -> None:
-        libc = ctypes.CDLL(None, use_errno=True)
-        if libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
-            self.failure = f"this process cannot be a child subreaper ({os.strerror(ctypes.get_errno())})"
+        if refusal := _subreaper_refusal():
+            self.failure = f"this process cannot be a child subreaper ({refusal})"
             return
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self._env = _env_key(dict(os.environ))
