@@ -104,7 +104,8 @@ def cli(shared_cache, tmp_path, monkeypatch, capfd):
         capfd.readouterr()
         frozen = gc.get_freeze_count()
         code = main(["run", "--manifest", str(manifest)])
-        assert gc.get_freeze_count() == frozen, "an in-process run leaves its caller's heap as it was"
+        # no freeze of the caller's heap (it would add every live object); frozen objects may still die meanwhile
+        assert gc.get_freeze_count() <= frozen, "an in-process run leaves its caller's heap unfrozen"
         out, err = capfd.readouterr()
         return code, (out + err).encode()
 
