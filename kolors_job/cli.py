@@ -64,15 +64,19 @@ def cmd_schema(args: argparse.Namespace) -> int:
     return ExitCode.OK
 
 
+COMPILE_CACHES = {"TORCHINDUCTOR_CACHE_DIR": "torchinductor", "TRITON_CACHE_DIR": "triton"}
+"""torch.compile's artifacts on the cache volume (these directories under it), so a rerun or the next job skips
+the compile: set where the environment does not (the image sets them; this covers pip installs), before the
+stages import torch."""
+
+
 def _settings_and_logging(args: argparse.Namespace):
     from kolors_job.core.log import setup_logging
     from kolors_job.core.settings import Settings
 
     settings = Settings()
     setup_logging(args.log_format or settings.log_format, settings.log_level)
-    # torch.compile's artifacts on the cache volume, so a rerun or the next job skips the compile
-    # (the image sets these already; this covers pip installs). Before torch is imported.
-    for var, sub in (("TORCHINDUCTOR_CACHE_DIR", "torchinductor"), ("TRITON_CACHE_DIR", "triton")):
+    for var, sub in COMPILE_CACHES.items():
         os.environ.setdefault(var, str(settings.cache_dir / sub))
     return settings
 

@@ -134,6 +134,7 @@ def pytest_configure(config) -> None:
     """Job subprocesses (``python -m kolors_job``) start as forks of a server that imported torch once
     (tests/warm_start.py); ``KOLORS_TEST_COLD=1`` starts each one cold."""
     if os.environ.get("KOLORS_TEST_COLD", "") in ("", "0"):
+        _WARM.layering = os.environ.get("KOLORS_TEST_LAYERS", "") != "0"
         _WARM.install()
 
 
@@ -165,8 +166,10 @@ def pytest_terminal_summary(terminalreporter) -> None:
     processes started warm."""
     if _WARM.warm or _WARM.cold or _WARM.failure:
         differed = ", ".join(sorted(_WARM.differed)) or "-"
-        terminalreporter.write_line(f"job processes: {_WARM.warm} started warm, {_WARM.cold} cold where the environment"
-                                    f" differed ({differed}){'; ' + _WARM.failure if _WARM.failure else ''}"
+        layers = (f" ({_WARM.preloaded} of them from {_WARM.layers_made} layers, their libraries preloaded"
+                  f"{'; ' + _WARM.layer_failure if _WARM.layer_failure else ''})")  # fmt: skip
+        terminalreporter.write_line(f"job processes: {_WARM.warm} started warm{layers}, {_WARM.cold} cold where the"
+                                    f" environment differed ({differed}){'; ' + _WARM.failure if _WARM.failure else ''}"
                                     " (tests/warm_start.py)")
     try:
         from tests.storage_servers.fault_proxy import LEDGER

@@ -44,10 +44,42 @@ def test_a_warm_start_sees_what_a_cold_one_sees(warm, tmp_path) -> None:
         seen[cold] = json.loads(out)
         assert seen[cold].pop("pid") == proc.pid  # the Popen's pid is the process that ran the module
         assert seen[cold].pop("frozen") is not cold
+        assert seen[cold].pop("preloaded") is not cold
     assert seen[False] == seen[True]
     assert seen[False]["parent"] == os.getpid() and seen[False]["session"]
     assert seen[False]["env"] == "probe-env" and seen[False]["hf_endpoint"] == "http://127.0.0.1:1"
     assert seen[False]["path"] == [str(ROOT), str(tmp_path)] and seen[False]["name"] == "__main__"
+
+
+def test_a_layer_serves_the_jobs_that_share_what_its_imports_read_and_no_other(warm, tmp_path) -> None:
+    """A job starts from a layer that imported its libraries under an environment agreeing with the job's on
+    every variable those imports read (``HF_ENDPOINT`` here), else from a new layer made with its own; what the
+    libraries keep at import of the working directory and of stderr is the job's, as in a cold start."""
+    if not warm.layering:
+        pytest.skip("KOLORS_TEST_LAYERS=0: no layers")
+    work = tmp_path / "work"  # not the server's directory
+    work.mkdir()
+
+    def probe(endpoint: str, cold: bool) -> dict:
+        env = {**os.environ, "HF_ENDPOINT": endpoint, "PYTHONPATH": str(ROOT), "KOLORS_PROBE": "layer"}
+        res = subprocess.run([sys.executable, "-m", "tests.warm_probe", "0", "libraries"], cwd=work, env=env,
+                             executable=sys.executable if cold else None, input="", capture_output=True, text=True,
+                             timeout=300)  # fmt: skip
+        assert res.returncode == 0, res.stderr[-3000:]
+        return json.loads(res.stdout)
+
+    first, cold = probe("http://127.0.0.1:2", cold=False), probe("http://127.0.0.1:2", cold=True)
+    assert (first.pop("preloaded"), cold.pop("preloaded"), first.pop("frozen"), cold.pop("frozen")) == (
+        True, False, True, False)  # fmt: skip
+    first.pop("pid"), cold.pop("pid")
+    assert first == cold, (first, cold)
+    assert first["rich_cwd"] == str(work) and first["handler_stderr"] and first["handler_flush"]
+    made = warm.layers_made
+    again = probe("http://127.0.0.1:2", cold=False)
+    assert again["preloaded"] and warm.layers_made == made  # the same layer
+    other = probe("http://127.0.0.1:3", cold=False)
+    assert other["preloaded"] and other["hf_endpoint"] == "http://127.0.0.1:3" and warm.layers_made == made + 1
+    assert warm.layers[-1].keys["HF_ENDPOINT"] == "http://127.0.0.1:3" and not warm.layer_failure
 
 
 def test_signals_exit_statuses_and_tracebacks_reach_the_test_as_from_its_own_child(warm, tmp_path) -> None:
@@ -89,5 +121,6 @@ def test_a_warm_torchrun_launcher_starts_its_workers_warm_as_its_own_children(wa
     assert len(workers) == 2, out
     for seen in workers:
         assert seen["frozen"] and seen["parent"] == launcher.pid and seen["session"]  # torchrun: a new session
+        assert seen["preloaded"] is (warm.layering and not warm.layer_failure)  # the launcher's layer's libraries
         assert seen["env"] == "worker-env" and seen["hf_endpoint"] == "http://127.0.0.1:1"
         assert seen["stdout"][2] and seen["name"] == "__main__" and seen["path"][0] == str(ROOT)

@@ -1,5 +1,5 @@
-"""What a process run as ``python -m tests.warm_probe CODE|wait`` sees of its own start, as one JSON line on
-stdout (tests/test_warm_start.py compares a warm start with a cold one)."""
+"""What a process run as ``python -m tests.warm_probe CODE|wait|raise [libraries]`` sees of its own start, as one
+JSON line on stdout (tests/test_warm_start.py compares a warm start with a cold one)."""
 
 import gc
 import json
@@ -7,7 +7,21 @@ import os
 import signal
 import sys
 
-import huggingface_hub.constants  # reads HF_ENDPOINT at import: the job's, not the fork server's
+preloaded = "huggingface_hub" in sys.modules  # a job started from a layer finds its libraries imported
+
+import huggingface_hub.constants  # noqa: E402 - reads HF_ENDPOINT at import: the job's, not a layer's
+
+libraries = {}
+if sys.argv[2:3] == ["libraries"]:  # what libraries keep at import of the process's state, as the job sees it
+    import rich
+    import transformers.utils.logging as transformers_logging
+
+    handler = transformers_logging._default_handler
+    libraries = {
+        "rich_cwd": rich._IMPORT_CWD,  # the working directory at import
+        "handler_stderr": handler.stream is sys.stderr,  # the handler made at import writes to the job's stderr
+        "handler_flush": handler.flush == sys.stderr.flush,
+    }
 
 print(json.dumps({
     "pid": os.getpid(),
@@ -25,6 +39,8 @@ print(json.dumps({
     "umask": os.umask(0o022),
     "session": os.getsid(0) == os.getpid(),
     "frozen": gc.get_freeze_count() > 0,  # a warm start inherits the server's imports, frozen: its one difference
+    "preloaded": preloaded,  # and, from a layer, its libraries' (frozen too)
+    **libraries,
 }), flush=True)  # fmt: skip
 if sys.argv[1] == "wait":
     signal.pause()

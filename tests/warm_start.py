@@ -1,4 +1,5 @@
-"""Job subprocesses that start warm: a fork server that has imported torch once, for the whole test session.
+"""Job subprocesses that start warm: a fork server that has imported torch once, for the whole test session, and
+layers above it that have imported the job's libraries under the job's environment.
 
 Why: every ``python -m kolors_job`` the suite starts paid ~6 CPU-s of imports before its first step (torch and
 the compiler and distributed modules diffusers pulls in: about two thirds of it), and the suite starts dozens
@@ -15,10 +16,28 @@ the test process is a child subreaper (``prctl(PR_SET_CHILD_SUBREAPER)``), so th
 to it. ``subprocess.Popen`` is patched at one place (``_execute_child``) for argv ``[sys.executable, "-m",
 "kolors_job[.…]", …]`` with no ``preexec_fn``/``pass_fds``/uid changes; everything else runs exactly as before.
 
+**Layers.** What the server leaves out (diffusers, transformers, peft, accelerate, the hub clients, the storage
+SDKs: ~2.7 CPU-s of a warm job's imports) a *layer* imports: a copy of the server that sets one job's whole
+environment, imports those libraries (the ones ``import kolors_job.runner`` loads, kolors_job itself left out)
+while noting every environment variable they read, where they iterate over the environment, and where they
+read the working directory, then serves every job that agrees with it on all of those (the same values, or the
+same absence). A job another layer cannot serve gets a new one made with its own environment (the imports it
+would have done itself, done once for all that share them), so what a job's libraries read at import is always
+its own. Where they iterate over the environment (diffusers looks for ``COLAB_*``) the layer keys on that prefix;
+where they keep the working directory (rich, transformers' docstring tooling) the job recomputes it in its own;
+handlers made at import write to the job's stderr; any other read refuses layers for the session (jobs then
+import their libraries themselves). Three layers at most are open, the least recently used closed first.
+``KOLORS_TEST_LAYERS=0`` turns layers off.
+
 A torchrun launcher (``python -m kolors_job.launch.torchrun``) started warm starts its workers (``python -u -m
 kolors_job``) warm too: before torchrun runs, the launcher forks a copy of itself that serves its workers as the
 session's server serves the test process, and is itself their child subreaper, so torchrun's ``Popen``s, its
-signals to them and their exit codes are what they would be.
+signals to them and their exit codes are what they would be; started from a layer, its workers start from its
+copy where they agree with that layer, and cold where they do not.
+
+One difference stays: what a library prints or warns *while it is imported* (torch's ``pynvml`` deprecation,
+bitsandbytes' missing ``kernels``) went to the server's /dev/null, once; a warm job does not print it again.
+The tests that check how such lines are shown make them themselves (tests/test_terminal.py).
 
 ``KOLORS_TEST_COLD=1`` turns it off (every job process starts cold).
 """
@@ -26,17 +45,16 @@ signals to them and their exit codes are what they would be.
 from __future__ import annotations
 
 import ctypes
-import io
 import json
 import os
 import socket
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+SERVER = Path(__file__).with_name("warm_server.py")
 
 PRELOAD_PACKAGES = frozenset({
     "torch", "torchvision", "torchgen", "functorch", "triton", "numpy", "PIL", "sympy", "mpmath", "networkx",
@@ -66,6 +84,9 @@ LAUNCHERS = frozenset({"kolors_job.launch.torchrun"})
 _TOPS = PRELOAD_PACKAGES | sys.stdlib_module_names
 """The top-level names the server may have imported."""
 
+MAX_LAYERS = 3
+"""Layers (below) kept at once, the least recently used closed first: each holds ~0.5 GB of its own."""
+
 _PR_SET_CHILD_SUBREAPER = 36
 _MAX_MESSAGE = 1 << 20
 
@@ -88,7 +109,7 @@ def _pythonpath(env: dict[str, str], cwd: str) -> list[str]:
     return [os.path.join(cwd, p) for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
 
 
-def _shadows_preloaded(entries: list[str]) -> bool:
+def _shadows_preloaded(entries: list[str], tops: frozenset[str] | set[str] = _TOPS) -> bool:
     """Whether a directory the job puts first on ``sys.path`` holds a module the server already imported from
     elsewhere (a fresh interpreter would import that one instead)."""
     for entry in entries:
@@ -96,160 +117,9 @@ def _shadows_preloaded(entries: list[str]) -> bool:
             names = os.listdir(entry)
         except OSError:
             continue
-        if any(name.removesuffix(".py") in _TOPS for name in names):
+        if any(name.removesuffix(".py") in tops for name in names):
             return True
     return False
-
-
-# ---------------------------------------------------------------- the server (a process of its own) ---------
-
-
-def _discover_modules() -> list[str]:
-    """The modules ``import kolors_job.runner`` loads from ``PRELOAD_PACKAGES`` and the standard library, in
-    import order, found in a throwaway child so that the server itself never imports the rest."""
-    read, write = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - child
-        os.close(read)
-        os.dup2(os.open(os.devnull, os.O_WRONLY), 2)  # its import warnings are each job's to print
-        try:
-            import kolors_job.runner  # noqa: F401
-
-            names = [m for m in sys.modules if m.split(".")[0] in _TOPS]
-            os.write(write, json.dumps(names).encode())
-        finally:
-            os._exit(0)
-    os.close(write)
-    with os.fdopen(read, "rb") as f:
-        data = f.read()
-    os.waitpid(pid, 0)
-    return json.loads(data) if data else []
-
-
-def _serve(sock: socket.socket) -> dict:
-    """Imports, then answers one request per job: forks it, sends back its pid; returns its request in the job
-    only."""
-    import gc
-    import importlib
-
-    for name in _discover_modules():
-        try:
-            importlib.import_module(name)
-        except Exception:  # a module that fails here fails the same way in the job
-            pass
-    # what every job inherits, out of the collector's sight: a job's collections neither walk it nor, by writing
-    # to each object's header, copy the server's pages into the job (the use gc.freeze's documentation gives)
-    gc.collect()
-    gc.freeze()
-    threads = len(os.listdir("/proc/self/task"))
-    sock.send(json.dumps({"ready": threads == 1, "threads": threads}).encode())
-    if threads != 1:
-        sys.exit(1)  # forking a process with threads would copy their locks, held
-    return _answer(sock)
-
-
-def _answer(sock: socket.socket) -> dict:
-    """The server's loop: one fork per request, until the other side closes."""
-    while True:
-        try:
-            message, fds, _, _ = socket.recv_fds(sock, _MAX_MESSAGE, 3)
-        except ConnectionError:
-            message = b""
-        if not message:
-            sys.exit(0)  # the test session ended
-        request = json.loads(message)
-        read, write = os.pipe()
-        middle = os.fork()
-        if middle == 0:
-            middle = os.getpid()  # not the job's getppid(): by then it may be the subreaper already
-            job = os.fork()
-            if job == 0:
-                os.close(read)
-                os.close(write)
-                sock.close()
-                return _become_job(request, fds, middle)
-            os.write(write, str(job).encode())
-            os._exit(0)
-        os.close(write)
-        for fd in fds:
-            os.close(fd)
-        with os.fdopen(read, "rb") as f:
-            job_pid = int(f.read())
-        os.waitpid(middle, 0)  # once the middle process is gone, the job is the test process's child
-        sock.send(str(job_pid).encode())
-
-
-def _become_job(request: dict, fds: list[int], middle: int) -> dict:
-    """In the job: the process state a fresh ``python -m kolors_job`` would have; returns the request."""
-    if request["new_session"]:
-        os.setsid()
-    elif request["process_group"] >= 0:
-        os.setpgid(0, request["process_group"])
-    for target, fd in enumerate(fds):
-        os.dup2(fd, target)
-    os.closerange(3, os.sysconf("SC_OPEN_MAX"))
-    if request["umask"] >= 0:
-        os.umask(request["umask"])
-    os.chdir(request["cwd"])
-    os.environ.clear()
-    os.environ.update(request["env"])
-    # the standard streams as the interpreter makes them at start-up, on the job's descriptors
-    encoding, errors = sys.stdout.encoding, sys.stdout.errors
-    unbuffered = bool(request["env"].get("PYTHONUNBUFFERED")) or request["unbuffered"]
-
-    def stream(fd: int, mode: str, errors: str, line_buffering: bool) -> io.TextIOWrapper:
-        raw = io.FileIO(fd, mode, closefd=False)
-        if mode == "w" and unbuffered:
-            return io.TextIOWrapper(raw, encoding=encoding, errors=errors, write_through=True)  # type: ignore[arg-type]
-        buffered = io.BufferedReader(raw) if mode == "r" else io.BufferedWriter(raw)
-        return io.TextIOWrapper(buffered, encoding=encoding, errors=errors, line_buffering=line_buffering)
-
-    sys.stdin = sys.__stdin__ = stream(0, "r", errors, False)
-    sys.stdout = sys.__stdout__ = stream(1, "w", errors, os.isatty(1))
-    sys.stderr = sys.__stderr__ = stream(2, "w", "backslashreplace", True)
-    if "tempfile" in sys.modules:
-        sys.modules["tempfile"].tempdir = None  # found again from the job's TMPDIR at first use, as in a fresh one
-    if "numpy" in sys.modules:
-        sys.modules["numpy"].random.seed()  # a fresh process's global generator is seeded from the OS
-    while os.getppid() == middle:  # it exits at once: from its first line, the job's parent is the Popen caller's
-        time.sleep(0.0005)
-    return request
-
-
-def _serve_workers(request: dict) -> dict | None:
-    """In a warm launcher, before it runs (one thread still): a copy of it that forks the launcher's workers,
-    the launcher their subreaper and its ``Popen`` patched to ask that copy. Returns a worker's request in each
-    worker, None in the launcher."""
-    if _subreaper_refusal():
-        return None  # its workers start cold
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    if os.fork() == 0:
-        ours.close()
-        null = os.open(os.devnull, os.O_RDWR)
-        for fd in (0, 1, 2):  # the launcher's streams stay the launcher's: a reader sees their end when it ends
-            os.dup2(null, fd)
-        return _answer(theirs)
-    theirs.close()
-    WarmStarter(tuple(request["modules"])).adopt(ours, _env_key(dict(os.environ)))
-    return None
-
-
-def _server_main() -> None:
-    sock = socket.socket(fileno=int(sys.argv[2]))
-    request = _serve(sock)
-    if request["argv"][2] in LAUNCHERS:
-        request = _serve_workers(request) or request  # in a worker of that launcher: the worker's
-    argv, cwd = request["argv"], request["cwd"]
-    # Now the job, at the top of the stack, as ``python -m kolors_job …`` runs: the interpreter's normal exit
-    # (atexit, thread joins, stream flushes) follows whatever kolors_job's __main__ raises.
-    import runpy
-
-    sys.path[0:1] = [cwd, *_pythonpath(dict(os.environ), cwd)]
-    sys.argv = ["-m", *argv[3:]]
-    runpy.run_module(argv[2], run_name="__main__", alter_sys=True)
-
-
-# ---------------------------------------------------------------- the test process's side ---------------------
 
 
 class WarmStarter:
@@ -268,6 +138,14 @@ class WarmStarter:
         self.differed: set[str] = set()
         self.failure = ""
         """Why the server is not (or no longer) there: every job starts cold once it is set."""
+        self.layering = True
+        """Whether jobs start from layers (their libraries preloaded) where they can."""
+        self.layers: list[_Layer] = []
+        """Open layers, the most recently used last."""
+        self.layers_made = self.preloaded = 0
+        self.layer_failure = ""
+        """Why no layer is made (any more): jobs start from the server, importing their libraries themselves."""
+        self._base: _Layer | None = None
 
     def install(self) -> None:
         starter = self
@@ -295,15 +173,21 @@ class WarmStarter:
 
         subprocess.Popen._execute_child = _execute_child
 
-    def adopt(self, sock: socket.socket, env: dict[str, str]) -> None:
-        """Install, with a server already running behind ``sock`` whose import-time environment is ``env``."""
+    def adopt(self, sock: socket.socket, env: dict[str, str], layer: dict | None) -> None:
+        """Install, with a server already running behind ``sock`` whose import-time environment is ``env`` (and
+        a layer's libraries preloaded, where ``layer`` says what they read)."""
         self._sock, self._env = sock, env
+        if layer is not None:
+            self._base = _Layer(sock, layer)
         self.install()
 
     def uninstall(self) -> None:
         subprocess.Popen._execute_child = self._cold
         self.installed = False
         with self._lock:
+            for layer in self.layers:
+                layer.sock.close()
+            self.layers.clear()
             if self._sock is not None:
                 self._sock.close()
                 self._sock = None
@@ -348,13 +232,49 @@ class WarmStarter:
                 self.differed.update(k for k in theirs.keys() | self._env.keys() if theirs.get(k) != self._env.get(k))
                 return None
             try:
-                socket.send_fds(self._sock, [json.dumps(request).encode()], fds)
-                return int(self._sock.recv(64))
+                layer = self._layer(request)
+                if layer is None and self._base is not None:
+                    return None  # its server imported the libraries under an environment this job does not share
+                sock = self._sock if layer is None else layer.sock
+                socket.send_fds(sock, [json.dumps(request).encode()], fds)
+                pid = int(sock.recv(64))
             except (OSError, ValueError) as e:  # the server is gone: every later job starts cold
                 self.failure = f"the fork server stopped answering ({e!r})"
                 self._sock.close()
                 self._sock = None
                 return None
+            self.preloaded += layer is not None
+            return pid
+
+    def _layer(self, request: dict) -> _Layer | None:
+        """The layer this job can start from: one that agrees with it on all its imports read, else a new one
+        made with its environment; None where no layer can serve it."""
+        if self._base is not None:
+            return self._base if self._base.serves(request) else None
+        for layer in self.layers:
+            if layer.serves(request):
+                self.layers.remove(layer)
+                self.layers.append(layer)
+                return layer
+        if not self.layering or self.layer_failure:
+            return None
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            socket.send_fds(self._sock, [json.dumps({"layer": True, "env": request["env"]}).encode()],
+                            [theirs.fileno()])  # fmt: skip
+            int(self._sock.recv(64))
+        finally:
+            theirs.close()
+        seen = json.loads(ours.recv(_MAX_MESSAGE) or b'{"why": "it ended before it was ready"}')
+        if seen["why"]:
+            self.layer_failure = f"no layers: {seen['why']}"
+            ours.close()
+            return None
+        self.layers.append(layer := _Layer(ours, seen))
+        self.layers_made += 1
+        while len(self.layers) > MAX_LAYERS:
+            self.layers.pop(0).sock.close()  # it exits; the jobs it started run on
+        return layer if layer.serves(request) else None  # its PYTHONPATH may shadow a library
 
     def _start(self) -> None:
         if refusal := _subreaper_refusal():
@@ -363,7 +283,7 @@ class WarmStarter:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self._env = _env_key(dict(os.environ))
         # its own output goes nowhere: it starts inside some test, whose captured stderr it would otherwise keep
-        self._server = subprocess.Popen([sys.executable, __file__, "serve", str(theirs.fileno())],
+        self._server = subprocess.Popen([sys.executable, str(SERVER), "serve", str(theirs.fileno())],
                                         pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL,
                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)  # fmt: skip
         theirs.close()
@@ -376,6 +296,17 @@ class WarmStarter:
         self._sock = ours
 
 
-if __name__ == "__main__" and sys.argv[1:2] == ["serve"]:
-    sys.path[0] = str(ROOT)  # kolors_job for the discovery child, as the test process finds it
-    _server_main()
+class _Layer:
+    """A layer as the test process sees it: its socket, and what a job must share with it to start from it."""
+
+    def __init__(self, sock: socket.socket, seen: dict) -> None:
+        self.sock = sock
+        self.keys: dict[str, str | None] = seen["keys"]
+        self.prefixes: dict[str, dict[str, str]] = seen["prefixes"]
+        self.tops = frozenset(seen["tops"])
+
+    def serves(self, request: dict) -> bool:
+        env, cwd = request["env"], request["cwd"]
+        return (all(env.get(k) == v for k, v in self.keys.items())
+                and all({k: v for k, v in env.items() if k.startswith(p)} == vs for p, vs in self.prefixes.items())
+                and not _shadows_preloaded([cwd, *_pythonpath(env, cwd)], self.tops))  # fmt: skip

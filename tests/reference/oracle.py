@@ -80,19 +80,25 @@ def check_sampling_dtype(m: Manifest, tmp: Path) -> None:
 
 def check_sampler_timesteps(m: Manifest, tmp: Path) -> None:
     """Our sampler visits the timesteps DiffSynth's Kolors scheduler visits for the reference's step count."""
-    from diffsynth.schedulers import EnhancedDDIMScheduler
-
     from kolors_job.models.configs import KOLORS_SCHEDULER_CONFIG
     from kolors_job.models.schedulers import make_scheduler, sampler_timesteps
 
-    sampler = ref("story.sampler")
-    ddim = EnhancedDDIMScheduler(beta_end=sampler["beta_end"], num_train_timesteps=sampler["num_train_timesteps"])
-    ddim.set_timesteps(ref("story.num_inference_steps"))
     story = m.spec.story
     ours = make_scheduler(story.scheduler, KOLORS_SCHEDULER_CONFIG)
     timesteps = sampler_timesteps(story.scheduler, story.steps, KOLORS_SCHEDULER_CONFIG)
     ours.set_timesteps(timesteps=timesteps) if timesteps else ours.set_timesteps(story.steps)
-    assert [int(t) for t in ours.timesteps] == [int(t) for t in ddim.timesteps]
+    assert [int(t) for t in ours.timesteps] == _reference_timesteps()
+
+
+@cache
+def _reference_timesteps() -> list[int]:
+    """DiffSynth's side, from the fixture alone: the same in every check, computed once per process."""
+    from diffsynth.schedulers import EnhancedDDIMScheduler
+
+    sampler = ref("story.sampler")
+    ddim = EnhancedDDIMScheduler(beta_end=sampler["beta_end"], num_train_timesteps=sampler["num_train_timesteps"])
+    ddim.set_timesteps(ref("story.num_inference_steps"))
+    return [int(t) for t in ddim.timesteps]
 
 
 def check_lora_scale_at_sampling(m: Manifest, tmp: Path) -> None:
@@ -117,18 +123,27 @@ def check_story_tiling(m: Manifest, tmp: Path) -> None:
     """``story.jpg``'s picture equals the notebook's cell run on the same frames."""
     from kolors_job.report.html import tile_frames
 
+    frames, notebook = _reference_tiling()
+    ours = tile_frames(frames, m.spec.story.tiling)
+    assert ours.size == notebook.size and np.array_equal(np.asarray(ours), np.asarray(notebook))
+
+
+@cache
+def _reference_tiling() -> tuple[list[Image.Image], Image.Image]:
+    """Eight frames and the notebook's cell run on them, from the fixture alone (once per process)."""
+    import tempfile
+
     tiling = ref("story.tiling")
     rng = np.random.default_rng(0)
     frames = [Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)) for _ in range(8)]
     arrays = []
-    for i, frame in enumerate(frames, start=1):  # image.save(f"{i}.jpg"); np.array(Image.open(f"{i}.jpg"))
-        frame.save(tmp / f"{i}.jpg")
-        arrays.append(np.array(Image.open(tmp / f"{i}.jpg")))
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, frame in enumerate(frames, start=1):  # image.save(f"{i}.jpg"); np.array(Image.open(f"{i}.jpg"))
+            frame.save(f"{tmp}/{i}.jpg")
+            arrays.append(np.array(Image.open(f"{tmp}/{i}.jpg")))
     cols = tiling["cols"]
     grid = np.concatenate([np.concatenate(arrays[i : i + cols], axis=1) for i in range(0, 8, cols)], axis=0)
-    notebook = Image.fromarray(grid).resize(tuple(tiling["size"]))
-    ours = tile_frames(frames, m.spec.story.tiling)
-    assert ours.size == notebook.size and np.array_equal(np.asarray(ours), np.asarray(notebook))
+    return frames, Image.fromarray(grid).resize(tuple(tiling["size"]))
 
 
 # ------------------------------------------------------------------------------------------------- data
@@ -171,6 +186,14 @@ def reference_image(path: Path) -> Path:
     """A training image every data choice shows on: landscape as stored (1537x1100) but EXIF says turn it
     (orientation 6), partly transparent, and a size whose resized long side rounds up where the reference
     floors it (1024 * 1537 / 1100 = 1430.8)."""
+    path.write_bytes(_reference_png())
+    return path
+
+
+@cache
+def _reference_png() -> bytes:
+    import io
+
     rng = np.random.default_rng(1)
     rgba = rng.integers(0, 256, (1100, 1537, 4), dtype=np.uint8)
     rgba[:, :, :3] = np.clip(rgba[:, :, :3] // 4 + np.linspace(0, 190, 1537, dtype=np.uint8)[None, :, None], 0, 255)
@@ -178,8 +201,9 @@ def reference_image(path: Path) -> Path:
     rgba[:, 300:, 3] = 255
     exif = Image.Exif()
     exif[0x0112] = 6
-    Image.fromarray(rgba, "RGBA").save(path, exif=exif)
-    return path
+    out = io.BytesIO()
+    Image.fromarray(rgba, "RGBA").save(out, format="PNG", exif=exif)
+    return out.getvalue()
 
 
 def check_training_image(m: Manifest, tmp: Path) -> None:
@@ -190,7 +214,7 @@ def check_training_image(m: Manifest, tmp: Path) -> None:
 
     root = tmp / "data"
     root.mkdir(exist_ok=True)
-    src = reference_image(root / "a.png")
+    reference_image(root / "a.png")
     t = m.spec.train
     scan = scan_dataset(root, m.spec.dataset, workers=1, exif_orientation=t.exif_orientation)
     assert [i.path.name for i in scan.items] == ["a.png"], scan.skipped_counts
@@ -198,9 +222,18 @@ def check_training_image(m: Manifest, tmp: Path) -> None:
         scan.items[0], t.resolution, t.center_crop, False, random.Random(0), t.resize_filter,
         exif_orientation=t.exif_orientation, jpeg_reencode=t.jpeg_reencode,
     )
-    theirs = _reference_tensor(src, tmp)
+    theirs = _reference_training_image()
     assert ours.shape == theirs.shape
     assert (ours - theirs).abs().max().item() < 1e-6
+
+
+@cache
+def _reference_training_image() -> torch.Tensor:
+    """The reference's side of ``check_training_image``, from the fixture alone (once per process)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        return _reference_tensor(reference_image(Path(tmp) / "a.png"), Path(tmp))
 
 
 def check_data_order(m: Manifest, tmp: Path) -> None:
@@ -232,27 +265,42 @@ def check_init(m: Manifest, tmp: Path) -> None:
     the same tensors from one seed, on a tiny UNet."""
     import copy
 
+    from kolors_job.train.setup import add_lora
+
+    ours = copy.deepcopy(_tiny_unet())
+    torch.manual_seed(1)
+    add_lora(ours, m.spec.train, torch.device("cpu"))
+    mine = {k: v for k, v in ours.named_parameters() if "lora_" in k}
+    their = _reference_lora_init()
+    assert mine.keys() == their.keys() and mine
+    assert all(torch.equal(mine[k].float(), their[k].float()) for k in mine)
+
+
+@cache
+def _tiny_unet() -> Any:
     from diffusers import UNet2DConditionModel
-    from peft import inject_adapter_in_model
-    from peft.tuners.lora.config import LoraConfig  # the class itself, whatever a test patches on ``peft``
 
     from kolors_job.models.tiny import TINY_UNET_CONFIG
-    from kolors_job.train.setup import add_lora
+
+    torch.manual_seed(0)
+    return UNet2DConditionModel(**TINY_UNET_CONFIG)
+
+
+@cache
+def _reference_lora_init() -> dict[str, torch.Tensor]:
+    """peft's side of ``check_init``, from the fixture alone (once per process)."""
+    import copy
+
+    from peft import inject_adapter_in_model
+    from peft.tuners.lora.config import LoraConfig  # the class itself, whatever a test patches on ``peft``
 
     lora = ref("train.lora")
     config = LoraConfig(r=lora["rank"], lora_alpha=lora["alpha"], init_lora_weights=ref("train.init_lora_weights"),
                         target_modules=_diffusers_targets(lora["target_modules"]))
-    torch.manual_seed(0)
-    base = UNet2DConditionModel(**TINY_UNET_CONFIG)
-    ours, theirs = copy.deepcopy(base), copy.deepcopy(base)
-    torch.manual_seed(1)
-    add_lora(ours, m.spec.train, torch.device("cpu"))
+    theirs = copy.deepcopy(_tiny_unet())
     torch.manual_seed(1)
     inject_adapter_in_model(config, theirs)
-    mine = {k: v for k, v in ours.named_parameters() if "lora_" in k}
-    their = {k: v for k, v in theirs.named_parameters() if "lora_" in k}
-    assert mine.keys() == their.keys() and mine
-    assert all(torch.equal(mine[k].float(), their[k].float()) for k in mine)
+    return {k: v.detach() for k, v in theirs.named_parameters() if "lora_" in k}
 
 
 def check_optimizer(m: Manifest, tmp: Path) -> None:
