@@ -18,6 +18,7 @@ from warm_start import (  # type: ignore[import-not-found]  # run as a script: t
     LAUNCHERS,
     ROOT,
     WarmStarter,
+    _agrees,
     _env_key,
     _pythonpath,
     _subreaper_refusal,
@@ -321,9 +322,9 @@ def _as_the_cli_starts(request: dict) -> None:
     from kolors_job.cli import COMPILE_CACHES
 
     env = dict(os.environ)
-    if any(env.get(k) != v for k, v in _LAYER["keys"].items()) or any(
-        {k: v for k, v in env.items() if k.startswith(p)} != vs for p, vs in _LAYER["prefixes"].items()
-    ) or any(k in _LAYER["keys"] and k not in env for k in COMPILE_CACHES):
+    if not _agrees(_LAYER["keys"], _LAYER["prefixes"], env) or any(
+        k in _LAYER["keys"] and k not in env for k in COMPILE_CACHES
+    ):
         argv = [sys.executable, *(["-u"] if request["unbuffered"] else []), *request["argv"][1:]]
         os.execve(sys.executable, argv, request["env"])
 

@@ -307,6 +307,12 @@ class _Layer:
 
     def serves(self, request: dict) -> bool:
         env, cwd = request["env"], request["cwd"]
-        return (all(env.get(k) == v for k, v in self.keys.items())
-                and all({k: v for k, v in env.items() if k.startswith(p)} == vs for p, vs in self.prefixes.items())
-                and not _shadows_preloaded([cwd, *_pythonpath(env, cwd)], self.tops))  # fmt: skip
+        return _agrees(self.keys, self.prefixes, env) and not _shadows_preloaded([cwd, *_pythonpath(env, cwd)],
+                                                                                  self.tops)  # fmt: skip
+
+
+def _agrees(keys: dict[str, str | None], prefixes: dict[str, dict[str, str]], env: dict[str, str]) -> bool:
+    """Whether ``env`` holds what a layer's imports read: each of ``keys`` with its value (None: absent), and
+    exactly the variables under each of ``prefixes``."""
+    return all(env.get(k) == v for k, v in keys.items()) and all(
+        {k: v for k, v in env.items() if k.startswith(p)} == vs for p, vs in prefixes.items())  # fmt: skip
