@@ -127,7 +127,8 @@ try:
 except ModuleNotFoundError:
     from warm_start import WarmStarter
 
-_WARM = WarmStarter(modules=("kolors_job", "tests.warm_probe"))  # the probe: tests/test_warm_start.py
+_WARM = WarmStarter(modules=("kolors_job", "bench.gpu", "tests.warm_probe"))
+"""Started warm: the job, the CPU benchmark (tests/test_bench.py), the probe (tests/test_warm_start.py)."""
 
 
 def pytest_configure(config) -> None:

@@ -28,7 +28,7 @@ from safetensors.torch import load_file
 
 from kolors_job.data.images import ImageItem
 from kolors_job.manifest.train import TrainSpec
-from kolors_job.models.loading import load_kolors_components, place, stored_dtype
+from kolors_job.models.loading import load_kolors_components, load_tokenizer, place, stored_dtype
 from kolors_job.models.tiny import TINY_TEXT_ENCODER_CONFIG, build_tiny_kolors
 from kolors_job.models.weights import DIFFUSERS_WEIGHTS, TRANSFORMERS_WEIGHTS, local_weights
 from kolors_job.train.data import build_caches
@@ -50,6 +50,22 @@ def _assert_same_bits(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) ->
     assert a.keys() == b.keys()
     for k in a:
         assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+
+
+def test_the_tokenizer_is_built_once_per_process_for_the_same_files(hub_artifacts: dict[str, Path],
+                                                                     tmp_path: Path) -> None:
+    """Training and the story load Kolors twice: they share one tokenizer; other files make another one."""
+    kolors = hub_artifacts["kolors"]
+    first = load_kolors_components(kolors, dtype=torch.float32, cast=False)
+    copy = shutil.copytree(kolors / "tokenizer", tmp_path / "copy")
+    assert load_kolors_components(kolors, dtype=torch.float32, cast=False).tokenizer is first.tokenizer
+    assert load_tokenizer(copy) is first.tokenizer  # the same bytes elsewhere
+    config = json.loads((copy / "tokenizer_config.json").read_text())
+    (copy / "tokenizer_config.json").write_text(json.dumps({**config, "model_max_length": 77}))
+    other = load_tokenizer(copy)
+    assert other is not first.tokenizer and other.model_max_length == 77 != first.tokenizer.model_max_length
+    ids = first.tokenizer("一只猫", padding="max_length", max_length=256, truncation=True).input_ids
+    assert len(ids) == 256 and ids[-1] != first.tokenizer.pad_token_id  # ChatGLM pads on the left
 
 
 def test_the_fp16_only_layout_is_read_in_its_stored_dtype(hub_artifacts: dict[str, Path]) -> None:
@@ -146,8 +162,8 @@ def wide_kolors(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, int]:
     shutil.copytree(src, wide)
     shutil.rmtree(wide / "text_encoder")
     config = {**TINY_TEXT_ENCODER_CONFIG, "hidden_size": 1024, "ffn_hidden_size": 64, "kv_channels": 256}
-    with _seeded(1):
-        _chatglm(config).save_pretrained(wide / "text_encoder", safe_serialization=True)
+    with _seeded(1):  # in fp16 already, as it is re-saved: half the bytes to write and read again
+        _chatglm(config).to(torch.float16).save_pretrained(wide / "text_encoder", safe_serialization=True)
     unet_config = json.loads((wide / "unet" / "config.json").read_text())
     unet_config["projection_class_embeddings_input_dim"] = 1024 + 6 * unet_config["addition_time_embed_dim"]
     unet_config["encoder_hid_dim"] = 1024

@@ -5,6 +5,7 @@ on an H100, the shipped table against a recomputation, the settings ``train.memo
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import subprocess
 import sys
@@ -110,7 +111,15 @@ elementwise losses (2×4×32×32 fp32 = 32 KiB), fake mode's in a storage of its
 def _tiny_steps(*, dora: bool = False, optimizer: str = "adamw_foreach", ema: bool = False,
                 latent: tuple[int, int] = (32, 32), real: bool = True) -> tuple[Result | None, Result]:  # fmt: skip
     """One training step of the tiny UNet with a LoRA (fp32, gradient checkpointing) on real tensors (None unless
-    ``real``) and the same step simulated on fake ones. The real LoRA B starts at zero, as peft's does."""
+    ``real``) and the same step simulated on fake ones. The real LoRA B starts at zero, as peft's does.
+
+    Each is run once per process (``_tiny_step``): the plain step is the baseline of four tests."""
+    return (_tiny_step(dora, optimizer, ema, latent, fake=False) if real else None,
+            _tiny_step(dora, optimizer, ema, latent, fake=True))  # fmt: skip
+
+
+@functools.cache
+def _tiny_step(dora: bool, optimizer: str, ema: bool, latent: tuple[int, int], *, fake: bool) -> Result:
     h, w = latent
 
     def inputs() -> dict[str, torch.Tensor]:
@@ -122,22 +131,20 @@ def _tiny_steps(*, dora: bool = False, optimizer: str = "adamw_foreach", ema: bo
                  added_cond_kwargs={"text_embeds": x["pooled"], "time_ids": x["time_ids"]}).sample  # fmt: skip
 
     options = {"mixed": "no", "optimizer": optimizer, "ema": ema}
-    measured = None
-    if real:
+    if not fake:
         model = _tiny_lora_unet(dora).to_empty(device="cpu")
         for name, p in model.named_parameters():
             torch.nn.init.zeros_(p.data) if "lora_B" in name else torch.nn.init.normal_(p.data, std=0.02)
         model.enable_gradient_checkpointing()
         model.train()
-        measured = lora_step(model, forward, inputs, **options)
+        return lora_step(model, forward, inputs, **options)
 
-    fake = _tiny_lora_unet(dora)
+    model = _tiny_lora_unet(dora)
     with simulation():
-        materialize(fake, lambda _n, t: t.dtype)
-        fake.enable_gradient_checkpointing()
-        fake.train()
-        simulated = lora_step(fake, forward, inputs, **options)
-    return measured, simulated
+        materialize(model, lambda _n, t: t.dtype)
+        model.enable_gradient_checkpointing()
+        model.train()
+        return lora_step(model, forward, inputs, **options)
 
 
 def test_a_fake_step_peaks_where_the_same_step_on_real_tensors_does() -> None:

@@ -318,12 +318,20 @@ def _as_the_cli_starts(request: dict) -> None:
     imported; then ``run`` sets the compile caches' directories where the environment does not, before the
     stages import the libraries. A job from a layer imports the CLI now; where that changed a variable the
     layer's libraries read at import (a job asking for other timeouts), or ``run`` would set one they read, it
-    starts again cold — ``exec``: the same pid, descriptors, directory and session — before anything has run."""
-    from kolors_job.cli import COMPILE_CACHES
+    starts again cold — ``exec``: the same pid, descriptors, directory and session — before anything has run.
+    ``python -m bench.gpu`` sets nothing itself; the kolors_job modules it imports set the hub clients' timeouts
+    the same way, so it imports those now and is checked alike."""
+    caches: dict[str, str] = {}
+    if request["argv"][2] == "kolors_job":
+        from kolors_job.cli import COMPILE_CACHES
+
+        caches = COMPILE_CACHES
+    else:
+        import kolors_job.sources.transport  # noqa: F401
 
     env = dict(os.environ)
     if not _agrees(_LAYER["keys"], _LAYER["prefixes"], env) or any(
-        k in _LAYER["keys"] and k not in env for k in COMPILE_CACHES
+        k in _LAYER["keys"] and k not in env for k in caches
     ):
         argv = [sys.executable, *(["-u"] if request["unbuffered"] else []), *request["argv"][1:]]
         os.execve(sys.executable, argv, request["env"])
@@ -340,7 +348,7 @@ def _server_main() -> None:
     import runpy
 
     sys.path[0:1] = [cwd, *_pythonpath(dict(os.environ), cwd)]
-    if _LAYER is not None and argv[2] == "kolors_job":
+    if _LAYER is not None and argv[2] in ("kolors_job", "bench.gpu"):
         _as_the_cli_starts(request)
     sys.argv = ["-m", *argv[3:]]
     runpy.run_module(argv[2], run_name="__main__", alter_sys=True)

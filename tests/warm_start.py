@@ -13,8 +13,9 @@ modules read at import (``TORCH*``, ``OMP_*``, ``PYTHON*``, locale, …) starts 
 The fork is a real child of the test process, so ``Popen``'s pid, ``wait``, ``poll``, signals (SIGSTOP and
 SIGKILL too) and exit statuses are what they would be: the server forks twice and the intermediate exits, and
 the test process is a child subreaper (``prctl(PR_SET_CHILD_SUBREAPER)``), so the orphaned job is re-parented
-to it. ``subprocess.Popen`` is patched at one place (``_execute_child``) for argv ``[sys.executable, "-m",
-"kolors_job[.…]", …]`` with no ``preexec_fn``/``pass_fds``/uid changes; everything else runs exactly as before.
+to it. ``subprocess.Popen`` is patched at one place (``_execute_child``) for argv ``[sys.executable, "-m", M, …]``
+with no ``preexec_fn``/``pass_fds``/uid changes, M one of the starter's modules (the suite's: ``kolors_job[.…]``,
+``bench.gpu``, the probe's); everything else runs exactly as before.
 
 **Layers.** What the server leaves out (diffusers, transformers, peft, accelerate, the hub clients, the storage
 SDKs: ~2.7 CPU-s of a warm job's imports) a *layer* imports: a copy of the server that sets one job's whole
@@ -72,11 +73,12 @@ compile settings, thread pools, the temporary directory and user name torch's de
 by the interpreter's own start-up."""
 
 _READ_LATER = frozenset({"TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR", "PYTHONUNBUFFERED", "PYTHONPATH",
-                         "TORCH_NCCL_ASYNC_ERROR_HANDLING"})  # fmt: skip
+                         "TORCH_NCCL_ASYNC_ERROR_HANDLING", "CUDA_VISIBLE_DEVICES"})  # fmt: skip
 _READ_LATER_PREFIXES = ("TORCHELASTIC_",)
-"""Of those, read only when used (the compile caches; what torchrun tells its workers: run id, restart count,
-error file, …) or applied to the job here: its streams (``-u``), its ``sys.path`` (``PYTHONPATH``, where it
-shadows no preloaded module)."""
+"""Of those, read only when used (the compile caches; which GPUs are visible: torch reads it when CUDA is first
+asked about, which the server never does — a fork after that would be broken anyway; what torchrun tells its
+workers: run id, restart count, error file, …) or applied to the job here: its streams (``-u``), its
+``sys.path`` (``PYTHONPATH``, where it shadows no preloaded module)."""
 
 LAUNCHERS = frozenset({"kolors_job.launch.torchrun"})
 """Modules whose warm process serves its own workers (``python -u -m …``) warm."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from urllib.parse import unquote
 
 MASK = "***"
@@ -71,7 +71,18 @@ def secret_values(environ: Mapping[str, str] | None = None) -> list[str]:
 
 def scrub(text: str, environ: Mapping[str, str] | None = None) -> str:
     """Remove secret env values (raw and percent-encoded), URI userinfo and secret parameters from any text."""
-    for value in secret_values(environ):
+    return _masked(text, secret_values(environ))
+
+
+def scrubber(environ: Mapping[str, str] | None = None) -> Callable[[str], str]:
+    """:func:`scrub` with the environment's secret values read once, for many texts at a time (every string of a
+    report): reading ``os.environ`` again for each of ~1,000 strings was most of the work."""
+    values = secret_values(environ)
+    return lambda text: _masked(text, values)
+
+
+def _masked(text: str, values: list[str]) -> str:
+    for value in values:
         for form in {value, quote_value(value)}:
             if len(value) >= _SHORT_SECRET_LEN:
                 text = text.replace(form, MASK)

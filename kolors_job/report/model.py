@@ -13,12 +13,12 @@ an ``int`` into a ``float`` for a plain ``float`` field, which would change the 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from kolors_job.core.redact import scrub
+from kolors_job.core.redact import scrubber
 
 __all__ = [
     "Dataset",
@@ -259,12 +259,13 @@ class Report(_Section):
         return clean(self.model_dump(by_alias=True, exclude_unset=True))
 
 
-def clean(node: Any) -> Any:
+def clean(node: Any, scrub: Callable[[str], str] | None = None) -> Any:
     """Scrub secrets from every string; non-finite floats become None (strict JSON has no NaN)."""
+    scrub = scrub or scrubber()
     if isinstance(node, Mapping):
-        return {str(scrub(str(k))): clean(v) for k, v in node.items()}
+        return {scrub(str(k)): clean(v, scrub) for k, v in node.items()}
     if isinstance(node, (list, tuple)):
-        return [clean(v) for v in node]
+        return [clean(v, scrub) for v in node]
     if isinstance(node, str):
         return scrub(node)
     if isinstance(node, float) and not math.isfinite(node):
