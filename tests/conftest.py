@@ -47,8 +47,9 @@ def _one_torch_thread() -> Iterator[None]:
 def _one_chatglm_tokenizer_per_process() -> Iterator[None]:
     """The ChatGLM tokenizer read once per process and set of files: its constructor builds the 65k-entry
     vocabulary in Python (~0.2 CPU-s; every component load, pipeline and trainer in this process made one).
-    Each caller gets its own deep copy (~0.01 s), so none sees another's changes. Jobs the tests start as
-    subprocesses still read theirs as the product does."""
+    Each caller gets its own deep copy (~0.01 s), so none sees another's changes. The product keeps one per
+    process too (``kolors_job.models.loading.load_tokenizer``: a job's training and story share it); this covers
+    what the tests load through diffusers themselves (``KolorsPipeline.from_pretrained``, the tiny model's build)."""
     import copy
     import hashlib
 
