@@ -47,8 +47,8 @@ def load_tokenizer(folder: Path) -> ChatGLMTokenizer:
     """The ChatGLM tokenizer in ``folder``, built once per process for each distinct set of files.
 
     Building it walks its 65,024-token vocabulary four times in Python (~0.25 CPU-s), and a job loads Kolors
-    twice (training, then the story). Keyed by the files' names and bytes, not the path, so copies of one tokenizer share it.
-    Shared means read-only: nothing in the job adds tokens or changes its settings.
+    twice (training, then the story). Keyed by the files' names and bytes, not the path, so copies of one
+    tokenizer share it. Shared means read-only: nothing in the job adds tokens or changes its settings.
     """
     import hashlib
 
