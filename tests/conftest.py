@@ -51,9 +51,10 @@ def _one_chatglm_tokenizer_per_process() -> Iterator[None]:
     process too (``kolors_job.models.loading.load_tokenizer``: a job's training and story share it); this covers
     what the tests load through diffusers themselves (``KolorsPipeline.from_pretrained``, the tiny model's build)."""
     import copy
-    import hashlib
 
     from diffusers.pipelines.kolors.tokenizer import ChatGLMTokenizer
+
+    from kolors_job.models.loading import files_digest
 
     read = ChatGLMTokenizer.from_pretrained.__func__
     loaded: dict[tuple[str, str], ChatGLMTokenizer] = {}
@@ -62,10 +63,7 @@ def _one_chatglm_tokenizer_per_process() -> Iterator[None]:
         folder = Path(path) / kwargs.get("subfolder", "")
         if cls is not ChatGLMTokenizer or args or not (folder / "tokenizer.model").is_file():
             return read(cls, path, *args, **kwargs)
-        files = hashlib.sha256()
-        for file in sorted(p for p in folder.iterdir() if p.is_file()):
-            files.update(file.name.encode() + b"\0" + file.read_bytes())
-        key = (files.hexdigest(), repr(sorted((k, v) for k, v in kwargs.items() if k != "subfolder")))
+        key = (files_digest(folder), repr(sorted((k, v) for k, v in kwargs.items() if k != "subfolder")))
         if key not in loaded:
             loaded[key] = read(cls, path, *args, **kwargs)
         return copy.deepcopy(loaded[key])

@@ -312,7 +312,7 @@ def _serve_workers(request: dict) -> dict | None:
     return None
 
 
-def _as_the_cli_starts(request: dict) -> None:
+def _as_the_module_starts(request: dict) -> None:
     """``python -m kolors_job`` first imports ``kolors_job.cli``, whose first import sets the hub clients'
     environment from the job's settings (their timeouts: ``kolors_job.sources.transport``), which they read when
     imported; then ``run`` sets the compile caches' directories where the environment does not, before the
@@ -326,8 +326,10 @@ def _as_the_cli_starts(request: dict) -> None:
         from kolors_job.cli import COMPILE_CACHES
 
         caches = COMPILE_CACHES
-    else:
+    elif request["argv"][2] == "bench.gpu":
         import kolors_job.sources.transport  # noqa: F401
+    else:
+        return  # torchrun's launcher (its workers are checked as they start), the probe: they set nothing first
 
     env = dict(os.environ)
     if not _agrees(_LAYER["keys"], _LAYER["prefixes"], env) or any(
@@ -348,8 +350,8 @@ def _server_main() -> None:
     import runpy
 
     sys.path[0:1] = [cwd, *_pythonpath(dict(os.environ), cwd)]
-    if _LAYER is not None and argv[2] in ("kolors_job", "bench.gpu"):
-        _as_the_cli_starts(request)
+    if _LAYER is not None:
+        _as_the_module_starts(request)
     sys.argv = ["-m", *argv[3:]]
     runpy.run_module(argv[2], run_name="__main__", alter_sys=True)
 

@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "KolorsComponents",
+    "files_digest",
     "load_kolors_components",
     "load_tokenizer",
     "load_vae",
@@ -50,17 +51,23 @@ def load_tokenizer(folder: Path) -> ChatGLMTokenizer:
     twice (training, then the story). Keyed by the files' names and bytes, not the path, so copies of one
     tokenizer share it. Shared means read-only: nothing in the job adds tokens or changes its settings.
     """
-    import hashlib
-
     from diffusers.pipelines.kolors.tokenizer import ChatGLMTokenizer
+
+    digest = files_digest(folder)
+    if digest not in _TOKENIZERS:
+        _TOKENIZERS[digest] = ChatGLMTokenizer.from_pretrained(folder)
+    return _TOKENIZERS[digest]
+
+
+def files_digest(folder: Path) -> str:
+    """SHA-256 over the names and bytes of the files directly in ``folder``: equal for two copies of one
+    tokenizer, different when any file differs."""
+    import hashlib
 
     key = hashlib.sha256()
     for file in sorted(p for p in Path(folder).iterdir() if p.is_file()):
         key.update(file.name.encode() + b"\0" + hashlib.sha256(file.read_bytes()).digest())
-    digest = key.hexdigest()
-    if digest not in _TOKENIZERS:
-        _TOKENIZERS[digest] = ChatGLMTokenizer.from_pretrained(folder)
-    return _TOKENIZERS[digest]
+    return key.hexdigest()
 
 
 @dataclass
