@@ -26,6 +26,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from kolors_job.core.errors import ExitCode, InputError
 from kolors_job.data.images import ImageItem
 from kolors_job.manifest.train import TrainSpec
 from kolors_job.models.loading import load_kolors_components, load_tokenizer, place, stored_dtype
@@ -66,6 +67,23 @@ def test_the_tokenizer_is_built_once_per_process_for_the_same_files(hub_artifact
     assert other is not first.tokenizer and other.model_max_length == 77 != first.tokenizer.model_max_length
     ids = first.tokenizer("一只猫", padding="max_length", max_length=256, truncation=True).input_ids
     assert len(ids) == 256 and ids[-1] != first.tokenizer.pad_token_id  # ChatGLM pads on the left
+
+
+@pytest.mark.parametrize("broken", ["missing", "empty"])
+def test_a_model_without_its_tokenizer_files_is_one_input_error_naming_the_folder(
+    hub_artifacts: dict[str, Path], tmp_path: Path, broken: str
+) -> None:
+    kolors = tmp_path / "kolors"
+    kolors.mkdir()
+    for entry in hub_artifacts["kolors"].iterdir():
+        if entry.name != "tokenizer":
+            (kolors / entry.name).symlink_to(entry)
+    if broken == "empty":
+        (kolors / "tokenizer").mkdir()
+    with pytest.raises(InputError) as e:
+        load_kolors_components(kolors, dtype=torch.float32, cast=False)
+    assert str(e.value).startswith(f"cannot load the tokenizer from {kolors / 'tokenizer'}: ")
+    assert "\n" not in str(e.value) and e.value.exit_code == ExitCode.INVALID_INPUT
 
 
 def test_the_fp16_only_layout_is_read_in_its_stored_dtype(hub_artifacts: dict[str, Path]) -> None:

@@ -53,6 +53,9 @@ def load_tokenizer(folder: Path) -> ChatGLMTokenizer:
     """
     from diffusers.pipelines.kolors.tokenizer import ChatGLMTokenizer
 
+    vocab = Path(folder) / ChatGLMTokenizer.vocab_files_names["vocab_file"]
+    if not vocab.is_file():  # else the tokenizer asserts on a None path: a TypeError, not a missing file
+        raise FileNotFoundError(f"no {vocab.name} in {folder}")
     digest = files_digest(folder)
     if digest not in _TOKENIZERS:
         _TOKENIZERS[digest] = ChatGLMTokenizer.from_pretrained(folder)
