@@ -255,6 +255,32 @@ def test_missing_bucket_is_denied(kind, s3_backend, storage_env):
         assert "kolors-no-such-bucket" in str(err.value)
 
 
+def test_s3_clients_share_the_parsed_service_model_and_read_their_credentials_each(
+    s3_bucket_uri, storage_env, monkeypatch, tmp_path
+):
+    """Every S3 client reads its credentials from the environment as it is when its store opens, while botocore's
+    data loader (the parsed service model, ~60 ms a client) is the process's one; ``AWS_DATA_PATH`` gets its own,
+    and the loader's search path does not grow with each session boto3 makes."""
+    from kolors_job.storage.s3 import client as s3_client
+
+    clients = []
+    for key in ("AKIAKOLORSFIRSTKEY01", "AKIAKOLORSSECONDKEY2"):
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", key)
+        clients.append(s3_client.make_client(storage_env))
+    assert [c._request_signer._credentials.access_key for c in clients] == ["AKIAKOLORSFIRSTKEY01",
+                                                                           "AKIAKOLORSSECONDKEY2"]
+    assert clients[0]._loader is clients[1]._loader is s3_client._LOADERS[None]
+    paths = list(clients[0]._loader.search_paths)
+    assert len(paths) == len(set(paths))
+    monkeypatch.setenv("AWS_DATA_PATH", str(tmp_path))
+    own = s3_client.make_client(storage_env)
+    assert own._loader is not clients[0]._loader and str(tmp_path) in own._loader.search_paths
+    assert clients[0]._loader.search_paths == paths
+    st = open_store(s3_bucket_uri, storage_env)  # a store on the shared loader still speaks S3 to the server
+    st.write_bytes("loader/k", b"bytes")
+    assert st.read_bytes("loader/k") == b"bytes"
+
+
 @pytest.mark.radosgw
 @pytest.mark.parametrize("s3_backend", ["radosgw"], indirect=True)
 def test_s3_wrong_secret_is_denied_radosgw(s3_bucket_uri, storage_env, monkeypatch):
