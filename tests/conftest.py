@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gc
 import os
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -138,15 +140,34 @@ def pytest_configure(config) -> None:
         _WARM.install()
 
 
+_MODULES_FROZEN = [0]
+"""How many modules were imported when the collector last froze what lives (below)."""
+
+
+def _freeze() -> None:
+    gc.collect()
+    gc.freeze()
+    _MODULES_FROZEN[0] = len(sys.modules)
+
+
 def pytest_collection_finish(session) -> None:
     """What collection imported (torch, diffusers, transformers, the SDKs, every test module: ~600k objects) lives
     for the whole session: out of the collector's sight (``gc.freeze``, after one collection) a full collection
     walks only what tests made since — the in-process jobs' ``free_memory()`` calls and Python's own gen-2 passes
     took a quarter of the CPU time of the files that train in-process (tests/README.md)."""
-    import gc
+    _freeze()
 
-    gc.collect()
-    gc.freeze()
+
+@pytest.hookimpl(trylast=True)
+def pytest_runtest_logfinish(nodeid, location) -> None:
+    """What a test imported lazily lives for the session too — diffusers' and transformers' lazy submodules, the
+    storage servers' backends, ChatGLM's code: hundreds of thousands of objects where a file's first test builds
+    a pipeline — so it is frozen after that test (a collection first: no garbage is kept)."""
+    if len(sys.modules) - _MODULES_FROZEN[0] >= _NEW_MODULES_TO_FREEZE:
+        _freeze()
+
+
+_NEW_MODULES_TO_FREEZE = 10
 
 
 def pytest_unconfigure(config) -> None:
