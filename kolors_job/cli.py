@@ -7,12 +7,13 @@ and exits with the code of :class:`kolors_job.core.errors.ExitCode`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import kolors_job.sources.transport  # noqa: F401 - first: the hub clients' environment, before any imports them
@@ -82,15 +83,15 @@ def _settings_and_logging(args: argparse.Namespace):
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from kolors_job.manifest.load import load_manifest
-    from kolors_job.sweep import trial
+    with _imports_frozen(args):
+        from kolors_job.manifest.load import load_manifest
+        from kolors_job.sweep import trial
 
-    settings = _settings_and_logging(args)
-    run = trial.prepare(args, load_manifest(args.manifest))  # --set, --trial, metric sinks
-    from kolors_job.job.context import Job  # the stages (torch) only after logging is set up and the manifest read
-    from kolors_job.runner import run_job
+        settings = _settings_and_logging(args)
+        run = trial.prepare(args, load_manifest(args.manifest))  # --set, --trial, metric sinks
+        from kolors_job.job.context import Job  # the stages (torch) only after logging is set up, the manifest read
+        from kolors_job.runner import run_job
 
-    _freeze_imports(args)
     job = Job(
         run.manifest,
         settings=settings,
@@ -107,14 +108,25 @@ def cmd_run(args: argparse.Namespace) -> int:
     return outcome.exit_code
 
 
-def _freeze_imports(args: argparse.Namespace) -> None:
-    """In a process of its own, what a job imported (torch, diffusers, transformers: ~400k objects) lives until
-    it exits: one collection, then ``gc.freeze()``, so each ``free_memory()`` between stages and checkpoints
-    walks only what the job made since (~0.3 s a walk otherwise). An in-process caller keeps its heap as it was."""
-    if args.own_process:
+@contextlib.contextmanager
+def _imports_frozen(args: argparse.Namespace) -> Iterator[None]:
+    """In a process of its own, what a job imports (torch, diffusers, transformers: ~4,000 modules, ~500k objects)
+    lives until it exits. So the collector is off while they import (its full passes over the growing heap were
+    ~1.2 CPU-s of a cold start, and found nothing to free), then one collection and ``gc.freeze()``: each
+    ``free_memory()`` between stages and checkpoints walks only what the job made since (~0.3 s a walk otherwise).
+    An in-process caller keeps its heap and its collector as they were."""
+    if not args.own_process:
+        yield
+        return
+    gc.disable()
+    try:
+        yield
+    finally:
         gc.collect()
         gc.freeze()
-        logging.getLogger("kolors_job.cli").debug("imports frozen", extra={"frozen_objects": gc.get_freeze_count()})
+        gc.enable()
+        logging.getLogger("kolors_job.cli").debug(
+            "imports frozen", extra={"frozen_objects": gc.get_freeze_count(), "collector_on": gc.isenabled()})
 
 
 def _say_outcome(outcome: Any, ok_line: str) -> None:
@@ -131,11 +143,11 @@ def _say_outcome(outcome: Any, ok_line: str) -> None:
 def cmd_demo(args: argparse.Namespace) -> int:
     from kolors_job.demo import demo_manifest, resumes
 
-    settings = _settings_and_logging(args)
-    from kolors_job.job.context import Job  # the stages (torch) only after logging is set up
-    from kolors_job.runner import run_job
+    with _imports_frozen(args):
+        settings = _settings_and_logging(args)
+        from kolors_job.job.context import Job  # the stages (torch) only after logging is set up
+        from kolors_job.runner import run_job
 
-    _freeze_imports(args)
     manifest = demo_manifest(settings, output=args.output)
     # An interrupted demo resumes (what its Ctrl-C message promises); a finished or foreign one starts over.
     outcome = run_job(Job(manifest, settings=settings, force=not resumes(manifest, settings)))

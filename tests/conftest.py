@@ -135,6 +135,7 @@ _WARM = WarmStarter(modules=("kolors_job", "bench.gpu", "tests.warm_probe"))
 def pytest_configure(config) -> None:
     """Job subprocesses (``python -m kolors_job``) start as forks of a server that imported torch once
     (tests/warm_start.py); ``KOLORS_TEST_COLD=1`` starts each one cold."""
+    gc.disable()  # what collection imports lives for the session: frozen once it is done, never walked before
     if os.environ.get("KOLORS_TEST_COLD", "") in ("", "0"):
         _WARM.layering = os.environ.get("KOLORS_TEST_LAYERS", "") != "0"
         _WARM.install()
@@ -147,6 +148,7 @@ _MODULES_FROZEN = [0]
 def _freeze() -> None:
     gc.collect()
     gc.freeze()
+    gc.enable()  # off while collection imported (pytest_configure)
     _MODULES_FROZEN[0] = len(sys.modules)
 
 

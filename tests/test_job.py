@@ -91,9 +91,10 @@ def test_job_to_s3_leaves_the_output_contract(tiny_s3_jobs: Any, s3_backend: Any
     assert report["score"]["mean"] == pytest.approx(sum(report["score"]["per_image"]) / 8)
     assert len(report["train"]["losses"]) == 4
     assert report["submission"]["problems"] == []
-    # a job process moved what it imported out of the collector's sight before its first stage (cli._freeze_imports)
+    # a job process moved what it imported out of the collector's sight before its first stage, the collector off
+    # while they imported and on again for the job (cli._imports_frozen)
     frozen = [r for r in json_records(job.log.splitlines()) if r.get("msg") == "imports frozen"]
-    assert len(frozen) == 1 and frozen[0]["frozen_objects"] > 100_000, frozen
+    assert len(frozen) == 1 and frozen[0]["frozen_objects"] > 100_000 and frozen[0]["collector_on"] is True, frozen
     # report_model.Report is report.json's one definition: every key declared, and it reads back unchanged
     parsed = Report.model_validate(report)
     assert undeclared(parsed) == [] and parsed.to_json_dict() == report

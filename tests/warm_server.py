@@ -59,6 +59,9 @@ def _discover_modules() -> tuple[list[str], list[str]]:
     if pid == 0:  # pragma: no cover - child
         os.close(read)
         os.dup2(os.open(os.devnull, os.O_WRONLY), 2)  # its import warnings are each job's to print
+        import gc
+
+        gc.disable()  # what it imports lives until it exits: the collector would walk it for nothing
         try:
             before = set(sys.modules)  # the server's own: the standard library it runs on
             import kolors_job.runner  # noqa: F401
@@ -83,6 +86,7 @@ def _serve(sock: socket.socket) -> dict:
     import importlib
 
     names, _LIBRARIES[:] = _discover_modules()
+    gc.disable()  # as the job's own CLI does while it imports (kolors_job.cli._imports_frozen): all of it lives
     for name in names:
         try:
             importlib.import_module(name)
@@ -92,6 +96,7 @@ def _serve(sock: socket.socket) -> dict:
     # to each object's header, copy the server's pages into the job (the use gc.freeze's documentation gives)
     gc.collect()
     gc.freeze()
+    gc.enable()
     threads = len(os.listdir("/proc/self/task"))
     sock.send(json.dumps({"ready": threads == 1, "threads": threads}).encode())
     if threads != 1:
@@ -202,6 +207,7 @@ def _become_layer(env: dict[str, str], sock: socket.socket) -> dict:
         return getcwd()
 
     os.environ.__class__, os.getcwd = Recording, recording_getcwd
+    gc.disable()  # what it imports lives for every job it serves: frozen below, never walked before
     try:
         for name in _LIBRARIES:
             try:
@@ -221,6 +227,7 @@ def _become_layer(env: dict[str, str], sock: socket.socket) -> dict:
     }
     gc.collect()
     gc.freeze()
+    gc.enable()
     threads = len(os.listdir("/proc/self/task"))
     why = (f"its imports read the environment or the working directory at {', '.join(unknown)}" if unknown
            else f"{threads} threads after its imports" if threads != 1 else "")  # fmt: skip
