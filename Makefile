@@ -21,7 +21,7 @@ PYTEST_ARGS ?=
 .PHONY: help install demo test test-slow oracle-mutations lint run image k8s-examples bench-cpu lock schema reference clean
 
 help:
-	@echo "make demo      the whole job on CPU with a tiny random Kolors (about 10 s on 2 idle cores)"
+	@echo "make demo      the whole job on CPU with a tiny random Kolors (about 7 s on 2 idle cores)"
 	@echo "make test      the test suite (installs the pinned set into $(VENV) first)"
 	@echo "make oracle-mutations  each drift from the reference, and the oracle check that catches it (in make test too)"
 	@echo "make lint      ruff + hadolint"

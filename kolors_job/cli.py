@@ -200,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     sweep_cli.add_run_arguments(r)  # --set, --trial, --objective, metric lines (sweep trials)
     r.set_defaults(func=cmd_run)
 
-    d = sub.add_parser("demo", help="the whole job on CPU with a tiny random Kolors (about 10 s on 2 idle cores)")
+    d = sub.add_parser("demo", help="the whole job on CPU with a tiny random Kolors (about 7 s on 2 idle cores)")
     d.add_argument("--output", default="demo-output", help="output dir or URI (default: ./demo-output)")
     _add_log_format(d)
     d.set_defaults(func=cmd_demo)
