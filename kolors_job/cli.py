@@ -112,7 +112,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def _imports_frozen(args: argparse.Namespace) -> Iterator[None]:
     """In a process of its own, what a job imports (torch, diffusers, transformers: ~4,000 modules, ~500k objects)
     lives until it exits. So the collector is off while they import (its full passes over the growing heap were
-    ~1.2 CPU-s of a cold start, and found nothing to free), then one collection and ``gc.freeze()``: each
+    ~1 CPU-s of a cold start; the little they freed, the one collection after frees), then ``gc.freeze()``: each
     ``free_memory()`` between stages and checkpoints walks only what the job made since (~0.3 s a walk otherwise).
     An in-process caller keeps its heap and its collector as they were."""
     if not args.own_process:

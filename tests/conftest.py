@@ -143,6 +143,8 @@ def pytest_configure(config) -> None:
 
 _MODULES_FROZEN = [0]
 """How many modules were imported when the collector last froze what lives (below)."""
+_NEW_MODULES_TO_FREEZE = 10
+"""A test that imported this many modules more is followed by a freeze (``pytest_runtest_logfinish``)."""
 
 
 def _freeze() -> None:
@@ -167,9 +169,6 @@ def pytest_runtest_logfinish(nodeid, location) -> None:
     a pipeline — so it is frozen after that test (a collection first: no garbage is kept)."""
     if len(sys.modules) - _MODULES_FROZEN[0] >= _NEW_MODULES_TO_FREEZE:
         _freeze()
-
-
-_NEW_MODULES_TO_FREEZE = 10
 
 
 def pytest_unconfigure(config) -> None:
