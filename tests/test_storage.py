@@ -264,19 +264,21 @@ def test_s3_clients_share_the_parsed_service_model_and_read_their_credentials_ea
     from kolors_job.storage.s3 import client as s3_client
 
     clients = []
-    for key in ("AKIAKOLORSFIRSTKEY01", "AKIAKOLORSSECONDKEY2"):
-        monkeypatch.setenv("AWS_ACCESS_KEY_ID", key)
-        clients.append(s3_client.make_client(storage_env))
-    assert [c._request_signer._credentials.access_key for c in clients] == ["AKIAKOLORSFIRSTKEY01",
-                                                                           "AKIAKOLORSSECONDKEY2"]
-    assert clients[0]._loader is clients[1]._loader is s3_client._LOADERS[None]
-    paths = list(clients[0]._loader.search_paths)
-    assert len(paths) == len(set(paths))
-    monkeypatch.setenv("AWS_DATA_PATH", str(tmp_path))
-    own = s3_client.make_client(storage_env)
-    assert own._loader is not clients[0]._loader and str(tmp_path) in own._loader.search_paths
-    assert clients[0]._loader.search_paths == paths
-    st = open_store(s3_bucket_uri, storage_env)  # a store on the shared loader still speaks S3 to the server
+    with monkeypatch.context() as env:
+        for key in ("AKIAKOLORSFIRSTKEY01", "AKIAKOLORSSECONDKEY2"):
+            env.setenv("AWS_ACCESS_KEY_ID", key)
+            clients.append(s3_client.make_client(storage_env))
+        assert [c._request_signer._credentials.access_key for c in clients] == ["AKIAKOLORSFIRSTKEY01",
+                                                                               "AKIAKOLORSSECONDKEY2"]
+        assert clients[0]._loader is clients[1]._loader is s3_client._LOADERS[None]
+        paths = list(clients[0]._loader.search_paths)
+        assert len(paths) == len(set(paths))
+        env.setenv("AWS_DATA_PATH", str(tmp_path))
+        own = s3_client.make_client(storage_env)
+        assert own._loader is not clients[0]._loader and str(tmp_path) in own._loader.search_paths
+        assert clients[0]._loader.search_paths == paths
+    # the server's own credentials again (radosgw checks signatures): a store on the shared loader speaks S3
+    st = open_store(s3_bucket_uri, storage_env)
     st.write_bytes("loader/k", b"bytes")
     assert st.read_bytes("loader/k") == b"bytes"
 

@@ -173,16 +173,20 @@ def sweep_run(tmp_path_factory: pytest.TempPathFactory, shared_cache: Path, s3_s
                                        start_new_session=True)  # fmt: skip
         run.extra[name] = log
         if name == CRASH:
-            # Killed mid-training: once its status.json says stage train, SIGKILL the whole pod (process group)
+            # Killed mid-training, before its first validation writes a metric: once its log says the train stage
+            # started and its status.json says so too, SIGKILL the whole pod (process group). The stage loads,
+            # caches and takes two steps first (~0.5 s of a tiny job): the log is watched every 20 ms, not
+            # status.json every 0.5 s, which a faster job outran
             store = open_store(f"{run.bucket_prefix}{name}/", settings)
             deadline = time.monotonic() + 600
             while time.monotonic() < deadline and procs[name].poll() is None:
                 try:
-                    if json.loads(store.read_bytes("status.json")).get("stage") == "train":
+                    if (b"stage train: started" in (tmp / f"{name}.log").read_bytes()
+                            and json.loads(store.read_bytes("status.json")).get("stage") == "train"):
                         break
                 except Exception:
                     pass
-                time.sleep(0.5)
+                time.sleep(0.02)
             os.killpg(procs[name].pid, signal.SIGKILL)
         else:
             procs[name].wait(timeout=1200)  # one at a time: the 2-core machine is shared
