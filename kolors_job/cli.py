@@ -122,11 +122,11 @@ def _imports_frozen(args: argparse.Namespace) -> Iterator[None]:
     try:
         yield
     finally:
-        gc.collect()
-        gc.freeze()
         gc.enable()
-        logging.getLogger("kolors_job.cli").debug(
-            "imports frozen", extra={"frozen_objects": gc.get_freeze_count(), "collector_on": gc.isenabled()})
+    gc.collect()  # only once the imports succeeded: a start that failed exits without freezing anything
+    gc.freeze()
+    logging.getLogger("kolors_job.cli").debug(
+        "imports frozen", extra={"frozen_objects": gc.get_freeze_count(), "collector_on": gc.isenabled()})
 
 
 def _say_outcome(outcome: Any, ok_line: str) -> None:
