@@ -40,8 +40,10 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/kolors-job demo --output demo-output
 
+# PYTHONDONTWRITEBYTECODE cleared: the suite starts ~100 Python processes, and without bytecode caches each one
+# compiled kolors_job's modules again (and pytest rewrote every test file), ~0.1 CPU-s a process (tests/README.md)
 test: $(STAMP)
-	$(PY) -m pytest -m "not slow and not gpu" -p no:cacheprovider --timeout=600 $(PYTEST_ARGS)
+	PYTHONDONTWRITEBYTECODE= $(PY) -m pytest -m "not slow and not gpu" -p no:cacheprovider --timeout=600 $(PYTEST_ARGS)
 
 # Each single drift from the reference recipe fails an oracle check: prints the drift -> check table.
 oracle-mutations: $(STAMP)

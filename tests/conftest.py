@@ -128,7 +128,7 @@ try:
 except ModuleNotFoundError:
     from warm_start import WarmStarter
 
-_WARM = WarmStarter(modules=("kolors_job", "bench.gpu", "tests.warm_probe"))
+_WARM = WarmStarter(modules=("kolors_job", "bench.gpu", "tests.warm_probe", "tests.procs"))
 """Started warm: the job, the CPU benchmark (tests/test_bench.py), the probe (tests/test_warm_start.py)."""
 
 

@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -77,26 +76,9 @@ def test_batching_does_not_change_pixels(tiny_model: Path, lora: Path) -> None:
     assert np.abs(batched - single).max() < 1e-5
 
 
-FRESH_SCRIPT = textwrap.dedent(
-    """
-    import json, sys, numpy as np, torch
-    from diffusers import KolorsPipeline
-    a = json.loads(sys.argv[1])
-    torch.set_num_threads(1)
-    pipe = KolorsPipeline.from_pretrained(a["model"])
-    pipe.load_lora_weights(a["lora"])
-    image = pipe(a["prompt"], negative_prompt=a["negative"], timesteps=a["timesteps"],
-                 guidance_scale=a["cfg"], width=a["size"], height=a["size"],
-                 generator=torch.Generator("cpu").manual_seed(a["seed"]),
-                 cross_attention_kwargs={"scale": a["scale"]}).images[0]
-    np.save(a["out"], np.asarray(image))
-    """
-)
-
-
 class FreshProcess:
     """Frame 1 drawn by plain diffusers in a new process (the model's own Euler given the reference grid as
-    ``timesteps=``); started early so its slow imports overlap tests."""
+    ``timesteps=``), started before the in-process story so that the two run side by side."""
 
     def __init__(self, model: Path, lora: Path, spec: StorySpec, out: Path) -> None:
         frame = spec.frames[0]
@@ -112,11 +94,11 @@ class FreshProcess:
             "scale": spec.lora_scale,
             "out": str(out),
         }
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}  # the session's own: it starts warm (tests/procs/)
         self.out, self.log = out, out.with_suffix(".log")
         with self.log.open("w") as log:  # a file, not a pipe: a full pipe would block the child
             self.proc = subprocess.Popen(
-                [sys.executable, "-c", FRESH_SCRIPT, json.dumps(args)],
+                [sys.executable, "-m", "tests.procs.fresh_frame", json.dumps(args)],
                 cwd=ROOT,
                 env=env,
                 stdout=log,

@@ -18,7 +18,6 @@ import json
 import shutil
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -195,36 +194,11 @@ def wide_kolors(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, int]:
     return out, weights
 
 
-_MEASURE = textwrap.dedent(
-    """
-    import gc, json, sys, torch
-    from pathlib import Path
-    from kolors_job.models.loading import load_kolors_components
-
-    def anon() -> int:  # private (anonymous) resident bytes: what a rank holds that no other rank shares
-        for line in open("/proc/self/status"):
-            if line.startswith("RssAnon:"):
-                return int(line.split()[1]) * 1024
-
-    tiny, wide = Path(sys.argv[1]), Path(sys.argv[2])
-    for cast in (False, True):  # the loaders' own lazy imports, first
-        load_kolors_components(tiny, dtype=torch.bfloat16, cast=cast)
-    grown = {}
-    for how in ("uncast", "cast"):  # uncast first: nothing a cast load freed can be reused by it
-        gc.collect()
-        before = anon()
-        comps = load_kolors_components(wide, dtype=torch.bfloat16, cast=how == "cast")
-        grown[how] = {"anon": anon() - before, "dtype": str(comps.text_encoder.dtype)}
-        del comps
-    print(json.dumps(grown))
-    """
-)
-
-
 def _anon_growth(tiny: Path, wide: Path) -> dict:
-    """Private memory grown by loading ``wide`` uncast, then cast, in one fresh interpreter (one start-up)."""
+    """Private memory grown by loading ``wide`` uncast, then cast, in one fresh interpreter (one start-up, warm:
+    tests/procs/anon_growth.py)."""
     proc = subprocess.run(
-        [sys.executable, "-W", "ignore", "-c", _MEASURE, str(tiny), str(wide)],
+        [sys.executable, "-m", "tests.procs.anon_growth", str(tiny), str(wide)],
         capture_output=True, text=True, cwd=REPO, timeout=300, check=False,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -196,8 +196,10 @@ def sweep_run(tmp_path_factory: pytest.TempPathFactory, shared_cache: Path, s3_s
         run.logs[name] = (tmp / f"{name}.log").read_text(errors="replace")
     time.sleep(3.5)  # the killed trial's claim lease (3 s) runs out: it is crashed, not running
 
+    # the report runs where the person runs it, with the bucket's credentials: not in a trial's pod
     report = subprocess.run([sys.executable, "-m", "kolors_job", "sweep", "report", run.bucket_prefix],
-                            capture_output=True, text=True, env=env, timeout=600)  # fmt: skip
+                            capture_output=True, text=True, env={**os.environ, **storage, "PYTHONPATH": str(ROOT)},
+                            timeout=600)  # fmt: skip
     run.report_exit, run.report_stderr = report.returncode, report.stderr
     yield run
 

@@ -105,6 +105,20 @@ def test_signals_exit_statuses_and_tracebacks_reach_the_test_as_from_its_own_chi
     assert warm.warm == before + 2
 
 
+def test_a_warm_job_exits_as_a_cold_one(warm, tmp_path) -> None:
+    """A warm job ends by ``os._exit`` without freeing its heap (tests/warm_server.py ``_exit_after``): what the
+    interpreter's exit does first is still done, in its order — a running thread joined, then the ``atexit``
+    functions, then ``SystemExit``'s message printed and its status."""
+    seen = {}
+    for cold in (True, False):
+        before = warm.warm
+        proc = _probe("exit", tmp_path, cold)
+        out, err = proc.communicate("\n", timeout=120)
+        assert warm.warm == before + (0 if cold else 1)
+        seen[cold] = (proc.returncode, out.splitlines()[1:], err.splitlines()[-1:])
+    assert seen[False] == seen[True] == (1, ["thread ran", "atexit ran"], ["the probe exits with a message"])
+
+
 def test_a_warm_torchrun_launcher_starts_its_workers_warm_as_its_own_children(warm, tmp_path) -> None:
     """``python -m kolors_job.launch.torchrun`` started warm forks its workers (``python -u -m …``) from a copy of
     itself: each is the launcher's child (torchrun waits for it and signals it), unbuffered as ``-u`` makes it, and

@@ -1,4 +1,4 @@
-"""What a process run as ``python -m tests.warm_probe CODE|wait|raise [libraries]`` sees of its own start, as one
+"""What a process run as ``python -m tests.warm_probe CODE|wait|raise|exit [libraries]`` sees of its own start, as one
 JSON line on stdout (tests/test_warm_start.py compares a warm start with a cold one)."""
 
 import gc
@@ -46,4 +46,12 @@ if sys.argv[1] == "wait":
     signal.pause()
 if sys.argv[1] == "raise":
     raise RuntimeError("the probe was asked to fail")
+if sys.argv[1] == "exit":  # what the interpreter's exit runs: the thread joined first, then atexit's functions
+    import atexit
+    import threading
+    import time
+
+    atexit.register(print, "atexit ran")
+    threading.Thread(target=lambda: (time.sleep(0.3), print("thread ran"))).start()
+    sys.exit("the probe exits with a message")
 sys.exit(int(sys.argv[1]))

@@ -15,7 +15,8 @@ SIGKILL too) and exit statuses are what they would be: the server forks twice an
 the test process is a child subreaper (``prctl(PR_SET_CHILD_SUBREAPER)``), so the orphaned job is re-parented
 to it. ``subprocess.Popen`` is patched at one place (``_execute_child``) for argv ``[sys.executable, "-m", M, …]``
 with no ``preexec_fn``/``pass_fds``/uid changes, M one of the starter's modules (the suite's: ``kolors_job[.…]``,
-``bench.gpu``, the probe's); everything else runs exactly as before.
+``bench.gpu``, the probe's, ``tests.procs.…``); everything else runs exactly as before (``python -c`` included:
+what a test needs a fresh interpreter for goes in ``tests/procs/`` to start warm).
 
 **Layers.** What the server leaves out (diffusers, transformers, peft, accelerate, the hub clients, the storage
 SDKs: ~2.7 CPU-s of a warm job's imports) a *layer* imports: a copy of the server that sets one job's whole
@@ -36,9 +37,16 @@ session's server serves the test process, and is itself their child subreaper, s
 signals to them and their exit codes are what they would be; started from a layer, its workers start from its
 copy where they agree with that layer, and cold where they do not.
 
-One difference stays: what a library prints or warns *while it is imported* (torch's ``pynvml`` deprecation,
+A warm job ends as the interpreter ends one (the traceback or ``SystemExit``'s status, threads joined, ``atexit``,
+the streams flushed) but by ``os._exit``, without freeing its heap: freeing it would copy every page of the
+server's it refers to into the job first (``warm_server._exit_after``; ~0.3 CPU-s of a tiny job's ~1.7).
+
+Two differences stay. What a library prints or warns *while it is imported* (torch's ``pynvml`` deprecation,
 bitsandbytes' missing ``kernels``) went to the server's /dev/null, once; a warm job does not print it again.
-The tests that check how such lines are shown make them themselves (tests/test_terminal.py).
+The tests that check how such lines are shown make them themselves (tests/test_terminal.py). And what objects'
+``__del__`` do when the heap is freed at exit a warm job does not do: kolors_job closes what it writes and
+removes its scratch itself (the jobs that start cold — the sweep's trials, tests/test_terminal.py's — would
+show a job that left it to the interpreter).
 
 ``KOLORS_TEST_COLD=1`` turns it off (every job process starts cold).
 """
