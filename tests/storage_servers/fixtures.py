@@ -135,14 +135,39 @@ def honour_copy_source_if_match() -> None:
     cls._kolors_copy_if_match = True
 
 
+def route_each_host_once() -> None:
+    """Let moto's server find a host's service once, not for every request.
+
+    moto 5.2's ``DomainDispatcherApplication.get_backend_for_host`` lists moto's package directory and stats its
+    ~170 entries for each request (``host in backends.list_of_moto_modules()``), under the lock every request
+    takes: an eighth of the pytest process's CPU while whole jobs talk to S3 (tests/README.md). Its answer
+    depends on the host alone (the directory and the URL patterns do not change while the server runs), so the
+    answer per host is kept. Idempotent.
+    """
+    from moto.moto_server import werkzeug_app
+
+    cls = werkzeug_app.DomainDispatcherApplication
+    if getattr(cls, "_kolors_routes", None) is not None:
+        return
+    find, routes = cls.get_backend_for_host, {}
+
+    def get_backend_for_host(self, host):
+        if host not in routes:
+            routes[host] = find(self, host)
+        return routes[host]
+
+    cls.get_backend_for_host, cls._kolors_routes = get_backend_for_host, routes
+
+
 @pytest.fixture(scope="session")
 def s3_server():
-    """moto's S3 on 127.0.0.1 (conditional copies honoured: ``honour_copy_source_if_match``); sets dummy
-    AWS credentials in the env for the session."""
+    """moto's S3 on 127.0.0.1 (conditional copies honoured: ``honour_copy_source_if_match``; each host routed
+    once: ``route_each_host_once``); sets dummy AWS credentials in the env for the session."""
     from moto.server import ThreadedMotoServer
 
     logging.getLogger("werkzeug").setLevel(logging.ERROR)
     honour_copy_source_if_match()
+    route_each_host_once()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
