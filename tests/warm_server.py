@@ -84,21 +84,8 @@ def _discover_modules() -> tuple[list[str], list[str]]:
 def _serve(sock: socket.socket) -> dict:
     """Imports, then answers one request per job: forks it, sends back its pid; returns its request in the job
     only."""
-    import gc
-    import importlib
-
     names, _LIBRARIES[:] = _discover_modules()
-    gc.disable()  # as the job's own CLI does while it imports (kolors_job.cli._imports_frozen): all of it lives
-    for name in names:
-        try:
-            importlib.import_module(name)
-        except Exception:  # a module that fails here fails the same way in the job
-            pass
-    # what every job inherits, out of the collector's sight: a job's collections neither walk it nor, by writing
-    # to each object's header, copy the server's pages into the job (the use gc.freeze's documentation gives)
-    gc.collect()
-    gc.freeze()
-    gc.enable()
+    _import_frozen(names)
     threads = len(os.listdir("/proc/self/task"))
     sock.send(json.dumps({"ready": threads == 1, "threads": threads}).encode())
     if threads != 1:
@@ -147,6 +134,26 @@ def _answer(sock: socket.socket) -> dict:
         sock.send(str(job_pid).encode())
 
 
+def _import_frozen(names: list[str]) -> None:
+    """Imports ``names`` with the collector off, as the job's own CLI does (kolors_job.cli._imports_frozen): all of
+    it lives for every job forked after. One that fails here fails the same way in the job, which then imports it
+    itself. Then one collection and ``gc.freeze()``: what every job inherits is out of the collector's sight, so a
+    job's collections neither walk it nor, by writing to each object's header, copy the server's pages into the
+    job (the use gc.freeze's documentation gives)."""
+    import gc
+    import importlib
+
+    gc.disable()
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except Exception:
+            pass
+    gc.collect()
+    gc.freeze()
+    gc.enable()
+
+
 def _reap_layers() -> None:
     """Layers this server forked that have since been closed (a job's middle process is waited for at once)."""
     while True:
@@ -173,8 +180,6 @@ def _become_layer(env: dict[str, str], sock: socket.socket) -> dict:
     """A layer: this server's copy that imports the libraries under one job's environment, noting what of the
     environment and the working directory they read, then serves the jobs that agree with it on all of that
     (their libraries preloaded, as they would have imported them). Returns a job's request in each job."""
-    import gc
-    import importlib
 
     global _LAYER
     before = set(sys.modules)
@@ -209,13 +214,8 @@ def _become_layer(env: dict[str, str], sock: socket.socket) -> dict:
         return getcwd()
 
     os.environ.__class__, os.getcwd = Recording, recording_getcwd
-    gc.disable()  # what it imports lives for every job it serves: frozen below, never walked before
     try:
-        for name in _LIBRARIES:
-            try:
-                importlib.import_module(name)
-            except Exception:  # fails the same way in the job, which then imports it itself
-                pass
+        _import_frozen(_LIBRARIES)
     finally:
         os.environ.__class__, os.getcwd = environ_class, getcwd
     prefixes = {_ITERATED_AT_IMPORT[s] for f in iterated if (s := _site(f, _ITERATED_AT_IMPORT))}
@@ -227,9 +227,6 @@ def _become_layer(env: dict[str, str], sock: socket.socket) -> dict:
         "cwd": sorted({s for f in cwd_read if (s := _site(f, _CWD_AT_IMPORT))}),
         "tops": sorted({m.split(".")[0] for m in sys.modules if m not in before}),
     }
-    gc.collect()
-    gc.freeze()
-    gc.enable()
     threads = len(os.listdir("/proc/self/task"))
     why = (f"its imports read the environment or the working directory at {', '.join(unknown)}" if unknown
            else f"{threads} threads after its imports" if threads != 1 else "")  # fmt: skip
