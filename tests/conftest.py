@@ -190,9 +190,10 @@ def pytest_terminal_summary(terminalreporter) -> None:
         differed = ", ".join(sorted(_WARM.differed)) or "-"
         layers = (f" ({_WARM.preloaded} of them from {_WARM.layers_made} layers, their libraries preloaded"
                   f"{'; ' + _WARM.layer_failure if _WARM.layer_failure else ''})")  # fmt: skip
-        terminalreporter.write_line(f"job processes: {_WARM.warm} started warm{layers}, {_WARM.cold} cold where the"
-                                    f" environment differed ({differed}){'; ' + _WARM.failure if _WARM.failure else ''}"
-                                    " (tests/warm_start.py)")
+        terminalreporter.write_line(f"job processes: {_WARM.warm} started warm{layers}, {_WARM.restarted} of them again"
+                                    f" cold where their CLI set what their layer's imports read otherwise,"
+                                    f" {_WARM.cold} cold where the environment differed ({differed})"
+                                    f"{'; ' + _WARM.failure if _WARM.failure else ''} (tests/warm_start.py)")
     try:
         from tests.storage_servers.fault_proxy import LEDGER
     except ModuleNotFoundError:

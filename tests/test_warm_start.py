@@ -82,6 +82,30 @@ def test_a_layer_serves_the_jobs_that_share_what_its_imports_read_and_no_other(w
     assert warm.layers[-1].keys["HF_ENDPOINT"] == "http://127.0.0.1:3" and not warm.layer_failure
 
 
+def test_a_job_asking_for_other_hub_timeouts_starts_from_a_layer_made_with_them(warm, tmp_path) -> None:
+    """``kolors_job``'s CLI sets the hub clients' timeouts from the job's settings before a client is imported
+    (kolors_job/sources/transport.py), so a job with another ``KOLORS_JOB_STORAGE_READ_TIMEOUT_S`` than the test
+    process's starts from a layer whose clients were imported with its timeouts, not from one made with the
+    test process's, which it would leave to start again cold (tests/warm_server.py ``_as_the_module_starts``)."""
+    if not warm.layering:
+        pytest.skip("KOLORS_TEST_LAYERS=0: no layers")
+    from kolors_job.core.settings import Settings
+    from kolors_job.sources.transport import client_env
+
+    manifest = tmp_path / "job.yaml"
+    manifest.write_text(f"spec: {{output: {{uri: '{tmp_path / 'out'}'}}}}")
+    env = {**os.environ, "KOLORS_JOB_STORAGE_READ_TIMEOUT_S": "3", "PYTHONPATH": str(ROOT)}
+    want = client_env(Settings(storage_read_timeout_s=3))
+    assert any(os.environ.get(k) != v for k, v in want.items())  # the test process runs with other timeouts
+    before, restarted = warm.warm, warm.restarted
+    res = subprocess.run([sys.executable, "-m", "kolors_job", "validate", str(manifest)], env=env, cwd=tmp_path,
+                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert warm.warm == before + 1 and warm.restarted == restarted, "it started again cold"
+    read = {k: v for k, v in warm.layers[-1].keys.items() if k in want}
+    assert read and read == {k: want[k] for k in read}, read  # the layer's clients read the job's timeouts
+
+
 def test_signals_exit_statuses_and_tracebacks_reach_the_test_as_from_its_own_child(warm, tmp_path) -> None:
     before = warm.warm
     proc = _probe("wait", tmp_path, cold=False)

@@ -314,7 +314,7 @@ def _serve_workers(request: dict) -> dict | None:
             os.dup2(null, fd)
         return _answer(theirs)
     theirs.close()
-    WarmStarter(tuple(request["modules"])).adopt(ours, _env_key(dict(os.environ)), _LAYER)
+    WarmStarter(tuple(request["modules"])).adopt(ours, _env_key(dict(os.environ)), _LAYER, request["restarts_file"])
     return None
 
 
@@ -342,6 +342,8 @@ def _as_the_module_starts(request: dict) -> None:
         k in _LAYER["keys"] and k not in env for k in caches
     ):
         argv = [sys.executable, *(["-u"] if request["unbuffered"] else []), *request["argv"][1:]]
+        with open(request["restarts_file"], "a") as f:  # counted in the session's summary line
+            f.write(f"{' '.join(argv)}\n")
         os.execve(sys.executable, argv, request["env"])
 
 

@@ -25,7 +25,9 @@ while noting every environment variable they read, where they iterate over the e
 read the working directory, then serves every job that agrees with it on all of those (the same values, or the
 same absence). A job another layer cannot serve gets a new one made with its own environment (the imports it
 would have done itself, done once for all that share them), so what a job's libraries read at import is always
-its own. Where they iterate over the environment (diffusers looks for ``COLAB_*``) the layer keys on that prefix;
+its own. "Its own" is the environment its libraries will be imported under: ``kolors_job``'s CLI first sets the
+hub clients' timeouts from the job's settings (``_env_at_imports``); a job whose CLI still changes what its
+layer's imports read starts again cold, and the summary line counts it. Where they iterate over the environment (diffusers looks for ``COLAB_*``) the layer keys on that prefix;
 where they keep the working directory (rich, transformers' docstring tooling) the job recomputes it in its own;
 handlers made at import write to the job's stderr; any other read refuses layers for the session (jobs then
 import their libraries themselves). Three layers at most are open, the least recently used closed first.
@@ -59,6 +61,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 from pathlib import Path
 
@@ -156,6 +159,19 @@ class WarmStarter:
         self.layer_failure = ""
         """Why no layer is made (any more): jobs start from the server, importing their libraries themselves."""
         self._base: _Layer | None = None
+        self.restarts_file = ""
+        """Where a job from a layer that started again cold notes it (``warm_server._as_the_module_starts``):
+        one line each. Made with the server; a launcher's copy writes to its session's."""
+        self._owns_restarts_file = False
+
+    @property
+    def restarted(self) -> int:
+        """Jobs that started from a layer, then again cold: their CLI set what the layer's imports read otherwise."""
+        try:
+            with open(self.restarts_file, "rb") as f:
+                return f.read().count(b"\n")
+        except OSError:
+            return 0
 
     def install(self) -> None:
         starter = self
@@ -183,10 +199,10 @@ class WarmStarter:
 
         subprocess.Popen._execute_child = _execute_child
 
-    def adopt(self, sock: socket.socket, env: dict[str, str], layer: dict | None) -> None:
+    def adopt(self, sock: socket.socket, env: dict[str, str], layer: dict | None, restarts_file: str) -> None:
         """Install, with a server already running behind ``sock`` whose import-time environment is ``env`` (and
         a layer's libraries preloaded, where ``layer`` says what they read)."""
-        self._sock, self._env = sock, env
+        self._sock, self._env, self.restarts_file = sock, env, restarts_file
         if layer is not None:
             self._base = _Layer(sock, layer)
         self.install()
@@ -203,6 +219,9 @@ class WarmStarter:
                 self._sock = None
             if self._server is not None:
                 self._server.wait(timeout=30)
+            if self._owns_restarts_file:
+                os.unlink(self.restarts_file)
+                self._owns_restarts_file = False
 
     def _request(self, args, executable, preexec_fn, pass_fds, cwd, env, shell, gid, gids, uid, umask,
                  start_new_session, process_group) -> dict | None:  # fmt: skip
@@ -241,6 +260,7 @@ class WarmStarter:
             if theirs != self._env:
                 self.differed.update(k for k in theirs.keys() | self._env.keys() if theirs.get(k) != self._env.get(k))
                 return None
+            request["restarts_file"] = self.restarts_file
             try:
                 layer = self._layer(request)
                 if layer is None and self._base is not None:
@@ -259,6 +279,7 @@ class WarmStarter:
     def _layer(self, request: dict) -> _Layer | None:
         """The layer this job can start from: one that agrees with it on all its imports read, else a new one
         made with its environment; None where no layer can serve it."""
+        request = {**request, "env": _env_at_imports(request)}
         if self._base is not None:
             return self._base if self._base.serves(request) else None
         for layer in self.layers:
@@ -292,6 +313,9 @@ class WarmStarter:
             return
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self._env = _env_key(dict(os.environ))
+        fd, self.restarts_file = tempfile.mkstemp(prefix="kolors-test-restarts-")
+        os.close(fd)
+        self._owns_restarts_file = True
         # its own output goes nowhere: it starts inside some test, whose captured stderr it would otherwise keep
         self._server = subprocess.Popen([sys.executable, str(SERVER), "serve", str(theirs.fileno())],
                                         pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL,
@@ -319,6 +343,35 @@ class _Layer:
         env, cwd = request["env"], request["cwd"]
         return _agrees(self.keys, self.prefixes, env) and not _shadows_preloaded([cwd, *_pythonpath(env, cwd)],
                                                                                   self.tops)  # fmt: skip
+
+
+STARTS_BY_SETTING_TRANSPORT = frozenset({"kolors_job", "bench.gpu"})
+"""Modules whose first imports set the hub clients' environment (``warm_server._as_the_module_starts``)."""
+
+
+def _env_at_imports(request: dict) -> dict[str, str]:
+    """The environment a job's libraries are imported under: for ``python -m kolors_job`` (and ``bench.gpu``),
+    its own with the hub clients' transport set from its settings, as ``kolors_job.sources.transport`` sets it on
+    import before anything imports a client. A layer chosen or made by the environment the job was given would
+    disagree with it wherever a job asks for other timeouts than the test process's, and that job would start
+    again cold in the layer's place, having paid for the layer too. Computed from the job's ``KOLORS_JOB_*``
+    values alone, not this process's (``model_validate`` reads no environment); invalid ones give the defaults,
+    as ``transport.apply`` does. Should it ever disagree with the job, the job still starts cold (correct, slow)."""
+    env = request["env"]
+    if request["argv"][2] not in STARTS_BY_SETTING_TRANSPORT:
+        return env
+    from pydantic import ValidationError
+
+    from kolors_job.core.settings import Settings
+    from kolors_job.sources import transport
+
+    prefix = Settings.model_config["env_prefix"]
+    given = {k[len(prefix):].lower(): v for k, v in env.items() if k.upper().startswith(prefix)}
+    try:
+        settings = Settings.model_validate({k: v for k, v in given.items() if k in Settings.model_fields})
+    except ValidationError:
+        settings = Settings.model_construct()
+    return {**env, **transport.client_env(settings)}
 
 
 def _agrees(keys: dict[str, str | None], prefixes: dict[str, dict[str, str]], env: dict[str, str]) -> bool:
