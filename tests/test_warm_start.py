@@ -68,42 +68,20 @@ def test_a_layer_serves_the_jobs_that_share_what_its_imports_read_and_no_other(w
         assert res.returncode == 0, res.stderr[-3000:]
         return json.loads(res.stdout)
 
-    first, cold = probe("http://127.0.0.1:2", cold=False), probe("http://127.0.0.1:2", cold=True)
+    # the endpoint of the probes above (tests/warm_probe.py via _probe): its layer may be open already, made in
+    # another directory, whose working directory the libraries must not have kept
+    first, cold = probe("http://127.0.0.1:1", cold=False), probe("http://127.0.0.1:1", cold=True)
     assert (first.pop("preloaded"), cold.pop("preloaded"), first.pop("frozen"), cold.pop("frozen")) == (
         True, False, True, False)  # fmt: skip
     first.pop("pid"), cold.pop("pid")
     assert first == cold, (first, cold)
     assert first["rich_cwd"] == str(work) and first["handler_stderr"] and first["handler_flush"]
     made = warm.layers_made
-    again = probe("http://127.0.0.1:2", cold=False)
+    again = probe("http://127.0.0.1:1", cold=False)
     assert again["preloaded"] and warm.layers_made == made  # the same layer
     other = probe("http://127.0.0.1:3", cold=False)
     assert other["preloaded"] and other["hf_endpoint"] == "http://127.0.0.1:3" and warm.layers_made == made + 1
     assert warm.layers[-1].keys["HF_ENDPOINT"] == "http://127.0.0.1:3" and not warm.layer_failure
-
-
-def test_a_job_asking_for_other_hub_timeouts_starts_from_a_layer_made_with_them(warm, tmp_path) -> None:
-    """``kolors_job``'s CLI sets the hub clients' timeouts from the job's settings before a client is imported
-    (kolors_job/sources/transport.py), so a job with another ``KOLORS_JOB_STORAGE_READ_TIMEOUT_S`` than the test
-    process's starts from a layer whose clients were imported with its timeouts, not from one made with the
-    test process's, which it would leave to start again cold (tests/warm_server.py ``_as_the_module_starts``)."""
-    if not warm.layering:
-        pytest.skip("KOLORS_TEST_LAYERS=0: no layers")
-    from kolors_job.core.settings import Settings
-    from kolors_job.sources.transport import client_env
-
-    manifest = tmp_path / "job.yaml"
-    manifest.write_text(f"spec: {{output: {{uri: '{tmp_path / 'out'}'}}}}")
-    env = {**os.environ, "KOLORS_JOB_STORAGE_READ_TIMEOUT_S": "3", "PYTHONPATH": str(ROOT)}
-    want = client_env(Settings(storage_read_timeout_s=3))
-    assert any(os.environ.get(k) != v for k, v in want.items())  # the test process runs with other timeouts
-    before, restarted = warm.warm, warm.restarted
-    res = subprocess.run([sys.executable, "-m", "kolors_job", "validate", str(manifest)], env=env, cwd=tmp_path,
-                         capture_output=True, text=True, timeout=300)  # fmt: skip
-    assert res.returncode == 0, res.stderr[-3000:]
-    assert warm.warm == before + 1 and warm.restarted == restarted, "it started again cold"
-    read = {k: v for k, v in warm.layers[-1].keys.items() if k in want}
-    assert read and read == {k: want[k] for k in read}, read  # the layer's clients read the job's timeouts
 
 
 def test_signals_exit_statuses_and_tracebacks_reach_the_test_as_from_its_own_child(warm, tmp_path) -> None:
@@ -162,3 +140,29 @@ def test_a_warm_torchrun_launcher_starts_its_workers_warm_as_its_own_children(wa
         assert seen["preloaded"] is (warm.layering and not warm.layer_failure)  # the launcher's layer's libraries
         assert seen["env"] == "worker-env" and seen["hf_endpoint"] == "http://127.0.0.1:1"
         assert seen["stdout"][2] and seen["name"] == "__main__" and seen["path"][0] == str(ROOT)
+
+
+def test_a_job_asking_for_other_hub_timeouts_starts_from_a_layer_made_with_them(warm, tmp_path) -> None:
+    """``kolors_job``'s CLI sets the hub clients' timeouts from the job's settings before a client is imported
+    (kolors_job/sources/transport.py), so a job with another ``KOLORS_JOB_STORAGE_READ_TIMEOUT_S`` than the test
+    process's starts from a layer whose clients were imported with its timeouts, not from one made with the
+    test process's, which it would leave to start again cold (tests/warm_server.py ``_as_the_module_starts``).
+    Last in this file: its layer, made for it alone, closes the least recently used one (three are open), which
+    a probe test after it would have had to make again."""
+    if not warm.layering:
+        pytest.skip("KOLORS_TEST_LAYERS=0: no layers")
+    from kolors_job.core.settings import Settings
+    from kolors_job.sources.transport import client_env
+
+    manifest = tmp_path / "job.yaml"
+    manifest.write_text(f"spec: {{output: {{uri: '{tmp_path / 'out'}'}}}}")
+    env = {**os.environ, "KOLORS_JOB_STORAGE_READ_TIMEOUT_S": "3", "PYTHONPATH": str(ROOT)}
+    want = client_env(Settings(storage_read_timeout_s=3))
+    assert any(os.environ.get(k) != v for k, v in want.items())  # the test process runs with other timeouts
+    before, restarted = warm.warm, warm.restarted
+    res = subprocess.run([sys.executable, "-m", "kolors_job", "validate", str(manifest)], env=env, cwd=tmp_path,
+                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert warm.warm == before + 1 and warm.restarted == restarted, "it started again cold"
+    read = {k: v for k, v in warm.layers[-1].keys.items() if k in want}
+    assert read and read == {k: want[k] for k in read}, read  # the layer's clients read the job's timeouts
