@@ -19,6 +19,7 @@ from warm_start import (  # type: ignore[import-not-found]  # run as a script: t
     _TOPS,
     LAUNCHERS,
     ROOT,
+    STARTS_BY_SETTING_TRANSPORT,
     WarmStarter,
     _agrees,
     _env_key,
@@ -327,15 +328,15 @@ def _as_the_module_starts(request: dict) -> None:
     starts again cold — ``exec``: the same pid, descriptors, directory and session — before anything has run.
     ``python -m bench.gpu`` sets nothing itself; the kolors_job modules it imports set the hub clients' timeouts
     the same way, so it imports those now and is checked alike."""
+    if request["argv"][2] not in STARTS_BY_SETTING_TRANSPORT:
+        return  # torchrun's launcher (its workers are checked as they start), the probe: they set nothing first
     caches: dict[str, str] = {}
     if request["argv"][2] == "kolors_job":
         from kolors_job.cli import COMPILE_CACHES
 
         caches = COMPILE_CACHES
-    elif request["argv"][2] == "bench.gpu":
+    else:  # bench.gpu
         import kolors_job.sources.transport  # noqa: F401
-    else:
-        return  # torchrun's launcher (its workers are checked as they start), the probe: they set nothing first
 
     env = dict(os.environ)
     if not _agrees(_LAYER["keys"], _LAYER["prefixes"], env) or any(

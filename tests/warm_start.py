@@ -27,11 +27,11 @@ same absence). A job another layer cannot serve gets a new one made with its own
 would have done itself, done once for all that share them), so what a job's libraries read at import is always
 its own. "Its own" is the environment its libraries will be imported under: ``kolors_job``'s CLI first sets the
 hub clients' timeouts from the job's settings (``_env_at_imports``); a job whose CLI still changes what its
-layer's imports read starts again cold, and the summary line counts it. Where they iterate over the environment (diffusers looks for ``COLAB_*``) the layer keys on that prefix;
-where they keep the working directory (rich, transformers' docstring tooling) the job recomputes it in its own;
-handlers made at import write to the job's stderr; any other read refuses layers for the session (jobs then
-import their libraries themselves). Three layers at most are open, the least recently used closed first.
-``KOLORS_TEST_LAYERS=0`` turns layers off.
+layer's imports read starts again cold, and the summary line counts it. Where they iterate over the environment
+(diffusers looks for ``COLAB_*``) the layer keys on that prefix; where they keep the working directory (rich,
+transformers' docstring tooling) the job recomputes it in its own; handlers made at import write to the job's
+stderr; any other read refuses layers for the session (jobs then import their libraries themselves). Three
+layers at most are open, the least recently used closed first. ``KOLORS_TEST_LAYERS=0`` turns layers off.
 
 A torchrun launcher (``python -m kolors_job.launch.torchrun``) started warm starts its workers (``python -u -m
 kolors_job``) warm too: before torchrun runs, the launcher forks a copy of itself that serves its workers as the
